@@ -1,0 +1,44 @@
+"""lightning-dfa: train an unchanged Lightning model with Direct Feedback Alignment.
+
+Example::
+
+    import pytorch_lightning as pl
+    import lightning_dfa  # registers the strategy names "dfa", "dfa_ddp", ...
+
+    trainer = pl.Trainer(strategy="dfa", max_epochs=3)
+    trainer.fit(model)  # any LightningModule
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from .adapters.pytorch_lightning import DFA, DFADDPStrategy, DFAStrategy
+from .adapters.pytorch_lightning import register as _register_pl
+from .discovery import Block, Target, discover
+from .engine import MODES, DFAConfig, FeedbackEngine
+from .feedback import DISTRIBUTIONS, FeedbackBank
+from .registry import register_micro_points
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DFA",
+    "DFAConfig",
+    "DFADDPStrategy",
+    "DFAStrategy",
+    "DISTRIBUTIONS",
+    "MODES",
+    "Block",
+    "FeedbackBank",
+    "FeedbackEngine",
+    "Target",
+    "discover",
+    "register_micro_points",
+]
+
+_register_pl()
+if importlib.util.find_spec("lightning") is not None:  # the separate `lightning` package, if installed
+    from .adapters.lightning import register as _register_lightning
+
+    _register_lightning()

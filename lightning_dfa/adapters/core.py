@@ -1,0 +1,196 @@
+"""Flavour-agnostic logic of the DFA strategy and callback (no Lightning import here)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..engine import DFAConfig, FeedbackEngine
+
+log = logging.getLogger("lightning_dfa")
+CHECKPOINT_KEY = "dfa"
+
+
+def _info(trainer: Any, text: str) -> None:
+    if getattr(trainer, "is_global_zero", True):
+        print(text)
+
+
+class DFASession:
+    """One engine on one LightningModule for one ``fit``: attach, check each backward, save/restore, detach."""
+
+    def __init__(self, config: DFAConfig, verbose: bool = True) -> None:
+        self.config = config
+        self.verbose = verbose
+        self.engine: FeedbackEngine | None = None
+        self.pending_state: dict[str, Any] | None = None
+        self._summary_shown = False
+
+    def attach(self, module: nn.Module) -> FeedbackEngine:
+        if self.engine is not None and self.engine.attached:
+            self.engine.detach()
+        self.engine = FeedbackEngine(DFAConfig(**vars(self.config)))
+        self.engine.attach(module)
+        if self.pending_state is not None:
+            self.engine.load_state_dict(self.pending_state)
+            self.pending_state = None
+        self._summary_shown = False
+        return self.engine
+
+    def detach(self) -> None:
+        if self.engine is not None:
+            self.engine.detach()
+
+    def before_backward(self, loss: Any) -> None:
+        if self.engine is not None and self.engine.attached and isinstance(loss, torch.Tensor):
+            self.engine.check_loss(loss)
+
+    def after_backward(self, trainer: Any) -> None:
+        if self.engine is None or self.engine.target is None:
+            return
+        self.engine.end_backward()
+        if self.verbose and not self._summary_shown:
+            self._summary_shown = True
+            _info(trainer, "\n" + self.engine.summary() + "\n")
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.engine is not None:
+            return self.engine.state_dict()
+        return dict(self.pending_state or {})
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        if not state:
+            return
+        if self.engine is not None:
+            self.engine.load_state_dict(state)
+        else:
+            self.pending_state = state
+
+
+def make_config(arguments: dict[str, Any]) -> DFAConfig:
+    """A :class:`DFAConfig` from an adapter's ``__init__`` arguments (``locals()``), ignoring the others."""
+    names = {f.name for f in dataclasses.fields(DFAConfig)}
+    return DFAConfig(**{k: v for k, v in arguments.items() if k in names})
+
+
+class DFAStrategyMixin:
+    """Adds DFA to a Lightning strategy: attach after ``setup``, check every ``backward``, checkpoint, detach.
+
+    Mixed into ``SingleDeviceStrategy`` (``DFAStrategy``) and ``DDPStrategy`` (``DFADDPStrategy``).
+    """
+
+    dfa: DFASession
+
+    def _dfa_init(self, config: DFAConfig, verbose: bool) -> None:
+        self.dfa = DFASession(config, verbose)
+
+    @property
+    def dfa_engine(self) -> FeedbackEngine | None:
+        """The engine of the current ``fit`` (``None`` before ``setup``)."""
+        return self.dfa.engine
+
+    def setup(self, trainer: Any) -> None:
+        super().setup(trainer)  # type: ignore[misc]
+        self.dfa.attach(self.lightning_module)  # type: ignore[attr-defined]
+
+    def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self.dfa.before_backward(closure_loss)
+        out = super().backward(closure_loss, optimizer, *args, **kwargs)  # type: ignore[misc]
+        self.dfa.after_backward(getattr(self.lightning_module, "_trainer", None))  # type: ignore[attr-defined]
+        return out
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        checkpoint[CHECKPOINT_KEY] = self.dfa.state_dict()
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)  # type: ignore[misc]
+
+    def load_checkpoint(self, checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, *args, **kwargs)  # type: ignore[misc]
+        self.dfa.load_state_dict(checkpoint.get(CHECKPOINT_KEY))
+        return checkpoint
+
+    def teardown(self) -> None:
+        self.dfa.detach()
+        super().teardown()  # type: ignore[misc]
+
+
+class DFACallbackMixin:
+    """Adds DFA through callback hooks, so it composes with any strategy (``strategy="ddp"``)."""
+
+    dfa: DFASession
+
+    def _dfa_init(self, config: DFAConfig, verbose: bool) -> None:
+        self.dfa = DFASession(config, verbose)
+
+    @property
+    def dfa_engine(self) -> FeedbackEngine | None:
+        return self.dfa.engine
+
+    @property
+    def state_key(self) -> str:
+        return "DFA"
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        if isinstance(trainer.strategy, DFAStrategyMixin):
+            raise RuntimeError(
+                "DFA: the DFA callback and a DFA strategy were both given; use one: Trainer(strategy='dfa') or "
+                "Trainer(strategy=<any>, callbacks=[DFA()])."
+            )
+        self.dfa.attach(pl_module)
+
+    def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
+        self.dfa.before_backward(loss)
+
+    def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
+        self.dfa.after_backward(trainer)
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self.dfa.detach()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.dfa.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.dfa.load_state_dict(state_dict)
+
+
+class DFASingleDeviceMixin:
+    """Takes the device from the Trainer (``accelerator``/``devices``) and refuses more than one."""
+
+    _dfa_devices: list[torch.device] | None
+    _root_device: torch.device
+
+    @property
+    def parallel_devices(self) -> list[torch.device] | None:
+        return self._dfa_devices
+
+    @parallel_devices.setter
+    def parallel_devices(self, devices: list[torch.device] | None) -> None:
+        if devices and len(devices) > 1:
+            raise ValueError(
+                f"DFA: strategy 'dfa' runs on one device but the Trainer asks for {len(devices)} ({devices}). "
+                "Use Trainer(strategy='dfa_ddp', devices=...) for several devices."
+            )
+        self._dfa_devices = list(devices) if devices else None
+        if devices:
+            self._root_device = devices[0]
+
+
+class DFADDPMixin:
+    """Registers the DFA names of Lightning's DDP start methods (and never re-registers ``"ddp"``)."""
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        for name, start_method in (
+            ("dfa_ddp", "popen"),
+            ("dfa_ddp_spawn", "spawn"),
+            ("dfa_ddp_fork", "fork"),
+            ("dfa_ddp_notebook", "fork"),
+        ):
+            if name not in strategy_registry:
+                strategy_registry.register(
+                    name, cls, description=f"DFA over DDP with start method {start_method!r}", start_method=start_method
+                )

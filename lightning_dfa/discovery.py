@@ -1,0 +1,397 @@
+"""Finding where feedback goes: the *blocks* (feedback points) and the *output* (where the error is read).
+
+Discovery order (the first that applies wins):
+
+1. explicit ``blocks=`` / ``output=`` arguments;
+2. a ``configure_dfa()`` method on the root module (the LightningModule) returning the same options;
+3. a Hugging Face ``PreTrainedModel`` inside the root: blocks are the modules whose class is listed in the
+   model's ``_no_split_modules``; the output is ``get_output_embeddings()`` or the task head;
+4. an ``nn.Sequential``: groups of Linear/Conv + optional norm + activation + optional pooling/dropout are
+   blocks, the final parametric layer is the output;
+5. a ``ModuleList`` of repeated layers: each layer is a block; the output is the last parametric layer
+   registered outside the list.
+
+Block names accept exact qualified names, dotted suffixes of them (``"h.0"`` matches ``"model.transformer.h.0"``),
+and glob patterns where ``*`` matches within one dotted component and ``**`` across components.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from torch import nn
+
+from .registry import micro_points
+
+BlockSpec = Union[str, type, Sequence[Union[str, type]], None]
+
+_LAYER_TYPES = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd, nn.Embedding)
+_NORM_TYPES = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.LocalResponseNorm,
+) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+_POOL_TYPES = (
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+)
+_DROPOUT_TYPES = (nn.modules.dropout._DropoutNd,)
+
+
+def _is_activation(module: nn.Module) -> bool:
+    return type(module).__module__ == nn.modules.activation.__name__ and not isinstance(
+        module, (nn.MultiheadAttention, nn.Softmax, nn.LogSoftmax, nn.Softmax2d, nn.Softmin)
+    )
+
+
+@dataclass(frozen=True)
+class Block:
+    """One feedback point: the output of ``exit`` receives feedback; its downstream sees a detached value.
+
+    ``entry`` is the first module of the block (differs from ``exit`` for ``nn.Sequential`` groups). A
+    *top-level* block (not nested in another block) also cuts its main input: if that input carries gradient
+    (embeddings before the first block), it becomes a feedback point of its own, named ``"<name>:in"``.
+    """
+
+    name: str
+    entry: nn.Module = field(compare=False, repr=False)
+    exit: nn.Module = field(compare=False, repr=False)
+    top_level: bool = True
+    members: tuple[nn.Module, ...] = field(default=(), compare=False, repr=False)
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The parameters inside this block."""
+        mods = self.members or (self.entry,)
+        return [p for m in mods for p in m.parameters()]
+
+
+@dataclass
+class Target:
+    """The result of discovery: the blocks, the output module and where they came from."""
+
+    blocks: list[Block]
+    output_name: str
+    output: nn.Module
+    source: str
+
+    def block_param_ids(self) -> set[int]:
+        """``id`` of every parameter inside a block."""
+        return {id(p) for b in self.blocks for p in b.parameters()}
+
+
+def _compile_pattern(pattern: str) -> re.Pattern[str]:
+    out = ""
+    i = 0
+    while i < len(pattern):
+        if pattern.startswith("**", i):
+            out += ".*"
+            i += 2
+        elif pattern[i] == "*":
+            out += "[^.]*"
+            i += 1
+        elif pattern[i] == "?":
+            out += "[^.]"
+            i += 1
+        else:
+            out += re.escape(pattern[i])
+            i += 1
+    return re.compile(rf"(?:.*\.)?{out}")
+
+
+def match_modules(root: nn.Module, spec: BlockSpec) -> list[tuple[str, nn.Module]]:
+    """Modules of ``root`` matching a name, glob pattern, module class, or a list of them (in module order).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 2))
+        >>> [n for n, _ in match_modules(net, "0")], [n for n, _ in match_modules(net, nn.Tanh)]
+        (['0'], ['1'])
+    """
+    if spec is None:
+        return []
+    items: Iterable[str | type] = [spec] if isinstance(spec, (str, type)) else spec
+    patterns = []
+    classes: list[type] = []
+    for item in items:
+        if isinstance(item, type):
+            classes.append(item)
+        elif isinstance(item, str):
+            patterns.append(_compile_pattern(item))
+        else:
+            raise TypeError(f"DFA: blocks must be names, glob patterns or module classes, got {item!r}.")
+    found = []
+    for name, module in root.named_modules():
+        if not name:
+            continue
+        if any(isinstance(module, c) for c in classes) or any(p.fullmatch(name) for p in patterns):
+            found.append((name, module))
+    return found
+
+
+def _nested(names: list[str]) -> set[str]:
+    """Names that lie inside another name of the list."""
+    return {n for n in names if any(n.startswith(o + ".") for o in names if o != n)}
+
+
+def _blocks_from_modules(found: list[tuple[str, nn.Module]]) -> list[Block]:
+    inner = _nested([n for n, _ in found])
+    return [Block(n, m, m, top_level=n not in inner) for n, m in found]
+
+
+def _last_param_leaf(root: nn.Module, exclude: Iterable[str]) -> tuple[str, nn.Module] | None:
+    excluded = tuple(exclude)
+    last = None
+    for name, module in root.named_modules():
+        if not name or any(name == e or name.startswith(e + ".") for e in excluded):
+            continue
+        if any(True for _ in module.parameters(recurse=False)) and not any(True for _ in module.children()):
+            last = (name, module)
+    return last
+
+
+# --------------------------------------------------------------------------- Hugging Face
+def _find_hf_model(root: nn.Module) -> tuple[str, nn.Module] | None:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency, but keep discovery importable
+        return None
+    for name, module in root.named_modules():
+        if isinstance(module, PreTrainedModel):
+            return name, module
+    return None
+
+
+def _hf_target(root: nn.Module, placement: str) -> Target | None:
+    found = _find_hf_model(root)
+    if found is None:
+        return None
+    prefix, hf = found
+    classes: set[str] = set()
+    for module in hf.modules():
+        classes.update(getattr(module, "_no_split_modules", None) or [])
+    blocks_found = [(n, m) for n, m in root.named_modules() if n.startswith(prefix) and type(m).__name__ in classes]
+    inner = _nested([n for n, _ in blocks_found])
+    blocks_found = [(n, m) for n, m in blocks_found if n not in inner]
+    if not blocks_found:
+        return None
+    join = (prefix + ".") if prefix else ""
+    head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
+    out_name = None
+    if head is not None:
+        out_name = next(n for n, m in root.named_modules() if m is head)
+    else:
+        base = getattr(hf, "base_model", None)
+        heads = [(n, m) for n, m in hf.named_children() if m is not base and any(True for _ in m.parameters())]
+        if heads:
+            out_name = join + heads[-1][0]
+        else:
+            leaf = _last_param_leaf(root, [n for n, _ in blocks_found])
+            out_name = leaf[0] if leaf else None
+    if out_name is None:
+        return None
+    blocks = [Block(n, m, m) for n, m in blocks_found]
+    if placement == "micro":
+        model_type = getattr(getattr(hf, "config", None), "model_type", type(hf).__name__)
+        subs = micro_points(model_type)
+        extra = []
+        for n, m in blocks_found:
+            for sub in subs:
+                extra.append((f"{n}.{sub}", m.get_submodule(sub)))
+        every = sorted(blocks_found + extra, key=lambda x: _module_order(root)[x[0]])
+        blocks = _blocks_from_modules(every)
+    return Target(blocks, out_name, root.get_submodule(out_name), "huggingface")
+
+
+def _module_order(root: nn.Module) -> dict[str, int]:
+    return {n: i for i, (n, _) in enumerate(root.named_modules())}
+
+
+# --------------------------------------------------------------------------- nn.Sequential
+def sequential_groups(seq: nn.Sequential, prefix: str = "") -> tuple[list[Block], str] | None:
+    """Split a Sequential into feedback groups and its output layer.
+
+    A group starts at a parametric layer (Linear/Conv, or a container with parameters) and takes the norms,
+    activations, pooling and dropout that follow it; the last parametric layer is the output.
+
+    Example:
+        >>> seq = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> blocks, out = sequential_groups(seq)
+        >>> [b.name for b in blocks], out
+        (['1', '3'], '4')
+    """
+    children = list(seq.named_children())
+    join = (prefix + ".") if prefix else ""
+    param_idx = [i for i, (_, m) in enumerate(children) if any(True for _ in m.parameters())]
+    if len(param_idx) < 2:
+        return None
+    last = param_idx[-1]
+    # norms directly after a layer are part of its group, so the output is the last *layer*
+    while last > 0 and isinstance(children[last][1], _NORM_TYPES) and last - 1 in param_idx:
+        last -= 1
+    blocks = []
+    i = 0
+    while i < last:
+        name, module = children[i]
+        if not any(True for _ in module.parameters()):
+            i += 1
+            continue
+        j = i
+        while j + 1 < last and (
+            isinstance(children[j + 1][1], _NORM_TYPES + _POOL_TYPES + _DROPOUT_TYPES)
+            or _is_activation(children[j + 1][1])
+        ):
+            j += 1
+        members = tuple(m for _, m in children[i : j + 1])
+        blocks.append(Block(join + children[j][0], module, children[j][1], members=members))
+        i = j + 1
+    if not blocks:
+        return None
+    return blocks, join + children[last][0]
+
+
+def _sequential_target(root: nn.Module) -> Target | None:
+    candidates = [(n, m) for n, m in root.named_modules() if isinstance(m, nn.Sequential)]
+    best = None
+    for name, seq in sorted(candidates, key=lambda x: -sum(p.numel() for p in x[1].parameters())):
+        grouped = sequential_groups(seq, name)
+        if grouped is not None:
+            best = grouped
+            break
+    if best is None:
+        return None
+    blocks, out_name = best
+    return Target(blocks, out_name, root.get_submodule(out_name), "sequential")
+
+
+# --------------------------------------------------------------------------- ModuleList
+def _module_list_target(root: nn.Module) -> Target | None:
+    best = None
+    for name, mlist in root.named_modules():
+        if not isinstance(mlist, nn.ModuleList) or len(mlist) < 2:
+            continue
+        kinds = {type(m) for m in mlist}
+        size = sum(p.numel() for p in mlist.parameters())
+        if len(kinds) == 1 and size > 0 and (best is None or size > best[2]):
+            best = (name, mlist, size)
+    if best is None:
+        return None
+    name, mlist, _ = best
+    blocks = [Block(f"{name}.{i}", m, m) for i, m in enumerate(mlist)]
+    leaf = _last_param_leaf(root, [name])
+    if leaf is None:
+        return None
+    return Target(blocks, leaf[0], leaf[1], "module_list")
+
+
+# --------------------------------------------------------------------------- entry point
+def discover(
+    root: nn.Module,
+    blocks: BlockSpec = None,
+    output: str | None = None,
+    placement: str = "macro",
+) -> Target:
+    """Find the feedback points and the output module of ``root``.
+
+    Args:
+        root: the model (usually the LightningModule).
+        blocks: names, glob patterns or classes of the modules whose outputs receive feedback.
+        output: qualified name of the module whose output the loss is computed from.
+        placement: ``"macro"`` (one point per block) or ``"micro"`` (also inside Transformer blocks, for the
+            architectures listed in :mod:`lightning_dfa.registry`).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+        >>> t = discover(net)
+        >>> [b.name for b in t.blocks], t.output_name, t.source
+        (['1'], '2', 'sequential')
+    """
+    if placement not in ("macro", "micro"):
+        raise ValueError(f"DFA: placement must be 'macro' or 'micro', got {placement!r}.")
+    target: Target | None = None
+    if blocks is not None:
+        found = match_modules(root, blocks)
+        if not found:
+            names = [n for n, _ in root.named_modules() if n][:12]
+            raise ValueError(
+                f"DFA: blocks={blocks!r} matched no module of {type(root).__name__}. Module names look like "
+                f"{names} ...; use qualified names, glob patterns ('transformer.h.*') or module classes."
+            )
+        found_blocks = _blocks_from_modules(found)
+        if output is None:
+            inferred = _hf_target(root, "macro") or _sequential_target(root) or _module_list_target(root)
+            if inferred is not None and not any(inferred.output_name == b.name for b in found_blocks):
+                out_name = inferred.output_name
+            else:
+                leaf = _last_param_leaf(root, [b.name for b in found_blocks])
+                if leaf is None:
+                    raise ValueError("DFA: could not find an output module after the blocks; pass output='name'.")
+                out_name = leaf[0]
+        else:
+            out_name = output
+        target = Target(found_blocks, out_name, _get_output(root, out_name), "explicit")
+    else:
+        target = _hf_target(root, placement)
+        if target is None and placement == "micro":
+            raise ValueError(
+                "DFA: placement='micro' needs a Hugging Face model whose architecture is in "
+                "lightning_dfa.registry.MICRO_POINTS, or explicit blocks=[...] naming the inner points."
+            )
+        target = target or _sequential_target(root) or _module_list_target(root)
+        if target is None:
+            raise ValueError(
+                f"DFA: found no blocks in {type(root).__name__}. Searched for: a configure_dfa() method, a Hugging "
+                "Face model (_no_split_modules), an nn.Sequential of Linear/Conv + activation groups, and an "
+                "nn.ModuleList of repeated layers. Tell DFA where feedback goes, e.g. "
+                "DFAStrategy(blocks=['encoder.layers.*'], output='head') or a configure_dfa() method returning "
+                "{'blocks': [...], 'output': '...'}."
+            )
+        if output is not None:
+            target = Target(target.blocks, output, _get_output(root, output), target.source)
+    if any(b.name == target.output_name or b.name.startswith(target.output_name + ".") for b in target.blocks):
+        raise ValueError(
+            f"DFA: the output module {target.output_name!r} is also a block (or contains one); the output must lie "
+            "after the last block. Pass output= naming the final layer (logits, predictions)."
+        )
+    return target
+
+
+def _get_output(root: nn.Module, name: str) -> nn.Module:
+    found = match_modules(root, name)
+    exact = [(n, m) for n, m in found if n == name]
+    if exact:
+        return exact[0][1]
+    if len(found) == 1:
+        return found[0][1]
+    if not found:
+        raise ValueError(f"DFA: output={name!r} names no module of {type(root).__name__}.")
+    raise ValueError(f"DFA: output={name!r} is ambiguous: it matches {[n for n, _ in found]}.")
+
+
+def resolve_options(root: nn.Module, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` completed by ``root.configure_dfa()`` where they are ``None`` (explicit options win).
+
+    Example:
+        >>> class M(nn.Module):
+        ...     def configure_dfa(self):
+        ...         return {"blocks": ["a"], "seed": 3}
+        >>> resolve_options(M(), {"blocks": None, "seed": 1})
+        {'blocks': ['a'], 'seed': 1}
+    """
+    merged = dict(options)
+    hook = getattr(root, "configure_dfa", None)
+    if callable(hook):
+        extra = hook() or {}
+        if not isinstance(extra, dict):
+            raise TypeError(
+                f"DFA: {type(root).__name__}.configure_dfa() must return a dict such as {{'blocks': [...]}}."
+            )
+        for key, value in extra.items():
+            if merged.get(key) is None:
+                merged[key] = value
+    return merged

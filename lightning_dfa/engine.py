@@ -1,0 +1,500 @@
+"""The feedback engine: DFA gradients from ONE ordinary ``loss.backward()``. Knows nothing of Lightning.
+
+How it works (design "b" of ``lightning-notes.md``):
+
+* a forward hook on each block's exit module records the block's output ``h_k`` as a *feedback point* and hands
+  the rest of the network ``h_k.detach()``: no gradient can cross from block ``k+1`` into block ``k``, and the
+  input gradients between blocks are never computed;
+* a top-level block whose main input carries gradient (embeddings before the first block) cuts it the same
+  way: that input becomes the point ``"<block>:in"``;
+* a forward hook on the output module ties the points of this forward back into the graph through one custom
+  autograd Function (:class:`_DeliverFeedback`) that is the identity on the output. Its backward receives the
+  true error ``e = dL/d(output)`` (any loss, any reduction, AMP loss scale included), passes it on unchanged to
+  the output module, and returns ``B_k e`` for every point, computed from ONE shared projection per error
+  width. Autograd then backprops each ``B_k e`` locally inside its block.
+
+Everything after the last block (final norm, pooler, head) receives its true gradient. Under ``no_grad`` /
+``inference_mode`` the hooks do nothing, so validation and prediction are bit-identical to the plain model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from .discovery import Block, BlockSpec, Target, discover, resolve_options
+from .feedback import DISTRIBUTIONS, FeedbackBank
+
+MODES = ("dfa", "shallow", "bp")
+
+
+def normalize_mode(mode: str) -> str:
+    """Lower-case ``mode`` and refuse anything but ``"dfa"``, ``"shallow"`` and ``"bp"`` (no silent fallback)."""
+    if not isinstance(mode, str) or mode.strip().lower() not in MODES:
+        raise ValueError(f"DFA: unknown mode {mode!r}; choose one of {MODES}.")
+    return mode.strip().lower()
+
+
+@dataclass
+class DFAConfig:
+    """Options shared by :class:`FeedbackEngine`, ``DFAStrategy`` and the ``DFA`` callback.
+
+    Attributes:
+        mode: ``"dfa"`` (default), ``"shallow"`` (blocks and everything before them get no gradient) or
+            ``"bp"`` (plain backprop: the control arm).
+        blocks: names, glob patterns or module classes of the blocks; ``None`` discovers them.
+        output: qualified name of the output module; ``None`` discovers it.
+        seed: seed of the private generator of the feedback matrices.
+        distribution: ``"uniform"`` on ``[-1, 1)`` (default, as the DFA authors), ``"gaussian"`` or ``"rademacher"``.
+        scale: multiplier of the feedback; a point of width ``d`` receives ``scale / sqrt(d) * (e @ B[:, :d])``.
+        distinct: give every point its own signal at no extra projection cost (fixed random sign flips of the
+            shared projection) instead of the same signal for points of equal width.
+        placement: ``"macro"`` (one point per block) or ``"micro"`` (also inside Transformer blocks).
+        error_at: ``"output"`` (default: the error is read at the output module's output, e.g. the logits: pure
+            DFA) or ``"head_input"`` (read at the output module's input, i.e. backpropagated through the head
+            only, the DFA paper's language-model setting: the projected error is then ``d``-dimensional).
+    """
+
+    mode: str = "dfa"
+    blocks: BlockSpec = None
+    output: str | None = None
+    seed: int = 0
+    distribution: str = "uniform"
+    scale: float = 1.0
+    distinct: bool = False
+    placement: str = "macro"
+    error_at: str = "output"
+
+    def __post_init__(self) -> None:
+        self.mode = normalize_mode(self.mode)
+        if self.distribution not in DISTRIBUTIONS:
+            raise ValueError(f"DFA: unknown distribution {self.distribution!r}; choose one of {DISTRIBUTIONS}.")
+        if self.placement not in ("macro", "micro"):
+            raise ValueError(f"DFA: placement must be 'macro' or 'micro', got {self.placement!r}.")
+        if self.error_at not in ("output", "head_input"):
+            raise ValueError(f"DFA: error_at must be 'output' or 'head_input', got {self.error_at!r}.")
+        self.seed = int(self.seed)
+        self.scale = float(self.scale)
+
+
+# ---------------------------------------------------------------------------------------------- tensors in values
+def _split_main(value: Any) -> tuple[torch.Tensor | None, Callable[[torch.Tensor], Any] | None]:
+    """The main tensor of a module's output (a tensor, the first item of a tuple/list/ModelOutput) and a rebuild."""
+    if isinstance(value, torch.Tensor):
+        return value, lambda t: t
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        if isinstance(value, tuple) and hasattr(value, "_fields"):  # namedtuple
+            return value[0], lambda t: type(value)(t, *value[1:])
+        return value[0], lambda t: type(value)([t, *value[1:]])
+    if hasattr(value, "to_tuple") and hasattr(value, "keys"):  # transformers.ModelOutput
+        keys = list(value.keys())
+        if keys and isinstance(value[keys[0]], torch.Tensor):
+
+            def rebuild(t: torch.Tensor) -> Any:
+                value[keys[0]] = t
+                return value
+
+            return value[keys[0]], rebuild
+    return None, None
+
+
+_INPUT_KWARGS = ("hidden_states", "x", "input", "inputs", "inputs_embeds", "h")
+
+
+def _split_input(args: tuple, kwargs: dict) -> tuple[torch.Tensor | None, Callable | None]:
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0], lambda t: ((t, *args[1:]), kwargs)
+    for key in _INPUT_KWARGS:
+        if isinstance(kwargs.get(key), torch.Tensor):
+            return kwargs[key], lambda t, key=key: (args, {**kwargs, key: t})
+    return None, None
+
+
+def _carries_grad(t: torch.Tensor | None) -> bool:
+    return t is not None and t.requires_grad and t.is_floating_point()
+
+
+# ---------------------------------------------------------------------------------------------- hooks
+class _Hook:
+    """A hook bound to an engine. Copies (``deepcopy``, pickling) become inert pass-through hooks, so a copied
+    model (EMA, SWA) is a plain model that never feeds the original engine."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any) -> Any:
+        return self.fn(*args)
+
+    def __deepcopy__(self, memo: dict) -> _PassThrough:
+        return _PassThrough()
+
+    def __reduce__(self) -> tuple:
+        return (_PassThrough, ())
+
+
+class _PassThrough:
+    def __call__(self, *args: Any) -> None:
+        return None
+
+
+@dataclass
+class _PointMeta:
+    key: str
+    shape: torch.Size
+    dtype: torch.dtype
+    flatten: bool
+
+
+class _Delivery:
+    """What one forward recorded: the engine and its points' metadata (no tensors are kept)."""
+
+    __slots__ = ("engine", "points")
+
+    def __init__(self, engine: FeedbackEngine, points: list[_PointMeta]) -> None:
+        self.engine = engine
+        self.points = points
+
+
+class _DeliverFeedback(torch.autograd.Function):
+    """Identity on the output; its backward hands each feedback point its projected error."""
+
+    @staticmethod
+    def forward(ctx: Any, delivery: _Delivery, output: torch.Tensor, *points: torch.Tensor) -> torch.Tensor:
+        ctx.delivery = delivery
+        return output.view_as(output)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, error: torch.Tensor) -> tuple:
+        delivery: _Delivery = ctx.delivery
+        feedback = delivery.engine._project(error, delivery.points)
+        needs = ctx.needs_input_grad[2:]
+        return (None, error, *[f if n else None for f, n in zip(feedback, needs)])
+
+
+# ---------------------------------------------------------------------------------------------- engine
+@dataclass
+class BackwardReport:
+    """Counters of one backward: what the forward(s) recorded and what the backward delivered."""
+
+    points_recorded: int = 0
+    outputs_tied: int = 0
+    deliveries: int = 0
+
+
+class FeedbackEngine:
+    """Installs DFA on a model with hooks; ``loss.backward()`` then produces DFA gradients.
+
+    Example:
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+        >>> engine = FeedbackEngine(seed=0)
+        >>> target = engine.attach(net)
+        >>> [b.name for b in target.blocks], target.output_name
+        (['1', '3'], '4')
+        >>> nn.functional.cross_entropy(net(torch.randn(8, 4)), torch.randint(0, 3, (8,))).backward()
+        >>> engine.report.deliveries
+        1
+        >>> engine.detach()
+    """
+
+    def __init__(self, config: DFAConfig | None = None, **options: Any) -> None:
+        self.config = config if config is not None else DFAConfig(**options)
+        if config is not None and options:
+            raise TypeError("DFA: pass either a DFAConfig or keyword options, not both.")
+        self.bank = FeedbackBank(self.config.seed, self.config.distribution)
+        self.target: Target | None = None
+        self.root: nn.Module | None = None
+        self._handles: list[Any] = []
+        self._pending: list[tuple[str, torch.Tensor, bool]] = []
+        self._calls: dict[str, int] = {}
+        self._flatten: set[str] = set()
+        self.report = BackwardReport()
+        self.enabled = True
+        self.last_points: list[_PointMeta] = []
+        self._observers: list[Callable[[torch.Tensor, list[_PointMeta], list[torch.Tensor]], None]] = []
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def mode(self) -> str:
+        return self.config.mode
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def attach(self, root: nn.Module, target: Target | None = None) -> Target:
+        """Discover blocks and output of ``root`` (unless ``target`` is given) and install the hooks."""
+        if self.attached:
+            self.detach()
+        if target is None:
+            opts = resolve_options(
+                root,
+                {"blocks": self.config.blocks, "output": self.config.output, "placement": self.config.placement},
+            )
+            target = discover(root, opts.get("blocks"), opts.get("output"), opts.get("placement") or "macro")
+        _refuse_reentrant_checkpointing(root)
+        self.root, self.target = root, target
+        if self.mode == "bp":
+            return target
+        self._flatten = {b.name for b in target.blocks if _has_conv(b)}
+        for block in target.blocks:
+            if block.top_level:
+                self._handles.append(
+                    block.entry.register_forward_pre_hook(
+                        _Hook(lambda m, a, k, b=block: self._on_block_input(b, a, k)), with_kwargs=True
+                    )
+                )
+            self._handles.append(
+                block.exit.register_forward_hook(_Hook(lambda m, a, o, b=block: self._on_block_output(b, o)))
+            )
+        if self.config.error_at == "output":
+            hook = target.output.register_forward_hook(_Hook(lambda m, a, o: self._on_output(o)))
+        else:
+            hook = target.output.register_forward_pre_hook(
+                _Hook(lambda m, a, k: self._on_output_input(a, k)), with_kwargs=True
+            )
+        self._handles.append(hook)
+        return target
+
+    def detach(self) -> None:
+        """Remove every hook; the model is plain again."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._pending = []
+        self._calls = {}
+
+    def _active(self) -> bool:
+        return self.enabled and torch.is_grad_enabled()
+
+    # ------------------------------------------------------------------ forward hooks
+    def _record(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        count = self._calls.get(name, 0)
+        self._calls[name] = count + 1
+        key = name if count == 0 else f"{name}#{count}"
+        if self.mode == "dfa":
+            self._pending.append((key, tensor, name.split(":")[0] in self._flatten))
+            self.report.points_recorded += 1
+        return tensor.detach()
+
+    def _on_block_input(self, block: Block, args: tuple, kwargs: dict) -> Any:
+        if not self._active():
+            return None
+        tensor, rebuild = _split_input(args, kwargs)
+        if not _carries_grad(tensor):
+            return None
+        return rebuild(self._record(block.name + ":in", tensor))
+
+    def _on_block_output(self, block: Block, output: Any) -> Any:
+        if not self._active():
+            return None
+        tensor, rebuild = _split_main(output)
+        if not _carries_grad(tensor):
+            return None
+        return rebuild(self._record(block.name, tensor))
+
+    def _on_output(self, output: Any) -> Any:
+        if not self._active() or self.mode != "dfa":
+            self._calls = {}
+            return None
+        tensor, rebuild = _split_main(output)
+        if not self._pending or not _carries_grad(tensor):
+            return None
+        points, self._pending, self._calls = self._pending, [], {}
+        metas = [_PointMeta(k, t.shape, t.dtype, f) for k, t, f in points]
+        self.report.outputs_tied += 1
+        return rebuild(_DeliverFeedback.apply(_Delivery(self, metas), tensor, *[t for _, t, _ in points]))
+
+    def _on_output_input(self, args: tuple, kwargs: dict) -> Any:
+        tensor, rebuild = _split_input(args, kwargs)
+        if tensor is None:
+            return None
+        tied = self._on_output(tensor)
+        return None if tied is None else rebuild(tied)
+
+    # ------------------------------------------------------------------ backward
+    def _align(self, error: torch.Size, point: _PointMeta) -> tuple[str, int, int]:
+        shape = point.shape
+        if not point.flatten and len(error) >= 1 and error[:-1] == shape[:-1]:
+            return "token", error[-1], shape[-1]
+        if len(error) == 0 or len(shape) == 0 or error[0] != shape[0]:
+            raise RuntimeError(
+                f"DFA: cannot line up the error of shape {list(error)} (gradient at the output module "
+                f"{self.target.output_name if self.target else '?'!r}) with feedback point {point.key!r} of shape "
+                f"{list(shape)}: their first (batch) dimensions differ. Choose an output= whose output has the "
+                "blocks' batch/positions dimensions, or other blocks=."
+            )
+        if not point.flatten and len(shape) == 3 and len(error) in (2, 3):
+            return "broadcast", error[-1], shape[-1]
+        return "flatten", math.prod(error[1:]), math.prod(shape[1:])
+
+    def _project(self, error: torch.Tensor, points: list[_PointMeta]) -> list[torch.Tensor]:
+        """``scale/sqrt(d) * B_k e`` for each point, with one projection per (alignment, error width)."""
+        self.report.deliveries += 1
+        self.last_points = points
+        aligned = [self._align(error.shape, p) for p in points]
+        widest: dict[tuple[str, int], int] = {}
+        for p, (kind, k, d) in zip(points, aligned):
+            self.bank.check_point(p.key, k, d)
+            widest[(kind, k)] = max(widest.get((kind, k), 0), d)
+        projections = {}
+        for (kind, k), width in widest.items():
+            matrix = self.bank.matrix(k, width, error.device, error.dtype)  # [width, k]
+            if kind == "token":
+                source = error
+            elif kind == "broadcast":
+                source = error if error.dim() == 2 else error.mean(dim=1)
+            else:
+                source = error.reshape(error.shape[0], -1)
+            projected = source @ matrix.t()
+            uniform_width = all(d == width for (kd, kk, d) in aligned if (kd, kk) == (kind, k))
+            if uniform_width and not self.config.distinct:
+                projected.mul_(self.config.scale / math.sqrt(width))
+            projections[(kind, k)] = (projected, uniform_width)
+        out = []
+        for p, (kind, k, d) in zip(points, aligned):
+            projected, prescaled = projections[(kind, k)]
+            fb = projected if projected.shape[-1] == d else projected[..., :d]
+            if self.config.distinct:
+                signs = self.bank.signs(p.key, d, fb.device, fb.dtype)
+                fb = fb * (signs * (self.config.scale / math.sqrt(d)))
+            elif not prescaled:
+                fb = fb * (self.config.scale / math.sqrt(d))
+            if kind == "broadcast":
+                fb = fb.unsqueeze(1).expand(p.shape)
+            elif kind == "flatten":
+                fb = fb.reshape(p.shape)
+            out.append(fb if fb.dtype == p.dtype else fb.to(p.dtype))
+        for observer in self._observers:
+            observer(error, points, out)
+        return out
+
+    def begin_backward(self) -> None:
+        """Mark the start of a backward (called by the Lightning adapters)."""
+
+    def end_backward(self) -> BackwardReport:
+        """Close a backward: check that feedback fired (``mode="dfa"``) and reset the counters.
+
+        Raises:
+            RuntimeError: in ``mode="dfa"``, if no feedback reached the blocks in this backward, with the reason.
+        """
+        report, self.report = self.report, BackwardReport()
+        self._pending, self._calls = [], {}
+        if self.mode == "dfa" and self.attached and report.deliveries == 0:
+            raise RuntimeError(self._explain_silence(report))
+        return report
+
+    def check_loss(self, loss: torch.Tensor) -> None:
+        """Refuse a loss that cannot carry the error back to the output module."""
+        if self.mode != "bp" and isinstance(loss, torch.Tensor) and not loss.requires_grad:
+            out = self.target.output_name if self.target else "?"
+            raise RuntimeError(
+                f"DFA: the loss does not require grad, so it does not depend on the output module {out!r} "
+                f"(mode={self.mode!r} detaches everything else). Compute the loss from that module's output "
+                "(logits, predictions), or pass output= naming the module it is computed from."
+            )
+
+    def _explain_silence(self, report: BackwardReport) -> str:
+        out = self.target.output_name if self.target else "?"
+        names = [b.name for b in self.target.blocks] if self.target else []
+        if report.points_recorded == 0:
+            why = f"no block ran with gradients enabled in this step's forward (blocks: {names[:6]}...)."
+        elif report.outputs_tied == 0:
+            why = f"the output module {out!r} was not called after the blocks in this step's forward."
+        else:
+            why = f"the loss does not depend on the output module {out!r}."
+        return (
+            f"DFA: no feedback reached the blocks in this backward: {why} Training would silently update only "
+            "the layers after the last block. Pass output= naming the module whose output the loss is computed "
+            "from (and blocks= if needed), or use mode='shallow' if that is what you want."
+        )
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """The feedback (matrices, signs, widths) and the options that shape it."""
+        state = self.bank.state_dict()
+        state["mode"] = self.mode
+        state["scale"] = self.config.scale
+        state["distinct"] = self.config.distinct
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue with the feedback saved by :meth:`state_dict`."""
+        if state.get("mode", self.mode) != self.mode:
+            raise RuntimeError(
+                f"DFA: the checkpoint was written in mode {state.get('mode')!r} but this run uses {self.mode!r}."
+            )
+        self.bank.load_state_dict(state)
+        self.config.seed, self.config.distribution = self.bank.seed, self.bank.distribution
+
+    # ------------------------------------------------------------------ reporting
+    def parameter_roles(self, root: nn.Module | None = None) -> dict[str, int]:
+        """Number of trainable parameters trained by feedback, by their true gradient, or not at all."""
+        root = root or self.root
+        if root is None or self.target is None:
+            raise RuntimeError("DFA: attach() the engine first.")
+        after = _params_after_blocks(root, self.target)
+        out_ids = {id(p) for p in self.target.output.parameters()}
+        roles = {"feedback": 0, "true gradient": 0, "none": 0}
+        seen: set[int] = set()
+        for p in root.parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if not p.requires_grad:
+                roles["none"] += p.numel()
+            elif self.mode == "bp" or id(p) in out_ids or id(p) in after:
+                roles["true gradient"] += p.numel()
+            elif self.mode == "shallow":
+                roles["none"] += p.numel()
+            else:
+                roles["feedback"] += p.numel()
+        return roles
+
+    def summary(self) -> str:
+        """A short table: feedback points, shapes (once seen), output, feedback kind and parameter roles."""
+        from .summary import format_summary
+
+        return format_summary(self)
+
+
+def _params_after_blocks(root: nn.Module, target: Target) -> set[int]:
+    names = [n for n, _ in root.named_modules()]
+    order = {n: i for i, n in enumerate(names)}
+    last = max(order.get(b.name, -1) for b in target.blocks)
+    # everything registered after the last block's subtree, and not inside any block
+    block_ids = target.block_param_ids()
+    after: set[int] = set()
+    for name, module in root.named_modules():
+        if order[name] <= last or any(name == b.name or name.startswith(b.name + ".") for b in target.blocks):
+            continue
+        for p in module.parameters(recurse=False):
+            if id(p) not in block_ids:
+                after.add(id(p))
+    return after
+
+
+def _has_conv(block: Block) -> bool:
+    mods: Sequence[nn.Module] = block.members or (block.entry,)
+    return any(isinstance(m, nn.modules.conv._ConvNd) for mod in mods for m in mod.modules())
+
+
+def _refuse_reentrant_checkpointing(root: nn.Module) -> None:
+    for name, module in root.named_modules():
+        if getattr(module, "gradient_checkpointing", False) is True:
+            func = getattr(module, "_gradient_checkpointing_func", None)
+            keywords = getattr(func, "keywords", {}) or {}
+            if keywords.get("use_reentrant", True):
+                raise RuntimeError(
+                    f"DFA: {name or type(root).__name__} uses reentrant gradient checkpointing, whose forward runs "
+                    "without gradients and so hides the blocks from DFA. Enable it as "
+                    "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})."
+                )

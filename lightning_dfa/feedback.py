@@ -1,0 +1,168 @@
+"""Fixed random feedback matrices, drawn from a private generator.
+
+The matrices never touch the global RNG: each one is drawn from its own ``torch.Generator`` seeded from the
+user's seed and the matrix's shape, in fixed chunks of rows, so that
+
+* every process draws the same matrix (DDP needs no broadcast),
+* a matrix grown to more columns keeps its first columns (a wider feedback point added later does not
+  change the feedback of the others),
+* the drawn values are saved in checkpoints, so a resumed run continues with exactly the same feedback even
+  if a future PyTorch draws random numbers differently.
+
+Scaling (documented in the README): a feedback point of width ``d`` receives ``scale / sqrt(d) * (e @ B[:, :d])``
+where ``B`` holds i.i.d. entries of the chosen distribution. With ``distribution="gaussian"`` the expected norm
+of each token's feedback then equals ``scale * ||e||`` whatever the width; ``"uniform"`` draws from ``[-1, 1)``
+(variance 1/3, the DFA authors' choice) and ``"rademacher"`` draws signs (variance 1).
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import torch
+
+DISTRIBUTIONS = ("uniform", "gaussian", "rademacher")
+_CHUNK_ROWS = 64
+_STATE_VERSION = 1
+
+
+def _mix(*parts: int | str) -> int:
+    """A stable 63-bit seed from integers and strings (Python's ``hash`` is salted per process)."""
+    text = "/".join(str(p) for p in parts).encode()
+    return (zlib.crc32(text) << 31 ^ zlib.crc32(text[::-1])) & ((1 << 63) - 1)
+
+
+def draw(shape: tuple[int, int], distribution: str, seed: int, *parts: int | str) -> torch.Tensor:
+    """Draw a ``[rows, cols]`` float32 CPU tensor of ``distribution`` from a private generator.
+
+    Rows are drawn in chunks of 64, each from its own generator, so the first rows do not depend on how
+    many rows are asked for.
+
+    Example:
+        >>> a = draw((10, 4), "gaussian", 0, "k")
+        >>> b = draw((100, 4), "gaussian", 0, "k")
+        >>> bool(torch.equal(a, b[:10]))
+        True
+    """
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"Unknown feedback distribution {distribution!r}; choose one of {DISTRIBUTIONS}.")
+    rows, cols = shape
+    chunks = []
+    for start in range(0, rows, _CHUNK_ROWS):
+        n = min(_CHUNK_ROWS, rows - start)
+        g = torch.Generator(device="cpu").manual_seed(_mix(seed, distribution, *parts, start // _CHUNK_ROWS))
+        if distribution == "gaussian":
+            block = torch.randn(_CHUNK_ROWS, cols, generator=g)
+        elif distribution == "uniform":
+            block = torch.rand(_CHUNK_ROWS, cols, generator=g) * 2 - 1
+        else:
+            block = torch.randint(0, 2, (_CHUNK_ROWS, cols), generator=g).float() * 2 - 1
+        chunks.append(block[:n])
+    if not chunks:
+        return torch.empty(0, cols)
+    return torch.cat(chunks)
+
+
+class FeedbackBank:
+    """The fixed random matrices of one engine, keyed by the error's width.
+
+    One matrix per error width ``k`` is stored transposed, ``[d_max, k]``: a feedback point of width ``d``
+    uses its first ``d`` rows. Casts to a device and dtype are cached, so a step allocates nothing.
+
+    Example:
+        >>> bank = FeedbackBank(seed=0, distribution="gaussian")
+        >>> bank.matrix(k=10, width=32, device=torch.device("cpu"), dtype=torch.float32).shape
+        torch.Size([32, 10])
+    """
+
+    def __init__(self, seed: int = 0, distribution: str = "uniform") -> None:
+        if distribution not in DISTRIBUTIONS:
+            raise ValueError(f"Unknown feedback distribution {distribution!r}; choose one of {DISTRIBUTIONS}.")
+        self.seed = int(seed)
+        self.distribution = distribution
+        self._matrices: dict[int, torch.Tensor] = {}
+        self._signs: dict[str, torch.Tensor] = {}
+        self._cache: dict[tuple, torch.Tensor] = {}
+        self._loaded_widths: dict[str, list[int]] | None = None
+        self.widths: dict[str, list[int]] = {}  # point key -> [error width k, point width d]
+
+    # ------------------------------------------------------------------ matrices
+    def matrix(self, k: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The ``[width, k]`` matrix (first ``width`` rows of the error-width-``k`` matrix) on ``device``/``dtype``."""
+        stored = self._matrices.get(k)
+        if stored is None or stored.shape[0] < width:
+            if stored is None and self._loaded_widths is not None and self._matrices:
+                raise RuntimeError(
+                    f"DFA: the model now produces an error of width {k}, but the checkpoint's feedback matrices "
+                    f"were drawn for error widths {sorted(self._matrices)}. The model's output shape changed "
+                    "since the checkpoint was written; resume with the original model or start a new run."
+                )
+            self._matrices[k] = draw((width, k), self.distribution, self.seed, "B", k)
+            self._cache = {key: v for key, v in self._cache.items() if key[0] != k}
+        key = (k, width, device, dtype)
+        cached = self._cache.get(key)
+        if cached is None:
+            cached = self._matrices[k][:width].to(device=device, dtype=dtype).contiguous()
+            self._cache[key] = cached
+        return cached
+
+    def signs(self, point: str, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """Fixed random +-1 vector of one feedback point (the ``distinct`` option)."""
+        stored = self._signs.get(point)
+        if stored is None or stored.shape[0] != width:
+            stored = draw((1, width), "rademacher", self.seed, "signs", point)[0]
+            self._signs[point] = stored
+        key = ("signs", point, device, dtype)
+        cached = self._cache.get(key)
+        if cached is None:
+            cached = stored.to(device=device, dtype=dtype)
+            self._cache[key] = cached
+        return cached
+
+    def check_point(self, point: str, k: int, width: int) -> None:
+        """Record a feedback point's widths; after a resume, refuse one whose widths changed."""
+        seen = self.widths.get(point)
+        if seen is not None and seen == [k, width]:
+            return
+        if (
+            self._loaded_widths is not None
+            and point in self._loaded_widths
+            and self._loaded_widths[point] != [k, width]
+        ):
+            old_k, old_d = self._loaded_widths[point]
+            raise RuntimeError(
+                f"DFA: feedback point {point!r} now has width {width} for an error of width {k}, but the "
+                f"checkpoint's feedback was drawn for width {old_d} and error width {old_k}. The model's shapes "
+                "changed since the checkpoint was written; resume with the original model or start a new run."
+            )
+        self.widths[point] = [k, width]
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the stored float32 matrices (one copy; device casts are cached separately)."""
+        return sum(m.numel() * m.element_size() for m in self._matrices.values())
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue with identical feedback."""
+        return {
+            "version": _STATE_VERSION,
+            "seed": self.seed,
+            "distribution": self.distribution,
+            "matrices": {int(k): m.clone() for k, m in self._matrices.items()},
+            "signs": {p: s.clone() for p, s in self._signs.items()},
+            "widths": {p: list(w) for p, w in self.widths.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore matrices saved by :meth:`state_dict`; they replace whatever the seed would draw."""
+        if state.get("version") != _STATE_VERSION:
+            raise RuntimeError(f"DFA: unknown feedback state version {state.get('version')!r}.")
+        self.seed = int(state["seed"])
+        self.distribution = state["distribution"]
+        self._matrices = {int(k): m.detach().to("cpu", torch.float32) for k, m in state["matrices"].items()}
+        self._signs = {p: s.detach().to("cpu", torch.float32) for p, s in state["signs"].items()}
+        self._loaded_widths = {p: list(w) for p, w in state["widths"].items()}
+        self.widths = {}
+        self._cache = {}

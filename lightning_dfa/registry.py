@@ -1,0 +1,39 @@
+"""Known architectures: where the paper's "micro" feedback points lie inside a Transformer block.
+
+Macro placement (one feedback point per block) needs no entry here: Hugging Face models list their blocks in
+``_no_split_modules``. Micro placement adds points inside each block: after the attention sub-block and after
+the MLP's hidden activation. Keys are Hugging Face ``config.model_type`` values; values are submodule paths
+relative to one block. Add an architecture with :func:`register_micro_points`.
+
+Example:
+    >>> micro_points("gpt2")
+    ('attn', 'mlp.act')
+"""
+
+from __future__ import annotations
+
+MICRO_POINTS: dict[str, tuple[str, ...]] = {
+    "gpt2": ("attn", "mlp.act"),
+    "gpt_neo": ("attn", "mlp.act"),
+    "llama": ("self_attn", "mlp.act_fn"),
+    "mistral": ("self_attn", "mlp.act_fn"),
+    "qwen2": ("self_attn", "mlp.act_fn"),
+    "bert": ("attention", "intermediate"),
+    "roberta": ("attention", "intermediate"),
+}
+
+
+def register_micro_points(model_type: str, points: tuple[str, ...]) -> None:
+    """Declare the micro feedback points of an architecture (submodule paths inside one block)."""
+    MICRO_POINTS[model_type] = tuple(points)
+
+
+def micro_points(model_type: str) -> tuple[str, ...]:
+    """The micro feedback points of ``model_type``, or a clear error if the architecture is unknown."""
+    try:
+        return MICRO_POINTS[model_type]
+    except KeyError:
+        raise ValueError(
+            f"DFA: no micro feedback points known for model type {model_type!r}. Known: {sorted(MICRO_POINTS)}. "
+            "Use lightning_dfa.registry.register_micro_points(model_type, ('attn', 'mlp.act')) or pass blocks=."
+        ) from None

@@ -1,0 +1,55 @@
+"""The table shown at fit start: where feedback goes and what trains how."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .engine import FeedbackEngine
+
+
+def _count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return str(n)
+
+
+def format_summary(engine: FeedbackEngine) -> str:
+    """Render ``engine``'s feedback points, output and parameter roles as a plain-text table.
+
+    Shapes appear once a training forward has recorded them (``"-"`` before that).
+    """
+    assert engine.target is not None
+    cfg = engine.config
+    seen = {key.split("#")[0]: meta for key, meta in engine.bank.widths.items()}
+    rows = []
+    first = True
+    for block in engine.target.blocks:
+        if block.top_level and first and f"{block.name}:in" in seen:
+            rows.append((f"{block.name}:in", "block input", seen[f"{block.name}:in"]))
+        first = False
+        rows.append((block.name, type(block.exit).__name__, seen.get(block.name)))
+    shapes = {m.key.split("#")[0]: list(m.shape) for m in engine.last_points}
+    header = ("", "Feedback point", "Module", "Shape", "Width")
+    lines = [header]
+    for i, (name, kind, width) in enumerate(rows):
+        shape = shapes.get(name)
+        lines.append((str(i), name, kind, str(shape) if shape else "-", str(width[1]) if width else "-"))
+    widths = [max(len(r[c]) for r in lines) for c in range(len(header))]
+    out = [" | ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in lines]
+    out.insert(1, "-" * len(out[0]))
+    roles = engine.parameter_roles()
+    feedback = (
+        f"{cfg.distribution}, seed {cfg.seed}, scale {cfg.scale:g}/sqrt(width), "
+        f"{'distinct per point (sign flips)' if cfg.distinct else 'shared projection'}"
+    )
+    out += [
+        "-" * len(out[0]),
+        f"DFA mode: {engine.mode} | placement: {cfg.placement} | blocks from: {engine.target.source}",
+        f"Output (error read here, true gradient): {engine.target.output_name} ({type(engine.target.output).__name__})",
+        f"Feedback: {feedback}",
+        f"Trainable params by feedback: {_count(roles['feedback'])} | by true gradient: "
+        f"{_count(roles['true gradient'])} | not trained: {_count(roles['none'])}",
+    ]
+    return "\n".join(out)
