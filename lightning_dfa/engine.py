@@ -19,9 +19,10 @@ Everything after the last block (final norm, pooler, head) receives its true gra
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -151,6 +152,26 @@ class _PointMeta:
     flatten: bool
 
 
+@dataclass
+class CapturedPoint:
+    """A feedback point recorded under :meth:`FeedbackEngine.capture`: its key and graph-attached tensor."""
+
+    key: str
+    tensor: torch.Tensor
+    flatten: bool = False
+
+    def meta(self) -> _PointMeta:
+        return _PointMeta(self.key, self.tensor.shape, self.tensor.dtype, self.flatten)
+
+
+@dataclass
+class Capture:
+    """What forwards under :meth:`FeedbackEngine.capture` recorded, in call order."""
+
+    points: list[CapturedPoint] = field(default_factory=list)
+    outputs: list[torch.Tensor] = field(default_factory=list)
+
+
 class _Delivery:
     """What one forward recorded: the engine and its points' metadata (no tensors are kept)."""
 
@@ -219,6 +240,7 @@ class FeedbackEngine:
         self.report = BackwardReport()
         self.enabled = True
         self.last_points: list[_PointMeta] = []
+        self._capture: Capture | None = None
         self._observers: list[Callable[[torch.Tensor, list[_PointMeta], list[torch.Tensor]], None]] = []
 
     # ------------------------------------------------------------------ lifecycle
@@ -242,8 +264,6 @@ class FeedbackEngine:
             target = discover(root, opts.get("blocks"), opts.get("output"), opts.get("placement") or "macro")
         _refuse_reentrant_checkpointing(root)
         self.root, self.target = root, target
-        if self.mode == "bp":
-            return target
         self._flatten = {b.name for b in target.blocks if _has_conv(b)}
         for block in target.blocks:
             if block.top_level:
@@ -273,13 +293,42 @@ class FeedbackEngine:
         self._calls = {}
 
     def _active(self) -> bool:
-        return self.enabled and torch.is_grad_enabled()
+        return self.enabled and torch.is_grad_enabled() and (self.mode != "bp" or self._capture is not None)
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[Capture]:
+        """Run forwards as plain backprop (no cut, no delivery) while recording the feedback points and outputs.
+
+        For instruments such as the alignment monitor: inside the context a forward keeps the full backprop
+        graph, and the returned :class:`Capture` holds each point's tensor (still attached to the graph) and
+        each output tensor, so ``torch.autograd.grad`` can give the true gradients there, and
+        :meth:`feedback_for` the DFA signal for the same error.
+
+        Example:
+            >>> net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))
+            >>> engine = FeedbackEngine()
+            >>> _ = engine.attach(net)
+            >>> with engine.capture() as cap:
+            ...     y = net(torch.randn(4, 3))
+            >>> [p.key for p in cap.points], len(cap.outputs)
+            (['1'], 1)
+        """
+        cap = Capture()
+        previous, self._capture = self._capture, cap
+        try:
+            yield cap
+        finally:
+            self._capture = previous
+            self._calls = {}
 
     # ------------------------------------------------------------------ forward hooks
     def _record(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         count = self._calls.get(name, 0)
         self._calls[name] = count + 1
         key = name if count == 0 else f"{name}#{count}"
+        if self._capture is not None:
+            self._capture.points.append(CapturedPoint(key, tensor, name.split(":")[0] in self._flatten))
+            return tensor
         if self.mode == "dfa":
             self._pending.append((key, tensor, name.split(":")[0] in self._flatten))
             self.report.points_recorded += 1
@@ -302,6 +351,12 @@ class FeedbackEngine:
         return rebuild(self._record(block.name, tensor))
 
     def _on_output(self, output: Any) -> Any:
+        if self._capture is not None and self._active():
+            tensor, _ = _split_main(output)
+            if tensor is not None:
+                self._capture.outputs.append(tensor)
+            self._calls = {}
+            return None
         if not self._active() or self.mode != "dfa":
             self._calls = {}
             return None
@@ -337,9 +392,19 @@ class FeedbackEngine:
         return "flatten", math.prod(error[1:]), math.prod(shape[1:])
 
     def _project(self, error: torch.Tensor, points: list[_PointMeta]) -> list[torch.Tensor]:
-        """``scale/sqrt(d) * B_k e`` for each point, with one projection per (alignment, error width)."""
         self.report.deliveries += 1
         self.last_points = points
+        out = self.feedback_for(error, points)
+        for observer in self._observers:
+            observer(error, points, out)
+        return out
+
+    def feedback_for(self, error: torch.Tensor, points: Sequence[_PointMeta | CapturedPoint]) -> list[torch.Tensor]:
+        """``scale/sqrt(d) * B_k e`` for each point, with one projection per (alignment, error width).
+
+        ``points`` are the metadata the engine records (or :class:`CapturedPoint` from :meth:`capture`).
+        """
+        points = [p.meta() if isinstance(p, CapturedPoint) else p for p in points]
         aligned = [self._align(error.shape, p) for p in points]
         widest: dict[tuple[str, int], int] = {}
         for p, (kind, k, d) in zip(points, aligned):
@@ -373,8 +438,6 @@ class FeedbackEngine:
             elif kind == "flatten":
                 fb = fb.reshape(p.shape)
             out.append(fb if fb.dtype == p.dtype else fb.to(p.dtype))
-        for observer in self._observers:
-            observer(error, points, out)
         return out
 
     def begin_backward(self) -> None:
