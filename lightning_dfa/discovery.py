@@ -3,7 +3,8 @@
 Discovery order (the first that applies wins):
 
 1. explicit ``blocks=`` / ``output=`` arguments;
-2. a ``configure_dfa()`` method on the root module (the LightningModule) returning the same options;
+2. a ``configure_dfa()`` method on the root module (the LightningModule) returning the same options
+   (merged by :meth:`lightning_dfa.DFAConfig.merged_with` in :meth:`lightning_dfa.FeedbackEngine.attach`);
 3. a Hugging Face ``PreTrainedModel`` inside the root: blocks are the modules whose class is listed in the
    model's ``_no_split_modules``; the output is ``get_output_embeddings()`` or the task head;
 4. an ``nn.Sequential``: groups of Linear/Conv + optional norm + activation + optional pooling/dropout are
@@ -20,7 +21,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Union
 
 from torch import nn
 
@@ -178,8 +179,12 @@ def _hf_target(root: nn.Module, placement: str) -> Target | None:
     blocks_found = [(n, m) for n, m in root.named_modules() if n.startswith(prefix) and type(m).__name__ in classes]
     inner = _nested([n for n, _ in blocks_found])
     blocks_found = [(n, m) for n, m in blocks_found if n not in inner]
-    if not blocks_found:
-        return None
+    if not blocks_found:  # no _no_split_modules (e.g. ALBERT): its list of repeated layers, even a shared one
+        layers = _module_list_target(hf, min_len=1)
+        if layers is None:
+            return None
+        join_ = (prefix + ".") if prefix else ""
+        blocks_found = [(join_ + b.name, b.entry) for b in layers.blocks]
     join = (prefix + ".") if prefix else ""
     head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
     out_name = None
@@ -270,10 +275,10 @@ def _sequential_target(root: nn.Module) -> Target | None:
 
 
 # --------------------------------------------------------------------------- ModuleList
-def _module_list_target(root: nn.Module) -> Target | None:
+def _module_list_target(root: nn.Module, min_len: int = 2) -> Target | None:
     best = None
     for name, mlist in root.named_modules():
-        if not isinstance(mlist, nn.ModuleList) or len(mlist) < 2:
+        if not isinstance(mlist, nn.ModuleList) or len(mlist) < min_len:
             continue
         kinds = {type(m) for m in mlist}
         size = sum(p.numel() for p in mlist.parameters())
@@ -371,27 +376,3 @@ def _get_output(root: nn.Module, name: str) -> nn.Module:
     if not found:
         raise ValueError(f"DFA: output={name!r} names no module of {type(root).__name__}.")
     raise ValueError(f"DFA: output={name!r} is ambiguous: it matches {[n for n, _ in found]}.")
-
-
-def resolve_options(root: nn.Module, options: dict[str, Any]) -> dict[str, Any]:
-    """``options`` completed by ``root.configure_dfa()`` where they are ``None`` (explicit options win).
-
-    Example:
-        >>> class M(nn.Module):
-        ...     def configure_dfa(self):
-        ...         return {"blocks": ["a"], "seed": 3}
-        >>> resolve_options(M(), {"blocks": None, "seed": 1})
-        {'blocks': ['a'], 'seed': 1}
-    """
-    merged = dict(options)
-    hook = getattr(root, "configure_dfa", None)
-    if callable(hook):
-        extra = hook() or {}
-        if not isinstance(extra, dict):
-            raise TypeError(
-                f"DFA: {type(root).__name__}.configure_dfa() must return a dict such as {{'blocks': [...]}}."
-            )
-        for key, value in extra.items():
-            if merged.get(key) is None:
-                merged[key] = value
-    return merged

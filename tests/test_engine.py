@@ -1,0 +1,288 @@
+"""The feedback engine on its own (no Trainer): the DFA rule, the matrices, shapes, modes."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from conftest import hooks_of, mlp
+from torch import nn
+
+from lightning_dfa import DFAConfig, FeedbackBank, FeedbackEngine
+from lightning_dfa.feedback import draw
+
+
+def _ce_step(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    out = net(x)
+    nn.functional.cross_entropy(out, y).backward()
+    return out
+
+
+def test_hidden_signal_is_projected_error_and_head_gets_true_gradient() -> None:
+    net = mlp(width=16, depth=3)
+    acts: dict[str, torch.Tensor] = {}
+    grads: dict[str, torch.Tensor] = {}
+    for name in ("1", "3", "5"):  # registered before the engine's hooks: they see the block outputs
+        net.get_submodule(name).register_forward_hook(lambda m, a, o, n=name: acts.__setitem__(n, o))
+    engine = FeedbackEngine(seed=0)
+    engine.attach(net)
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    logits = net(x)
+    for name, h in acts.items():
+        h.register_hook(lambda g, n=name: grads.__setitem__(n, g))
+    nn.functional.cross_entropy(logits, y).backward()
+    engine.end_backward()
+    e = (torch.softmax(logits.detach(), 1) - nn.functional.one_hot(y, 3)) / 8
+    matrix = engine.bank.matrix(3, 16, torch.device("cpu"), torch.float32)  # [16, 3]
+    for name in ("1", "3", "5"):
+        torch.testing.assert_close(grads[name], e @ matrix.t() / math.sqrt(16))
+    h3 = acts["5"].detach()
+    torch.testing.assert_close(net[6].weight.grad, e.t() @ h3)
+    torch.testing.assert_close(net[6].bias.grad, e.sum(0))
+
+
+def test_no_gradient_crosses_between_blocks() -> None:
+    net = mlp(depth=3)
+    FeedbackEngine().attach(net)
+    seen = []
+    for i in (2, 4, 6):  # the Linear after each feedback point
+        net[i].register_forward_pre_hook(lambda m, a: seen.append(a[0].requires_grad))
+    _ce_step(net, torch.randn(4, 6), torch.randint(0, 3, (4,)))
+    assert seen == [False, False, False]
+    assert all(p.grad is not None for p in net.parameters())
+
+
+def test_one_backward_call_per_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    original = torch.autograd.backward
+    monkeypatch.setattr(torch.autograd, "backward", lambda *a, **k: (calls.append(1), original(*a, **k))[1])
+    net = mlp()
+    engine = FeedbackEngine()
+    engine.attach(net)
+    _ce_step(net, torch.randn(4, 6), torch.randint(0, 3, (4,)))
+    assert calls == [1]
+    assert engine.end_backward().deliveries == 1
+
+
+def test_forward_outputs_unchanged_and_inert_under_no_grad() -> None:
+    net = mlp()
+    plain = copy.deepcopy(net)
+    x = torch.randn(5, 6)
+    engine = FeedbackEngine()
+    engine.attach(net)
+    assert torch.equal(net(x), plain(x))
+    with torch.no_grad():
+        assert torch.equal(net(x), plain(x))
+    assert engine.report.points_recorded == 3  # only the grad-enabled forward recorded
+    with torch.inference_mode():
+        assert torch.equal(net(x), plain(x))
+    engine.detach()
+    assert hooks_of(net) == 0
+
+
+def test_deepcopy_of_attached_model_is_plain() -> None:
+    net = mlp()
+    engine = FeedbackEngine()
+    engine.attach(net)
+    twin = copy.deepcopy(net)
+    x, y = torch.randn(4, 6), torch.randint(0, 3, (4,))
+    _ce_step(twin, x, y)  # a plain backprop model: no feedback, no engine involvement
+    assert engine.report.deliveries == 0 and engine.report.points_recorded == 0
+    reference = copy.deepcopy(twin)
+    for p in reference.parameters():
+        p.grad = None
+    _ce_step(reference, x, y)
+    for a, b in zip(twin.parameters(), reference.parameters()):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_global_rng_untouched_and_matrices_reproducible() -> None:
+    state = torch.get_rng_state()
+    a = FeedbackBank(seed=3, distribution="gaussian").matrix(10, 40, torch.device("cpu"), torch.float32)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(1234)  # the global seed plays no role
+    b = FeedbackBank(seed=3, distribution="gaussian").matrix(10, 40, torch.device("cpu"), torch.float32)
+    assert torch.equal(a, b)
+    c = FeedbackBank(seed=4, distribution="gaussian").matrix(10, 40, torch.device("cpu"), torch.float32)
+    assert not torch.equal(a, c)
+
+
+def test_growing_matrix_keeps_its_first_rows() -> None:
+    bank = FeedbackBank(seed=0)
+    small = bank.matrix(7, 30, torch.device("cpu"), torch.float32).clone()
+    big = bank.matrix(7, 300, torch.device("cpu"), torch.float32)
+    assert torch.equal(big[:30], small)
+
+
+@pytest.mark.parametrize(("distribution", "var"), [("gaussian", 1.0), ("uniform", 1 / 3), ("rademacher", 1.0)])
+def test_distributions(distribution: str, var: float) -> None:
+    m = draw((200, 100), distribution, 0, "x")
+    assert abs(m.mean().item()) < 0.02
+    assert m.var().item() == pytest.approx(var, rel=0.05)
+    if distribution == "uniform":
+        assert m.min() >= -1 and m.max() < 1
+    if distribution == "rademacher":
+        assert set(m.unique().tolist()) == {-1.0, 1.0}
+
+
+def test_unknown_options_are_refused() -> None:
+    assert DFAConfig(mode="DFA").mode == "dfa"  # case-insensitive, never a silent fallback
+    for bad in ("dfa2", "backprop", "", None):
+        with pytest.raises(ValueError, match="unknown mode"):
+            DFAConfig(mode=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="distribution"):
+        DFAConfig(distribution="normal")
+    with pytest.raises(ValueError, match="placement"):
+        DFAConfig(placement="nano")
+
+
+def test_shared_signal_by_default_distinct_on_request() -> None:
+    def signals(distinct: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        net = mlp(depth=3)
+        acts: list[torch.Tensor] = []
+        for name in ("1", "3", "5"):
+            net.get_submodule(name).register_forward_hook(lambda m, a, o: acts.append(o))
+        FeedbackEngine(distinct=distinct).attach(net)
+        out = net(torch.randn(4, 6))
+        got: list[torch.Tensor] = [torch.empty(0)] * 3
+        for i, h in enumerate(acts):
+            h.register_hook(lambda g, i=i: got.__setitem__(i, g))
+        nn.functional.cross_entropy(out, torch.randint(0, 3, (4,))).backward()
+        return got
+
+    shared = signals(False)
+    assert torch.equal(shared[0], shared[1]) and torch.equal(shared[1], shared[2])
+    distinct = signals(True)
+    assert not torch.equal(distinct[0], distinct[1])
+    for a, b in zip(shared, distinct):  # sign flips of the same projection
+        torch.testing.assert_close(a.abs(), b.abs())
+
+
+def test_feedback_dtype_follows_incoming_gradient() -> None:
+    net = mlp().to(torch.bfloat16)
+    engine = FeedbackEngine()
+    engine.attach(net)
+    _ce_step(net, torch.randn(4, 6, dtype=torch.bfloat16), torch.randint(0, 3, (4,)))
+    assert all(p.grad.dtype == torch.bfloat16 for p in net.parameters())
+    assert engine.end_backward().deliveries == 1
+
+
+def test_conv_points_are_flattened() -> None:
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(64, 5),
+    )
+    engine = FeedbackEngine()
+    target = engine.attach(net)
+    assert [b.name for b in target.blocks] == ["1", "3"]
+    _ce_step(net, torch.randn(2, 1, 4, 4), torch.randint(0, 5, (2,)))
+    assert engine.bank.widths["1"] == [5, 64]  # error width 5, point width 4*4*4
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+
+
+def test_sequence_output_broadcasts_over_positions() -> None:
+    class SeqCls(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(2)])
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for layer in self.layers:
+                x = layer(x)
+            return self.head(x.mean(1))
+
+    net = SeqCls()
+    grads: list[torch.Tensor] = []
+    net.layers[1].register_forward_hook(lambda m, a, o: [o.register_hook(grads.append)] and None)
+    engine = FeedbackEngine()
+    engine.attach(net)
+    _ce_step(net, torch.randn(2, 5, 8), torch.randint(0, 3, (2,)))
+    assert grads[0].shape == (2, 5, 8)
+    assert torch.equal(grads[0][:, 0], grads[0][:, 4])  # same signal at every position
+    assert engine.bank.widths["layers.1"] == [3, 8]
+
+
+def test_misaligned_error_is_a_clear_error() -> None:
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh())
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.body(x).t().mean(1, keepdim=True).expand(8, 8))
+
+    net = Odd()
+    FeedbackEngine(blocks=["body.1", "body.3"], output="head").attach(net)
+    with pytest.raises(RuntimeError, match="cannot line up the error"):
+        net(torch.randn(3, 4)).sum().backward()
+
+
+def test_shallow_cuts_everything_before_the_head() -> None:
+    net = mlp(depth=3)
+    engine = FeedbackEngine(mode="shallow")
+    engine.attach(net)
+    _ce_step(net, torch.randn(4, 6), torch.randint(0, 3, (4,)))
+    assert [p.grad is None for p in net.parameters()] == [True] * 6 + [False] * 2
+    engine.end_backward()  # no feedback is expected in shallow mode: no error
+
+
+def test_silent_backward_is_an_error() -> None:
+    net = mlp()
+    engine = FeedbackEngine()
+    engine.attach(net)
+    h = net[:6](torch.randn(4, 6))  # the output module is never called
+    ((h**2).sum() + net[0].weight.sum()).backward()
+    with pytest.raises(RuntimeError, match="was not called after the blocks"):
+        engine.end_backward()
+
+
+def test_loss_without_grad_is_refused() -> None:
+    engine = FeedbackEngine()
+    engine.attach(mlp())
+    with pytest.raises(RuntimeError, match="does not depend on the output module"):
+        engine.check_loss(torch.tensor(1.0))
+
+
+def test_several_forwards_before_one_backward_each_get_feedback() -> None:
+    net = mlp()
+    engine = FeedbackEngine()
+    engine.attach(net)
+    x1, x2 = torch.randn(4, 6), torch.randn(4, 6)
+    y1, y2 = torch.randint(0, 3, (4,)), torch.randint(0, 3, (4,))
+    loss = nn.functional.cross_entropy(net(x1), y1) + nn.functional.cross_entropy(net(x2), y2)
+    loss.backward()
+    assert engine.end_backward().deliveries == 2
+    grad_two = net[0].weight.grad.clone()
+    net.zero_grad()
+    nn.functional.cross_entropy(net(x1), y1).backward()
+    nn.functional.cross_entropy(net(x2), y2).backward()
+    torch.testing.assert_close(net[0].weight.grad, grad_two)
+
+
+def test_checkpoint_state_round_trip_and_shape_mismatch() -> None:
+    net = mlp(width=16)
+    engine = FeedbackEngine(seed=5)
+    engine.attach(net)
+    _ce_step(net, torch.randn(4, 6), torch.randint(0, 3, (4,)))
+    state = engine.state_dict()
+    resumed = FeedbackEngine(seed=99)  # the checkpoint's feedback wins over the new seed
+    resumed.load_state_dict(state)
+    assert torch.equal(
+        resumed.bank.matrix(3, 16, torch.device("cpu"), torch.float32),
+        engine.bank.matrix(3, 16, torch.device("cpu"), torch.float32),
+    )
+    wider = mlp(width=32)
+    other = FeedbackEngine()
+    other.load_state_dict(state)
+    other.attach(wider)
+    with pytest.raises(RuntimeError, match="shapes changed since the checkpoint"):
+        _ce_step(wider, torch.randn(4, 6), torch.randint(0, 3, (4,)))
