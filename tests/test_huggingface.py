@@ -23,9 +23,18 @@ NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 def gpt2() -> hf.PreTrainedModel:
     cfg = hf.GPT2Config(
-        n_layer=2, n_embd=32, n_head=2, n_positions=32, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=False,
-    )  # fmt: skip
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        n_positions=32,
+        vocab_size=VOCAB,
+        bos_token_id=0,
+        eos_token_id=0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        tie_word_embeddings=False,
+    )
     return hf.GPT2LMHeadModel(cfg)
 
 
@@ -119,14 +128,34 @@ def test_hf_model_trains_with_dfa(name: str) -> None:
 @pytest.mark.parametrize(
     ("build", "kwargs"),
     [
-        (lambda: hf.GPT2ForSequenceClassification(hf.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB,
-                                                                 num_labels=3, pad_token_id=0)), {}),  # fmt: skip
+        (
+            lambda: hf.GPT2ForSequenceClassification(
+                hf.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, num_labels=3, pad_token_id=0)
+            ),
+            {},
+        ),
         (lambda: hf.MistralForCausalLM(hf.MistralConfig(num_key_value_heads=1, **TINY)), {}),
-        (lambda: hf.OPTForCausalLM(hf.OPTConfig(num_hidden_layers=2, hidden_size=32, ffn_dim=64, num_attention_heads=2,
-                                                word_embed_proj_dim=32, vocab_size=VOCAB)), {}),  # fmt: skip
-        (lambda: hf.T5ForConditionalGeneration(hf.T5Config(num_layers=2, d_model=32, d_ff=64, num_heads=2, d_kv=16,
-                                                            vocab_size=VOCAB, decoder_start_token_id=0)),
-         {"labels": torch.randint(1, VOCAB, (2, 5))}),  # fmt: skip
+        (
+            lambda: hf.OPTForCausalLM(
+                hf.OPTConfig(
+                    num_hidden_layers=2,
+                    hidden_size=32,
+                    ffn_dim=64,
+                    num_attention_heads=2,
+                    word_embed_proj_dim=32,
+                    vocab_size=VOCAB,
+                )
+            ),
+            {},
+        ),
+        (
+            lambda: hf.T5ForConditionalGeneration(
+                hf.T5Config(
+                    num_layers=2, d_model=32, d_ff=64, num_heads=2, d_kv=16, vocab_size=VOCAB, decoder_start_token_id=0
+                )
+            ),
+            {"labels": torch.randint(1, VOCAB, (2, 5))},
+        ),
         (lambda: hf.AlbertForMaskedLM(hf.AlbertConfig(embedding_size=16, **TINY)), {}),  # one layer, shared
     ],
     ids=["gpt2-cls", "mistral", "opt", "t5", "albert"],
@@ -152,5 +181,10 @@ def test_micro_placement_adds_points_inside_blocks() -> None:
     assert names[:3] == ["transformer.h.0", "transformer.h.0.attn", "transformer.h.0.mlp.act"]
     assert [b.top_level for b in target.blocks[:3]] == [True, False, False]
     with pytest.raises(ValueError, match="no micro feedback points known"):
-        FeedbackEngine(placement="micro").attach(hf.OPTForCausalLM(hf.OPTConfig(
-            num_hidden_layers=1, hidden_size=16, ffn_dim=16, num_attention_heads=2, word_embed_proj_dim=16)))  # fmt: skip
+        FeedbackEngine(placement="micro").attach(
+            hf.OPTForCausalLM(
+                hf.OPTConfig(
+                    num_hidden_layers=1, hidden_size=16, ffn_dim=16, num_attention_heads=2, word_embed_proj_dim=16
+                )
+            )
+        )
