@@ -245,3 +245,19 @@ def test_summary_table_is_printed(capsys: pytest.CaptureFixture[str]) -> None:
     for text in ("Feedback point", "net.1", "net.5", "[16, 16]", "Output (error read here", "net.6", "seed 0"):
         assert text in out
     assert "Trainable params by feedback: 656 | by true gradient: 51 | not trained: 0" in out
+
+
+def test_strategy_takes_its_device_from_the_trainer() -> None:
+    strategy = DFAStrategy()
+    strategy.parallel_devices = [torch.device("cuda", 1)]  # what the Trainer sets for accelerator="gpu", devices=[1]
+    assert strategy.root_device == torch.device("cuda", 1)
+    t = pl.Trainer(strategy="dfa", accelerator="cpu", devices=1, logger=False)
+    assert t.strategy.root_device == torch.device("cpu") and isinstance(t.strategy, DFAStrategy)
+    assert DFAStrategy(device="cuda:0").root_device == torch.device("cuda", 0)
+
+
+def test_layers_without_bias() -> None:
+    net = nn.Sequential(nn.Linear(6, 8, bias=False), nn.ReLU(), nn.Linear(8, 8, bias=False), nn.ReLU(), nn.Linear(8, 3))
+    rec = GradRecorder()
+    trainer(strategy="dfa", callbacks=[rec], max_steps=2).fit(Classifier(net), loader())
+    assert all(g is not None and g.abs().sum() > 0 for g in rec.grads[0].values())
