@@ -15,6 +15,7 @@ import importlib.util
 
 from .adapters.pytorch_lightning import DFA, DFADDPStrategy, DFAStrategy
 from .adapters.pytorch_lightning import register as _register_pl
+from .alignment import AlignmentMonitor
 from .discovery import Block, Target, discover
 from .engine import MODES, DFAConfig, FeedbackEngine
 from .feedback import DISTRIBUTIONS, FeedbackBank
@@ -23,6 +24,7 @@ from .registry import register_micro_points
 __version__ = "0.1.0"
 
 __all__ = [
+    "AlignmentMonitor",
     "DFA",
     "DFAConfig",
     "DFADDPStrategy",

@@ -22,14 +22,14 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .discovery import Block, BlockSpec, Target, discover, resolve_options
+from .discovery import Block, BlockSpec, Target, discover
 from .feedback import DISTRIBUTIONS, FeedbackBank
 
 MODES = ("dfa", "shallow", "bp")
@@ -60,6 +60,23 @@ class DFAConfig:
         error_at: ``"output"`` (default: the error is read at the output module's output, e.g. the logits: pure
             DFA) or ``"head_input"`` (read at the output module's input, i.e. backpropagated through the head
             only, the DFA paper's language-model setting: the projected error is then ``d``-dimensional).
+        norm_jacobian: pass each point's feedback through the Jacobian of a parameter-free LayerNorm (over the
+            last dimension; over all but the batch dimension for flattened points) taken at the point's own
+            activation ``h``: ``(v - mean(v) - n * mean(n * v)) / std(h)`` with ``n`` the normalised ``h``. A local
+            operation (no weight transport) that removes the feedback's components a following norm ignores; it
+            makes DFA learn on pre-LN Transformers (see ``docs/results_language_model.md``).
+        cut_head_input: make the output module's input the last feedback point (the output module gets it
+            detached), so the output module's input gradient (for a language model, the vocabulary-sized GEMM
+            ``e @ W_head``) is never computed: the shared projection replaces that work instead of adding to it.
+            The last block's output is then not cut: whatever lies between the last block and the output module
+            (GPT-2's final ``ln_f``) joins the last block's feedback region, so those parameters are trained by
+            the feedback instead of their true gradient, and the last block receives its feedback through them.
+            Only with ``error_at="output"``. See ``docs/performance.md``.
+        topk: ``None`` (default: dense projection ``e @ B``) or ``k``: project only the ``k`` largest-magnitude
+            entries of each row (token) of the error, a gather of ``k`` rows of ``B`` per token instead of a GEMM
+            over the whole output width. For softmax + cross-entropy ``e = softmax - onehot`` is dominated by the
+            target entry and a few likely tokens, and a random projection of the dropped diffuse remainder is
+            small. Used only where the error is wider than ``k``; costs ``k / width`` of the dense projection.
     """
 
     mode: str = "dfa"
@@ -71,6 +88,29 @@ class DFAConfig:
     distinct: bool = False
     placement: str = "macro"
     error_at: str = "output"
+    norm_jacobian: bool = False
+    cut_head_input: bool = False
+    topk: int | None = None
+
+    def merged_with(self, options: dict[str, Any], origin: str = "options") -> DFAConfig:
+        """A copy where ``options`` fill the fields still at their default (explicit settings win).
+
+        Example:
+            >>> config = DFAConfig(seed=1).merged_with({"seed": 5, "distinct": True})
+            >>> config.seed, config.distinct
+            (1, True)
+        """
+        if not isinstance(options, dict):
+            raise TypeError(f"DFA: {origin} must return a dict of options such as {{'blocks': [...]}}.")
+        names = {f.name: f.default for f in fields(self)}
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            raise TypeError(f"DFA: {origin} returned unknown options {unknown}; valid options: {sorted(names)}.")
+        values = {k: getattr(self, k) for k in names}
+        for key, value in options.items():
+            if values[key] == names[key]:
+                values[key] = value
+        return DFAConfig(**values)
 
     def __post_init__(self) -> None:
         self.mode = normalize_mode(self.mode)
@@ -80,6 +120,12 @@ class DFAConfig:
             raise ValueError(f"DFA: placement must be 'macro' or 'micro', got {self.placement!r}.")
         if self.error_at not in ("output", "head_input"):
             raise ValueError(f"DFA: error_at must be 'output' or 'head_input', got {self.error_at!r}.")
+        if self.cut_head_input and self.error_at != "output":
+            raise ValueError("DFA: cut_head_input needs error_at='output' (error_at='head_input' reads it there).")
+        if self.topk is not None:
+            if isinstance(self.topk, bool) or int(self.topk) != self.topk or int(self.topk) < 1:
+                raise ValueError(f"DFA: topk must be None or a positive integer, got {self.topk!r}.")
+            self.topk = int(self.topk)
         self.seed = int(self.seed)
         self.scale = float(self.scale)
 
@@ -188,13 +234,16 @@ class _DeliverFeedback(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, delivery: _Delivery, output: torch.Tensor, *points: torch.Tensor) -> torch.Tensor:
         ctx.delivery = delivery
+        if delivery.engine.config.norm_jacobian:
+            ctx.save_for_backward(*points)
         return output.view_as(output)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, error: torch.Tensor) -> tuple:
         delivery: _Delivery = ctx.delivery
-        feedback = delivery.engine._project(error, delivery.points)
+        activations = list(ctx.saved_tensors) if delivery.engine.config.norm_jacobian else None
+        feedback = delivery.engine._project(error, delivery.points, activations)
         needs = ctx.needs_input_grad[2:]
         return (None, error, *[f if n else None for f, n in zip(feedback, needs)])
 
@@ -242,6 +291,8 @@ class FeedbackEngine:
         self.last_points: list[_PointMeta] = []
         self._capture: Capture | None = None
         self._observers: list[Callable[[torch.Tensor, list[_PointMeta], list[torch.Tensor]], None]] = []
+        # instruments (alignment monitor): called with (key, graph-attached tensor) at each recorded point
+        self._point_observers: list[Callable[[str, torch.Tensor], None]] = []
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -256,15 +307,19 @@ class FeedbackEngine:
         """Discover blocks and output of ``root`` (unless ``target`` is given) and install the hooks."""
         if self.attached:
             self.detach()
+        hook = getattr(root, "configure_dfa", None)
+        if callable(hook):
+            self.config = self.config.merged_with(hook() or {}, origin=f"{type(root).__name__}.configure_dfa()")
+            if (self.bank.seed, self.bank.distribution) != (self.config.seed, self.config.distribution):
+                self.bank = FeedbackBank(self.config.seed, self.config.distribution)
         if target is None:
-            opts = resolve_options(
-                root,
-                {"blocks": self.config.blocks, "output": self.config.output, "placement": self.config.placement},
-            )
-            target = discover(root, opts.get("blocks"), opts.get("output"), opts.get("placement") or "macro")
+            target = discover(root, self.config.blocks, self.config.output, self.config.placement)
+            if callable(hook) and target.source == "explicit":
+                target.source = "configure_dfa"
         _refuse_reentrant_checkpointing(root)
         self.root, self.target = root, target
         self._flatten = {b.name for b in target.blocks if _has_conv(b)}
+        uncut = _last_top_level_block(root, target) if self.config.cut_head_input else None
         for block in target.blocks:
             if block.top_level:
                 self._handles.append(
@@ -272,8 +327,15 @@ class FeedbackEngine:
                         _Hook(lambda m, a, k, b=block: self._on_block_input(b, a, k)), with_kwargs=True
                     )
                 )
+            if block.name != uncut:  # cut_head_input: the last block's feedback point moves to the head's input
+                self._handles.append(
+                    block.exit.register_forward_hook(_Hook(lambda m, a, o, b=block: self._on_block_output(b, o)))
+                )
+        if self.config.cut_head_input:
             self._handles.append(
-                block.exit.register_forward_hook(_Hook(lambda m, a, o, b=block: self._on_block_output(b, o)))
+                target.output.register_forward_pre_hook(
+                    _Hook(lambda m, a, k: self._on_head_input(a, k)), with_kwargs=True
+                )
             )
         if self.config.error_at == "output":
             hook = target.output.register_forward_hook(_Hook(lambda m, a, o: self._on_output(o)))
@@ -293,7 +355,12 @@ class FeedbackEngine:
         self._calls = {}
 
     def _active(self) -> bool:
-        return self.enabled and torch.is_grad_enabled() and (self.mode != "bp" or self._capture is not None)
+        return (
+            self.enabled
+            and torch.is_grad_enabled()
+            and (self.mode != "bp" or self._capture is not None)
+            and not _in_backward()
+        )
 
     @contextlib.contextmanager
     def capture(self) -> Iterator[Capture]:
@@ -326,6 +393,8 @@ class FeedbackEngine:
         count = self._calls.get(name, 0)
         self._calls[name] = count + 1
         key = name if count == 0 else f"{name}#{count}"
+        for observer in self._point_observers:
+            observer(key, tensor)
         if self._capture is not None:
             self._capture.points.append(CapturedPoint(key, tensor, name.split(":")[0] in self._flatten))
             return tensor
@@ -350,6 +419,15 @@ class FeedbackEngine:
             return None
         return rebuild(self._record(block.name, tensor))
 
+    def _on_head_input(self, args: tuple, kwargs: dict) -> Any:
+        """``cut_head_input``: the output module's input becomes the point ``"<output>:in"`` (detached downstream)."""
+        if not self._active():
+            return None
+        tensor, rebuild = _split_input(args, kwargs)
+        if not _carries_grad(tensor):
+            return None
+        return rebuild(self._record(self.target.output_name + ":in", tensor))
+
     def _on_output(self, output: Any) -> Any:
         if self._capture is not None and self._active():
             tensor, _ = _split_main(output)
@@ -372,6 +450,15 @@ class FeedbackEngine:
         tensor, rebuild = _split_input(args, kwargs)
         if tensor is None:
             return None
+        if self._active() and self.mode == "dfa" and not tensor.requires_grad:
+            # The head reads the last block's output directly: that block gets the true error at the head's
+            # input (it is where the error is read), the other points get its projection.
+            for i in range(len(self._pending) - 1, -1, -1):
+                original = self._pending[i][1]
+                if original.data_ptr() == tensor.data_ptr() and original.shape == tensor.shape:
+                    del self._pending[i]
+                    tensor = original
+                    break
         tied = self._on_output(tensor)
         return None if tied is None else rebuild(tied)
 
@@ -391,19 +478,49 @@ class FeedbackEngine:
             return "broadcast", error[-1], shape[-1]
         return "flatten", math.prod(error[1:]), math.prod(shape[1:])
 
-    def _project(self, error: torch.Tensor, points: list[_PointMeta]) -> list[torch.Tensor]:
+    def _project(
+        self, error: torch.Tensor, points: list[_PointMeta], activations: list[torch.Tensor] | None = None
+    ) -> list[torch.Tensor]:
         self.report.deliveries += 1
         self.last_points = points
-        out = self.feedback_for(error, points)
+        out = self.feedback_for(error, points, activations)
         for observer in self._observers:
             observer(error, points, out)
         return out
 
-    def feedback_for(self, error: torch.Tensor, points: Sequence[_PointMeta | CapturedPoint]) -> list[torch.Tensor]:
+    def _projection(self, source: torch.Tensor, k: int, width: int) -> torch.Tensor:
+        """``source @ B.T`` over the last dimension (error width ``k``, ``B`` of shape ``[width, k]``): one dense
+        GEMM, or (option ``topk``) a weighted gather of the columns of ``B`` at each row's ``topk`` largest-magnitude
+        entries, with every dropped entry replaced by the dropped entries' mean ``c``:
+        ``sum_kept (e_j - c) B_j + c * sum_all B_j``. Exact when the dropped entries are equal (a flat softmax
+        tail); dropping the tail outright would bias every token's feedback the same way (``e`` of softmax +
+        cross-entropy sums to zero, so the tail's mass is the kept entries' deficit)."""
+        topk = self.config.topk
+        if topk is None or topk >= k:
+            return source @ self.bank.matrix(k, width, source.device, source.dtype).t()
+        rows = source.reshape(-1, k)
+        index, kept = _largest_entries(rows, topk)
+        table = self.bank.matrix(k, width, source.device, source.dtype, transposed=True)  # [k, width], contiguous
+        tail = ((rows.sum(-1) - kept.sum(-1)) / (k - topk)).unsqueeze(-1)  # mean of the dropped entries
+        out = nn.functional.embedding_bag(index, table, per_sample_weights=kept - tail, mode="sum")
+        out.addcmul_(tail * k, self.bank.mean_column(k, width, source.device, source.dtype))
+        return out.reshape(*source.shape[:-1], width)
+
+    def feedback_for(
+        self,
+        error: torch.Tensor,
+        points: Sequence[_PointMeta | CapturedPoint],
+        activations: Sequence[torch.Tensor] | None = None,
+    ) -> list[torch.Tensor]:
         """``scale/sqrt(d) * B_k e`` for each point, with one projection per (alignment, error width).
 
-        ``points`` are the metadata the engine records (or :class:`CapturedPoint` from :meth:`capture`).
+        ``points`` are the metadata the engine records (or :class:`CapturedPoint` from :meth:`capture`). With
+        ``norm_jacobian``, the points' activations are needed: ``activations`` or the captured tensors.
         """
+        if self.config.norm_jacobian and activations is None:
+            if not all(isinstance(p, CapturedPoint) for p in points):
+                raise ValueError("DFA: norm_jacobian needs the points' activations (pass activations=).")
+            activations = [p.tensor for p in points]
         points = [p.meta() if isinstance(p, CapturedPoint) else p for p in points]
         aligned = [self._align(error.shape, p) for p in points]
         widest: dict[tuple[str, int], int] = {}
@@ -412,14 +529,13 @@ class FeedbackEngine:
             widest[(kind, k)] = max(widest.get((kind, k), 0), d)
         projections = {}
         for (kind, k), width in widest.items():
-            matrix = self.bank.matrix(k, width, error.device, error.dtype)  # [width, k]
             if kind == "token":
                 source = error
             elif kind == "broadcast":
                 source = error if error.dim() == 2 else error.mean(dim=1)
             else:
                 source = error.reshape(error.shape[0], -1)
-            projected = source @ matrix.t()
+            projected = self._projection(source, k, width)
             uniform_width = all(d == width for (kd, kk, d) in aligned if (kd, kk) == (kind, k))
             if uniform_width and not self.config.distinct:
                 projected.mul_(self.config.scale / math.sqrt(width))
@@ -438,6 +554,8 @@ class FeedbackEngine:
             elif kind == "flatten":
                 fb = fb.reshape(p.shape)
             out.append(fb if fb.dtype == p.dtype else fb.to(p.dtype))
+        if self.config.norm_jacobian:
+            out = [_norm_jacobian(h.detach(), fb, p.flatten) for h, fb, p in zip(activations, out, points)]
         return out
 
     def begin_backward(self) -> None:
@@ -514,7 +632,7 @@ class FeedbackEngine:
             seen.add(id(p))
             if not p.requires_grad:
                 roles["none"] += p.numel()
-            elif self.mode == "bp" or id(p) in out_ids or id(p) in after:
+            elif self.mode == "bp" or id(p) in out_ids or (id(p) in after and not self.config.cut_head_input):
                 roles["true gradient"] += p.numel()
             elif self.mode == "shallow":
                 roles["none"] += p.numel()
@@ -527,6 +645,25 @@ class FeedbackEngine:
         from .summary import format_summary
 
         return format_summary(self)
+
+
+def _norm_jacobian(h: torch.Tensor, v: torch.Tensor, flatten: bool, eps: float = 1e-5) -> torch.Tensor:
+    """``v`` times the Jacobian of a parameter-free LayerNorm at ``h`` (symmetric, so ``J v = J^T v``).
+
+    Example:
+        >>> h, v = torch.randn(2, 3, 8, dtype=torch.double), torch.randn(2, 3, 8, dtype=torch.double)
+        >>> x = h.clone().requires_grad_()
+        >>> ref, = torch.autograd.grad(nn.functional.layer_norm(x, (8,), eps=1e-5), x, v)
+        >>> bool(torch.allclose(_norm_jacobian(h, v, False), ref))
+        True
+    """
+    dims = tuple(range(1, h.dim())) if flatten else (-1,)
+    hf, vf = h.float(), v.float()
+    mean = hf.mean(dim=dims, keepdim=True)
+    rstd = torch.rsqrt(hf.var(dim=dims, unbiased=False, keepdim=True) + eps)
+    n = (hf - mean) * rstd
+    out = (vf - vf.mean(dim=dims, keepdim=True) - n * (n * vf).mean(dim=dims, keepdim=True)) * rstd
+    return out.to(v.dtype)
 
 
 def _params_after_blocks(root: nn.Module, target: Target) -> set[int]:
@@ -543,6 +680,46 @@ def _params_after_blocks(root: nn.Module, target: Target) -> set[int]:
             if id(p) not in block_ids:
                 after.add(id(p))
     return after
+
+
+def _largest_entries(rows: torch.Tensor, n: int, block: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column indices and values of the ``n`` largest-magnitude entries of each row of ``rows`` (any order).
+
+    Exact (ties aside) and cheap for wide rows: the ``n`` largest entries all lie in the ``n`` blocks of ``block``
+    columns whose largest magnitudes are largest, so a top-``n`` over the blocks' maxima (two contiguous passes)
+    and a top-``n`` over those blocks' ``n * block`` entries replace a top-``n`` over the whole row (and its
+    ``abs`` copy). Narrow rows use a plain ``topk``.
+    """
+    width = rows.shape[-1]
+    if width < 4 * n * block:
+        index = rows.abs().topk(n, dim=-1, sorted=False).indices
+        return index, rows.gather(-1, index)
+    full = width // block
+    view = rows[:, : full * block].unflatten(-1, (full, block))
+    score = torch.maximum(view.amax(-1), view.amin(-1).neg())  # [R, full]: largest magnitude per block
+    if full * block < width:
+        score = torch.cat([score, rows[:, full * block :].abs().amax(-1, keepdim=True)], dim=-1)
+    blocks = score.topk(n, dim=-1, sorted=False).indices  # [R, n]
+    cols = (blocks.unsqueeze(-1) * block + torch.arange(block, device=rows.device)).flatten(1)  # [R, n * block]
+    inside = cols < width
+    cols = torch.where(inside, cols, width - 1)
+    values = torch.where(inside, rows.gather(-1, cols), 0)  # columns past the end count as zeros
+    pick = values.abs().topk(n, dim=-1, sorted=False).indices
+    return cols.gather(-1, pick), values.gather(-1, pick)
+
+
+def _last_top_level_block(root: nn.Module, target: Target) -> str | None:
+    """Name of the top-level block registered last in ``root`` (the one whose output feeds the tail)."""
+    order = {n: i for i, (n, _) in enumerate(root.named_modules())}
+    tops = [b.name for b in target.blocks if b.top_level]
+    return max(tops, key=lambda n: order.get(n, -1)) if tops else None
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward: a forward there is a checkpoint's recomputation (non-reentrant
+    activation checkpointing), whose hooks must not record points (its feedback was delivered already)."""
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1
 
 
 def _has_conv(block: Block) -> bool:

@@ -88,8 +88,15 @@ class FeedbackBank:
         self.widths: dict[str, list[int]] = {}  # point key -> [error width k, point width d]
 
     # ------------------------------------------------------------------ matrices
-    def matrix(self, k: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """The ``[width, k]`` matrix (first ``width`` rows of the error-width-``k`` matrix) on ``device``/``dtype``."""
+    def matrix(
+        self, k: int, width: int, device: torch.device, dtype: torch.dtype, transposed: bool = False
+    ) -> torch.Tensor:
+        """The ``[width, k]`` matrix (first ``width`` rows of the error-width-``k`` matrix) on ``device``/``dtype``.
+
+        With ``transposed=True`` its contiguous transpose ``[k, width]`` (a table of rows, for the ``topk``
+        projection). Either is cast once and cached: the same tensor is returned at every step; a cast to the
+        master's own device, dtype and layout is the master itself (no copy).
+        """
         stored = self._matrices.get(k)
         if stored is None or stored.shape[0] < width:
             if stored is None and self._loaded_widths is not None and self._matrices:
@@ -100,10 +107,22 @@ class FeedbackBank:
                 )
             self._matrices[k] = draw((width, k), self.distribution, self.seed, "B", k)
             self._cache = {key: v for key, v in self._cache.items() if key[0] != k}
-        key = (k, width, device, dtype)
+        key = (k, width, device, dtype, transposed)
         cached = self._cache.get(key)
         if cached is None:
-            cached = self._matrices[k][:width].to(device=device, dtype=dtype).contiguous()
+            master = self._matrices[k][:width]
+            cached = (master.t() if transposed else master).to(device=device, dtype=dtype).contiguous()
+            self._cache[key] = cached
+        return cached
+
+    def mean_column(self, k: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The mean over the ``k`` columns of the ``[width, k]`` matrix (``[width]``, cached): the ``topk`` option
+        projects the dropped entries of the error as if each were their mean."""
+        self.matrix(k, width, device, dtype)  # draws or grows the stored matrix if needed
+        key = (k, width, device, dtype, "mean")
+        cached = self._cache.get(key)
+        if cached is None:
+            cached = self._matrices[k][:width].mean(dim=1).to(device=device, dtype=dtype)
             self._cache[key] = cached
         return cached
 
@@ -142,6 +161,17 @@ class FeedbackBank:
     def nbytes(self) -> int:
         """Memory held by the stored float32 matrices (one copy; device casts are cached separately)."""
         return sum(m.numel() * m.element_size() for m in self._matrices.values())
+
+    @property
+    def cached_nbytes(self) -> int:
+        """Memory held by cached casts that are not views of the stored matrices (device, dtype or layout copies)."""
+        masters = {m.untyped_storage().data_ptr() for m in self._matrices.values()}
+        storages = {
+            t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+            for t in self._cache.values()
+            if t.untyped_storage().data_ptr() not in masters
+        }
+        return sum(storages.values())
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

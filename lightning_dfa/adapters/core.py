@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine import DFAConfig, FeedbackEngine
+from ..engine import DFAConfig, FeedbackEngine, _refuse_reentrant_checkpointing
 
 log = logging.getLogger("lightning_dfa")
 CHECKPOINT_KEY = "dfa"
@@ -29,6 +29,7 @@ class DFASession:
         self.engine: FeedbackEngine | None = None
         self.pending_state: dict[str, Any] | None = None
         self._summary_shown = False
+        self._checked = False
 
     def attach(self, module: nn.Module) -> FeedbackEngine:
         if self.engine is not None and self.engine.attached:
@@ -39,6 +40,7 @@ class DFASession:
             self.engine.load_state_dict(self.pending_state)
             self.pending_state = None
         self._summary_shown = False
+        self._checked = False
         return self.engine
 
     def detach(self) -> None:
@@ -47,6 +49,10 @@ class DFASession:
 
     def before_backward(self, loss: Any) -> None:
         if self.engine is not None and self.engine.attached and isinstance(loss, torch.Tensor):
+            if not self._checked and self.engine.root is not None:
+                # checkpointing switched on after set-up (on_fit_start, on_train_start) is caught here
+                _refuse_reentrant_checkpointing(self.engine.root)
+                self._checked = True
             self.engine.check_loss(loss)
 
     def after_backward(self, trainer: Any) -> None:
@@ -117,13 +123,66 @@ class DFAStrategyMixin:
         super().teardown()  # type: ignore[misc]
 
 
+# Strategies that derive from single-device or DDP strategies but do not run DFA's single backward as they are:
+# DeepSpeed runs its own engine's backward over partitioned parameters, XLA traces lazily, FSDP and model
+# parallelism shard parameters. Refused until they are supported and tested.
+UNSUPPORTED_STRATEGIES = {
+    "DeepSpeedStrategy": "DeepSpeed runs its own engine's backward over partitioned (ZeRO) parameters",
+    "FSDPStrategy": "FSDP shards the parameters",
+    "ModelParallelStrategy": "model parallelism (FSDP2/tensor parallel) shards the parameters",
+    "XLAStrategy": "XLA traces the graph lazily",
+    "SingleDeviceXLAStrategy": "XLA traces the graph lazily",
+    "XLAFSDPStrategy": "XLA FSDP shards the parameters",
+}
+
+
+def check_strategy(strategy: Any, supported: tuple[type, ...]) -> None:
+    """Refuse a strategy that DFA is not known to train correctly with (the callback form composes with others).
+
+    Supported: single-device strategies and DDP (any start method, any number of nodes), except the subclasses
+    named in :data:`UNSUPPORTED_STRATEGIES`.
+
+    Example:
+        >>> class SingleDeviceStrategy: ...
+        >>> class DeepSpeedStrategy(SingleDeviceStrategy): ...
+        >>> check_strategy(SingleDeviceStrategy(), (SingleDeviceStrategy,))
+        >>> check_strategy(DeepSpeedStrategy(), (SingleDeviceStrategy,))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        RuntimeError: DFA: the strategy DeepSpeedStrategy is not supported ...
+    """
+    name = type(strategy).__name__
+    why = next(
+        (UNSUPPORTED_STRATEGIES[c.__name__] for c in type(strategy).__mro__ if c.__name__ in UNSUPPORTED_STRATEGIES),
+        None,
+    )
+    if why is None and isinstance(strategy, supported):
+        return
+    reason = f" ({why})" if why else ""
+    raise RuntimeError(
+        f"DFA: the strategy {name} is not supported{reason}: DFA is tested with single-device strategies and DDP "
+        "only, and an untested strategy could train silently wrong. Use Trainer(strategy='dfa'), "
+        "Trainer(strategy='dfa_ddp') or strategy='ddp' with callbacks=[DFA()]. See docs/compatibility.md."
+    )
+
+
 class DFACallbackMixin:
-    """Adds DFA through callback hooks, so it composes with any strategy (``strategy="ddp"``)."""
+    """Adds DFA through callback hooks, so it composes with the single-device and DDP strategies
+    (``strategy="ddp"``); any other strategy is refused in ``setup``, before training starts."""
 
     dfa: DFASession
+    _dfa_supported_strategies: tuple[type, ...] = ()
 
     def _dfa_init(self, config: DFAConfig, verbose: bool) -> None:
         self.dfa = DFASession(config, verbose)
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if isinstance(trainer.strategy, DFAStrategyMixin):
+            raise RuntimeError(
+                "DFA: the DFA callback and a DFA strategy were both given; use one: Trainer(strategy='dfa') or "
+                "Trainer(strategy=<any>, callbacks=[DFA()])."
+            )
+        check_strategy(trainer.strategy, self._dfa_supported_strategies)
 
     @property
     def dfa_engine(self) -> FeedbackEngine | None:
@@ -134,11 +193,6 @@ class DFACallbackMixin:
         return "DFA"
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        if isinstance(trainer.strategy, DFAStrategyMixin):
-            raise RuntimeError(
-                "DFA: the DFA callback and a DFA strategy were both given; use one: Trainer(strategy='dfa') or "
-                "Trainer(strategy=<any>, callbacks=[DFA()])."
-            )
         self.dfa.attach(pl_module)
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:

@@ -42,6 +42,9 @@ class DFAStrategy(DFASingleDeviceMixin, DFAStrategyMixin, SingleDeviceStrategy):
         distinct: bool = False,
         placement: str = "macro",
         error_at: str = "output",
+        norm_jacobian: bool = False,
+        cut_head_input: bool = False,
+        topk: Optional[int] = None,
         verbose: bool = True,
         device: Optional[Union[str, torch.device]] = None,
         **kwargs: Any,
@@ -73,6 +76,9 @@ class DFADDPStrategy(DFADDPMixin, DFAStrategyMixin, DDPStrategy):
         distinct: bool = False,
         placement: str = "macro",
         error_at: str = "output",
+        norm_jacobian: bool = False,
+        cut_head_input: bool = False,
+        topk: Optional[int] = None,
         verbose: bool = True,
         **kwargs: Any,
     ) -> None:
@@ -81,12 +87,15 @@ class DFADDPStrategy(DFADDPMixin, DFAStrategyMixin, DDPStrategy):
 
 
 class DFA(DFACallbackMixin, Callback):
-    """Direct Feedback Alignment as a callback, composable with any strategy.
+    """Direct Feedback Alignment as a callback, composable with the single-device strategies and DDP (other
+    strategies, such as DeepSpeed and FSDP, are refused in ``setup``).
 
     Example::
 
         trainer = lightning.pytorch.Trainer(strategy="ddp", devices=2, callbacks=[lightning_dfa.DFA(seed=1)])
     """
+
+    _dfa_supported_strategies = (SingleDeviceStrategy, DDPStrategy)
 
     def __init__(
         self,
@@ -99,6 +108,9 @@ class DFA(DFACallbackMixin, Callback):
         distinct: bool = False,
         placement: str = "macro",
         error_at: str = "output",
+        norm_jacobian: bool = False,
+        cut_head_input: bool = False,
+        topk: Optional[int] = None,
         verbose: bool = True,
     ) -> None:
         super().__init__()

@@ -1,0 +1,99 @@
+"""Analytic multiply-add (MAC) counts of one training step, backprop vs DFA (issue 7).
+
+Only the matrix products are counted (GEMMs, attention's two batched products, a GCN's sparse aggregation as
+one multiply-add per edge and feature); elementwise work (norms, activations, softmax, the optimizer) is left
+out, so the ratio ``DFA / BP`` of these totals is the best a DFA step can do against a backprop step: the
+*limit* against which ``benchmarks/speed.py`` holds the measured ratios.
+
+Backward of a linear map ``y = x W`` costs a weight gradient (as many MACs as the forward) and, when ``x``
+carries gradient, an input gradient (as many again). DFA removes the input gradients that cross a feedback point
+(the point's downstream sees a detached value) and adds ONE projection ``e @ B`` per error width (shared by all
+points of that width, or ``topk`` rows per token with the ``topk`` option).
+
+Example:
+    >>> r = gpt2_macs(8192, 256, 6, 128, 8, {"cut_head_input": True, "blocks": ["transformer.h.*.ln_1"]})
+    >>> round(r["total"] / gpt2_macs(8192, 256, 6, 128, 8, None)["total"], 3)
+    0.945
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _blocks_have(options: dict[str, Any] | None, suffix: str) -> bool:
+    blocks = (options or {}).get("blocks") or []
+    blocks = [blocks] if isinstance(blocks, str) else blocks
+    return any(isinstance(b, str) and b.endswith(suffix) for b in blocks)
+
+
+def gpt2_macs(
+    vocab: int, d: int, layers: int, ctx: int, batch: int, options: dict[str, Any] | None
+) -> dict[str, float]:
+    """MACs of one step of a GPT-2 LM (``options=None``: backprop; else the DFA engine's options).
+
+    Per token and layer the forward has ``12 d^2`` (QKV 3, attention projection 1, MLP 4 + 4) and attention
+    ``2 T d`` (scores and weighted sum over the full ``T x T``), the head ``V d``. DFA options counted:
+    ``cut_head_input`` (no head input gradient), ``blocks`` naming ``*.ln_1`` / ``*.ln_2`` (no input gradient
+    of ``c_attn`` (3 d^2) / ``c_fc`` (4 d^2)), ``topk``, ``error_at="head_input"``.
+    """
+    n = batch * ctx
+    attn = 2 * n * ctx * d
+    out = {
+        "forward": layers * (12 * n * d * d + attn) + n * vocab * d,
+        "weight_grads": layers * 12 * n * d * d + n * vocab * d,
+        "input_grads": layers * 12 * n * d * d,
+        "attention_backward": layers * 2 * attn,
+        "head_input_grad": n * vocab * d,
+        "projection": 0,
+    }
+    if options is not None:
+        o = options
+        saved = 3 * _blocks_have(o, ".ln_1") + 4 * _blocks_have(o, ".ln_2")
+        out["input_grads"] -= layers * saved * n * d * d
+        if o.get("cut_head_input"):
+            out["head_input_grad"] = 0
+        if o.get("error_at") == "head_input":
+            out["projection"] = n * d * d
+        else:
+            k = o.get("topk")
+            out["projection"] = n * d * (k if k is not None and k < vocab else vocab)
+    out["total"] = sum(out.values())
+    return out
+
+
+def mlp_macs(sizes: list[int], batch: int, options: dict[str, Any] | None) -> dict[str, float]:
+    """MACs of one step of an MLP ``sizes[0] -> ... -> sizes[-1]`` whose hidden layers are the feedback points."""
+    pairs = list(zip(sizes[:-1], sizes[1:]))
+    fwd = batch * sum(a * b for a, b in pairs)
+    out = {"forward": fwd, "weight_grads": fwd, "input_grads": batch * sum(a * b for a, b in pairs[1:])}
+    out["projection"] = 0
+    if options is not None:
+        out["input_grads"] = 0  # every layer's input is a detached feedback point (or the raw input)
+        k = options.get("topk")
+        width = sizes[-1] if k is None or k >= sizes[-1] else k
+        out["projection"] = batch * width * max(sizes[1:-1])
+    out["total"] = sum(out.values())
+    return out
+
+
+def gcn_macs(
+    nodes: int, edges: int, n_in: int, hidden: int, n_out: int, layers: int, options: dict[str, Any] | None
+) -> dict[str, float]:
+    """MACs of one full-batch step of ``layers`` GCNConv (``A X W``) and a Linear head (``edges`` directed)."""
+    dims = [n_in] + [hidden] * layers
+    lin = sum(nodes * a * b for a, b in zip(dims[:-1], dims[1:]))
+    agg = layers * edges * hidden
+    head = nodes * hidden * n_out
+    out = {
+        "forward": lin + agg + head,
+        "weight_grads": lin + head,
+        "aggregation_backward": agg,
+        "input_grads": lin - nodes * n_in * hidden + head,  # the raw features carry no gradient
+        "projection": 0,
+    }
+    if options is not None:
+        out["input_grads"] = 0
+        out["projection"] = nodes * n_out * hidden
+    out["total"] = sum(out.values())
+    return out

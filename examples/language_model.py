@@ -1,0 +1,349 @@
+"""Character-level GPT-2 on Jane Austen's novels: an ordinary LightningModule + LightningDataModule.
+
+Nothing here knows about DFA: the training method is chosen by the Trainer's strategy only::
+
+    python -m examples.language_model fit --trainer.strategy=auto            # backprop
+    python -m examples.language_model fit --trainer.strategy=dfa             # Direct Feedback Alignment
+    python -m examples.language_model fit --trainer.strategy=lightning_dfa.DFAStrategy \\
+        --trainer.strategy.norm_jacobian=true                               # DFA, recommended recipe
+    python -m examples.language_model fit --trainer.strategy=lightning_dfa.DFAStrategy \\
+        --trainer.strategy.mode=shallow                                     # only the head learns
+
+Other DFA options: ``--trainer.strategy.placement=micro``, ``--trainer.strategy.error_at=head_input`` (the
+paper's language-model setting), ``--trainer.strategy.distinct=true``... (see ``lightning_dfa.DFAConfig``).
+Measurements: ``docs/results_language_model.md``.
+
+The model is a Hugging Face GPT-2 built from a config (no pretrained weights, untied vocabulary projection as
+in the DFA paper), over a fixed 97-character alphabet. Data: the five other novels for training (their last
+``val_fraction`` for validation) and Persuasion as the test set, from the Debian package ``r-cran-janeaustenr``
+(see :mod:`examples.data.austen`). At the end of ``fit`` the :class:`AustenReport` callback evaluates bits per
+character on Persuasion, prints them next to the unigram/bigram/trigram references computed on the same
+split, and prints a few generated lines.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any, Optional
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_info
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from examples.data.austen import load_books, ngram_references, split_books
+
+#: The alphabet: newline, printable ASCII and the pound sign (everything in the six novels).
+VOCAB = "\n" + "".join(chr(i) for i in range(32, 127)) + "\u00a3"
+_INDEX = {c: i for i, c in enumerate(VOCAB)}
+_UNKNOWN = _INDEX["?"]
+LN2 = math.log(2.0)
+
+
+def encode(text: str) -> torch.Tensor:
+    """Character ids (characters outside :data:`VOCAB` map to ``"?"``).
+
+    Example:
+        >>> decode(encode("Anne\\n"))
+        'Anne\\n'
+    """
+    return torch.tensor([_INDEX.get(c, _UNKNOWN) for c in text], dtype=torch.long)
+
+
+def decode(ids: Any) -> str:
+    """Text from character ids."""
+    return "".join(VOCAB[int(i)] for i in ids)
+
+
+class RandomWindows(Dataset):
+    """Every window of ``block_size + 1`` characters of ``ids`` (shuffle it in the DataLoader): ``(x, y)`` pairs."""
+
+    def __init__(self, ids: torch.Tensor, block_size: int) -> None:
+        if len(ids) <= block_size + 1:
+            raise ValueError(f"Text of {len(ids)} characters is too short for windows of {block_size + 1}.")
+        self.ids, self.block_size = ids, block_size
+
+    def __len__(self) -> int:
+        return len(self.ids) - self.block_size - 1
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        chunk = self.ids[i : i + self.block_size + 1]
+        return chunk[:-1], chunk[1:]
+
+
+class ConsecutiveWindows(Dataset):
+    """Non-overlapping windows covering ``ids`` once (evaluation: every character after the first is scored)."""
+
+    def __init__(self, ids: torch.Tensor, block_size: int) -> None:
+        self.ids, self.block_size = ids, block_size
+        self.n = max(1, math.ceil((len(ids) - 1) / block_size))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start = i * self.block_size
+        chunk = self.ids[start : start + self.block_size + 1]
+        x, y = chunk[:-1], chunk[1:]
+        pad = self.block_size - len(x)
+        if pad:  # the last window: pad, and ignore the padding in the loss
+            x = torch.cat([x, x.new_zeros(pad)])
+            y = torch.cat([y, y.new_full((pad,), -100)])
+        return x, y
+
+
+class AustenDataModule(pl.LightningDataModule):
+    """Jane Austen's novels, character level: train/validation from five novels, Persuasion for test.
+
+    Args:
+        source: ``"auto"`` (Debian package, else a synthetic corpus with a warning), ``"debian"``,
+            ``"gutenberg"`` (online) or ``"synthetic"`` (tests); see :mod:`examples.data.austen`.
+        cache_dir: where downloads are kept (default ``$LIGHTNING_DFA_DATA`` or ``~/.cache/lightning_dfa``).
+        block_size: characters per training window (the model's context).
+        batch_size: windows per training batch.
+        val_fraction: the last fraction of each training novel, held out for validation.
+        test_chars: score only the first ``test_chars`` characters of Persuasion (``None``: all of it).
+        eval_batch_size: windows per validation/test batch.
+        num_workers: DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        source: str = "auto",
+        cache_dir: Optional[str] = None,
+        block_size: int = 64,
+        batch_size: int = 32,
+        val_fraction: float = 0.02,
+        test_chars: Optional[int] = None,
+        eval_batch_size: int = 64,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.texts: dict[str, Any] = {}
+
+    def prepare_data(self) -> None:
+        load_books(self.hparams.source, self.hparams.cache_dir)  # fetch once (cached)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.texts:
+            return
+        train_books, test = split_books(load_books(self.hparams.source, self.hparams.cache_dir))
+        frac = self.hparams.val_fraction
+        cuts = [len(b) - int(len(b) * frac) for b in train_books]
+        train = "\n".join(b[:c] for b, c in zip(train_books, cuts))
+        val = "\n".join(b[c:] for b, c in zip(train_books, cuts))
+        if self.hparams.test_chars is not None:
+            test = test[: self.hparams.test_chars]
+        self.texts = {"train": train, "val": val, "test": test}
+        self.ids = {k: encode(v) for k, v in self.texts.items()}
+
+    def references(self) -> dict[str, float]:
+        """n-gram bits/char on the test text, fitted on the training text (add-one smoothing)."""
+        self.setup()
+        if "refs" not in self.__dict__:
+            self.refs = ngram_references(self.texts["train"], self.texts["test"])
+        return self.refs
+
+    def train_dataloader(self) -> DataLoader:
+        ds = RandomWindows(self.ids["train"], self.hparams.block_size)
+        return DataLoader(ds, batch_size=self.hparams.batch_size, shuffle=True, num_workers=self.hparams.num_workers,
+                          drop_last=True)
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        ds = ConsecutiveWindows(self.ids[split], self.hparams.block_size)
+        return DataLoader(ds, batch_size=self.hparams.eval_batch_size, num_workers=self.hparams.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+
+class CharGPT(pl.LightningModule):
+    """A character-level Hugging Face GPT-2 built from a config (random init); plain cross-entropy training.
+
+    Args:
+        n_layer, n_embd, n_head: GPT-2 size.
+        block_size: context length (``n_positions``).
+        dropout: residual, embedding and attention dropout.
+        lr: Adam(W) learning rate (constant after a linear warm-up of ``warmup_steps``).
+        beta1, beta2: Adam betas.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear learning-rate warm-up.
+        tie_embeddings: tie the vocabulary projection to the input embedding (the DFA paper used untied).
+    """
+
+    def __init__(
+        self,
+        n_layer: int = 4,
+        n_embd: int = 128,
+        n_head: int = 4,
+        block_size: int = 64,
+        dropout: float = 0.0,
+        lr: float = 2e-3,
+        beta1: float = 0.9,
+        beta2: float = 0.99,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        tie_embeddings: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        config = GPT2Config(
+            vocab_size=len(VOCAB),
+            n_positions=block_size,
+            n_embd=n_embd,
+            n_layer=n_layer,
+            n_head=n_head,
+            resid_pdrop=dropout,
+            embd_pdrop=dropout,
+            attn_pdrop=dropout,
+            tie_word_embeddings=tie_embeddings,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+        self.model = GPT2LMHeadModel(config)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits ``[batch, positions, vocab]``."""
+        return self.model(input_ids=ids).logits
+
+    def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> None:
+        loss = self._loss(batch)
+        n = int((batch[1] != -100).sum())
+        self.log(f"{split}_loss", loss, batch_size=n, prog_bar=split == "val")
+        self.log(f"{split}_bpc", loss / LN2, batch_size=n, prog_bar=split == "val")
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, betas=(hp.beta1, hp.beta2), weight_decay=hp.weight_decay)
+        if not hp.warmup_steps:
+            return opt
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / hp.warmup_steps))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    @torch.no_grad()
+    def evaluate(self, loader: DataLoader) -> float:
+        """Mean cross-entropy (nats per character) over ``loader``, in eval mode, without gradients."""
+        was_training = self.training
+        self.eval()
+        total, count = 0.0, 0
+        for x, y in loader:
+            x, y = x.to(self.device), y.to(self.device)
+            logits = self(x)
+            total += float(
+                nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum",
+                                            ignore_index=-100)
+            )
+            count += int((y != -100).sum())
+        self.train(was_training)
+        return total / max(count, 1)
+
+    @torch.no_grad()
+    def sample(self, prompt: str = "\n", n_chars: int = 300, temperature: float = 0.8, seed: int = 0) -> str:
+        """Generate ``n_chars`` characters after ``prompt`` (temperature sampling, fixed seed)."""
+        was_training = self.training
+        self.eval()
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        ids = encode(prompt or "\n").to(self.device)[None]
+        block = self.hparams.block_size
+        for _ in range(n_chars):
+            logits = self(ids[:, -block:])[0, -1].float().cpu() / max(temperature, 1e-6)
+            nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=g)
+            ids = torch.cat([ids, nxt.to(self.device)[None]], dim=1)
+        self.train(was_training)
+        return decode(ids[0, len(prompt or "\n") :])
+
+
+class AustenReport(pl.Callback):
+    """At the end of ``fit``: bits/char on the test novel next to the n-gram references, and generated lines.
+
+    Args:
+        test: evaluate on the test text (Persuasion) at the end of ``fit``.
+        sample_chars: characters to generate (0: none).
+        temperature: sampling temperature.
+    """
+
+    def __init__(self, test: bool = True, sample_chars: int = 400, temperature: float = 0.8) -> None:
+        super().__init__()
+        self.test, self.sample_chars, self.temperature = test, sample_chars, temperature
+        self.results: dict[str, float] = {}
+        self._start = 0.0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero or not isinstance(pl_module, CharGPT):
+            return
+        wall = time.perf_counter() - self._start
+        dm = trainer.datamodule
+        lines = [f"Trained {trainer.global_step} steps in {wall:.0f} s ({type(trainer.strategy).__name__})."]
+        self.results = {"steps": trainer.global_step, "wall_s": wall}
+        if self.test and isinstance(dm, AustenDataModule):
+            loss = pl_module.evaluate(dm.test_dataloader())
+            self.results.update(test_loss=loss, test_bpc=loss / LN2)
+            refs = dm.references()
+            lines.append(f"Test (Persuasion, {len(dm.texts['test'])} chars): loss {loss:.3f} nats, "
+                         f"{loss / LN2:.3f} bits/char")
+            lines.append("References (add-one n-grams fitted on the training split): "
+                         + ", ".join(f"{k} {v:.2f}" for k, v in refs.items()))
+        if self.sample_chars:
+            text = pl_module.sample("\n", self.sample_chars, self.temperature)
+            lines.append("Sample:\n" + "\n".join("    " + ln for ln in text.splitlines()[:8]))
+        rank_zero_info("\n".join(lines))
+
+
+def main(args: Any = None) -> Any:
+    """The LightningCLI entry point (``python -m examples.language_model --help``)."""
+    from pytorch_lightning.cli import LightningCLI
+
+    import lightning_dfa  # noqa: F401  (registers strategy="dfa"; the model itself knows nothing of DFA)
+
+    class CLI(LightningCLI):
+        def add_arguments_to_parser(self, parser: Any) -> None:
+            parser.link_arguments("data.block_size", "model.block_size")
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return CLI(
+        CharGPT,
+        AustenDataModule,
+        trainer_defaults={
+            "max_steps": 2000,
+            "val_check_interval": 500,
+            "limit_val_batches": 10,
+            "check_val_every_n_epoch": None,
+            "callbacks": [AustenReport()],
+            "enable_checkpointing": False,
+        },
+        save_config_kwargs={"overwrite": True},
+        seed_everything_default=0,
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""The graph example: the CSBM generator, where DFA's feedback goes in GCN/GAT/ChebConv, the three arms and the
+CLI (a tiny CSBM only: offline, CPU-cheap)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import trainer
+
+from examples.data.graphs import GraphDataModule, csbm, graph_stats, linear_references, propagate, tiny_csbm
+from examples.graphs import CONVS, GraphNet, main
+from lightning_dfa import DFAStrategy, FeedbackEngine
+
+
+def test_csbm_shape_split_and_determinism() -> None:
+    a, b = tiny_csbm(seed=3), tiny_csbm(seed=3)
+    assert torch.equal(a.edge_index, b.edge_index) and torch.equal(a.x, b.x)
+    assert not torch.equal(tiny_csbm(seed=4).x, a.x)
+    stats = graph_stats(a)
+    assert stats["nodes"] == 210 and stats["isolated"] == 0 and 3.5 < stats["mean_degree"] <= 4.0
+    assert 0.6 < stats["homophily"] < 0.8
+    assert set(a.x.unique().tolist()) <= {0.0, 1.0}
+    # Planetoid-style split: 20 per class, disjoint masks of the requested sizes
+    assert torch.bincount(a.y[a.train_mask]).tolist() == [20, 20, 20]
+    assert int(a.val_mask.sum()) == 50 and int(a.test_mask.sum()) == 90
+    assert not (a.train_mask & a.val_mask).any() and not (a.val_mask & a.test_mask).any()
+    # undirected: every edge in both directions
+    fwd = {tuple(e) for e in a.edge_index.t().tolist()}
+    assert all((v, u) in fwd for u, v in fwd)
+
+
+def test_csbm_defaults_are_cora_shaped() -> None:
+    d = csbm(num_features=200, seed=0)  # Cora's nodes, classes and degrees; a narrower vocabulary for speed
+    stats = graph_stats(d)
+    assert stats["nodes"] == 2708 and d.y.max() == 6 and stats["isolated"] == 0
+    assert abs(stats["mean_degree"] - 3.9) < 0.05 and 0.65 < stats["homophily"] < 0.75
+    assert int(d.train_mask.sum()) == 140 and int(d.val_mask.sum()) == 500 and int(d.test_mask.sum()) == 1000
+
+
+def test_propagation_helps_the_linear_reference() -> None:
+    d = tiny_csbm(seed=0)
+    refs = linear_references(d, (0, 2))
+    assert refs[2] > refs[0] + 5, refs  # the graph carries label information beyond the features
+    s1 = propagate(d, 1)
+    assert s1.shape == d.x.shape and torch.allclose(propagate(d, 0), d.x)
+
+
+@pytest.mark.parametrize("conv", CONVS)
+def test_feedback_point_after_the_hidden_conv_and_activation(conv: str) -> None:
+    d = tiny_csbm(seed=0)
+    torch.manual_seed(0)
+    model = GraphNet(conv=conv, num_features=d.num_features, num_classes=3, dropout=0.0)
+    engine = FeedbackEngine(mode="dfa")
+    target = engine.attach(model)
+    assert [b.name for b in target.blocks] == ["blocks.0"] and target.output_name == "out"
+    logits = model(d.x, d.edge_index)
+    loss = torch.nn.functional.cross_entropy(logits[d.train_mask], d.y[d.train_mask])
+    loss.backward()
+    report = engine.end_backward()
+    assert report.deliveries == 1
+    width = 8 * 8 if conv == "gat" else 16
+    assert engine.last_points[0].shape == (d.num_nodes, width)  # per node: [nodes, hidden]
+    dfa_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert any(n.startswith("blocks.0.conv") for n in dfa_grads)
+    engine.detach()
+    model.zero_grad()
+    torch.nn.functional.cross_entropy(model(d.x, d.edge_index)[d.train_mask], d.y[d.train_mask]).backward()
+    first = next(n for n in dfa_grads if n.startswith("blocks.0.conv") and n.endswith("weight"))
+    bp_grad = dict(model.named_parameters())[first].grad
+    assert not torch.allclose(dfa_grads[first], bp_grad)  # feedback, not the backprop gradient
+    out_w = next(n for n in dfa_grads if n.startswith("out"))
+    assert torch.allclose(dfa_grads[out_w], dict(model.named_parameters())[out_w].grad, atol=1e-6)  # true gradient
+
+
+def _fit(conv: str, arm: str, steps: int) -> tuple[float, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    dm = GraphDataModule(dataset="tiny_csbm")
+    model = GraphNet(conv=conv, num_features=dm.num_features, num_classes=dm.num_classes)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    t = trainer(max_steps=steps, max_epochs=-1, strategy=DFAStrategy(mode=arm, verbose=False), limit_val_batches=0)
+    t.fit(model, datamodule=dm)
+    acc = t.test(model, datamodule=dm, verbose=False)[0]["test_acc"]
+    return acc, before, model.state_dict()
+
+
+def test_gcn_arms_dfa_learns_like_bp_and_beats_shallow() -> None:
+    acc = {}
+    for arm in ("bp", "dfa", "shallow"):
+        acc[arm], before, after = _fit("gcn", arm, steps=40)
+        w = "blocks.0.conv.lin.weight"
+        assert torch.equal(before[w], after[w]) == (arm == "shallow"), arm
+    assert acc["dfa"] > acc["shallow"] + 5 and acc["dfa"] > acc["bp"] - 10, acc
+
+
+def test_cli_fit_prints_test_accuracy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    main(
+        [
+            "fit", "--data.dataset=tiny_csbm", "--model.conv=gat", "--trainer.strategy=dfa",
+            "--trainer.max_epochs=2", "--trainer.logger=false", "--trainer.enable_checkpointing=false",
+            "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert "test accuracy:" in out and "blocks.0" in out  # the DFA summary names the feedback point

@@ -1,0 +1,138 @@
+"""Smoke tests of the recommender examples: every model in every arm on tiny synthetic data (CPU, no downloads)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from examples.data import movielens
+from examples.data.clicks import ClickDataModule, auc, generate
+from examples.recommenders import CLICK_MODELS, DCN, AutoInt, DeepFM, RatingMLP
+from lightning_dfa import DFAStrategy
+
+TINY = dict(n=800, n_dense=3, n_cat=4, buckets=20, raw_ids=40, n_pairs=3, batch_size=64, seed=0)
+
+
+def _trainer(arm: str, steps: int = 2) -> pl.Trainer:
+    return pl.Trainer(
+        strategy=DFAStrategy(mode=arm, verbose=False),
+        max_steps=steps,
+        max_epochs=1,
+        limit_val_batches=1,
+        val_check_interval=steps,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def clicks() -> ClickDataModule:
+    dm = ClickDataModule(**TINY)
+    dm.setup()
+    return dm
+
+
+def test_auc_matches_rank_definition() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.random(300) < 0.3
+    s = rng.random(300) + y * 0.5
+    s[:20] = 0.25  # ties
+    pos, neg = s[y], s[~y]
+    pairwise = ((pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])).mean()
+    assert auc(s, y) == pytest.approx(pairwise, abs=1e-12)
+
+
+def test_click_log_is_deterministic_and_oracle_beats_chance() -> None:
+    a, b = (
+        generate(**{k: v for k, v in TINY.items() if k != "batch_size"}),
+        generate(**{k: v for k, v in TINY.items() if k != "batch_size"}),
+    )
+    assert np.array_equal(a.cat, b.cat) and np.array_equal(a.clicks, b.clicks)
+    assert all(a.cat[:, f].max() < c for f, c in enumerate(a.cardinalities))
+    assert 0.15 < a.click_rate < 0.35
+    assert a.oracle_auc > 0.65
+
+
+@pytest.mark.parametrize("name", list(CLICK_MODELS))
+def test_click_models_train_in_every_arm(clicks: ClickDataModule, name: str) -> None:
+    cls = CLICK_MODELS[name]
+    hidden_weight = "layers.0.qkv.weight" if name == "AutoInt" else "mlp.0.0.weight"
+    weights = {}
+    for arm in ("bp", "dfa", "shallow"):
+        pl.seed_everything(0, verbose=False)
+        model = cls(cardinalities=clicks.cardinalities, n_dense=3, embed_dim=4, hidden=[16, 8], lr=1e-2)
+        before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        trainer = _trainer(arm)
+        trainer.fit(model, datamodule=clicks)
+        assert trainer.global_step == 2
+        assert 0.0 <= model.last_metrics["val_auc"] <= 1.0
+        after = model.state_dict()
+        weights[arm] = after
+        first_hidden = hidden_weight
+        if arm == "shallow":  # feedback-trained layers stay put; the head learns
+            assert torch.equal(before[first_hidden], after[first_hidden])
+        else:
+            assert not torch.equal(before[first_hidden], after[first_hidden])
+        if arm == "dfa":
+            engine = trainer.strategy.dfa_engine
+            keys = [p.key for p in engine.last_points]
+            expected = {"DeepFM": ["mlp.0:in", "mlp.0", "mlp.1"], "DCN": ["embed", "cross.0", "cross.1", "cross.2",
+                        "mlp.0", "mlp.1"], "AutoInt": ["embed", "layers.0", "layers.1", "layers.2"]}[name]  # fmt: skip
+            assert keys == expected
+    # DFA is not backprop in disguise
+    assert not torch.allclose(weights["bp"][hidden_weight], weights["dfa"][hidden_weight])
+
+
+def test_click_model_builds_from_datamodule(clicks: ClickDataModule) -> None:
+    """Without cardinalities (as under LightningCLI) the model takes them from the Trainer's data module."""
+    model = DCN(n_dense=3, embed_dim=4, hidden=[8], cross_layers=1)
+    _trainer("dfa", steps=1).fit(model, datamodule=clicks)
+    assert model.hparams.cardinalities == clicks.cardinalities
+    assert isinstance(AutoInt(cardinalities=[3, 4], n_dense=1).head, torch.nn.Linear)
+    assert isinstance(DeepFM(cardinalities=[3, 4], n_dense=1).mlp, torch.nn.Sequential)
+
+
+def test_rating_model_every_arm_on_synthetic_ratings() -> None:
+    ratings = movielens.synthetic_ratings(n=1500)
+    dm = movielens.MovieLensDataModule(batch_size=64, ratings=ratings)
+    base = movielens.bias_baseline(ratings)
+    assert base["bias_rmse"] < base["mean_rmse"]
+    for arm in ("bp", "dfa", "shallow"):
+        pl.seed_everything(0, verbose=False)
+        model = RatingMLP(embed_dim=4, hidden=[8, 4], lr=1e-2)
+        before = model.state_dict() if model.built else None
+        trainer = _trainer(arm, steps=3)
+        trainer.fit(model, datamodule=dm)
+        assert before is None and model.built and model.hparams.n_users == ratings.n_users
+        assert np.isfinite(model.last_metrics["val_rmse"])
+        if arm == "dfa":
+            assert [p.key for p in trainer.strategy.dfa_engine.last_points] == ["mlp.0:in", "mlp.0", "mlp.1"]
+    # the fixed-baseline variant starts from the regularised biases and keeps them
+    model = RatingMLP(embed_dim=4, hidden=[8, 4], lr=1e-2, baseline=True)
+    _trainer("dfa", steps=2).fit(model, datamodule=dm)
+    mu, bu, bi = movielens.fit_biases(ratings)
+    assert float(model.mean) == pytest.approx(mu)
+    assert torch.allclose(model.item_bias.weight[:, 0], torch.as_tensor(bi, dtype=torch.float32))
+    assert not model.user_bias.weight.requires_grad
+
+
+def test_movielens_unavailable_says_how_to_get_it(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(movielens.shutil, "which", lambda name: None)
+    with pytest.raises(movielens.MovieLensUnavailable, match="r-cran-dslabs"):
+        movielens.fetch(str(tmp_path))
+    assert not (tmp_path / "ratings.npz").exists()
+
+
+def test_quality_rows_quick() -> None:
+    from examples.recommenders import quality_runs
+
+    rows = quality_runs(quick=True, arms=("dfa",))
+    tables = {r["table"] for r in rows}
+    assert len(tables) == 4
+    assert all(np.isfinite(r["value"]) for r in rows)
+    assert {r["arm"] for r in rows} >= {"dfa", "oracle (true probabilities)", "reference: user+item biases"}

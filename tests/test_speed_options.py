@@ -1,0 +1,221 @@
+"""The speed options of the engine (issue 7): ``cut_head_input``, ``topk``, the cached feedback matrix.
+
+Correctness only (tiny, seeded, CPU): speed and memory are measured by ``benchmarks/speed.py``, never here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from lightning_dfa.engine import DFAConfig, FeedbackEngine, _PointMeta
+from lightning_dfa.feedback import FeedbackBank
+
+V, D, LAYERS, T, B = 64, 16, 2, 8, 2
+
+
+def _gpt2(seed: int = 0) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        vocab_size=V,
+        n_embd=D,
+        n_layer=LAYERS,
+        n_head=2,
+        n_positions=T,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return GPT2LMHeadModel(cfg)
+
+
+def _mlp(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 12), nn.Tanh(), nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 7))
+
+
+def _lm_grads(model: nn.Module, engine: FeedbackEngine | None, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    logits = model(input_ids=ids).logits
+    nn.functional.cross_entropy(logits.reshape(-1, V), ids.reshape(-1)).backward()
+    if engine is not None:
+        engine.end_backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_options_are_validated() -> None:
+    with pytest.raises(ValueError, match="cut_head_input"):
+        DFAConfig(cut_head_input=True, error_at="head_input")
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="topk"):
+            DFAConfig(topk=bad)
+    assert DFAConfig(topk=4.0).topk == 4
+    assert DFAConfig().topk is None and DFAConfig().cut_head_input is False
+
+
+def test_topk_with_full_width_is_the_dense_projection() -> None:
+    torch.manual_seed(0)
+    error = torch.randn(3, 5, 40)
+    points = [_PointMeta("a", torch.Size([3, 5, 12]), torch.float32, False)]
+    dense = FeedbackEngine(seed=1).feedback_for(error, points)[0]
+    for k in (40, 400):  # k >= error width: the dense GEMM
+        assert torch.equal(FeedbackEngine(seed=1, topk=k).feedback_for(error, points)[0], dense)
+    # the gather path is exact whenever each row has at most k non-zero entries
+    sparse = error * (torch.rand_like(error) < 0.1)
+    sparse[..., 0] = 1.0  # at least one non-zero per row; at most 4 + 1 on average
+    kept = int((sparse != 0).sum(-1).max())
+    gathered = FeedbackEngine(seed=1, topk=kept).feedback_for(sparse, points)[0]
+    torch.testing.assert_close(gathered, FeedbackEngine(seed=1).feedback_for(sparse, points)[0])
+
+
+def test_topk_is_exact_for_a_flat_tail() -> None:
+    """The dropped entries count as their sum times the mean column of ``B``: exact when they are equal."""
+    torch.manual_seed(0)
+    error = torch.full((6, 100), 0.01)
+    error[torch.arange(6), torch.randint(0, 100, (6,))] = -0.9
+    error[:, 7] = 0.05
+    points = [_PointMeta("a", torch.Size([6, 24]), torch.float32, False)]
+    dense = FeedbackEngine(seed=4).feedback_for(error, points)[0]
+    torch.testing.assert_close(FeedbackEngine(seed=4, topk=2).feedback_for(error, points)[0], dense)
+
+
+def test_topk_approximates_a_softmax_cross_entropy_error() -> None:
+    """``e = softmax - onehot``: a few entries carry the signal; the random projection of the rest is small."""
+    torch.manual_seed(0)
+    logits, target = torch.randn(32, 512) * 2, torch.randint(0, 512, (32,))
+    error = torch.softmax(logits, -1) - nn.functional.one_hot(target, 512)
+    points = [_PointMeta("a", torch.Size([32, 64]), torch.float32, False)]
+    dense = FeedbackEngine(seed=0).feedback_for(error, points)[0]
+    approx = FeedbackEngine(seed=0, topk=32).feedback_for(error, points)[0]
+    cos = nn.functional.cosine_similarity(dense, approx, dim=-1)
+    assert cos.min() > 0.99, cos.min()
+
+
+def test_topk_with_distinct_signs_and_several_widths() -> None:
+    torch.manual_seed(0)
+    error = torch.randn(4, 50)
+    points = [
+        _PointMeta("a", torch.Size([4, 8]), torch.float32, False),
+        _PointMeta("b", torch.Size([4, 16]), torch.float32, False),
+    ]
+    for distinct in (False, True):
+        dense = FeedbackEngine(seed=2, distinct=distinct).feedback_for(error, points)
+        full = FeedbackEngine(seed=2, distinct=distinct, topk=49).feedback_for(error, points)
+        assert [f.shape for f in full] == [torch.Size([4, 8]), torch.Size([4, 16])]
+        for a, b in zip(dense, full):  # dropping one of 50 entries per row changes little
+            assert nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.9
+
+
+def test_cut_head_input_moves_the_last_point_and_keeps_the_head_true_gradient() -> None:
+    ids = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(0))
+    bp = _lm_grads(_gpt2(), None, ids)
+    plain_model, cut_model = _gpt2(), _gpt2()
+    plain = FeedbackEngine(seed=0)
+    plain.attach(plain_model)
+    cut = FeedbackEngine(seed=0, cut_head_input=True)
+    cut.attach(cut_model)
+    g_plain = _lm_grads(plain_model, plain, ids)
+    keys = [p.key for p in plain.last_points]
+    g_cut = _lm_grads(cut_model, cut, ids)
+    cut_keys = [p.key for p in cut.last_points]
+    last = f"transformer.h.{LAYERS - 1}"
+    assert last in keys and "lm_head:in" not in keys
+    assert last not in cut_keys and cut_keys[-1] == "lm_head:in" and cut_keys[:-1] == keys[:-1]
+    # every parameter still gets a gradient
+    assert set(g_cut) == set(g_plain) == set(bp)
+    # the final norm: true gradient without the cut, feedback with it
+    torch.testing.assert_close(g_plain["transformer.ln_f.weight"], bp["transformer.ln_f.weight"])
+    assert not torch.allclose(g_cut["transformer.ln_f.weight"], bp["transformer.ln_f.weight"])
+    # blocks before the last one receive exactly the same feedback either way
+    for name in g_plain:
+        if name.startswith("transformer.h.0."):
+            torch.testing.assert_close(g_cut[name], g_plain[name])
+    roles_plain, roles_cut = plain.parameter_roles(), cut.parameter_roles()
+    ln_f = sum(p.numel() for p in cut_model.transformer.ln_f.parameters())
+    assert roles_cut["feedback"] == roles_plain["feedback"] + ln_f
+    assert roles_cut["true gradient"] == roles_plain["true gradient"] - ln_f
+
+
+def test_cut_head_input_skips_the_head_input_gradient() -> None:
+    """The backward of the cut model does one vocabulary-sized GEMM fewer (counted by FlopCounterMode)."""
+    ids = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(1))
+
+    def flops(**options: object) -> int:
+        model = _gpt2()
+        engine = FeedbackEngine(seed=0, **options)
+        engine.attach(model)
+        with FlopCounterMode(display=False) as counter:
+            _lm_grads(model, engine, ids)
+        return counter.get_total_flops()
+
+    assert flops() - flops(cut_head_input=True) == 2 * B * T * V * D
+
+
+def test_cut_head_input_on_a_sequential_mlp_changes_only_the_key() -> None:
+    """Nothing lies between the last block and the head: the cut gives the same gradients as before."""
+    x, y = torch.randn(6, 5), torch.randint(0, 7, (6,))
+    grads = []
+    for cut in (False, True):
+        net = _mlp()
+        engine = FeedbackEngine(seed=3, cut_head_input=cut)
+        engine.attach(net)
+        nn.functional.cross_entropy(net(x), y).backward()
+        engine.end_backward()
+        grads.append([p.grad.clone() for p in net.parameters()])
+        assert engine.last_points[-1].key == ("4:in" if cut else "3")
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_feedback_matrix_is_cached_and_shared() -> None:
+    bank = FeedbackBank(seed=0)
+    cpu = torch.device("cpu")
+    a = bank.matrix(30, 8, cpu, torch.float32)
+    assert bank.matrix(30, 8, cpu, torch.float32) is a
+    assert bank.cached_nbytes == 0  # the fp32 CPU cast is the stored matrix itself
+    t = bank.matrix(30, 8, cpu, torch.float32, transposed=True)
+    assert t.is_contiguous() and t.shape == (30, 8) and torch.equal(t, a.t())
+    assert bank.matrix(30, 8, cpu, torch.float32, transposed=True) is t
+    assert bank.cached_nbytes == 30 * 8 * 4
+    h = bank.matrix(30, 8, cpu, torch.bfloat16)
+    assert h.dtype == torch.bfloat16 and bank.matrix(30, 8, cpu, torch.bfloat16) is h
+
+
+def test_strategies_accept_the_options() -> None:
+    from lightning_dfa.adapters.pytorch_lightning import DFA, DFAStrategy
+
+    for cls in (DFAStrategy, DFA):
+        obj = cls(cut_head_input=True, topk=8, verbose=False)
+        assert obj.dfa.config.cut_head_input is True and obj.dfa.config.topk == 8
+
+
+def test_blocked_selection_finds_the_exact_top_entries() -> None:
+    """Wide rows use a two-stage (blocks, then entries) selection: the same set as a plain top-k."""
+    from lightning_dfa.engine import _largest_entries
+
+    torch.manual_seed(0)
+    for width in (1000, 1027):  # a whole number of blocks, and a ragged last block
+        rows = torch.softmax(torch.randn(16, width) * 3, -1)
+        rows[torch.arange(16), torch.randint(0, width, (16,))] -= 1
+        index, values = _largest_entries(rows, 5, block=16)
+        assert torch.equal(index.sort(-1).values, rows.abs().topk(5, -1).indices.sort(-1).values)
+        assert torch.equal(values, rows.gather(-1, index))
+    # and through the engine: a wide error takes the blocked path and matches the plain top-k formula
+    error = torch.softmax(torch.randn(4, 6000), -1)
+    error[:, 3] -= 1
+    points = [_PointMeta("a", torch.Size([4, 8]), torch.float32, False)]
+    engine = FeedbackEngine(seed=0, topk=4)
+    got = engine.feedback_for(error, points)[0]
+    idx = error.abs().topk(4, -1).indices
+    kept = error.gather(-1, idx)
+    tail = (error.sum(-1, keepdim=True) - kept.sum(-1, keepdim=True)) / (6000 - 4)
+    b = engine.bank.matrix(6000, 8, torch.device("cpu"), torch.float32)  # [8, 6000]
+    ref = torch.einsum("nk,nkd->nd", kept - tail, b.t()[idx]) + tail * b.sum(1)
+    torch.testing.assert_close(got, ref / math.sqrt(8))
