@@ -189,3 +189,14 @@ def test_demo_quick(tmp_path: Path) -> None:
     assert [r["arm"] for r in results] == ["backprop", "dfa", "shallow"]
     assert all(r["steps"] == 3 and r["test_bpc"] > 0 for r in results)
     assert (tmp_path / "r.json").exists()
+
+
+def test_quality_runs_follow_the_benchmark_contract() -> None:
+    from benchmarks import quality
+    from examples import language_model
+
+    rows = language_model.quality_runs(quick=True, arms=("bp", "shallow"))
+    assert [r["arm"] for r in rows] == ["bp", "shallow"]
+    for r in rows:
+        quality._check_row("language_model", r)  # raises on a row that breaks the contract
+        assert r["metric"] == "bits/char" and r["steps"] == 8 and r["value"] > 0 and r["curve"]
