@@ -120,6 +120,12 @@ def fetch_debian(cache_dir: str | Path | None = None) -> Path:
             run = subprocess.run(
                 ["apt-get", "download", DEB_PACKAGE], cwd=tmp, capture_output=True, text=True, timeout=300
             )
+            if run.returncode != 0 and hasattr(os, "geteuid") and os.geteuid() == 0:
+                # a fresh machine has no package lists yet: as root, fetch them once and retry
+                subprocess.run(["apt-get", "update", "-qq"], capture_output=True, text=True, timeout=300)
+                run = subprocess.run(
+                    ["apt-get", "download", DEB_PACKAGE], cwd=tmp, capture_output=True, text=True, timeout=300
+                )
         except (OSError, subprocess.SubprocessError) as err:
             raise DataUnavailable(f"`apt-get download {DEB_PACKAGE}` failed: {err}") from err
         debs = glob.glob(os.path.join(tmp, "*.deb"))
