@@ -558,9 +558,6 @@ class FeedbackEngine:
             out = [_norm_jacobian(h.detach(), fb, p.flatten) for h, fb, p in zip(activations, out, points)]
         return out
 
-    def begin_backward(self) -> None:
-        """Mark the start of a backward (called by the Lightning adapters)."""
-
     def end_backward(self) -> BackwardReport:
         """Close a backward: check that feedback fired (``mode="dfa"``) and reset the counters.
 

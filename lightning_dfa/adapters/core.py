@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import Any
 
 import torch
@@ -11,7 +10,6 @@ from torch import nn
 
 from ..engine import DFAConfig, FeedbackEngine, _refuse_reentrant_checkpointing
 
-log = logging.getLogger("lightning_dfa")
 CHECKPOINT_KEY = "dfa"
 
 
