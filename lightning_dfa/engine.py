@@ -439,7 +439,9 @@ class FeedbackEngine:
             self._calls = {}
             return None
         tensor, rebuild = _split_main(output)
-        if not self._pending or not _carries_grad(tensor):
+        # A frozen output module (a fixed readout) still gets tied: the points carry the gradient, and the
+        # error reaches the delivery even though the output itself needs none.
+        if not self._pending or tensor is None or not tensor.is_floating_point():
             return None
         points, self._pending, self._calls = self._pending, [], {}
         metas = [_PointMeta(k, t.shape, t.dtype, f) for k, t, f in points]

@@ -261,3 +261,18 @@ def test_layers_without_bias() -> None:
     rec = GradRecorder()
     trainer(strategy="dfa", callbacks=[rec], max_steps=2).fit(Classifier(net), loader())
     assert all(g is not None and g.abs().sum() > 0 for g in rec.grads[0].values())
+
+
+def test_frozen_output_module_still_delivers_feedback() -> None:
+    def first_grads(freeze_head: bool) -> dict[str, torch.Tensor | None]:
+        torch.manual_seed(0)
+        model = Classifier(mlp())
+        model.net[6].requires_grad_(not freeze_head)  # a fixed random readout
+        rec = GradRecorder()
+        trainer(strategy="dfa", callbacks=[rec], max_steps=1).fit(model, loader())
+        return rec.grads[0]
+
+    frozen, trained = first_grads(True), first_grads(False)
+    assert frozen["net.6.weight"] is None
+    for name in ("net.0.weight", "net.2.weight", "net.4.bias"):  # the same error reaches the blocks
+        torch.testing.assert_close(frozen[name], trained[name])
