@@ -13,7 +13,8 @@ Discovery order (the first that applies wins):
    registered outside the list.
 
 Block names accept exact qualified names, dotted suffixes of them (``"h.0"`` matches ``"model.transformer.h.0"``),
-and glob patterns where ``*`` matches within one dotted component and ``**`` across components.
+and glob patterns where ``*`` matches within one dotted component, ``**`` across components, ``?`` one
+character and ``[...]`` a character class (``"layers.[0-3]"``).
 """
 
 from __future__ import annotations
@@ -100,6 +101,11 @@ def _compile_pattern(pattern: str) -> re.Pattern[str]:
         elif pattern[i] == "?":
             out += "[^.]"
             i += 1
+        elif pattern[i] == "[" and "]" in pattern[i + 2 :]:  # a character class, as in fnmatch: [0-3], [!0]
+            end = pattern.index("]", i + 2)
+            body = pattern[i + 1 : end]
+            out += "[" + ("^" + body[1:] if body.startswith("!") else body) + "]"
+            i = end + 1
         else:
             out += re.escape(pattern[i])
             i += 1

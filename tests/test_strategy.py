@@ -276,3 +276,13 @@ def test_frozen_output_module_still_delivers_feedback() -> None:
     assert frozen["net.6.weight"] is None
     for name in ("net.0.weight", "net.2.weight", "net.4.bias"):  # the same error reaches the blocks
         torch.testing.assert_close(frozen[name], trained[name])
+
+
+def test_blocks_by_class_and_glob_give_the_discovered_blocks() -> None:
+    names = {}
+    for spec in (nn.Tanh, "net.*[135]", ["net.1", "net.3", "net.5"], None):
+        strategy = DFAStrategy(blocks=spec, verbose=False)
+        trainer(strategy=strategy, max_steps=1).fit(Classifier(mlp()), loader())
+        target = strategy.dfa_engine.target
+        names[str(spec)] = (tuple(b.name for b in target.blocks), target.output_name)
+    assert set(names.values()) == {(("net.1", "net.3", "net.5"), "net.6")}, names
