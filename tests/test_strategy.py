@@ -286,3 +286,34 @@ def test_blocks_by_class_and_glob_give_the_discovered_blocks() -> None:
         target = strategy.dfa_engine.target
         names[str(spec)] = (tuple(b.name for b in target.blocks), target.output_name)
     assert set(names.values()) == {(("net.1", "net.3", "net.5"), "net.6")}, names
+
+
+def test_lightning_package_classes_are_exported() -> None:
+    L = pytest.importorskip("lightning.pytorch")
+    from lightning_dfa.lightning import AlignmentMonitor, DFAStrategy
+
+    class LModule(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = mlp()
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return nn.functional.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    strategy = DFAStrategy(seed=3, verbose=False)
+    monitor = AlignmentMonitor(every_n_steps=1, plot=False)
+    L.Trainer(
+        strategy=strategy,
+        callbacks=[monitor],
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    ).fit(LModule(), loader())
+    assert strategy.dfa_engine.config.seed == 3 and monitor.latest is not None
