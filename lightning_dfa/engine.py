@@ -639,11 +639,37 @@ class FeedbackEngine:
                 roles["feedback"] += p.numel()
         return roles
 
-    def summary(self) -> str:
-        """A short table: feedback points, shapes (once seen), output, feedback kind and parameter roles."""
+    def summary(self, shapes: dict[str, list[int]] | None = None) -> str:
+        """A short table: feedback points, shapes (``shapes`` or once seen), output, feedback kind, parameter roles."""
         from .summary import format_summary
 
-        return format_summary(self)
+        return format_summary(self, shapes)
+
+    def probe_shapes(self, root: nn.Module, example: Any) -> dict[str, list[int]]:
+        """Shapes of the feedback points for one forward of ``example`` (in eval mode, RNG state restored).
+
+        Used at fit start for the summary table, like Lightning's model summary uses ``example_input_array``.
+        """
+        was_training = root.training
+        cpu_state = torch.get_rng_state()
+        cuda_states = (
+            torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        )
+        root.eval()
+        try:
+            with torch.enable_grad(), self.capture() as cap:
+                if isinstance(example, (tuple, list)):
+                    root(*example)
+                elif isinstance(example, dict):
+                    root(**example)
+                else:
+                    root(example)
+        finally:
+            root.train(was_training)
+            torch.set_rng_state(cpu_state)
+            if cuda_states is not None:
+                torch.cuda.set_rng_state_all(cuda_states)
+        return {p.key: list(p.tensor.shape) for p in cap.points}
 
 
 def _norm_jacobian(h: torch.Tensor, v: torch.Tensor, flatten: bool, eps: float = 1e-5) -> torch.Tensor:

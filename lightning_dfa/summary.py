@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -15,22 +16,26 @@ def _count(n: int) -> str:
     return str(n)
 
 
-def format_summary(engine: FeedbackEngine) -> str:
+def format_summary(engine: FeedbackEngine, shapes: Mapping[str, Sequence[int]] | None = None) -> str:
     """Render ``engine``'s feedback points, output and parameter roles as a plain-text table.
 
-    Shapes appear once a training forward has recorded them (``"-"`` before that).
+    ``shapes`` (point key -> shape) come from a probe forward at fit start; otherwise from the last delivery,
+    and ``"-"`` before any.
     """
     assert engine.target is not None
     cfg = engine.config
     seen = {key.split("#")[0]: meta for key, meta in engine.bank.widths.items()}
+    if shapes is None:
+        shapes = {m.key.split("#")[0]: list(m.shape) for m in engine.last_points}
+    shapes = {k.split("#")[0]: list(v) for k, v in shapes.items()}
     rows = []
     first = True
     for block in engine.target.blocks:
-        if block.top_level and first and f"{block.name}:in" in seen:
-            rows.append((f"{block.name}:in", "block input", seen[f"{block.name}:in"]))
+        name_in = f"{block.name}:in"
+        if block.top_level and first and (name_in in seen or name_in in shapes):
+            rows.append((name_in, "block input", seen.get(name_in)))
         first = False
         rows.append((block.name, type(block.exit).__name__, seen.get(block.name)))
-    shapes = {m.key.split("#")[0]: list(m.shape) for m in engine.last_points}
     header = ("", "Feedback point", "Module", "Shape", "Width")
     lines = [header]
     for i, (name, kind, width) in enumerate(rows):

@@ -317,3 +317,18 @@ def test_lightning_package_classes_are_exported() -> None:
         accelerator="cpu",
     ).fit(LModule(), loader())
     assert strategy.dfa_engine.config.seed == 3 and monitor.latest is not None
+
+
+def test_summary_at_fit_start_has_shapes_from_example_input(capsys: pytest.CaptureFixture[str]) -> None:
+    class WithExample(Classifier):
+        def on_train_start(self) -> None:
+            print("TRAINING STARTS")
+
+    model = WithExample(mlp())
+    model.example_input_array = torch.randn(5, 6)
+    t = trainer(strategy="dfa", max_steps=1)
+    t.fit(model, loader())
+    out = capsys.readouterr().out
+    table = out.index("Feedback point")
+    assert table < out.index("TRAINING STARTS")  # printed at fit start, before the first step
+    assert "[5, 16]" in out[table:] and "at the first step" not in out

@@ -29,7 +29,7 @@ class DFASession:
         self._summary_shown = False
         self._checked = False
 
-    def attach(self, module: nn.Module) -> FeedbackEngine:
+    def attach(self, module: nn.Module, trainer: Any = None) -> FeedbackEngine:
         if self.engine is not None and self.engine.attached:
             self.engine.detach()
         self.engine = FeedbackEngine(DFAConfig(**vars(self.config)))
@@ -39,7 +39,24 @@ class DFASession:
             self.pending_state = None
         self._summary_shown = False
         self._checked = False
+        fitting = str(getattr(getattr(getattr(trainer, "state", None), "fn", None), "value", "fit")) == "fit"
+        if self.verbose and fitting:
+            self._summary_shown = self._show_summary(module, trainer)
         return self.engine
+
+    def _show_summary(self, module: nn.Module, trainer: Any) -> bool:
+        """Print the table at fit start; True if it had the points' shapes (from ``example_input_array``)."""
+        assert self.engine is not None
+        shapes = None
+        example = getattr(module, "example_input_array", None)
+        if example is not None:
+            try:
+                transfer = getattr(module, "_apply_batch_transfer_handler", None)
+                shapes = self.engine.probe_shapes(module, transfer(example) if callable(transfer) else example)
+            except Exception as err:  # the summary must never stop training
+                _info(trainer, f"DFA: could not probe feedback shapes with example_input_array ({err}).")
+        _info(trainer, "\n" + self.engine.summary(shapes or {}) + "\n")
+        return bool(shapes)
 
     def detach(self) -> None:
         if self.engine is not None:
@@ -57,9 +74,10 @@ class DFASession:
         if self.engine is None or self.engine.target is None:
             return
         self.engine.end_backward()
-        if self.verbose and not self._summary_shown:
+        if self.verbose and not self._summary_shown and self.engine.last_points:
             self._summary_shown = True
-            _info(trainer, "\n" + self.engine.summary() + "\n")
+            points = ", ".join(f"{m.key} {list(m.shape)}" for m in self.engine.last_points)
+            _info(trainer, f"DFA feedback points at the first step: {points}")
 
     def state_dict(self) -> dict[str, Any]:
         if self.engine is not None:
@@ -99,7 +117,7 @@ class DFAStrategyMixin:
 
     def setup(self, trainer: Any) -> None:
         super().setup(trainer)  # type: ignore[misc]
-        self.dfa.attach(self.lightning_module)  # type: ignore[attr-defined]
+        self.dfa.attach(self.lightning_module, trainer)  # type: ignore[attr-defined]
 
     def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         self.dfa.before_backward(closure_loss)
@@ -191,7 +209,7 @@ class DFACallbackMixin:
         return "DFA"
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        self.dfa.attach(pl_module)
+        self.dfa.attach(pl_module, trainer)
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
         self.dfa.before_backward(loss)
