@@ -157,7 +157,29 @@ class KeepBest(pl.Callback):
 
 
 # ---------------------------------------------------------------------------------------------- click models
-class ClickModel(pl.LightningModule):
+class _EvalStages(pl.LightningModule):
+    """Validation and test share one path: ``_eval_step(batch, stage)`` per batch, ``_eval_end(stage)`` per epoch."""
+
+    def _eval_step(self, batch: Any, stage: str) -> None:
+        raise NotImplementedError
+
+    def _eval_end(self, stage: str) -> None:
+        raise NotImplementedError
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_end("val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_end("test")
+
+
+class ClickModel(_EvalStages):
     """Shared training loop of the click models: BCE with logits, Adam; logs ``val_auc``/``val_logloss``.
 
     Args:
@@ -227,18 +249,6 @@ class ClickModel(pl.LightningModule):
         }
         self.last_metrics.update(metrics)
         self.log_dict(metrics, prog_bar=True)
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_end("val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_end("test")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
@@ -341,7 +351,7 @@ class AutoInt(ClickModel):
 
 
 # ---------------------------------------------------------------------------------------------- rating model
-class RatingMLP(pl.LightningModule):
+class RatingMLP(_EvalStages):
     """Rating prediction: ``r = mean + b_u + b_i + MLP([p_u, q_i, p_u * q_i])`` trained with MSE.
 
     Feedback (found automatically): after each Linear-BN-ReLU-Dropout group of ``mlp``; the user and item
@@ -443,18 +453,6 @@ class RatingMLP(pl.LightningModule):
             rmse = float(torch.cat(rows).mean().sqrt())
             self.last_metrics[f"{stage}_rmse"] = rmse
             self.log(f"{stage}_rmse", rmse, prog_bar=True)
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_end("val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_end("test")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.parameters() if p.requires_grad]
