@@ -191,21 +191,70 @@ def load_gutenberg(cache_dir: str | Path | None = None, timeout: float = 30.0) -
 
 
 # ---------------------------------------------------------------------------------------------- synthetic
-_NAMES = ("Anne", "Elizabeth", "Emma", "Fanny", "Catherine", "Elinor", "Marianne", "Mr. Darcy", "Captain Wentworth",
-          "Sir Walter", "Mrs. Bennet", "Mr. Knightley", "Lady Russell", "Edmund", "Henry")
-_VERBS = ("admired", "visited", "wrote to", "spoke of", "walked with", "thought of", "danced with", "disliked",
-          "forgave", "answered", "observed", "pitied")
-_ADJS = ("amiable", "agreeable", "handsome", "proud", "sensible", "lively", "quiet", "tolerable", "elegant",
-         "silly", "respectable", "charming")
-_PLACES = ("Bath", "Highbury", "Pemberley", "Kellynch Hall", "Mansfield Park", "Northanger Abbey", "Barton Cottage",
-           "London", "Lyme", "Hartfield")
+_NAMES = (
+    "Anne",
+    "Elizabeth",
+    "Emma",
+    "Fanny",
+    "Catherine",
+    "Elinor",
+    "Marianne",
+    "Mr. Darcy",
+    "Captain Wentworth",
+    "Sir Walter",
+    "Mrs. Bennet",
+    "Mr. Knightley",
+    "Lady Russell",
+    "Edmund",
+    "Henry",
+)
+_VERBS = (
+    "admired",
+    "visited",
+    "wrote to",
+    "spoke of",
+    "walked with",
+    "thought of",
+    "danced with",
+    "disliked",
+    "forgave",
+    "answered",
+    "observed",
+    "pitied",
+)
+_ADJS = (
+    "amiable",
+    "agreeable",
+    "handsome",
+    "proud",
+    "sensible",
+    "lively",
+    "quiet",
+    "tolerable",
+    "elegant",
+    "silly",
+    "respectable",
+    "charming",
+)
+_PLACES = (
+    "Bath",
+    "Highbury",
+    "Pemberley",
+    "Kellynch Hall",
+    "Mansfield Park",
+    "Northanger Abbey",
+    "Barton Cottage",
+    "London",
+    "Lyme",
+    "Hartfield",
+)
 _TEMPLATES = (
     "{a} {v} {b} at {p}.",
-    "\"I am sure {b} is very {j},\" said {a}.",
+    '"I am sure {b} is very {j}," said {a}.',
     "{a} was {j}, and {b} was {j2}.",
     "It was a {j} morning at {p}, and {a} {v} {b}.",
     "{a} had never {v} anyone so {j} as {b}.",
-    "\"{p} is {j},\" cried {a}; \"but {b} is more {j2}.\"",
+    '"{p} is {j}," cried {a}; "but {b} is more {j2}."',
 )
 
 
@@ -221,8 +270,12 @@ def synthetic_text(n_chars: int = 20000, seed: int = 0) -> str:
     lines, line, total = [], "", 0
     while total < n_chars:
         sentence = rng.choice(_TEMPLATES).format(
-            a=rng.choice(_NAMES), b=rng.choice(_NAMES), v=rng.choice(_VERBS), p=rng.choice(_PLACES),
-            j=rng.choice(_ADJS), j2=rng.choice(_ADJS),
+            a=rng.choice(_NAMES),
+            b=rng.choice(_NAMES),
+            v=rng.choice(_VERBS),
+            p=rng.choice(_PLACES),
+            j=rng.choice(_ADJS),
+            j2=rng.choice(_ADJS),
         )
         for word in sentence.split(" "):
             if len(line) + len(word) + 1 > 70:

@@ -18,9 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
+
+from examples.data.splits import SplitDataModule
 
 
 def auc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -159,7 +160,7 @@ def generate(
     return ClickLog(dense, cat, clicks, prob.astype(np.float32), cardinalities, n - n_val - n_test, n_val)
 
 
-class ClickDataModule(pl.LightningDataModule):
+class ClickDataModule(SplitDataModule):
     """The synthetic click log as a DataModule: batches of ``(dense, categorical, click)``.
 
     Args:
@@ -211,18 +212,3 @@ class ClickDataModule(pl.LightningDataModule):
             self.datasets[name] = TensorDataset(
                 torch.from_numpy(log.dense[s]), torch.from_numpy(log.cat[s]), torch.from_numpy(log.clicks[s])
             )
-
-    def _loader(self, name: str, shuffle: bool) -> DataLoader:
-        self.setup()
-        bs = self.hparams.batch_size * (1 if shuffle else 4)
-        g = torch.Generator().manual_seed(self.hparams.seed)
-        return DataLoader(self.datasets[name], batch_size=bs, shuffle=shuffle, generator=g if shuffle else None)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False)

@@ -30,9 +30,10 @@ import zlib
 from dataclasses import dataclass
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
+
+from examples.data.splits import SplitDataModule
 
 PACKAGE = "r-cran-dslabs"
 HELP = (
@@ -187,7 +188,7 @@ def load(n_test: int = 10_000, n_val: int = 5_000, seed: int = 0, cache: str | N
         return split(z["user"], z["movie"], z["rating"], n_test, n_val, seed)
 
 
-class MovieLensDataModule(pl.LightningDataModule):
+class MovieLensDataModule(SplitDataModule):
     """MovieLens ratings as batches of ``(user, item, rating)``.
 
     Args:
@@ -240,22 +241,6 @@ class MovieLensDataModule(pl.LightningDataModule):
             self.datasets[name] = TensorDataset(
                 torch.from_numpy(r.user[idx]), torch.from_numpy(r.item[idx]), torch.from_numpy(r.rating[idx])
             )
-
-    def _loader(self, name: str, shuffle: bool) -> DataLoader:
-        if not self.datasets:
-            self.setup()
-        bs = self.hparams.batch_size * (1 if shuffle else 4)
-        g = torch.Generator().manual_seed(self.hparams.seed)
-        return DataLoader(self.datasets[name], batch_size=bs, shuffle=shuffle, generator=g if shuffle else None)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False)
 
 
 def synthetic_ratings(n_users: int = 50, n_items: int = 80, n: int = 2000, rank: int = 3, seed: int = 0) -> Ratings:
