@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -35,7 +36,7 @@ def gpt2_macs(
     Per token and layer the forward has ``12 d^2`` (QKV 3, attention projection 1, MLP 4 + 4) and attention
     ``2 T d`` (scores and weighted sum over the full ``T x T``), the head ``V d``. DFA options counted:
     ``cut_head_input`` (no head input gradient), ``blocks`` naming ``*.ln_1`` / ``*.ln_2`` (no input gradient
-    of ``c_attn`` (3 d^2) / ``c_fc`` (4 d^2)), ``topk``, ``error_at="head_input"``.
+    of ``c_attn`` (3 d^2) / ``c_fc`` (4 d^2)), ``topk``, ``sketch``, ``error_at="head_input"``.
     """
     n = batch * ctx
     attn = 2 * n * ctx * d
@@ -55,11 +56,25 @@ def gpt2_macs(
             out["head_input_grad"] = 0
         if o.get("error_at") == "head_input":
             out["projection"] = n * d * d
+        elif o.get("sketch") and vocab > 4 * d:
+            out["projection"] = n * sketch_macs(vocab, d)
         else:
             k = o.get("topk")
             out["projection"] = n * d * (k if k is not None and k < vocab else vocab)
     out["total"] = sum(out.values())
     return out
+
+
+def sketch_macs(k: int, d: int) -> int:
+    """MACs per row of the ``sketch`` projection of a width-``k`` error to width ``d``: two passes over the error
+    (``2 k``: signed sums per group and per residue) and two small GEMMs (``(k / g + g) d``, ``g = max(sqrt(k), d)``).
+
+    Example:
+        >>> round(sketch_macs(50257, 256) / (50257 * 256), 3)  # against the dense projection
+        0.017
+    """
+    g = min(k, max(math.isqrt(k - 1) + 1, d))
+    return 2 * k + (-(-k // g) + g) * d
 
 
 def mlp_macs(sizes: list[int], batch: int, options: dict[str, Any] | None) -> dict[str, float]:

@@ -211,7 +211,9 @@ def _gcn_case(name: str, nodes: int, edges: int, n_in: int, hidden: int, n_out: 
     )
 
 
-def gpt2_arms(topk: int | None = None, ln2: bool = False, distinct: bool = True) -> dict[str, dict[str, Any]]:
+def gpt2_arms(
+    topk: int | None = None, ln2: bool = False, distinct: bool = True, sketch: bool = True
+) -> dict[str, dict[str, Any]]:
     """The DFA arms of a GPT-2 model: the engine's default, then the optimisations one by one."""
     arms: dict[str, dict[str, Any]] = {
         "dfa": {},
@@ -225,6 +227,14 @@ def gpt2_arms(topk: int | None = None, ln2: bool = False, distinct: bool = True)
     if topk is not None:
         arms[f"dfa cut top{topk}"] = {"cut_head_input": True, "topk": topk}
         arms[f"dfa cut+ln1 top{topk}"] = {"cut_head_input": True, "blocks": GPT2_LN1, "topk": topk}
+    if sketch:
+        arms["dfa cut sketch"] = {"cut_head_input": True, "sketch": True}
+        arms["dfa cut+ln1 sketch"] = {"cut_head_input": True, "blocks": GPT2_LN1, "sketch": True}
+        arms["dfa cut+ln1+ln2 sketch"] = {
+            "cut_head_input": True,
+            "blocks": GPT2_LN1 + ["transformer.h.*.ln_2"],
+            "sketch": True,
+        }
     return arms
 
 
@@ -259,11 +269,13 @@ def ladder(quick: bool) -> list[Case]:
             {
                 k: v
                 for k, v in gpt2_arms(topk=64, distinct=False).items()
-                if k in ("dfa", "dfa cut+ln1", "dfa cut+ln1 top64")
+                if k in ("dfa", "dfa cut+ln1", "dfa cut+ln1 top64", "dfa cut+ln1 sketch")
             },
             meta={"cpu_stand_in": True},
         ),
-        _gpt2_case("gpt2-small", 50257, 768, 12, 1024, 8, gpt2_arms(topk=64, distinct=False), cuda_only=True),
+        _gpt2_case(
+            "gpt2-small", 50257, 768, 12, 1024, 8, gpt2_arms(topk=64, ln2=True, distinct=False), cuda_only=True
+        ),
     ]
 
 
@@ -295,8 +307,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+PRECISION = {"value": "32"}
+
+
+def _autocast(batch: tuple) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` to bfloat16 under ``--precision bf16-mixed`` (as Lightning's plugin), else nothing."""
+    if PRECISION["value"] != "bf16-mixed":
+        return contextlib.nullcontext()
+    return torch.autocast(batch[0].device.type, dtype=torch.bfloat16)
+
+
 def _step(case: Case, model: nn.Module, opt: torch.optim.Optimizer, batch: tuple, arm: Arm) -> None:
-    loss = case.loss(model, batch)
+    with _autocast(batch):
+        loss = case.loss(model, batch)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -365,7 +388,9 @@ def _counted_flops(case: Case, model: nn.Module, batch: tuple, arm: Arm) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     with arm.attached(model), FlopCounterMode(display=False) as counter:
-        case.loss(model, batch).backward()
+        with _autocast(batch):
+            loss = case.loss(model, batch)
+        loss.backward()
         if arm.engine is not None:
             arm.engine.end_backward()
     model.zero_grad(set_to_none=True)
@@ -755,6 +780,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arms", default="", help="comma-separated DFA arms to keep (default: all of each model)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU)")
+    p.add_argument("--precision", default="32", choices=["32", "bf16-mixed"], help="as Lightning's precision flag")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--proj-repeats", type=int, default=20)
@@ -820,7 +846,9 @@ def main(argv: list[str] | None = None) -> int:
         for case in cases:
             case.arms = {k: v for k, v in case.arms.items() if k in keep}
     warmup, repeats, proj = (1, 2, 2) if args.quick else (args.warmup, args.repeats, args.proj_repeats)
+    PRECISION["value"] = args.precision
     info = machine(dev)
+    info["precision"] = args.precision
     results = {"machine": info, "cases": []}
     name = f"speed_{dev.type}{('_' + args.tag) if args.tag else ''}.json"
     for case in cases:

@@ -77,6 +77,14 @@ class DFAConfig:
             over the whole output width. For softmax + cross-entropy ``e = softmax - onehot`` is dominated by the
             target entry and a few likely tokens, and a random projection of the dropped diffuse remainder is
             small. Used only where the error is wider than ``k``; costs ``k / width`` of the dense projection.
+        sketch: a structured random feedback matrix for wide errors (``False`` by default), exact (not an
+            approximation of some dense ``B``: it *is* the feedback): output index ``v = i * g + j`` gets the row
+            ``(b_j G1[i] + a_i G2[j]) / sqrt(2)`` with fixed random signs ``a``, ``b`` and small random matrices
+            ``G1`` (``[k / g, d]``), ``G2`` (``[g, d]``), ``g = max(sqrt(k), d)``. The projection is two passes
+            over the error (a signed sum over each group of ``g`` consecutive outputs and over each residue) and two
+            small GEMMs: for a 50257-word vocabulary about 1/30 of the dense GEMM's multiply-adds, and its matrices
+            take ``(k / g + g) * d`` floats instead of ``k * d``. Used where the error is wider than ``4 d``
+            (elsewhere the dense projection is as cheap). Cannot be combined with ``topk``.
     """
 
     mode: str = "dfa"
@@ -91,6 +99,7 @@ class DFAConfig:
     norm_jacobian: bool = False
     cut_head_input: bool = False
     topk: int | None = None
+    sketch: bool = False
 
     def merged_with(self, options: dict[str, Any], origin: str = "options") -> DFAConfig:
         """A copy where ``options`` fill the fields still at their default (explicit settings win).
@@ -126,6 +135,10 @@ class DFAConfig:
             if isinstance(self.topk, bool) or int(self.topk) != self.topk or int(self.topk) < 1:
                 raise ValueError(f"DFA: topk must be None or a positive integer, got {self.topk!r}.")
             self.topk = int(self.topk)
+        if not isinstance(self.sketch, bool):
+            raise ValueError(f"DFA: sketch must be True or False, got {self.sketch!r}.")
+        if self.sketch and self.topk is not None:
+            raise ValueError("DFA: choose one cheaper projection: sketch=True or topk=k, not both.")
         self.seed = int(self.seed)
         self.scale = float(self.scale)
 
@@ -497,6 +510,8 @@ class FeedbackEngine:
         ``sum_kept (e_j - c) B_j + c * sum_all B_j``. Exact when the dropped entries are equal (a flat softmax
         tail); dropping the tail outright would bias every token's feedback the same way (``e`` of softmax +
         cross-entropy sums to zero, so the tail's mass is the kept entries' deficit)."""
+        if self.config.sketch and k > 4 * width:
+            return self._sketch_projection(source, k, width)
         topk = self.config.topk
         if topk is None or topk >= k:
             return source @ self.bank.matrix(k, width, source.device, source.dtype).t()
@@ -506,6 +521,25 @@ class FeedbackEngine:
         tail = ((rows.sum(-1) - kept.sum(-1)) / (k - topk)).unsqueeze(-1)  # mean of the dropped entries
         out = nn.functional.embedding_bag(index, table, per_sample_weights=kept - tail, mode="sum")
         out.addcmul_(tail * k, self.bank.mean_column(k, width, source.device, source.dtype))
+        return out.reshape(*source.shape[:-1], width)
+
+    def _sketch_projection(self, source: torch.Tensor, k: int, width: int) -> torch.Tensor:
+        """``source @ B.T`` for the ``sketch`` option's structured ``B`` (see :class:`DFAConfig`), without forming
+        ``B``: with the error's row viewed as ``E[i, j]`` (``v = i * g + j``), ``X_i = sum_j b_j E[i, j]`` and
+        ``Y_j = sum_i a_i E[i, j]`` (two batched matrix-vector products over a view: no copy of the error), then
+        ``X @ G1 + Y @ G2``. The last, partial group (``k`` not a multiple of ``g``) is added separately."""
+        g, a, b, g1, g2 = self.bank.sketch(k, width, source.device, source.dtype)
+        rows = source.reshape(-1, k)
+        n = rows.shape[0]
+        full, rest = divmod(k, g)
+        grid = rows[:, : full * g].unflatten(1, (full, g))  # [n, full, g], a view
+        x = torch.bmm(grid, b.view(1, g, 1).expand(n, g, 1)).squeeze(-1)  # [n, full]
+        y = torch.bmm(a[:full].view(1, 1, full).expand(n, 1, full), grid).squeeze(1)  # [n, g]
+        if rest:
+            tail = rows[:, full * g :]  # [n, rest]: the partial group i = full
+            x = torch.cat([x, (tail @ b[:rest]).unsqueeze(-1)], dim=-1)
+            y[:, :rest].addcmul_(tail, a[full : full + 1])
+        out = torch.addmm(y @ g2, x, g1)
         return out.reshape(*source.shape[:-1], width)
 
     def feedback_for(

@@ -17,6 +17,7 @@ of each token's feedback then equals ``scale * ||e||`` whatever the width; ``"un
 
 from __future__ import annotations
 
+import math
 import zlib
 from typing import Any
 
@@ -83,6 +84,7 @@ class FeedbackBank:
         self.distribution = distribution
         self._matrices: dict[int, torch.Tensor] = {}
         self._signs: dict[str, torch.Tensor] = {}
+        self._sketches: dict[int, dict[str, Any]] = {}
         self._cache: dict[tuple, torch.Tensor] = {}
         self._loaded_widths: dict[str, list[int]] | None = None
         self.widths: dict[str, list[int]] = {}  # point key -> [error width k, point width d]
@@ -126,6 +128,70 @@ class FeedbackBank:
             self._cache[key] = cached
         return cached
 
+    def sketch(
+        self, k: int, width: int, device: torch.device, dtype: torch.dtype
+    ) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The structured feedback of error width ``k`` (the ``sketch`` option): ``(g, a, b, G1, G2)``.
+
+        Output index ``v = i * g + j`` (``i < m = ceil(k / g)``, ``j < g``) has the feedback row
+        ``B[v] = (b_j * G1[i] + a_i * G2[j]) / sqrt(2)``, with ``a``, ``b`` fixed random signs and ``G1`` (``[m, width]``),
+        ``G2`` (``[g, width]``) drawn from the bank's distribution, so every entry of ``B`` has the dense matrix's
+        variance and any two rows differ. ``g = max(ceil(sqrt(k)), width)`` (capped at ``k``) is fixed when first
+        drawn, so that ``m + g - 1 >= width`` (full rank). Returned ``G1``/``G2`` carry the ``1/sqrt(2)`` and are
+        cast once and cached; the drawn values are saved in :meth:`state_dict`.
+
+        Example:
+            >>> bank = FeedbackBank(seed=0, distribution="gaussian")
+            >>> g, a, b, G1, G2 = bank.sketch(k=1000, width=16, device=torch.device("cpu"), dtype=torch.float32)
+            >>> g, tuple(a.shape), tuple(b.shape), tuple(G1.shape), tuple(G2.shape)
+            (32, (32,), (32,), (32, 16), (32, 16))
+        """
+        stored = self._sketches.get(k)
+        if stored is None or stored["G1"].shape[0] < width:
+            if stored is None and self._loaded_widths is not None and self._sketches:
+                raise RuntimeError(
+                    f"DFA: the model now produces an error of width {k}, but the checkpoint's sketched feedback "
+                    f"was drawn for error widths {sorted(self._sketches)}. The model's output shape changed since "
+                    "the checkpoint was written; resume with the original model or start a new run."
+                )
+            g = stored["g"] if stored is not None else min(k, max(math.isqrt(k - 1) + 1, width))
+            m = -(-k // g)
+            stored = {
+                "g": g,
+                "a": draw((1, m), "rademacher", self.seed, "sketch-a", k)[0],
+                "b": draw((1, g), "rademacher", self.seed, "sketch-b", k)[0],
+                "G1": draw((width, m), self.distribution, self.seed, "sketch-G1", k),  # stored transposed:
+                "G2": draw((width, g), self.distribution, self.seed, "sketch-G2", k),  # prefix-stable in width
+            }
+            self._sketches[k] = stored
+            self._cache = {key: v for key, v in self._cache.items() if key[:2] != ("sketch", k)}
+        key = ("sketch", k, width, device, dtype)
+        cached = self._cache.get(key)
+        if cached is None:
+            s = 2**-0.5
+            cached = (
+                stored["g"],
+                stored["a"].to(device=device, dtype=dtype),
+                stored["b"].to(device=device, dtype=dtype),
+                (stored["G1"][:width].t() * s).to(device=device, dtype=dtype).contiguous(),
+                (stored["G2"][:width].t() * s).to(device=device, dtype=dtype).contiguous(),
+            )
+            self._cache[key] = cached
+        return cached
+
+    def sketch_matrix(self, k: int, width: int) -> torch.Tensor:
+        """The ``sketch`` option's feedback as a dense ``[width, k]`` float32 matrix (for inspection and tests).
+
+        Example:
+            >>> bank = FeedbackBank(seed=0)
+            >>> bank.sketch_matrix(k=100, width=8).shape
+            torch.Size([8, 100])
+        """
+        g, a, b, g1, g2 = self.sketch(k, width, torch.device("cpu"), torch.float32)
+        v = torch.arange(k)
+        i, j = v // g, v % g
+        return (b[j, None] * g1[i] + a[i, None] * g2[j]).t().contiguous()
+
     def signs(self, point: str, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """Fixed random +-1 vector of one feedback point (the ``distinct`` option)."""
         stored = self._signs.get(point)
@@ -160,16 +226,19 @@ class FeedbackBank:
     @property
     def nbytes(self) -> int:
         """Memory held by the stored float32 matrices (one copy; device casts are cached separately)."""
-        return sum(m.numel() * m.element_size() for m in self._matrices.values())
+        sketched = sum(t.numel() * t.element_size() for s in self._sketches.values() for t in s.values() if
+                       isinstance(t, torch.Tensor))
+        return sum(m.numel() * m.element_size() for m in self._matrices.values()) + sketched
 
     @property
     def cached_nbytes(self) -> int:
         """Memory held by cached casts that are not views of the stored matrices (device, dtype or layout copies)."""
         masters = {m.untyped_storage().data_ptr() for m in self._matrices.values()}
+        tensors = [t for v in self._cache.values() for t in (v if isinstance(v, tuple) else (v,))]
         storages = {
             t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-            for t in self._cache.values()
-            if t.untyped_storage().data_ptr() not in masters
+            for t in tensors
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in masters
         }
         return sum(storages.values())
 
@@ -182,6 +251,10 @@ class FeedbackBank:
             "distribution": self.distribution,
             "matrices": {int(k): m.clone() for k, m in self._matrices.items()},
             "signs": {p: s.clone() for p, s in self._signs.items()},
+            "sketches": {
+                int(k): {n: (t.clone() if isinstance(t, torch.Tensor) else t) for n, t in s.items()}
+                for k, s in self._sketches.items()
+            },
             "widths": {p: list(w) for p, w in self.widths.items()},
         }
 
@@ -193,6 +266,11 @@ class FeedbackBank:
         self.distribution = state["distribution"]
         self._matrices = {int(k): m.detach().to("cpu", torch.float32) for k, m in state["matrices"].items()}
         self._signs = {p: s.detach().to("cpu", torch.float32) for p, s in state["signs"].items()}
+        self._sketches = {
+            int(k): {n: (t.detach().to("cpu", torch.float32) if isinstance(t, torch.Tensor) else int(t))
+                     for n, t in s.items()}
+            for k, s in state.get("sketches", {}).items()
+        }
         self._loaded_widths = {p: list(w) for p, w in state["widths"].items()}
         self.widths = {}
         self._cache = {}

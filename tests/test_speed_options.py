@@ -18,12 +18,12 @@ from lightning_dfa.feedback import FeedbackBank
 V, D, LAYERS, T, B = 64, 16, 2, 8, 2
 
 
-def _gpt2(seed: int = 0) -> nn.Module:
+def _gpt2(seed: int = 0, vocab: int = V) -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
     cfg = GPT2Config(
-        vocab_size=V,
+        vocab_size=vocab,
         n_embd=D,
         n_layer=LAYERS,
         n_head=2,
@@ -219,3 +219,78 @@ def test_blocked_selection_finds_the_exact_top_entries() -> None:
     b = engine.bank.matrix(6000, 8, torch.device("cpu"), torch.float32)  # [8, 6000]
     ref = torch.einsum("nk,nkd->nd", kept - tail, b.t()[idx]) + tail * b.sum(1)
     torch.testing.assert_close(got, ref / math.sqrt(8))
+
+
+# ------------------------------------------------------------------------------------------------ sketch
+def _points(width: int, n: int = 1) -> list[_PointMeta]:
+    return [_PointMeta(f"p{i}", torch.Size([3, 5, width]), torch.float32, False) for i in range(n)]
+
+
+@pytest.mark.parametrize(("k", "width"), [(1000, 16), (1024, 16), (50257, 64), (8192, 256)])
+def test_sketch_projection_is_exact_for_its_structured_matrix(k: int, width: int) -> None:
+    torch.manual_seed(0)
+    error = torch.randn(3, 5, k, dtype=torch.float64)
+    engine = FeedbackEngine(seed=3, sketch=True)
+    got = engine.feedback_for(error, _points(width))[0]
+    dense = engine.bank.sketch_matrix(k, width).double()
+    want = (error @ dense.t()) / math.sqrt(width)
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5)
+    # full rank, the dense matrix's entry variance (uniform on [-1, 1): 1/3), and rows all different
+    assert torch.linalg.matrix_rank(dense).item() == width
+    assert abs(dense.var().item() - 1 / 3) < 0.03
+    assert torch.unique(dense.t(), dim=0).shape[0] == k
+
+
+def test_sketch_is_used_only_for_wide_errors_and_not_with_topk() -> None:
+    error = torch.randn(3, 5, 40)
+    dense = FeedbackEngine(seed=1).feedback_for(error, _points(16))[0]
+    assert torch.equal(FeedbackEngine(seed=1, sketch=True).feedback_for(error, _points(16))[0], dense)
+    with pytest.raises(ValueError, match="sketch=True or topk"):
+        DFAConfig(sketch=True, topk=8)
+    with pytest.raises(ValueError, match="sketch must be"):
+        DFAConfig(sketch=1)
+
+
+def test_sketch_is_saved_and_restored_and_small() -> None:
+    error = torch.randn(3, 5, 4000)
+    a = FeedbackEngine(seed=5, sketch=True, distinct=True)
+    first = a.feedback_for(error, _points(32, 2))
+    state = a.state_dict()
+    b = FeedbackEngine(seed=99, sketch=True, distinct=True)
+    b.load_state_dict(state)
+    for x, y in zip(first, b.feedback_for(error, _points(32, 2))):
+        assert torch.equal(x, y)
+    assert a.bank.nbytes < 4000 * 32 * 4 / 10  # the dense matrix would take k * d floats
+
+
+def test_sketch_trains_a_gpt2_with_every_parameter_getting_a_gradient() -> None:
+    vocab = 8 * D
+    model = _gpt2(vocab=vocab)
+    engine = FeedbackEngine(seed=0, sketch=True, cut_head_input=True)
+    engine.attach(model)
+    ids = torch.randint(0, vocab, (B, T + 1), generator=torch.Generator().manual_seed(0))
+    logits = model(input_ids=ids[:, :-1]).logits
+    nn.functional.cross_entropy(logits.reshape(-1, vocab), ids[:, 1:].reshape(-1)).backward()
+    engine.end_backward()
+    assert list(engine.bank._sketches) == [vocab] and not engine.bank._matrices  # the sketch path was taken
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters()
+               if "attn.c_attn.bias" not in n)
+    engine.detach()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("options", [{}, {"topk": 8}, {"sketch": True}, {"distinct": True, "norm_jacobian": True}])
+def test_projection_queues_without_a_host_sync_on_cuda(options: dict) -> None:
+    engine = FeedbackEngine(seed=0, **options)
+    error = torch.randn(4, 8, 1000, device="cuda")
+    h = torch.randn(4, 8, 32, device="cuda")
+    points = _points(32, 2)
+    points = [_PointMeta(p.key, torch.Size([4, 8, 32]), torch.float32, False) for p in points]
+    engine.feedback_for(error, points, [h, h])  # first call draws and caches the matrices (host to device)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = engine.feedback_for(error, points, [h, h])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out[0].is_cuda and out[0].shape == (4, 8, 32)

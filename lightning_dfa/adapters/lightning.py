@@ -45,6 +45,7 @@ class DFAStrategy(DFASingleDeviceMixin, DFAStrategyMixin, SingleDeviceStrategy):
         norm_jacobian: bool = False,
         cut_head_input: bool = False,
         topk: Optional[int] = None,
+        sketch: bool = False,
         verbose: bool = True,
         device: Optional[Union[str, torch.device]] = None,
         **kwargs: Any,
@@ -79,6 +80,7 @@ class DFADDPStrategy(DFADDPMixin, DFAStrategyMixin, DDPStrategy):
         norm_jacobian: bool = False,
         cut_head_input: bool = False,
         topk: Optional[int] = None,
+        sketch: bool = False,
         verbose: bool = True,
         **kwargs: Any,
     ) -> None:
@@ -111,6 +113,7 @@ class DFA(DFACallbackMixin, Callback):
         norm_jacobian: bool = False,
         cut_head_input: bool = False,
         topk: Optional[int] = None,
+        sketch: bool = False,
         verbose: bool = True,
     ) -> None:
         super().__init__()
