@@ -411,9 +411,9 @@ def _median_time(fn: Callable[[], Any], repeats: int, dev: torch.device) -> floa
 def _projection_alone(case: Case, model: nn.Module, arms: list[Arm], dev: torch.device, repeats: int) -> dict:
     """Median time of ``engine.feedback_for`` on a softmax-minus-one-hot error, and of the head's input GEMM."""
     g = torch.Generator().manual_seed(1)
-    logits = torch.randn(case.error_shape, generator=g) * 2
-    target = torch.randint(0, case.error_shape[-1], case.error_shape[:-1], generator=g)
-    error = (torch.softmax(logits, -1) - nn.functional.one_hot(target, case.error_shape[-1])).to(dev)
+    target = torch.randint(0, case.error_shape[-1], case.error_shape[:-1], generator=g).to(dev)
+    error = torch.softmax(torch.randn(case.error_shape, generator=g).to(dev) * 2, -1)
+    error.scatter_add_(-1, target.unsqueeze(-1), torch.full_like(error[..., :1], -1.0))  # softmax - one_hot
     error /= math.prod(case.error_shape[:-1])
     out: dict[str, Any] = {}
     if case.head_weight is not None:
