@@ -38,6 +38,7 @@ import contextlib
 import gc
 import json
 import math
+import re
 import os
 import platform
 import statistics
@@ -605,6 +606,8 @@ WORD_ARMS: dict[str, dict[str, Any] | None] = {
     "dfa cut top64": {"cut_head_input": True, "topk": 64},
     "dfa cut+ln1": {"cut_head_input": True, "blocks": GPT2_LN1},
     "dfa cut+ln1 top64": {"cut_head_input": True, "blocks": GPT2_LN1, "topk": 64},
+    "dfa cut sketch": {"cut_head_input": True, "sketch": True},
+    "dfa cut+ln1 sketch": {"cut_head_input": True, "blocks": GPT2_LN1, "sketch": True},
 }
 
 
@@ -764,7 +767,7 @@ def render(result_files: list[Path], lm_files: list[Path] | None = None) -> str:
         arms = lm["arms"]
         for name, r in arms.items():
             base, _, seed = name.partition(" seed")
-            dense = base.split(" top")[0] + (f" seed{seed}" if seed else "")
+            dense = re.sub(r" (top\d+|sketch)$", "", base) + (f" seed{seed}" if seed else "")
             rel = ""
             if dense != name and dense in arms:
                 rel = f"{100 * (r['val_loss'] / arms[dense]['val_loss'] - 1):+.2f} %"

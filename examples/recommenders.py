@@ -370,6 +370,10 @@ class RatingMLP(_EvalStages):
             factorisation); it reaches them directly, not through the MLP.
         baseline: start from the data module's regularised bias model (``baseline_biases()``) and keep it
             fixed: the MLP learns the user-item interaction on top of it.
+        gmf: add a generalised matrix-factorisation term ``w . (p_u * q_i)`` (NeuMF's GMF branch) beside the MLP.
+            Like DeepFM's FM term it reads the embeddings directly, not through the blocks, so under DFA it
+            takes its true gradient (one layer from the output, as DFA's output layer) while the MLP and the
+            embeddings' MLP input learn from the feedback.
     """
 
     def __init__(
@@ -384,6 +388,7 @@ class RatingMLP(_EvalStages):
         weight_decay: float = 0.0,
         reg: float = 0.0,
         baseline: bool = False,
+        gmf: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -426,11 +431,16 @@ class RatingMLP(_EvalStages):
         nn.init.zeros_(self.user_bias.weight)
         nn.init.zeros_(self.item_bias.weight)
         self.register_buffer("mean", torch.tensor(float(global_mean)))
+        self.gmf = nn.Linear(k, 1, bias=False) if h.get("gmf") else None
+        if self.gmf is not None:
+            nn.init.ones_(self.gmf.weight)  # starts as the plain dot product p_u . q_i
         self.built = True
 
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         p, q = self.user(users), self.item(items)
         deep = self.mlp(torch.cat([p, q, p * q], dim=1)).squeeze(-1)
+        if self.gmf is not None:
+            deep = deep + self.gmf(p * q).squeeze(-1)
         return self.mean + self.user_bias(users).squeeze(-1) + self.item_bias(items).squeeze(-1) + deep
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:

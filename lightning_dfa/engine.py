@@ -79,12 +79,12 @@ class DFAConfig:
             small. Used only where the error is wider than ``k``; costs ``k / width`` of the dense projection.
         sketch: a structured random feedback matrix for wide errors (``False`` by default), exact (not an
             approximation of some dense ``B``: it *is* the feedback): output index ``v = i * g + j`` gets the row
-            ``(b_j G1[i] + a_i G2[j]) / sqrt(2)`` with fixed random signs ``a``, ``b`` and small random matrices
-            ``G1`` (``[k / g, d]``), ``G2`` (``[g, d]``), ``g = max(sqrt(k), d)``. The projection is two passes
-            over the error (a signed sum over each group of ``g`` consecutive outputs and over each residue) and two
-            small GEMMs: for a 50257-word vocabulary about 1/30 of the dense GEMM's multiply-adds, and its matrices
-            take ``(k / g + g) * d`` floats instead of ``k * d``. Used where the error is wider than ``4 d``
-            (elsewhere the dense projection is as cheap). Cannot be combined with ``topk``.
+            ``sum_c A[c, i] G_c[j] / 2`` (``c < 4``), so the projection is ONE pass over the error (four signed
+            sums over the outputs of each residue class ``j``) and a small GEMM (``[4 g, d]``,
+            ``g = max(sqrt(k), d / 4)``): for a 50257-word vocabulary about 1/30 of the dense GEMM's multiply-adds.
+            Its entries are an integer hash of (seed, position) computed on the fly, so it holds no memory between
+            steps (see :meth:`FeedbackBank.sketch`). Used where the error is wider than ``4 d`` (elsewhere the
+            dense projection is as cheap). Cannot be combined with ``topk``.
     """
 
     mode: str = "dfa"
@@ -524,22 +524,20 @@ class FeedbackEngine:
         return out.reshape(*source.shape[:-1], width)
 
     def _sketch_projection(self, source: torch.Tensor, k: int, width: int) -> torch.Tensor:
-        """``source @ B.T`` for the ``sketch`` option's structured ``B`` (see :class:`DFAConfig`), without forming
-        ``B``: with the error's row viewed as ``E[i, j]`` (``v = i * g + j``), ``X_i = sum_j b_j E[i, j]`` and
-        ``Y_j = sum_i a_i E[i, j]`` (two batched matrix-vector products over a view: no copy of the error), then
-        ``X @ G1 + Y @ G2``. The last, partial group (``k`` not a multiple of ``g``) is added separately."""
-        g, a, b, g1, g2 = self.bank.sketch(k, width, source.device, source.dtype)
+        """``source @ B.T`` for the ``sketch`` option's structured ``B`` (see :meth:`FeedbackBank.sketch`), without
+        forming ``B``: with each row of the error viewed as ``E[i, j]`` (``v = i * g + j``), ONE batched product
+        over a view of the error (no copy) gives ``Y[c, j] = sum_i A[c, i] E[i, j]`` (a pass over the error with
+        4 multiply-adds per entry), then ``Y @ G`` (``[4 g, d]``). The last, partial group (``k`` not a multiple
+        of ``g``) is added separately."""
+        g, a, big = self.bank.sketch(k, width, source.device, source.dtype)
         rows = source.reshape(-1, k)
-        n = rows.shape[0]
+        n, c = rows.shape[0], a.shape[0]
         full, rest = divmod(k, g)
         grid = rows[:, : full * g].unflatten(1, (full, g))  # [n, full, g], a view
-        x = torch.bmm(grid, b.view(1, g, 1).expand(n, g, 1)).squeeze(-1)  # [n, full]
-        y = torch.bmm(a[:full].view(1, 1, full).expand(n, 1, full), grid).squeeze(1)  # [n, g]
+        y = torch.bmm(a[:, :full].unsqueeze(0).expand(n, c, full), grid)  # [n, c, g]
         if rest:
-            tail = rows[:, full * g :]  # [n, rest]: the partial group i = full
-            x = torch.cat([x, (tail @ b[:rest]).unsqueeze(-1)], dim=-1)
-            y[:, :rest].addcmul_(tail, a[full : full + 1])
-        out = torch.addmm(y @ g2, x, g1)
+            y[:, :, :rest].add_(a[:, full].view(1, c, 1) * rows[:, full * g :].unsqueeze(1))
+        out = y.reshape(n, c * g) @ big
         return out.reshape(*source.shape[:-1], width)
 
     def feedback_for(

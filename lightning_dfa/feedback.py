@@ -65,6 +65,61 @@ def draw(shape: tuple[int, int], distribution: str, seed: int, *parts: int | str
     return torch.cat(chunks)
 
 
+_M32 = 0xFFFFFFFF
+SKETCH_RANK = 4  # the sketch option: the outputs of one residue class share a random subspace of this dimension
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """``x * c mod 2**32`` for int64 ``x < 2**32`` without int64 overflow (16-bit halves of ``c``)."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """The ``lowbias32`` integer hash (C. Wellons) of int64 tensors holding 32-bit values."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def hashed_uniform(n: int, key: int, device: torch.device | str = "cpu", stream: int = 0) -> torch.Tensor:
+    """``n`` float32 values uniform on ``[-1, 1)``, a pure function of ``(key, position)``: an integer hash
+    computed with exact integer tensor ops on ``device``, so the values are bit-identical on every device,
+    process and PyTorch version, and a longer draw keeps the shorter one's values as its prefix.
+
+    Example:
+        >>> x = hashed_uniform(1000, key=7)
+        >>> bool(x.min() >= -1 and x.max() < 1), bool(torch.equal(x[:10], hashed_uniform(10, key=7)))
+        (True, True)
+    """
+    idx = torch.arange(n, dtype=torch.int64, device=device)
+    x = _hash32((_mul32(idx, 0x9E3779B1) + key + 0x6A09E667 + stream * 0x632BE5AB) & _M32)
+    return (x >> 8).to(torch.float32) * 2.0**-23 - 1.0
+
+
+def hashed_signs(n: int, key: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``n`` fixed random signs (+-1) from :func:`hashed_uniform`."""
+    return torch.where(hashed_uniform(n, key, device) < 0, -1.0, 1.0).to(dtype)
+
+
+def hashed_matrix(
+    rows: int, cols: int, distribution: str, key: int, device: torch.device, dtype: torch.dtype, scale: float = 1.0
+) -> torch.Tensor:
+    """A ``[rows, cols]`` matrix of ``distribution`` from :func:`hashed_uniform` (row-major positions, so the first
+    rows do not depend on how many rows are asked for). Gaussian entries by the Box-Muller transform."""
+    n = rows * cols
+    u = hashed_uniform(n, key, device)
+    if distribution == "uniform":
+        out = u
+    elif distribution == "rademacher":
+        out = torch.where(u < 0, -1.0, 1.0)
+    else:
+        r = (-2.0 * torch.log1p(-(u + 1.0) / 2)).sqrt()  # 1 - U in (0, 1]: no log(0)
+        out = r * torch.cos(torch.pi * (hashed_uniform(n, key, device, stream=1) + 1.0))
+    return (out * scale).to(dtype).view(rows, cols)
+
+
 class FeedbackBank:
     """The fixed random matrices of one engine, keyed by the error's width.
 
@@ -84,7 +139,7 @@ class FeedbackBank:
         self.distribution = distribution
         self._matrices: dict[int, torch.Tensor] = {}
         self._signs: dict[str, torch.Tensor] = {}
-        self._sketches: dict[int, dict[str, Any]] = {}
+        self._sketch_groups: dict[int, int] = {}  # sketch option: error width k -> group size g
         self._cache: dict[tuple, torch.Tensor] = {}
         self._loaded_widths: dict[str, list[int]] | None = None
         self.widths: dict[str, list[int]] = {}  # point key -> [error width k, point width d]
@@ -128,56 +183,44 @@ class FeedbackBank:
             self._cache[key] = cached
         return cached
 
-    def sketch(
-        self, k: int, width: int, device: torch.device, dtype: torch.dtype
-    ) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The structured feedback of error width ``k`` (the ``sketch`` option): ``(g, a, b, G1, G2)``.
+    def sketch(self, k: int, width: int, device: torch.device, dtype: torch.dtype) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """The structured feedback of error width ``k`` (the ``sketch`` option): ``(g, A, G)``.
 
         Output index ``v = i * g + j`` (``i < m = ceil(k / g)``, ``j < g``) has the feedback row
-        ``B[v] = (b_j * G1[i] + a_i * G2[j]) / sqrt(2)``, with ``a``, ``b`` fixed random signs and ``G1`` (``[m, width]``),
-        ``G2`` (``[g, width]``) drawn from the bank's distribution, so every entry of ``B`` has the dense matrix's
-        variance and any two rows differ. ``g = max(ceil(sqrt(k)), width)`` (capped at ``k``) is fixed when first
-        drawn, so that ``m + g - 1 >= width`` (full rank). Returned ``G1``/``G2`` carry the ``1/sqrt(2)`` and are
-        cast once and cached; the drawn values are saved in :meth:`state_dict`.
+        ``B[v] = sum_c A[c, i] G[c * g + j] / 2`` over ``c < 4``, with ``A`` (``[4, m]``) Gaussian and ``G``
+        (``[4 g, width]``) of the bank's distribution: every entry of ``B`` has the dense matrix's variance, any
+        two rows differ (the outputs of one residue ``j`` share a random 4-dimensional subspace, those of
+        different residues are independent), and ``B`` has full rank (``4 g >= width``).
+        ``g = max(ceil(sqrt(k)), ceil(width / 4))`` (capped at ``k``) is fixed when first used. Returned ``G`` carries the 1/2.
+
+        Nothing is stored: the entries are a pure function of (seed, ``k``, position), computed by an integer
+        hash on ``device`` at each call (:func:`hashed_uniform`, ``4 (m + g) width`` values), so the sketch adds no
+        persistent memory, needs no host-to-device copy, and is the same on every device, process and PyTorch
+        version (bit for bit for the uniform and Rademacher distributions' ``G``; the Gaussian values' Box-Muller
+        transform to float rounding). The group size ``g`` is saved in :meth:`state_dict`.
 
         Example:
             >>> bank = FeedbackBank(seed=0, distribution="gaussian")
-            >>> g, a, b, G1, G2 = bank.sketch(k=1000, width=16, device=torch.device("cpu"), dtype=torch.float32)
-            >>> g, tuple(a.shape), tuple(b.shape), tuple(G1.shape), tuple(G2.shape)
-            (32, (32,), (32,), (32, 16), (32, 16))
+            >>> g, A, G = bank.sketch(k=1000, width=16, device=torch.device("cpu"), dtype=torch.float32)
+            >>> g, tuple(A.shape), tuple(G.shape)
+            (32, (4, 32), (128, 16))
         """
-        stored = self._sketches.get(k)
-        if stored is None or stored["G1"].shape[0] < width:
-            if stored is None and self._loaded_widths is not None and self._sketches:
+        g = self._sketch_groups.get(k)
+        if g is None:
+            if self._loaded_widths is not None and (self._sketch_groups or self._matrices):
                 raise RuntimeError(
-                    f"DFA: the model now produces an error of width {k}, but the checkpoint's sketched feedback "
-                    f"was drawn for error widths {sorted(self._sketches)}. The model's output shape changed since "
-                    "the checkpoint was written; resume with the original model or start a new run."
+                    f"DFA: the model now produces an error of width {k}, but the checkpoint's feedback was drawn "
+                    f"for error widths {sorted(set(self._sketch_groups) | set(self._matrices))}. The model's output "
+                    "shape changed since the checkpoint was written; resume with the original model or start a new run."
                 )
-            g = stored["g"] if stored is not None else min(k, max(math.isqrt(k - 1) + 1, width))
-            m = -(-k // g)
-            stored = {
-                "g": g,
-                "a": draw((1, m), "rademacher", self.seed, "sketch-a", k)[0],
-                "b": draw((1, g), "rademacher", self.seed, "sketch-b", k)[0],
-                "G1": draw((width, m), self.distribution, self.seed, "sketch-G1", k),  # stored transposed:
-                "G2": draw((width, g), self.distribution, self.seed, "sketch-G2", k),  # prefix-stable in width
-            }
-            self._sketches[k] = stored
-            self._cache = {key: v for key, v in self._cache.items() if key[:2] != ("sketch", k)}
-        key = ("sketch", k, width, device, dtype)
-        cached = self._cache.get(key)
-        if cached is None:
-            s = 2**-0.5
-            cached = (
-                stored["g"],
-                stored["a"].to(device=device, dtype=dtype),
-                stored["b"].to(device=device, dtype=dtype),
-                (stored["G1"][:width].t() * s).to(device=device, dtype=dtype).contiguous(),
-                (stored["G2"][:width].t() * s).to(device=device, dtype=dtype).contiguous(),
-            )
-            self._cache[key] = cached
-        return cached
+            g = min(k, max(math.isqrt(k - 1) + 1, -(-width // SKETCH_RANK)))
+            self._sketch_groups[k] = g
+        m = -(-k // g)
+        key = self.seed, self.distribution, "sketch", k
+        a = hashed_matrix(SKETCH_RANK, m, "gaussian", _mix(*key, "A"), device, dtype)
+        # stored as [width, 4 g] rows so that a wider point keeps the narrower one's values
+        g_t = hashed_matrix(width, SKETCH_RANK * g, self.distribution, _mix(*key, "G"), device, dtype, 0.5)
+        return g, a, g_t.t()
 
     def sketch_matrix(self, k: int, width: int) -> torch.Tensor:
         """The ``sketch`` option's feedback as a dense ``[width, k]`` float32 matrix (for inspection and tests).
@@ -187,10 +230,11 @@ class FeedbackBank:
             >>> bank.sketch_matrix(k=100, width=8).shape
             torch.Size([8, 100])
         """
-        g, a, b, g1, g2 = self.sketch(k, width, torch.device("cpu"), torch.float32)
+        g, a, big = self.sketch(k, width, torch.device("cpu"), torch.float32)
         v = torch.arange(k)
         i, j = v // g, v % g
-        return (b[j, None] * g1[i] + a[i, None] * g2[j]).t().contiguous()
+        rows = sum(a[c, i, None] * big[c * g + j] for c in range(SKETCH_RANK))
+        return rows.t().contiguous()
 
     def signs(self, point: str, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """Fixed random +-1 vector of one feedback point (the ``distinct`` option)."""
@@ -226,19 +270,16 @@ class FeedbackBank:
     @property
     def nbytes(self) -> int:
         """Memory held by the stored float32 matrices (one copy; device casts are cached separately)."""
-        sketched = sum(t.numel() * t.element_size() for s in self._sketches.values() for t in s.values() if
-                       isinstance(t, torch.Tensor))
-        return sum(m.numel() * m.element_size() for m in self._matrices.values()) + sketched
+        return sum(m.numel() * m.element_size() for m in self._matrices.values())
 
     @property
     def cached_nbytes(self) -> int:
         """Memory held by cached casts that are not views of the stored matrices (device, dtype or layout copies)."""
         masters = {m.untyped_storage().data_ptr() for m in self._matrices.values()}
-        tensors = [t for v in self._cache.values() for t in (v if isinstance(v, tuple) else (v,))]
         storages = {
             t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-            for t in tensors
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in masters
+            for t in self._cache.values()
+            if t.untyped_storage().data_ptr() not in masters
         }
         return sum(storages.values())
 
@@ -251,10 +292,7 @@ class FeedbackBank:
             "distribution": self.distribution,
             "matrices": {int(k): m.clone() for k, m in self._matrices.items()},
             "signs": {p: s.clone() for p, s in self._signs.items()},
-            "sketches": {
-                int(k): {n: (t.clone() if isinstance(t, torch.Tensor) else t) for n, t in s.items()}
-                for k, s in self._sketches.items()
-            },
+            "sketch_groups": dict(self._sketch_groups),
             "widths": {p: list(w) for p, w in self.widths.items()},
         }
 
@@ -266,11 +304,7 @@ class FeedbackBank:
         self.distribution = state["distribution"]
         self._matrices = {int(k): m.detach().to("cpu", torch.float32) for k, m in state["matrices"].items()}
         self._signs = {p: s.detach().to("cpu", torch.float32) for p, s in state["signs"].items()}
-        self._sketches = {
-            int(k): {n: (t.detach().to("cpu", torch.float32) if isinstance(t, torch.Tensor) else int(t))
-                     for n, t in s.items()}
-            for k, s in state.get("sketches", {}).items()
-        }
+        self._sketch_groups = {int(k): int(g) for k, g in state.get("sketch_groups", {}).items()}
         self._loaded_widths = {p: list(w) for p, w in state["widths"].items()}
         self.widths = {}
         self._cache = {}
