@@ -121,7 +121,7 @@ def run_arm(name: str, options: dict[str, Any], dm: AustenDataModule, args: argp
     model = CharGPT(**model_kw)
     curve = CurveRecorder(dm._eval_loader("curve"), args.eval_every)
     trainer = pl.Trainer(
-        accelerator="cpu",
+        accelerator=args.accelerator,
         devices=1,
         strategy=strategy,
         max_steps=args.steps,
@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--eval-every", type=int, default=0, help="record a learning curve every N steps")
     p.add_argument("--curve-chars", type=int, default=20_000, help="characters scored for the learning curve")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--accelerator", default="cpu", help="Lightning accelerator: cpu (default), gpu or auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sample-chars", type=int, default=160)
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs)")

@@ -172,11 +172,13 @@ class CharGPT(pl.LightningModule):
         n_layer, n_embd, n_head: GPT-2 size.
         block_size: context length (``n_positions``).
         dropout: residual, embedding and attention dropout.
-        lr: Adam(W) learning rate (constant after a linear warm-up of ``warmup_steps``).
+        lr: Adam(W) learning rate (after a linear warm-up of ``warmup_steps``: constant, or see ``lr_decay``).
         beta1, beta2: Adam betas.
         weight_decay: AdamW weight decay.
         warmup_steps: linear learning-rate warm-up.
         tie_embeddings: tie the vocabulary projection to the input embedding (the DFA paper used untied).
+        lr_decay: ``"none"`` (default) or ``"cosine"``: a cosine decay to zero over the Trainer's budget
+            (``trainer.estimated_stepping_batches``, i.e. ``max_steps`` or ``max_epochs``).
     """
 
     def __init__(
@@ -192,8 +194,11 @@ class CharGPT(pl.LightningModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
         tie_embeddings: bool = False,
+        lr_decay: str = "none",
     ) -> None:
         super().__init__()
+        if lr_decay not in ("none", "cosine"):
+            raise ValueError(f"CharGPT: lr_decay must be 'none' or 'cosine', got {lr_decay!r}.")
         self.save_hyperparameters()
         from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -241,9 +246,16 @@ class CharGPT(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, betas=(hp.beta1, hp.beta2), weight_decay=hp.weight_decay)
-        if not hp.warmup_steps:
+        decay = hp.get("lr_decay", "none")
+        if not hp.warmup_steps and decay == "none":
             return opt
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / hp.warmup_steps))
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if decay == "cosine" else 1
+
+        def factor(step: int) -> float:
+            warm = min(1.0, (step + 1) / hp.warmup_steps) if hp.warmup_steps else 1.0
+            return warm * (0.5 * (1 + math.cos(math.pi * min(step, total) / total)) if decay == "cosine" else 1.0)
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     @torch.no_grad()
