@@ -112,7 +112,7 @@ class CurveRecorder(pl.Callback):
 def run_arm(name: str, options: dict[str, Any], dm: AustenDataModule, args: argparse.Namespace) -> dict[str, Any]:
     """Train one arm and evaluate it on the test text."""
     model_kw = {"n_layer": args.n_layer, "n_embd": args.n_embd, "n_head": args.n_head, "block_size": args.block_size,
-                "lr": args.lr}
+                "lr": args.lr, "lr_decay": args.lr_decay}
     model_kw.update({k: v for k, v in options.items() if k in _MODEL_KEYS})
     dfa_kw = {k: v for k, v in options.items() if k in _DFA_KEYS}
     mode = dfa_kw.get("mode", "dfa")
@@ -172,6 +172,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr-decay", default="none", choices=["none", "cosine"], help="cosine: decay to 0 over --steps")
     p.add_argument("--test-chars", type=int, default=50_000, help="score this many characters of Persuasion")
     p.add_argument("--eval-every", type=int, default=0, help="record a learning curve every N steps")
     p.add_argument("--curve-chars", type=int, default=20_000, help="characters scored for the learning curve")
@@ -205,7 +206,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
     print("\n" + format_table(results, refs, len(dm.texts["test"])))
     print(f"\nModel: GPT-2, {args.n_layer} layers, d {args.n_embd}, context {args.block_size}, "
-          f"batch {args.batch_size}, Adam lr {args.lr}; {torch.get_num_threads()} torch threads; total {total:.0f} s.")
+          f"batch {args.batch_size}, Adam lr {args.lr}{'' if args.lr_decay == 'none' else ' with cosine decay'}; {torch.get_num_threads()} torch threads; total {total:.0f} s.")
     for r in results:
         first = next((ln for ln in r["sample"].splitlines() if ln.strip()), "")
         print(f"  {r['arm']:>10}: {first[:100]!r}")
