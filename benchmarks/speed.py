@@ -719,7 +719,8 @@ def render(result_files: list[Path], lm_files: list[Path] | None = None) -> str:
             f"### {m['device']}: {m.get('gpu', m['cpu'])} (`{_rel(path)}`)",
             "",
             f"{m['date']}; {m['cores']} cores, torch {m['torch']}, {m['torch_threads']} intra-op thread(s); "
-            f"load average at start {tuple(round(x, 1) for x in m.get('load_average_at_start', ()))}.",
+            f"load average at start {tuple(round(x, 1) for x in m.get('load_average_at_start', ()))}"
+            f"{'; precision ' + m['precision'] if 'precision' in m else ''}.{' Note: ' + m['note'] + '.' if 'note' in m else ''}",
             "",
         ]
         for case in data["cases"]:
