@@ -205,8 +205,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     total = time.perf_counter() - start
 
     print("\n" + format_table(results, refs, len(dm.texts["test"])))
+    decay = "" if args.lr_decay == "none" else " with cosine decay"
     print(f"\nModel: GPT-2, {args.n_layer} layers, d {args.n_embd}, context {args.block_size}, "
-          f"batch {args.batch_size}, Adam lr {args.lr}{'' if args.lr_decay == 'none' else ' with cosine decay'}; {torch.get_num_threads()} torch threads; total {total:.0f} s.")
+          f"batch {args.batch_size}, Adam lr {args.lr}{decay}; {torch.get_num_threads()} torch threads; "
+          f"total {total:.0f} s.")
     for r in results:
         first = next((ln for ln in r["sample"].splitlines() if ln.strip()), "")
         print(f"  {r['arm']:>10}: {first[:100]!r}")

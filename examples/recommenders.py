@@ -36,6 +36,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from examples.callbacks import KeepBest
 from examples.data.clicks import ClickDataModule, auc
 from examples.data.movielens import MovieLensDataModule
 
@@ -131,29 +132,6 @@ class InteractingLayer(nn.Module):
         att = nn.functional.scaled_dot_product_attention(q, k, v)  # [B, heads, F, d/heads]
         att = att.transpose(1, 2).reshape(b, self.n_fields, self.d_out)
         return torch.relu(att + self.res(fields)).flatten(1)
-
-
-class KeepBest(pl.Callback):
-    """Keeps the weights of the best validation score and restores them when ``fit`` ends (early stopping
-    without stopping). ``metric`` is read from the module's ``last_metrics``."""
-
-    def __init__(self, metric: str, higher_is_better: bool) -> None:
-        self.metric, self.sign = metric, 1.0 if higher_is_better else -1.0
-        self.best: float | None = None
-        self.state: dict[str, torch.Tensor] | None = None
-        self.step = 0
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        value = getattr(pl_module, "last_metrics", {}).get(self.metric)
-        if trainer.sanity_checking or value is None:
-            return
-        if self.best is None or self.sign * value > self.sign * self.best:
-            self.best, self.step = value, trainer.global_step
-            self.state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
-
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.state is not None:
-            pl_module.load_state_dict(self.state)
 
 
 # ---------------------------------------------------------------------------------------------- click models
