@@ -38,9 +38,9 @@ import contextlib
 import gc
 import json
 import math
-import re
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -720,7 +720,8 @@ def render(result_files: list[Path], lm_files: list[Path] | None = None) -> str:
             "",
             f"{m['date']}; {m['cores']} cores, torch {m['torch']}, {m['torch_threads']} intra-op thread(s); "
             f"load average at start {tuple(round(x, 1) for x in m.get('load_average_at_start', ()))}"
-            f"{'; precision ' + m['precision'] if 'precision' in m else ''}.{' Note: ' + m['note'] + '.' if 'note' in m else ''}",
+            f"{'; precision ' + m['precision'] if 'precision' in m else ''}."
+            f"{' Note: ' + m['note'] + '.' if 'note' in m else ''}",
             "",
         ]
         for case in data["cases"]:

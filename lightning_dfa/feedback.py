@@ -183,7 +183,9 @@ class FeedbackBank:
             self._cache[key] = cached
         return cached
 
-    def sketch(self, k: int, width: int, device: torch.device, dtype: torch.dtype) -> tuple[int, torch.Tensor, torch.Tensor]:
+    def sketch(
+        self, k: int, width: int, device: torch.device, dtype: torch.dtype
+    ) -> tuple[int, torch.Tensor, torch.Tensor]:
         """The structured feedback of error width ``k`` (the ``sketch`` option): ``(g, A, G)``.
 
         Output index ``v = i * g + j`` (``i < m = ceil(k / g)``, ``j < g``) has the feedback row
@@ -191,7 +193,8 @@ class FeedbackBank:
         (``[4 g, width]``) of the bank's distribution: every entry of ``B`` has the dense matrix's variance, any
         two rows differ (the outputs of one residue ``j`` share a random 4-dimensional subspace, those of
         different residues are independent), and ``B`` has full rank (``4 g >= width``).
-        ``g = max(ceil(sqrt(k)), ceil(width / 4))`` (capped at ``k``) is fixed when first used. Returned ``G`` carries the 1/2.
+        ``g = max(ceil(sqrt(k)), ceil(width / 4))`` (capped at ``k``) is fixed when first used. The returned ``G``
+        carries the 1/2.
 
         Nothing is stored: the entries are a pure function of (seed, ``k``, position), computed by an integer
         hash on ``device`` at each call (:func:`hashed_uniform`, ``4 (m + g) width`` values), so the sketch adds no
