@@ -104,3 +104,29 @@ def test_cli_fit_prints_test_accuracy(tmp_path: Path, capsys: pytest.CaptureFixt
     )  # fmt: skip
     out = capsys.readouterr().out
     assert "test accuracy:" in out and "blocks.0" in out  # the DFA summary names the feedback point
+
+
+def test_keep_best_restores_the_best_validation_weights() -> None:
+    from examples.callbacks import KeepBest
+
+    class Record(KeepBest):
+        def __init__(self) -> None:
+            super().__init__("val_acc", higher_is_better=True)
+            self.seen: list[float] = []
+
+        def on_validation_end(self, trainer, pl_module) -> None:  # noqa: ANN001
+            if not trainer.sanity_checking:
+                self.seen.append(float(trainer.callback_metrics["val_acc"]))
+            super().on_validation_end(trainer, pl_module)
+
+    torch.manual_seed(0)
+    model = GraphNet(conv="gcn", num_features=tiny_csbm().num_features, num_classes=3, lr=0.05)
+    record = Record()
+    t = trainer(max_steps=12, max_epochs=-1, callbacks=[record], check_val_every_n_epoch=1, strategy=DFAStrategy())
+    t.fit(model, datamodule=GraphDataModule(dataset="tiny_csbm"))
+    assert len(record.seen) == 12 and record.best == max(record.seen)
+    assert record.step < 12 and record.seen[-1] < record.best  # seeded: the last weights are not the best
+    after = t.validate(model, datamodule=GraphDataModule(dataset="tiny_csbm"), verbose=False)[0]["val_acc"]
+    assert after == pytest.approx(record.best)
+    assert GraphNet(keep_best=True).configure_callbacks()[0].metric == "val_acc"
+    assert GraphNet().configure_callbacks() == []
