@@ -171,7 +171,8 @@ QUALITY_NOTE = (
     "1433 binary features, 69% same-class edges; public-style split 140 train / 500 validation / 1000 test). Each "
     "conv is two layers with the original papers' settings (GCN/ChebConv K=2: hidden 16, dropout 0.5, Adam lr 0.01; "
     "GAT: 8 heads x 8, dropout 0.6, lr 0.005; weight decay 5e-4), full batch, 200 steps; validation every 5 steps "
-    "and the weights of the best validation accuracy are tested (early stopping without stopping). Metric: test accuracy (%), higher is better: mean over model seeds 0 and 1 (the `seeds` column lists "
+    "and the weights of the best validation accuracy are tested (early stopping without stopping). "
+    "Metric: test accuracy (%), higher is better: mean over model seeds 0 and 1 (the `seeds` column lists "
     "each). The reference rows are logistic regressions on the features alone and on two-hop propagated features "
     "(the calibration targets of offline-data.md: about 45% and 81%). The curve is the validation accuracy of seed 0."
 )

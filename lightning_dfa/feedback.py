@@ -156,6 +156,11 @@ class FeedbackBank:
         """
         stored = self._matrices.get(k)
         if stored is None or stored.shape[0] < width:
+            if stored is None and k in self._sketch_groups:
+                raise RuntimeError(
+                    f"DFA: the feedback for error width {k} was a sketch (sketch=True) when the checkpoint was "
+                    "written; resume with sketch=True, or start a new run to change the projection."
+                )
             if stored is None and self._loaded_widths is not None and self._matrices:
                 raise RuntimeError(
                     f"DFA: the model now produces an error of width {k}, but the checkpoint's feedback matrices "
@@ -210,6 +215,11 @@ class FeedbackBank:
         """
         g = self._sketch_groups.get(k)
         if g is None:
+            if k in self._matrices:
+                raise RuntimeError(
+                    f"DFA: the feedback for error width {k} was a dense matrix (sketch=False) when the checkpoint "
+                    "was written; resume with sketch=False, or start a new run to change the projection."
+                )
             if self._loaded_widths is not None and (self._sketch_groups or self._matrices):
                 raise RuntimeError(
                     f"DFA: the model now produces an error of width {k}, but the checkpoint's feedback was drawn "

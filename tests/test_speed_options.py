@@ -189,11 +189,61 @@ def test_feedback_matrix_is_cached_and_shared() -> None:
 
 
 def test_strategies_accept_the_options() -> None:
-    from lightning_dfa.adapters.pytorch_lightning import DFA, DFAStrategy
+    from lightning_dfa.adapters.pytorch_lightning import DFA, DFADDPStrategy, DFAStrategy
 
     for cls in (DFAStrategy, DFA):
         obj = cls(cut_head_input=True, topk=8, verbose=False)
         assert obj.dfa.config.cut_head_input is True and obj.dfa.config.topk == 8
+    for cls in (DFAStrategy, DFA, DFADDPStrategy):
+        assert cls(sketch=True, verbose=False).dfa.config.sketch is True
+
+
+def test_sketch_trains_through_the_trainer_and_resumes_identically(tmp_path) -> None:  # noqa: ANN001
+    """A GPT-2 whose vocabulary is wider than 4 d, fit with the sketch, checkpointed, resumed: same weights as
+    an uninterrupted run (the sketch's entries are recomputed from the seed, its group size from the checkpoint)."""
+    import pytorch_lightning as pl
+    from conftest import trainer
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_dfa.adapters.pytorch_lightning import DFAStrategy
+
+    vocab = 8 * D
+
+    class LM(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _gpt2(vocab=vocab)
+
+        def training_step(self, batch, i):  # noqa: ANN001, ANN202
+            ids = batch[0]
+            logits = self.net(input_ids=ids[:, :-1]).logits
+            return nn.functional.cross_entropy(logits.reshape(-1, vocab), ids[:, 1:].reshape(-1))
+
+        def configure_optimizers(self):  # noqa: ANN202
+            return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+    ids = torch.randint(0, vocab, (16, T + 1), generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(TensorDataset(ids), batch_size=4)
+    strategy = {"sketch": True, "cut_head_input": True, "verbose": False}
+
+    def fit(epochs: int, ckpt: str | None = None, seed: int = 0) -> LM:
+        pl.seed_everything(seed, verbose=False)
+        model = LM() if ckpt is None else LM()
+        t = trainer(max_epochs=epochs, strategy=DFAStrategy(**strategy), enable_checkpointing=False)
+        t.fit(model, loader, ckpt_path=ckpt)
+        if ckpt is None and epochs == 1:
+            t.save_checkpoint(tmp_path / "one.ckpt")
+        return model
+
+    full = fit(2)
+    fit(1)
+    resumed = fit(2, str(tmp_path / "one.ckpt"), seed=7)
+    for (n, a), b in zip(full.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), n
+    untrained = _gpt2(vocab=vocab).transformer.h[0].mlp.c_fc.weight
+    assert not torch.equal(full.net.transformer.h[0].mlp.c_fc.weight, untrained)
+    ckpt = torch.load(tmp_path / "one.ckpt", weights_only=False)
+    assert ckpt["dfa"]["sketch_groups"] == {vocab: 12}  # ceil(sqrt(128))
 
 
 def test_blocked_selection_finds_the_exact_top_entries() -> None:
@@ -269,6 +319,17 @@ def test_sketch_holds_no_memory_and_resumes_identically() -> None:
         assert torch.equal(x, y)
     with pytest.raises(RuntimeError, match="changed since the checkpoint"):
         b.feedback_for(torch.randn(3, 5, 5000), _points(32))
+    # switching the projection on resume would silently change the feedback: refused both ways
+    dense = FeedbackEngine(seed=5, distinct=True)
+    dense.load_state_dict(state)
+    with pytest.raises(RuntimeError, match="resume with sketch=True"):
+        dense.feedback_for(error, _points(32, 2))
+    dense_state = FeedbackEngine(seed=5)
+    dense_state.feedback_for(error, _points(32))
+    sketched = FeedbackEngine(seed=5, sketch=True)
+    sketched.load_state_dict(dense_state.state_dict())
+    with pytest.raises(RuntimeError, match="resume with sketch=False"):
+        sketched.feedback_for(error, _points(32))
 
 
 def test_hashed_feedback_is_a_pure_function_of_seed_and_position() -> None:
