@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from torch import nn
 
 from examples.data import movielens
 from examples.data.clicks import ClickDataModule, auc, generate
 from examples.recommenders import CLICK_MODELS, DCN, AutoInt, DeepFM, RatingMLP
-from lightning_dfa import DFAStrategy
+from lightning_dfa import DFAStrategy, FeedbackEngine
 
 TINY = dict(n=800, n_dense=3, n_cat=4, buckets=20, raw_ids=40, n_pairs=3, batch_size=64, seed=0)
 
@@ -136,3 +137,21 @@ def test_quality_rows_quick() -> None:
     assert len(tables) == 4
     assert all(np.isfinite(r["value"]) for r in rows)
     assert {r["arm"] for r in rows} >= {"dfa", "oracle (true probabilities)", "reference: user+item biases"}
+
+
+def test_rating_gmf_term_gets_its_true_gradient_under_dfa() -> None:
+    """The GMF branch reads the embeddings directly (not through the blocks): like DeepFM's FM term, its weight
+    gets backprop's gradient under DFA, while the MLP's first layer does not."""
+    users, items = torch.tensor([0, 1, 2, 3]), torch.tensor([1, 2, 0, 4])
+    ratings = torch.tensor([4.0, 3.0, 5.0, 1.0])
+    grads = {}
+    for mode in ("bp", "dfa"):
+        torch.manual_seed(0)
+        model = RatingMLP(n_users=5, n_items=6, embed_dim=4, hidden=[8, 4], dropout=0.0, gmf=True)
+        engine = FeedbackEngine(mode=mode)
+        engine.attach(model)
+        nn.functional.mse_loss(model(users, items), ratings).backward()
+        engine.end_backward()
+        grads[mode] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert torch.allclose(grads["dfa"]["gmf.weight"], grads["bp"]["gmf.weight"])
+    assert not torch.allclose(grads["dfa"]["mlp.0.0.weight"], grads["bp"]["mlp.0.0.weight"])
