@@ -70,7 +70,7 @@ DOMAINS: dict[str, str] = {
     "recommenders": "examples.recommenders",
     "nerf": "examples.nerf",
 }
-DEFAULT_MACHINE = "this 2-core CPU machine, shared with other agents' jobs"
+DEFAULT_MACHINE = "this 2-core CPU machine"
 
 
 # ---------------------------------------------------------------------------------------------- one arm
@@ -186,7 +186,8 @@ def run_domain(
         "quick": quick,
         "seed": seed,
         "total_s": time.perf_counter() - start,
-        "machine": os.environ.get("QUALITY_MACHINE", DEFAULT_MACHINE),
+        "machine": os.environ.get("QUALITY_MACHINE", DEFAULT_MACHINE)
+        + (f" (load average {os.getloadavg()[0]:.1f} at the end)" if hasattr(os, "getloadavg") else ""),
         "platform": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
         "torch_threads": _torch_threads(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
