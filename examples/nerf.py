@@ -330,6 +330,18 @@ in a shorter exploratory run (600 steps: 14.81 dB test; validation 13.6 vs 14.1 
 silhouette and position, no separate shapes or colours), shallow (a flat beige texture, no geometry). The shallow
 arm only trains the output layer on random features, so it cannot place density anywhere. Wall times differ
 mostly because of the shared machine's load, not the method.
+
+**Longer budgets and a wider MLP, explored on a GPU** (one H100 lent to a later session,
+`benchmarks/gpu_nerf_sweep.py`, the same scene, code and settings with `accelerator="gpu"`, seed 0, one run each;
+raw lines in `benchmarks/results/gpu_nerf_sweep_h100.jsonl`): width 64, DFA, **3000 steps: 19.83 dB** test, its
+validation PSNR still rising steadily (14.5, 15.4, 16.2, 17.3, 18.3 every 600 steps), so DFA is not stuck at this
+width, only slow: about 1 dB per 600 steps at the end, so the nearest-view baseline (23.7 dB) is several thousand
+steps further on. Width 256 (the original NeRF's): backprop 29.54 dB at 1200 steps and 31.32 at 3000, shallow
+11.88, but **DFA collapsed** to a constant image (9.54 dB, the same at every validation from step 200 on, at 1200
+and at 3000 steps): with 256 ReLUs per layer and lr 5e-3 the feedback drives the density output dead at the start
+and it never recovers (the sigma error vanishes where the softplus input is very negative). Not tried for lack of
+time: a lower learning rate or a warm-up at width 256, and runs of 10k+ steps at width 64 on this CPU (about 15
+minutes per arm). The acceptance (DFA above both baselines and within 6 dB of backprop) is therefore not met.
 """
 
 
