@@ -331,7 +331,7 @@ silhouette and position, no separate shapes or colours), shallow (a flat beige t
 arm only trains the output layer on random features, so it cannot place density anywhere. Wall times differ
 mostly because of the shared machine's load, not the method.
 
-**Longer budgets and a wider MLP, explored on a GPU** (one H100 lent to a later session,
+**Longer budgets and a wider MLP, explored on a GPU** (one H100 lent to the session of 2026-11-27 10:10 UTC,
 `benchmarks/gpu_nerf_sweep.py`, the same scene, code and settings with `accelerator="gpu"`, seed 0, one run each;
 raw lines in `benchmarks/results/gpu_nerf_sweep_h100.jsonl`): width 64, DFA, **3000 steps: 19.83 dB** test, its
 validation PSNR still rising steadily (14.5, 15.4, 16.2, 17.3, 18.3 every 600 steps), so DFA is not stuck at this
