@@ -299,10 +299,10 @@ def save_side_by_side(
 
 
 #: Budget and learning rates of :func:`quality_runs` (full mode).
-NERF_BUDGET = {"size": 32, "steps": 1200, "batch_size": 512, "n_samples": 24}
+NERF_BUDGET = {"size": 32, "steps": 10000, "batch_size": 512, "n_samples": 24}
 NERF_LR = {"bp": 5e-3, "dfa": 5e-3, "shallow": 5e-3}
 #: Extra DFA rows with other learning rates (full mode only).
-NERF_DFA_VARIANT_LRS = (1e-3,)
+NERF_DFA_VARIANT_LRS: tuple[float, ...] = ()
 RENDER_PNG = os.path.join("docs", "img", "nerf_test_views.png")
 
 QUALITY_NOTE = """\
