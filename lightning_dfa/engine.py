@@ -85,6 +85,12 @@ class DFAConfig:
             Its entries are an integer hash of (seed, position) computed on the fly, so it holds no memory between
             steps (see :meth:`FeedbackBank.sketch`). Used where the error is wider than ``4 d`` (elsewhere the
             dense projection is as cheap). Cannot be combined with ``topk``.
+        feedback_transform: ``None`` or a callable ``(point_key, feedback) -> feedback`` (same shape) applied to
+            every point's feedback before ``norm_jacobian``: a fixed, parameter-free operator that the model knows
+            lies between the point and the output, e.g. a graph's normalised adjacency for graph convolutions
+            (``A^T B e``: the error of the labelled nodes reaches their neighbours, as backprop's aggregation would
+            carry it, without transporting any learned weight). Usually returned by the LightningModule's
+            ``configure_dfa()``, since it needs the batch's graph; see ``examples/graphs.py``.
     """
 
     mode: str = "dfa"
@@ -100,6 +106,7 @@ class DFAConfig:
     cut_head_input: bool = False
     topk: int | None = None
     sketch: bool = False
+    feedback_transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None
 
     def merged_with(self, options: dict[str, Any], origin: str = "options") -> DFAConfig:
         """A copy where ``options`` fill the fields still at their default (explicit settings win).
@@ -139,6 +146,8 @@ class DFAConfig:
             raise ValueError(f"DFA: sketch must be True or False, got {self.sketch!r}.")
         if self.sketch and self.topk is not None:
             raise ValueError("DFA: choose one cheaper projection: sketch=True or topk=k, not both.")
+        if self.feedback_transform is not None and not callable(self.feedback_transform):
+            raise TypeError(f"DFA: feedback_transform must be callable, got {type(self.feedback_transform).__name__}.")
         self.seed = int(self.seed)
         self.scale = float(self.scale)
 
@@ -588,6 +597,9 @@ class FeedbackEngine:
             elif kind == "flatten":
                 fb = fb.reshape(p.shape)
             out.append(fb if fb.dtype == p.dtype else fb.to(p.dtype))
+        transform = self.config.feedback_transform
+        if transform is not None:
+            out = [_checked_transform(transform, p.key, fb) for p, fb in zip(points, out)]
         if self.config.norm_jacobian:
             out = [_norm_jacobian(h.detach(), fb, p.flatten) for h, fb, p in zip(activations, out, points)]
         return out
@@ -737,6 +749,20 @@ def _params_after_blocks(root: nn.Module, target: Target) -> set[int]:
             if id(p) not in block_ids:
                 after.add(id(p))
     return after
+
+
+def _checked_transform(
+    transform: Callable[[str, torch.Tensor], torch.Tensor], key: str, feedback: torch.Tensor
+) -> torch.Tensor:
+    """``transform(key, feedback)``, refused unless it keeps the feedback's shape."""
+    out = transform(key, feedback)
+    if not isinstance(out, torch.Tensor) or out.shape != feedback.shape:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise RuntimeError(
+            f"DFA: feedback_transform returned {got} for point {key!r}, whose feedback has shape "
+            f"{tuple(feedback.shape)}; it must return a tensor of the same shape."
+        )
+    return out
 
 
 def _largest_entries(rows: torch.Tensor, n: int, block: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
