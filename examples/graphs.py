@@ -196,7 +196,8 @@ QUALITY_NOTE = (
     "and the weights of the best validation accuracy are tested (early stopping without stopping). "
     "DFA's feedback passes through the graph's normalised adjacency before it enters the hidden block "
     "(`GraphNet(propagate_feedback=True)`, the default: `A^T B e`, no learned weight involved); the row "
-    "'dfa, feedback not propagated' is the same DFA without it. Metric: test accuracy (%), higher is better: mean over model seeds 0 and 1 (the `seeds` column lists "
+    "'dfa, feedback not propagated' is the same DFA without it. "
+    "Metric: test accuracy (%), higher is better: mean over model seeds 0 and 1 (the `seeds` column lists "
     "each). The reference rows are logistic regressions on the features alone and on two-hop propagated features "
     "(the calibration targets of offline-data.md: about 45% and 81%). The curve is the validation accuracy of seed 0."
 )
