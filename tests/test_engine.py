@@ -286,3 +286,22 @@ def test_checkpoint_state_round_trip_and_shape_mismatch() -> None:
     other.attach(wider)
     with pytest.raises(RuntimeError, match="shapes changed since the checkpoint"):
         _ce_step(wider, torch.randn(4, 6), torch.randint(0, 3, (4,)))
+
+
+def test_feedback_transform_is_applied_and_checked() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))
+    error = torch.randn(4, 2)
+    plain = FeedbackEngine(seed=1)
+    plain.attach(net)
+    with plain.capture() as cap:
+        net(torch.randn(4, 3))
+    base = plain.feedback_for(error, cap.points)[0]
+    plain.detach()
+    doubled = FeedbackEngine(seed=1, feedback_transform=lambda key, fb: 2 * fb)
+    torch.testing.assert_close(doubled.feedback_for(error, cap.points)[0], 2 * base)
+    wrong = FeedbackEngine(seed=1, feedback_transform=lambda key, fb: fb[:1])
+    with pytest.raises(RuntimeError, match="same shape"):
+        wrong.feedback_for(error, cap.points)
+    with pytest.raises(TypeError, match="callable"):
+        FeedbackEngine(feedback_transform=3)

@@ -130,3 +130,32 @@ def test_keep_best_restores_the_best_validation_weights() -> None:
     assert after == pytest.approx(record.best)
     assert GraphNet(keep_best=True).configure_callbacks()[0].metric == "val_acc"
     assert GraphNet().configure_callbacks() == []
+
+
+def test_dfa_feedback_is_propagated_through_the_graph() -> None:
+    """With ``propagate_feedback`` the hidden block's feedback is ``A^T (B e)`` (GCN's normalised adjacency):
+    it reaches the neighbours of the labelled nodes; without it only the labelled nodes get any."""
+    from torch_geometric.nn.conv.gcn_conv import gcn_norm
+
+    d = tiny_csbm()
+    signals = {}
+    for spread in (False, True):
+        torch.manual_seed(0)
+        model = GraphNet(conv="gcn", num_features=d.num_features, num_classes=3, dropout=0.0,
+                         propagate_feedback=spread)  # fmt: skip
+        engine = FeedbackEngine()
+        engine.attach(model)
+        seen: list[torch.Tensor] = []
+        engine._observers.append(lambda e, p, out, seen=seen: seen.append(out[0].detach().clone()))
+        logits = model(d.x, d.edge_index)
+        torch.nn.functional.cross_entropy(logits[d.train_mask], d.y[d.train_mask]).backward()
+        engine.end_backward()
+        engine.detach()
+        signals[spread] = seen[0]
+    reached = {k: v.abs().sum(1) > 0 for k, v in signals.items()}
+    assert torch.equal(reached[False], d.train_mask)
+    assert reached[True].sum() > 2 * d.train_mask.sum()
+    (src, dst), w = gcn_norm(d.edge_index, None, d.num_nodes, add_self_loops=True)
+    adjacency = torch.zeros(d.num_nodes, d.num_nodes).index_put_((dst, src), w, accumulate=True)
+    torch.testing.assert_close(signals[True], adjacency.t() @ signals[False])
+    assert "feedback_transform" not in GraphNet(propagate_feedback=False).configure_dfa()
