@@ -98,11 +98,6 @@ def hashed_uniform(n: int, key: int, device: torch.device | str = "cpu", stream:
     return (x >> 8).to(torch.float32) * 2.0**-23 - 1.0
 
 
-def hashed_signs(n: int, key: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """``n`` fixed random signs (+-1) from :func:`hashed_uniform`."""
-    return torch.where(hashed_uniform(n, key, device) < 0, -1.0, 1.0).to(dtype)
-
-
 def hashed_matrix(
     rows: int, cols: int, distribution: str, key: int, device: torch.device, dtype: torch.dtype, scale: float = 1.0
 ) -> torch.Tensor:
