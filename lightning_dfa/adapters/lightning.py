@@ -5,6 +5,7 @@ The two modules must stay line-for-line the same apart from the import block: th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Optional, Union
 
 import torch
@@ -46,6 +47,7 @@ class DFAStrategy(DFASingleDeviceMixin, DFAStrategyMixin, SingleDeviceStrategy):
         cut_head_input: bool = False,
         topk: Optional[int] = None,
         sketch: bool = False,
+        feedback_transform: Optional[Callable[[str, torch.Tensor], torch.Tensor]] = None,
         verbose: bool = True,
         device: Optional[Union[str, torch.device]] = None,
         **kwargs: Any,
@@ -81,6 +83,7 @@ class DFADDPStrategy(DFADDPMixin, DFAStrategyMixin, DDPStrategy):
         cut_head_input: bool = False,
         topk: Optional[int] = None,
         sketch: bool = False,
+        feedback_transform: Optional[Callable[[str, torch.Tensor], torch.Tensor]] = None,
         verbose: bool = True,
         **kwargs: Any,
     ) -> None:
@@ -114,6 +117,7 @@ class DFA(DFACallbackMixin, Callback):
         cut_head_input: bool = False,
         topk: Optional[int] = None,
         sketch: bool = False,
+        feedback_transform: Optional[Callable[[str, torch.Tensor], torch.Tensor]] = None,
         verbose: bool = True,
     ) -> None:
         super().__init__()
