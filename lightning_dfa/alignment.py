@@ -242,15 +242,16 @@ def find_engine(trainer: Any) -> FeedbackEngine | None:
 class AlignmentMonitorMixin:
     """Flavour-agnostic logic of :class:`AlignmentMonitor` (no Lightning import here)."""
 
-    def _monitor_init(
+    def __init__(
         self,
-        every_n_steps: int,
-        loss_fn: LossFn | None,
-        plot: bool,
-        filename: str,
-        prog_bar: bool,
-        prefix: str,
+        every_n_steps: int = 50,
+        loss_fn: LossFn | None = None,
+        plot: bool = True,
+        filename: str = "alignment.png",
+        prog_bar: bool = True,
+        prefix: str = "dfa/align",
     ) -> None:
+        super().__init__()  # the flavour's Callback, next in the MRO
         if int(every_n_steps) < 1:
             raise ValueError(f"AlignmentMonitor: every_n_steps must be >= 1, got {every_n_steps!r}.")
         self.every_n_steps = int(every_n_steps)
@@ -546,33 +547,9 @@ def _monitor_docstring(flavour: str) -> str:
 class AlignmentMonitor(AlignmentMonitorMixin, _PLCallback):
     __doc__ = _monitor_docstring("pytorch_lightning")
 
-    def __init__(
-        self,
-        every_n_steps: int = 50,
-        loss_fn: LossFn | None = None,
-        plot: bool = True,
-        filename: str = "alignment.png",
-        prog_bar: bool = True,
-        prefix: str = "dfa/align",
-    ) -> None:
-        super().__init__()
-        self._monitor_init(every_n_steps, loss_fn, plot, filename, prog_bar, prefix)
-
 
 if importlib.util.find_spec("lightning") is not None:  # the separate `lightning` package, if installed
     from lightning.pytorch.callbacks import Callback as _LCallback
 
     class LightningAlignmentMonitor(AlignmentMonitorMixin, _LCallback):
         __doc__ = _monitor_docstring("lightning.pytorch")
-
-        def __init__(
-            self,
-            every_n_steps: int = 50,
-            loss_fn: LossFn | None = None,
-            plot: bool = True,
-            filename: str = "alignment.png",
-            prog_bar: bool = True,
-            prefix: str = "dfa/align",
-        ) -> None:
-            super().__init__()
-            self._monitor_init(every_n_steps, loss_fn, plot, filename, prog_bar, prefix)
