@@ -545,6 +545,20 @@ LM_ARMS: dict[str, dict[str, Any] | None] = {
 }
 
 
+def _train_steps(
+    steps: int, next_loss: Callable[[], torch.Tensor], opt: torch.optim.Optimizer, engine: FeedbackEngine | None
+) -> torch.Tensor:
+    """``steps`` optimizer steps on ``next_loss()`` (the engine, if any, already attached); the last loss."""
+    for _ in range(steps):
+        loss = next_loss()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if engine is not None:
+            engine.end_backward()
+    return loss
+
+
 def lm_runs(
     steps: int,
     arms: list[str],
@@ -579,13 +593,7 @@ def lm_runs(
         torch.manual_seed(seed + 1)
         it = iter(dm.train_dataloader())
         t0 = time.time()
-        for _ in range(steps):
-            loss = model._loss(next(it))
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if engine is not None:
-                engine.end_backward()
+        loss = _train_steps(steps, lambda m=model, it=it: m._loss(next(it)), opt, engine)
         train_s = time.time() - t0
         val = model.evaluate(dm.val_dataloader())
         results["arms"][name if seed == 0 else f"{name} seed{seed}"] = {
@@ -669,15 +677,12 @@ def word_lm_runs(
         )
         it = iter(loader)
         t0 = time.time()
-        for _ in range(steps):
+
+        def next_loss(m: nn.Module = model, it: Any = it) -> torch.Tensor:
             x, y = next(it)
-            logits = model(input_ids=x).logits
-            loss = nn.functional.cross_entropy(logits.reshape(-1, vocab), y.reshape(-1))
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if engine is not None:
-                engine.end_backward()
+            return nn.functional.cross_entropy(m(input_ids=x).logits.reshape(-1, vocab), y.reshape(-1))
+
+        _train_steps(steps, next_loss, opt, engine)
         train_s = time.time() - t0
         total, count = 0.0, 0
         with torch.no_grad():
