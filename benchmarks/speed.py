@@ -7,6 +7,7 @@ Usage (from the repository root)::
     python -m benchmarks.speed --lm                    # learning with the top-k projection vs dense (LM example)
     python -m benchmarks.speed --render                # docs/performance.md's tables from the stored JSON
     python -m benchmarks.speed --quick --out /tmp/x    # CI smoke: tiny models, a few steps
+    python -m benchmarks.speed --malloc system ...     # CPU: glibc's default allocator behaviour (see below)
 
 Method
 ------
@@ -26,6 +27,15 @@ Method
   the tensors that persist between steps (parameters, optimizer state, feedback matrices and their cached
   casts). Gradients are freed by
   ``zero_grad(set_to_none=True)`` so they count inside the step. CUDA: ``torch.cuda.max_memory_allocated``.
+* CPU memory allocator (``--malloc``): PyTorch's CPU tensors come from the C library's ``malloc``. glibc's
+  default hands every block above its mmap threshold (at most 32 MiB; here the ``[batch*context, vocabulary]``
+  logits, their softmax and their gradients: 206 MB each at vocabulary 50257) back to the OS when it is freed,
+  so the next step faults every page of it in again: about 270,000 page faults (~0.3-0.5 s) per step on the
+  v50k shape, in both arms. That is allocator work, not training work, and it dilutes every ratio. So a CPU
+  run from the command line re-runs itself with glibc told to keep freed memory for reuse (``--malloc keep``,
+  the default: ``MALLOC_MMAP_MAX_=0``, ``MALLOC_TRIM_THRESHOLD_`` at 2**40), what PyTorch's CPU performance
+  guide gets from jemalloc/tcmalloc; ``--malloc system`` measures glibc's default. The JSON's
+  ``machine.malloc`` says which setting a run had; both arms of a run share it.
 * FLOPs: analytic multiply-adds (:mod:`benchmarks.flops`) for backprop and for each DFA arm, so the ratio a
   perfect implementation would reach (the *limit*), and a count of the matrix-multiply FLOPs actually
   dispatched (``torch.utils.flop_counter.FlopCounterMode``, one step) as a check of what the code really runs.
@@ -502,6 +512,29 @@ def run_case(case: Case, dev: torch.device, warmup: int, repeats: int, proj_repe
     }
 
 
+#: glibc ``malloc`` settings of ``--malloc keep``: never return freed blocks to the OS (no mmap, no trimming).
+KEEP_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
+
+
+def malloc_setting() -> str:
+    """``"keep"`` when this process runs under :data:`KEEP_MALLOC_ENV`, else ``"system"`` (the C library's)."""
+    return "keep" if all(os.environ.get(k) == v for k, v in KEEP_MALLOC_ENV.items()) else "system"
+
+
+def _reexec_with_kept_malloc(argv: list[str]) -> None:
+    """Replace this process by the same command under :data:`KEEP_MALLOC_ENV` (read by glibc at start-up).
+
+    Without glibc (macOS, musl) the setting does not apply: the run goes on with the system allocator, and its
+    JSON says so (``machine.malloc == "system"``).
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        print(f"--malloc keep is a glibc setting; {platform.system()} runs with its own allocator", flush=True)
+        return
+    env = {**os.environ, **KEEP_MALLOC_ENV}
+    print(f"re-running under {' '.join(f'{k}={v}' for k, v in KEEP_MALLOC_ENV.items())}", flush=True)
+    os.execve(sys.executable, [sys.executable, "-m", "benchmarks.speed", *argv], env)
+
+
 def machine(dev: torch.device) -> dict[str, Any]:
     """What ran the benchmark: CPU model, cores, threads, load, torch version, GPU name."""
     cpu = platform.processor() or platform.machine()
@@ -518,6 +551,7 @@ def machine(dev: torch.device) -> dict[str, Any]:
         "python": platform.python_version(),
         "device": str(dev),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "malloc": malloc_setting(),
     }
     with contextlib.suppress(OSError):
         info["load_average_at_start"] = os.getloadavg()
@@ -714,6 +748,12 @@ def _ratio(q: list[float] | tuple[float, float, float]) -> str:
     return f"{q[1]:.3f} ({q[0]:.3f}-{q[2]:.3f})"
 
 
+MALLOC_WORDS = {
+    "system": "glibc default (freed blocks over 32 MiB go back to the OS)",
+    "keep": "glibc keeping freed memory (`--malloc keep`)",
+}
+
+
 def render(result_files: list[Path], lm_files: list[Path] | None = None) -> str:
     """``docs/performance.md``'s tables from the stored JSON results."""
     lines: list[str] = []
@@ -725,7 +765,8 @@ def render(result_files: list[Path], lm_files: list[Path] | None = None) -> str:
             "",
             f"{m['date']}; {m['cores']} cores, torch {m['torch']}, {m['torch_threads']} intra-op thread(s); "
             f"load average at start {tuple(round(x, 1) for x in m.get('load_average_at_start', ()))}"
-            f"{'; precision ' + m['precision'] if 'precision' in m else ''}."
+            f"{'; precision ' + m['precision'] if 'precision' in m else ''}"
+            f"{'; malloc ' + MALLOC_WORDS[m.get('malloc', 'system')] if m['device'] == 'cpu' else ''}."
             f"{' Note: ' + m['note'] + '.' if 'note' in m else ''}",
             "",
         ]
@@ -791,6 +832,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU)")
     p.add_argument("--precision", default="32", choices=["32", "bf16-mixed"], help="as Lightning's precision flag")
+    p.add_argument(
+        "--malloc",
+        default="keep",
+        choices=["keep", "system"],
+        help="CPU runs: glibc keeps freed memory (default) or the C library's default behaviour (see the docstring)",
+    )
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--proj-repeats", type=int, default=20)
@@ -807,6 +854,9 @@ def main(argv: list[str] | None = None) -> int:
         "--render", action="store_true", help="rewrite the tables of docs/performance.md from the stored JSON"
     )
     args = p.parse_args(argv)
+    timing_cpu = not (args.render or args.lm) and torch.device(args.device).type == "cpu"
+    if argv is None and timing_cpu and args.malloc == "keep" and malloc_setting() != "keep":
+        _reexec_with_kept_malloc(sys.argv[1:])  # the command line only: main([...]) never replaces its caller
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)

@@ -7,10 +7,16 @@ by timed unit tests.
 from __future__ import annotations
 
 import json
+import os
+import platform
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
+
 from benchmarks.flops import gcn_macs, gpt2_macs, mlp_macs
-from benchmarks.speed import main, render
+from benchmarks.speed import KEEP_MALLOC_ENV, ROOT, main, render
 
 
 def test_quick_run_writes_json_and_renders(tmp_path: Path) -> None:
@@ -25,6 +31,21 @@ def test_quick_run_writes_json_and_renders(tmp_path: Path) -> None:
     # the analytic limit and the dispatched-FLOP count agree for a plain MLP
     assert abs(dfa["limit"] - dfa["counted_ratio"]) < 1e-6
     assert "| dfa |" in render([path], None).replace(str(Path.cwd()), "")
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="--malloc keep is a glibc setting")
+def test_malloc_keep_reruns_under_the_glibc_setting_and_records_it(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in KEEP_MALLOC_ENV}
+    cmd = [sys.executable, "-m", "benchmarks.speed", "--quick", "--models", "mlp", "--out", str(tmp_path)]
+    for setting in ("system", "keep"):
+        out = subprocess.run([*cmd, "--tag", setting, "--malloc", setting], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=300)  # fmt: skip
+        assert out.returncode == 0, out.stderr[-2000:]
+        machine = json.loads((tmp_path / f"speed_cpu_{setting}.json").read_text())["machine"]
+        assert machine["malloc"] == setting
+        assert ("re-running under MALLOC_MMAP_MAX_=0" in out.stdout) == (setting == "keep")
+    rendered = render([tmp_path / "speed_cpu_keep.json"], None)
+    assert "glibc keeping freed memory" in rendered
 
 
 def test_flop_account() -> None:
