@@ -26,7 +26,7 @@ from typing import Union
 
 from torch import nn
 
-from .registry import micro_points
+from .registry import MICRO_POINTS, micro_points
 
 BlockSpec = Union[str, type, Sequence[Union[str, type]], None]
 
@@ -51,6 +51,57 @@ def _is_activation(module: nn.Module) -> bool:
     return type(module).__module__ == nn.modules.activation.__name__ and not isinstance(
         module, (nn.MultiheadAttention, nn.Softmax, nn.LogSoftmax, nn.Softmax2d, nn.Softmin)
     )
+
+
+_ACTIVATION_CLASS = re.compile(r"gelu|relu|silu|swish|mish|activation", re.IGNORECASE)
+
+
+def _is_hidden_activation(module: nn.Module) -> bool:
+    """A torch activation, a Hugging Face one (``transformers.activations``), or a parameter-free module whose
+    class is named like one (e.g. BLOOM's ``BloomGelu``)."""
+    if _is_activation(module) or type(module).__module__ == "transformers.activations":
+        return True
+    return bool(_ACTIVATION_CLASS.search(type(module).__name__)) and not any(True for _ in module.parameters())
+
+
+_ATTENTION_NAME = re.compile(r"attn|attention", re.IGNORECASE)
+_NORM_NAME = re.compile(r"(^|_)(ln|norm|layernorm|layer_norm|rmsnorm)(_|$)|norm$", re.IGNORECASE)
+
+
+def infer_micro_points(block: nn.Module) -> tuple[str, ...]:
+    """The micro feedback points of one Transformer block, found from its structure: the attention sub-block
+    (the outermost submodule named ``*attn*``/``*attention*`` that holds parameters and is no norm) and the MLP's
+    hidden activation (the first activation module outside the attention and outside mixture-of-experts
+    ``experts``, whose rows are routed tokens, not the block's). Used for architectures not in
+    :data:`lightning_dfa.registry.MICRO_POINTS`; returns the points found (``()`` if none).
+
+    Example:
+        >>> class Block(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.self_attn = nn.MultiheadAttention(8, 2)
+        ...         self.mlp = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+        >>> infer_micro_points(Block())
+        ('self_attn', 'mlp.1')
+    """
+    named = [(n, m) for n, m in block.named_modules() if n]
+    attention = [
+        n
+        for n, m in named
+        if _ATTENTION_NAME.search(n.rsplit(".", 1)[-1])
+        and not _NORM_NAME.search(n.rsplit(".", 1)[-1])
+        and not isinstance(m, _NORM_TYPES)
+        and any(True for _ in m.parameters())
+    ]
+    attn = min(attention, key=lambda n: n.count(".")) if attention else None  # the outermost, first in order
+    acts = [
+        n
+        for n, m in named
+        if _is_hidden_activation(m)
+        and not (attn is not None and n.startswith(attn + "."))
+        and "expert" not in n.lower()
+    ]
+    return tuple(p for p in (attn, acts[0] if acts else None) if p is not None)
 
 
 @dataclass(frozen=True)
@@ -209,11 +260,22 @@ def _hf_target(root: nn.Module, placement: str) -> Target | None:
     blocks = [Block(n, m, m) for n, m in blocks_found]
     if placement == "micro":
         model_type = getattr(getattr(hf, "config", None), "model_type", type(hf).__name__)
-        subs = micro_points(model_type)
+        registered = MICRO_POINTS.get(model_type)
         extra = []
-        for n, m in blocks_found:
-            for sub in subs:
-                extra.append((f"{n}.{sub}", m.get_submodule(sub)))
+        for n, m in blocks_found:  # blocks without them (embeddings listed in _no_split_modules) keep one point
+            # unregistered architectures: each block's own points (a T5 decoder block differs from an encoder one)
+            for sub in registered if registered is not None else infer_micro_points(m):
+                try:
+                    extra.append((f"{n}.{sub}", m.get_submodule(sub)))
+                except AttributeError:
+                    continue
+        if not extra:
+            if registered is None:
+                micro_points(model_type)  # raises: not registered, and nothing found by structure
+            raise ValueError(
+                f"DFA: micro placement for model type {model_type!r}: no block has the points {registered}. "
+                "Register them with lightning_dfa.registry.register_micro_points() or pass blocks=[...]."
+            )
         every = sorted(blocks_found + extra, key=lambda x: _module_order(root)[x[0]])
         blocks = _blocks_from_modules(every)
     return Target(blocks, out_name, root.get_submodule(out_name), "huggingface")
@@ -313,8 +375,8 @@ def discover(
         root: the model (usually the LightningModule).
         blocks: names, glob patterns or classes of the modules whose outputs receive feedback.
         output: qualified name of the module whose output the loss is computed from.
-        placement: ``"macro"`` (one point per block) or ``"micro"`` (also inside Transformer blocks, for the
-            architectures listed in :mod:`lightning_dfa.registry`).
+        placement: ``"macro"`` (one point per block) or ``"micro"`` (also inside Transformer blocks: the points
+            listed in :mod:`lightning_dfa.registry`, else those :func:`infer_micro_points` finds).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))

@@ -491,6 +491,15 @@ class FeedbackEngine:
         shape = point.shape
         if not point.flatten and len(error) >= 1 and error[:-1] == shape[:-1]:
             return "token", error[-1], shape[-1]
+        if (
+            not point.flatten
+            and 2 in (len(error), len(shape))
+            and min(len(error), len(shape)) >= 2
+            and math.prod(error[:-1]) == math.prod(shape[:-1])
+        ):
+            # the same tokens, one side flattened to rows (``x.view(-1, d)`` before a Linear, as OPT's MLP or a
+            # head applied to ``[batch * positions, d]``): row-major order lines them up
+            return "token", error[-1], shape[-1]
         if len(error) == 0 or len(shape) == 0 or error[0] != shape[0]:
             raise RuntimeError(
                 f"DFA: cannot line up the error of shape {list(error)} (gradient at the output module "
@@ -594,7 +603,7 @@ class FeedbackEngine:
                 fb = fb * (self.config.scale / math.sqrt(d))
             if kind == "broadcast":
                 fb = fb.unsqueeze(1).expand(p.shape)
-            elif kind == "flatten":
+            elif fb.shape != p.shape:  # "flatten", or "token" with the positions flattened on one side
                 fb = fb.reshape(p.shape)
             out.append(fb if fb.dtype == p.dtype else fb.to(p.dtype))
         transform = self.config.feedback_transform

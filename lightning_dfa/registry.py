@@ -3,7 +3,9 @@
 Macro placement (one feedback point per block) needs no entry here: Hugging Face models list their blocks in
 ``_no_split_modules``. Micro placement adds points inside each block: after the attention sub-block and after
 the MLP's hidden activation. Keys are Hugging Face ``config.model_type`` values; values are submodule paths
-relative to one block. Add an architecture with :func:`register_micro_points`.
+relative to one block. Add an architecture with :func:`register_micro_points`. An architecture not listed here gets
+the points :func:`lightning_dfa.discovery.infer_micro_points` finds in each block (the outermost ``*attn*`` /
+``*attention*`` submodule and the first activation module outside it); an entry here overrides that.
 
 Example:
     >>> micro_points("gpt2")

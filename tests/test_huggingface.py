@@ -14,6 +14,8 @@ from conftest import GradRecorder, hooks_of, trainer
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_dfa import DFAStrategy, FeedbackEngine
+from lightning_dfa.discovery import infer_micro_points
+from lightning_dfa.registry import MICRO_POINTS, register_micro_points
 
 warnings.filterwarnings("ignore", module="transformers")
 VOCAB = 48
@@ -180,11 +182,92 @@ def test_micro_placement_adds_points_inside_blocks() -> None:
     names = [b.name for b in target.blocks]
     assert names[:3] == ["transformer.h.0", "transformer.h.0.attn", "transformer.h.0.mlp.act"]
     assert [b.top_level for b in target.blocks[:3]] == [True, False, False]
-    with pytest.raises(ValueError, match="no micro feedback points known"):
-        FeedbackEngine(placement="micro").attach(
-            hf.OPTForCausalLM(
-                hf.OPTConfig(
-                    num_hidden_layers=1, hidden_size=16, ffn_dim=16, num_attention_heads=2, word_embed_proj_dim=16
-                )
-            )
-        )
+    # a registered architecture whose blocks lack the registered points: a clear error, not a silent macro run
+    saved = MICRO_POINTS["gpt2"]
+    try:
+        register_micro_points("gpt2", ("no_such_module",))
+        with pytest.raises(ValueError, match="no block has the points"):
+            FeedbackEngine(placement="micro").attach(gpt2())
+    finally:
+        register_micro_points("gpt2", saved)
+
+
+def test_inferred_micro_points_equal_the_registered_ones() -> None:
+    for build, model_type, block in ((gpt2, "gpt2", "transformer.h.0"), (llama, "llama", "model.layers.0")):
+        model = build()
+        assert infer_micro_points(model.get_submodule(block)) == MICRO_POINTS[model_type]
+    assert infer_micro_points(torch.nn.Sequential(torch.nn.Linear(2, 2))) == ()
+
+
+def _opt() -> hf.PreTrainedModel:  # its MLP runs on [batch * positions, d]: the activation point is 2-D
+    cfg = hf.OPTConfig(num_hidden_layers=2, hidden_size=32, ffn_dim=64, num_attention_heads=2, word_embed_proj_dim=32,
+                       vocab_size=VOCAB, dropout=0.0)  # fmt: skip
+    return hf.OPTForCausalLM(cfg)
+
+
+def _t5() -> hf.PreTrainedModel:  # decoder blocks hold a cross-attention layer before the MLP
+    cfg = hf.T5Config(num_layers=2, d_model=32, d_ff=64, num_heads=2, d_kv=16, vocab_size=VOCAB,
+                      decoder_start_token_id=0, dropout_rate=0.0)  # fmt: skip
+    return hf.T5ForConditionalGeneration(cfg)
+
+
+def _distilbert() -> hf.PreTrainedModel:
+    cfg = hf.DistilBertConfig(n_layers=2, dim=32, hidden_dim=64, n_heads=2, vocab_size=VOCAB, dropout=0.0)
+    return hf.DistilBertForMaskedLM(cfg)
+
+
+@pytest.mark.parametrize(
+    ("build", "expected"),
+    [
+        (_opt, ["model.decoder.layers.0.self_attn", "model.decoder.layers.0.activation_fn"]),
+        (
+            _t5,
+            [
+                "encoder.block.0.layer.0.SelfAttention",
+                "encoder.block.0.layer.1.DenseReluDense.act",
+                "decoder.block.1.layer.0.SelfAttention",
+                "decoder.block.1.layer.2.DenseReluDense.act",
+            ],
+        ),
+        (_distilbert, ["distilbert.transformer.layer.1.attention", "distilbert.transformer.layer.1.ffn.activation"]),
+    ],
+    ids=["opt", "t5", "distilbert"],
+)
+def test_micro_points_are_inferred_for_unregistered_architectures(
+    build: Callable[[], Any], expected: list[str]
+) -> None:
+    torch.manual_seed(0)
+    model = build()
+    assert model.config.model_type not in MICRO_POINTS
+    engine = FeedbackEngine(placement="micro")
+    names = [b.name for b in engine.attach(model).blocks]
+    assert set(expected) <= set(names)
+    ids = torch.randint(1, VOCAB, (2, 7))
+    delivered: dict[str, torch.Tensor] = {}
+    engine._observers.append(lambda error, points, fbs: delivered.update({p.key: fb for p, fb in zip(points, fbs)}))
+    model(input_ids=ids, labels=ids).loss.backward()
+    engine.end_backward()
+    assert set(expected) <= set(delivered)
+    assert all(p.grad is not None for p in model.parameters())
+    for name in expected:  # each inner point got feedback of its own output's shape, and not zero
+        assert delivered[name].abs().sum() > 0
+
+
+def test_flattened_positions_line_up_with_the_error_rows() -> None:
+    """A point computed on ``[batch * positions, d]`` gets the feedback of ``[batch, positions, d]``, reshaped."""
+    from lightning_dfa.engine import _PointMeta
+
+    engine = FeedbackEngine(seed=3)
+    error = torch.randn(2, 5, 11)
+    as_tokens = _PointMeta("p", torch.Size([2, 5, 4]), torch.float32, False)
+    as_rows = _PointMeta("p", torch.Size([10, 4]), torch.float32, False)
+    (tokens,) = engine.feedback_for(error, [as_tokens])
+    (rows,) = engine.feedback_for(error, [as_rows])
+    assert rows.shape == (10, 4)
+    torch.testing.assert_close(rows, tokens.reshape(10, 4))
+    # and an error read from a head applied to flattened rows, with points of [batch, positions, d]
+    (back,) = engine.feedback_for(error.reshape(10, 11), [as_tokens])
+    torch.testing.assert_close(back, tokens)
+    # the other layout ([positions, batch, d]) is not silently taken for the same tokens
+    with pytest.raises(RuntimeError, match="cannot line up"):
+        engine.feedback_for(error, [_PointMeta("q", torch.Size([5, 2, 4]), torch.float32, False)])
