@@ -10,7 +10,11 @@ Discovery order (the first that applies wins):
 4. an ``nn.Sequential``: groups of Linear/Conv + optional norm + activation + optional pooling/dropout are
    blocks, the final parametric layer is the output;
 5. a ``ModuleList`` of repeated layers: each layer is a block; the output is the last parametric layer
-   registered outside the list.
+   registered outside the list;
+6. a hand-written net whose layers are attributes (``self.fc1``, ``self.conv2``, ... with functional
+   activations in ``forward``): the *input* of every layer after the first is a feedback point, so it
+   lies after whatever activation, pooling or reshaping ``forward`` applied; the output is the layer
+   registered last.
 
 Block names accept exact qualified names, dotted suffixes of them (``"h.0"`` matches ``"model.transformer.h.0"``),
 and glob patterns where ``*`` matches within one dotted component, ``**`` across components, ``?`` one
@@ -118,6 +122,8 @@ class Block:
     exit: nn.Module = field(compare=False, repr=False)
     top_level: bool = True
     members: tuple[nn.Module, ...] = field(default=(), compare=False, repr=False)
+    #: ``False``: the block's input is its only point (rule 6, layer-input discovery)
+    output_point: bool = True
 
     def parameters(self) -> list[nn.Parameter]:
         """The parameters inside this block."""
@@ -133,6 +139,8 @@ class Target:
     output_name: str
     output: nn.Module
     source: str
+    #: the output module's input is a feedback point (detached before the output), as ``cut_head_input``
+    head_input_point: bool = False
 
     def block_param_ids(self) -> set[int]:
         """``id`` of every parameter inside a block."""
@@ -362,6 +370,26 @@ def _module_list_target(root: nn.Module, min_len: int = 2) -> Target | None:
     return Target(blocks, leaf[0], leaf[1], "module_list")
 
 
+# --------------------------------------------------------------------------- layers as attributes
+_POINT_LAYER_TYPES = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd, nn.RNNBase, nn.MultiheadAttention, nn.Embedding)
+
+
+def _layer_inputs_target(root: nn.Module) -> Target | None:
+    """Rule 6: the parametric layers (Linear, Conv, RNN, attention, Embedding; not norms) in registration order.
+
+    Each layer's input is a feedback point (recorded only when it carries gradient, so never the data or token
+    ids), and the last layer is the output, its input a point too. A layer's feedback thus arrives after the
+    activation ``forward`` applies to the previous layer's output, as the DFA rule ``(B e) * f'(a)`` needs.
+    """
+    layers = [(n, m) for n, m in root.named_modules() if n and isinstance(m, _POINT_LAYER_TYPES)]
+    layers = [(n, m) for n, m in layers if not any(n.startswith(o + ".") for o, _ in layers)]  # MHA's out_proj
+    if len(layers) < 2:
+        return None
+    *hidden, (out_name, out) = layers
+    blocks = [Block(n, m, m, output_point=False) for n, m in hidden]
+    return Target(blocks, out_name, out, "layer_inputs", head_input_point=True)
+
+
 # --------------------------------------------------------------------------- entry point
 def discover(
     root: nn.Module,
@@ -415,17 +443,18 @@ def discover(
                 "DFA: placement='micro' needs a Hugging Face model whose architecture is in "
                 "lightning_dfa.registry.MICRO_POINTS, or explicit blocks=[...] naming the inner points."
             )
-        target = target or _sequential_target(root) or _module_list_target(root)
+        target = target or _sequential_target(root) or _module_list_target(root) or _layer_inputs_target(root)
         if target is None:
             raise ValueError(
                 f"DFA: found no blocks in {type(root).__name__}. Searched for: a configure_dfa() method, a Hugging "
-                "Face model (_no_split_modules), an nn.Sequential of Linear/Conv + activation groups, and an "
-                "nn.ModuleList of repeated layers. Tell DFA where feedback goes, e.g. "
+                "Face model (_no_split_modules), an nn.Sequential of Linear/Conv + activation groups, an "
+                "nn.ModuleList of repeated layers, and two or more Linear/Conv/RNN layers. Tell DFA where feedback "
+                "goes, e.g. "
                 "DFAStrategy(blocks=['encoder.layers.*'], output='head') or a configure_dfa() method returning "
                 "{'blocks': [...], 'output': '...'}."
             )
         if output is not None:
-            target = Target(target.blocks, output, _get_output(root, output), target.source)
+            target = Target(target.blocks, output, _get_output(root, output), target.source, target.head_input_point)
     if any(b.name == target.output_name or b.name.startswith(target.output_name + ".") for b in target.blocks):
         raise ValueError(
             f"DFA: the output module {target.output_name!r} is also a block (or contains one); the output must lie "

@@ -349,11 +349,11 @@ class FeedbackEngine:
                         _Hook(lambda m, a, k, b=block: self._on_block_input(b, a, k)), with_kwargs=True
                     )
                 )
-            if block.name != uncut:  # cut_head_input: the last block's feedback point moves to the head's input
+            if block.output_point and block.name != uncut:  # cut_head_input: the point moves to the head's input
                 self._handles.append(
                     block.exit.register_forward_hook(_Hook(lambda m, a, o, b=block: self._on_block_output(b, o)))
                 )
-        if self.config.cut_head_input:
+        if self.config.cut_head_input or target.head_input_point:
             self._handles.append(
                 target.output.register_forward_pre_hook(
                     _Hook(lambda m, a, k: self._on_head_input(a, k)), with_kwargs=True

@@ -32,10 +32,16 @@ def format_summary(engine: FeedbackEngine, shapes: Mapping[str, Sequence[int]] |
     first = True
     for block in engine.target.blocks:
         name_in = f"{block.name}:in"
+        if not block.output_point:
+            rows.append((name_in, f"input of {type(block.entry).__name__}", seen.get(name_in)))
+            continue
         if block.top_level and first and (name_in in seen or name_in in shapes):
             rows.append((name_in, "block input", seen.get(name_in)))
         first = False
         rows.append((block.name, type(block.exit).__name__, seen.get(block.name)))
+    if engine.config.cut_head_input or engine.target.head_input_point:
+        head_in = f"{engine.target.output_name}:in"
+        rows.append((head_in, f"input of {type(engine.target.output).__name__} (output)", seen.get(head_in)))
     header = ("", "Feedback point", "Module", "Shape", "Width")
     lines = [header]
     for i, (name, kind, width) in enumerate(rows):

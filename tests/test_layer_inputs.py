@@ -1,0 +1,139 @@
+"""Rule 6 of discovery: hand-written nets whose layers are attributes and whose activations are functional.
+
+The classic LightningModule (``self.l1 = nn.Linear(...)`` ... ``F.relu`` in ``forward``) has no Sequential, no
+ModuleList and no Hugging Face model. Feedback then goes to the *input* of every layer after the first, which
+is after the activation; the DFA update must equal the one of the same network written as an ``nn.Sequential``
+(feedback after each activation group), which the other tests check against hand computations.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from conftest import hooks_of, trainer
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_dfa import DFAStrategy, FeedbackEngine
+from lightning_dfa.summary import format_summary
+
+
+class AttributeMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2, self.l3 = nn.Linear(6, 16), nn.Linear(16, 12), nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.l3(torch.tanh(self.l2(F.relu(self.l1(x)))))
+
+
+class AttributeCNN(nn.Module):  # the PyTorch CIFAR tutorial's Net, smaller
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.pool, self.conv2 = nn.Conv2d(3, 4, 3), nn.MaxPool2d(2), nn.Conv2d(4, 6, 3)
+        self.fc1, self.fc2 = nn.Linear(6 * 2 * 2, 10), nn.Linear(10, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(F.relu(self.conv1(x)))
+        x = self.pool(F.relu(self.conv2(x)))
+        return self.fc2(F.relu(self.fc1(torch.flatten(x, 1))))
+
+
+def _as_sequential(net: nn.Module) -> nn.Sequential:
+    if isinstance(net, AttributeMLP):
+        return nn.Sequential(net.l1, nn.ReLU(), net.l2, nn.Tanh(), net.l3)
+    return nn.Sequential(net.conv1, nn.ReLU(), nn.MaxPool2d(2), net.conv2, nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         net.fc1, nn.ReLU(), net.fc2)  # fmt: skip
+
+
+def _dfa_grads(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    engine = FeedbackEngine(seed=5)
+    engine.attach(net)
+    net.zero_grad()
+    F.cross_entropy(net(x), y).backward()
+    report = engine.end_backward()
+    engine.detach()
+    assert report.deliveries == 1
+    return {n: p.grad.clone() for n, p in net.named_parameters()}
+
+
+def test_attribute_layers_get_feedback_at_each_layer_input() -> None:
+    target = FeedbackEngine().attach(AttributeCNN())
+    assert target.source == "layer_inputs" and target.output_name == "fc2"
+    assert [b.name for b in target.blocks] == ["conv1", "conv2", "fc1"]
+
+
+def test_attribute_nets_train_as_their_sequential_form() -> None:
+    for net, x, y in (
+        (AttributeMLP(), torch.randn(8, 6), torch.randint(0, 3, (8,))),
+        (AttributeCNN(), torch.randn(4, 3, 14, 14), torch.randint(0, 5, (4,))),
+    ):
+        attribute = _dfa_grads(net, x, y)
+        seq = _as_sequential(net)  # the same parameter tensors
+        by_param = {id(p): n for n, p in net.named_parameters()}
+        sequential = {by_param[id(p)]: g for p, g in zip(seq.parameters(), _dfa_grads(seq, x, y).values())}
+        assert attribute.keys() == sequential.keys()
+        for name in attribute:
+            torch.testing.assert_close(attribute[name], sequential[name], msg=name)
+        assert hooks_of(net) == 0
+    # and DFA is not backprop here: the first layer's gradient differs from the true one
+    net = AttributeMLP()
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    dfa = _dfa_grads(net, x, y)["l1.weight"]
+    net.zero_grad()
+    F.cross_entropy(net(x), y).backward()
+    assert not torch.allclose(dfa, net.l1.weight.grad)
+
+
+class ClassicLitModel(pl.LightningModule):
+    """The layers on the LightningModule itself, as in Lightning's own MNIST examples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2, self.l3 = nn.Linear(6, 32), nn.Linear(32, 32), nn.Linear(32, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.l3(F.relu(self.l2(F.relu(self.l1(x)))))
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = F.cross_entropy(self(batch[0]), batch[1])
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class SequentialLitModel(ClassicLitModel):
+    """The same network as an ``nn.Sequential`` (discovery rule 4: feedback after each ReLU)."""
+
+    def __init__(self, layers: ClassicLitModel) -> None:
+        pl.LightningModule.__init__(self)
+        self.net = nn.Sequential(layers.l1, nn.ReLU(), layers.l2, nn.ReLU(), layers.l3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def test_classic_lightning_module_trains_under_the_strategy() -> None:
+    x = torch.randn(256, 6)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    loader = DataLoader(TensorDataset(x, y), batch_size=32)
+    model = ClassicLitModel()
+    twin = SequentialLitModel(copy.deepcopy(model))
+    with torch.no_grad():
+        before = F.cross_entropy(model(x), y).item()
+    trainer(max_epochs=8, strategy=DFAStrategy()).fit(model, loader)
+    trainer(max_epochs=8, strategy=DFAStrategy()).fit(twin, loader)
+    with torch.no_grad():
+        after = F.cross_entropy(model(x), y).item()
+    assert after < 0.85 * before, (before, after)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b)
+    engine = FeedbackEngine()
+    engine.attach(ClassicLitModel())
+    summary = format_summary(engine)
+    assert "l2:in" in summary and "l3:in" in summary and "blocks from: layer_inputs" in summary
