@@ -155,3 +155,57 @@ def test_rating_gmf_term_gets_its_true_gradient_under_dfa() -> None:
         grads[mode] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     assert torch.allclose(grads["dfa"]["gmf.weight"], grads["bp"]["gmf.weight"])
     assert not torch.allclose(grads["dfa"]["mlp.0.0.weight"], grads["bp"]["mlp.0.0.weight"])
+
+
+def test_neighbour_features_use_training_ratings_only_and_leave_the_rating_out() -> None:
+    raw = movielens.synthetic_ratings(n=1500, seed=1)
+    _, first = np.unique(raw.user * raw.n_items + raw.item, return_index=True)  # one rating per pair, as MovieLens
+    ratings = movielens.split(raw.user[first], raw.item[first], raw.rating[first], 120, 120, 1)
+    feats = movielens.neighbour_features(ratings, k=10)
+    assert feats.shape == (len(first), 2) and np.isfinite(feats).all() and (feats[:, 1] >= 0).all()
+    assert (feats[ratings.train, 1] > 0).mean() > 0.5  # most pairs have neighbours
+    # validation and test ratings are never read: changing them changes nothing
+    changed = movielens.Ratings(**{**ratings.__dict__, "rating": ratings.rating.copy()})
+    held_out = np.concatenate([ratings.val, ratings.test])
+    changed.rating[held_out] = 5.5 - changed.rating[held_out]
+    assert np.array_equal(movielens.neighbour_features(changed, k=10), feats)
+    # a training rating is left out of its own features: they equal those of the same pair held out (same biases)
+    biases = movielens.fit_biases(ratings)
+    full = movielens.neighbour_features(ratings, k=10, biases=biases)
+    moved_others = 0
+    for n in ratings.train[:20]:
+        held = movielens.Ratings(**{**ratings.__dict__, "train": ratings.train[ratings.train != n],
+                                    "val": np.append(ratings.val, n)})  # fmt: skip
+        held_feats = movielens.neighbour_features(held, k=10, biases=biases)
+        assert np.allclose(held_feats[n], full[n], atol=1e-5)
+        others = np.nonzero(ratings.user == ratings.user[n])[0]
+        moved_others += not np.allclose(held_feats[others[others != n]], full[others[others != n]], atol=1e-5)
+    assert moved_others > 0  # r_ui does enter the features of the user's other pairs: the check above has teeth
+
+
+def test_rating_neighbours_are_looked_up_and_reach_the_mlp_under_dfa() -> None:
+    ratings = movielens.synthetic_ratings(n=1500)
+    dm = movielens.MovieLensDataModule(batch_size=64, ratings=ratings)
+    keys, values = dm.neighbour_table(k=10)
+    assert np.all(np.diff(keys) >= 0) and len(keys) == 1500  # sorted (synthetic pairs may repeat)
+    pl.seed_everything(0, verbose=False)
+    model = RatingMLP(embed_dim=4, hidden=[8, 4], lr=1e-2, neighbours=10)
+    trainer = _trainer("dfa", steps=3)
+    trainer.fit(model, datamodule=dm)
+    assert [p.key for p in trainer.strategy.dfa_engine.last_points] == ["mlp.0:in", "mlp.0", "mlp.1"]
+    n = int(ratings.test[0])
+    users, items = torch.tensor([ratings.user[n], 0]), torch.tensor([ratings.item[n], ratings.n_items + 5])
+    got = model.neighbour_inputs(users, items)
+    row = np.searchsorted(keys, ratings.user[n] * ratings.n_items + ratings.item[n])
+    assert torch.allclose(got[0], torch.tensor([values[row, 0], np.log1p(values[row, 1])]))
+    assert torch.equal(got[1], torch.zeros(2))  # a pair outside the table: no neighbourhood signal
+    # DFA delivers feedback to the MLP's first layer, whose neighbourhood-input columns get a gradient
+    model.zero_grad()
+    engine = FeedbackEngine(mode="dfa")
+    engine.attach(model)
+    u, i, r = (t[:32] for t in dm.datasets["train"].tensors)
+    nn.functional.mse_loss(model(u, i), r).backward()
+    engine.end_backward()
+    engine.detach()
+    grad = model.mlp[0][0].weight.grad
+    assert grad is not None and grad[:, -2:].abs().sum() > 0

@@ -182,6 +182,77 @@ def bias_baseline(r: Ratings, reg: float = 5.0, iters: int = 10) -> dict[str, fl
     }
 
 
+def neighbour_features(
+    r: Ratings, k: int = 40, shrink: float = 100.0, biases: tuple[float, np.ndarray, np.ndarray] | None = None
+) -> np.ndarray:
+    """Item-item neighbourhood features of every rating's ``(user, item)`` pair, from training ratings only.
+
+    For a pair ``(u, i)``: the ``k`` items ``j`` that ``u`` rated in the training split with the largest positive
+    shrunk Pearson-baseline similarity to ``i`` (on the residuals ``r - mu - b_u - b_i`` of :func:`fit_biases`,
+    over the users who rated both, times ``(n - 1) / (n - 1 + shrink)`` for ``n`` such users), and returns
+    ``[sum_j s_ij (r_uj - b_uj) / sum_j s_ij, sum_j s_ij]``: the KNN-baseline residual prediction and its
+    support (``[0, 0]`` without neighbours). Validation and test ratings are never read (only their pairs are
+    queried). For a *training* rating ``r_ui`` is left out: out of ``u``'s neighbours and out of every
+    similarity (leave-one-out), so that the feature sees what it would see for an unseen pair (assuming, as in
+    MovieLens, one rating per pair).
+
+    Args:
+        r: the ratings and split.
+        k: neighbours per pair.
+        shrink: similarity shrinkage.
+        biases: ``mu, b_u, b_i`` of the residuals (default: :func:`fit_biases` of ``r``).
+
+    Returns:
+        ``float32 [len(r.rating), 2]``, row ``n`` for the pair of rating ``n`` (any split).
+
+    Example:
+        >>> r = synthetic_ratings(n=400)
+        >>> f = neighbour_features(r, k=10)
+        >>> f.shape, bool((f[:, 1] >= 0).all())
+        ((400, 2), True)
+    """
+    mu, bu, bi = biases if biases is not None else fit_biases(r)
+    tu, ti = r.user[r.train], r.item[r.train]
+    res = np.zeros((r.n_users, r.n_items), np.float32)  # training residuals, 0 where unrated
+    seen = np.zeros((r.n_users, r.n_items), np.float32)
+    res[tu, ti] = r.rating[r.train] - mu - bu[tu] - bi[ti]
+    seen[tu, ti] = 1.0
+    in_train = np.zeros(len(r.rating), bool)
+    in_train[r.train] = True
+    out = np.zeros((len(r.rating), 2), np.float32)
+    order = np.argsort(r.user, kind="stable")
+    bounds = np.searchsorted(r.user[order], np.arange(r.n_users + 1))
+    for u in range(r.n_users):
+        rows, rated = order[bounds[u] : bounds[u + 1]], np.nonzero(seen[u])[0]
+        if len(rows) == 0 or len(rated) == 0:
+            continue
+        rho, q = res[u, rated], r.item[rows]
+        aq, mq, ar, mr = res[:, q], seen[:, q], res[:, rated], seen[:, rated]
+        num, n = aq.T @ ar, mq.T @ mr  # [queries, rated]: co-residual products, co-raters
+        sq_q, sq_r = (aq * aq).T @ mr, mq.T @ (ar * ar)
+        own = in_train[rows]  # leave r_ui out: u is a co-rater of (i, j) for every j it rated
+        if own.any():
+            rq = res[u, q[own]]
+            num[own] -= rq[:, None] * rho[None, :]
+            sq_q[own] -= (rq * rq)[:, None]
+            sq_r[own] -= (rho * rho)[None, :]
+            n[own] -= 1.0
+        den = np.sqrt(np.clip(sq_q, 0.0, None) * np.clip(sq_r, 0.0, None))
+        support = np.clip(n - 1.0, 0.0, None)
+        s = np.where(den > 1e-9, num / np.maximum(den, 1e-9), 0.0) * support / (support + shrink)
+        s[q[:, None] == rated[None, :]] = 0.0
+        s = np.maximum(s, 0.0)
+        if s.shape[1] > k:
+            top = np.argpartition(-s, k - 1, axis=1)[:, :k]
+            s, rho_top = np.take_along_axis(s, top, 1), rho[top]
+        else:
+            rho_top = np.broadcast_to(rho, s.shape)
+        total = s.sum(1)
+        out[rows, 0] = np.where(total > 0, (s * rho_top).sum(1) / np.maximum(total, 1e-9), 0.0)
+        out[rows, 1] = total
+    return out
+
+
 def load(n_test: int = 10_000, n_val: int = 5_000, seed: int = 0, cache: str | None = None) -> Ratings:
     """MovieLens latest-small, split (fetches it on first use; see :func:`fetch`)."""
     with np.load(fetch(cache)) as z:
@@ -210,6 +281,7 @@ class MovieLensDataModule(SplitDataModule):
         self.save_hyperparameters(ignore=["ratings"])
         self.ratings = ratings
         self.datasets: dict[str, TensorDataset] = {}
+        self._neighbours: dict[tuple[int, float], tuple[np.ndarray, np.ndarray]] = {}
 
     def _ensure(self) -> Ratings:
         if self.ratings is None:
@@ -228,6 +300,17 @@ class MovieLensDataModule(SplitDataModule):
     def baseline_biases(self) -> tuple[float, np.ndarray, np.ndarray]:
         """The regularised bias model of the training split (:func:`fit_biases`): ``mu, b_u, b_i``."""
         return fit_biases(self._ensure())
+
+    def neighbour_table(self, k: int = 40, shrink: float = 100.0) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`neighbour_features` of every pair in the splits, keyed by ``user * n_items + item`` (sorted):
+        ``(keys int64 [N], features float32 [N, 2])``. Computed once per ``(k, shrink)`` and kept."""
+        cache = self._neighbours
+        if (k, shrink) not in cache:
+            r = self._ensure()
+            keys = r.user.astype(np.int64) * r.n_items + r.item
+            order = np.argsort(keys, kind="stable")
+            cache[(k, shrink)] = (keys[order], neighbour_features(r, k, shrink)[order])
+        return cache[(k, shrink)]
 
     @property
     def global_mean(self) -> float:
