@@ -749,7 +749,7 @@ def _ratio(q: list[float] | tuple[float, float, float]) -> str:
 
 
 MALLOC_WORDS = {
-    "system": "glibc default (freed blocks over 32 MiB go back to the OS)",
+    "system": "glibc default (large freed blocks go back to the OS)",
     "keep": "glibc keeping freed memory (`--malloc keep`)",
 }
 
