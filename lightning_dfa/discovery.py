@@ -8,7 +8,9 @@ Discovery order (the first that applies wins):
 3. a Hugging Face ``PreTrainedModel`` inside the root: blocks are the modules whose class is listed in the
    model's ``_no_split_modules``; the output is ``get_output_embeddings()`` or the task head;
 4. an ``nn.Sequential``: groups of Linear/Conv + optional norm + activation + optional pooling/dropout are
-   blocks, the final parametric layer is the output;
+   blocks, the final parametric layer is the output; a Sequential that ends in an activation or pooling is a
+   feature extractor (``encoder`` before ``head = nn.Linear``): all its groups are blocks and the output is the
+   module registered after it;
 5. a ``ModuleList`` of repeated layers: each layer is a block; the output is the last parametric layer
    registered outside the list;
 6. a hand-written net whose layers are attributes (``self.fc1``, ``self.conv2``, ... with functional
@@ -294,11 +296,18 @@ def _module_order(root: nn.Module) -> dict[str, int]:
 
 
 # --------------------------------------------------------------------------- nn.Sequential
-def sequential_groups(seq: nn.Sequential, prefix: str = "") -> tuple[list[Block], str] | None:
+def _has_params(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters())
+
+
+def sequential_groups(
+    seq: nn.Sequential, prefix: str = "", whole: bool = False
+) -> tuple[list[Block], str] | None:
     """Split a Sequential into feedback groups and its output layer.
 
     A group starts at a parametric layer (Linear/Conv, or a container with parameters) and takes the norms,
-    activations, pooling and dropout that follow it; the last parametric layer is the output.
+    activations, pooling and dropout that follow it; the last parametric layer is the output. ``whole``: every
+    layer's group is a block (a feature extractor whose output layer lies after it) and the output is ``""``.
 
     Example:
         >>> seq = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
@@ -308,18 +317,18 @@ def sequential_groups(seq: nn.Sequential, prefix: str = "") -> tuple[list[Block]
     """
     children = list(seq.named_children())
     join = (prefix + ".") if prefix else ""
-    param_idx = [i for i, (_, m) in enumerate(children) if any(True for _ in m.parameters())]
-    if len(param_idx) < 2:
+    param_idx = [i for i, (_, m) in enumerate(children) if _has_params(m)]
+    if len(param_idx) < (1 if whole else 2):
         return None
-    last = param_idx[-1]
+    last = len(children) if whole else param_idx[-1]
     # norms directly after a layer are part of its group, so the output is the last *layer*
-    while last > 0 and isinstance(children[last][1], _NORM_TYPES) and last - 1 in param_idx:
+    while not whole and last > 0 and isinstance(children[last][1], _NORM_TYPES) and last - 1 in param_idx:
         last -= 1
     blocks = []
     i = 0
     while i < last:
         name, module = children[i]
-        if not any(True for _ in module.parameters()):
+        if not _has_params(module):
             i += 1
             continue
         j = i
@@ -333,21 +342,76 @@ def sequential_groups(seq: nn.Sequential, prefix: str = "") -> tuple[list[Block]
         i = j + 1
     if not blocks:
         return None
-    return blocks, join + children[last][0]
+    return blocks, "" if whole else join + children[last][0]
+
+
+def _is_feature_extractor(seq: nn.Sequential) -> bool:
+    """A Sequential of two or more layers that ends in an activation, pooling, dropout or flatten: its last layer
+    is hidden (a single ``Sequential(Linear, ReLU)`` is one block of something larger, as in a ModuleList)."""
+    children = list(seq.children())
+    return sum(_has_params(c) for c in children) >= 2 and not _has_params(children[-1])
 
 
 def _sequential_target(root: nn.Module) -> Target | None:
-    candidates = [(n, m) for n, m in root.named_modules() if isinstance(m, nn.Sequential)]
+    """Rule 4. The largest Sequential that splits into groups; if it is a feature extractor (``encoder =
+    Sequential(Linear, ReLU, Linear, ReLU)`` before ``head = Linear``), all its groups are blocks and the output is
+    the first parametric module registered after it (a Sequential there adds its own groups). Feature-extractor
+    Sequentials registered before the chosen one (VGG's ``features`` before its ``classifier``) add their groups."""
+    order = _module_order(root)
+    sequentials = [(n, m) for n, m in root.named_modules() if isinstance(m, nn.Sequential)]
     best = None
-    for name, seq in sorted(candidates, key=lambda x: -sum(p.numel() for p in x[1].parameters())):
+    for name, seq in sorted(sequentials, key=lambda x: -sum(p.numel() for p in x[1].parameters())):
         grouped = sequential_groups(seq, name)
-        if grouped is not None:
-            best = grouped
+        if grouped is not None or _is_feature_extractor(seq):
+            best = (name, seq, grouped)
             break
     if best is None:
         return None
-    blocks, out_name = best
+    name, seq, grouped = best
+    blocks: list[Block] = []
+    out_name = grouped[1] if grouped is not None else None
+    if _is_feature_extractor(seq):
+        after = _module_after(root, name, order)
+        if after is not None:
+            whole = sequential_groups(seq, name, whole=True)
+            blocks = whole[0] if whole else []
+            out_name = after[0]
+            if isinstance(after[1], nn.Sequential) and not _is_feature_extractor(after[1]):
+                tail = sequential_groups(after[1], after[0])
+                if tail is not None:
+                    blocks, out_name = blocks + tail[0], tail[1]
+                else:  # a one-layer Sequential: that layer is the output
+                    layer = next(n for n, m in after[1].named_children() if _has_params(m))
+                    out_name = f"{after[0]}.{layer}"
+    if out_name is None:
+        return None
+    if not blocks:
+        assert grouped is not None
+        blocks = list(grouped[0])
+    # feature extractors that run before: all their groups are blocks too
+    first = min(order[b.name] for b in blocks)
+    for other, mod in sequentials:
+        nested = other.startswith(name + ".") or name.startswith(other + ".") or other == name
+        if nested or order[other] > first or not _is_feature_extractor(mod):
+            continue
+        if any(other.startswith(o + ".") for o, m in sequentials if o != other and _is_feature_extractor(m)):
+            continue
+        extra = sequential_groups(mod, other, whole=True)
+        if extra is not None:
+            blocks = extra[0] + blocks
+    blocks.sort(key=lambda b: order[b.name])
     return Target(blocks, out_name, root.get_submodule(out_name), "sequential")
+
+
+def _module_after(root: nn.Module, name: str, order: dict[str, int]) -> tuple[str, nn.Module] | None:
+    """The first module registered after ``name`` (outside it) that holds parameters, outermost first."""
+    for other, module in root.named_modules():
+        if order[other] <= order[name] or other.startswith(name + ".") or not _has_params(module):
+            continue
+        if any(True for _ in module.children()) and not isinstance(module, nn.Sequential):
+            continue  # a container: look inside it for the layer
+        return other, module
+    return None
 
 
 # --------------------------------------------------------------------------- ModuleList

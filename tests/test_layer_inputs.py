@@ -1,4 +1,5 @@
-"""Rule 6 of discovery: hand-written nets whose layers are attributes and whose activations are functional.
+"""Discovery of hand-written nets: rule 6 (layers as attributes, functional activations) and rule 4's feature
+extractors (``encoder = Sequential(..., ReLU)`` followed by ``head = Linear``, VGG's ``features`` + ``classifier``).
 
 The classic LightningModule (``self.l1 = nn.Linear(...)`` ... ``F.relu`` in ``forward``) has no Sequential, no
 ModuleList and no Hugging Face model. Feedback then goes to the *input* of every layer after the first, which
@@ -58,6 +59,46 @@ def _dfa_grads(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, to
     engine.detach()
     assert report.deliveries == 1
     return {n: p.grad.clone() for n, p in net.named_parameters()}
+
+
+class EncoderHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 12), nn.Tanh())
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+
+class FeaturesClassifier(nn.Module):  # VGG's layout
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))  # fmt: skip
+        self.classifier = nn.Sequential(nn.Linear(6 * 2 * 2, 10), nn.ReLU(), nn.Linear(10, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+def test_feature_extractor_sequentials_are_blocks_and_the_head_is_the_output() -> None:
+    target = FeedbackEngine().attach(EncoderHead())
+    assert ([b.name for b in target.blocks], target.output_name) == (["encoder.1", "encoder.3"], "head")
+    target = FeedbackEngine().attach(FeaturesClassifier())
+    assert [b.name for b in target.blocks] == ["features.2", "features.5", "classifier.1"]
+    assert target.output_name == "classifier.2"
+    for net, x, y in (
+        (EncoderHead(), torch.randn(8, 6), torch.randint(0, 3, (8,))),
+        (FeaturesClassifier(), torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))),
+    ):
+        flat = nn.Sequential(*net.encoder, net.head) if isinstance(net, EncoderHead) else nn.Sequential(
+            *net.features, nn.Flatten(), *net.classifier)  # fmt: skip
+        nested = _dfa_grads(net, x, y)
+        by_param = {id(p): n for n, p in net.named_parameters()}
+        one = {by_param[id(p)]: g for p, g in zip(flat.parameters(), _dfa_grads(flat, x, y).values())}
+        for name in nested:
+            torch.testing.assert_close(nested[name], one[name], msg=name)
 
 
 def test_attribute_layers_get_feedback_at_each_layer_input() -> None:
