@@ -285,9 +285,11 @@ def render(records: list[dict[str, Any]], img_prefix: str = "img/") -> str:
             lines += [f"Pending: {rec['pending']}", ""]
             continue
         mode = "quick smoke run (not a result)" if rec.get("quick") else "full run"
-        jobs = rec.get("jobs", 1)
+        processes = rec.get("processes", rec.get("jobs", 1))
+        given = re.search(r"--jobs[ =](\d+)", rec.get("command", ""))  # records before "jobs" meant --jobs
+        jobs = int(given.group(1)) if given else rec.get("jobs", 1)
         how = (
-            f"its parts and arms ran as {jobs} concurrent processes, which took "
+            f"its parts and arms ran as {processes} processes, at most {min(jobs, processes)} at a time, which took "
             f"{rec.get('script_wall_s', 0) / 60:.1f} min of wall time from the first start to the last end "
             f"({rec['total_s'] / 60:.1f} min summed over the processes)"
             if jobs > 1
@@ -486,7 +488,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     for name, record in records.items():
         if "rows" in record:
             record["images"] = plot_curves(record, img_dir)
-            record["jobs"] = max(args.jobs, record.get("processes", 1))
+            record["jobs"] = args.jobs  # at most this many at a time
+            record.setdefault("processes", 1)
             record["script_wall_s"] = record.get("span_s", wall)
             record["command"] = "python -m benchmarks.quality " + " ".join(argv if argv is not None else sys.argv[1:])
             for v in verdicts(record["rows"]):
