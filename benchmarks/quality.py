@@ -286,13 +286,13 @@ def render(records: list[dict[str, Any]], img_prefix: str = "img/") -> str:
             continue
         mode = "quick smoke run (not a result)" if rec.get("quick") else "full run"
         processes = rec.get("processes", rec.get("jobs", 1))
-        given = re.search(r"--jobs[ =](\d+)", rec.get("command", ""))  # records before "jobs" meant --jobs
-        jobs = int(given.group(1)) if given else rec.get("jobs", 1)
+        given = re.search(r"--jobs[ =](\d+)", rec.get("command", ""))  # how many ran at a time, if known
+        at_once = f", at most {min(int(given.group(1)), processes)} at a time" if given else ""
         how = (
-            f"its parts and arms ran as {processes} processes, at most {min(jobs, processes)} at a time, which took "
+            f"its parts and arms ran as {processes} processes{at_once}, which took "
             f"{rec.get('script_wall_s', 0) / 60:.1f} min of wall time from the first start to the last end "
             f"({rec['total_s'] / 60:.1f} min summed over the processes)"
-            if jobs > 1
+            if processes > 1
             else f"the domain's run took {rec['total_s'] / 60:.1f} min"
         )
         lines += [

@@ -352,6 +352,37 @@ def _is_feature_extractor(seq: nn.Sequential) -> bool:
     return sum(_has_params(c) for c in children) >= 2 and not _has_params(children[-1])
 
 
+def _is_stage(seq: nn.Module) -> bool:
+    """A Sequential of two or more composite blocks of one class (ResNet's ``layer1 = Sequential(BasicBlock, ...)``):
+    a list of residual blocks, not a chain of layers."""
+    children = list(seq.children())
+    return (
+        isinstance(seq, nn.Sequential)
+        and len(children) >= 2
+        and len({type(c) for c in children}) == 1
+        and all(any(True for _ in c.children()) and _has_params(c) for c in children)
+    )
+
+
+def _stages_target(root: nn.Module) -> Target | None:
+    """Rule 4a: stages of repeated composite blocks (ResNet's ``layer1`` ... ``layer4``). Every block of every
+    stage is a block, and the output is the last parametric layer registered outside the stages (``fc``)."""
+    stages = [(n, m) for n, m in root.named_modules() if _is_stage(m)]
+    stages = [(n, m) for n, m in stages if not any(n.startswith(o + ".") for o, _ in stages)]
+    if not stages:
+        return None
+    size = sum(p.numel() for _, m in stages for p in m.parameters())
+    if size * 2 < sum(p.numel() for p in root.parameters()):
+        return None  # a minor part of the model: not its backbone
+    names = [n for n, _ in stages]
+    leaf = _last_param_leaf(root, names)
+    order = _module_order(root)
+    if leaf is None or order[leaf[0]] < max(order[n] for n in names):
+        return None  # no output layer after the stages
+    blocks = [Block(f"{n}.{child}", m, m) for n, stage in stages for child, m in stage.named_children()]
+    return Target(blocks, leaf[0], leaf[1], "stages")
+
+
 def _sequential_target(root: nn.Module) -> Target | None:
     """Rule 4. The largest Sequential that splits into groups; if it is a feature extractor (``encoder =
     Sequential(Linear, ReLU, Linear, ReLU)`` before ``head = Linear``), all its groups are blocks and the output is
@@ -507,7 +538,13 @@ def discover(
                 "DFA: placement='micro' needs a Hugging Face model whose architecture is in "
                 "lightning_dfa.registry.MICRO_POINTS, or explicit blocks=[...] naming the inner points."
             )
-        target = target or _sequential_target(root) or _module_list_target(root) or _layer_inputs_target(root)
+        target = (
+            target
+            or _stages_target(root)
+            or _sequential_target(root)
+            or _module_list_target(root)
+            or _layer_inputs_target(root)
+        )
         if target is None:
             raise ValueError(
                 f"DFA: found no blocks in {type(root).__name__}. Searched for: a configure_dfa() method, a Hugging "

@@ -101,6 +101,50 @@ def test_feature_extractor_sequentials_are_blocks_and_the_head_is_the_output() -
             torch.testing.assert_close(nested[name], one[name], msg=name)
 
 
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride), nn.BatchNorm2d(cout))
+        self.downsample = None if stride == 1 and cin == cout else shortcut
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))) + identity)
+
+
+class TinyResNet(nn.Module):  # torchvision's layout: stem, stages of residual blocks, pooling, fc
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 4, 3, 1, 1, bias=False), nn.BatchNorm2d(4)
+        self.layer1 = nn.Sequential(BasicBlock(4, 4), BasicBlock(4, 4))
+        self.layer2 = nn.Sequential(BasicBlock(4, 8, 2), BasicBlock(8, 8))
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer2(self.layer1(F.relu(self.bn1(self.conv1(x)))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def test_resnet_stages_are_lists_of_blocks_and_fc_is_the_output() -> None:
+    net = TinyResNet()
+    probe = FeedbackEngine()
+    target = probe.attach(net)
+    probe.detach()
+    assert target.source == "stages" and target.output_name == "fc"
+    assert [b.name for b in target.blocks] == ["layer1.0", "layer1.1", "layer2.0", "layer2.1"]
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))
+    found = _dfa_grads(net, x, y)
+    engine = FeedbackEngine(seed=5, blocks=["layer1.0", "layer1.1", "layer2.0", "layer2.1"], output="fc")
+    engine.attach(net)
+    net.zero_grad()
+    F.cross_entropy(net(x), y).backward()
+    assert engine.end_backward().points_recorded == 5  # the four blocks and the stem's output (layer1.0:in)
+    for name, p in net.named_parameters():
+        torch.testing.assert_close(found[name], p.grad, msg=name)
+
+
 def test_attribute_layers_get_feedback_at_each_layer_input() -> None:
     target = FeedbackEngine().attach(AttributeCNN())
     assert target.source == "layer_inputs" and target.output_name == "fc2"

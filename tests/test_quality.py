@@ -90,4 +90,4 @@ def test_collect_merges_processes(tmp_path: Path) -> None:
     assert [r["arm"] for r in merged["images"]["rows"]] == ["bp", "dfa", "shallow"]
     quality.main(["--collect", str(tmp_path / "jobs"), "--domains", "images", "--out", str(tmp_path / "out")])
     text = (tmp_path / "out" / "results.md").read_text()
-    assert "3 concurrent processes" in text and "DFA beats shallow by 1.00" in text
+    assert "ran as 3 processes, which took" in text and "DFA beats shallow by 1.00" in text
