@@ -380,3 +380,23 @@ def test_projection_queues_without_a_host_sync_on_cuda(options: dict) -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert out[0].is_cuda and out[0].shape == (4, 8, 32)
+
+
+def test_speed_tip_for_wide_errors_names_the_missing_options() -> None:
+    from lightning_dfa.adapters.core import speed_hint
+
+    def tip(vocab: int, **options: object) -> str | None:
+        net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, vocab))
+        engine = FeedbackEngine(**options)
+        engine.attach(net)
+        nn.functional.cross_entropy(net(torch.randn(4, 8)), torch.randint(0, vocab, (4,))).backward()
+        engine.end_backward()
+        return speed_hint(engine)
+
+    assert tip(10) is None  # not wider than 4x the points
+    wide = tip(200)
+    assert wide is not None and "200 wide" in wide and "cut_head_input=True and sketch=True" in wide
+    half = tip(200, cut_head_input=True) or ""
+    assert "sketch=True" in half and "cut_head_input" not in half
+    assert tip(200, cut_head_input=True, sketch=True) is None
+    assert tip(200, mode="shallow") is None

@@ -78,6 +78,9 @@ class DFASession:
             self._summary_shown = True
             points = ", ".join(f"{m.key} {list(m.shape)}" for m in self.engine.last_points)
             _info(trainer, f"DFA feedback points at the first step: {points}")
+            hint = speed_hint(self.engine)
+            if hint:
+                _info(trainer, hint)
 
     def state_dict(self) -> dict[str, Any]:
         if self.engine is not None:
@@ -91,6 +94,25 @@ class DFASession:
             self.engine.load_state_dict(state)
         else:
             self.pending_state = state
+
+
+def speed_hint(engine: FeedbackEngine) -> str | None:
+    """A one-line tip when the error is much wider than the points (a vocabulary) and the options that make the
+    DFA step cheaper than a backprop step there are off; ``None`` otherwise."""
+    widths = list(engine.bank.widths.values())
+    if not widths or engine.mode != "dfa":
+        return None
+    k, d = max(w[0] for w in widths), max(w[1] for w in widths)
+    cfg = engine.config
+    if k <= 4 * d or (cfg.cut_head_input and (cfg.sketch or cfg.topk)):
+        return None
+    options = (("cut_head_input", cfg.cut_head_input), ("sketch", cfg.sketch))
+    missing = [f"{name}=True" for name, on in options if not on]
+    return (
+        f"DFA tip: the error is {k} wide and the feedback points at most {d}: the dense projection adds a "
+        f"{k}x{d} product per step, so this DFA step can be slower than backprop's. {' and '.join(missing)} "
+        "replace the head's input gradient by a cheap structured projection (docs/performance.md)."
+    )
 
 
 def make_config(arguments: dict[str, Any]) -> DFAConfig:
