@@ -534,10 +534,7 @@ def discover(
     else:
         target = _hf_target(root, placement)
         if target is None and placement == "micro":
-            raise ValueError(
-                "DFA: placement='micro' needs a Hugging Face model whose architecture is in "
-                "lightning_dfa.registry.MICRO_POINTS, or explicit blocks=[...] naming the inner points."
-            )
+            return _micro_from_structure(root, output)
         target = (
             target
             or _stages_target(root)
@@ -562,6 +559,27 @@ def discover(
             "after the last block. Pass output= naming the final layer (logits, predictions)."
         )
     return target
+
+
+def _micro_from_structure(root: nn.Module, output: str | None) -> Target:
+    """``placement="micro"`` outside Hugging Face: the Transformer blocks of a ModuleList or of stages (timm's
+    ``blocks = nn.Sequential(Block, ...)``), each with the inner points :func:`infer_micro_points` finds."""
+    macro = _stages_target(root) or _module_list_target(root)
+    inner = [] if macro is None else [(b, infer_micro_points(b.entry)) for b in macro.blocks]
+    # Transformer blocks only: the first inferred point is the attention (a ResNet block has an activation only)
+    inner = [(b, pts) for b, pts in inner if pts and _ATTENTION_NAME.search(pts[0].rsplit(".", 1)[-1])]
+    if macro is None or not inner:
+        raise ValueError(
+            "DFA: placement='micro' adds points inside Transformer blocks (after attention and after the MLP's "
+            "activation), but found no blocks with an attention submodule in "
+            f"{type(root).__name__}. Use placement='macro', or explicit blocks=[...] naming the inner points."
+        )
+    found = [(b.name, b.entry) for b in macro.blocks]
+    found += [(f"{b.name}.{sub}", b.entry.get_submodule(sub)) for b, points in inner for sub in points]
+    order = _module_order(root)
+    blocks = _blocks_from_modules(sorted(found, key=lambda x: order[x[0]]))
+    out_name = output or macro.output_name
+    return Target(blocks, out_name, _get_output(root, out_name), macro.source)
 
 
 def _get_output(root: nn.Module, name: str) -> nn.Module:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -222,3 +223,46 @@ def test_classic_lightning_module_trains_under_the_strategy() -> None:
     engine.attach(ClassicLitModel())
     summary = format_summary(engine)
     assert "l2:in" in summary and "l3:in" in summary and "blocks from: layer_inputs" in summary
+
+
+class ViTBlock(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(d), nn.MultiheadAttention(d, 2, batch_first=True)
+        self.norm2, self.mlp = nn.LayerNorm(d), nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class TinyViT(nn.Module):  # timm's layout: blocks = nn.Sequential(Block, ...), then norm and head
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, d, 4, 4)
+        self.blocks = nn.Sequential(*[ViTBlock(d) for _ in range(2)])
+        self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        return self.head(self.norm(self.blocks(x)).mean(1))
+
+
+def test_micro_placement_outside_hugging_face_finds_the_inner_points() -> None:
+    net, x, y = TinyViT(), torch.randn(3, 3, 8, 8), torch.randint(0, 5, (3,))
+    engine = FeedbackEngine(placement="micro", seed=5)
+    target = engine.attach(net)
+    assert [b.name for b in target.blocks] == [
+        "blocks.0", "blocks.0.attn", "blocks.0.mlp.1", "blocks.1", "blocks.1.attn", "blocks.1.mlp.1"
+    ]  # fmt: skip
+    assert target.output_name == "head"
+    F.cross_entropy(net(x), y).backward()
+    assert engine.end_backward().points_recorded == 7  # six points and the patch embedding's output
+    micro = {n: p.grad.clone() for n, p in net.named_parameters()}
+    engine.detach()
+    macro = _dfa_grads(net, x, y)
+    assert not torch.allclose(micro["blocks.0.mlp.0.weight"], macro["blocks.0.mlp.0.weight"])
+    torch.testing.assert_close(micro["head.weight"], macro["head.weight"])  # the output's true gradient
+    with pytest.raises(ValueError, match="found no blocks with an attention submodule"):
+        FeedbackEngine(placement="micro").attach(TinyResNet())
