@@ -532,7 +532,8 @@ def _reexec_with_kept_malloc(argv: list[str]) -> None:
         return
     env = {**os.environ, **KEEP_MALLOC_ENV}
     print(f"re-running under {' '.join(f'{k}={v}' for k, v in KEEP_MALLOC_ENV.items())}", flush=True)
-    os.execve(sys.executable, [sys.executable, "-m", "benchmarks.speed", *argv], env)
+    command = list(getattr(sys, "orig_argv", [])) or [sys.executable, "-m", "benchmarks.speed", *argv]
+    os.execve(sys.executable, command, env)  # the same interpreter flags and arguments as this process
 
 
 def machine(dev: torch.device) -> dict[str, Any]:
