@@ -407,7 +407,7 @@ def _sequential_target(root: nn.Module) -> Target | None:
             whole = sequential_groups(seq, name, whole=True)
             blocks = whole[0] if whole else []
             out_name = after[0]
-            if isinstance(after[1], nn.Sequential) and not _is_feature_extractor(after[1]):
+            if isinstance(after[1], nn.Sequential):  # its last layer is the output (a Sigmoid after it is the loss's)
                 tail = sequential_groups(after[1], after[0])
                 if tail is not None:
                     blocks, out_name = blocks + tail[0], tail[1]

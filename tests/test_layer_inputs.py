@@ -89,6 +89,13 @@ def test_feature_extractor_sequentials_are_blocks_and_the_head_is_the_output() -
     target = FeedbackEngine().attach(FeaturesClassifier())
     assert [b.name for b in target.blocks] == ["features.2", "features.5", "classifier.1"]
     assert target.output_name == "classifier.2"
+    # Lightning's README autoencoder, with a Sigmoid after the decoder's last layer (part of the loss path)
+    autoencoder = nn.Module()
+    autoencoder.encoder = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3), nn.ReLU())
+    autoencoder.decoder = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 12), nn.Sigmoid())
+    target = FeedbackEngine().attach(autoencoder)
+    assert [b.name for b in target.blocks] == ["encoder.1", "encoder.3", "decoder.1"]
+    assert target.output_name == "decoder.2"
     for net, x, y in (
         (EncoderHead(), torch.randn(8, 6), torch.randint(0, 3, (8,))),
         (FeaturesClassifier(), torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))),
