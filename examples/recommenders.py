@@ -403,7 +403,14 @@ class RatingMLP(_EvalStages):
         if self.hparams.baseline and not self.baseline_loaded:
             self.load_baseline(*self.trainer.datamodule.baseline_biases())
         if self.hparams.get("neighbours") and self.neighbour_keys is None:
-            self.load_neighbours(*self.trainer.datamodule.neighbour_table(self.hparams.neighbours, self.hparams.shrink))
+            table = getattr(self.trainer.datamodule, "neighbour_table", None)
+            if table is None:
+                raise RuntimeError(
+                    f"RatingMLP(neighbours={self.hparams.neighbours}) needs its neighbourhood features: train with "
+                    "MovieLensDataModule (its neighbour_table()), or call model.load_neighbours(keys, features) "
+                    "with examples.data.movielens.neighbour_features of your ratings before fit."
+                )
+            self.load_neighbours(*table(self.hparams.neighbours, self.hparams.shrink))
 
     def load_neighbours(self, keys: np.ndarray, features: np.ndarray) -> None:
         """Set the neighbourhood features: ``keys = user * n_items + item`` (sorted), ``features [N, 2]``."""
