@@ -372,8 +372,9 @@ def _stages_target(root: nn.Module) -> Target | None:
     if not stages:
         return None
     size = sum(p.numel() for _, m in stages for p in m.parameters())
-    if size * 2 < sum(p.numel() for p in root.parameters()):
-        return None  # a minor part of the model: not its backbone
+    lists = [m for m in root.modules() if isinstance(m, nn.ModuleList) and len({type(c) for c in m}) == 1]
+    if any(sum(p.numel() for p in m.parameters()) > size for m in lists):
+        return None  # a larger ModuleList of repeated layers is the backbone (rule 5)
     names = [n for n, _ in stages]
     leaf = _last_param_leaf(root, names)
     order = _module_order(root)
