@@ -62,12 +62,16 @@ def _is_activation(module: nn.Module) -> bool:
 _ACTIVATION_CLASS = re.compile(r"gelu|relu|silu|swish|mish|activation", re.IGNORECASE)
 
 
+def _has_params(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters())
+
+
 def _is_hidden_activation(module: nn.Module) -> bool:
     """A torch activation, a Hugging Face one (``transformers.activations``), or a parameter-free module whose
     class is named like one (e.g. BLOOM's ``BloomGelu``)."""
     if _is_activation(module) or type(module).__module__ == "transformers.activations":
         return True
-    return bool(_ACTIVATION_CLASS.search(type(module).__name__)) and not any(True for _ in module.parameters())
+    return bool(_ACTIVATION_CLASS.search(type(module).__name__)) and not _has_params(module)
 
 
 _ATTENTION_NAME = re.compile(r"attn|attention", re.IGNORECASE)
@@ -97,7 +101,7 @@ def infer_micro_points(block: nn.Module) -> tuple[str, ...]:
         if _ATTENTION_NAME.search(n.rsplit(".", 1)[-1])
         and not _NORM_NAME.search(n.rsplit(".", 1)[-1])
         and not isinstance(m, _NORM_TYPES)
-        and any(True for _ in m.parameters())
+        and _has_params(m)
     ]
     attn = min(attention, key=lambda n: n.count(".")) if attention else None  # the outermost, first in order
     acts = [
@@ -259,7 +263,7 @@ def _hf_target(root: nn.Module, placement: str) -> Target | None:
         out_name = next(n for n, m in root.named_modules() if m is head)
     else:
         base = getattr(hf, "base_model", None)
-        heads = [(n, m) for n, m in hf.named_children() if m is not base and any(True for _ in m.parameters())]
+        heads = [(n, m) for n, m in hf.named_children() if m is not base and _has_params(m)]
         if heads:
             out_name = join + heads[-1][0]
         else:
@@ -296,10 +300,6 @@ def _module_order(root: nn.Module) -> dict[str, int]:
 
 
 # --------------------------------------------------------------------------- nn.Sequential
-def _has_params(module: nn.Module) -> bool:
-    return any(True for _ in module.parameters())
-
-
 def sequential_groups(
     seq: nn.Sequential, prefix: str = "", whole: bool = False
 ) -> tuple[list[Block], str] | None:
