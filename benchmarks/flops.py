@@ -21,6 +21,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from lightning_dfa.feedback import uses_sketch
+
 
 def _blocks_have(options: dict[str, Any] | None, suffix: str) -> bool:
     blocks = (options or {}).get("blocks") or []
@@ -56,7 +58,7 @@ def gpt2_macs(
             out["head_input_grad"] = 0
         if o.get("error_at") == "head_input":
             out["projection"] = n * d * d
-        elif o.get("sketch") and vocab > 4 * d:
+        elif o.get("sketch") and uses_sketch(vocab, d):
             out["projection"] = n * sketch_macs(vocab, d)
         else:
             k = o.get("topk")

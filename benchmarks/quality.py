@@ -488,8 +488,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     for name, record in records.items():
         if "rows" in record:
             record["images"] = plot_curves(record, img_dir)
-            record["jobs"] = args.jobs  # at most this many at a time
-            record.setdefault("processes", 1)
+            record.setdefault("processes", 1)  # how many ran at a time is in record["command"] (--jobs)
             record["script_wall_s"] = record.get("span_s", wall)
             record["command"] = "python -m benchmarks.quality " + " ".join(argv if argv is not None else sys.argv[1:])
             for v in verdicts(record["rows"]):

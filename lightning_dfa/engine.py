@@ -30,7 +30,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .discovery import Block, BlockSpec, Target, discover
-from .feedback import DISTRIBUTIONS, FeedbackBank
+from .feedback import DISTRIBUTIONS, FeedbackBank, uses_sketch
 
 MODES = ("dfa", "shallow", "bp")
 
@@ -325,6 +325,11 @@ class FeedbackEngine:
     def attached(self) -> bool:
         return bool(self._handles)
 
+    @property
+    def head_input_is_point(self) -> bool:
+        """The output module's input is a feedback point: ``cut_head_input``, or a target found by layer inputs."""
+        return self.config.cut_head_input or bool(self.target is not None and self.target.head_input_point)
+
     def attach(self, root: nn.Module, target: Target | None = None) -> Target:
         """Discover blocks and output of ``root`` (unless ``target`` is given) and install the hooks."""
         if self.attached:
@@ -353,7 +358,7 @@ class FeedbackEngine:
                 self._handles.append(
                     block.exit.register_forward_hook(_Hook(lambda m, a, o, b=block: self._on_block_output(b, o)))
                 )
-        if self.config.cut_head_input or target.head_input_point:
+        if self.head_input_is_point:
             self._handles.append(
                 target.output.register_forward_pre_hook(
                     _Hook(lambda m, a, k: self._on_head_input(a, k)), with_kwargs=True
@@ -528,7 +533,7 @@ class FeedbackEngine:
         ``sum_kept (e_j - c) B_j + c * sum_all B_j``. Exact when the dropped entries are equal (a flat softmax
         tail); dropping the tail outright would bias every token's feedback the same way (``e`` of softmax +
         cross-entropy sums to zero, so the tail's mass is the kept entries' deficit)."""
-        if self.config.sketch and k > 4 * width:
+        if self.config.sketch and uses_sketch(k, width):
             return self._sketch_projection(source, k, width)
         topk = self.config.topk
         if topk is None or topk >= k:

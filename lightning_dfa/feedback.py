@@ -67,6 +67,14 @@ def draw(shape: tuple[int, int], distribution: str, seed: int, *parts: int | str
 
 _M32 = 0xFFFFFFFF
 SKETCH_RANK = 4  # the sketch option: the outputs of one residue class share a random subspace of this dimension
+#: the ``sketch`` projection replaces the dense one only for errors wider than this many times the feedback width
+SKETCH_MIN_RATIO = 4
+
+
+def uses_sketch(k: int, width: int) -> bool:
+    """Whether ``sketch=True`` projects an error of width ``k`` onto points of width ``width`` with the structured
+    matrix (a vocabulary-wide error), rather than the dense one."""
+    return k > SKETCH_MIN_RATIO * width
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:

@@ -39,7 +39,7 @@ def format_summary(engine: FeedbackEngine, shapes: Mapping[str, Sequence[int]] |
             rows.append((name_in, "block input", seen.get(name_in)))
         first = False
         rows.append((block.name, type(block.exit).__name__, seen.get(block.name)))
-    if engine.config.cut_head_input or engine.target.head_input_point:
+    if engine.head_input_is_point:
         head_in = f"{engine.target.output_name}:in"
         rows.append((head_in, f"input of {type(engine.target.output).__name__} (output)", seen.get(head_in)))
     header = ("", "Feedback point", "Module", "Shape", "Width")

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..engine import DFAConfig, FeedbackEngine, _refuse_reentrant_checkpointing
+from ..feedback import uses_sketch
 
 CHECKPOINT_KEY = "dfa"
 
@@ -104,7 +105,7 @@ def speed_hint(engine: FeedbackEngine) -> str | None:
         return None
     k, d = max(w[0] for w in widths), max(w[1] for w in widths)
     cfg = engine.config
-    if k <= 4 * d or (cfg.cut_head_input and (cfg.sketch or cfg.topk)):
+    if not uses_sketch(k, d) or (cfg.cut_head_input and (cfg.sketch or cfg.topk)):
         return None
     options = (("cut_head_input", cfg.cut_head_input), ("sketch", cfg.sketch))
     missing = [f"{name}=True" for name, on in options if not on]
