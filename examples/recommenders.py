@@ -572,11 +572,12 @@ QUALITY_FINDINGS = """\
   DFA's best 0.858), so a longer budget would narrow its gap. A second split (seed 1, bias model 0.8884, same
   configuration, a run outside the script by a helper): BP 0.8613, DFA 0.8661, shallow 0.8738.
 - *What did not beat the bias model* (all with backprop, best validation / test RMSE, bias model 0.877 /
-  0.8916): the MLP on `[p_u, q_i, p_u*q_i]` alone (0.8967 test), with a per-rating L2 penalty (0.02 to 1.0),
-  on fixed fitted biases (0.8929 at best), with a NeuMF GMF term (0.8948 at best), with lr 1e-3 and dropout 0.5
-  (0.8943); a classic biased SVD by SGD (0.8952); and a learned asymmetric-SVD user profile (a normalised sum of
-  the user's training residuals times learned item vectors: 0.8916-0.8957). The learned interaction alone does
-  not carry over from the validation split to the test split on 85k ratings; the neighbourhood statistic does.
+  0.8916; earlier sessions' runs except the last item, run by a helper in this one): the MLP on
+  `[p_u, q_i, p_u*q_i]` alone (0.8967 test), with a per-rating L2 penalty (0.02 to 1.0), on fixed fitted biases
+  (0.8929 at best), with a NeuMF GMF term (0.8948 at best), with lr 1e-3 and dropout 0.5 (0.8943); a classic
+  biased SVD by SGD (0.8952); and a learned asymmetric-SVD user profile (a normalised sum of the user's training
+  residuals times learned item vectors: 0.8916-0.8957). The learned interaction alone does not carry over from
+  the validation split to the test split on 85k ratings; the neighbourhood statistic does.
 """.format(machine="this 2-core CPU machine, shared with a test-suite run of this session")
 
 
