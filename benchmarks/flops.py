@@ -1,4 +1,4 @@
-"""Analytic multiply-add (MAC) counts of one training step, backprop vs DFA (issue 7).
+"""Analytic multiply-add (MAC) counts of one training step, backprop vs DFA.
 
 Only the matrix products are counted (GEMMs, attention's two batched products, a GCN's sparse aggregation as
 one multiply-add per edge and feature); elementwise work (norms, activations, softmax, the optimizer) is left
@@ -11,7 +11,8 @@ carries gradient, an input gradient (as many again). DFA removes the input gradi
 points of that width, or ``topk`` rows per token with the ``topk`` option).
 
 Example:
-    >>> r = gpt2_macs(8192, 256, 6, 128, 8, {"cut_head_input": True, "blocks": ["transformer.h.*.ln_1"]})
+    >>> dense = {"cut_head_input": True, "sketch": False, "blocks": ["transformer.h.*.ln_1"]}
+    >>> r = gpt2_macs(8192, 256, 6, 128, 8, dense)
     >>> round(r["total"] / gpt2_macs(8192, 256, 6, 128, 8, None)["total"], 3)
     0.945
 """
@@ -37,7 +38,8 @@ def gpt2_macs(
 
     Per token and layer the forward has ``12 d^2`` (QKV 3, attention projection 1, MLP 4 + 4) and attention
     ``2 T d`` (scores and weighted sum over the full ``T x T``), the head ``V d``. DFA options counted:
-    ``cut_head_input`` (no head input gradient), ``blocks`` naming ``*.ln_1`` / ``*.ln_2`` (no input gradient
+    ``recipe`` (``"auto"``: ``cut_head_input`` and ``sketch`` unless set), ``cut_head_input`` (no head input
+    gradient), ``blocks`` naming ``*.ln_1`` / ``*.ln_2`` (no input gradient
     of ``c_attn`` (3 d^2) / ``c_fc`` (4 d^2)), ``topk``, ``sketch``, ``error_at="head_input"``.
     """
     n = batch * ctx
@@ -52,13 +54,18 @@ def gpt2_macs(
     }
     if options is not None:
         o = options
+        auto = o.get("recipe", "auto") == "auto"  # the recipe's choices for options left unset (a GPT-2 LM head widens)
+        cut = o.get("cut_head_input")
+        cut = auto and o.get("error_at", "output") == "output" and vocab > d if cut is None else cut
+        sketch = o.get("sketch")
+        sketch = auto and o.get("topk") is None if sketch is None else sketch
         saved = 3 * _blocks_have(o, ".ln_1") + 4 * _blocks_have(o, ".ln_2")
         out["input_grads"] -= layers * saved * n * d * d
-        if o.get("cut_head_input"):
+        if cut:
             out["head_input_grad"] = 0
         if o.get("error_at") == "head_input":
             out["projection"] = n * d * d
-        elif o.get("sketch") and uses_sketch(vocab, d):
+        elif sketch and uses_sketch(vocab, d):
             out["projection"] = n * sketch_macs(vocab, d)
         else:
             k = o.get("topk")

@@ -222,30 +222,20 @@ def _gcn_case(name: str, nodes: int, edges: int, n_in: int, hidden: int, n_out: 
     )
 
 
-def gpt2_arms(
-    topk: int | None = None, ln2: bool = False, distinct: bool = True, sketch: bool = True
-) -> dict[str, dict[str, Any]]:
-    """The DFA arms of a GPT-2 model: the engine's default, then the optimisations one by one."""
+def gpt2_arms(topk: int | None = None, ln2: bool = False, paper: bool = True) -> dict[str, dict[str, Any]]:
+    """The DFA arms of a GPT-2 model: the default flag (recipe ``"auto"``: norm-aware feedback, ``cut_head_input``
+    and ``sketch`` on this model), the same with ``ln_1`` (and ``ln_2``) points, and the paper's plain DFA."""
     arms: dict[str, dict[str, Any]] = {
         "dfa": {},
-        "dfa cut": {"cut_head_input": True},
-        "dfa cut+ln1": {"cut_head_input": True, "blocks": GPT2_LN1},
+        "dfa +ln1": {"blocks": GPT2_LN1},
     }
-    if distinct:
-        arms["dfa cut+ln1 distinct"] = {"cut_head_input": True, "blocks": GPT2_LN1, "distinct": True}
     if ln2:
-        arms["dfa cut+ln1+ln2"] = {"cut_head_input": True, "blocks": GPT2_LN1 + ["transformer.h.*.ln_2"]}
+        arms["dfa +ln1+ln2"] = {"blocks": GPT2_LN1 + ["transformer.h.*.ln_2"]}
     if topk is not None:
-        arms[f"dfa cut top{topk}"] = {"cut_head_input": True, "topk": topk}
-        arms[f"dfa cut+ln1 top{topk}"] = {"cut_head_input": True, "blocks": GPT2_LN1, "topk": topk}
-    if sketch:
-        arms["dfa cut sketch"] = {"cut_head_input": True, "sketch": True}
-        arms["dfa cut+ln1 sketch"] = {"cut_head_input": True, "blocks": GPT2_LN1, "sketch": True}
-        arms["dfa cut+ln1+ln2 sketch"] = {
-            "cut_head_input": True,
-            "blocks": GPT2_LN1 + ["transformer.h.*.ln_2"],
-            "sketch": True,
-        }
+        arms[f"dfa top{topk}"] = {"topk": topk}
+    if paper:
+        arms["dfa paper"] = {"recipe": "paper"}
+        arms["dfa paper cut sketch"] = {"recipe": "paper", "cut_head_input": True, "sketch": True}
     return arms
 
 
@@ -254,22 +244,14 @@ def ladder(quick: bool) -> list[Case]:
     if quick:
         return [
             _mlp_case("mlp", [32, 64, 64, 10], 16, {"dfa": {}}),
-            _gpt2_case("gpt2-tiny", 256, 32, 2, 16, 2, gpt2_arms(topk=16, distinct=False)),
+            _gpt2_case("gpt2-tiny", 256, 32, 2, 16, 2, gpt2_arms(topk=16)),
         ]
     return [
         _mlp_case("mlp", [784, 1024, 1024, 1024, 10], 256, {"dfa": {}, "dfa distinct": {"distinct": True}}),
         _gcn_case("gcn", 2708, 5278, 1433, 256, 7, 3),
         _gpt2_case("gpt2-tiny", 512, 64, 2, 64, 8, gpt2_arms()),
         _gpt2_case("gpt2-v8k", 8192, 256, 6, 128, 8, gpt2_arms(ln2=True)),
-        _gpt2_case(
-            "gpt2-v50k",
-            50257,
-            256,
-            6,
-            128,
-            8,
-            {k: v for k, v in gpt2_arms(topk=64, distinct=False).items() if k not in ("dfa cut", "dfa cut+ln1")},
-        ),
+        _gpt2_case("gpt2-v50k", 50257, 256, 6, 128, 8, gpt2_arms(topk=64, ln2=True)),
         _gpt2_case(
             "gpt2-small-t256",
             50257,
@@ -277,16 +259,10 @@ def ladder(quick: bool) -> list[Case]:
             12,
             256,
             1,
-            {
-                k: v
-                for k, v in gpt2_arms(topk=64, distinct=False).items()
-                if k in ("dfa", "dfa cut+ln1", "dfa cut+ln1 top64", "dfa cut+ln1 sketch")
-            },
+            gpt2_arms(topk=64),
             meta={"cpu_stand_in": True},
         ),
-        _gpt2_case(
-            "gpt2-small", 50257, 768, 12, 1024, 8, gpt2_arms(topk=64, ln2=True, distinct=False), cuda_only=True
-        ),
+        _gpt2_case("gpt2-small", 50257, 768, 12, 1024, 8, gpt2_arms(topk=64, ln2=True), cuda_only=True),
     ]
 
 

@@ -33,6 +33,9 @@ from .discovery import Block, BlockSpec, Target, discover
 from .feedback import DISTRIBUTIONS, FeedbackBank, uses_sketch
 
 MODES = ("dfa", "shallow", "bp")
+RECIPES = ("auto", "paper")
+#: the options that the recipe decides when they are left at ``None``
+RECIPE_OPTIONS = ("norm_jacobian", "cut_head_input", "norm_points", "sketch")
 
 
 def normalize_mode(mode: str) -> str:
@@ -60,18 +63,29 @@ class DFAConfig:
         error_at: ``"output"`` (default: the error is read at the output module's output, e.g. the logits: pure
             DFA) or ``"head_input"`` (read at the output module's input, i.e. backpropagated through the head
             only, the DFA paper's language-model setting: the projected error is then ``d``-dimensional).
-        norm_jacobian: pass each point's feedback through the Jacobian of a parameter-free LayerNorm (over the
-            last dimension; over all but the batch dimension for flattened points) taken at the point's own
-            activation ``h``: ``(v - mean(v) - n * mean(n * v)) / std(h)`` with ``n`` the normalised ``h``. A local
-            operation (no weight transport) that removes the feedback's components a following norm ignores; it
-            makes DFA learn on pre-LN Transformers (see ``docs/results_language_model.md``).
+        recipe: ``"auto"`` (default: the best DFA measured, chosen from the model's structure) or ``"paper"``
+            (the plain DFA of Launay et al. 2020: every option below off unless set). ``"auto"`` decides each of
+            ``norm_jacobian``, ``cut_head_input`` and ``sketch`` that is left at ``None``; the fit-start summary and
+            :meth:`FeedbackEngine.recipe_notes` say what was chosen and why.
+        norm_jacobian: norm-aware feedback. ``None`` (default, recipe ``"auto"``): at each point whose consumer is a
+            LayerNorm or RMSNorm (a pre-LN Transformer's block outputs), the feedback passes through the Jacobian of
+            that normalisation, parameter-free, at the point's own activation ``h`` (LayerNorm:
+            ``(v - mean(v) - n * mean(n * v)) / std(h)`` with ``n`` the normalised ``h``; RMSNorm: no mean
+            subtraction). A local operation (no weight transport) that removes what the following norm ignores;
+            it is what makes DFA learn on pre-LN Transformers (``docs/results_language_model.md``). ``True``: a
+            parameter-free LayerNorm Jacobian at every point (over the last dimension; over all but the batch
+            dimension for flattened points). ``False``: off.
         cut_head_input: make the output module's input the last feedback point (the output module gets it
             detached), so the output module's input gradient (for a language model, the vocabulary-sized GEMM
             ``e @ W_head``) is never computed: the shared projection replaces that work instead of adding to it.
             The last block's output is then not cut: whatever lies between the last block and the output module
-            (GPT-2's final ``ln_f``) joins the last block's feedback region, so those parameters are trained by
-            the feedback instead of their true gradient, and the last block receives its feedback through them.
-            Only with ``error_at="output"``. See ``docs/performance.md``.
+            (GPT-2's final ``ln_f``) joins the last block's feedback region. Only with ``error_at="output"``.
+            ``None`` (recipe ``"auto"``): on in ``mode="dfa"`` when the output module widens (a Linear with more
+            outputs than inputs, such as a language model's head). See ``docs/performance.md``.
+        norm_points: the output of a norm that reads a feedback point inside a block (a pre-LN block's first norm:
+            GPT-2's ``ln_1``, Llama's ``input_layernorm``) is a feedback point too, so what reads it (the
+            attention's QKV projection) never computes its input gradient, and the norm's own parameters learn from
+            that point's feedback. ``None`` (recipe ``"auto"``): on in ``mode="dfa"``.
         topk: ``None`` (default: dense projection ``e @ B``) or ``k``: project only the ``k`` largest-magnitude
             entries of each row (token) of the error, a gather of ``k`` rows of ``B`` per token instead of a GEMM
             over the whole output width. For softmax + cross-entropy ``e = softmax - onehot`` is dominated by the
@@ -84,7 +98,8 @@ class DFAConfig:
             ``g = max(sqrt(k), d / 4)``): for a 50257-word vocabulary about 1/30 of the dense GEMM's multiply-adds.
             Its entries are an integer hash of (seed, position) computed on the fly, so it holds no memory between
             steps (see :meth:`FeedbackBank.sketch`). Used where the error is wider than ``4 d`` (elsewhere the
-            dense projection is as cheap). Cannot be combined with ``topk``.
+            dense projection is as cheap). Cannot be combined with ``topk``. ``None`` (recipe ``"auto"``): on unless
+            ``topk`` is set.
         feedback_transform: ``None`` or a callable ``(point_key, feedback) -> feedback`` (same shape) applied to
             every point's feedback before ``norm_jacobian``: a fixed, parameter-free operator that the model knows
             lies between the point and the output, e.g. a graph's normalised adjacency for graph convolutions
@@ -102,10 +117,12 @@ class DFAConfig:
     distinct: bool = False
     placement: str = "macro"
     error_at: str = "output"
-    norm_jacobian: bool = False
-    cut_head_input: bool = False
+    recipe: str = "auto"
+    norm_jacobian: bool | None = None
+    cut_head_input: bool | None = None
+    norm_points: bool | None = None
     topk: int | None = None
-    sketch: bool = False
+    sketch: bool | None = None
     feedback_transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None
 
     def merged_with(self, options: dict[str, Any], origin: str = "options") -> DFAConfig:
@@ -128,6 +145,21 @@ class DFAConfig:
                 values[key] = value
         return DFAConfig(**values)
 
+    def chosen(self, name: str) -> bool | None:
+        """The value of an option of :data:`RECIPE_OPTIONS`: the one set, else the recipe's
+        (``False`` for ``"paper"``; ``None`` for ``"auto"``, which decides from the model).
+
+        Example:
+            >>> [DFAConfig(recipe="paper").chosen("sketch"), DFAConfig().chosen("sketch")]
+            [False, None]
+            >>> DFAConfig(recipe="paper", sketch=True).chosen("sketch")
+            True
+        """
+        value = getattr(self, name)
+        if value is not None:
+            return value
+        return False if self.recipe == "paper" else None
+
     def __post_init__(self) -> None:
         self.mode = normalize_mode(self.mode)
         if self.distribution not in DISTRIBUTIONS:
@@ -136,14 +168,18 @@ class DFAConfig:
             raise ValueError(f"DFA: placement must be 'macro' or 'micro', got {self.placement!r}.")
         if self.error_at not in ("output", "head_input"):
             raise ValueError(f"DFA: error_at must be 'output' or 'head_input', got {self.error_at!r}.")
+        if self.recipe not in RECIPES:
+            raise ValueError(f"DFA: recipe must be one of {RECIPES}, got {self.recipe!r}.")
+        for name in RECIPE_OPTIONS:
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                raise ValueError(f"DFA: {name} must be True, False or None (None: the recipe's choice), got {value!r}.")
         if self.cut_head_input and self.error_at != "output":
             raise ValueError("DFA: cut_head_input needs error_at='output' (error_at='head_input' reads it there).")
         if self.topk is not None:
             if isinstance(self.topk, bool) or int(self.topk) != self.topk or int(self.topk) < 1:
                 raise ValueError(f"DFA: topk must be None or a positive integer, got {self.topk!r}.")
             self.topk = int(self.topk)
-        if not isinstance(self.sketch, bool):
-            raise ValueError(f"DFA: sketch must be True or False, got {self.sketch!r}.")
         if self.sketch and self.topk is not None:
             raise ValueError("DFA: choose one cheaper projection: sketch=True or topk=k, not both.")
         if self.feedback_transform is not None and not callable(self.feedback_transform):
@@ -212,12 +248,26 @@ class _PassThrough:
         return None
 
 
+@dataclass(frozen=True)
+class NormSpec:
+    """The normalisation whose Jacobian shapes a point's feedback (norm-aware feedback).
+
+    ``kind`` is ``"layer"`` (mean and variance) or ``"rms"`` (no mean subtraction); ``dims`` is the number of
+    trailing dimensions it normalises over, ``-1`` for all but the first (batch) dimension.
+    """
+
+    kind: str
+    eps: float = 1e-5
+    dims: int = 1
+
+
 @dataclass
 class _PointMeta:
     key: str
     shape: torch.Size
     dtype: torch.dtype
     flatten: bool
+    norm: NormSpec | None = None
 
 
 @dataclass
@@ -256,15 +306,18 @@ class _DeliverFeedback(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, delivery: _Delivery, output: torch.Tensor, *points: torch.Tensor) -> torch.Tensor:
         ctx.delivery = delivery
-        if delivery.engine.config.norm_jacobian:
-            ctx.save_for_backward(*points)
+        # norm-aware feedback needs the activations of the points it shapes (their consumer norm keeps them too)
+        ctx.norm_index = [i for i, meta in enumerate(delivery.points) if meta.norm is not None]
+        ctx.save_for_backward(*[points[i] for i in ctx.norm_index])
         return output.view_as(output)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, error: torch.Tensor) -> tuple:
         delivery: _Delivery = ctx.delivery
-        activations = list(ctx.saved_tensors) if delivery.engine.config.norm_jacobian else None
+        activations: list[torch.Tensor | None] = [None] * len(delivery.points)
+        for i, tensor in zip(ctx.norm_index, ctx.saved_tensors):
+            activations[i] = tensor
         feedback = delivery.engine._project(error, delivery.points, activations)
         needs = ctx.needs_input_grad[2:]
         return (None, error, *[f if n else None for f, n in zip(feedback, needs)])
@@ -315,6 +368,13 @@ class FeedbackEngine:
         self._observers: list[Callable[[torch.Tensor, list[_PointMeta], list[torch.Tensor]], None]] = []
         # instruments (alignment monitor): called with (key, graph-attached tensor) at each recorded point
         self._point_observers: list[Callable[[str, torch.Tensor], None]] = []
+        # norm-aware feedback: point name -> the normalisation that consumes it (found in the forward)
+        self._consumers: dict[str, NormSpec] = {}
+        self._norm_kinds: dict[int, NormSpec | None] = {}  # id(norm module) -> what probing it found
+        self._consumers_complete = False
+        self._inside_blocks: set[int] = set()  # id() of every module inside a top-level block
+        self._point_norms: set[int] = set()  # norm_points: id() of the norms inside blocks that read a point
+        self._cut = bool(self.config.chosen("cut_head_input"))
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -328,7 +388,94 @@ class FeedbackEngine:
     @property
     def head_input_is_point(self) -> bool:
         """The output module's input is a feedback point: ``cut_head_input``, or a target found by layer inputs."""
-        return self.config.cut_head_input or bool(self.target is not None and self.target.head_input_point)
+        return self._cut or bool(self.target is not None and self.target.head_input_point)
+
+    @property
+    def cut_head_input(self) -> bool:
+        """``cut_head_input`` in force: as set, or as the recipe chose it for the attached model."""
+        return self._cut
+
+    @property
+    def sketch(self) -> bool:
+        """``sketch`` in force: as set, or the recipe's choice (``"auto"``: on unless ``topk`` is set)."""
+        chosen = self.config.chosen("sketch")
+        return self.config.topk is None if chosen is None else chosen
+
+    @property
+    def norm_points(self) -> bool:
+        """``norm_points`` in force: as set, or the recipe's choice (``"auto"``: on in ``mode="dfa"``)."""
+        chosen = self.config.chosen("norm_points")
+        return self.mode == "dfa" if chosen is None else chosen
+
+    @property
+    def norm_feedback(self) -> str:
+        """Norm-aware feedback in force: ``"consumer"`` (the Jacobian of the norm that consumes each point, where one
+        does: ``norm_jacobian=None`` with the ``"auto"`` recipe), ``"layernorm"`` (``norm_jacobian=True``: at every
+        point) or ``"off"``."""
+        chosen = self.config.chosen("norm_jacobian")
+        return "consumer" if chosen is None else ("layernorm" if chosen else "off")
+
+    def recipe_notes(self) -> list[str]:
+        """One line per choice of the recipe in force (what was chosen and why), for the fit-start summary.
+
+        Example:
+            >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+            >>> engine = FeedbackEngine(recipe="paper")
+            >>> _ = engine.attach(net)
+            >>> engine.recipe_notes()[0]
+            "recipe 'paper': plain DFA (Launay et al. 2020); options set: none"
+        """
+        cfg = self.config
+        set_ = [n for n in RECIPE_OPTIONS if getattr(cfg, n) is not None]
+        if cfg.recipe == "paper":
+            lines = [f"recipe 'paper': plain DFA (Launay et al. 2020); options set: {', '.join(set_) or 'none'}"]
+        else:
+            lines = [
+                f"recipe 'auto': chosen from the model's structure (recipe='paper' for plain DFA); set: "
+                f"{', '.join(set_) or 'none'}"
+            ]
+        if self.mode != "dfa":
+            return lines + [f"mode {self.mode!r}: no feedback is delivered"]
+        norm = self.norm_feedback
+        if norm == "layernorm":
+            lines.append("norm-aware feedback: a parameter-free LayerNorm Jacobian at every point (norm_jacobian=True)")
+        elif norm == "off":
+            lines.append("norm-aware feedback: off")
+        elif self._consumers:
+            kinds = {"layer": "LayerNorm", "rms": "RMSNorm"}
+            found = sorted({kinds[s.kind] for s in self._consumers.values()})
+            lines.append(
+                f"norm-aware feedback: {len(self._consumers)} points feed a norm ({', '.join(found)}): their feedback "
+                "passes through that norm's parameter-free Jacobian; the others get B e as it is"
+            )
+        else:
+            lines.append(
+                "norm-aware feedback: at points whose consumer is a LayerNorm/RMSNorm"
+                + (" (none here)" if self._consumers_complete else " (found in the first training forward)")
+            )
+        if self.norm_points:
+            found = f" ({len(self._point_norms)} found)" if self._consumers_complete else ""
+            lines.append(f"norm_points: on: norms inside blocks that read a point are points too{found}")
+        if self._cut:
+            why = "as set" if cfg.cut_head_input else "the output module widens (more outputs than inputs)"
+            lines.append(
+                f"cut_head_input: on ({why}): its input gradient is never computed; its input is the last point"
+            )
+        elif self.target is not None and not self.target.head_input_point and cfg.error_at == "output":
+            lines.append(
+                "cut_head_input: off"
+                + (" (as set)" if cfg.cut_head_input is not None else " (the output module does not widen)")
+            )
+        widths = list(self.bank.widths.values())
+        wide = any(uses_sketch(k, d) for k, d in widths)
+        if self.sketch:
+            lines.append(
+                "sketch: structured projection for errors wider than 4x the point"
+                + ("" if not widths else (" (in use)" if wide else " (not needed: the error is narrow)"))
+            )
+        else:
+            lines.append("sketch: off" + (" (topk is set)" if cfg.topk is not None and cfg.sketch is None else ""))
+        return lines
 
     def attach(self, root: nn.Module, target: Target | None = None) -> Target:
         """Discover blocks and output of ``root`` (unless ``target`` is given) and install the hooks."""
@@ -346,7 +493,16 @@ class FeedbackEngine:
         _refuse_reentrant_checkpointing(root)
         self.root, self.target = root, target
         self._flatten = {b.name for b in target.blocks if _has_conv(b)}
-        uncut = _last_top_level_block(root, target) if self.config.cut_head_input else None
+        cut = self.config.chosen("cut_head_input")
+        if cut is None:  # recipe "auto": cut where the output module widens (a language model's head)
+            cut = (
+                self.mode == "dfa"
+                and self.config.error_at == "output"
+                and not target.head_input_point
+                and _widens(target.output)
+            )
+        self._cut = bool(cut)
+        uncut = _last_top_level_block(root, target) if self._cut else None
         for block in target.blocks:
             if block.top_level:
                 self._handles.append(
@@ -364,6 +520,20 @@ class FeedbackEngine:
                     _Hook(lambda m, a, k: self._on_head_input(a, k)), with_kwargs=True
                 )
             )
+        if self.mode == "dfa" and (self.norm_feedback == "consumer" or self.norm_points):
+            self._inside_blocks = {id(m) for b in target.blocks if b.top_level for m in b.entry.modules()}
+            for name, module in root.named_modules():
+                if not _may_normalise(module):
+                    continue
+                self._handles.append(
+                    module.register_forward_pre_hook(
+                        _Hook(lambda m, a, k: self._on_norm_input(m, a, k)), with_kwargs=True
+                    )
+                )
+                if self.norm_points and id(module) in self._inside_blocks:
+                    self._handles.append(
+                        module.register_forward_hook(_Hook(lambda m, a, o, n=name: self._on_norm_output(n, m, o)))
+                    )
         if self.config.error_at == "output":
             hook = target.output.register_forward_hook(_Hook(lambda m, a, o: self._on_output(o)))
         else:
@@ -471,9 +641,55 @@ class FeedbackEngine:
         if not self._pending or tensor is None or not tensor.is_floating_point():
             return None
         points, self._pending, self._calls = self._pending, [], {}
-        metas = [_PointMeta(k, t.shape, t.dtype, f) for k, t, f in points]
+        metas = [_PointMeta(k, t.shape, t.dtype, f, self._norm_of(k, f)) for k, t, f in points]
+        self._consumers_complete = True
         self.report.outputs_tied += 1
         return rebuild(_DeliverFeedback.apply(_Delivery(self, metas), tensor, *[t for _, t, _ in points]))
+
+    def _on_norm_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Norm-aware feedback: a normalisation reading a point recorded in this forward makes it that point's
+        consumer (the point's feedback will pass through its Jacobian). Checked until the first delivery."""
+        if self._consumers_complete and self._capture is None:
+            return None
+        if not torch.is_grad_enabled() or _in_backward():
+            return None
+        tensor, _ = _split_input(args, kwargs)
+        if tensor is None or not tensor.is_floating_point():
+            return None
+        recorded = (
+            [(p.key, p.tensor, p.flatten) for p in self._capture.points] if self._capture is not None else self._pending
+        )
+        for key, point, flatten in reversed(recorded):
+            if point.data_ptr() != tensor.data_ptr() or point.shape != tensor.shape:
+                continue
+            if not flatten:
+                if id(module) not in self._norm_kinds:
+                    self._norm_kinds[id(module)] = probe_normalisation(module, tensor)
+                spec = self._norm_kinds[id(module)]
+                if spec is not None:
+                    self._consumers.setdefault(key.split("#")[0], spec)
+                    if id(module) in self._inside_blocks:
+                        self._point_norms.add(id(module))
+            break
+        return None
+
+    def _on_norm_output(self, name: str, module: nn.Module, output: Any) -> Any:
+        """``norm_points``: the output of a norm inside a block that reads a point is a point too."""
+        if id(module) not in self._point_norms or not self._active():
+            return None
+        tensor, rebuild = _split_main(output)
+        if not _carries_grad(tensor):
+            return None
+        return rebuild(self._record(name, tensor))
+
+    def _norm_of(self, key: str, flatten: bool) -> NormSpec | None:
+        """The Jacobian that shapes point ``key``'s feedback, or ``None``."""
+        mode = self.norm_feedback
+        if mode == "layernorm":
+            return NormSpec("layer", 1e-5, -1 if flatten else 1)
+        if mode == "off" or flatten:
+            return None
+        return self._consumers.get(key.split("#")[0])
 
     def _on_output_input(self, args: tuple, kwargs: dict) -> Any:
         tensor, rebuild = _split_input(args, kwargs)
@@ -533,7 +749,7 @@ class FeedbackEngine:
         ``sum_kept (e_j - c) B_j + c * sum_all B_j``. Exact when the dropped entries are equal (a flat softmax
         tail); dropping the tail outright would bias every token's feedback the same way (``e`` of softmax +
         cross-entropy sums to zero, so the tail's mass is the kept entries' deficit)."""
-        if self.config.sketch and uses_sketch(k, width):
+        if self.sketch and uses_sketch(k, width):
             return self._sketch_projection(source, k, width)
         topk = self.config.topk
         if topk is None or topk >= k:
@@ -567,18 +783,23 @@ class FeedbackEngine:
         self,
         error: torch.Tensor,
         points: Sequence[_PointMeta | CapturedPoint],
-        activations: Sequence[torch.Tensor] | None = None,
+        activations: Sequence[torch.Tensor | None] | None = None,
     ) -> list[torch.Tensor]:
         """``scale/sqrt(d) * B_k e`` for each point, with one projection per (alignment, error width).
 
-        ``points`` are the metadata the engine records (or :class:`CapturedPoint` from :meth:`capture`). With
-        ``norm_jacobian``, the points' activations are needed: ``activations`` or the captured tensors.
+        ``points`` are the metadata the engine records (or :class:`CapturedPoint` from :meth:`capture`). Where
+        norm-aware feedback shapes a point, its activation is needed: ``activations`` or the captured tensor.
         """
-        if self.config.norm_jacobian and activations is None:
-            if not all(isinstance(p, CapturedPoint) for p in points):
-                raise ValueError("DFA: norm_jacobian needs the points' activations (pass activations=).")
-            activations = [p.tensor for p in points]
-        points = [p.meta() if isinstance(p, CapturedPoint) else p for p in points]
+        if activations is None:
+            activations = [p.tensor if isinstance(p, CapturedPoint) else None for p in points]
+        points = [
+            _PointMeta(p.key, p.tensor.shape, p.tensor.dtype, p.flatten, self._norm_of(p.key, p.flatten))
+            if isinstance(p, CapturedPoint)
+            else p
+            for p in points
+        ]
+        if any(p.norm is not None and h is None for p, h in zip(points, activations)):
+            raise ValueError("DFA: norm-aware feedback needs the points' activations (pass activations=).")
         aligned = [self._align(error.shape, p) for p in points]
         widest: dict[tuple[str, int], int] = {}
         for p, (kind, k, d) in zip(points, aligned):
@@ -614,9 +835,9 @@ class FeedbackEngine:
         transform = self.config.feedback_transform
         if transform is not None:
             out = [_checked_transform(transform, p.key, fb) for p, fb in zip(points, out)]
-        if self.config.norm_jacobian:
-            out = [_norm_jacobian(h.detach(), fb, p.flatten) for h, fb, p in zip(activations, out, points)]
-        return out
+        return [
+            fb if p.norm is None else norm_vjp(h.detach(), fb, p.norm) for h, fb, p in zip(activations, out, points)
+        ]
 
     def end_backward(self) -> BackwardReport:
         """Close a backward: check that feedback fired (``mode="dfa"``) and reset the counters.
@@ -689,7 +910,7 @@ class FeedbackEngine:
             seen.add(id(p))
             if not p.requires_grad:
                 roles["none"] += p.numel()
-            elif self.mode == "bp" or id(p) in out_ids or (id(p) in after and not self.config.cut_head_input):
+            elif self.mode == "bp" or id(p) in out_ids or (id(p) in after and not self._cut):
                 roles["true gradient"] += p.numel()
             elif self.mode == "shallow":
                 roles["none"] += p.numel()
@@ -730,8 +951,93 @@ class FeedbackEngine:
         return {p.key: list(p.tensor.shape) for p in cap.points}
 
 
+def norm_vjp(h: torch.Tensor, v: torch.Tensor, norm: NormSpec) -> torch.Tensor:
+    """``v`` times the Jacobian of the parameter-free normalisation ``norm`` at ``h`` (``J^T v``: fused kernels,
+    computed in float32 for half-precision inputs).
+
+    Example:
+        >>> h, v = torch.randn(2, 3, 8, dtype=torch.double), torch.randn(2, 3, 8, dtype=torch.double)
+        >>> x = h.clone().requires_grad_()
+        >>> ref, = torch.autograd.grad(nn.functional.rms_norm(x, (8,), eps=1e-6), x, v)
+        >>> bool(torch.allclose(norm_vjp(h, v, NormSpec("rms", 1e-6)), ref))
+        True
+    """
+    dims = h.dim() - 1 if norm.dims < 0 else norm.dims
+    shape = list(h.shape[h.dim() - dims :])
+    low = h.dtype in (torch.float16, torch.bfloat16)
+    hf, vf = (h.float(), v.float()) if low else (h, v)
+    if norm.kind == "layer":
+        _, mean, rstd = torch.native_layer_norm(hf, shape, None, None, norm.eps)
+        out = torch.ops.aten.native_layer_norm_backward(vf, hf, shape, mean, rstd, None, None, [True, False, False])[0]
+    else:
+        reduce = tuple(range(h.dim() - dims, h.dim()))
+        rrms = torch.rsqrt(hf.square().mean(reduce, keepdim=True) + norm.eps)
+        hv = (hf * vf).mean(reduce, keepdim=True)
+        out = torch.addcmul(vf * rrms, hf, hv * rrms.pow(3), value=-1)
+    return out.to(v.dtype) if low else out
+
+
+def _widens(output: nn.Module) -> bool:
+    """Whether an output module maps to more features than it reads (a Linear head over a vocabulary)."""
+    weight = getattr(output, "weight", None)
+    if isinstance(output, nn.Linear):
+        return output.out_features > output.in_features
+    return isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] > weight.shape[1]
+
+
+_NOT_PER_TOKEN = ("batch", "group", "instance", "localresponse")
+
+
+def _may_normalise(module: nn.Module) -> bool:
+    """A module that may normalise each position over its features: ``nn.LayerNorm``, ``nn.RMSNorm`` or a class
+    named like a norm (Hugging Face's ``LlamaRMSNorm``, ``T5LayerNorm``...), except batch/group/instance norms."""
+    if isinstance(module, nn.LayerNorm) or (hasattr(nn, "RMSNorm") and isinstance(module, nn.RMSNorm)):
+        return True
+    name = type(module).__name__.lower()
+    return "norm" in name and not any(word in name for word in _NOT_PER_TOKEN)
+
+
+def probe_normalisation(module: nn.Module, example: torch.Tensor) -> NormSpec | None:
+    """What normalisation ``module`` applies over its inputs' last dimension: ``nn.LayerNorm``/``nn.RMSNorm`` by
+    class; any other module by its behaviour on a small random input (no gradients): invariant to scaling and
+    shifting is a LayerNorm, to scaling only an RMSNorm, otherwise ``None``.
+
+    Example:
+        >>> probe_normalisation(nn.LayerNorm(8), torch.randn(2, 8))
+        NormSpec(kind='layer', eps=1e-05, dims=1)
+        >>> class T5Norm(nn.Module):  # an RMSNorm named like a LayerNorm
+        ...     def forward(self, x):
+        ...         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        >>> probe_normalisation(T5Norm(), torch.randn(2, 8)).kind
+        'rms'
+    """
+    eps = next(
+        (float(v) for v in (getattr(module, a, None) for a in ("eps", "variance_epsilon", "epsilon")) if v is not None),
+        None,
+    )
+    if isinstance(module, nn.LayerNorm):
+        return NormSpec("layer", module.eps, len(module.normalized_shape))
+    if hasattr(nn, "RMSNorm") and isinstance(module, nn.RMSNorm):
+        return NormSpec("rms", eps if eps is not None else torch.finfo(example.dtype).eps, len(module.normalized_shape))
+    width = example.shape[-1]
+    z = torch.randn(4, width, generator=torch.Generator().manual_seed(0)).to(example.device, example.dtype)
+    try:
+        with torch.no_grad():
+            base, scaled, shifted = (_split_main(module(x))[0] for x in (z, z * 4.0, z + 3.0))
+    except Exception:  # not callable on a plain [rows, features] tensor: not a per-position norm
+        return None
+    if base is None or scaled is None or shifted is None or base.shape != z.shape or not base.isfinite().all():
+        return None
+    tol = {"rtol": 2e-2, "atol": 2e-2 * float(base.abs().mean()) + 1e-6}
+    if not torch.allclose(scaled.float(), base.float(), **tol):
+        return None
+    kind = "layer" if torch.allclose(shifted.float(), base.float(), **tol) else "rms"
+    return NormSpec(kind, eps if eps is not None else 1e-6)
+
+
 def _norm_jacobian(h: torch.Tensor, v: torch.Tensor, flatten: bool, eps: float = 1e-5) -> torch.Tensor:
-    """``v`` times the Jacobian of a parameter-free LayerNorm at ``h`` (symmetric, so ``J v = J^T v``).
+    """``v`` times the Jacobian of a parameter-free LayerNorm at ``h`` (over the last dimension, or all but the
+    batch dimension with ``flatten``): :func:`norm_vjp` with a LayerNorm.
 
     Example:
         >>> h, v = torch.randn(2, 3, 8, dtype=torch.double), torch.randn(2, 3, 8, dtype=torch.double)
@@ -740,13 +1046,7 @@ def _norm_jacobian(h: torch.Tensor, v: torch.Tensor, flatten: bool, eps: float =
         >>> bool(torch.allclose(_norm_jacobian(h, v, False), ref))
         True
     """
-    dims = tuple(range(1, h.dim())) if flatten else (-1,)
-    hf, vf = h.float(), v.float()
-    mean = hf.mean(dim=dims, keepdim=True)
-    rstd = torch.rsqrt(hf.var(dim=dims, unbiased=False, keepdim=True) + eps)
-    n = (hf - mean) * rstd
-    out = (vf - vf.mean(dim=dims, keepdim=True) - n * (n * vf).mean(dim=dims, keepdim=True)) * rstd
-    return out.to(v.dtype)
+    return norm_vjp(h, v, NormSpec("layer", eps, -1 if flatten else 1))
 
 
 def _params_after_blocks(root: nn.Module, target: Target) -> set[int]:

@@ -62,5 +62,6 @@ def format_summary(engine: FeedbackEngine, shapes: Mapping[str, Sequence[int]] |
         f"Feedback: {feedback}",
         f"Trainable params by feedback: {_count(roles['feedback'])} | by true gradient: "
         f"{_count(roles['true gradient'])} | not trained: {_count(roles['none'])}",
+        *(f"Recipe: {line}" for line in engine.recipe_notes()),
     ]
     return "\n".join(out)

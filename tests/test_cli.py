@@ -87,3 +87,18 @@ def test_cli_strategy_from_yaml_and_ddp_flags(tmp_path: Path) -> None:
     assert strategy._ddp_kwargs == strategies["pytorch_lightning.strategies.DDPStrategy"]._ddp_kwargs
     with pytest.raises(SystemExit):  # a misspelt option is refused by the parser, not ignored
         cli_train.main(["--trainer.strategy=lightning_dfa.DFAStrategy", "--trainer.strategy.sede=3"], run=False)
+
+
+def test_cli_recipe_and_each_recipe_option_from_flags() -> None:
+    base = ["--trainer.accelerator=cpu", "--trainer.strategy=lightning_dfa.DFAStrategy", "--trainer.strategy.seed=1"]
+    config = cli_train.main(base, run=False).trainer.strategy.dfa.config
+    assert (config.recipe, config.norm_jacobian, config.cut_head_input, config.sketch) == ("auto", None, None, None)
+    flags = [
+        "--trainer.strategy.recipe=paper",
+        "--trainer.strategy.sketch=true",
+        "--trainer.strategy.norm_points=false",
+    ]
+    config = cli_train.main(base + flags, run=False).trainer.strategy.dfa.config
+    assert (config.recipe, config.sketch, config.norm_points, config.norm_jacobian) == ("paper", True, False, None)
+    with pytest.raises(ValueError, match="recipe must be one of"):  # a recipe the library does not know
+        cli_train.main(base + ["--trainer.strategy.recipe=best"], run=False)

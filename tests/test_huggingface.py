@@ -117,6 +117,11 @@ def test_hf_model_trains_with_dfa(name: str) -> None:
     for pname, grad in dfa.items():  # every parameter that backprop trains gets a non-zero gradient
         if bp[pname] is not None:
             assert grad is not None and bool(torch.any(grad != 0)), pname
+    # the default recipe cuts a widening head's input: what lies between the last block and the head (the final
+    # norm) then joins the last block's feedback region
+    assert strategy.dfa_engine.cut_head_input == (kind == "lm")
+    if strategy.dfa_engine.cut_head_input:
+        after = []
     true_grad = [p for p in dfa if any(p.startswith(m + ".") for m in [output, *after])]
     assert true_grad
     for pname in true_grad:  # the output head and what lies after the last block: backprop's gradient

@@ -14,8 +14,10 @@ def _net() -> nn.Sequential:
     return mlp(width=16, n_in=6, n_out=3, depth=2)  # blocks "1" and "3" (after each Tanh), output "4"
 
 
-def test_default_off() -> None:
-    assert DFAConfig().norm_jacobian is False
+def test_default_is_the_recipes_choice_and_true_is_kept() -> None:
+    assert DFAConfig().norm_jacobian is None  # recipe "auto": at points whose consumer normalises
+    assert FeedbackEngine(norm_jacobian=True).norm_feedback == "layernorm"
+    assert FeedbackEngine(recipe="paper").norm_feedback == "off"
     assert lightning_dfa.DFAStrategy(norm_jacobian=True).dfa.config.norm_jacobian is True
 
 

@@ -57,22 +57,22 @@ def test_options_are_validated() -> None:
         with pytest.raises(ValueError, match="topk"):
             DFAConfig(topk=bad)
     assert DFAConfig(topk=4.0).topk == 4
-    assert DFAConfig().topk is None and DFAConfig().cut_head_input is False
+    assert DFAConfig().topk is None and DFAConfig(recipe="paper").chosen("cut_head_input") is False
 
 
 def test_topk_with_full_width_is_the_dense_projection() -> None:
     torch.manual_seed(0)
     error = torch.randn(3, 5, 40)
     points = [_PointMeta("a", torch.Size([3, 5, 12]), torch.float32, False)]
-    dense = FeedbackEngine(seed=1).feedback_for(error, points)[0]
+    dense = FeedbackEngine(recipe="paper", seed=1).feedback_for(error, points)[0]
     for k in (40, 400):  # k >= error width: the dense GEMM
-        assert torch.equal(FeedbackEngine(seed=1, topk=k).feedback_for(error, points)[0], dense)
+        assert torch.equal(FeedbackEngine(recipe="paper", seed=1, topk=k).feedback_for(error, points)[0], dense)
     # the gather path is exact whenever each row has at most k non-zero entries
     sparse = error * (torch.rand_like(error) < 0.1)
     sparse[..., 0] = 1.0  # at least one non-zero per row; at most 4 + 1 on average
     kept = int((sparse != 0).sum(-1).max())
-    gathered = FeedbackEngine(seed=1, topk=kept).feedback_for(sparse, points)[0]
-    torch.testing.assert_close(gathered, FeedbackEngine(seed=1).feedback_for(sparse, points)[0])
+    gathered = FeedbackEngine(recipe="paper", seed=1, topk=kept).feedback_for(sparse, points)[0]
+    torch.testing.assert_close(gathered, FeedbackEngine(recipe="paper", seed=1).feedback_for(sparse, points)[0])
 
 
 def test_topk_is_exact_for_a_flat_tail() -> None:
@@ -82,8 +82,8 @@ def test_topk_is_exact_for_a_flat_tail() -> None:
     error[torch.arange(6), torch.randint(0, 100, (6,))] = -0.9
     error[:, 7] = 0.05
     points = [_PointMeta("a", torch.Size([6, 24]), torch.float32, False)]
-    dense = FeedbackEngine(seed=4).feedback_for(error, points)[0]
-    torch.testing.assert_close(FeedbackEngine(seed=4, topk=2).feedback_for(error, points)[0], dense)
+    dense = FeedbackEngine(recipe="paper", seed=4).feedback_for(error, points)[0]
+    torch.testing.assert_close(FeedbackEngine(recipe="paper", seed=4, topk=2).feedback_for(error, points)[0], dense)
 
 
 def test_topk_approximates_a_softmax_cross_entropy_error() -> None:
@@ -92,8 +92,8 @@ def test_topk_approximates_a_softmax_cross_entropy_error() -> None:
     logits, target = torch.randn(32, 512) * 2, torch.randint(0, 512, (32,))
     error = torch.softmax(logits, -1) - nn.functional.one_hot(target, 512)
     points = [_PointMeta("a", torch.Size([32, 64]), torch.float32, False)]
-    dense = FeedbackEngine(seed=0).feedback_for(error, points)[0]
-    approx = FeedbackEngine(seed=0, topk=32).feedback_for(error, points)[0]
+    dense = FeedbackEngine(recipe="paper", seed=0).feedback_for(error, points)[0]
+    approx = FeedbackEngine(recipe="paper", seed=0, topk=32).feedback_for(error, points)[0]
     cos = nn.functional.cosine_similarity(dense, approx, dim=-1)
     assert cos.min() > 0.99, cos.min()
 
@@ -106,8 +106,8 @@ def test_topk_with_distinct_signs_and_several_widths() -> None:
         _PointMeta("b", torch.Size([4, 16]), torch.float32, False),
     ]
     for distinct in (False, True):
-        dense = FeedbackEngine(seed=2, distinct=distinct).feedback_for(error, points)
-        full = FeedbackEngine(seed=2, distinct=distinct, topk=49).feedback_for(error, points)
+        dense = FeedbackEngine(recipe="paper", seed=2, distinct=distinct).feedback_for(error, points)
+        full = FeedbackEngine(recipe="paper", seed=2, distinct=distinct, topk=49).feedback_for(error, points)
         assert [f.shape for f in full] == [torch.Size([4, 8]), torch.Size([4, 16])]
         for a, b in zip(dense, full):  # dropping one of 50 entries per row changes little
             assert nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.9
@@ -117,9 +117,9 @@ def test_cut_head_input_moves_the_last_point_and_keeps_the_head_true_gradient() 
     ids = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(0))
     bp = _lm_grads(_gpt2(), None, ids)
     plain_model, cut_model = _gpt2(), _gpt2()
-    plain = FeedbackEngine(seed=0)
+    plain = FeedbackEngine(recipe="paper", seed=0)
     plain.attach(plain_model)
-    cut = FeedbackEngine(seed=0, cut_head_input=True)
+    cut = FeedbackEngine(recipe="paper", seed=0, cut_head_input=True)
     cut.attach(cut_model)
     g_plain = _lm_grads(plain_model, plain, ids)
     keys = [p.key for p in plain.last_points]
@@ -149,7 +149,7 @@ def test_cut_head_input_skips_the_head_input_gradient() -> None:
 
     def flops(**options: object) -> int:
         model = _gpt2()
-        engine = FeedbackEngine(seed=0, **options)
+        engine = FeedbackEngine(recipe="paper", seed=0, **options)
         engine.attach(model)
         with FlopCounterMode(display=False) as counter:
             _lm_grads(model, engine, ids)
@@ -164,7 +164,7 @@ def test_cut_head_input_on_a_sequential_mlp_changes_only_the_key() -> None:
     grads = []
     for cut in (False, True):
         net = _mlp()
-        engine = FeedbackEngine(seed=3, cut_head_input=cut)
+        engine = FeedbackEngine(recipe="paper", seed=3, cut_head_input=cut)
         engine.attach(net)
         nn.functional.cross_entropy(net(x), y).backward()
         engine.end_backward()
@@ -261,7 +261,7 @@ def test_blocked_selection_finds_the_exact_top_entries() -> None:
     error = torch.softmax(torch.randn(4, 6000), -1)
     error[:, 3] -= 1
     points = [_PointMeta("a", torch.Size([4, 8]), torch.float32, False)]
-    engine = FeedbackEngine(seed=0, topk=4)
+    engine = FeedbackEngine(recipe="paper", seed=0, topk=4)
     got = engine.feedback_for(error, points)[0]
     idx = error.abs().topk(4, -1).indices
     kept = error.gather(-1, idx)
@@ -280,7 +280,7 @@ def _points(width: int, n: int = 1) -> list[_PointMeta]:
 def test_sketch_projection_is_exact_for_its_structured_matrix(k: int, width: int) -> None:
     torch.manual_seed(0)
     error = torch.randn(3, 5, k, dtype=torch.float64)
-    engine = FeedbackEngine(seed=3, sketch=True)
+    engine = FeedbackEngine(recipe="paper", seed=3, sketch=True)
     got = engine.feedback_for(error, _points(width))[0]
     dense = engine.bank.sketch_matrix(k, width).double()
     want = (error @ dense.t()) / math.sqrt(width)
@@ -299,8 +299,8 @@ def test_sketch_projection_is_exact_for_its_structured_matrix(k: int, width: int
 
 def test_sketch_is_used_only_for_wide_errors_and_not_with_topk() -> None:
     error = torch.randn(3, 5, 40)
-    dense = FeedbackEngine(seed=1).feedback_for(error, _points(16))[0]
-    assert torch.equal(FeedbackEngine(seed=1, sketch=True).feedback_for(error, _points(16))[0], dense)
+    dense = FeedbackEngine(recipe="paper", seed=1).feedback_for(error, _points(16))[0]
+    assert torch.equal(FeedbackEngine(recipe="paper", seed=1, sketch=True).feedback_for(error, _points(16))[0], dense)
     with pytest.raises(ValueError, match="sketch=True or topk"):
         DFAConfig(sketch=True, topk=8)
     with pytest.raises(ValueError, match="sketch must be"):
@@ -309,24 +309,24 @@ def test_sketch_is_used_only_for_wide_errors_and_not_with_topk() -> None:
 
 def test_sketch_holds_no_memory_and_resumes_identically() -> None:
     error = torch.randn(3, 5, 4000)
-    a = FeedbackEngine(seed=5, sketch=True, distinct=True)
+    a = FeedbackEngine(recipe="paper", seed=5, sketch=True, distinct=True)
     first = a.feedback_for(error, _points(32, 2))
     assert a.bank.nbytes == 0 and a.bank.cached_nbytes == 2 * 32 * 4  # the points' signs: B is recomputed
     state = a.state_dict()
-    b = FeedbackEngine(seed=99, sketch=True, distinct=True)
+    b = FeedbackEngine(recipe="paper", seed=99, sketch=True, distinct=True)
     b.load_state_dict(state)
     for x, y in zip(first, b.feedback_for(error, _points(32, 2))):
         assert torch.equal(x, y)
     with pytest.raises(RuntimeError, match="changed since the checkpoint"):
         b.feedback_for(torch.randn(3, 5, 5000), _points(32))
     # switching the projection on resume would silently change the feedback: refused both ways
-    dense = FeedbackEngine(seed=5, distinct=True)
+    dense = FeedbackEngine(recipe="paper", seed=5, distinct=True)
     dense.load_state_dict(state)
     with pytest.raises(RuntimeError, match="resume with sketch=True"):
         dense.feedback_for(error, _points(32, 2))
-    dense_state = FeedbackEngine(seed=5)
+    dense_state = FeedbackEngine(recipe="paper", seed=5)
     dense_state.feedback_for(error, _points(32))
-    sketched = FeedbackEngine(seed=5, sketch=True)
+    sketched = FeedbackEngine(recipe="paper", seed=5, sketch=True)
     sketched.load_state_dict(dense_state.state_dict())
     with pytest.raises(RuntimeError, match="resume with sketch=False"):
         sketched.feedback_for(error, _points(32))
@@ -352,7 +352,7 @@ def test_hashed_feedback_is_a_pure_function_of_seed_and_position() -> None:
 def test_sketch_trains_a_gpt2_with_every_parameter_getting_a_gradient() -> None:
     vocab = 8 * D
     model = _gpt2(vocab=vocab)
-    engine = FeedbackEngine(seed=0, sketch=True, cut_head_input=True)
+    engine = FeedbackEngine(recipe="paper", seed=0, sketch=True, cut_head_input=True)
     engine.attach(model)
     ids = torch.randint(0, vocab, (B, T + 1), generator=torch.Generator().manual_seed(0))
     logits = model(input_ids=ids[:, :-1]).logits
@@ -367,7 +367,7 @@ def test_sketch_trains_a_gpt2_with_every_parameter_getting_a_gradient() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("options", [{}, {"topk": 8}, {"sketch": True}, {"distinct": True, "norm_jacobian": True}])
 def test_projection_queues_without_a_host_sync_on_cuda(options: dict) -> None:
-    engine = FeedbackEngine(seed=0, **options)
+    engine = FeedbackEngine(recipe="paper", seed=0, **options)
     error = torch.randn(4, 8, 1000, device="cuda")
     h = torch.randn(4, 8, 32, device="cuda")
     points = _points(32, 2)
@@ -393,10 +393,11 @@ def test_speed_tip_for_wide_errors_names_the_missing_options() -> None:
         engine.end_backward()
         return speed_hint(engine)
 
-    assert tip(10) is None  # not wider than 4x the points
-    wide = tip(200)
+    assert tip(10, recipe="paper") is None  # not wider than 4x the points
+    wide = tip(200, recipe="paper")
     assert wide is not None and "200 wide" in wide and "cut_head_input=True and sketch=True" in wide
-    half = tip(200, cut_head_input=True) or ""
+    half = tip(200, recipe="paper", cut_head_input=True) or ""
     assert "sketch=True" in half and "cut_head_input" not in half
-    assert tip(200, cut_head_input=True, sketch=True) is None
-    assert tip(200, mode="shallow") is None
+    assert tip(200, recipe="paper", cut_head_input=True, sketch=True) is None
+    assert tip(200) is None  # the default recipe chooses both for a widening head
+    assert tip(200, recipe="paper", mode="shallow") is None

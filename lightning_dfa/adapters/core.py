@@ -79,6 +79,7 @@ class DFASession:
             self._summary_shown = True
             points = ", ".join(f"{m.key} {list(m.shape)}" for m in self.engine.last_points)
             _info(trainer, f"DFA feedback points at the first step: {points}")
+            _info(trainer, "DFA recipe at the first step: " + "; ".join(self.engine.recipe_notes()[1:]))
             hint = speed_hint(self.engine)
             if hint:
                 _info(trainer, hint)
@@ -105,9 +106,9 @@ def speed_hint(engine: FeedbackEngine) -> str | None:
         return None
     k, d = max(w[0] for w in widths), max(w[1] for w in widths)
     cfg = engine.config
-    if not uses_sketch(k, d) or (cfg.cut_head_input and (cfg.sketch or cfg.topk)):
+    if not uses_sketch(k, d) or (engine.cut_head_input and (engine.sketch or cfg.topk)):
         return None
-    options = (("cut_head_input", cfg.cut_head_input), ("sketch", cfg.sketch))
+    options = (("cut_head_input", engine.cut_head_input), ("sketch", engine.sketch))
     missing = [f"{name}=True" for name, on in options if not on]
     return (
         f"DFA tip: the error is {k} wide and the feedback points at most {d}: the dense projection adds a "

@@ -1,0 +1,187 @@
+"""The default flag's recipe ("auto"), chosen from the model's structure, and the paper's plain DFA one option away."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as hf
+from conftest import mlp
+from torch import nn
+
+import lightning_dfa
+from lightning_dfa import DFAConfig, FeedbackEngine
+from lightning_dfa.engine import NormSpec, norm_vjp, probe_normalisation
+
+VOCAB = 96
+
+
+def _gpt2() -> nn.Module:
+    cfg = hf.GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        n_positions=16,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    return hf.GPT2LMHeadModel(cfg)
+
+
+def _llama() -> nn.Module:
+    cfg = hf.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=16,
+    )
+    return hf.LlamaForCausalLM(cfg)
+
+
+def _lm_step(model: nn.Module, engine: FeedbackEngine, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (2, 9), generator=g)
+    model.zero_grad()
+    logits = model(input_ids=ids[:, :-1]).logits
+    nn.functional.cross_entropy(logits.reshape(-1, VOCAB), ids[:, 1:].reshape(-1)).backward()
+    engine.end_backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_config_defaults_leave_the_choices_to_the_recipe() -> None:
+    cfg = DFAConfig()
+    assert (cfg.recipe, cfg.norm_jacobian, cfg.cut_head_input, cfg.norm_points, cfg.sketch) == ("auto",) + (None,) * 4
+    paper = DFAConfig(recipe="paper")
+    assert [paper.chosen(n) for n in ("norm_jacobian", "cut_head_input", "norm_points", "sketch")] == [False] * 4
+    assert DFAConfig(recipe="paper", sketch=True).chosen("sketch") is True  # every option stays overridable
+    with pytest.raises(ValueError, match="recipe must be one of"):
+        DFAConfig(recipe="best")
+    with pytest.raises(ValueError, match="norm_jacobian must be True, False or None"):
+        DFAConfig(norm_jacobian="yes")
+    strategy = lightning_dfa.DFAStrategy(recipe="paper", norm_jacobian=True)
+    assert strategy.dfa.config.recipe == "paper" and strategy.dfa.config.norm_jacobian is True
+
+
+@pytest.mark.parametrize(("build", "kind"), [(_gpt2, "layer"), (_llama, "rms")])
+def test_default_on_a_pre_norm_transformer(build, kind: str) -> None:
+    torch.manual_seed(0)
+    model = build()
+    engine = FeedbackEngine()
+    engine.attach(model)
+    assert engine.norm_feedback == "consumer" and engine.cut_head_input and engine.sketch and engine.norm_points
+    _lm_step(model, engine)
+    keys = [p.key for p in engine.last_points]
+    # the embeddings' point and the first block's output feed the next block's first norm, whose output is a
+    # point too (norm_points); the last block's output is not cut: the head's input is the last point
+    assert keys[-1].endswith(":in") and keys[-1].startswith("lm_head")
+    blocks = [n for n, m in model.named_modules() if n.endswith(".0") or n.endswith(".1")]
+    first_norms = [n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in ("ln_1", "input_layernorm")]
+    assert [k for k in keys if k in first_norms] == first_norms
+    normed = [p for p in engine.last_points if p.norm is not None]
+    assert {p.key for p in normed} == {blocks[0] + ":in", blocks[0]}, keys
+    assert {p.norm.kind for p in normed} == {kind}
+    notes = "\n".join(engine.recipe_notes())
+    assert "norm-aware feedback: 2 points feed a norm" in notes and "cut_head_input: on" in notes
+    assert "norm_points: on" in notes and "(2 found)" in notes
+    engine.detach()
+
+
+def test_norm_aware_feedback_is_the_consumers_jacobian_of_the_plain_feedback() -> None:
+    torch.manual_seed(0)
+    model = _llama()
+    ids = torch.randint(0, VOCAB, (2, 8))
+    auto = FeedbackEngine(sketch=False, norm_points=False)
+    paper = FeedbackEngine(recipe="paper", cut_head_input=True)
+    auto.attach(model)
+    _lm_step(model, auto)  # the first forward finds each point's consumer
+    with auto.capture() as cap:
+        logits = model(input_ids=ids).logits
+    error = torch.autograd.grad(logits.logsumexp(-1).sum(), cap.outputs[0])[0]
+    shaped = auto.feedback_for(error, cap.points)
+    auto.detach()
+    paper.attach(model)
+    plain = paper.feedback_for(error, cap.points)
+    paper.detach()
+    first = model.model.layers[0].input_layernorm
+    for point, s, p in zip(cap.points, shaped, plain):
+        if point.key.startswith("lm_head"):
+            torch.testing.assert_close(s, p)  # its consumer is the head, not a norm
+            continue
+        h = point.tensor.detach().clone().requires_grad_()
+        ref = torch.autograd.grad(nn.functional.rms_norm(h, (h.shape[-1],), eps=first.variance_epsilon), h, p)[0]
+        torch.testing.assert_close(s, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_models_without_norms_or_wide_outputs_keep_the_plain_rule() -> None:
+    torch.manual_seed(0)
+    net, x, y = mlp(width=16, n_in=6, n_out=3, depth=2), torch.randn(5, 6), torch.randint(0, 3, (5,))
+    grads = []
+    for options in ({}, {"recipe": "paper"}):
+        engine = FeedbackEngine(seed=2, **options)
+        engine.attach(net)
+        net.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        engine.end_backward()
+        assert not engine.cut_head_input and not any(p.norm for p in engine.last_points)
+        grads.append([p.grad.clone() for p in net.parameters()])
+        engine.detach()
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_paper_recipe_is_plain_dfa_on_a_transformer() -> None:
+    torch.manual_seed(0)
+    model = _gpt2()
+    got = []
+    off = {"norm_jacobian": False, "cut_head_input": False, "norm_points": False, "sketch": False}
+    for options in ({"recipe": "paper"}, off):
+        engine = FeedbackEngine(seed=1, **options)
+        engine.attach(model)
+        got.append(_lm_step(model, engine))
+        assert not engine.cut_head_input and engine.norm_feedback == "off" and not engine.norm_points
+        engine.detach()
+    assert got[0].keys() == got[1].keys()
+    for name in got[0]:
+        assert torch.equal(got[0][name], got[1][name]), name
+    auto = FeedbackEngine(seed=1)
+    auto.attach(model)
+    changed = _lm_step(model, auto)
+    auto.detach()
+    block = "transformer.h.0.mlp.c_fc.weight"
+    assert not torch.allclose(changed[block], got[0][block])  # the recipe changes the blocks' signal
+
+
+def test_explicit_options_override_the_recipe() -> None:
+    torch.manual_seed(0)
+    model = _gpt2()
+    engine = FeedbackEngine(norm_jacobian=False, cut_head_input=False, norm_points=False)
+    engine.attach(model)
+    _lm_step(model, engine)
+    assert not engine.cut_head_input and engine.norm_feedback == "off"
+    assert not any(p.norm for p in engine.last_points)
+    assert engine.last_points[-1].key == "transformer.h.1"
+    engine.detach()
+
+
+def test_probe_tells_layernorm_from_rmsnorm_and_ignores_other_modules() -> None:
+    x = torch.randn(3, 16)
+    assert probe_normalisation(nn.LayerNorm(16, eps=1e-6), x) == NormSpec("layer", 1e-6, 1)
+    hf_rms = hf.models.llama.modeling_llama.LlamaRMSNorm(16, eps=1e-5)
+    assert probe_normalisation(hf_rms, x) == NormSpec("rms", 1e-5, 1)
+    assert probe_normalisation(nn.Linear(16, 16), x) is None
+    assert probe_normalisation(nn.Tanh(), x) is None
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_norm_vjp_matches_autograd_in_half_precision(kind: str) -> None:
+    h, v = torch.randn(4, 5, 32, dtype=torch.bfloat16), torch.randn(4, 5, 32, dtype=torch.bfloat16)
+    x = h.float().requires_grad_()
+    fn = nn.functional.layer_norm if kind == "layer" else nn.functional.rms_norm
+    ref = torch.autograd.grad(fn(x, (32,), eps=1e-5), x, v.float())[0]
+    got = norm_vjp(h, v, NormSpec(kind, 1e-5))
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), ref, rtol=2e-2, atol=2e-2)
