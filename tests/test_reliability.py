@@ -205,35 +205,39 @@ def test_attach_failing_half_way_leaves_no_hook() -> None:
 
 # ---------------------------------------------------------------------------------------------- options
 BAD_OPTIONS = [
-    ({"scale": float("nan")}, "scale must be a finite, non-zero number"),
-    ({"scale": float("inf")}, "scale must be a finite, non-zero number"),
-    ({"scale": 0}, "scale=0 gives the blocks no feedback"),
-    ({"scale": "1.0"}, "scale must be a finite, non-zero number"),
-    ({"distinct": "false"}, "distinct must be True or False, got 'false'"),
-    ({"norm_jacobian": "false"}, "norm_jacobian must be True, False or None"),
-    ({"cut_head_input": 1}, "cut_head_input must be True, False or None"),
-    ({"sketch": "no"}, "sketch must be True, False or None"),
-    ({"distinct": None}, "distinct must be True or False"),
-    ({"seed": "abc"}, "seed must be an integer"),
-    ({"seed": True}, "seed must be an integer"),
-    ({"seed": 1.5}, "seed must be an integer"),
-    ({"topk": "abc"}, "topk must be None or a positive integer"),
-    ({"blocks": 5}, r"blocks must be None \(discovered\), a module name .* got 5 \(int\)"),
-    ({"blocks": 3.14}, r"blocks must be .* got 3.14 \(float\)"),
-    ({"blocks": b"net.1"}, r"blocks must be .* got b'net.1' \(bytes\)"),
-    ({"blocks": ["net.1", 2]}, r"got 2 \(int\) in blocks=\['net.1', 2\]"),
-    ({"blocks": [int]}, r"a module class .* got <class 'int'>"),
-    ({"blocks": []}, r"blocks=\[\] names no block"),
-    ({"output": 3}, r"output must be None \(discovered\) or the qualified name of a module .* got 3 \(int\)"),
-    ({"output": ["head"]}, "output must be None"),
-    ({"distribution": "normal"}, "unknown distribution"),
-    ({"mode": "DFA2"}, "unknown mode"),
-    ({"placement": None}, "placement must be 'macro' or 'micro'"),
-    ({"error_at": "input"}, "error_at must be 'output' or 'head_input'"),
+    pytest.param({"scale": float("nan")}, "scale must be a finite, non-zero number", id="scale-nan"),
+    pytest.param({"scale": float("inf")}, "scale must be a finite, non-zero number", id="scale-inf"),
+    pytest.param({"scale": 0}, "scale=0 gives the blocks no feedback", id="scale-0"),
+    pytest.param({"scale": "1.0"}, "scale must be a finite, non-zero number", id="scale-str"),
+    pytest.param({"distinct": "false"}, "distinct must be True or False, got 'false'", id="distinct-str"),
+    pytest.param({"norm_jacobian": "false"}, "norm_jacobian must be True, False or None", id="norm_jacobian-str"),
+    pytest.param({"cut_head_input": 1}, "cut_head_input must be True, False or None", id="cut_head_input-int"),
+    pytest.param({"sketch": "no"}, "sketch must be True, False or None", id="sketch-str"),
+    pytest.param({"distinct": None}, "distinct must be True or False", id="distinct-None"),
+    pytest.param({"seed": "abc"}, "seed must be an integer", id="seed-str"),
+    pytest.param({"seed": True}, "seed must be an integer", id="seed-bool"),
+    pytest.param({"seed": 1.5}, "seed must be an integer", id="seed-float"),
+    pytest.param({"topk": "abc"}, "topk must be None or a positive integer", id="topk-str"),
+    pytest.param({"blocks": 5}, r"blocks must be None \(discovered\), a module name .* got 5 \(int\)", id="blocks-int"),
+    pytest.param({"blocks": 3.14}, r"blocks must be .* got 3.14 \(float\)", id="blocks-float"),
+    pytest.param({"blocks": b"net.1"}, r"blocks must be .* got b'net.1' \(bytes\)", id="blocks-bytes"),
+    pytest.param({"blocks": ["net.1", 2]}, r"got 2 \(int\) in blocks=\['net.1', 2\]", id="blocks-list-int"),
+    pytest.param({"blocks": [int]}, r"a module class .* got <class 'int'>", id="blocks-not-a-module-class"),
+    pytest.param({"blocks": []}, r"blocks=\[\] names no block", id="blocks-empty"),
+    pytest.param(
+        {"output": 3},
+        r"output must be None \(discovered\) or the qualified name of a module .* got 3 \(int\)",
+        id="output-int",
+    ),
+    pytest.param({"output": ["head"]}, "output must be None", id="output-list"),
+    pytest.param({"distribution": "normal"}, "unknown distribution", id="distribution-unknown"),
+    pytest.param({"mode": "DFA2"}, "unknown mode", id="mode-unknown"),
+    pytest.param({"placement": None}, "placement must be 'macro' or 'micro'", id="placement-None"),
+    pytest.param({"error_at": "input"}, "error_at must be 'output' or 'head_input'", id="error_at-unknown"),
 ]
 
 
-@pytest.mark.parametrize(("options", "message"), BAD_OPTIONS, ids=[str(o) for o, _ in BAD_OPTIONS])
+@pytest.mark.parametrize(("options", "message"), BAD_OPTIONS)
 def test_bad_options_are_refused_where_constructed_naming_the_option(options: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         DFAConfig(**options)
@@ -726,3 +730,32 @@ def test_soak_2000_steps_with_the_alignment_monitor() -> None:
     assert {r["held"] for r in rows} == {rows[0]["held"]} and rows[0]["held"][:2] == (0, 0)
     assert max(r["rss"] for r in rows) - rows[0]["rss"] < 8, rows  # MiB
     assert hooks_of(model) == 0 and math.isfinite(monitor.history[-1].mean)
+
+
+# ---------------------------------------------------------------------------------------------- the page
+def test_reliability_page_cites_existing_tests_and_every_test_here() -> None:
+    """``docs/reliability.md``: every cited test exists (file, function, parametrization ids), every row cites one,
+    and every test of this file is on the page."""
+    import re
+
+    doc = (ROOT / "docs" / "reliability.md").read_text()
+    rows = [line for line in doc.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) >= 50
+    cited_here = set()
+    for row in rows:
+        if "| Shown by |" in row:
+            continue
+        cited = re.findall(r"`(test_\w+\.py)::(test_\w+)`", row)
+        assert cited or "the tests of those rows" in row or re.search(r"`\[[\w.-]+\]`", row), f"cites no test: {row}"
+        sources = {file: (ROOT / "tests" / file).read_text() for file, _ in cited}
+        for file, name in cited:
+            assert f"def {name}(" in sources[file], f"{file}::{name} does not exist"
+            if file == "test_reliability.py":
+                cited_here.add(name)
+        own = (ROOT / "tests" / "test_reliability.py").read_text()
+        for ids in re.findall(r"`\[([\w.-]+)\]`", row):  # parametrization ids: each part appears in the source
+            assert all(part in "".join(sources.values()) + own for part in ids.split("-")), ids
+    defined = set(re.findall(r"^def (test_\w+)\(", (ROOT / "tests" / "test_reliability.py").read_text(), re.M))
+    assert defined - {"test_reliability_page_cites_existing_tests_and_every_test_here"} <= cited_here, (
+        defined - cited_here
+    )
