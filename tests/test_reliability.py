@@ -423,6 +423,17 @@ def test_checkpoint_of_an_earlier_callback_version_is_read_by_both_forms(
     assert all(torch.equal(v, reference[k]) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("form", FORMS)
+def test_resuming_a_checkpoint_written_without_dfa_says_the_feedback_is_new(form: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    t = trainer(max_epochs=1, strategy="auto")
+    t.fit(Classifier(mlp(), lr=0.05, optimizer="adam"), loader())
+    t.save_checkpoint(tmp_path / "bp.ckpt")
+    with pytest.warns(UserWarning, match=r"holds no feedback state .* drawn anew from seed=3"):
+        model = fit_epochs(2, form, ckpt=tmp_path / "bp.ckpt", seed=3)
+    assert len(model.losses) == len(loader()) and hooks_of(model) == 0
+
+
 def test_two_different_feedback_states_in_one_checkpoint_are_refused(saved: dict[str, Any], tmp_path: Path) -> None:
     ckpt = torch.load(saved["strategy"], weights_only=False)
     other = copy.deepcopy(ckpt["dfa"])

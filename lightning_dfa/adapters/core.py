@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 import torch
@@ -86,6 +87,7 @@ class DFASession:
         self.verbose = verbose
         self.engine: FeedbackEngine | None = None
         self.pending_state: dict[str, Any] | None = None
+        self._resumed_without_state = False
         self._summary_shown = False
         self._checked = False
 
@@ -97,6 +99,15 @@ class DFASession:
         state, self.pending_state = self.pending_state, None
         if state is not None and fitting:  # validate/test/predict use no feedback: a checkpoint's is not needed
             engine.load_state_dict(state)  # compared with the options in attach(), after configure_dfa()
+        if self._resumed_without_state and fitting:
+            warnings.warn(
+                "DFA: the checkpoint being resumed holds no feedback state (it was written without DFA), so the "
+                f"feedback is drawn anew from seed={engine.config.seed}. This is expected when DFA takes over a run "
+                "trained otherwise; a DFA checkpoint always holds checkpoint['dfa'].",
+                UserWarning,
+                stacklevel=2,
+            )
+        self._resumed_without_state = False
         self.engine = engine
         engine.attach(module)
         self._summary_shown = False
@@ -147,6 +158,12 @@ class DFASession:
         if self.engine is not None:
             return self.engine.state_dict()
         return dict(self.pending_state or {})
+
+    def load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Take the feedback state of a Lightning checkpoint being resumed (see :func:`feedback_state`)."""
+        state = feedback_state(checkpoint)
+        self._resumed_without_state = state is None
+        self.load_state_dict(state)
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         if not state:
@@ -216,7 +233,7 @@ class DFAStrategyMixin:
 
     def load_checkpoint(self, checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         checkpoint = super().load_checkpoint(checkpoint_path, *args, **kwargs)  # type: ignore[misc]
-        self.dfa.load_state_dict(feedback_state(checkpoint))
+        self.dfa.load_checkpoint(checkpoint)
         return checkpoint
 
     def on_exception(self, exception: BaseException) -> None:
@@ -318,7 +335,7 @@ class DFACallbackMixin:
         checkpoint[CHECKPOINT_KEY] = self.dfa.state_dict()  # the same place as the strategy form
 
     def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
-        self.dfa.load_state_dict(feedback_state(checkpoint))
+        self.dfa.load_checkpoint(checkpoint)
 
     def state_dict(self) -> dict[str, Any]:
         # the feedback lives in checkpoint["dfa"] (on_save_checkpoint), once, where the strategy form reads it too
