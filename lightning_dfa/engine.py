@@ -147,7 +147,10 @@ class DFAConfig:
         for key, value in options.items():
             if values[key] == names[key]:
                 values[key] = value
-        return DFAConfig(**values)
+        try:
+            return DFAConfig(**values)
+        except ValueError as err:
+            raise ValueError(f"{str(err).rstrip('.')} (from {origin}).") from None
 
     def __post_init__(self) -> None:
         self.mode = normalize_mode(self.mode)

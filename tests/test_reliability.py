@@ -256,6 +256,17 @@ def _has_lightning() -> bool:
     return importlib.util.find_spec("lightning") is not None
 
 
+def test_bad_option_from_configure_dfa_names_where_it_came_from() -> None:
+    class Configured(Classifier):
+        def configure_dfa(self) -> dict[str, Any]:
+            return {"distinct": "yes"}
+
+    model = Configured(mlp())
+    with pytest.raises(ValueError, match=r"distinct must be True or False.* \(from Configured.configure_dfa\(\)\)"):
+        trainer(strategy=DFAStrategy(verbose=False)).fit(model, loader())
+    assert hooks_of(model) == 0 and model.losses == []
+
+
 def test_documented_option_types_are_accepted() -> None:
     config = DFAConfig(
         blocks=("net.1", nn.Tanh), output="net.6", seed=np.int64(3), scale=np.float32(0.5), topk=4.0, distinct=True

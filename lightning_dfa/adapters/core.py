@@ -54,7 +54,18 @@ def _same_state(a: Any, b: Any) -> bool:
 def check_ddp_mode(engine: FeedbackEngine, strategy: Any, callback: bool) -> None:
     """Refuse ``mode="shallow"`` under DDP without ``find_unused_parameters`` (or ``static_graph``) before the first
     step: the blocks get no gradient, and DDP's own error at the second step would point to a plain DDP strategy
-    name, which drops DFA."""
+    name, which drops DFA.
+
+    Example:
+        >>> class DDP:
+        ...     _ddp_kwargs = {"find_unused_parameters": True}
+        >>> check_ddp_mode(FeedbackEngine(mode="shallow"), DDP(), callback=False)
+        >>> DDP._ddp_kwargs = {}
+        >>> check_ddp_mode(FeedbackEngine(mode="shallow"), DDP(), callback=False)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        RuntimeError: DFA: mode='shallow' ... Use Trainer(strategy='dfa_ddp_find_unused_parameters_true') or ...
+    """
     kwargs = getattr(strategy, "_ddp_kwargs", None)
     if engine.mode != "shallow" or not isinstance(kwargs, dict):
         return
