@@ -526,6 +526,16 @@ def discover(
                 out_name = inferred.output_name
             else:
                 leaf = _last_param_leaf(root, [b.name for b in found_blocks])
+                order = _module_order(root)
+                last = max(order[b.name] for b in found_blocks)
+                if inferred is not None and (leaf is None or order[leaf[0]] < last):
+                    # the blocks took the module the loss is read from, and nothing with parameters comes after
+                    raise ValueError(
+                        f"DFA: blocks={blocks!r} includes {inferred.output_name!r}, the module the loss is computed "
+                        "from (the output), which must lie after the last block: DFA detaches every block's output. "
+                        f"Remove {inferred.output_name!r} from blocks=, or pass output= naming the module whose output "
+                        "the loss is computed from."
+                    )
                 if leaf is None:
                     raise ValueError("DFA: could not find an output module after the blocks; pass output='name'.")
                 out_name = leaf[0]
@@ -558,6 +568,13 @@ def discover(
         raise ValueError(
             f"DFA: the output module {target.output_name!r} is also a block (or contains one); the output must lie "
             "after the last block. Pass output= naming the final layer (logits, predictions)."
+        )
+    inside = [b.name for b in target.blocks if target.output_name.startswith(b.name + ".")]
+    if inside:
+        raise ValueError(
+            f"DFA: the block {inside[0]!r} contains the output module {target.output_name!r}; DFA detaches every "
+            "block's output, so the loss could not reach the output. Name the hidden modules inside it instead (their "
+            "qualified names in blocks=), leaving out the output, which must lie after the last block."
         )
     return target
 

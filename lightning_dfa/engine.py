@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -30,12 +32,30 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .discovery import Block, BlockSpec, Target, discover
-from .feedback import DISTRIBUTIONS, FeedbackBank, uses_sketch
+from .feedback import DISTRIBUTIONS, FeedbackBank, check_bank_state, uses_sketch
 
 MODES = ("dfa", "shallow", "bp")
 RECIPES = ("auto", "paper")
 #: the options that the recipe decides when they are left at ``None``
 RECIPE_OPTIONS = ("norm_jacobian", "cut_head_input", "norm_points", "sketch")
+
+#: options saved with the feedback whose new value on resume gives way to the checkpoint's (with a warning): they
+#: set the feedback's values, which the checkpoint holds
+RESUME_KEEPS = ("seed", "distribution", "scale", "distinct", "norm_jacobian", "sketch", "topk")
+#: options saved with the feedback whose new value on resume is refused: they decide how training runs or which
+#: tensors receive feedback and where the error is read
+RESUME_REFUSES = ("mode", "placement", "error_at", "recipe", "cut_head_input", "norm_points")
+_SAVED_OPTIONS = RESUME_REFUSES + RESUME_KEEPS
+#: options where ``None`` means "chosen from the model": on resume, ``None`` takes the saved choice
+_AUTO_OPTIONS = RECIPE_OPTIONS
+_DECIDES = {
+    "mode": "how the blocks are trained (feedback, nothing, or backprop)",
+    "placement": "which modules are feedback points",
+    "error_at": "where the error is read (so the feedback matrices' width)",
+    "recipe": "the choices left to the recipe (which tensors are feedback points, how feedback is shaped)",
+    "cut_head_input": "whether the output module's input is a feedback point",
+    "norm_points": "whether the outputs of norms that read a point are feedback points",
+}
 
 
 def normalize_mode(mode: str) -> str:
@@ -48,6 +68,9 @@ def normalize_mode(mode: str) -> str:
 @dataclass
 class DFAConfig:
     """Options shared by :class:`FeedbackEngine`, ``DFAStrategy`` and the ``DFA`` callback.
+
+    Every option is checked here, where it is constructed: a value of the wrong type or out of range (``scale=0``,
+    ``distinct="false"``, ``blocks=5``) is a ``ValueError`` naming the option and the values it accepts.
 
     Attributes:
         mode: ``"dfa"`` (default), ``"shallow"`` (blocks and everything before them get no gradient) or
@@ -143,7 +166,10 @@ class DFAConfig:
         for key, value in options.items():
             if values[key] == names[key]:
                 values[key] = value
-        return DFAConfig(**values)
+        try:
+            return DFAConfig(**values)
+        except ValueError as err:
+            raise ValueError(f"{str(err).rstrip('.')} (from {origin}).") from None
 
     def chosen(self, name: str) -> bool | None:
         """The value of an option of :data:`RECIPE_OPTIONS`: the one set, else the recipe's
@@ -162,30 +188,92 @@ class DFAConfig:
 
     def __post_init__(self) -> None:
         self.mode = normalize_mode(self.mode)
-        if self.distribution not in DISTRIBUTIONS:
+        self.blocks = _checked_blocks(self.blocks)
+        if self.output is not None and (not isinstance(self.output, str) or not self.output.strip()):
+            raise ValueError(
+                f"DFA: output must be None (discovered) or the qualified name of a module (a non-empty str such as "
+                f"'head'), got {_shown(self.output)}."
+            )
+        self.seed = _checked_int("seed", self.seed, "an integer such as 0")
+        if not isinstance(self.distribution, str) or self.distribution not in DISTRIBUTIONS:
             raise ValueError(f"DFA: unknown distribution {self.distribution!r}; choose one of {DISTRIBUTIONS}.")
-        if self.placement not in ("macro", "micro"):
+        self.scale = _checked_scale(self.scale)
+        _check_flag("distinct", self.distinct, optional=False)
+        if not isinstance(self.placement, str) or self.placement not in ("macro", "micro"):
             raise ValueError(f"DFA: placement must be 'macro' or 'micro', got {self.placement!r}.")
-        if self.error_at not in ("output", "head_input"):
+        if not isinstance(self.error_at, str) or self.error_at not in ("output", "head_input"):
             raise ValueError(f"DFA: error_at must be 'output' or 'head_input', got {self.error_at!r}.")
-        if self.recipe not in RECIPES:
-            raise ValueError(f"DFA: recipe must be one of {RECIPES}, got {self.recipe!r}.")
+        if not isinstance(self.recipe, str) or self.recipe not in RECIPES:
+            raise ValueError(f"DFA: recipe must be one of {RECIPES}, got {_shown(self.recipe)}.")
         for name in RECIPE_OPTIONS:
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, bool):
-                raise ValueError(f"DFA: {name} must be True, False or None (None: the recipe's choice), got {value!r}.")
+            _check_flag(name, getattr(self, name), optional=True)
         if self.cut_head_input and self.error_at != "output":
             raise ValueError("DFA: cut_head_input needs error_at='output' (error_at='head_input' reads it there).")
         if self.topk is not None:
-            if isinstance(self.topk, bool) or int(self.topk) != self.topk or int(self.topk) < 1:
-                raise ValueError(f"DFA: topk must be None or a positive integer, got {self.topk!r}.")
-            self.topk = int(self.topk)
+            self.topk = _checked_int("topk", self.topk, "None or a positive integer such as 64")
+            if self.topk < 1:
+                raise ValueError(f"DFA: topk must be None or a positive integer such as 64, got {self.topk!r}.")
         if self.sketch and self.topk is not None:
             raise ValueError("DFA: choose one cheaper projection: sketch=True or topk=k, not both.")
         if self.feedback_transform is not None and not callable(self.feedback_transform):
             raise TypeError(f"DFA: feedback_transform must be callable, got {type(self.feedback_transform).__name__}.")
-        self.seed = int(self.seed)
-        self.scale = float(self.scale)
+
+
+def _shown(value: Any) -> str:
+    """``repr`` of a bad option value with its type, for error messages."""
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _check_flag(name: str, value: Any, optional: bool) -> None:
+    """Refuse anything but ``True``/``False`` (and ``None`` for ``optional`` flags): the string ``"false"`` is true."""
+    if isinstance(value, bool) or (optional and value is None):
+        return
+    allowed = "True, False or None (None: the recipe's choice)" if optional else "True or False"
+    hint = " (a string is not a bool: 'false' would switch it on)" if isinstance(value, str) else ""
+    raise ValueError(f"DFA: {name} must be {allowed}, got {_shown(value)}{hint}.")
+
+
+def _checked_int(name: str, value: Any, allowed: str) -> int:
+    """``value`` as an ``int`` if it is a whole number (numpy integers, ``4.0``), never a bool or a str."""
+    whole_float = isinstance(value, float) and value.is_integer()
+    if isinstance(value, bool) or not (isinstance(value, numbers.Integral) or whole_float):
+        raise ValueError(f"DFA: {name} must be {allowed}, got {_shown(value)}.")
+    return int(value)
+
+
+def _checked_scale(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"DFA: scale must be a finite, non-zero number such as 1.0, got {_shown(value)}.")
+    scale = float(value)
+    if not math.isfinite(scale):
+        raise ValueError(f"DFA: scale must be a finite, non-zero number such as 1.0, got {scale!r}.")
+    if scale == 0:
+        raise ValueError(
+            "DFA: scale=0 gives the blocks no feedback, so they would never learn; use a non-zero scale such as 1.0, "
+            "or mode='shallow' to train only the layers after the blocks."
+        )
+    return scale
+
+
+_BLOCKS_ALLOWED = (
+    "None (discovered), a module name or glob pattern (str, e.g. 'encoder.layers.*'), a module class (e.g. "
+    "nn.TransformerEncoderLayer), or a list/tuple of them"
+)
+
+
+def _checked_blocks(blocks: Any) -> Any:
+    """``blocks`` if it is of a documented type (a list is returned as a list), else a clear error."""
+    if blocks is None:
+        return None
+    items = list(blocks) if isinstance(blocks, (list, tuple)) else [blocks]
+    if not items:
+        raise ValueError(f"DFA: blocks=[] names no block; pass {_BLOCKS_ALLOWED}.")
+    for item in items:
+        ok = (isinstance(item, str) and item.strip()) or (isinstance(item, type) and issubclass(item, nn.Module))
+        if not ok:
+            where = "" if item is blocks else f" in blocks={blocks!r}"
+            raise ValueError(f"DFA: blocks must be {_BLOCKS_ALLOWED}; got {_shown(item)}{where}.")
+    return list(blocks) if isinstance(blocks, (list, tuple)) else blocks
 
 
 # ---------------------------------------------------------------------------------------------- tensors in values
@@ -331,6 +419,8 @@ class BackwardReport:
     points_recorded: int = 0
     outputs_tied: int = 0
     deliveries: int = 0
+    #: types of the values the output module returned after the blocks that held no floating-point tensor to tie
+    untied_outputs: list[str] = field(default_factory=list)
 
 
 class FeedbackEngine:
@@ -358,6 +448,7 @@ class FeedbackEngine:
         self.target: Target | None = None
         self.root: nn.Module | None = None
         self._handles: list[Any] = []
+        self._saved_options: dict[str, Any] | None = None  # options of a state loaded before attach()
         self._pending: list[tuple[str, torch.Tensor, bool]] = []
         self._calls: dict[str, int] = {}
         self._flatten: set[str] = set()
@@ -383,7 +474,27 @@ class FeedbackEngine:
 
     @property
     def attached(self) -> bool:
+        """Whether the engine's hooks are installed on a model (see :meth:`attach` and :meth:`attached_to`)."""
         return bool(self._handles)
+
+    @contextlib.contextmanager
+    def attached_to(self, root: nn.Module, target: Target | None = None) -> Iterator[Target]:
+        """:meth:`attach` for the duration of a ``with`` block: the hooks are removed on every exit, including an
+        exception or a ``KeyboardInterrupt``, so the model is plain again afterwards.
+
+        Example:
+            >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+            >>> engine = FeedbackEngine(seed=0)
+            >>> with engine.attached_to(net) as target:
+            ...     net(torch.randn(3, 4)).sum().backward()
+            >>> target.output_name, engine.report.deliveries, engine.attached
+            ('2', 1, False)
+        """
+        found = self.attach(root, target)
+        try:
+            yield found
+        finally:
+            self.detach()
 
     @property
     def head_input_is_point(self) -> bool:
@@ -484,11 +595,21 @@ class FeedbackEngine:
         hook = getattr(root, "configure_dfa", None)
         if callable(hook):
             self.config = self.config.merged_with(hook() or {}, origin=f"{type(root).__name__}.configure_dfa()")
-            if (self.bank.seed, self.bank.distribution) != (self.config.seed, self.config.distribution):
-                self.bank = FeedbackBank(self.config.seed, self.config.distribution)
+        if self._saved_options is not None:  # a loaded checkpoint: compare after configure_dfa() has spoken
+            saved, self._saved_options = self._saved_options, None
+            self._reconcile(saved)
+        if (self.bank.seed, self.bank.distribution) != (self.config.seed, self.config.distribution):
+            self.bank = FeedbackBank(self.config.seed, self.config.distribution)
+        try:
+            return self._install(root, target, configured=callable(hook))
+        except BaseException:
+            self.detach()  # a failure half-way leaves no hook behind
+            raise
+
+    def _install(self, root: nn.Module, target: Target | None, configured: bool) -> Target:
         if target is None:
             target = discover(root, self.config.blocks, self.config.output, self.config.placement)
-            if callable(hook) and target.source == "explicit":
+            if configured and target.source == "explicit":
                 target.source = "configure_dfa"
         _refuse_reentrant_checkpointing(root)
         self.root, self.target = root, target
@@ -638,7 +759,10 @@ class FeedbackEngine:
         tensor, rebuild = _split_main(output)
         # A frozen output module (a fixed readout) still gets tied: the points carry the gradient, and the
         # error reaches the delivery even though the output itself needs none.
-        if not self._pending or tensor is None or not tensor.is_floating_point():
+        if not self._pending:
+            return None
+        if tensor is None or not tensor.is_floating_point():
+            self.report.untied_outputs.append(type(output).__name__ if tensor is None else f"{tensor.dtype} tensor")
             return None
         points, self._pending, self._calls = self._pending, [], {}
         metas = [_PointMeta(k, t.shape, t.dtype, f, self._norm_of(k, f)) for k, t, f in points]
@@ -855,6 +979,17 @@ class FeedbackEngine:
         """Refuse a loss that cannot carry the error back to the output module."""
         if self.mode != "bp" and isinstance(loss, torch.Tensor) and not loss.requires_grad:
             out = self.target.output_name if self.target else "?"
+            if self._pending:
+                # points recorded (and detached) after the last call of the output module: the loss was computed
+                # from a block's output, which DFA cuts from what follows
+                last = self._pending[-1][0].split("#")[0].split(":")[0]
+                raise RuntimeError(
+                    f"DFA: the loss does not require grad: it was computed downstream of block {last!r}, whose output "
+                    f"DFA detaches, so it does not depend on the output module {out!r}. Compute the loss from that "
+                    "module's output (logits, predictions), or pass output= naming the module it is computed from; "
+                    "if blocks= names that module (or a module containing it), remove it from blocks=: the output "
+                    "must lie after the last block."
+                )
             raise RuntimeError(
                 f"DFA: the loss does not require grad, so it does not depend on the output module {out!r} "
                 f"(mode={self.mode!r} detaches everything else). Compute the loss from that module's output "
@@ -866,6 +1001,14 @@ class FeedbackEngine:
         names = [b.name for b in self.target.blocks] if self.target else []
         if report.points_recorded == 0:
             why = f"no block ran with gradients enabled in this step's forward (blocks: {names[:6]}...)."
+        elif report.outputs_tied == 0 and report.untied_outputs:
+            kinds = sorted(set(report.untied_outputs))
+            why = (
+                f"the output module {out!r} was called after the blocks, but returned {', '.join(kinds)}, where DFA "
+                "needs a floating-point tensor to read the error at (the output itself, the first item of a tuple or "
+                "list, or the first field of a ModelOutput). Make it return the tensor the loss is computed from "
+                "(logits, predictions) first, or pass output= naming the submodule that produces that tensor."
+            )
         elif report.outputs_tied == 0:
             why = f"the output module {out!r} was not called after the blocks in this step's forward."
         else:
@@ -878,21 +1021,74 @@ class FeedbackEngine:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """The feedback (matrices, signs, widths) and the options that shape it."""
+        """The feedback (matrices, signs, widths) and every option that shapes it (see :data:`RESUME_KEEPS` and
+        :data:`RESUME_REFUSES`): what a checkpoint stores under ``checkpoint["dfa"]``."""
         state = self.bank.state_dict()
-        state["mode"] = self.mode
-        state["scale"] = self.config.scale
-        state["distinct"] = self.config.distinct
+        for name in _SAVED_OPTIONS:
+            if name not in state:
+                state[name] = getattr(self.config, name)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue with the feedback saved by :meth:`state_dict`."""
-        if state.get("mode", self.mode) != self.mode:
-            raise RuntimeError(
-                f"DFA: the checkpoint was written in mode {state.get('mode')!r} but this run uses {self.mode!r}."
-            )
+        """Continue with the feedback saved by :meth:`state_dict`.
+
+        The state is checked first (keys, types, finite values, version): a damaged one is refused. Every saved
+        option is then compared with this engine's (after the model's ``configure_dfa()`` when loaded before
+        :meth:`attach`): a different :data:`RESUME_KEEPS` option is replaced by the saved value, with one warning
+        naming each; a different :data:`RESUME_REFUSES` option is an error naming it.
+
+        Example:
+            >>> import warnings
+            >>> saved = FeedbackEngine(seed=5).state_dict()
+            >>> resumed = FeedbackEngine(seed=7)
+            >>> resumed.load_state_dict(saved)
+            >>> with warnings.catch_warnings(record=True) as caught:
+            ...     warnings.simplefilter("always")
+            ...     _ = resumed.attach(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)))
+            >>> resumed.config.seed, "seed=5 (this run gives 7)" in str(caught[0].message)
+            (5, True)
+        """
+        check_state(state)
+        options = {name: state[name] for name in _SAVED_OPTIONS if name in state}
+        if self.attached:
+            self._reconcile(options)
+        else:
+            self._saved_options = options
         self.bank.load_state_dict(state)
-        self.config.seed, self.config.distribution = self.bank.seed, self.bank.distribution
+
+    def _reconcile(self, saved: dict[str, Any]) -> None:
+        """Compare saved options with the configuration: refuse a different :data:`RESUME_REFUSES` option, take a
+        different :data:`RESUME_KEEPS` option from the checkpoint and say so."""
+        for name in RESUME_REFUSES:
+            if name not in saved:
+                continue
+            if name in _AUTO_OPTIONS and getattr(self.config, name) is None:  # "choose for me": the saved choice
+                setattr(self.config, name, saved[name])
+            elif saved[name] != getattr(self.config, name):
+                raise RuntimeError(
+                    f"DFA: the checkpoint's feedback was written with {name}={saved[name]!r}, but this run gives "
+                    f"{name}={getattr(self.config, name)!r}. {name} decides {_DECIDES[name]}, so the saved feedback "
+                    f"cannot continue under another value. Resume with {name}={saved[name]!r}, or start a new fit "
+                    "from the weights alone (Model.load_from_checkpoint(path), then fit without ckpt_path)."
+                )
+        kept = []
+        for name in RESUME_KEEPS:
+            if name not in saved:
+                continue
+            given = getattr(self.config, name)
+            if name in _AUTO_OPTIONS and given is None:  # "choose for me": the saved choice continues
+                setattr(self.config, name, saved[name])
+            elif saved[name] != given:
+                kept.append(f"{name}={saved[name]!r} (this run gives {given!r})")
+                setattr(self.config, name, saved[name])
+        if kept:
+            warnings.warn(
+                "DFA: resuming with the checkpoint's feedback options " + ", ".join(kept) + ": the saved feedback "
+                "continues unchanged. To train with other values, start a new fit from the weights alone "
+                "(Model.load_from_checkpoint(path), then fit without ckpt_path).",
+                UserWarning,
+                stacklevel=3,
+            )
 
     # ------------------------------------------------------------------ reporting
     def parameter_roles(self, root: nn.Module | None = None) -> dict[str, int]:
@@ -1035,11 +1231,36 @@ def probe_normalisation(module: nn.Module, example: torch.Tensor) -> NormSpec | 
     return NormSpec(kind, eps if eps is not None else 1e-6)
 
 
+def check_state(state: Any) -> None:
+    """Refuse a feedback state that :meth:`FeedbackEngine.state_dict` cannot have written: missing keys, wrong
+    types, non-finite or misshapen tensors, an unknown version, or option values no :class:`DFAConfig` accepts.
+
+    Example:
+        >>> state = FeedbackEngine().state_dict()
+        >>> check_state(state)
+        >>> check_state({**state, "scale": float("nan")})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: DFA: the checkpoint's feedback state is damaged: ...scale must be a finite, non-zero number...
+    """
+    check_bank_state(state)
+    options = {name: state[name] for name in _SAVED_OPTIONS if name in state}
+    try:
+        DFAConfig(**options)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"DFA: the checkpoint's feedback state is damaged: its saved options are invalid ({err}). Resume from "
+            "another checkpoint, or start a new fit from the weights alone (Model.load_from_checkpoint(path), then "
+            "fit without ckpt_path)."
+        ) from None
+
+
 def _norm_jacobian(h: torch.Tensor, v: torch.Tensor, flatten: bool, eps: float = 1e-5) -> torch.Tensor:
     """``v`` times the Jacobian of a parameter-free LayerNorm at ``h`` (over the last dimension, or all but the
     batch dimension with ``flatten``): :func:`norm_vjp` with a LayerNorm.
 
     Example:
+        >>> _ = torch.manual_seed(0)  # float32 against a float64 reference: fixed values, not the doctests' order
         >>> h, v = torch.randn(2, 3, 8, dtype=torch.double), torch.randn(2, 3, 8, dtype=torch.double)
         >>> x = h.clone().requires_grad_()
         >>> ref, = torch.autograd.grad(nn.functional.layer_norm(x, (8,), eps=1e-5), x, v)

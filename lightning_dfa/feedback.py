@@ -313,9 +313,9 @@ class FeedbackBank:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore matrices saved by :meth:`state_dict`; they replace whatever the seed would draw."""
-        if state.get("version") != _STATE_VERSION:
-            raise RuntimeError(f"DFA: unknown feedback state version {state.get('version')!r}.")
+        """Restore matrices saved by :meth:`state_dict`; they replace whatever the seed would draw. A damaged state
+        is refused (:func:`check_bank_state`)."""
+        check_bank_state(state)
         self.seed = int(state["seed"])
         self.distribution = state["distribution"]
         self._matrices = {int(k): m.detach().to("cpu", torch.float32) for k, m in state["matrices"].items()}
@@ -324,3 +324,60 @@ class FeedbackBank:
         self._loaded_widths = {p: list(w) for p, w in state["widths"].items()}
         self.widths = {}
         self._cache = {}
+
+
+def _damaged(what: str) -> ValueError:
+    return ValueError(
+        f"DFA: the checkpoint's feedback state is damaged: {what}. It was not written by lightning-dfa or was "
+        "changed since; resume from another checkpoint, or start a new fit from the weights alone "
+        "(Model.load_from_checkpoint(path), then fit without ckpt_path)."
+    )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_bank_state(state: Any) -> None:
+    """Refuse a :meth:`FeedbackBank.state_dict` that is damaged: not a dict, an unknown version, missing keys, wrong
+    types, matrices that are not ``[rows, k]`` float tensors, non-finite values, signs other than +-1.
+
+    Example:
+        >>> state = FeedbackBank(seed=1).state_dict()
+        >>> check_bank_state(state)
+        >>> check_bank_state({k: v for k, v in state.items() if k != "widths"})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: DFA: the checkpoint's feedback state is damaged: it lacks the keys ['widths']...
+    """
+    if not isinstance(state, dict):
+        raise _damaged(f"it is a {type(state).__name__}, not a dict")
+    if state.get("version") != _STATE_VERSION:
+        raise _damaged(f"unknown feedback state version {state.get('version')!r} (this version reads {_STATE_VERSION})")
+    missing = [k for k in ("seed", "distribution", "matrices", "signs", "widths") if k not in state]
+    if missing:
+        raise _damaged(f"it lacks the keys {missing}")
+    if not _is_int(state["seed"]):
+        raise _damaged(f"seed is {state['seed']!r}, not an integer")
+    if state["distribution"] not in DISTRIBUTIONS:
+        raise _damaged(f"distribution is {state['distribution']!r}, not one of {DISTRIBUTIONS}")
+    for key in ("matrices", "signs", "widths", "sketch_groups"):
+        if not isinstance(state.get(key, {}), dict):
+            raise _damaged(f"{key} is a {type(state[key]).__name__}, not a dict")
+    for k, m in state["matrices"].items():
+        if not _is_int(k) or k < 1:
+            raise _damaged(f"a feedback matrix is keyed {k!r}, not an error width")
+        if not isinstance(m, torch.Tensor) or not m.is_floating_point() or m.dim() != 2 or m.shape[1] != k:
+            got = list(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__
+            raise _damaged(f"the feedback matrix of error width {k} is {got}, not a [rows, {k}] float tensor")
+        if not bool(torch.isfinite(m).all()):
+            raise _damaged(f"the feedback matrix of error width {k} holds NaN or infinite values")
+    for point, s in state["signs"].items():
+        if not isinstance(s, torch.Tensor) or s.dim() != 1 or not bool((s.abs() == 1).all()):
+            raise _damaged(f"the signs of point {point!r} are not a vector of +-1")
+    for k, g in state.get("sketch_groups", {}).items():
+        if not (_is_int(k) and _is_int(g) and 1 <= g <= k):
+            raise _damaged(f"the sketch group of error width {k!r} is {g!r}")
+    for point, w in state["widths"].items():
+        if not (isinstance(w, (list, tuple)) and len(w) == 2 and all(_is_int(v) and v >= 1 for v in w)):
+            raise _damaged(f"the widths of point {point!r} are {w!r}, not [error width, point width]")

@@ -3,15 +3,84 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..engine import DFAConfig, FeedbackEngine, _refuse_reentrant_checkpointing
+from ..engine import DFAConfig, FeedbackEngine, _refuse_reentrant_checkpointing, check_state
 from ..feedback import uses_sketch
 
+#: where the DFA strategy and the DFA callback both store the feedback state in a Lightning checkpoint
 CHECKPOINT_KEY = "dfa"
+#: the DFA callback's ``state_key``; checkpoints of earlier versions of the callback kept the feedback state under
+#: ``checkpoint["callbacks"]["DFA"]``, which both forms still read
+CALLBACK_KEY = "DFA"
+
+
+def feedback_state(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+    """The feedback state of a Lightning checkpoint, whichever DFA form wrote it (``None`` if it holds none).
+
+    Both forms write ``checkpoint["dfa"]``; a state under ``checkpoint["callbacks"]["DFA"]`` (earlier versions of
+    the callback) is read too, and two different states are refused.
+
+    Example:
+        >>> feedback_state({"dfa": {"seed": 1}}), feedback_state({"callbacks": {"DFA": {"seed": 2}}})
+        ({'seed': 1}, {'seed': 2})
+        >>> feedback_state({"state_dict": {}}) is None
+        True
+    """
+    top = checkpoint.get(CHECKPOINT_KEY) or None
+    callbacks = checkpoint.get("callbacks")
+    legacy = (callbacks.get(CALLBACK_KEY) if isinstance(callbacks, dict) else None) or None
+    if top is not None and legacy is not None and not _same_state(top, legacy):
+        raise RuntimeError(
+            "DFA: the checkpoint holds two different feedback states, under checkpoint['dfa'] and "
+            "checkpoint['callbacks']['DFA']; it was edited or merged from two runs. Delete the one that does not "
+            "belong to this run, or resume from another checkpoint."
+        )
+    return top if top is not None else legacy
+
+
+def _same_state(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a.cpu(), b.cpu())
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_state(a[k], b[k]) for k in a)
+    return bool(a == b)
+
+
+def check_ddp_mode(engine: FeedbackEngine, strategy: Any, callback: bool) -> None:
+    """Refuse ``mode="shallow"`` under DDP without ``find_unused_parameters`` (or ``static_graph``) before the first
+    step: the blocks get no gradient, and DDP's own error at the second step would point to a plain DDP strategy
+    name, which drops DFA.
+
+    Example:
+        >>> class DDP:
+        ...     _ddp_kwargs = {"find_unused_parameters": True}
+        >>> check_ddp_mode(FeedbackEngine(mode="shallow"), DDP(), callback=False)
+        >>> DDP._ddp_kwargs = {}
+        >>> check_ddp_mode(FeedbackEngine(mode="shallow"), DDP(), callback=False)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        RuntimeError: DFA: mode='shallow' ... Use Trainer(strategy='dfa_ddp_find_unused_parameters_true') or ...
+    """
+    kwargs = getattr(strategy, "_ddp_kwargs", None)
+    if engine.mode != "shallow" or not isinstance(kwargs, dict):
+        return
+    if kwargs.get("find_unused_parameters") or kwargs.get("static_graph"):
+        return
+    fix = (
+        "Trainer(strategy='ddp_find_unused_parameters_true', callbacks=[DFA(mode='shallow')])"
+        if callback
+        else "Trainer(strategy='dfa_ddp_find_unused_parameters_true') or DFADDPStrategy(mode='shallow', "
+        "find_unused_parameters=True)"
+    )
+    raise RuntimeError(
+        "DFA: mode='shallow' gives the blocks and everything before them no gradient, and DDP refuses parameters "
+        f"without gradients unless it looks for them (find_unused_parameters=True). Use {fix}."
+    )
 
 
 def _info(trainer: Any, text: str) -> None:
@@ -23,24 +92,37 @@ class DFASession:
     """One engine on one LightningModule for one ``fit``: attach, check each backward, save/restore, detach."""
 
     def __init__(self, config: DFAConfig, verbose: bool = True) -> None:
+        if not isinstance(verbose, bool):
+            raise ValueError(f"DFA: verbose must be True or False, got {verbose!r} ({type(verbose).__name__}).")
         self.config = config
         self.verbose = verbose
         self.engine: FeedbackEngine | None = None
         self.pending_state: dict[str, Any] | None = None
+        self._resumed_without_state = False
         self._summary_shown = False
         self._checked = False
 
     def attach(self, module: nn.Module, trainer: Any = None) -> FeedbackEngine:
         if self.engine is not None and self.engine.attached:
             self.engine.detach()
-        self.engine = FeedbackEngine(DFAConfig(**vars(self.config)))
-        self.engine.attach(module)
-        if self.pending_state is not None:
-            self.engine.load_state_dict(self.pending_state)
-            self.pending_state = None
+        fitting = str(getattr(getattr(getattr(trainer, "state", None), "fn", None), "value", "fit")) == "fit"
+        engine = FeedbackEngine(DFAConfig(**vars(self.config)))
+        state, self.pending_state = self.pending_state, None
+        if state is not None and fitting:  # validate/test/predict use no feedback: a checkpoint's is not needed
+            engine.load_state_dict(state)  # compared with the options in attach(), after configure_dfa()
+        if self._resumed_without_state and fitting:
+            warnings.warn(
+                "DFA: the checkpoint being resumed holds no feedback state (it was written without DFA), so the "
+                f"feedback is drawn anew from seed={engine.config.seed}. This is expected when DFA takes over a run "
+                "trained otherwise; a DFA checkpoint always holds checkpoint['dfa'].",
+                UserWarning,
+                stacklevel=2,
+            )
+        self._resumed_without_state = False
+        self.engine = engine
+        engine.attach(module)
         self._summary_shown = False
         self._checked = False
-        fitting = str(getattr(getattr(getattr(trainer, "state", None), "fn", None), "value", "fit")) == "fit"
         if self.verbose and fitting:
             self._summary_shown = self._show_summary(module, trainer)
         return self.engine
@@ -89,10 +171,17 @@ class DFASession:
             return self.engine.state_dict()
         return dict(self.pending_state or {})
 
+    def load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Take the feedback state of a Lightning checkpoint being resumed (see :func:`feedback_state`)."""
+        state = feedback_state(checkpoint)
+        self._resumed_without_state = state is None
+        self.load_state_dict(state)
+
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         if not state:
             return
-        if self.engine is not None:
+        check_state(state)  # a damaged state is refused when the checkpoint is read, before set-up
+        if self.engine is not None and self.engine.attached:
             self.engine.load_state_dict(state)
         else:
             self.pending_state = state
@@ -141,7 +230,8 @@ class DFAStrategyMixin:
 
     def setup(self, trainer: Any) -> None:
         super().setup(trainer)  # type: ignore[misc]
-        self.dfa.attach(self.lightning_module, trainer)  # type: ignore[attr-defined]
+        engine = self.dfa.attach(self.lightning_module, trainer)  # type: ignore[attr-defined]
+        check_ddp_mode(engine, self, callback=False)
 
     def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         self.dfa.before_backward(closure_loss)
@@ -155,8 +245,12 @@ class DFAStrategyMixin:
 
     def load_checkpoint(self, checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         checkpoint = super().load_checkpoint(checkpoint_path, *args, **kwargs)  # type: ignore[misc]
-        self.dfa.load_state_dict(checkpoint.get(CHECKPOINT_KEY))
+        self.dfa.load_checkpoint(checkpoint)
         return checkpoint
+
+    def on_exception(self, exception: BaseException) -> None:
+        self.dfa.detach()
+        super().on_exception(exception)  # type: ignore[misc]
 
     def teardown(self) -> None:
         self.dfa.detach()
@@ -230,10 +324,11 @@ class DFACallbackMixin:
 
     @property
     def state_key(self) -> str:
-        return "DFA"
+        return CALLBACK_KEY
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        self.dfa.attach(pl_module, trainer)
+        engine = self.dfa.attach(pl_module, trainer)
+        check_ddp_mode(engine, trainer.strategy, callback=True)
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
         self.dfa.before_backward(loss)
@@ -241,14 +336,25 @@ class DFACallbackMixin:
     def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
         self.dfa.after_backward(trainer)
 
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        # Lightning calls no callback teardown after an exception or KeyboardInterrupt: remove the hooks here
+        self.dfa.detach()
+
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self.dfa.detach()
 
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = self.dfa.state_dict()  # the same place as the strategy form
+
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        self.dfa.load_checkpoint(checkpoint)
+
     def state_dict(self) -> dict[str, Any]:
-        return self.dfa.state_dict()
+        # the feedback lives in checkpoint["dfa"] (on_save_checkpoint), once, where the strategy form reads it too
+        return {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.dfa.load_state_dict(state_dict)
+        self.dfa.load_state_dict(state_dict)  # a state_dict() of an earlier version (also read by on_load_checkpoint)
 
 
 class DFASingleDeviceMixin:
@@ -287,4 +393,14 @@ class DFADDPMixin:
             if name not in strategy_registry:
                 strategy_registry.register(
                     name, cls, description=f"DFA over DDP with start method {start_method!r}", start_method=start_method
+                )
+            # mode="shallow" leaves the blocks without gradients: DDP must look for unused parameters
+            unused = f"{name}_find_unused_parameters_true"
+            if unused not in strategy_registry:
+                strategy_registry.register(
+                    unused,
+                    cls,
+                    description=f"DFA over DDP with start method {start_method!r}, find_unused_parameters=True",
+                    start_method=start_method,
+                    find_unused_parameters=True,
                 )

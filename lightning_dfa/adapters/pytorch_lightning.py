@@ -62,6 +62,8 @@ class DFAStrategy(DFASingleDeviceMixin, DFAStrategyMixin, SingleDeviceStrategy):
 class DFADDPStrategy(DFADDPMixin, DFAStrategyMixin, DDPStrategy):
     """Lightning's DDP with Direct Feedback Alignment; registered as ``"dfa_ddp"`` (and ``_spawn``/``_fork``/
     ``_notebook``). Every DDP keyword argument (``find_unused_parameters``, ``static_graph``...) is forwarded.
+    ``"dfa_ddp_find_unused_parameters_true"`` (and its ``_spawn``/``_fork``/``_notebook`` variants) sets
+    ``find_unused_parameters=True``, which ``mode="shallow"`` needs (its blocks get no gradient).
 
     Example::
 
