@@ -251,14 +251,18 @@ class _Delivery:
 
 
 class _DeliverFeedback(torch.autograd.Function):
-    """Identity on the output; its backward hands each feedback point its projected error."""
+    """Identity on the output; its backward hands each feedback point its projected error.
+
+    The output is returned as ``output.detach()``: the same memory (no copy of a ``[tokens, vocabulary]`` logits
+    tensor), but not a view, so user code may modify it in place (``logits /= T``, ``F.relu(out, inplace=True)``)
+    exactly where plain PyTorch allows it; a view returned by a custom Function cannot be modified in place."""
 
     @staticmethod
     def forward(ctx: Any, delivery: _Delivery, output: torch.Tensor, *points: torch.Tensor) -> torch.Tensor:
         ctx.delivery = delivery
         if delivery.engine.config.norm_jacobian:
             ctx.save_for_backward(*points)
-        return output.view_as(output)
+        return output.detach()
 
     @staticmethod
     @once_differentiable
