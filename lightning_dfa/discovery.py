@@ -147,6 +147,13 @@ class Target:
     source: str
     #: the output module's input is a feedback point (detached before the output), as ``cut_head_input``
     head_input_point: bool = False
+    #: further output modules (several heads or losses), each an error source of its own
+    extra_outputs: list[tuple[str, nn.Module]] = field(default_factory=list)
+
+    @property
+    def outputs(self) -> list[tuple[str, nn.Module]]:
+        """Every output module: ``(name, module)``, the primary one first."""
+        return [(self.output_name, self.output), *self.extra_outputs]
 
     def block_param_ids(self) -> set[int]:
         """``id`` of every parameter inside a block."""
@@ -300,9 +307,7 @@ def _module_order(root: nn.Module) -> dict[str, int]:
 
 
 # --------------------------------------------------------------------------- nn.Sequential
-def sequential_groups(
-    seq: nn.Sequential, prefix: str = "", whole: bool = False
-) -> tuple[list[Block], str] | None:
+def sequential_groups(seq: nn.Sequential, prefix: str = "", whole: bool = False) -> tuple[list[Block], str] | None:
     """Split a Sequential into feedback groups and its output layer.
 
     A group starts at a parametric layer (Linear/Conv, or a container with parameters) and takes the norms,
@@ -490,7 +495,7 @@ def _layer_inputs_target(root: nn.Module) -> Target | None:
 def discover(
     root: nn.Module,
     blocks: BlockSpec = None,
-    output: str | None = None,
+    output: str | Sequence[str] | None = None,
     placement: str = "macro",
 ) -> Target:
     """Find the feedback points and the output module of ``root``.
@@ -498,7 +503,8 @@ def discover(
     Args:
         root: the model (usually the LightningModule).
         blocks: names, glob patterns or classes of the modules whose outputs receive feedback.
-        output: qualified name of the module whose output the loss is computed from.
+        output: qualified name of the module whose output the loss is computed from, or a list of them (several
+            heads or losses).
         placement: ``"macro"`` (one point per block) or ``"micro"`` (also inside Transformer blocks: the points
             listed in :mod:`lightning_dfa.registry`, else those :func:`infer_micro_points` finds).
 
@@ -510,6 +516,21 @@ def discover(
     """
     if placement not in ("macro", "micro"):
         raise ValueError(f"DFA: placement must be 'macro' or 'micro', got {placement!r}.")
+    outputs = [output] if isinstance(output, str) else list(output or [])
+    if not all(isinstance(o, str) for o in outputs):
+        raise TypeError(f"DFA: output must be a module name or a list of them, got {output!r}.")
+    target = _discover(root, blocks, outputs[0] if outputs else None, placement)
+    target.extra_outputs = [(n, _get_output(root, n)) for n in outputs[1:]]
+    for name, _ in target.outputs:
+        if any(b.name == name or b.name.startswith(name + ".") for b in target.blocks):
+            raise ValueError(
+                f"DFA: the output module {name!r} is also a block (or contains one); the output must lie "
+                "after the last block. Pass output= naming the final layer (logits, predictions)."
+            )
+    return target
+
+
+def _discover(root: nn.Module, blocks: BlockSpec, output: str | None, placement: str) -> Target:
     target: Target | None = None
     if blocks is not None:
         found = match_modules(root, blocks)
@@ -554,11 +575,6 @@ def discover(
             )
         if output is not None:
             target = Target(target.blocks, output, _get_output(root, output), target.source, target.head_input_point)
-    if any(b.name == target.output_name or b.name.startswith(target.output_name + ".") for b in target.blocks):
-        raise ValueError(
-            f"DFA: the output module {target.output_name!r} is also a block (or contains one); the output must lie "
-            "after the last block. Pass output= naming the final layer (logits, predictions)."
-        )
     return target
 
 

@@ -15,12 +15,27 @@ How it works (design "b" of ``lightning-notes.md``):
 
 Everything after the last block (final norm, pooler, head) receives its true gradient. Under ``no_grad`` /
 ``inference_mode`` the hooks do nothing, so validation and prediction are bit-identical to the plain model.
+
+* Several outputs (heads, losses; ``output=[...]``, or one output module called several times): every output call
+  ties all the points of its forward recorded before it, each through its own delivery with its own fixed
+  matrices, so each point receives ``sum_j B_j e_j``; autograd runs only the deliveries the loss depends on, and
+  an output whose error reached it through a later output (``head2(head1(h))``) passes it on without delivering.
+* The delivered output is a detached alias of the output (same memory, not a view): user code may modify it in
+  place wherever plain PyTorch allows it.
+* Layouts: a point's positions are lined up with the error's by the data flow, not by coincident sizes. The first
+  forward after ``attach`` that records a sequence-shaped point (``[T, B, d]`` or ``[B, T, d]``) cuts its points
+  with :class:`_SoftCut` (still connected, blocked in the training backward), and the delivery probes, with one
+  vector-Jacobian product, which of each point's first two dimensions the output's batch items depend on. That
+  first step costs about one backprop step more; its gradients are those of any other DFA step.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import itertools
 import math
+import operator
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -50,7 +65,8 @@ class DFAConfig:
         mode: ``"dfa"`` (default), ``"shallow"`` (blocks and everything before them get no gradient) or
             ``"bp"`` (plain backprop: the control arm).
         blocks: names, glob patterns or module classes of the blocks; ``None`` discovers them.
-        output: qualified name of the output module; ``None`` discovers it.
+        output: qualified name of the output module, or a list of them (several heads or losses: each output's
+            error is projected by its own fixed matrices and every point receives the sum); ``None`` discovers it.
         seed: seed of the private generator of the feedback matrices.
         distribution: ``"uniform"`` on ``[-1, 1)`` (default, as the DFA authors), ``"gaussian"`` or ``"rademacher"``.
         scale: multiplier of the feedback; a point of width ``d`` receives ``scale / sqrt(d) * (e @ B[:, :d])``.
@@ -95,7 +111,7 @@ class DFAConfig:
 
     mode: str = "dfa"
     blocks: BlockSpec = None
-    output: str | None = None
+    output: str | Sequence[str] | None = None
     seed: int = 0
     distribution: str = "uniform"
     scale: float = 1.0
@@ -218,6 +234,9 @@ class _PointMeta:
     shape: torch.Size
     dtype: torch.dtype
     flatten: bool
+    #: how the point's first two dimensions relate to the error's positions: ``"same"`` (lined up in order) or
+    #: ``"swapped"`` (a sequence-first ``[positions, batch, ...]`` point for a batch-first error, or the reverse)
+    layout: str = "same"
 
 
 @dataclass
@@ -241,13 +260,22 @@ class Capture:
 
 
 class _Delivery:
-    """What one forward recorded: the engine and its points' metadata (no tensors are kept)."""
+    """One output call's tie: the engine, the source (output) it reads, its points' metadata, and what the
+    backward needs to know about the other outputs (no tensors are kept, except during a layout probe)."""
 
-    __slots__ = ("engine", "points")
+    __slots__ = ("engine", "points", "source", "upstream", "downstream_ran", "probe")
 
-    def __init__(self, engine: FeedbackEngine, points: list[_PointMeta]) -> None:
+    def __init__(self, engine: FeedbackEngine, points: list[_PointMeta], source: str) -> None:
         self.engine = engine
         self.points = points
+        self.source = source
+        #: deliveries of earlier outputs this output was computed from (``head2(head1(x))``)
+        self.upstream: list[_Delivery] = []
+        #: set in the backward when a delivery computed from this one's output ran: the error then reached this
+        #: output through another output, which already delivered it
+        self.downstream_ran = False
+        #: during a layout probe: ``(output tensor before the tie, point tensors)``
+        self.probe: tuple[torch.Tensor, list[torch.Tensor]] | None = None
 
 
 class _DeliverFeedback(torch.autograd.Function):
@@ -268,10 +296,43 @@ class _DeliverFeedback(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, error: torch.Tensor) -> tuple:
         delivery: _Delivery = ctx.delivery
-        activations = list(ctx.saved_tensors) if delivery.engine.config.norm_jacobian else None
-        feedback = delivery.engine._project(error, delivery.points, activations)
+        for up in delivery.upstream:
+            up.downstream_ran = True
         needs = ctx.needs_input_grad[2:]
+        if delivery.downstream_ran:  # not an error source: this output's error came through a later output
+            delivery.probe = None
+            return (None, error, *[None for _ in needs])
+        activations = list(ctx.saved_tensors) if delivery.engine.config.norm_jacobian else None
+        feedback = delivery.engine._project(error, delivery.points, activations, delivery)
         return (None, error, *[f if n else None for f, n in zip(feedback, needs)])
+
+
+class _SoftCut(torch.autograd.Function):
+    """The cut of a feedback point during a layout-probe forward: the rest of the network gets a copy that stays
+    connected to the point, so a probe can follow the data flow from an output back to the points; in the training
+    backward nothing crosses it (as with the ordinary cut, ``detach``)."""
+
+    @staticmethod
+    def forward(ctx: Any, engine: FeedbackEngine, tensor: torch.Tensor) -> torch.Tensor:
+        ctx.engine = engine
+        return tensor.clone()  # its own memory: downstream code may modify it in place
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        return None, (grad if ctx.engine._probing else None)
+
+
+@dataclass
+class _Group:
+    """The points of one forward, tied to every output called after them in that forward."""
+
+    points: list[tuple[str, torch.Tensor, bool]] = field(default_factory=list)
+    calls: dict[str, int] = field(default_factory=dict)
+    outputs: dict[str, int] = field(default_factory=dict)
+    untied: int = 0  # points recorded since the last tie
+    soft: bool = False  # a layout-probe forward: points are cut by _SoftCut
+    cuts: dict[int, torch.Tensor] = field(default_factory=dict)  # id(soft cut's copy) -> the point
 
 
 # ---------------------------------------------------------------------------------------------- engine
@@ -309,9 +370,13 @@ class FeedbackEngine:
         self.target: Target | None = None
         self.root: nn.Module | None = None
         self._handles: list[Any] = []
-        self._pending: list[tuple[str, torch.Tensor, bool]] = []
-        self._calls: dict[str, int] = {}
+        self._group: _Group | None = None
         self._flatten: set[str] = set()
+        # layout probes: whether the next forward with sequence-shaped points probes their layout, whether a
+        # probe is running (soft cuts then let it through), and the result per (point, output) pair
+        self._probe_pending = True
+        self._probing = False
+        self._layouts: dict[tuple[str, str], str] = {}
         self.report = BackwardReport()
         self.enabled = True
         self.last_points: list[_PointMeta] = []
@@ -362,19 +427,21 @@ class FeedbackEngine:
                 self._handles.append(
                     block.exit.register_forward_hook(_Hook(lambda m, a, o, b=block: self._on_block_output(b, o)))
                 )
-        if self.head_input_is_point:
-            self._handles.append(
-                target.output.register_forward_pre_hook(
-                    _Hook(lambda m, a, k: self._on_head_input(a, k)), with_kwargs=True
+        for name, module in target.outputs:
+            if self.head_input_is_point:
+                self._handles.append(
+                    module.register_forward_pre_hook(
+                        _Hook(lambda m, a, k, n=name: self._on_head_input(n, a, k)), with_kwargs=True
+                    )
                 )
-            )
-        if self.config.error_at == "output":
-            hook = target.output.register_forward_hook(_Hook(lambda m, a, o: self._on_output(o)))
-        else:
-            hook = target.output.register_forward_pre_hook(
-                _Hook(lambda m, a, k: self._on_output_input(a, k)), with_kwargs=True
-            )
-        self._handles.append(hook)
+            if self.config.error_at == "output":
+                hook = module.register_forward_hook(_Hook(lambda m, a, o, n=name: self._on_output(n, o)))
+            else:
+                hook = module.register_forward_pre_hook(
+                    _Hook(lambda m, a, k, n=name: self._on_output_input(n, a, k)), with_kwargs=True
+                )
+            self._handles.append(hook)
+        self._probe_pending = True
         return target
 
     def detach(self) -> None:
@@ -382,8 +449,13 @@ class FeedbackEngine:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._pending = []
-        self._calls = {}
+        self._group = None
+
+    @property
+    def _pending(self) -> list[tuple[str, torch.Tensor, bool]]:
+        """The points recorded since the last output call (not tied to any output yet)."""
+        g = self._group
+        return [] if g is None or not g.untied else g.points[-g.untied :]
 
     def _active(self) -> bool:
         return (
@@ -417,28 +489,52 @@ class FeedbackEngine:
             yield cap
         finally:
             self._capture = previous
-            self._calls = {}
+            self._group = None
 
     # ------------------------------------------------------------------ forward hooks
+    def _group_for(self, name: str) -> _Group:
+        """The current forward's group; a block recorded again after an output was tied starts a new forward."""
+        g = self._group
+        if g is None or (g.outputs and name in g.calls):
+            g = self._group = _Group()
+        return g
+
     def _record(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        count = self._calls.get(name, 0)
-        self._calls[name] = count + 1
+        g = self._group_for(name)
+        count = g.calls.get(name, 0)
+        g.calls[name] = count + 1
         key = name if count == 0 else f"{name}#{count}"
+        flatten = name.split(":")[0] in self._flatten
         for observer in self._point_observers:
             observer(key, tensor)
         if self._capture is not None:
-            self._capture.points.append(CapturedPoint(key, tensor, name.split(":")[0] in self._flatten))
+            self._capture.points.append(CapturedPoint(key, tensor, flatten))
             return tensor
         if self.mode == "dfa":
-            self._pending.append((key, tensor, name.split(":")[0] in self._flatten))
+            g.points.append((key, tensor, flatten))
+            g.untied += 1
             self.report.points_recorded += 1
+            if not g.soft and self._probe_pending and _sequence_shaped(tensor.shape, flatten):
+                g.soft = True  # from here on, this forward's points stay connected for a layout probe
+            if g.soft:
+                cut = _SoftCut.apply(self, tensor)
+                g.cuts[id(cut)] = tensor
+                return cut
         return tensor.detach()
+
+    def _carries(self, tensor: torch.Tensor | None) -> bool:
+        """The tensor carries gradient from something other than a soft cut (in a layout-probe forward, a value
+        computed only from cut points carries none, as after an ordinary cut)."""
+        if not _carries_grad(tensor):
+            return False
+        g = self._group
+        return g is None or not g.soft or _grad_beyond_soft_cuts(tensor)
 
     def _on_block_input(self, block: Block, args: tuple, kwargs: dict) -> Any:
         if not self._active():
             return None
         tensor, rebuild = _split_input(args, kwargs)
-        if not _carries_grad(tensor):
+        if not self._carries(tensor):
             return None
         return rebuild(self._record(block.name + ":in", tensor))
 
@@ -446,91 +542,190 @@ class FeedbackEngine:
         if not self._active():
             return None
         tensor, rebuild = _split_main(output)
-        if not _carries_grad(tensor):
+        if not self._carries(tensor):
             return None
         return rebuild(self._record(block.name, tensor))
 
-    def _on_head_input(self, args: tuple, kwargs: dict) -> Any:
+    def _on_head_input(self, name: str, args: tuple, kwargs: dict) -> Any:
         """``cut_head_input``: the output module's input becomes the point ``"<output>:in"`` (detached downstream)."""
         if not self._active():
             return None
         tensor, rebuild = _split_input(args, kwargs)
-        if not _carries_grad(tensor):
+        if not self._carries(tensor):
             return None
-        return rebuild(self._record(self.target.output_name + ":in", tensor))
+        return rebuild(self._record(name + ":in", tensor))
 
-    def _on_output(self, output: Any) -> Any:
+    def _on_output(self, name: str, output: Any) -> Any:
         if self._capture is not None and self._active():
             tensor, _ = _split_main(output)
             if tensor is not None:
                 self._capture.outputs.append(tensor)
-            self._calls = {}
+            self._group = None
             return None
         if not self._active() or self.mode != "dfa":
-            self._calls = {}
+            self._group = None
             return None
         tensor, rebuild = _split_main(output)
+        g = self._group
         # A frozen output module (a fixed readout) still gets tied: the points carry the gradient, and the
         # error reaches the delivery even though the output itself needs none.
-        if not self._pending or tensor is None or not tensor.is_floating_point():
+        if g is None or not g.points or tensor is None or not tensor.is_floating_point():
             return None
-        points, self._pending, self._calls = self._pending, [], {}
-        metas = [_PointMeta(k, t.shape, t.dtype, f) for k, t, f in points]
+        calls = g.outputs.get(name, 0)
+        g.outputs[name] = calls + 1
+        source = name if calls == 0 else f"{name}#{calls}"
+        tensors = [t for _, t, _ in g.points]
+        delivery = _Delivery(self, [_PointMeta(k, t.shape, t.dtype, f) for k, t, f in g.points], source)
+        if len(g.outputs) > 1 or calls:  # another output was tied in this forward: was it computed from it?
+            delivery.upstream = _deliveries_upstream_of(tensor)
+        if g.soft:
+            delivery.probe = (tensor, tensors)
+        g.untied = 0
         self.report.outputs_tied += 1
-        return rebuild(_DeliverFeedback.apply(_Delivery(self, metas), tensor, *[t for _, t, _ in points]))
+        return rebuild(_DeliverFeedback.apply(delivery, tensor, *tensors))
 
-    def _on_output_input(self, args: tuple, kwargs: dict) -> Any:
+    def _on_output_input(self, name: str, args: tuple, kwargs: dict) -> Any:
         tensor, rebuild = _split_input(args, kwargs)
         if tensor is None:
             return None
-        if self._active() and self.mode == "dfa" and not tensor.requires_grad:
+        g = self._group
+        if g is not None and id(tensor) in g.cuts:  # a layout-probe forward: the point itself, not its copy
+            tensor = g.cuts[id(tensor)]
+        if self._active() and self.mode == "dfa" and g is not None and (not tensor.requires_grad or g.soft):
             # The head reads the last block's output directly: that block gets the true error at the head's
             # input (it is where the error is read), the other points get its projection.
-            for i in range(len(self._pending) - 1, -1, -1):
-                original = self._pending[i][1]
+            for i in range(len(g.points) - 1, -1, -1):
+                original = g.points[i][1]
                 if original.data_ptr() == tensor.data_ptr() and original.shape == tensor.shape:
-                    del self._pending[i]
+                    del g.points[i]
+                    g.untied = min(g.untied, len(g.points))
                     tensor = original
                     break
-        tied = self._on_output(tensor)
+        tied = self._on_output(name, tensor)
         return None if tied is None else rebuild(tied)
 
     # ------------------------------------------------------------------ backward
     def _align(self, error: torch.Size, point: _PointMeta) -> tuple[str, int, int]:
-        shape = point.shape
-        if not point.flatten and len(error) >= 1 and error[:-1] == shape[:-1]:
-            return "token", error[-1], shape[-1]
-        if (
-            not point.flatten
-            and 2 in (len(error), len(shape))
-            and min(len(error), len(shape)) >= 2
-            and math.prod(error[:-1]) == math.prod(shape[:-1])
-        ):
-            # the same tokens, one side flattened to rows (``x.view(-1, d)`` before a Linear, as OPT's MLP or a
-            # head applied to ``[batch * positions, d]``): row-major order lines them up
-            return "token", error[-1], shape[-1]
-        if len(error) == 0 or len(shape) == 0 or error[0] != shape[0]:
+        shape = _laid_out(point)
+        kind = _fit(error, shape, point.flatten)
+        if kind is None:
+            swapped = "" if point.layout == "swapped" else " (its first two dimensions swapped do not fit either)"
             raise RuntimeError(
                 f"DFA: cannot line up the error of shape {list(error)} (gradient at the output module "
                 f"{self.target.output_name if self.target else '?'!r}) with feedback point {point.key!r} of shape "
-                f"{list(shape)}: their first (batch) dimensions differ. Choose an output= whose output has the "
-                "blocks' batch/positions dimensions, or other blocks=."
+                f"{list(point.shape)}{swapped}: their first (batch) dimensions differ. Choose an output= whose "
+                "output has the blocks' batch/positions dimensions, or other blocks=."
             )
-        if not point.flatten and len(shape) == 3 and len(error) in (2, 3):
-            return "broadcast", error[-1], shape[-1]
-        return "flatten", math.prod(error[1:]), math.prod(shape[1:])
+        if kind in ("token", "broadcast"):
+            return kind, error[-1], shape[-1]
+        return kind, math.prod(error[1:]), math.prod(shape[1:])
+
+    def _source_key(self, delivery: _Delivery | None) -> str:
+        """The feedback matrices' key of an output: ``""`` for the (first call of the) primary output."""
+        if delivery is None or self.target is None or delivery.source == self.target.output_name:
+            return ""
+        return delivery.source
 
     def _project(
-        self, error: torch.Tensor, points: list[_PointMeta], activations: list[torch.Tensor] | None = None
-    ) -> list[torch.Tensor]:
+        self,
+        error: torch.Tensor,
+        points: list[_PointMeta],
+        activations: list[torch.Tensor] | None = None,
+        delivery: _Delivery | None = None,
+    ) -> list[torch.Tensor | None]:
         self.report.deliveries += 1
-        self.last_points = points
-        out = self.feedback_for(error, points, activations)
+        source = self._source_key(delivery)
+        laid = self._lay_out(error.shape, points, delivery)
+        keep = [i for i, p in enumerate(laid) if p is not None]
+        kept = [laid[i] for i in keep]
+        acts = None if activations is None else [activations[i] for i in keep]
+        self.last_points = kept
+        fbs = self.feedback_for(error, kept, acts, source=source) if kept else []
         for observer in self._observers:
-            observer(error, points, out)
+            observer(error, kept, fbs)
+        out: list[torch.Tensor | None] = [None] * len(points)
+        for i, fb in zip(keep, fbs):
+            out[i] = fb
         return out
 
-    def _projection(self, source: torch.Tensor, k: int, width: int) -> torch.Tensor:
+    def _lay_out(
+        self, error: torch.Size, points: list[_PointMeta], delivery: _Delivery | None
+    ) -> list[_PointMeta | None]:
+        """Each point with its layout relative to this error (``None``: no feedback from this output this step).
+
+        A sequence-shaped point whose first two dimensions could line up with the error either way (``[T, B, d]``
+        against ``[B, T, V]`` with ``T == B``, or against rows ``[B * T, V]``) is lined up as the data flow says:
+        the first forward after ``attach`` keeps such points connected (:class:`_SoftCut`), and the first delivery
+        probes which of the point's positions the output's positions depend on (:meth:`_probe_layouts`). Until a
+        probe has seen a point, it gets no feedback from such an output rather than a possibly transposed one."""
+        source = delivery.source if delivery is not None else ""
+        out: list[_PointMeta | None] = list(points)
+        check = [i for i, p in enumerate(points) if p.layout == "same" and _swappable(error, p)]
+        todo = [i for i in check if (points[i].key.split("#")[0], source) not in self._layouts]
+        if todo and delivery is not None and delivery.probe is not None:
+            self._probe_layouts(error, delivery, todo)
+        if delivery is not None and delivery.probe is not None:
+            self._probe_pending = False
+            delivery.probe = None  # the tensors are no longer needed
+        for i in check:
+            p = points[i]
+            relation = self._layouts.get((p.key.split("#")[0], source))
+            if relation is None:
+                out[i] = None
+                self._probe_pending = True  # the next forward probes it
+            elif relation == "swapped" or (relation == "none" and _fit(error, p.shape, p.flatten) is None):
+                out[i] = dataclasses.replace(p, layout="swapped")
+            elif _fit(error, p.shape, p.flatten) is None:
+                raise RuntimeError(
+                    f"DFA: feedback point {p.key!r} of shape {list(p.shape)}: the data flow lines its first two "
+                    f"dimensions up with those of the error {list(error)} of output {source!r}, but their sizes "
+                    "differ. Choose other blocks= or output=."
+                )
+        return out
+
+    def _probe_layouts(self, error: torch.Size, delivery: _Delivery, todo: list[int]) -> None:
+        """Which of each point's first two dimensions the output's positions depend on: ONE vector-Jacobian
+        product from the output (before the tie) back to the points, through the soft cuts, for a probe at one
+        output position. For ``[T, B, d]`` points and a ``[B, T, V]`` output, output ``(b=0, t=1)`` depends on
+        point positions ``(t, 0)`` (batch item 0), never on ``(0, 1)``; a position-wise head, attention,
+        causal or not, all keep the batch items apart. Batch-mixing layers (BatchNorm in training) leave the own
+        item's dependence far larger; a point whose dependence does not tell is refused."""
+        assert delivery.probe is not None
+        y, tensors = delivery.probe
+        by_kind: dict[str, list[int]] = {}
+        for i in todo:
+            p = delivery.points[i]
+            kind = _fit(error, p.shape, p.flatten) or _fit(error, _swapped(p.shape), p.flatten)
+            by_kind.setdefault("token" if kind == "token" else "broadcast", []).append(i)
+        g = torch.Generator().manual_seed(0)
+        for kind, idx in by_kind.items():
+            wrt = [tensors[i] for i in idx]
+            grads: Sequence[torch.Tensor | None] = [None] * len(idx)
+            if y.requires_grad and all(t.requires_grad for t in wrt):
+                v = torch.zeros(y.shape, dtype=y.dtype, device=y.device)
+                r = torch.randn(error[-1], generator=g).to(v)
+                if kind == "token":
+                    v.view(-1, error[-1])[1] = r  # the output's second position: (0, 1), or row 1
+                else:
+                    v[1] = r  # the output's second batch item
+                self._probing = True
+                try:
+                    grads = torch.autograd.grad([y], wrt, [v], retain_graph=True, allow_unused=True)
+                finally:
+                    self._probing = False
+            for i, grad in zip(idx, grads):
+                p = delivery.points[i]
+                relation = _layout_from_dependence(grad, p.shape, kind)
+                if relation is None:
+                    raise RuntimeError(
+                        f"DFA: cannot tell how feedback point {p.key!r} of shape {list(p.shape)} lines up with the "
+                        f"error of shape {list(error)} of output {delivery.source!r}: the output's positions depend "
+                        "on the point's positions along both of its first two dimensions. Choose blocks= whose "
+                        "outputs keep the batch items apart, or another output=."
+                    )
+                self._layouts[(p.key.split("#")[0], delivery.source)] = relation
+
+    def _projection(self, source: torch.Tensor, k: int, width: int, key: str = "") -> torch.Tensor:
         """``source @ B.T`` over the last dimension (error width ``k``, ``B`` of shape ``[width, k]``): one dense
         GEMM, or (option ``topk``) a weighted gather of the columns of ``B`` at each row's ``topk`` largest-magnitude
         entries, with every dropped entry replaced by the dropped entries' mean ``c``:
@@ -538,25 +733,26 @@ class FeedbackEngine:
         tail); dropping the tail outright would bias every token's feedback the same way (``e`` of softmax +
         cross-entropy sums to zero, so the tail's mass is the kept entries' deficit)."""
         if self.config.sketch and uses_sketch(k, width):
-            return self._sketch_projection(source, k, width)
+            return self._sketch_projection(source, k, width, key)
         topk = self.config.topk
         if topk is None or topk >= k:
-            return source @ self.bank.matrix(k, width, source.device, source.dtype).t()
+            return source @ self.bank.matrix(k, width, source.device, source.dtype, source=key).t()
         rows = source.reshape(-1, k)
         index, kept = _largest_entries(rows, topk)
-        table = self.bank.matrix(k, width, source.device, source.dtype, transposed=True)  # [k, width], contiguous
+        # [k, width], contiguous
+        table = self.bank.matrix(k, width, source.device, source.dtype, transposed=True, source=key)
         tail = ((rows.sum(-1) - kept.sum(-1)) / (k - topk)).unsqueeze(-1)  # mean of the dropped entries
         out = nn.functional.embedding_bag(index, table, per_sample_weights=kept - tail, mode="sum")
-        out.addcmul_(tail * k, self.bank.mean_column(k, width, source.device, source.dtype))
+        out.addcmul_(tail * k, self.bank.mean_column(k, width, source.device, source.dtype, source=key))
         return out.reshape(*source.shape[:-1], width)
 
-    def _sketch_projection(self, source: torch.Tensor, k: int, width: int) -> torch.Tensor:
+    def _sketch_projection(self, source: torch.Tensor, k: int, width: int, key: str = "") -> torch.Tensor:
         """``source @ B.T`` for the ``sketch`` option's structured ``B`` (see :meth:`FeedbackBank.sketch`), without
         forming ``B``: with each row of the error viewed as ``E[i, j]`` (``v = i * g + j``), ONE batched product
         over a view of the error (no copy) gives ``Y[c, j] = sum_i A[c, i] E[i, j]`` (a pass over the error with
         4 multiply-adds per entry), then ``Y @ G`` (``[4 g, d]``). The last, partial group (``k`` not a multiple
         of ``g``) is added separately."""
-        g, a, big = self.bank.sketch(k, width, source.device, source.dtype)
+        g, a, big = self.bank.sketch(k, width, source.device, source.dtype, source=key)
         rows = source.reshape(-1, k)
         n, c = rows.shape[0], a.shape[0]
         full, rest = divmod(k, g)
@@ -572,11 +768,14 @@ class FeedbackEngine:
         error: torch.Tensor,
         points: Sequence[_PointMeta | CapturedPoint],
         activations: Sequence[torch.Tensor] | None = None,
+        source: str = "",
     ) -> list[torch.Tensor]:
         """``scale/sqrt(d) * B_k e`` for each point, with one projection per (alignment, error width).
 
         ``points`` are the metadata the engine records (or :class:`CapturedPoint` from :meth:`capture`). With
         ``norm_jacobian``, the points' activations are needed: ``activations`` or the captured tensors.
+        ``source`` names the output the error was read at (``""``: the primary output); every output has its own
+        feedback matrices.
         """
         if self.config.norm_jacobian and activations is None:
             if not all(isinstance(p, CapturedPoint) for p in points):
@@ -586,17 +785,17 @@ class FeedbackEngine:
         aligned = [self._align(error.shape, p) for p in points]
         widest: dict[tuple[str, int], int] = {}
         for p, (kind, k, d) in zip(points, aligned):
-            self.bank.check_point(p.key, k, d)
+            self.bank.check_point(p.key if not source else f"{p.key}@{source}", k, d)
             widest[(kind, k)] = max(widest.get((kind, k), 0), d)
         projections = {}
         for (kind, k), width in widest.items():
             if kind == "token":
-                source = error
+                rows = error
             elif kind == "broadcast":
-                source = error if error.dim() == 2 else error.mean(dim=1)
+                rows = error if error.dim() == 2 else error.mean(dim=1)
             else:
-                source = error.reshape(error.shape[0], -1)
-            projected = self._projection(source, k, width)
+                rows = error.reshape(error.shape[0], -1)
+            projected = self._projection(rows, k, width, source)
             uniform_width = all(d == width for (kd, kk, d) in aligned if (kd, kk) == (kind, k))
             if uniform_width and not self.config.distinct:
                 projected.mul_(self.config.scale / math.sqrt(width))
@@ -610,10 +809,13 @@ class FeedbackEngine:
                 fb = fb * (signs * (self.config.scale / math.sqrt(d)))
             elif not prescaled:
                 fb = fb * (self.config.scale / math.sqrt(d))
+            shape = _laid_out(p)
             if kind == "broadcast":
-                fb = fb.unsqueeze(1).expand(p.shape)
-            elif fb.shape != p.shape:  # "flatten", or "token" with the positions flattened on one side
-                fb = fb.reshape(p.shape)
+                fb = fb.unsqueeze(1).expand(shape)
+            elif fb.shape != shape:  # "flatten", or "token" with the positions flattened on one side
+                fb = fb.reshape(shape)
+            if p.layout == "swapped":
+                fb = fb.transpose(0, 1)
             out.append(fb if fb.dtype == p.dtype else fb.to(p.dtype))
         transform = self.config.feedback_transform
         if transform is not None:
@@ -629,7 +831,7 @@ class FeedbackEngine:
             RuntimeError: in ``mode="dfa"``, if no feedback reached the blocks in this backward, with the reason.
         """
         report, self.report = self.report, BackwardReport()
-        self._pending, self._calls = [], {}
+        self._group = None
         if self.mode == "dfa" and self.attached and report.deliveries == 0:
             raise RuntimeError(self._explain_silence(report))
         return report
@@ -637,22 +839,26 @@ class FeedbackEngine:
     def check_loss(self, loss: torch.Tensor) -> None:
         """Refuse a loss that cannot carry the error back to the output module."""
         if self.mode != "bp" and isinstance(loss, torch.Tensor) and not loss.requires_grad:
-            out = self.target.output_name if self.target else "?"
+            out = self._output_names()
             raise RuntimeError(
-                f"DFA: the loss does not require grad, so it does not depend on the output module {out!r} "
+                f"DFA: the loss does not require grad, so it does not depend on the output module {out} "
                 f"(mode={self.mode!r} detaches everything else). Compute the loss from that module's output "
                 "(logits, predictions), or pass output= naming the module it is computed from."
             )
 
+    def _output_names(self) -> str:
+        names = [n for n, _ in self.target.outputs] if self.target else ["?"]
+        return repr(names[0]) if len(names) == 1 else f"(any of {names})"
+
     def _explain_silence(self, report: BackwardReport) -> str:
-        out = self.target.output_name if self.target else "?"
+        out = self._output_names()
         names = [b.name for b in self.target.blocks] if self.target else []
         if report.points_recorded == 0:
             why = f"no block ran with gradients enabled in this step's forward (blocks: {names[:6]}...)."
         elif report.outputs_tied == 0:
-            why = f"the output module {out!r} was not called after the blocks in this step's forward."
+            why = f"the output module {out} was not called after the blocks in this step's forward."
         else:
-            why = f"the loss does not depend on the output module {out!r}."
+            why = f"the loss does not depend on the output module {out}."
         return (
             f"DFA: no feedback reached the blocks in this backward: {why} Training would silently update only "
             "the layers after the last block. Pass output= naming the module whose output the loss is computed "
@@ -684,7 +890,7 @@ class FeedbackEngine:
         if root is None or self.target is None:
             raise RuntimeError("DFA: attach() the engine first.")
         after = _params_after_blocks(root, self.target)
-        out_ids = {id(p) for p in self.target.output.parameters()}
+        out_ids = {id(p) for _, m in self.target.outputs for p in m.parameters()}
         roles = {"feedback": 0, "true gradient": 0, "none": 0}
         seen: set[int] = set()
         for p in root.parameters():
@@ -732,6 +938,111 @@ class FeedbackEngine:
             if cuda_states is not None:
                 torch.cuda.set_rng_state_all(cuda_states)
         return {p.key: list(p.tensor.shape) for p in cap.points}
+
+
+def _swapped(shape: torch.Size) -> torch.Size:
+    return torch.Size((shape[1], shape[0], *shape[2:]))
+
+
+def _laid_out(point: _PointMeta) -> torch.Size:
+    """The point's shape in the error's order of positions."""
+    return _swapped(point.shape) if point.layout == "swapped" else point.shape
+
+
+def _fit(error: torch.Size, shape: torch.Size, flatten: bool) -> str | None:
+    """How a point of ``shape`` lines up with an error of shape ``error`` (``None``: it does not)."""
+    if not flatten and len(error) >= 1 and error[:-1] == shape[:-1]:
+        return "token"
+    if not flatten and min(len(error), len(shape)) >= 2 and _merged(error[:-1], shape[:-1]):
+        # the same tokens, one side flattened to rows (``x.view(-1, d)`` before a Linear, as OPT's MLP, a head
+        # applied to ``[batch * positions, d]``, or ``[batch, choices, positions]`` folded into ``[batch * choices,
+        # positions]``): row-major order lines them up
+        return "token"
+    if len(error) == 0 or len(shape) == 0 or error[0] != shape[0]:
+        return None
+    if not flatten and len(shape) == 3 and len(error) in (2, 3):
+        return "broadcast"
+    return "flatten"
+
+
+def _merged(a: Sequence[int], b: Sequence[int]) -> bool:
+    """One list of sizes is the other with runs of consecutive dimensions merged (``[2, 3, 8]`` and ``[6, 8]``)."""
+    prefix_a = set(itertools.accumulate(a, operator.mul))
+    prefix_b = set(itertools.accumulate(b, operator.mul))
+    return math.prod(a) == math.prod(b) and (prefix_a <= prefix_b or prefix_b <= prefix_a)
+
+
+def _sequence_shaped(shape: torch.Size, flatten: bool) -> bool:
+    """A point whose first two dimensions could be (batch, positions) either way round."""
+    return not flatten and len(shape) >= 3 and shape[0] >= 2 and shape[1] >= 2
+
+
+def _swappable(error: torch.Size, point: _PointMeta) -> bool:
+    """The point's first two dimensions, swapped, would also line up with the error (position-wise or per item)."""
+    if not _sequence_shaped(point.shape, point.flatten):
+        return False
+    return _fit(error, _swapped(point.shape), point.flatten) in ("token", "broadcast")
+
+
+def _layout_from_dependence(grad: torch.Tensor | None, shape: torch.Size, kind: str) -> str | None:
+    """``"same"``, ``"swapped"``, ``"none"`` (no dependence) or ``None`` (undecided) from a probe's gradient at a
+    point: for a probe at output position ``(0, 1)`` (``kind="token"``), the same layout puts the dependence on
+    point positions of item 0 (row 0) or item 1 (column 1), the swapped one on row 1 or column 0; for a probe at
+    output item 1 (``kind="broadcast"``), on row 1 or on column 1."""
+    if grad is None:
+        return "none"
+    mass = grad.detach().float().reshape(shape[0], shape[1], -1).abs().sum(-1)
+    i = torch.arange(shape[0], device=mass.device).unsqueeze(1)
+    j = torch.arange(shape[1], device=mass.device).unsqueeze(0)
+    if kind == "token":
+        same, swapped = (i == 0) | (j == 1), (i == 1) | (j == 0)
+    else:
+        same, swapped = (i == 1).expand(mass.shape), (j == 1).expand(mass.shape)
+    a = float(mass[same & ~swapped].sum())
+    b = float(mass[swapped & ~same].sum())
+    if a == 0 and b == 0:
+        return "none"
+    if a > 10 * b:
+        return "same"
+    if b > 10 * a:
+        return "swapped"
+    return None
+
+
+def _grad_beyond_soft_cuts(tensor: torch.Tensor) -> bool:
+    """In a layout-probe forward: the tensor requires grad through something other than a soft cut (a parameter,
+    an input that requires grad), as it would after an ordinary cut (``detach``)."""
+    stack = [tensor.grad_fn]
+    seen: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen or isinstance(node, _SoftCut._backward_cls):
+            continue
+        seen.add(id(node))
+        if not node.next_functions and type(node).__name__ == "AccumulateGrad":
+            return True
+        stack.extend(n for n, _ in node.next_functions)
+    return tensor.grad_fn is None  # a leaf that requires grad
+
+
+def _deliveries_upstream_of(tensor: torch.Tensor, limit: int = 4096) -> list[_Delivery]:
+    """The deliveries of earlier output calls whose (tied) outputs ``tensor`` was computed from, found by a walk
+    of its graph back to the cuts (the tail after the blocks: a few nodes)."""
+    found: list[_Delivery] = []
+    stack = [tensor.grad_fn]
+    seen: set[int] = set()
+    while stack and len(seen) < limit:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, _DeliverFeedback._backward_cls):
+            found.append(node.delivery)
+            continue
+        if isinstance(node, _SoftCut._backward_cls):
+            continue
+        stack.extend(n for n, _ in node.next_functions)
+    return found
 
 
 def _norm_jacobian(h: torch.Tensor, v: torch.Tensor, flatten: bool, eps: float = 1e-5) -> torch.Tensor:
