@@ -357,6 +357,11 @@ def _is_feature_extractor(seq: nn.Sequential) -> bool:
     return sum(_has_params(c) for c in children) >= 2 and not _has_params(children[-1])
 
 
+def _composite(module: nn.Module) -> bool:
+    """A module made of submodules that holds parameters (a block, not a single layer)."""
+    return any(True for _ in module.children()) and _has_params(module)
+
+
 def _is_stage(seq: nn.Module) -> bool:
     """A Sequential of two or more composite blocks of one class (ResNet's ``layer1 = Sequential(BasicBlock, ...)``):
     a list of residual blocks, not a chain of layers."""
@@ -365,15 +370,54 @@ def _is_stage(seq: nn.Module) -> bool:
         isinstance(seq, nn.Sequential)
         and len(children) >= 2
         and len({type(c) for c in children}) == 1
-        and all(any(True for _ in c.children()) and _has_params(c) for c in children)
+        and all(_composite(c) for c in children)
     )
+
+
+def _one_block_stages(root: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Sequentials of ONE composite block, when two or more hold blocks of the same class (timm's ``resnet10t``:
+    ``layer1`` ... ``layer4`` each ``Sequential(BasicBlock)``)."""
+    single = [(n, m) for n, m in root.named_modules() if isinstance(m, nn.Sequential) and len(m) == 1]
+    single = [(n, m) for n, m in single if _composite(m[0])]
+    kinds = [type(m[0]) for _, m in single]
+    return [(n, m) for n, m in single if kinds.count(type(m[0])) >= 2]
+
+
+def repeated_blocks(root: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Containers of the model's repeated blocks: ModuleLists and Sequentials of two or more composite modules of
+    one class (``blocks = nn.ModuleList([Block(...)])``, ResNet's stages). A Sequential found inside one of their
+    blocks (an MLP ``nn.Sequential(Linear, GELU, Linear)``) is part of that block, never a chain of blocks itself.
+
+    Example:
+        >>> class Block(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.mlp = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 4))
+        >>> net = nn.Module()
+        >>> net.blocks = nn.ModuleList([Block(), Block()])
+        >>> [n for n, _ in repeated_blocks(net)]
+        ['blocks']
+    """
+    found = []
+    for name, module in root.named_modules():
+        if isinstance(module, (nn.ModuleList, nn.Sequential)):
+            children = list(module.children())
+            if len(children) >= 2 and len({type(c) for c in children}) == 1 and all(_composite(c) for c in children):
+                found.append((name, module))
+    return found
+
+
+def _inside(name: str, containers: Sequence[str]) -> bool:
+    """``name`` is one of the containers' blocks or lies inside one (``""`` is the root)."""
+    return any(name.startswith(c + ".") if c else bool(name) for c in containers)
 
 
 def _stages_target(root: nn.Module) -> Target | None:
     """Rule 4a: stages of repeated composite blocks (ResNet's ``layer1`` ... ``layer4``). Every block of every
     stage is a block, and the output is the last parametric layer registered outside the stages (``fc``)."""
-    stages = [(n, m) for n, m in root.named_modules() if _is_stage(m)]
+    stages = [(n, m) for n, m in root.named_modules() if _is_stage(m)] + _one_block_stages(root)
     stages = [(n, m) for n, m in stages if not any(n.startswith(o + ".") for o, _ in stages)]
+    stages.sort(key=lambda x: _module_order(root)[x[0]])
     if not stages:
         return None
     size = sum(p.numel() for _, m in stages for p in m.parameters())
@@ -389,13 +433,19 @@ def _stages_target(root: nn.Module) -> Target | None:
     return Target(blocks, leaf[0], leaf[1], "stages")
 
 
-def _sequential_target(root: nn.Module) -> Target | None:
+def _sequential_target(root: nn.Module, exclude: Sequence[str] = ()) -> Target | None:
     """Rule 4. The largest Sequential that splits into groups; if it is a feature extractor (``encoder =
     Sequential(Linear, ReLU, Linear, ReLU)`` before ``head = Linear``), all its groups are blocks and the output is
     the first parametric module registered after it (a Sequential there adds its own groups). Feature-extractor
     Sequentials registered before the chosen one (VGG's ``features`` before its ``classifier``) add their groups."""
     order = _module_order(root)
-    sequentials = [(n, m) for n, m in root.named_modules() if isinstance(m, nn.Sequential)]
+    repeated = [n for n, _ in repeated_blocks(root)]
+    sequentials = [
+        (n, m)
+        for n, m in root.named_modules()
+        if isinstance(m, nn.Sequential) and not _inside(n, repeated) and not _inside(n + ".", exclude)
+    ]
+    sequentials = [(n, m) for n, m in sequentials if n not in repeated]
     best = None
     for name, seq in sorted(sequentials, key=lambda x: -sum(p.numel() for p in x[1].parameters())):
         grouped = sequential_groups(seq, name)
@@ -407,8 +457,8 @@ def _sequential_target(root: nn.Module) -> Target | None:
     name, seq, grouped = best
     blocks: list[Block] = []
     out_name = grouped[1] if grouped is not None else None
-    if _is_feature_extractor(seq):
-        after = _module_after(root, name, order)
+    after = _module_after(root, name, order)
+    if _is_feature_extractor(seq) or _is_layer(after):  # its last layer is hidden: a layer is registered after it
         if after is not None:
             whole = sequential_groups(seq, name, whole=True)
             blocks = whole[0] if whole else []
@@ -425,13 +475,14 @@ def _sequential_target(root: nn.Module) -> Target | None:
     if not blocks:
         assert grouped is not None
         blocks = list(grouped[0])
-    # feature extractors that run before: all their groups are blocks too
+    # Sequentials that run before (feature extractors, the features before a larger classifier): all their groups
+    # are blocks too
     first = min(order[b.name] for b in blocks)
     for other, mod in sequentials:
         nested = other.startswith(name + ".") or name.startswith(other + ".") or other == name
-        if nested or order[other] > first or not _is_feature_extractor(mod):
+        if nested or order[other] > first or not _has_params(mod):
             continue
-        if any(other.startswith(o + ".") for o, m in sequentials if o != other and _is_feature_extractor(m)):
+        if any(other.startswith(o + ".") for o, m in sequentials if o != other and _has_params(m)):
             continue
         extra = sequential_groups(mod, other, whole=True)
         if extra is not None:
@@ -440,8 +491,15 @@ def _sequential_target(root: nn.Module) -> Target | None:
     return Target(blocks, out_name, root.get_submodule(out_name), "sequential")
 
 
+def _is_layer(found: tuple[str, nn.Module] | None) -> bool:
+    """A module that can read a feature tensor (not an embedding lookup, whose input is indices)."""
+    return found is not None and not isinstance(found[1], (nn.Embedding, nn.EmbeddingBag))
+
+
 def _module_after(root: nn.Module, name: str, order: dict[str, int]) -> tuple[str, nn.Module] | None:
     """The first module registered after ``name`` (outside it) that holds parameters, outermost first."""
+    if not name:
+        return None  # the root itself: nothing lies after it
     for other, module in root.named_modules():
         if order[other] <= order[name] or other.startswith(name + ".") or not _has_params(module):
             continue
@@ -452,10 +510,12 @@ def _module_after(root: nn.Module, name: str, order: dict[str, int]) -> tuple[st
 
 
 # --------------------------------------------------------------------------- ModuleList
-def _module_list_target(root: nn.Module, min_len: int = 2) -> Target | None:
+def _module_list_target(root: nn.Module, min_len: int = 2, composite: bool = False) -> Target | None:
     best = None
     for name, mlist in root.named_modules():
         if not isinstance(mlist, nn.ModuleList) or len(mlist) < min_len:
+            continue
+        if composite and not all(_composite(m) for m in mlist):
             continue
         kinds = {type(m) for m in mlist}
         size = sum(p.numel() for p in mlist.parameters())
@@ -469,6 +529,57 @@ def _module_list_target(root: nn.Module, min_len: int = 2) -> Target | None:
     if leaf is None:
         return None
     return Target(blocks, leaf[0], leaf[1], "module_list")
+
+
+# --------------------------------------------------------------------------- repeated blocks as attributes
+def _attribute_blocks_target(root: nn.Module) -> Target | None:
+    """Blocks that are attributes of one module (a UNet's ``inc``, ``down1`` ... ``down4``, ``up1`` ... ``up4``,
+    ``outc``): where two or more of a module's composite children share a class, every composite child registered
+    before the one holding its last parametric layer is a block, and that layer is the output."""
+    best = None
+    for name, parent in root.named_modules():
+        if isinstance(parent, (nn.ModuleList, nn.Sequential, nn.ModuleDict)):
+            continue
+        kids = [(n, c) for n, c in parent.named_children() if _composite(c)]
+        kinds = [type(c) for _, c in kids if type(c) not in (nn.Sequential, nn.ModuleList, nn.ModuleDict)]
+        if not any(kinds.count(k) >= 2 for k in kinds):  # a class of the model's own, repeated
+            continue
+        leaf = _last_param_leaf(parent, [])
+        if leaf is None:
+            continue
+        top = leaf[0].split(".")[0]
+        order = [n for n, _ in parent.named_children()]
+        kids = [(n, c) for n, c in kids if order.index(n) < order.index(top)]
+        if len(kids) < 2:
+            continue
+        join = f"{name}." if name else ""
+        blocks = [Block(join + n, c, c) for n, c in kids]
+        size = sum(p.numel() for _, c in kids for p in c.parameters())
+        if best is None or size > best[0]:
+            best = (size, Target(blocks, join + leaf[0], leaf[1], "attribute_blocks"))
+    return None if best is None else best[1]
+
+
+def _block_params(target: Target | None) -> int:
+    if target is None:
+        return -1
+    seen: dict[int, int] = {}
+    for b in target.blocks:
+        for p in b.parameters():
+            seen[id(p)] = p.numel()
+    return sum(seen.values())
+
+
+def _structure_target(root: nn.Module) -> Target | None:
+    """Rules 4, 4a and 5: the model's repeated blocks (stages, a ModuleList of composite blocks, or blocks as
+    attributes of one module), unless a chain of Sequential groups outside them holds more parameters."""
+    repeated = [t for t in (_stages_target(root), _module_list_target(root, composite=True)) if t is not None]
+    repeated += [t for t in (_attribute_blocks_target(root),) if t is not None]
+    best = max(repeated, key=_block_params) if repeated else None
+    chain = _sequential_target(root, [b.name for b in best.blocks] if best is not None else [])
+    if best is not None and _block_params(best) >= _block_params(chain):
+        return best
+    return chain or _module_list_target(root)
 
 
 # --------------------------------------------------------------------------- layers as attributes
@@ -557,13 +668,7 @@ def _discover(root: nn.Module, blocks: BlockSpec, output: str | None, placement:
         target = _hf_target(root, placement)
         if target is None and placement == "micro":
             return _micro_from_structure(root, output)
-        target = (
-            target
-            or _stages_target(root)
-            or _sequential_target(root)
-            or _module_list_target(root)
-            or _layer_inputs_target(root)
-        )
+        target = target or _structure_target(root) or _layer_inputs_target(root)
         if target is None:
             raise ValueError(
                 f"DFA: found no blocks in {type(root).__name__}. Searched for: a configure_dfa() method, a Hugging "

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .discovery import Block, BlockSpec, Target, discover
+from .discovery import Block, BlockSpec, Target, _has_params, discover
 from .feedback import DISTRIBUTIONS, FeedbackBank, uses_sketch
 
 MODES = ("dfa", "shallow", "bp")
@@ -263,12 +263,21 @@ class _Delivery:
     """One output call's tie: the engine, the source (output) it reads, its points' metadata, and what the
     backward needs to know about the other outputs (no tensors are kept, except during a layout probe)."""
 
-    __slots__ = ("engine", "points", "source", "upstream", "downstream_ran", "probe")
+    __slots__ = ("engine", "points", "source", "upstream", "downstream_ran", "probe", "feeds_point", "frozen")
+    __slots__ += ("reached", "forward")
 
     def __init__(self, engine: FeedbackEngine, points: list[_PointMeta], source: str) -> None:
         self.engine = engine
         self.points = points
         self.source = source
+        #: a block's input was computed from this output: it lies before a block, so it is no error source
+        self.feeds_point = False
+        #: the output module has no trainable parameter (a fixed readout, or a network frozen for this step)
+        self.frozen = False
+        #: ``id`` of the parameters this output's value was computed from after the cuts (measured once)
+        self.reached: set[int] | None = None
+        #: the state of the forward that recorded the points (closed once a backward ran through it)
+        self.forward: _ForwardState | None = None
         #: deliveries of earlier outputs this output was computed from (``head2(head1(x))``)
         self.upstream: list[_Delivery] = []
         #: set in the backward when a delivery computed from this one's output ran: the error then reached this
@@ -296,12 +305,20 @@ class _DeliverFeedback(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, error: torch.Tensor) -> tuple:
         delivery: _Delivery = ctx.delivery
-        for up in delivery.upstream:
-            up.downstream_ran = True
         needs = ctx.needs_input_grad[2:]
-        if delivery.downstream_ran:  # not an error source: this output's error came through a later output
+        if delivery.forward is not None:
+            delivery.forward.closed = True  # a later call of an output starts from new points
+        # A frozen output computed from a trainable one (the frozen discriminator of a generator's step) is part
+        # of the loss: the trainable output upstream reads the error.
+        defer = delivery.frozen and any(not up.frozen for up in delivery.upstream)
+        if not defer:
+            for up in delivery.upstream:
+                up.downstream_ran = True
+        if delivery.downstream_ran or delivery.feeds_point or defer:
+            # not an error source: this output's error came through a later output, or it lies before a block
             delivery.probe = None
             return (None, error, *[None for _ in needs])
+        delivery.engine._delivered(delivery)
         activations = list(ctx.saved_tensors) if delivery.engine.config.norm_jacobian else None
         feedback = delivery.engine._project(error, delivery.points, activations, delivery)
         return (None, error, *[f if n else None for f, n in zip(feedback, needs)])
@@ -323,6 +340,13 @@ class _SoftCut(torch.autograd.Function):
         return None, (grad if ctx.engine._probing else None)
 
 
+class _ForwardState:
+    __slots__ = ("closed",)
+
+    def __init__(self) -> None:
+        self.closed = False
+
+
 @dataclass
 class _Group:
     """The points of one forward, tied to every output called after them in that forward."""
@@ -333,6 +357,9 @@ class _Group:
     untied: int = 0  # points recorded since the last tie
     soft: bool = False  # a layout-probe forward: points are cut by _SoftCut
     cuts: dict[int, torch.Tensor] = field(default_factory=dict)  # id(soft cut's copy) -> the point
+    ties: list[_Delivery] = field(default_factory=list)
+    state: _ForwardState = field(default_factory=_ForwardState)
+    after_ties: bool = False  # the forward before this one tied outputs (that may feed this one's points)
 
 
 # ---------------------------------------------------------------------------------------------- engine
@@ -377,6 +404,11 @@ class FeedbackEngine:
         self._probe_pending = True
         self._probing = False
         self._layouts: dict[tuple[str, str], str] = {}
+        # output candidates found from the forward, the outputs seen delivering, and the parameters measured to
+        # be trained by their true gradient (after the cuts, before a delivering output)
+        self._candidates: list[tuple[str, nn.Module]] = []
+        self._sources: dict[str, nn.Module] = {}
+        self._true_ids: set[int] | None = None
         self.report = BackwardReport()
         self.enabled = True
         self.last_points: list[_PointMeta] = []
@@ -409,7 +441,13 @@ class FeedbackEngine:
             if (self.bank.seed, self.bank.distribution) != (self.config.seed, self.config.distribution):
                 self.bank = FeedbackBank(self.config.seed, self.config.distribution)
         if target is None:
-            target = discover(root, self.config.blocks, self.config.output, self.config.placement)
+            try:
+                target = discover(root, self.config.blocks, self.config.output, self.config.placement)
+            except ValueError:
+                if self.mode != "bp":
+                    raise
+                # the control arm is plain backprop: it needs no blocks, so it never refuses a model
+                target = Target([], type(root).__name__, root, "none (mode='bp' is plain backprop)")
             if callable(hook) and target.source == "explicit":
                 target.source = "configure_dfa"
         _refuse_reentrant_checkpointing(root)
@@ -427,6 +465,9 @@ class FeedbackEngine:
                 self._handles.append(
                     block.exit.register_forward_hook(_Hook(lambda m, a, o, b=block: self._on_block_output(b, o)))
                 )
+        self._modules = {name: module for name, module in target.outputs}
+        self._sources, self._true_ids = {}, None
+        self._candidates = self._output_candidates(root, target)
         for name, module in target.outputs:
             if self.head_input_is_point:
                 self._handles.append(
@@ -441,8 +482,53 @@ class FeedbackEngine:
                     _Hook(lambda m, a, k, n=name: self._on_output_input(n, a, k)), with_kwargs=True
                 )
             self._handles.append(hook)
+        for name, module in self._candidates:
+            self._modules[name] = module
+            self._handles.append(
+                module.register_forward_hook(_Hook(lambda m, a, o, n=name: self._on_output(n, o, auto=True)))
+            )
         self._probe_pending = True
         return target
+
+    def _output_candidates(self, root: nn.Module, target: Target) -> list[tuple[str, nn.Module]]:
+        """The layers outside the blocks that may be outputs: the output is the module the loss is computed from,
+        which only the forward shows (a head reached through functional code, several heads). Each is tied when
+        called after points; in the backward only those whose error did not come through another output deliver.
+        Not with explicit ``output=``, ``error_at="head_input"`` or ``cut_head_input`` (those name the output)."""
+        cfg = self.config
+        if cfg.output is not None or cfg.error_at != "output" or cfg.cut_head_input or self.mode != "dfa":
+            return []
+        taken = {id(p) for b in target.blocks for p in b.parameters()}
+        taken |= {id(p) for _, m in target.outputs for p in m.parameters()}
+        outputs = {id(m) for _, m in target.outputs}
+        found = []
+        for name, module in root.named_modules():
+            if not name or id(module) in outputs or not any(True for _ in module.parameters(recurse=False)):
+                continue
+            if any(_has_params(c) for c in module.children()) or any(id(p) in taken for p in module.parameters()):
+                continue
+            found.append((name, module))
+        return found
+
+    @property
+    def roles_measured(self) -> bool:
+        """Whether :meth:`parameter_roles` comes from the forward's data flow (after a first delivery) rather than
+        from the order in which the modules are registered."""
+        return self._true_ids is not None
+
+    def output_modules(self) -> list[tuple[str, nn.Module]]:
+        """The output modules: those whose error reached the blocks in the backwards so far (the loss decides, see
+        :meth:`_output_candidates`), or the discovered ones before any backward."""
+        if self._sources:
+            return list(self._sources.items())
+        return list(self.target.outputs) if self.target is not None else []
+
+    def _delivered(self, delivery: _Delivery) -> None:
+        base = delivery.source.split("#")[0]
+        if base in self._modules:
+            self._sources.setdefault(base, self._modules[base])
+        if delivery.reached is not None:
+            self._true_ids = (self._true_ids or set()) | delivery.reached
 
     def detach(self) -> None:
         """Remove every hook; the model is plain again."""
@@ -495,8 +581,8 @@ class FeedbackEngine:
     def _group_for(self, name: str) -> _Group:
         """The current forward's group; a block recorded again after an output was tied starts a new forward."""
         g = self._group
-        if g is None or (g.outputs and name in g.calls):
-            g = self._group = _Group()
+        if g is None or g.state.closed or (g.outputs and name in g.calls):
+            g = self._group = _Group(after_ties=g is not None and bool(g.ties))
         return g
 
     def _record(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -511,6 +597,9 @@ class FeedbackEngine:
             self._capture.points.append(CapturedPoint(key, tensor, flatten))
             return tensor
         if self.mode == "dfa":
+            if g.ties or g.after_ties:  # an output was tied before this point: was the point computed from it?
+                for delivery in _deliveries_upstream_of(tensor):
+                    delivery.feeds_point = True
             g.points.append((key, tensor, flatten))
             g.untied += 1
             self.report.points_recorded += 1
@@ -531,7 +620,7 @@ class FeedbackEngine:
         return g is None or not g.soft or _grad_beyond_soft_cuts(tensor)
 
     def _on_block_input(self, block: Block, args: tuple, kwargs: dict) -> Any:
-        if not self._active():
+        if not self._active() or _frozen(block):
             return None
         tensor, rebuild = _split_input(args, kwargs)
         if not self._carries(tensor):
@@ -539,7 +628,7 @@ class FeedbackEngine:
         return rebuild(self._record(block.name + ":in", tensor))
 
     def _on_block_output(self, block: Block, output: Any) -> Any:
-        if not self._active():
+        if not self._active() or _frozen(block):
             return None
         tensor, rebuild = _split_main(output)
         if not self._carries(tensor):
@@ -555,7 +644,9 @@ class FeedbackEngine:
             return None
         return rebuild(self._record(name + ":in", tensor))
 
-    def _on_output(self, name: str, output: Any) -> Any:
+    def _on_output(self, name: str, output: Any, auto: bool = False) -> Any:
+        if auto and (self._capture is not None or not self._active()):
+            return None  # a candidate is not the discovered output: it does not end a capture or a forward
         if self._capture is not None and self._active():
             tensor, _ = _split_main(output)
             if tensor is not None:
@@ -569,18 +660,26 @@ class FeedbackEngine:
         g = self._group
         # A frozen output module (a fixed readout) still gets tied: the points carry the gradient, and the
         # error reaches the delivery even though the output itself needs none.
-        if g is None or not g.points or tensor is None or not tensor.is_floating_point():
+        if g is None or g.state.closed or not g.points or tensor is None or not tensor.is_floating_point():
             return None
+        if auto and not tensor.requires_grad:
+            return None  # a candidate whose output carries no gradient cannot be where the loss reads the error
         calls = g.outputs.get(name, 0)
         g.outputs[name] = calls + 1
         source = name if calls == 0 else f"{name}#{calls}"
         tensors = [t for _, t, _ in g.points]
         delivery = _Delivery(self, [_PointMeta(k, t.shape, t.dtype, f) for k, t, f in g.points], source)
+        module = self._modules.get(name)
+        delivery.frozen = module is not None and not any(p.requires_grad for p in module.parameters())
         if len(g.outputs) > 1 or calls:  # another output was tied in this forward: was it computed from it?
             delivery.upstream = _deliveries_upstream_of(tensor)
         if g.soft:
             delivery.probe = (tensor, tensors)
+        if self._true_ids is None:  # until a backward delivered: which parameters lie between cuts and output
+            delivery.reached = _parameters_reached(tensor)
+        delivery.forward = g.state
         g.untied = 0
+        g.ties.append(delivery)
         self.report.outputs_tied += 1
         return rebuild(_DeliverFeedback.apply(delivery, tensor, *tensors))
 
@@ -605,14 +704,15 @@ class FeedbackEngine:
         return None if tied is None else rebuild(tied)
 
     # ------------------------------------------------------------------ backward
-    def _align(self, error: torch.Size, point: _PointMeta) -> tuple[str, int, int]:
+    def _align(self, error: torch.Size, point: _PointMeta, source: str = "") -> tuple[str, int, int]:
         shape = _laid_out(point)
         kind = _fit(error, shape, point.flatten)
         if kind is None:
             swapped = "" if point.layout == "swapped" else " (its first two dimensions swapped do not fit either)"
+            output = source or (self.target.output_name if self.target else "?")
             raise RuntimeError(
                 f"DFA: cannot line up the error of shape {list(error)} (gradient at the output module "
-                f"{self.target.output_name if self.target else '?'!r}) with feedback point {point.key!r} of shape "
+                f"{output!r}) with feedback point {point.key!r} of shape "
                 f"{list(point.shape)}{swapped}: their first (batch) dimensions differ. Choose an output= whose "
                 "output has the blocks' batch/positions dimensions, or other blocks=."
             )
@@ -782,7 +882,7 @@ class FeedbackEngine:
                 raise ValueError("DFA: norm_jacobian needs the points' activations (pass activations=).")
             activations = [p.tensor for p in points]
         points = [p.meta() if isinstance(p, CapturedPoint) else p for p in points]
-        aligned = [self._align(error.shape, p) for p in points]
+        aligned = [self._align(error.shape, p, source) for p in points]
         widest: dict[tuple[str, int], int] = {}
         for p, (kind, k, d) in zip(points, aligned):
             self.bank.check_point(p.key if not source else f"{p.key}@{source}", k, d)
@@ -889,8 +989,10 @@ class FeedbackEngine:
         root = root or self.root
         if root is None or self.target is None:
             raise RuntimeError("DFA: attach() the engine first.")
-        after = _params_after_blocks(root, self.target)
-        out_ids = {id(p) for _, m in self.target.outputs for p in m.parameters()}
+        measured = self._true_ids is not None  # measured from the forward at the first delivery
+        after = self._true_ids if self._true_ids is not None else _params_after_blocks(root, self.target)
+        cut = self.config.cut_head_input and not measured  # the cut is in the measurement
+        out_ids = {id(p) for _, m in self.output_modules() for p in m.parameters()}
         roles = {"feedback": 0, "true gradient": 0, "none": 0}
         seen: set[int] = set()
         for p in root.parameters():
@@ -899,7 +1001,7 @@ class FeedbackEngine:
             seen.add(id(p))
             if not p.requires_grad:
                 roles["none"] += p.numel()
-            elif self.mode == "bp" or id(p) in out_ids or (id(p) in after and not self.config.cut_head_input):
+            elif self.mode == "bp" or id(p) in out_ids or (id(p) in after and not cut):
                 roles["true gradient"] += p.numel()
             elif self.mode == "shallow":
                 roles["none"] += p.numel()
@@ -1025,6 +1127,34 @@ def _grad_beyond_soft_cuts(tensor: torch.Tensor) -> bool:
     return tensor.grad_fn is None  # a leaf that requires grad
 
 
+def _frozen(block: Block) -> bool:
+    """A block whose parameters are all frozen: no feedback point (it cannot learn; for a step in which a network
+    is frozen, such as the discriminator in a generator's step, it is part of the loss)."""
+    params = block.parameters()
+    return bool(params) and not any(p.requires_grad for p in params)
+
+
+def _parameters_reached(tensor: torch.Tensor, limit: int = 100_000) -> set[int]:
+    """``id`` of the parameters ``tensor`` was computed from without crossing a cut or a delivery's points: those
+    that an output delivering there trains by their true gradient."""
+    found: set[int] = set()
+    stack = [tensor.grad_fn]
+    seen: set[int] = set()
+    while stack and len(seen) < limit:
+        node = stack.pop()
+        if node is None or id(node) in seen or isinstance(node, _SoftCut._backward_cls):
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)
+        if isinstance(variable, torch.Tensor):
+            found.add(id(variable))
+        nexts = node.next_functions
+        if isinstance(node, _DeliverFeedback._backward_cls):
+            nexts = nexts[:1]  # the output it ties, not its points
+        stack.extend(n for n, _ in nexts)
+    return found
+
+
 def _deliveries_upstream_of(tensor: torch.Tensor, limit: int = 4096) -> list[_Delivery]:
     """The deliveries of earlier output calls whose (tied) outputs ``tensor`` was computed from, found by a walk
     of its graph back to the cuts (the tail after the blocks: a few nodes)."""
@@ -1065,6 +1195,8 @@ def _norm_jacobian(h: torch.Tensor, v: torch.Tensor, flatten: bool, eps: float =
 
 
 def _params_after_blocks(root: nn.Module, target: Target) -> set[int]:
+    if not target.blocks:
+        return set()
     names = [n for n, _ in root.named_modules()]
     order = {n: i for i, n in enumerate(names)}
     last = max(order.get(b.name, -1) for b in target.blocks)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 
 from ..engine import DFAConfig, FeedbackEngine, _refuse_reentrant_checkpointing
 from ..feedback import uses_sketch
+from ..summary import mostly_backprop
 
 CHECKPOINT_KEY = "dfa"
 
@@ -29,6 +31,7 @@ class DFASession:
         self.pending_state: dict[str, Any] | None = None
         self._summary_shown = False
         self._checked = False
+        self._backprop_checked = False
 
     def attach(self, module: nn.Module, trainer: Any = None) -> FeedbackEngine:
         if self.engine is not None and self.engine.attached:
@@ -40,6 +43,7 @@ class DFASession:
             self.pending_state = None
         self._summary_shown = False
         self._checked = False
+        self._backprop_checked = False
         fitting = str(getattr(getattr(getattr(trainer, "state", None), "fn", None), "value", "fit")) == "fit"
         if self.verbose and fitting:
             self._summary_shown = self._show_summary(module, trainer)
@@ -75,6 +79,11 @@ class DFASession:
         if self.engine is None or self.engine.target is None:
             return
         self.engine.end_backward()
+        if not self._backprop_checked and self.engine.roles_measured:
+            self._backprop_checked = True
+            warning = mostly_backprop(self.engine)
+            if warning and getattr(trainer, "is_global_zero", True):
+                warnings.warn(warning, stacklevel=2)
         if self.verbose and not self._summary_shown and self.engine.last_points:
             self._summary_shown = True
             points = ", ".join(f"{m.key} {list(m.shape)}" for m in self.engine.last_points)
