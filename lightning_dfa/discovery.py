@@ -458,7 +458,14 @@ def _sequential_target(root: nn.Module, exclude: Sequence[str] = ()) -> Target |
     blocks: list[Block] = []
     out_name = grouped[1] if grouped is not None else None
     after = _module_after(root, name, order)
-    if _is_feature_extractor(seq) or _is_layer(after):  # its last layer is hidden: a layer is registered after it
+    network, other = _network_of(root, name), _network_of(root, after[0]) if after is not None else None
+    if grouped is not None and network is not None and other is not None and network != other:
+        # two networks of their own (a GAN's generator and discriminator): each chain ends in its own output (the
+        # other network's last layer is found as an output from the forward); the other's groups are blocks too
+        extra = _sequential_target(root.get_submodule(other))
+        blocks = list(grouped[0]) + ([] if extra is None else [_renamed(b, other) for b in extra.blocks])
+        after = None
+    elif _is_feature_extractor(seq) or _is_layer(after):  # its last layer is hidden: a layer is registered after it
         if after is not None:
             whole = sequential_groups(seq, name, whole=True)
             blocks = whole[0] if whole else []
@@ -489,6 +496,20 @@ def _sequential_target(root: nn.Module, exclude: Sequence[str] = ()) -> Target |
             blocks = extra[0] + blocks
     blocks.sort(key=lambda b: order[b.name])
     return Target(blocks, out_name, root.get_submodule(out_name), "sequential")
+
+
+def _network_of(root: nn.Module, name: str) -> str | None:
+    """The root's child holding ``name`` when that child is a network of its own (a module class of the user's,
+    holding ``name`` below it), else ``None``."""
+    top = name.split(".")[0]
+    if not name or top == name:
+        return None
+    child = root.get_submodule(top)
+    return None if isinstance(child, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) else top
+
+
+def _renamed(block: Block, prefix: str) -> Block:
+    return Block(f"{prefix}.{block.name}", block.entry, block.exit, block.top_level, block.members, block.output_point)
 
 
 def _is_layer(found: tuple[str, nn.Module] | None) -> bool:
@@ -524,11 +545,33 @@ def _module_list_target(root: nn.Module, min_len: int = 2, composite: bool = Fal
     if best is None:
         return None
     name, mlist, _ = best
-    blocks = [Block(f"{name}.{i}", m, m) for i, m in enumerate(mlist)]
-    leaf = _last_param_leaf(root, [name])
+    lists = [(name, mlist)]
+    if composite and _is_transformer_stack(mlist):
+        # an encoder-decoder (``nn.Transformer``): every stack of Transformer layers holds blocks, not only the
+        # largest (the encoder would otherwise learn only through the decoder's cross-attention)
+        for other, olist in root.named_modules():
+            if (
+                isinstance(olist, nn.ModuleList)
+                and other != name
+                and len(olist) >= min_len
+                and len({type(m) for m in olist}) == 1
+                and _is_transformer_stack(olist)
+                and not any(other.startswith(n + ".") or n.startswith(other + ".") for n, _ in lists)
+            ):
+                lists.append((other, olist))
+        order = _module_order(root)
+        lists.sort(key=lambda x: order[x[0]])
+    blocks = [Block(f"{n}.{i}", m, m) for n, ml in lists for i, m in enumerate(ml)]
+    leaf = _last_param_leaf(root, [n for n, _ in lists])
     if leaf is None:
         return None
     return Target(blocks, leaf[0], leaf[1], "module_list")
+
+
+def _is_transformer_stack(mlist: nn.ModuleList) -> bool:
+    """A list of composite layers that each hold an attention submodule."""
+    points = infer_micro_points(mlist[0]) if len(mlist) and _composite(mlist[0]) else ()
+    return bool(points) and bool(_ATTENTION_NAME.search(points[0].rsplit(".", 1)[-1]))
 
 
 # --------------------------------------------------------------------------- repeated blocks as attributes

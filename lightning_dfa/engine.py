@@ -716,7 +716,7 @@ class FeedbackEngine:
                 f"{list(point.shape)}{swapped}: their first (batch) dimensions differ. Choose an output= whose "
                 "output has the blocks' batch/positions dimensions, or other blocks=."
             )
-        if kind in ("token", "broadcast"):
+        if kind in ("token", "broadcast", "mean"):
             return kind, error[-1], shape[-1]
         return kind, math.prod(error[1:]), math.prod(shape[1:])
 
@@ -796,7 +796,7 @@ class FeedbackEngine:
         for i in todo:
             p = delivery.points[i]
             kind = _fit(error, p.shape, p.flatten) or _fit(error, _swapped(p.shape), p.flatten)
-            by_kind.setdefault("token" if kind == "token" else "broadcast", []).append(i)
+            by_kind.setdefault("mean" if kind == "mean" else "token", []).append(i)
         g = torch.Generator().manual_seed(0)
         for kind, idx in by_kind.items():
             wrt = [tensors[i] for i in idx]
@@ -804,10 +804,10 @@ class FeedbackEngine:
             if y.requires_grad and all(t.requires_grad for t in wrt):
                 v = torch.zeros(y.shape, dtype=y.dtype, device=y.device)
                 r = torch.randn(error[-1], generator=g).to(v)
-                if kind == "token":
-                    v.view(-1, error[-1])[1] = r  # the output's second position: (0, 1), or row 1
+                if kind == "token":  # the output's second position, (0, 1) or row 1 (for a broadcast: item 1)
+                    v.view(-1, error[-1])[1] = r
                 else:
-                    v[1] = r  # the output's second batch item
+                    v[1] = r  # the output's second item, all its positions
                 self._probing = True
                 try:
                     grads = torch.autograd.grad([y], wrt, [v], retain_graph=True, allow_unused=True)
@@ -815,7 +815,8 @@ class FeedbackEngine:
                     self._probing = False
             for i, grad in zip(idx, grads):
                 p = delivery.points[i]
-                relation = _layout_from_dependence(grad, p.shape, kind)
+                fits = _fit(error, p.shape, p.flatten) or _fit(error, _swapped(p.shape), p.flatten)
+                relation = _layout_from_dependence(grad, p.shape, "token" if fits == "token" else "broadcast")
                 if relation is None:
                     raise RuntimeError(
                         f"DFA: cannot tell how feedback point {p.key!r} of shape {list(p.shape)} lines up with the "
@@ -892,7 +893,9 @@ class FeedbackEngine:
             if kind == "token":
                 rows = error
             elif kind == "broadcast":
-                rows = error if error.dim() == 2 else error.mean(dim=1)
+                rows = error.reshape(-1, k)
+            elif kind == "mean":
+                rows = error.mean(dim=1)
             else:
                 rows = error.reshape(error.shape[0], -1)
             projected = self._projection(rows, k, width, source)
@@ -911,6 +914,10 @@ class FeedbackEngine:
                 fb = fb * (self.config.scale / math.sqrt(d))
             shape = _laid_out(p)
             if kind == "broadcast":
+                j = _prefix(error.shape, shape)
+                assert j is not None
+                fb = fb.reshape(*shape[:j], *([1] * (len(shape) - 1 - j)), d).expand(shape)
+            elif kind == "mean":
                 fb = fb.unsqueeze(1).expand(shape)
             elif fb.shape != shape:  # "flatten", or "token" with the positions flattened on one side
                 fb = fb.reshape(shape)
@@ -1009,6 +1016,21 @@ class FeedbackEngine:
                 roles["feedback"] += p.numel()
         return roles
 
+    def role_of(self, parameter: nn.Parameter) -> str:
+        """``"feedback"``, ``"true gradient"`` or ``"none"``: how a parameter of the model is trained (as counted by
+        :meth:`parameter_roles`)."""
+        if self.root is None or self.target is None:
+            raise RuntimeError("DFA: attach() the engine first.")
+        if not parameter.requires_grad:
+            return "none"
+        if self.mode == "bp" or any(parameter is p for _, m in self.output_modules() for p in m.parameters()):
+            return "true gradient"
+        measured = self._true_ids is not None
+        after = self._true_ids if self._true_ids is not None else _params_after_blocks(self.root, self.target)
+        if id(parameter) in after and (measured or not self.config.cut_head_input):
+            return "true gradient"
+        return "none" if self.mode == "shallow" else "feedback"
+
     def summary(self, shapes: dict[str, list[int]] | None = None) -> str:
         """A short table: feedback points, shapes (``shapes`` or once seen), output, feedback kind, parameter roles."""
         from .summary import format_summary
@@ -1060,11 +1082,25 @@ def _fit(error: torch.Size, shape: torch.Size, flatten: bool) -> str | None:
         # applied to ``[batch * positions, d]``, or ``[batch, choices, positions]`` folded into ``[batch * choices,
         # positions]``): row-major order lines them up
         return "token"
+    if not flatten and len(error) >= 2 and _prefix(error, shape) is not None:
+        # one error row per item (or per ``[batch, choices]`` pair folded into the point's first dimension):
+        # broadcast over the point's positions
+        return "broadcast"
     if len(error) == 0 or len(shape) == 0 or error[0] != shape[0]:
         return None
-    if not flatten and len(shape) == 3 and len(error) in (2, 3):
-        return "broadcast"
+    if not flatten and len(shape) == 3 and len(error) == 3:
+        return "mean"  # per-item errors over other positions (a decoder's, for an encoder's points): their mean
     return "flatten"
+
+
+def _prefix(error: torch.Size, shape: torch.Size) -> int | None:
+    """``j`` such that the error's leading positions are the point's first ``j`` dimensions, with positions
+    (at least one dimension) left over, or ``None``."""
+    n = math.prod(error[:-1])
+    for j in range(1, len(shape) - 1):
+        if math.prod(shape[:j]) == n:
+            return j
+    return None
 
 
 def _merged(a: Sequence[int], b: Sequence[int]) -> bool:
@@ -1083,7 +1119,7 @@ def _swappable(error: torch.Size, point: _PointMeta) -> bool:
     """The point's first two dimensions, swapped, would also line up with the error (position-wise or per item)."""
     if not _sequence_shaped(point.shape, point.flatten):
         return False
-    return _fit(error, _swapped(point.shape), point.flatten) in ("token", "broadcast")
+    return _fit(error, _swapped(point.shape), point.flatten) in ("token", "broadcast", "mean")
 
 
 def _layout_from_dependence(grad: torch.Tensor | None, shape: torch.Size, kind: str) -> str | None:

@@ -1,8 +1,9 @@
-"""Models in the shapes of widely used families, built by hand (no torchvision or timm), train with true DFA.
+"""Models in the shapes of widely used families, built by hand or from tiny Hugging Face configs (no torchvision or
+timm, no downloads), train with true DFA.
 
 "True DFA" is checked as a user would want it: every block's parameters get a signal that differs from backprop's
-(cosine < 0.99), every trainable parameter gets a finite gradient, the output modules get their true gradient,
-and most parameters learn from feedback (the share trained by their true gradient stays under one half).
+(cosine < 0.99), every parameter backprop trains gets a finite gradient, the output modules get their true
+gradient, and most parameters learn from feedback (the share trained by their true gradient stays under one half).
 """
 
 from __future__ import annotations
@@ -37,10 +38,11 @@ def check_true_dfa(
     loss(net).backward()
     bp = {n: p.grad for n, p in net.named_parameters()}
     names = {id(p): n for n, p in net.named_parameters()}
-    for name, grad in dfa.items():
-        assert grad is not None and bool(torch.isfinite(grad).all()), name
+    for name, grad in dfa.items():  # every parameter backprop trains (not those the forward leaves unused)
+        if bp[name] is not None:
+            assert grad is not None and bool(torch.isfinite(grad).all()), name
     for block in target.blocks:
-        params = [names[id(p)] for p in block.parameters() if p.requires_grad]
+        params = [names[id(p)] for p in block.parameters() if p.requires_grad and bp[names[id(p)]] is not None]
         if params:
             cos = _cos(torch.cat([dfa[n].flatten() for n in params]), torch.cat([bp[n].flatten() for n in params]))
             assert cos < 0.99, (block.name, cos)
@@ -401,3 +403,200 @@ def test_the_warning_is_raised_in_fit_and_the_bp_arm_never_refuses() -> None:
     assert not torch.equal(before, model.w1) and strategy.dfa_engine.target.blocks == []
     with pytest.raises(ValueError, match="found no blocks"):
         trainer(strategy=DFAStrategy(), max_steps=2).fit(Functional(), loader())
+
+
+# ---------------------------------------------------------------------------------------------- nn.Transformer, GAN
+def test_every_stack_of_an_encoder_decoder_gets_points() -> None:
+    """Lightning's demo Transformer (``nn.Transformer``): the encoder's layers are blocks too, not only the
+    decoder's (the larger list)."""
+    from pytorch_lightning.demos.transformer import Transformer
+
+    torch.manual_seed(0)
+    net = Transformer(vocab_size=40, ninp=16, nhead=2, nhid=32, nlayers=2, dropout=0.0)
+    x, y = torch.randint(0, 40, (3, 5)), torch.randint(0, 40, (3, 5))
+    engine = check_true_dfa(net, lambda n: F.nll_loss(n(x, y), y.view(-1)))
+    assert [b.name for b in engine.target.blocks] == [
+        "transformer.encoder.layers.0", "transformer.encoder.layers.1",
+        "transformer.decoder.layers.0", "transformer.decoder.layers.1",
+    ]  # fmt: skip
+    assert [n for n, _ in engine.output_modules()] == ["decoder"]
+
+
+class Generator(nn.Module):  # Lightning's basic GAN example, smaller
+    def __init__(self, latent: int = 8, out: int = 12) -> None:
+        super().__init__()
+
+        def block(n_in: int, n_out: int, normalize: bool = True) -> list[nn.Module]:
+            return [nn.Linear(n_in, n_out)] + ([nn.BatchNorm1d(n_out)] if normalize else []) + [nn.LeakyReLU(0.2)]
+
+        self.model = nn.Sequential(*block(latent, 16, normalize=False), *block(16, 32), nn.Linear(32, out), nn.Tanh())
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.model(z)
+
+
+class Discriminator(nn.Module):
+    def __init__(self, n_in: int = 12) -> None:
+        super().__init__()
+        self.model = nn.Sequential(
+            nn.Linear(n_in, 16), nn.LeakyReLU(0.2), nn.Linear(16, 8), nn.LeakyReLU(0.2), nn.Linear(8, 1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+def test_gan_generator_reads_its_error_at_its_own_output() -> None:
+    """Manual optimization with ``toggle_optimizer`` (the discriminator is frozen in the generator's step): the
+    generator's error is read at the generated sample (through the frozen discriminator, part of its loss), the
+    discriminator's at its logit."""
+    import pytorch_lightning as pl
+    from conftest import trainer
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_dfa import DFAStrategy
+
+    class GAN(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+            self.generator, self.discriminator = Generator(), Discriminator()
+
+        def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> None:
+            real = batch[0]
+            opt_g, opt_d = self.optimizers()
+            z = torch.randn(real.shape[0], 8)
+            ones, zeros = torch.ones(real.shape[0], 1), torch.zeros(real.shape[0], 1)
+            self.toggle_optimizer(opt_g)
+            g_loss = F.binary_cross_entropy_with_logits(self.discriminator(self.generator(z)), ones)
+            self.manual_backward(g_loss)
+            opt_g.step()
+            opt_g.zero_grad()
+            self.untoggle_optimizer(opt_g)
+            self.toggle_optimizer(opt_d)
+            d_loss = F.binary_cross_entropy_with_logits(self.discriminator(real), ones)
+            d_loss = d_loss + F.binary_cross_entropy_with_logits(self.discriminator(self.generator(z).detach()), zeros)
+            self.manual_backward(d_loss)
+            opt_d.step()
+            opt_d.zero_grad()
+            self.untoggle_optimizer(opt_d)
+
+        def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+            return [torch.optim.Adam(self.generator.parameters()), torch.optim.Adam(self.discriminator.parameters())]
+
+    torch.manual_seed(0)
+    model, widths = GAN(), []
+    strategy = DFAStrategy(verbose=False)
+
+    class Record(pl.Callback):
+        def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+            strategy.dfa_engine._observers.append(lambda e, points, fbs: widths.append((e.shape[-1], len(points))))
+
+    data = DataLoader(TensorDataset(torch.randn(16, 12)), batch_size=8)
+    trainer(strategy=strategy, callbacks=[Record()], max_steps=2).fit(model, data)
+    target = strategy.dfa_engine.target
+    assert [b.name for b in target.blocks] == [
+        "generator.model.1", "generator.model.4", "discriminator.model.1", "discriminator.model.3"
+    ]  # fmt: skip
+    # generator step: the error of the 12-wide sample reaches the generator's two points; discriminator step: the
+    # logit's error reaches its two points, once for the real and once for the generated batch
+    assert widths[:3] == [(12, 2), (1, 2), (1, 2)]
+    names = {n for n, _ in strategy.dfa_engine.output_modules()}
+    assert names == {"generator.model.5", "discriminator.model.4"}
+
+
+# ---------------------------------------------------------------------------------------------- Hugging Face
+VOCAB = 48
+HF_TINY = dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2, vocab_size=VOCAB)
+
+
+def _quiet() -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore", module="transformers")
+
+
+def _hf_grads(model: nn.Module, loss: Callable[[nn.Module], torch.Tensor], name: str) -> torch.Tensor:
+    engine = FeedbackEngine(seed=0)
+    engine.attach(model)
+    model.zero_grad()
+    loss(model).backward()
+    engine.end_backward()
+    engine.detach()
+    return model.get_parameter(name).grad.clone()
+
+
+def test_bert_pretraining_both_losses_reach_the_encoder() -> None:
+    import transformers as hf
+
+    _quiet()
+    torch.manual_seed(0)
+    cfg = hf.BertConfig(**HF_TINY, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, tie_word_embeddings=False)
+    model = hf.BertForPreTraining(cfg)
+    ids, nsp = torch.randint(1, VOCAB, (2, 8)), torch.tensor([0, 1])
+    engine = check_true_dfa(model, lambda m: m(input_ids=ids, labels=ids, next_sentence_label=nsp).loss)
+    assert {n for n, _ in engine.output_modules()} == {"cls.predictions.decoder", "cls.seq_relationship"}
+    block = "bert.encoder.layer.0.output.dense.weight"
+    both = _hf_grads(model, lambda m: m(input_ids=ids, labels=ids, next_sentence_label=nsp).loss, block)
+
+    def mlm_only(m: nn.Module) -> torch.Tensor:
+        return F.cross_entropy(m(input_ids=ids).prediction_logits.flatten(0, 1), ids.flatten())
+
+    assert not torch.allclose(both, _hf_grads(model, mlm_only, block))  # the next-sentence loss reaches the blocks
+
+
+def test_gpt2_double_heads_both_heads_reach_the_blocks() -> None:
+    import transformers as hf
+
+    _quiet()
+    torch.manual_seed(0)
+    drop = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0, tie_word_embeddings=False)
+    cfg = hf.GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=16, vocab_size=VOCAB, **drop)
+    model = hf.GPT2DoubleHeadsModel(cfg)
+    ids = torch.randint(1, VOCAB, (2, 3, 8))  # [batch, choices, positions]; the blocks see [batch * choices, ...]
+    mc = dict(mc_token_ids=torch.full((2, 3), 7), mc_labels=torch.tensor([0, 2]))
+
+    def both(m: nn.Module) -> torch.Tensor:
+        out = m(input_ids=ids, labels=ids, **mc)
+        return out.loss + out.mc_loss
+
+    engine = check_true_dfa(model, both)
+    assert {n for n, _ in engine.output_modules()} == {"lm_head", "multiple_choice_head.summary"}
+    block = "transformer.h.0.mlp.c_fc.weight"
+    lm_only = _hf_grads(model, lambda m: m(input_ids=ids, labels=ids, **mc).loss, block)
+    assert not torch.allclose(_hf_grads(model, both, block), lm_only)
+
+
+def test_clip_each_tower_gets_its_own_projection_error() -> None:
+    import transformers as hf
+
+    _quiet()
+    torch.manual_seed(0)
+    text = hf.CLIPTextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=2, max_position_embeddings=16, projection_dim=16)  # fmt: skip
+    vision = hf.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                 image_size=16, patch_size=8, projection_dim=16)  # fmt: skip
+    model = hf.CLIPModel(hf.CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16))
+    ids, pixels = torch.randint(1, VOCAB, (3, 8)), torch.randn(3, 3, 16, 16)
+    engine = check_true_dfa(model, lambda m: m(input_ids=ids, pixel_values=pixels, return_loss=True).loss)
+    assert {n for n, _ in engine.output_modules()} == {"text_projection", "visual_projection"}
+
+
+def test_bart_roles_follow_the_data_flow() -> None:
+    import transformers as hf
+
+    _quiet()
+    torch.manual_seed(0)
+    cfg = hf.BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=32,
+                        dropout=0.0, tie_word_embeddings=False)  # fmt: skip
+    model = hf.BartForConditionalGeneration(cfg)
+    ids = torch.randint(3, VOCAB, (2, 8))
+    engine = FeedbackEngine()
+    engine.attach(model)
+    norm = model.model.decoder.layernorm_embedding.weight
+    assert engine.role_of(norm) == "true gradient"  # estimated from the module order: after the encoder's blocks
+    engine.detach()
+    engine = check_true_dfa(model, lambda m: m(input_ids=ids, labels=ids).loss)
+    assert engine.roles_measured and engine.role_of(norm) == "feedback"  # it lies before the decoder's blocks
+    assert engine.role_of(model.lm_head.weight) == "true gradient"
