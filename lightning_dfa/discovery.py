@@ -7,16 +7,25 @@ Discovery order (the first that applies wins):
    (merged by :meth:`lightning_dfa.DFAConfig.merged_with` in :meth:`lightning_dfa.FeedbackEngine.attach`);
 3. a Hugging Face ``PreTrainedModel`` inside the root: blocks are the modules whose class is listed in the
    model's ``_no_split_modules``; the output is ``get_output_embeddings()`` or the task head;
-4. an ``nn.Sequential``: groups of Linear/Conv + optional norm + activation + optional pooling/dropout are
-   blocks, the final parametric layer is the output; a Sequential that ends in an activation or pooling is a
-   feature extractor (``encoder`` before ``head = nn.Linear``): all its groups are blocks and the output is the
-   module registered after it;
-5. a ``ModuleList`` of repeated layers: each layer is a block; the output is the last parametric layer
+4. the model's repeated blocks (:func:`repeated_blocks`): a ``ModuleList`` of composite blocks of one class (all
+   Transformer stacks of an encoder-decoder), stages of residual blocks (ResNet's ``layer1``, one-block stages
+   too), or composite attributes of one module sharing a class (a UNet's ``down1``, ``up1``...); the output is the
+   last parametric layer registered outside them. A Sequential inside one of these blocks is part of the block.
+   They win over rule 5 unless a Sequential chain outside them holds more parameters;
+5. an ``nn.Sequential``: groups of Linear/Conv + optional norm + activation + optional pooling/dropout are
+   blocks, the final parametric layer is the output; a Sequential followed by a layer (it ends in an activation
+   or pooling, or a layer that is no embedding is registered after it) is a feature extractor (``encoder``
+   before ``head = nn.Linear``): all its groups are blocks and the output is the module registered after it;
+   Sequentials registered before add their groups; two networks of their own (a GAN) keep their own outputs;
+   then a ``ModuleList`` of repeated layers: each layer is a block, the output the last parametric layer
    registered outside the list;
 6. a hand-written net whose layers are attributes (``self.fc1``, ``self.conv2``, ... with functional
    activations in ``forward``): the *input* of every layer after the first is a feedback point, so it
    lies after whatever activation, pooling or reshaping ``forward`` applied; the output is the layer
    registered last.
+
+The output found here is where the engine starts: the layers outside the blocks are tied too, and the backward
+keeps as error sources those the loss reads (see :meth:`lightning_dfa.FeedbackEngine.output_modules`).
 
 Block names accept exact qualified names, dotted suffixes of them (``"h.0"`` matches ``"model.transformer.h.0"``),
 and glob patterns where ``*`` matches within one dotted component, ``**`` across components, ``?`` one

@@ -20,6 +20,11 @@ Everything after the last block (final norm, pooler, head) receives its true gra
   ties all the points of its forward recorded before it, each through its own delivery with its own fixed
   matrices, so each point receives ``sum_j B_j e_j``; autograd runs only the deliveries the loss depends on, and
   an output whose error reached it through a later output (``head2(head1(h))``) passes it on without delivering.
+* Outputs found from the forward: unless ``output=`` names them, every layer outside the blocks is tied as well
+  when it runs after points; the backward keeps as error sources only those the loss reads directly (not through
+  another tied layer, and not feeding a later block), so the error is read at the layer the loss is computed from
+  however ``forward`` reaches it. Blocks whose parameters are all frozen get no point, and a frozen output defers
+  to a trainable one upstream (a frozen discriminator is part of the generator's loss).
 * The delivered output is a detached alias of the output (same memory, not a view): user code may modify it in
   place wherever plain PyTorch allows it.
 * Layouts: a point's positions are lined up with the error's by the data flow, not by coincident sizes. The first
@@ -306,8 +311,9 @@ class _DeliverFeedback(torch.autograd.Function):
     def backward(ctx: Any, error: torch.Tensor) -> tuple:
         delivery: _Delivery = ctx.delivery
         needs = ctx.needs_input_grad[2:]
-        if delivery.forward is not None:
+        if delivery.forward is not None and not delivery.forward.closed:
             delivery.forward.closed = True  # a later call of an output starts from new points
+            delivery.engine._release(delivery.forward)
         # A frozen output computed from a trainable one (the frozen discriminator of a generator's step) is part
         # of the loss: the trainable output upstream reads the error.
         defer = delivery.frozen and any(not up.frozen for up in delivery.upstream)
@@ -522,6 +528,13 @@ class FeedbackEngine:
         if self._sources:
             return list(self._sources.items())
         return list(self.target.outputs) if self.target is not None else []
+
+    def _release(self, state: _ForwardState) -> None:
+        """A backward started through this forward's outputs: no output is tied to its points any more, so the
+        engine lets go of their tensors (autograd frees each one once its block's backward has run)."""
+        g = self._group
+        if g is not None and g.state is state:
+            g.points, g.cuts, g.ties, g.untied = [], {}, [], 0
 
     def _delivered(self, delivery: _Delivery) -> None:
         base = delivery.source.split("#")[0]
