@@ -977,6 +977,8 @@ class FeedbackEngine:
             why = f"no block ran with gradients enabled in this step's forward (blocks: {names[:6]}...)."
         elif report.outputs_tied == 0:
             why = f"the output module {out} was not called after the blocks in this step's forward."
+        elif self._candidates:
+            why = f"the loss does not depend on the output module {out} nor on another layer after the blocks."
         else:
             why = f"the loss does not depend on the output module {out}."
         return (

@@ -201,6 +201,10 @@ def test_two_heads_two_losses_each_loss_reaches_the_blocks() -> None:
     for name in ("backbone.0.weight", "backbone.2.weight"):
         assert not torch.allclose(both[name], cls[name]) and not torch.allclose(both[name], reg[name]), name
         torch.testing.assert_close(both[name], cls[name] + reg[name])  # each head's error, projected, summed
+    # without output=, both heads are found from the forward: the same gradients
+    found = _multitask_grads(net, ("cls", "reg"))
+    for name in both:
+        torch.testing.assert_close(found[name], both[name], msg=name)
     # each head trains by its own true gradient
     net.zero_grad()
     g = torch.Generator().manual_seed(1)
