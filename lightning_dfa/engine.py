@@ -524,7 +524,26 @@ class FeedbackEngine:
 
     def output_modules(self) -> list[tuple[str, nn.Module]]:
         """The output modules: those whose error reached the blocks in the backwards so far (the loss decides, see
-        :meth:`_output_candidates`), or the discovered ones before any backward."""
+        :meth:`_output_candidates`), or the discovered ones before any backward.
+
+        Example:
+            >>> class TwoHeads(nn.Module):
+            ...     def __init__(self):
+            ...         super().__init__()
+            ...         self.body = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh())
+            ...         self.a, self.b = nn.Linear(8, 3), nn.Linear(8, 1)
+            ...     def forward(self, x):
+            ...         h = self.body(x)
+            ...         return self.a(h), self.b(h)
+            >>> net, engine = TwoHeads(), FeedbackEngine()
+            >>> _ = engine.attach(net)
+            >>> [n for n, _ in engine.output_modules()]
+            ['a']
+            >>> a, b = net(torch.randn(5, 4))
+            >>> (a.sum() + b.sum()).backward()
+            >>> sorted(n for n, _ in engine.output_modules())
+            ['a', 'b']
+        """
         if self._sources:
             return list(self._sources.items())
         return list(self.target.outputs) if self.target is not None else []
@@ -1033,7 +1052,15 @@ class FeedbackEngine:
 
     def role_of(self, parameter: nn.Parameter) -> str:
         """``"feedback"``, ``"true gradient"`` or ``"none"``: how a parameter of the model is trained (as counted by
-        :meth:`parameter_roles`)."""
+        :meth:`parameter_roles`).
+
+        Example:
+            >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+            >>> engine = FeedbackEngine()
+            >>> _ = engine.attach(net)
+            >>> engine.role_of(net[0].weight), engine.role_of(net[2].weight)
+            ('feedback', 'true gradient')
+        """
         if self.root is None or self.target is None:
             raise RuntimeError("DFA: attach() the engine first.")
         if not parameter.requires_grad:
