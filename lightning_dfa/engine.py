@@ -790,7 +790,7 @@ class FeedbackEngine:
         the first forward after ``attach`` keeps such points connected (:class:`_SoftCut`), and the first delivery
         probes which of the point's positions the output's positions depend on (:meth:`_probe_layouts`). Until a
         probe has seen a point, it gets no feedback from such an output rather than a possibly transposed one."""
-        source = delivery.source if delivery is not None else ""
+        source = delivery.source.split("#")[0] if delivery is not None else ""  # every call of a module alike
         out: list[_PointMeta | None] = list(points)
         check = [i for i, p in enumerate(points) if p.layout == "same" and _swappable(error, p)]
         todo = [i for i in check if (points[i].key.split("#")[0], source) not in self._layouts]
@@ -856,7 +856,7 @@ class FeedbackEngine:
                         "on the point's positions along both of its first two dimensions. Choose blocks= whose "
                         "outputs keep the batch items apart, or another output=."
                     )
-                self._layouts[(p.key.split("#")[0], delivery.source)] = relation
+                self._layouts[(p.key.split("#")[0], delivery.source.split("#")[0])] = relation
 
     def _projection(self, source: torch.Tensor, k: int, width: int, key: str = "") -> torch.Tensor:
         """``source @ B.T`` over the last dimension (error width ``k``, ``B`` of shape ``[width, k]``): one dense
