@@ -7,16 +7,25 @@ Discovery order (the first that applies wins):
    (merged by :meth:`lightning_dfa.DFAConfig.merged_with` in :meth:`lightning_dfa.FeedbackEngine.attach`);
 3. a Hugging Face ``PreTrainedModel`` inside the root: blocks are the modules whose class is listed in the
    model's ``_no_split_modules``; the output is ``get_output_embeddings()`` or the task head;
-4. an ``nn.Sequential``: groups of Linear/Conv + optional norm + activation + optional pooling/dropout are
-   blocks, the final parametric layer is the output; a Sequential that ends in an activation or pooling is a
-   feature extractor (``encoder`` before ``head = nn.Linear``): all its groups are blocks and the output is the
-   module registered after it;
-5. a ``ModuleList`` of repeated layers: each layer is a block; the output is the last parametric layer
+4. the model's repeated blocks (:func:`repeated_blocks`): a ``ModuleList`` of composite blocks of one class (all
+   Transformer stacks of an encoder-decoder), stages of residual blocks (ResNet's ``layer1``, one-block stages
+   too), or composite attributes of one module sharing a class (a UNet's ``down1``, ``up1``...); the output is the
+   last parametric layer registered outside them. A Sequential inside one of these blocks is part of the block.
+   They win over rule 5 unless a Sequential chain outside them holds more parameters;
+5. an ``nn.Sequential``: groups of Linear/Conv + optional norm + activation + optional pooling/dropout are
+   blocks, the final parametric layer is the output; a Sequential followed by a layer (it ends in an activation
+   or pooling, or a layer that is no embedding is registered after it) is a feature extractor (``encoder``
+   before ``head = nn.Linear``): all its groups are blocks and the output is the module registered after it;
+   Sequentials registered before add their groups; two networks of their own (a GAN) keep their own outputs;
+   then a ``ModuleList`` of repeated layers: each layer is a block, the output the last parametric layer
    registered outside the list;
 6. a hand-written net whose layers are attributes (``self.fc1``, ``self.conv2``, ... with functional
    activations in ``forward``): the *input* of every layer after the first is a feedback point, so it
    lies after whatever activation, pooling or reshaping ``forward`` applied; the output is the layer
    registered last.
+
+The output found here is where the engine starts: the layers outside the blocks are tied too, and the backward
+keeps as error sources those the loss reads (see :meth:`lightning_dfa.FeedbackEngine.output_modules`).
 
 Block names accept exact qualified names, dotted suffixes of them (``"h.0"`` matches ``"model.transformer.h.0"``),
 and glob patterns where ``*`` matches within one dotted component, ``**`` across components, ``?`` one
@@ -147,6 +156,13 @@ class Target:
     source: str
     #: the output module's input is a feedback point (detached before the output), as ``cut_head_input``
     head_input_point: bool = False
+    #: further output modules (several heads or losses), each an error source of its own
+    extra_outputs: list[tuple[str, nn.Module]] = field(default_factory=list)
+
+    @property
+    def outputs(self) -> list[tuple[str, nn.Module]]:
+        """Every output module: ``(name, module)``, the primary one first."""
+        return [(self.output_name, self.output), *self.extra_outputs]
 
     def block_param_ids(self) -> set[int]:
         """``id`` of every parameter inside a block."""
@@ -300,9 +316,7 @@ def _module_order(root: nn.Module) -> dict[str, int]:
 
 
 # --------------------------------------------------------------------------- nn.Sequential
-def sequential_groups(
-    seq: nn.Sequential, prefix: str = "", whole: bool = False
-) -> tuple[list[Block], str] | None:
+def sequential_groups(seq: nn.Sequential, prefix: str = "", whole: bool = False) -> tuple[list[Block], str] | None:
     """Split a Sequential into feedback groups and its output layer.
 
     A group starts at a parametric layer (Linear/Conv, or a container with parameters) and takes the norms,
@@ -352,6 +366,11 @@ def _is_feature_extractor(seq: nn.Sequential) -> bool:
     return sum(_has_params(c) for c in children) >= 2 and not _has_params(children[-1])
 
 
+def _composite(module: nn.Module) -> bool:
+    """A module made of submodules that holds parameters (a block, not a single layer)."""
+    return any(True for _ in module.children()) and _has_params(module)
+
+
 def _is_stage(seq: nn.Module) -> bool:
     """A Sequential of two or more composite blocks of one class (ResNet's ``layer1 = Sequential(BasicBlock, ...)``):
     a list of residual blocks, not a chain of layers."""
@@ -360,15 +379,54 @@ def _is_stage(seq: nn.Module) -> bool:
         isinstance(seq, nn.Sequential)
         and len(children) >= 2
         and len({type(c) for c in children}) == 1
-        and all(any(True for _ in c.children()) and _has_params(c) for c in children)
+        and all(_composite(c) for c in children)
     )
+
+
+def _one_block_stages(root: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Sequentials of ONE composite block, when two or more hold blocks of the same class (timm's ``resnet10t``:
+    ``layer1`` ... ``layer4`` each ``Sequential(BasicBlock)``)."""
+    single = [(n, m) for n, m in root.named_modules() if isinstance(m, nn.Sequential) and len(m) == 1]
+    single = [(n, m) for n, m in single if _composite(m[0])]
+    kinds = [type(m[0]) for _, m in single]
+    return [(n, m) for n, m in single if kinds.count(type(m[0])) >= 2]
+
+
+def repeated_blocks(root: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Containers of the model's repeated blocks: ModuleLists and Sequentials of two or more composite modules of
+    one class (``blocks = nn.ModuleList([Block(...)])``, ResNet's stages). A Sequential found inside one of their
+    blocks (an MLP ``nn.Sequential(Linear, GELU, Linear)``) is part of that block, never a chain of blocks itself.
+
+    Example:
+        >>> class Block(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.mlp = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 4))
+        >>> net = nn.Module()
+        >>> net.blocks = nn.ModuleList([Block(), Block()])
+        >>> [n for n, _ in repeated_blocks(net)]
+        ['blocks']
+    """
+    found = []
+    for name, module in root.named_modules():
+        if isinstance(module, (nn.ModuleList, nn.Sequential)):
+            children = list(module.children())
+            if len(children) >= 2 and len({type(c) for c in children}) == 1 and all(_composite(c) for c in children):
+                found.append((name, module))
+    return found
+
+
+def _inside(name: str, containers: Sequence[str]) -> bool:
+    """``name`` is one of the containers' blocks or lies inside one (``""`` is the root)."""
+    return any(name.startswith(c + ".") if c else bool(name) for c in containers)
 
 
 def _stages_target(root: nn.Module) -> Target | None:
     """Rule 4a: stages of repeated composite blocks (ResNet's ``layer1`` ... ``layer4``). Every block of every
     stage is a block, and the output is the last parametric layer registered outside the stages (``fc``)."""
-    stages = [(n, m) for n, m in root.named_modules() if _is_stage(m)]
+    stages = [(n, m) for n, m in root.named_modules() if _is_stage(m)] + _one_block_stages(root)
     stages = [(n, m) for n, m in stages if not any(n.startswith(o + ".") for o, _ in stages)]
+    stages.sort(key=lambda x: _module_order(root)[x[0]])
     if not stages:
         return None
     size = sum(p.numel() for _, m in stages for p in m.parameters())
@@ -384,13 +442,19 @@ def _stages_target(root: nn.Module) -> Target | None:
     return Target(blocks, leaf[0], leaf[1], "stages")
 
 
-def _sequential_target(root: nn.Module) -> Target | None:
+def _sequential_target(root: nn.Module, exclude: Sequence[str] = ()) -> Target | None:
     """Rule 4. The largest Sequential that splits into groups; if it is a feature extractor (``encoder =
     Sequential(Linear, ReLU, Linear, ReLU)`` before ``head = Linear``), all its groups are blocks and the output is
     the first parametric module registered after it (a Sequential there adds its own groups). Feature-extractor
     Sequentials registered before the chosen one (VGG's ``features`` before its ``classifier``) add their groups."""
     order = _module_order(root)
-    sequentials = [(n, m) for n, m in root.named_modules() if isinstance(m, nn.Sequential)]
+    repeated = [n for n, _ in repeated_blocks(root)]
+    sequentials = [
+        (n, m)
+        for n, m in root.named_modules()
+        if isinstance(m, nn.Sequential) and not _inside(n, repeated) and not _inside(n + ".", exclude)
+    ]
+    sequentials = [(n, m) for n, m in sequentials if n not in repeated]
     best = None
     for name, seq in sorted(sequentials, key=lambda x: -sum(p.numel() for p in x[1].parameters())):
         grouped = sequential_groups(seq, name)
@@ -402,8 +466,15 @@ def _sequential_target(root: nn.Module) -> Target | None:
     name, seq, grouped = best
     blocks: list[Block] = []
     out_name = grouped[1] if grouped is not None else None
-    if _is_feature_extractor(seq):
-        after = _module_after(root, name, order)
+    after = _module_after(root, name, order)
+    network, other = _network_of(root, name), _network_of(root, after[0]) if after is not None else None
+    if grouped is not None and network is not None and other is not None and network != other:
+        # two networks of their own (a GAN's generator and discriminator): each chain ends in its own output (the
+        # other network's last layer is found as an output from the forward); the other's groups are blocks too
+        extra = _sequential_target(root.get_submodule(other))
+        blocks = list(grouped[0]) + ([] if extra is None else [_renamed(b, other) for b in extra.blocks])
+        after = None
+    elif _is_feature_extractor(seq) or _is_layer(after):  # its last layer is hidden: a layer is registered after it
         if after is not None:
             whole = sequential_groups(seq, name, whole=True)
             blocks = whole[0] if whole else []
@@ -420,13 +491,14 @@ def _sequential_target(root: nn.Module) -> Target | None:
     if not blocks:
         assert grouped is not None
         blocks = list(grouped[0])
-    # feature extractors that run before: all their groups are blocks too
+    # Sequentials that run before (feature extractors, the features before a larger classifier): all their groups
+    # are blocks too
     first = min(order[b.name] for b in blocks)
     for other, mod in sequentials:
         nested = other.startswith(name + ".") or name.startswith(other + ".") or other == name
-        if nested or order[other] > first or not _is_feature_extractor(mod):
+        if nested or order[other] > first or not _has_params(mod):
             continue
-        if any(other.startswith(o + ".") for o, m in sequentials if o != other and _is_feature_extractor(m)):
+        if any(other.startswith(o + ".") for o, m in sequentials if o != other and _has_params(m)):
             continue
         extra = sequential_groups(mod, other, whole=True)
         if extra is not None:
@@ -435,8 +507,29 @@ def _sequential_target(root: nn.Module) -> Target | None:
     return Target(blocks, out_name, root.get_submodule(out_name), "sequential")
 
 
+def _network_of(root: nn.Module, name: str) -> str | None:
+    """The root's child holding ``name`` when that child is a network of its own (a module class of the user's,
+    holding ``name`` below it), else ``None``."""
+    top = name.split(".")[0]
+    if not name or top == name:
+        return None
+    child = root.get_submodule(top)
+    return None if isinstance(child, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) else top
+
+
+def _renamed(block: Block, prefix: str) -> Block:
+    return Block(f"{prefix}.{block.name}", block.entry, block.exit, block.top_level, block.members, block.output_point)
+
+
+def _is_layer(found: tuple[str, nn.Module] | None) -> bool:
+    """A module that can read a feature tensor (not an embedding lookup, whose input is indices)."""
+    return found is not None and not isinstance(found[1], (nn.Embedding, nn.EmbeddingBag))
+
+
 def _module_after(root: nn.Module, name: str, order: dict[str, int]) -> tuple[str, nn.Module] | None:
     """The first module registered after ``name`` (outside it) that holds parameters, outermost first."""
+    if not name:
+        return None  # the root itself: nothing lies after it
     for other, module in root.named_modules():
         if order[other] <= order[name] or other.startswith(name + ".") or not _has_params(module):
             continue
@@ -447,10 +540,12 @@ def _module_after(root: nn.Module, name: str, order: dict[str, int]) -> tuple[st
 
 
 # --------------------------------------------------------------------------- ModuleList
-def _module_list_target(root: nn.Module, min_len: int = 2) -> Target | None:
+def _module_list_target(root: nn.Module, min_len: int = 2, composite: bool = False) -> Target | None:
     best = None
     for name, mlist in root.named_modules():
         if not isinstance(mlist, nn.ModuleList) or len(mlist) < min_len:
+            continue
+        if composite and not all(_composite(m) for m in mlist):
             continue
         kinds = {type(m) for m in mlist}
         size = sum(p.numel() for p in mlist.parameters())
@@ -459,11 +554,84 @@ def _module_list_target(root: nn.Module, min_len: int = 2) -> Target | None:
     if best is None:
         return None
     name, mlist, _ = best
-    blocks = [Block(f"{name}.{i}", m, m) for i, m in enumerate(mlist)]
-    leaf = _last_param_leaf(root, [name])
+    lists = [(name, mlist)]
+    if composite and _is_transformer_stack(mlist):
+        # an encoder-decoder (``nn.Transformer``): every stack of Transformer layers holds blocks, not only the
+        # largest (the encoder would otherwise learn only through the decoder's cross-attention)
+        for other, olist in root.named_modules():
+            if (
+                isinstance(olist, nn.ModuleList)
+                and other != name
+                and len(olist) >= min_len
+                and len({type(m) for m in olist}) == 1
+                and _is_transformer_stack(olist)
+                and not any(other.startswith(n + ".") or n.startswith(other + ".") for n, _ in lists)
+            ):
+                lists.append((other, olist))
+        order = _module_order(root)
+        lists.sort(key=lambda x: order[x[0]])
+    blocks = [Block(f"{n}.{i}", m, m) for n, ml in lists for i, m in enumerate(ml)]
+    leaf = _last_param_leaf(root, [n for n, _ in lists])
     if leaf is None:
         return None
     return Target(blocks, leaf[0], leaf[1], "module_list")
+
+
+def _is_transformer_stack(mlist: nn.ModuleList) -> bool:
+    """A list of composite layers that each hold an attention submodule."""
+    points = infer_micro_points(mlist[0]) if len(mlist) and _composite(mlist[0]) else ()
+    return bool(points) and bool(_ATTENTION_NAME.search(points[0].rsplit(".", 1)[-1]))
+
+
+# --------------------------------------------------------------------------- repeated blocks as attributes
+def _attribute_blocks_target(root: nn.Module) -> Target | None:
+    """Blocks that are attributes of one module (a UNet's ``inc``, ``down1`` ... ``down4``, ``up1`` ... ``up4``,
+    ``outc``): where two or more of a module's composite children share a class, every composite child registered
+    before the one holding its last parametric layer is a block, and that layer is the output."""
+    best = None
+    for name, parent in root.named_modules():
+        if isinstance(parent, (nn.ModuleList, nn.Sequential, nn.ModuleDict)):
+            continue
+        kids = [(n, c) for n, c in parent.named_children() if _composite(c)]
+        kinds = [type(c) for _, c in kids if type(c) not in (nn.Sequential, nn.ModuleList, nn.ModuleDict)]
+        if not any(kinds.count(k) >= 2 for k in kinds):  # a class of the model's own, repeated
+            continue
+        leaf = _last_param_leaf(parent, [])
+        if leaf is None:
+            continue
+        top = leaf[0].split(".")[0]
+        order = [n for n, _ in parent.named_children()]
+        kids = [(n, c) for n, c in kids if order.index(n) < order.index(top)]
+        if len(kids) < 2:
+            continue
+        join = f"{name}." if name else ""
+        blocks = [Block(join + n, c, c) for n, c in kids]
+        size = sum(p.numel() for _, c in kids for p in c.parameters())
+        if best is None or size > best[0]:
+            best = (size, Target(blocks, join + leaf[0], leaf[1], "attribute_blocks"))
+    return None if best is None else best[1]
+
+
+def _block_params(target: Target | None) -> int:
+    if target is None:
+        return -1
+    seen: dict[int, int] = {}
+    for b in target.blocks:
+        for p in b.parameters():
+            seen[id(p)] = p.numel()
+    return sum(seen.values())
+
+
+def _structure_target(root: nn.Module) -> Target | None:
+    """Rules 4, 4a and 5: the model's repeated blocks (stages, a ModuleList of composite blocks, or blocks as
+    attributes of one module), unless a chain of Sequential groups outside them holds more parameters."""
+    repeated = [t for t in (_stages_target(root), _module_list_target(root, composite=True)) if t is not None]
+    repeated += [t for t in (_attribute_blocks_target(root),) if t is not None]
+    best = max(repeated, key=_block_params) if repeated else None
+    chain = _sequential_target(root, [b.name for b in best.blocks] if best is not None else [])
+    if best is not None and _block_params(best) >= _block_params(chain):
+        return best
+    return chain or _module_list_target(root)
 
 
 # --------------------------------------------------------------------------- layers as attributes
@@ -490,7 +658,7 @@ def _layer_inputs_target(root: nn.Module) -> Target | None:
 def discover(
     root: nn.Module,
     blocks: BlockSpec = None,
-    output: str | None = None,
+    output: str | Sequence[str] | None = None,
     placement: str = "macro",
 ) -> Target:
     """Find the feedback points and the output module of ``root``.
@@ -498,7 +666,8 @@ def discover(
     Args:
         root: the model (usually the LightningModule).
         blocks: names, glob patterns or classes of the modules whose outputs receive feedback.
-        output: qualified name of the module whose output the loss is computed from.
+        output: qualified name of the module whose output the loss is computed from, or a list of them (several
+            heads or losses).
         placement: ``"macro"`` (one point per block) or ``"micro"`` (also inside Transformer blocks: the points
             listed in :mod:`lightning_dfa.registry`, else those :func:`infer_micro_points` finds).
 
@@ -510,6 +679,28 @@ def discover(
     """
     if placement not in ("macro", "micro"):
         raise ValueError(f"DFA: placement must be 'macro' or 'micro', got {placement!r}.")
+    outputs = [output] if isinstance(output, str) else list(output or [])
+    if not all(isinstance(o, str) for o in outputs):
+        raise TypeError(f"DFA: output must be a module name or a list of them, got {output!r}.")
+    target = _discover(root, blocks, outputs[0] if outputs else None, placement)
+    target.extra_outputs = [(n, _get_output(root, n)) for n in outputs[1:]]
+    for name, _ in target.outputs:
+        if any(b.name == name or b.name.startswith(name + ".") for b in target.blocks):
+            raise ValueError(
+                f"DFA: the output module {name!r} is also a block (or contains one); the output must lie "
+                "after the last block. Pass output= naming the final layer (logits, predictions)."
+            )
+        inside = [b.name for b in target.blocks if name.startswith(b.name + ".")]
+        if inside:
+            raise ValueError(
+                f"DFA: the block {inside[0]!r} contains the output module {name!r}; DFA detaches every block's "
+                "output, so the loss could not reach the output. Name the hidden modules inside it instead (their "
+                "qualified names in blocks=), leaving out the output, which must lie after the last block."
+            )
+    return target
+
+
+def _discover(root: nn.Module, blocks: BlockSpec, output: str | None, placement: str) -> Target:
     target: Target | None = None
     if blocks is not None:
         found = match_modules(root, blocks)
@@ -546,13 +737,7 @@ def discover(
         target = _hf_target(root, placement)
         if target is None and placement == "micro":
             return _micro_from_structure(root, output)
-        target = (
-            target
-            or _stages_target(root)
-            or _sequential_target(root)
-            or _module_list_target(root)
-            or _layer_inputs_target(root)
-        )
+        target = target or _structure_target(root) or _layer_inputs_target(root)
         if target is None:
             raise ValueError(
                 f"DFA: found no blocks in {type(root).__name__}. Searched for: a configure_dfa() method, a Hugging "
@@ -564,18 +749,6 @@ def discover(
             )
         if output is not None:
             target = Target(target.blocks, output, _get_output(root, output), target.source, target.head_input_point)
-    if any(b.name == target.output_name or b.name.startswith(target.output_name + ".") for b in target.blocks):
-        raise ValueError(
-            f"DFA: the output module {target.output_name!r} is also a block (or contains one); the output must lie "
-            "after the last block. Pass output= naming the final layer (logits, predictions)."
-        )
-    inside = [b.name for b in target.blocks if target.output_name.startswith(b.name + ".")]
-    if inside:
-        raise ValueError(
-            f"DFA: the block {inside[0]!r} contains the output module {target.output_name!r}; DFA detaches every "
-            "block's output, so the loss could not reach the output. Name the hidden modules inside it instead (their "
-            "qualified names in blocks=), leaving out the output, which must lie after the last block."
-        )
     return target
 
 

@@ -15,13 +15,33 @@ How it works (design "b" of ``lightning-notes.md``):
 
 Everything after the last block (final norm, pooler, head) receives its true gradient. Under ``no_grad`` /
 ``inference_mode`` the hooks do nothing, so validation and prediction are bit-identical to the plain model.
+
+* Several outputs (heads, losses; ``output=[...]``, or one output module called several times): every output call
+  ties all the points of its forward recorded before it, each through its own delivery with its own fixed
+  matrices, so each point receives ``sum_j B_j e_j``; autograd runs only the deliveries the loss depends on, and
+  an output whose error reached it through a later output (``head2(head1(h))``) passes it on without delivering.
+* Outputs found from the forward: unless ``output=`` names them, every layer outside the blocks is tied as well
+  when it runs after points; the backward keeps as error sources only those the loss reads directly (not through
+  another tied layer, and not feeding a later block), so the error is read at the layer the loss is computed from
+  however ``forward`` reaches it. Blocks whose parameters are all frozen get no point, and a frozen output defers
+  to a trainable one upstream (a frozen discriminator is part of the generator's loss).
+* The delivered output is a detached alias of the output (same memory, not a view): user code may modify it in
+  place wherever plain PyTorch allows it.
+* Layouts: a point's positions are lined up with the error's by the data flow, not by coincident sizes. The first
+  forward after ``attach`` that records a sequence-shaped point (``[T, B, d]`` or ``[B, T, d]``) cuts its points
+  with :class:`_SoftCut` (still connected, blocked in the training backward), and the delivery probes, with one
+  vector-Jacobian product, which of each point's first two dimensions the output's batch items depend on. That
+  first step costs about one backprop step more; its gradients are those of any other DFA step.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import itertools
 import math
 import numbers
+import operator
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
@@ -31,7 +51,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .discovery import Block, BlockSpec, Target, discover
+from .discovery import Block, BlockSpec, Target, _has_params, discover
 from .feedback import DISTRIBUTIONS, FeedbackBank, check_bank_state, uses_sketch
 
 MODES = ("dfa", "shallow", "bp")
@@ -76,7 +96,8 @@ class DFAConfig:
         mode: ``"dfa"`` (default), ``"shallow"`` (blocks and everything before them get no gradient) or
             ``"bp"`` (plain backprop: the control arm).
         blocks: names, glob patterns or module classes of the blocks; ``None`` discovers them.
-        output: qualified name of the output module; ``None`` discovers it.
+        output: qualified name of the output module, or a list of them (several heads or losses: each output's
+            error is projected by its own fixed matrices and every point receives the sum); ``None`` discovers it.
         seed: seed of the private generator of the feedback matrices.
         distribution: ``"uniform"`` on ``[-1, 1)`` (default, as the DFA authors), ``"gaussian"`` or ``"rademacher"``.
         scale: multiplier of the feedback; a point of width ``d`` receives ``scale / sqrt(d) * (e @ B[:, :d])``.
@@ -133,7 +154,7 @@ class DFAConfig:
 
     mode: str = "dfa"
     blocks: BlockSpec = None
-    output: str | None = None
+    output: str | Sequence[str] | None = None
     seed: int = 0
     distribution: str = "uniform"
     scale: float = 1.0
@@ -189,11 +210,18 @@ class DFAConfig:
     def __post_init__(self) -> None:
         self.mode = normalize_mode(self.mode)
         self.blocks = _checked_blocks(self.blocks)
-        if self.output is not None and (not isinstance(self.output, str) or not self.output.strip()):
+        names = [self.output] if isinstance(self.output, str) else self.output
+        if self.output is not None and (
+            not isinstance(names, (list, tuple))
+            or not names
+            or not all(isinstance(n, str) and n.strip() for n in names)
+        ):
             raise ValueError(
-                f"DFA: output must be None (discovered) or the qualified name of a module (a non-empty str such as "
-                f"'head'), got {_shown(self.output)}."
+                f"DFA: output must be None (discovered), the qualified name of a module (a non-empty str such as "
+                f"'head') or a list of them (several heads), got {_shown(self.output)}."
             )
+        if isinstance(self.output, tuple):
+            self.output = list(self.output)
         self.seed = _checked_int("seed", self.seed, "an integer such as 0")
         if not isinstance(self.distribution, str) or self.distribution not in DISTRIBUTIONS:
             raise ValueError(f"DFA: unknown distribution {self.distribution!r}; choose one of {DISTRIBUTIONS}.")
@@ -356,6 +384,9 @@ class _PointMeta:
     dtype: torch.dtype
     flatten: bool
     norm: NormSpec | None = None
+    #: how the point's first two dimensions relate to the error's positions: ``"same"`` (lined up in order) or
+    #: ``"swapped"`` (a sequence-first ``[positions, batch, ...]`` point for a batch-first error, or the reverse)
+    layout: str = "same"
 
 
 @dataclass
@@ -379,17 +410,39 @@ class Capture:
 
 
 class _Delivery:
-    """What one forward recorded: the engine and its points' metadata (no tensors are kept)."""
+    """One output call's tie: the engine, the source (output) it reads, its points' metadata, and what the
+    backward needs to know about the other outputs (no tensors are kept, except during a layout probe)."""
 
-    __slots__ = ("engine", "points")
+    __slots__ = ("engine", "points", "source", "upstream", "downstream_ran", "probe", "feeds_point", "frozen")
+    __slots__ += ("reached", "forward")
 
-    def __init__(self, engine: FeedbackEngine, points: list[_PointMeta]) -> None:
+    def __init__(self, engine: FeedbackEngine, points: list[_PointMeta], source: str) -> None:
         self.engine = engine
         self.points = points
+        self.source = source
+        #: a block's input was computed from this output: it lies before a block, so it is no error source
+        self.feeds_point = False
+        #: the output module has no trainable parameter (a fixed readout, or a network frozen for this step)
+        self.frozen = False
+        #: ``id`` of the parameters this output's value was computed from after the cuts (measured once)
+        self.reached: set[int] | None = None
+        #: the state of the forward that recorded the points (closed once a backward ran through it)
+        self.forward: _ForwardState | None = None
+        #: deliveries of earlier outputs this output was computed from (``head2(head1(x))``)
+        self.upstream: list[_Delivery] = []
+        #: set in the backward when a delivery computed from this one's output ran: the error then reached this
+        #: output through another output, which already delivered it
+        self.downstream_ran = False
+        #: during a layout probe: ``(output tensor before the tie, point tensors)``
+        self.probe: tuple[torch.Tensor, list[torch.Tensor]] | None = None
 
 
 class _DeliverFeedback(torch.autograd.Function):
-    """Identity on the output; its backward hands each feedback point its projected error."""
+    """Identity on the output; its backward hands each feedback point its projected error.
+
+    The output is returned as ``output.detach()``: the same memory (no copy of a ``[tokens, vocabulary]`` logits
+    tensor), but not a view, so user code may modify it in place (``logits /= T``, ``F.relu(out, inplace=True)``)
+    exactly where plain PyTorch allows it; a view returned by a custom Function cannot be modified in place."""
 
     @staticmethod
     def forward(ctx: Any, delivery: _Delivery, output: torch.Tensor, *points: torch.Tensor) -> torch.Tensor:
@@ -397,18 +450,70 @@ class _DeliverFeedback(torch.autograd.Function):
         # norm-aware feedback needs the activations of the points it shapes (their consumer norm keeps them too)
         ctx.norm_index = [i for i, meta in enumerate(delivery.points) if meta.norm is not None]
         ctx.save_for_backward(*[points[i] for i in ctx.norm_index])
-        return output.view_as(output)
+        return output.detach()
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, error: torch.Tensor) -> tuple:
         delivery: _Delivery = ctx.delivery
+        needs = ctx.needs_input_grad[2:]
+        if delivery.forward is not None and not delivery.forward.closed:
+            delivery.forward.closed = True  # a later call of an output starts from new points
+            delivery.engine._release(delivery.forward)
+        # A frozen output computed from a trainable one (the frozen discriminator of a generator's step) is part
+        # of the loss: the trainable output upstream reads the error.
+        defer = delivery.frozen and any(not up.frozen for up in delivery.upstream)
+        if not defer:
+            for up in delivery.upstream:
+                up.downstream_ran = True
+        if delivery.downstream_ran or delivery.feeds_point or defer:
+            # not an error source: this output's error came through a later output, or it lies before a block
+            delivery.probe = None
+            return (None, error, *[None for _ in needs])
+        delivery.engine._delivered(delivery)
         activations: list[torch.Tensor | None] = [None] * len(delivery.points)
         for i, tensor in zip(ctx.norm_index, ctx.saved_tensors):
             activations[i] = tensor
-        feedback = delivery.engine._project(error, delivery.points, activations)
-        needs = ctx.needs_input_grad[2:]
+        feedback = delivery.engine._project(error, delivery.points, activations, delivery)
         return (None, error, *[f if n else None for f, n in zip(feedback, needs)])
+
+
+class _SoftCut(torch.autograd.Function):
+    """The cut of a feedback point during a layout-probe forward: the rest of the network gets a copy that stays
+    connected to the point, so a probe can follow the data flow from an output back to the points; in the training
+    backward nothing crosses it (as with the ordinary cut, ``detach``)."""
+
+    @staticmethod
+    def forward(ctx: Any, engine: FeedbackEngine, tensor: torch.Tensor) -> torch.Tensor:
+        ctx.engine = engine
+        return tensor.clone()  # its own memory: downstream code may modify it in place
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        return None, (grad if ctx.engine._probing else None)
+
+
+class _ForwardState:
+    __slots__ = ("closed",)
+
+    def __init__(self) -> None:
+        self.closed = False
+
+
+@dataclass
+class _Group:
+    """The points of one forward, tied to every output called after them in that forward."""
+
+    points: list[tuple[str, torch.Tensor, bool]] = field(default_factory=list)
+    calls: dict[str, int] = field(default_factory=dict)
+    outputs: dict[str, int] = field(default_factory=dict)
+    untied: int = 0  # points recorded since the last tie
+    soft: bool = False  # a layout-probe forward: points are cut by _SoftCut
+    cuts: dict[int, torch.Tensor] = field(default_factory=dict)  # id(soft cut's copy) -> the point
+    ties: list[_Delivery] = field(default_factory=list)
+    state: _ForwardState = field(default_factory=_ForwardState)
+    after_ties: bool = False  # the forward before this one tied outputs (that may feed this one's points)
 
 
 # ---------------------------------------------------------------------------------------------- engine
@@ -449,9 +554,18 @@ class FeedbackEngine:
         self.root: nn.Module | None = None
         self._handles: list[Any] = []
         self._saved_options: dict[str, Any] | None = None  # options of a state loaded before attach()
-        self._pending: list[tuple[str, torch.Tensor, bool]] = []
-        self._calls: dict[str, int] = {}
+        self._group: _Group | None = None
         self._flatten: set[str] = set()
+        # layout probes: whether the next forward with sequence-shaped points probes their layout, whether a
+        # probe is running (soft cuts then let it through), and the result per (point, output) pair
+        self._probe_pending = True
+        self._probing = False
+        self._layouts: dict[tuple[str, str], str] = {}
+        # output candidates found from the forward, the outputs seen delivering, and the parameters measured to
+        # be trained by their true gradient (after the cuts, before a delivering output)
+        self._candidates: list[tuple[str, nn.Module]] = []
+        self._sources: dict[str, nn.Module] = {}
+        self._true_ids: set[int] | None = None
         self.report = BackwardReport()
         self.enabled = True
         self.last_points: list[_PointMeta] = []
@@ -608,7 +722,13 @@ class FeedbackEngine:
 
     def _install(self, root: nn.Module, target: Target | None, configured: bool) -> Target:
         if target is None:
-            target = discover(root, self.config.blocks, self.config.output, self.config.placement)
+            try:
+                target = discover(root, self.config.blocks, self.config.output, self.config.placement)
+            except ValueError:
+                if self.mode != "bp":
+                    raise
+                # the control arm is plain backprop: it needs no blocks, so it never refuses a model
+                target = Target([], type(root).__name__, root, "none (mode='bp' is plain backprop)")
             if configured and target.source == "explicit":
                 target.source = "configure_dfa"
         _refuse_reentrant_checkpointing(root)
@@ -635,11 +755,27 @@ class FeedbackEngine:
                 self._handles.append(
                     block.exit.register_forward_hook(_Hook(lambda m, a, o, b=block: self._on_block_output(b, o)))
                 )
-        if self.head_input_is_point:
-            self._handles.append(
-                target.output.register_forward_pre_hook(
-                    _Hook(lambda m, a, k: self._on_head_input(a, k)), with_kwargs=True
+        self._modules = {name: module for name, module in target.outputs}
+        self._sources, self._true_ids = {}, None
+        self._candidates = self._output_candidates(root, target)
+        for name, module in target.outputs:
+            if self.head_input_is_point:
+                self._handles.append(
+                    module.register_forward_pre_hook(
+                        _Hook(lambda m, a, k, n=name: self._on_head_input(n, a, k)), with_kwargs=True
+                    )
                 )
+            if self.config.error_at == "output":
+                hook = module.register_forward_hook(_Hook(lambda m, a, o, n=name: self._on_output(n, o)))
+            else:
+                hook = module.register_forward_pre_hook(
+                    _Hook(lambda m, a, k, n=name: self._on_output_input(n, a, k)), with_kwargs=True
+                )
+            self._handles.append(hook)
+        for name, module in self._candidates:
+            self._modules[name] = module
+            self._handles.append(
+                module.register_forward_hook(_Hook(lambda m, a, o, n=name: self._on_output(n, o, auto=True)))
             )
         if self.mode == "dfa" and (self.norm_feedback == "consumer" or self.norm_points):
             self._inside_blocks = {id(m) for b in target.blocks if b.top_level for m in b.entry.modules()}
@@ -655,22 +791,87 @@ class FeedbackEngine:
                     self._handles.append(
                         module.register_forward_hook(_Hook(lambda m, a, o, n=name: self._on_norm_output(n, m, o)))
                     )
-        if self.config.error_at == "output":
-            hook = target.output.register_forward_hook(_Hook(lambda m, a, o: self._on_output(o)))
-        else:
-            hook = target.output.register_forward_pre_hook(
-                _Hook(lambda m, a, k: self._on_output_input(a, k)), with_kwargs=True
-            )
-        self._handles.append(hook)
+        self._probe_pending = True
         return target
+
+    def _output_candidates(self, root: nn.Module, target: Target) -> list[tuple[str, nn.Module]]:
+        """The layers outside the blocks that may be outputs: the output is the module the loss is computed from,
+        which only the forward shows (a head reached through functional code, several heads). Each is tied when
+        called after points; in the backward only those whose error did not come through another output deliver.
+        Not with explicit ``output=``, ``error_at="head_input"`` or ``cut_head_input`` (those name the output)."""
+        cfg = self.config
+        if cfg.output is not None or cfg.error_at != "output" or cfg.cut_head_input or self.mode != "dfa":
+            return []
+        taken = {id(p) for b in target.blocks for p in b.parameters()}
+        taken |= {id(p) for _, m in target.outputs for p in m.parameters()}
+        outputs = {id(m) for _, m in target.outputs}
+        found = []
+        for name, module in root.named_modules():
+            if not name or id(module) in outputs or not any(True for _ in module.parameters(recurse=False)):
+                continue
+            if any(_has_params(c) for c in module.children()) or any(id(p) in taken for p in module.parameters()):
+                continue
+            found.append((name, module))
+        return found
+
+    @property
+    def roles_measured(self) -> bool:
+        """Whether :meth:`parameter_roles` comes from the forward's data flow (after a first delivery) rather than
+        from the order in which the modules are registered."""
+        return self._true_ids is not None
+
+    def output_modules(self) -> list[tuple[str, nn.Module]]:
+        """The output modules: those whose error reached the blocks in the backwards so far (the loss decides, see
+        :meth:`_output_candidates`), or the discovered ones before any backward.
+
+        Example:
+            >>> class TwoHeads(nn.Module):
+            ...     def __init__(self):
+            ...         super().__init__()
+            ...         self.body = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh())
+            ...         self.a, self.b = nn.Linear(8, 3), nn.Linear(8, 1)
+            ...     def forward(self, x):
+            ...         h = self.body(x)
+            ...         return self.a(h), self.b(h)
+            >>> net, engine = TwoHeads(), FeedbackEngine()
+            >>> _ = engine.attach(net)
+            >>> [n for n, _ in engine.output_modules()]
+            ['a']
+            >>> a, b = net(torch.randn(5, 4))
+            >>> (a.sum() + b.sum()).backward()
+            >>> sorted(n for n, _ in engine.output_modules())
+            ['a', 'b']
+        """
+        if self._sources:
+            return list(self._sources.items())
+        return list(self.target.outputs) if self.target is not None else []
+
+    def _release(self, state: _ForwardState) -> None:
+        """A backward started through this forward's outputs: no output is tied to its points any more, so the
+        engine lets go of their tensors (autograd frees each one once its block's backward has run)."""
+        g = self._group
+        if g is not None and g.state is state:
+            g.points, g.cuts, g.ties, g.untied = [], {}, [], 0
+
+    def _delivered(self, delivery: _Delivery) -> None:
+        base = delivery.source.split("#")[0]
+        if base in self._modules:
+            self._sources.setdefault(base, self._modules[base])
+        if delivery.reached is not None:
+            self._true_ids = (self._true_ids or set()) | delivery.reached
 
     def detach(self) -> None:
         """Remove every hook; the model is plain again."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._pending = []
-        self._calls = {}
+        self._group = None
+
+    @property
+    def _pending(self) -> list[tuple[str, torch.Tensor, bool]]:
+        """The points recorded since the last output call (not tied to any output yet)."""
+        g = self._group
+        return [] if g is None or not g.untied else g.points[-g.untied :]
 
     def _active(self) -> bool:
         return (
@@ -704,71 +905,119 @@ class FeedbackEngine:
             yield cap
         finally:
             self._capture = previous
-            self._calls = {}
+            self._group = None
 
     # ------------------------------------------------------------------ forward hooks
+    def _group_for(self, name: str) -> _Group:
+        """The current forward's group; a block recorded again after an output was tied starts a new forward."""
+        g = self._group
+        if g is None or g.state.closed or (g.outputs and name in g.calls):
+            g = self._group = _Group(after_ties=g is not None and bool(g.ties))
+        return g
+
     def _record(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        count = self._calls.get(name, 0)
-        self._calls[name] = count + 1
+        g = self._group_for(name)
+        count = g.calls.get(name, 0)
+        g.calls[name] = count + 1
         key = name if count == 0 else f"{name}#{count}"
+        flatten = name.split(":")[0] in self._flatten
         for observer in self._point_observers:
             observer(key, tensor)
         if self._capture is not None:
-            self._capture.points.append(CapturedPoint(key, tensor, name.split(":")[0] in self._flatten))
+            self._capture.points.append(CapturedPoint(key, tensor, flatten))
             return tensor
         if self.mode == "dfa":
-            self._pending.append((key, tensor, name.split(":")[0] in self._flatten))
+            if g.ties or g.after_ties:  # an output was tied before this point: was the point computed from it?
+                for delivery in _deliveries_upstream_of(tensor):
+                    delivery.feeds_point = True
+            g.points.append((key, tensor, flatten))
+            g.untied += 1
             self.report.points_recorded += 1
+            if not g.soft and self._probe_pending and _sequence_shaped(tensor.shape, flatten):
+                g.soft = True  # from here on, this forward's points stay connected for a layout probe
+            if g.soft:
+                cut = _SoftCut.apply(self, tensor)
+                g.cuts[id(cut)] = tensor
+                return cut
         return tensor.detach()
 
+    def _carries(self, tensor: torch.Tensor | None) -> bool:
+        """The tensor carries gradient from something other than a soft cut (in a layout-probe forward, a value
+        computed only from cut points carries none, as after an ordinary cut)."""
+        if not _carries_grad(tensor):
+            return False
+        g = self._group
+        return g is None or not g.soft or _grad_beyond_soft_cuts(tensor)
+
     def _on_block_input(self, block: Block, args: tuple, kwargs: dict) -> Any:
-        if not self._active():
+        if not self._active() or _frozen(block):
             return None
         tensor, rebuild = _split_input(args, kwargs)
-        if not _carries_grad(tensor):
+        if not self._carries(tensor):
             return None
         return rebuild(self._record(block.name + ":in", tensor))
 
     def _on_block_output(self, block: Block, output: Any) -> Any:
-        if not self._active():
+        if not self._active() or _frozen(block):
             return None
         tensor, rebuild = _split_main(output)
-        if not _carries_grad(tensor):
+        if not self._carries(tensor):
             return None
         return rebuild(self._record(block.name, tensor))
 
-    def _on_head_input(self, args: tuple, kwargs: dict) -> Any:
+    def _on_head_input(self, name: str, args: tuple, kwargs: dict) -> Any:
         """``cut_head_input``: the output module's input becomes the point ``"<output>:in"`` (detached downstream)."""
         if not self._active():
             return None
         tensor, rebuild = _split_input(args, kwargs)
-        if not _carries_grad(tensor):
+        if not self._carries(tensor):
             return None
-        return rebuild(self._record(self.target.output_name + ":in", tensor))
+        return rebuild(self._record(name + ":in", tensor))
 
-    def _on_output(self, output: Any) -> Any:
+    def _on_output(self, name: str, output: Any, auto: bool = False) -> Any:
+        if auto and (self._capture is not None or not self._active()):
+            return None  # a candidate is not the discovered output: it does not end a capture or a forward
         if self._capture is not None and self._active():
             tensor, _ = _split_main(output)
             if tensor is not None:
                 self._capture.outputs.append(tensor)
-            self._calls = {}
+            self._group = None
             return None
         if not self._active() or self.mode != "dfa":
-            self._calls = {}
+            self._group = None
             return None
         tensor, rebuild = _split_main(output)
+        g = self._group
         # A frozen output module (a fixed readout) still gets tied: the points carry the gradient, and the
         # error reaches the delivery even though the output itself needs none.
-        if not self._pending:
+        if g is None or g.state.closed or not g.points:
             return None
         if tensor is None or not tensor.is_floating_point():
-            self.report.untied_outputs.append(type(output).__name__ if tensor is None else f"{tensor.dtype} tensor")
+            if not auto:
+                self.report.untied_outputs.append(type(output).__name__ if tensor is None else f"{tensor.dtype} tensor")
             return None
-        points, self._pending, self._calls = self._pending, [], {}
-        metas = [_PointMeta(k, t.shape, t.dtype, f, self._norm_of(k, f)) for k, t, f in points]
+        if auto and not tensor.requires_grad:
+            return None  # a candidate whose output carries no gradient cannot be where the loss reads the error
+        calls = g.outputs.get(name, 0)
+        g.outputs[name] = calls + 1
+        source = name if calls == 0 else f"{name}#{calls}"
+        tensors = [t for _, t, _ in g.points]
+        metas = [_PointMeta(k, t.shape, t.dtype, f, self._norm_of(k, f)) for k, t, f in g.points]
+        delivery = _Delivery(self, metas, source)
+        module = self._modules.get(name)
+        delivery.frozen = module is not None and not any(p.requires_grad for p in module.parameters())
+        if len(g.outputs) > 1 or calls:  # another output was tied in this forward: was it computed from it?
+            delivery.upstream = _deliveries_upstream_of(tensor)
+        if g.soft:
+            delivery.probe = (tensor, tensors)
+        if self._true_ids is None:  # until a backward delivered: which parameters lie between cuts and output
+            delivery.reached = _parameters_reached(tensor)
+        delivery.forward = g.state
+        g.untied = 0
+        g.ties.append(delivery)
         self._consumers_complete = True
         self.report.outputs_tied += 1
-        return rebuild(_DeliverFeedback.apply(_Delivery(self, metas), tensor, *[t for _, t, _ in points]))
+        return rebuild(_DeliverFeedback.apply(delivery, tensor, *tensors))
 
     def _on_norm_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Norm-aware feedback: a normalisation reading a point recorded in this forward makes it that point's
@@ -780,6 +1029,9 @@ class FeedbackEngine:
         tensor, _ = _split_input(args, kwargs)
         if tensor is None or not tensor.is_floating_point():
             return None
+        g = self._group
+        if g is not None and id(tensor) in g.cuts:  # a layout-probe forward: the point itself, not its copy
+            tensor = g.cuts[id(tensor)]
         recorded = (
             [(p.key, p.tensor, p.flatten) for p in self._capture.points] if self._capture is not None else self._pending
         )
@@ -802,7 +1054,7 @@ class FeedbackEngine:
         if id(module) not in self._point_norms or not self._active():
             return None
         tensor, rebuild = _split_main(output)
-        if not _carries_grad(tensor):
+        if not self._carries(tensor):
             return None
         return rebuild(self._record(name, tensor))
 
@@ -815,58 +1067,150 @@ class FeedbackEngine:
             return None
         return self._consumers.get(key.split("#")[0])
 
-    def _on_output_input(self, args: tuple, kwargs: dict) -> Any:
+    def _on_output_input(self, name: str, args: tuple, kwargs: dict) -> Any:
         tensor, rebuild = _split_input(args, kwargs)
         if tensor is None:
             return None
-        if self._active() and self.mode == "dfa" and not tensor.requires_grad:
+        g = self._group
+        if g is not None and id(tensor) in g.cuts:  # a layout-probe forward: the point itself, not its copy
+            tensor = g.cuts[id(tensor)]
+        if self._active() and self.mode == "dfa" and g is not None and (not tensor.requires_grad or g.soft):
             # The head reads the last block's output directly: that block gets the true error at the head's
             # input (it is where the error is read), the other points get its projection.
-            for i in range(len(self._pending) - 1, -1, -1):
-                original = self._pending[i][1]
+            for i in range(len(g.points) - 1, -1, -1):
+                original = g.points[i][1]
                 if original.data_ptr() == tensor.data_ptr() and original.shape == tensor.shape:
-                    del self._pending[i]
+                    del g.points[i]
+                    g.untied = min(g.untied, len(g.points))
                     tensor = original
                     break
-        tied = self._on_output(tensor)
+        tied = self._on_output(name, tensor)
         return None if tied is None else rebuild(tied)
 
     # ------------------------------------------------------------------ backward
-    def _align(self, error: torch.Size, point: _PointMeta) -> tuple[str, int, int]:
-        shape = point.shape
-        if not point.flatten and len(error) >= 1 and error[:-1] == shape[:-1]:
-            return "token", error[-1], shape[-1]
-        if (
-            not point.flatten
-            and 2 in (len(error), len(shape))
-            and min(len(error), len(shape)) >= 2
-            and math.prod(error[:-1]) == math.prod(shape[:-1])
-        ):
-            # the same tokens, one side flattened to rows (``x.view(-1, d)`` before a Linear, as OPT's MLP or a
-            # head applied to ``[batch * positions, d]``): row-major order lines them up
-            return "token", error[-1], shape[-1]
-        if len(error) == 0 or len(shape) == 0 or error[0] != shape[0]:
+    def _align(self, error: torch.Size, point: _PointMeta, source: str = "") -> tuple[str, int, int]:
+        shape = _laid_out(point)
+        kind = _fit(error, shape, point.flatten)
+        if kind is None:
+            swapped = "" if point.layout == "swapped" else " (its first two dimensions swapped do not fit either)"
+            output = source or (self.target.output_name if self.target else "?")
             raise RuntimeError(
                 f"DFA: cannot line up the error of shape {list(error)} (gradient at the output module "
-                f"{self.target.output_name if self.target else '?'!r}) with feedback point {point.key!r} of shape "
-                f"{list(shape)}: their first (batch) dimensions differ. Choose an output= whose output has the "
-                "blocks' batch/positions dimensions, or other blocks=."
+                f"{output!r}) with feedback point {point.key!r} of shape "
+                f"{list(point.shape)}{swapped}: their first (batch) dimensions differ. Choose an output= whose "
+                "output has the blocks' batch/positions dimensions, or other blocks=."
             )
-        if not point.flatten and len(shape) == 3 and len(error) in (2, 3):
-            return "broadcast", error[-1], shape[-1]
-        return "flatten", math.prod(error[1:]), math.prod(shape[1:])
+        if kind in ("token", "broadcast", "mean"):
+            return kind, error[-1], shape[-1]
+        return kind, math.prod(error[1:]), math.prod(shape[1:])
+
+    def _source_key(self, delivery: _Delivery | None) -> str:
+        """The feedback matrices' key of an output: ``""`` for the (first call of the) primary output."""
+        if delivery is None or self.target is None or delivery.source == self.target.output_name:
+            return ""
+        return delivery.source
 
     def _project(
-        self, error: torch.Tensor, points: list[_PointMeta], activations: list[torch.Tensor] | None = None
-    ) -> list[torch.Tensor]:
+        self,
+        error: torch.Tensor,
+        points: list[_PointMeta],
+        activations: list[torch.Tensor] | None = None,
+        delivery: _Delivery | None = None,
+    ) -> list[torch.Tensor | None]:
         self.report.deliveries += 1
-        self.last_points = points
-        out = self.feedback_for(error, points, activations)
+        source = self._source_key(delivery)
+        laid = self._lay_out(error.shape, points, delivery)
+        keep = [i for i, p in enumerate(laid) if p is not None]
+        kept = [laid[i] for i in keep]
+        acts = None if activations is None else [activations[i] for i in keep]
+        self.last_points = kept
+        fbs = self.feedback_for(error, kept, acts, source=source) if kept else []
         for observer in self._observers:
-            observer(error, points, out)
+            observer(error, kept, fbs)
+        out: list[torch.Tensor | None] = [None] * len(points)
+        for i, fb in zip(keep, fbs):
+            out[i] = fb
         return out
 
-    def _projection(self, source: torch.Tensor, k: int, width: int) -> torch.Tensor:
+    def _lay_out(
+        self, error: torch.Size, points: list[_PointMeta], delivery: _Delivery | None
+    ) -> list[_PointMeta | None]:
+        """Each point with its layout relative to this error (``None``: no feedback from this output this step).
+
+        A sequence-shaped point whose first two dimensions could line up with the error either way (``[T, B, d]``
+        against ``[B, T, V]`` with ``T == B``, or against rows ``[B * T, V]``) is lined up as the data flow says:
+        the first forward after ``attach`` keeps such points connected (:class:`_SoftCut`), and the first delivery
+        probes which of the point's positions the output's positions depend on (:meth:`_probe_layouts`). Until a
+        probe has seen a point, it gets no feedback from such an output rather than a possibly transposed one."""
+        source = delivery.source.split("#")[0] if delivery is not None else ""  # every call of a module alike
+        out: list[_PointMeta | None] = list(points)
+        check = [i for i, p in enumerate(points) if p.layout == "same" and _swappable(error, p)]
+        todo = [i for i in check if (points[i].key.split("#")[0], source) not in self._layouts]
+        if todo and delivery is not None and delivery.probe is not None:
+            self._probe_layouts(error, delivery, todo)
+        if delivery is not None and delivery.probe is not None:
+            self._probe_pending = False
+            delivery.probe = None  # the tensors are no longer needed
+        for i in check:
+            p = points[i]
+            relation = self._layouts.get((p.key.split("#")[0], source))
+            if relation is None:
+                out[i] = None
+                self._probe_pending = True  # the next forward probes it
+            elif relation == "swapped" or (relation == "none" and _fit(error, p.shape, p.flatten) is None):
+                out[i] = dataclasses.replace(p, layout="swapped")
+            elif _fit(error, p.shape, p.flatten) is None:
+                raise RuntimeError(
+                    f"DFA: feedback point {p.key!r} of shape {list(p.shape)}: the data flow lines its first two "
+                    f"dimensions up with those of the error {list(error)} of output {source!r}, but their sizes "
+                    "differ. Choose other blocks= or output=."
+                )
+        return out
+
+    def _probe_layouts(self, error: torch.Size, delivery: _Delivery, todo: list[int]) -> None:
+        """Which of each point's first two dimensions the output's positions depend on: ONE vector-Jacobian
+        product from the output (before the tie) back to the points, through the soft cuts, for a probe at one
+        output position. For ``[T, B, d]`` points and a ``[B, T, V]`` output, output ``(b=0, t=1)`` depends on
+        point positions ``(t, 0)`` (batch item 0), never on ``(0, 1)``; a position-wise head, attention,
+        causal or not, all keep the batch items apart. Batch-mixing layers (BatchNorm in training) leave the own
+        item's dependence far larger; a point whose dependence does not tell is refused."""
+        assert delivery.probe is not None
+        y, tensors = delivery.probe
+        by_kind: dict[str, list[int]] = {}
+        for i in todo:
+            p = delivery.points[i]
+            kind = _fit(error, p.shape, p.flatten) or _fit(error, _swapped(p.shape), p.flatten)
+            by_kind.setdefault("mean" if kind == "mean" else "token", []).append(i)
+        g = torch.Generator().manual_seed(0)
+        for kind, idx in by_kind.items():
+            wrt = [tensors[i] for i in idx]
+            grads: Sequence[torch.Tensor | None] = [None] * len(idx)
+            if y.requires_grad and all(t.requires_grad for t in wrt):
+                v = torch.zeros(y.shape, dtype=y.dtype, device=y.device)
+                r = torch.randn(error[-1], generator=g).to(v)
+                if kind == "token":  # the output's second position, (0, 1) or row 1 (for a broadcast: item 1)
+                    v.view(-1, error[-1])[1] = r
+                else:
+                    v[1] = r  # the output's second item, all its positions
+                self._probing = True
+                try:
+                    grads = torch.autograd.grad([y], wrt, [v], retain_graph=True, allow_unused=True)
+                finally:
+                    self._probing = False
+            for i, grad in zip(idx, grads):
+                p = delivery.points[i]
+                fits = _fit(error, p.shape, p.flatten) or _fit(error, _swapped(p.shape), p.flatten)
+                relation = _layout_from_dependence(grad, p.shape, "token" if fits == "token" else "broadcast")
+                if relation is None:
+                    raise RuntimeError(
+                        f"DFA: cannot tell how feedback point {p.key!r} of shape {list(p.shape)} lines up with the "
+                        f"error of shape {list(error)} of output {delivery.source!r}: the output's positions depend "
+                        "on the point's positions along both of its first two dimensions. Choose blocks= whose "
+                        "outputs keep the batch items apart, or another output=."
+                    )
+                self._layouts[(p.key.split("#")[0], delivery.source.split("#")[0])] = relation
+
+    def _projection(self, source: torch.Tensor, k: int, width: int, key: str = "") -> torch.Tensor:
         """``source @ B.T`` over the last dimension (error width ``k``, ``B`` of shape ``[width, k]``): one dense
         GEMM, or (option ``topk``) a weighted gather of the columns of ``B`` at each row's ``topk`` largest-magnitude
         entries, with every dropped entry replaced by the dropped entries' mean ``c``:
@@ -874,25 +1218,26 @@ class FeedbackEngine:
         tail); dropping the tail outright would bias every token's feedback the same way (``e`` of softmax +
         cross-entropy sums to zero, so the tail's mass is the kept entries' deficit)."""
         if self.sketch and uses_sketch(k, width):
-            return self._sketch_projection(source, k, width)
+            return self._sketch_projection(source, k, width, key)
         topk = self.config.topk
         if topk is None or topk >= k:
-            return source @ self.bank.matrix(k, width, source.device, source.dtype).t()
+            return source @ self.bank.matrix(k, width, source.device, source.dtype, source=key).t()
         rows = source.reshape(-1, k)
         index, kept = _largest_entries(rows, topk)
-        table = self.bank.matrix(k, width, source.device, source.dtype, transposed=True)  # [k, width], contiguous
+        # [k, width], contiguous
+        table = self.bank.matrix(k, width, source.device, source.dtype, transposed=True, source=key)
         tail = ((rows.sum(-1) - kept.sum(-1)) / (k - topk)).unsqueeze(-1)  # mean of the dropped entries
         out = nn.functional.embedding_bag(index, table, per_sample_weights=kept - tail, mode="sum")
-        out.addcmul_(tail * k, self.bank.mean_column(k, width, source.device, source.dtype))
+        out.addcmul_(tail * k, self.bank.mean_column(k, width, source.device, source.dtype, source=key))
         return out.reshape(*source.shape[:-1], width)
 
-    def _sketch_projection(self, source: torch.Tensor, k: int, width: int) -> torch.Tensor:
+    def _sketch_projection(self, source: torch.Tensor, k: int, width: int, key: str = "") -> torch.Tensor:
         """``source @ B.T`` for the ``sketch`` option's structured ``B`` (see :meth:`FeedbackBank.sketch`), without
         forming ``B``: with each row of the error viewed as ``E[i, j]`` (``v = i * g + j``), ONE batched product
         over a view of the error (no copy) gives ``Y[c, j] = sum_i A[c, i] E[i, j]`` (a pass over the error with
         4 multiply-adds per entry), then ``Y @ G`` (``[4 g, d]``). The last, partial group (``k`` not a multiple
         of ``g``) is added separately."""
-        g, a, big = self.bank.sketch(k, width, source.device, source.dtype)
+        g, a, big = self.bank.sketch(k, width, source.device, source.dtype, source=key)
         rows = source.reshape(-1, k)
         n, c = rows.shape[0], a.shape[0]
         full, rest = divmod(k, g)
@@ -908,11 +1253,14 @@ class FeedbackEngine:
         error: torch.Tensor,
         points: Sequence[_PointMeta | CapturedPoint],
         activations: Sequence[torch.Tensor | None] | None = None,
+        source: str = "",
     ) -> list[torch.Tensor]:
         """``scale/sqrt(d) * B_k e`` for each point, with one projection per (alignment, error width).
 
         ``points`` are the metadata the engine records (or :class:`CapturedPoint` from :meth:`capture`). Where
         norm-aware feedback shapes a point, its activation is needed: ``activations`` or the captured tensor.
+        ``source`` names the output the error was read at (``""``: the primary output); every output has its own
+        feedback matrices.
         """
         if activations is None:
             activations = [p.tensor if isinstance(p, CapturedPoint) else None for p in points]
@@ -924,20 +1272,22 @@ class FeedbackEngine:
         ]
         if any(p.norm is not None and h is None for p, h in zip(points, activations)):
             raise ValueError("DFA: norm-aware feedback needs the points' activations (pass activations=).")
-        aligned = [self._align(error.shape, p) for p in points]
+        aligned = [self._align(error.shape, p, source) for p in points]
         widest: dict[tuple[str, int], int] = {}
         for p, (kind, k, d) in zip(points, aligned):
-            self.bank.check_point(p.key, k, d)
+            self.bank.check_point(p.key if not source else f"{p.key}@{source}", k, d)
             widest[(kind, k)] = max(widest.get((kind, k), 0), d)
         projections = {}
         for (kind, k), width in widest.items():
             if kind == "token":
-                source = error
+                rows = error
             elif kind == "broadcast":
-                source = error if error.dim() == 2 else error.mean(dim=1)
+                rows = error.reshape(-1, k)
+            elif kind == "mean":
+                rows = error.mean(dim=1)
             else:
-                source = error.reshape(error.shape[0], -1)
-            projected = self._projection(source, k, width)
+                rows = error.reshape(error.shape[0], -1)
+            projected = self._projection(rows, k, width, source)
             uniform_width = all(d == width for (kd, kk, d) in aligned if (kd, kk) == (kind, k))
             if uniform_width and not self.config.distinct:
                 projected.mul_(self.config.scale / math.sqrt(width))
@@ -951,10 +1301,17 @@ class FeedbackEngine:
                 fb = fb * (signs * (self.config.scale / math.sqrt(d)))
             elif not prescaled:
                 fb = fb * (self.config.scale / math.sqrt(d))
+            shape = _laid_out(p)
             if kind == "broadcast":
-                fb = fb.unsqueeze(1).expand(p.shape)
-            elif fb.shape != p.shape:  # "flatten", or "token" with the positions flattened on one side
-                fb = fb.reshape(p.shape)
+                j = _prefix(error.shape, shape)
+                assert j is not None
+                fb = fb.reshape(*shape[:j], *([1] * (len(shape) - 1 - j)), d).expand(shape)
+            elif kind == "mean":
+                fb = fb.unsqueeze(1).expand(shape)
+            elif fb.shape != shape:  # "flatten", or "token" with the positions flattened on one side
+                fb = fb.reshape(shape)
+            if p.layout == "swapped":
+                fb = fb.transpose(0, 1)
             out.append(fb if fb.dtype == p.dtype else fb.to(p.dtype))
         transform = self.config.feedback_transform
         if transform is not None:
@@ -970,7 +1327,7 @@ class FeedbackEngine:
             RuntimeError: in ``mode="dfa"``, if no feedback reached the blocks in this backward, with the reason.
         """
         report, self.report = self.report, BackwardReport()
-        self._pending, self._calls = [], {}
+        self._group = None
         if self.mode == "dfa" and self.attached and report.deliveries == 0:
             raise RuntimeError(self._explain_silence(report))
         return report
@@ -978,41 +1335,47 @@ class FeedbackEngine:
     def check_loss(self, loss: torch.Tensor) -> None:
         """Refuse a loss that cannot carry the error back to the output module."""
         if self.mode != "bp" and isinstance(loss, torch.Tensor) and not loss.requires_grad:
-            out = self.target.output_name if self.target else "?"
+            out = self._output_names()
             if self._pending:
                 # points recorded (and detached) after the last call of the output module: the loss was computed
                 # from a block's output, which DFA cuts from what follows
                 last = self._pending[-1][0].split("#")[0].split(":")[0]
                 raise RuntimeError(
                     f"DFA: the loss does not require grad: it was computed downstream of block {last!r}, whose output "
-                    f"DFA detaches, so it does not depend on the output module {out!r}. Compute the loss from that "
+                    f"DFA detaches, so it does not depend on the output module {out}. Compute the loss from that "
                     "module's output (logits, predictions), or pass output= naming the module it is computed from; "
                     "if blocks= names that module (or a module containing it), remove it from blocks=: the output "
                     "must lie after the last block."
                 )
             raise RuntimeError(
-                f"DFA: the loss does not require grad, so it does not depend on the output module {out!r} "
+                f"DFA: the loss does not require grad, so it does not depend on the output module {out} "
                 f"(mode={self.mode!r} detaches everything else). Compute the loss from that module's output "
                 "(logits, predictions), or pass output= naming the module it is computed from."
             )
 
+    def _output_names(self) -> str:
+        names = [n for n, _ in self.target.outputs] if self.target else ["?"]
+        return repr(names[0]) if len(names) == 1 else f"(any of {names})"
+
     def _explain_silence(self, report: BackwardReport) -> str:
-        out = self.target.output_name if self.target else "?"
+        out = self._output_names()
         names = [b.name for b in self.target.blocks] if self.target else []
         if report.points_recorded == 0:
             why = f"no block ran with gradients enabled in this step's forward (blocks: {names[:6]}...)."
         elif report.outputs_tied == 0 and report.untied_outputs:
             kinds = sorted(set(report.untied_outputs))
             why = (
-                f"the output module {out!r} was called after the blocks, but returned {', '.join(kinds)}, where DFA "
+                f"the output module {out} was called after the blocks, but returned {', '.join(kinds)}, where DFA "
                 "needs a floating-point tensor to read the error at (the output itself, the first item of a tuple or "
                 "list, or the first field of a ModelOutput). Make it return the tensor the loss is computed from "
                 "(logits, predictions) first, or pass output= naming the submodule that produces that tensor."
             )
         elif report.outputs_tied == 0:
-            why = f"the output module {out!r} was not called after the blocks in this step's forward."
+            why = f"the output module {out} was not called after the blocks in this step's forward."
+        elif self._candidates:
+            why = f"the loss does not depend on the output module {out} nor on another layer after the blocks."
         else:
-            why = f"the loss does not depend on the output module {out!r}."
+            why = f"the loss does not depend on the output module {out}."
         return (
             f"DFA: no feedback reached the blocks in this backward: {why} Training would silently update only "
             "the layers after the last block. Pass output= naming the module whose output the loss is computed "
@@ -1096,8 +1459,10 @@ class FeedbackEngine:
         root = root or self.root
         if root is None or self.target is None:
             raise RuntimeError("DFA: attach() the engine first.")
-        after = _params_after_blocks(root, self.target)
-        out_ids = {id(p) for p in self.target.output.parameters()}
+        measured = self._true_ids is not None  # measured from the forward at the first delivery
+        after = self._true_ids if self._true_ids is not None else _params_after_blocks(root, self.target)
+        cut = self._cut and not measured  # the cut is in the measurement
+        out_ids = {id(p) for _, m in self.output_modules() for p in m.parameters()}
         roles = {"feedback": 0, "true gradient": 0, "none": 0}
         seen: set[int] = set()
         for p in root.parameters():
@@ -1106,13 +1471,36 @@ class FeedbackEngine:
             seen.add(id(p))
             if not p.requires_grad:
                 roles["none"] += p.numel()
-            elif self.mode == "bp" or id(p) in out_ids or (id(p) in after and not self._cut):
+            elif self.mode == "bp" or id(p) in out_ids or (id(p) in after and not cut):
                 roles["true gradient"] += p.numel()
             elif self.mode == "shallow":
                 roles["none"] += p.numel()
             else:
                 roles["feedback"] += p.numel()
         return roles
+
+    def role_of(self, parameter: nn.Parameter) -> str:
+        """``"feedback"``, ``"true gradient"`` or ``"none"``: how a parameter of the model is trained (as counted by
+        :meth:`parameter_roles`).
+
+        Example:
+            >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+            >>> engine = FeedbackEngine()
+            >>> _ = engine.attach(net)
+            >>> engine.role_of(net[0].weight), engine.role_of(net[2].weight)
+            ('feedback', 'true gradient')
+        """
+        if self.root is None or self.target is None:
+            raise RuntimeError("DFA: attach() the engine first.")
+        if not parameter.requires_grad:
+            return "none"
+        if self.mode == "bp" or any(parameter is p for _, m in self.output_modules() for p in m.parameters()):
+            return "true gradient"
+        measured = self._true_ids is not None
+        after = self._true_ids if self._true_ids is not None else _params_after_blocks(self.root, self.target)
+        if id(parameter) in after and (measured or not self._cut):
+            return "true gradient"
+        return "none" if self.mode == "shallow" else "feedback"
 
     def summary(self, shapes: dict[str, list[int]] | None = None) -> str:
         """A short table: feedback points, shapes (``shapes`` or once seen), output, feedback kind, parameter roles."""
@@ -1145,6 +1533,153 @@ class FeedbackEngine:
             if cuda_states is not None:
                 torch.cuda.set_rng_state_all(cuda_states)
         return {p.key: list(p.tensor.shape) for p in cap.points}
+
+
+def _swapped(shape: torch.Size) -> torch.Size:
+    return torch.Size((shape[1], shape[0], *shape[2:]))
+
+
+def _laid_out(point: _PointMeta) -> torch.Size:
+    """The point's shape in the error's order of positions."""
+    return _swapped(point.shape) if point.layout == "swapped" else point.shape
+
+
+def _fit(error: torch.Size, shape: torch.Size, flatten: bool) -> str | None:
+    """How a point of ``shape`` lines up with an error of shape ``error`` (``None``: it does not)."""
+    if not flatten and len(error) >= 1 and error[:-1] == shape[:-1]:
+        return "token"
+    if not flatten and min(len(error), len(shape)) >= 2 and _merged(error[:-1], shape[:-1]):
+        # the same tokens, one side flattened to rows (``x.view(-1, d)`` before a Linear, as OPT's MLP, a head
+        # applied to ``[batch * positions, d]``, or ``[batch, choices, positions]`` folded into ``[batch * choices,
+        # positions]``): row-major order lines them up
+        return "token"
+    if not flatten and len(error) >= 2 and _prefix(error, shape) is not None:
+        # one error row per item (or per ``[batch, choices]`` pair folded into the point's first dimension):
+        # broadcast over the point's positions
+        return "broadcast"
+    if len(error) == 0 or len(shape) == 0 or error[0] != shape[0]:
+        return None
+    if not flatten and len(shape) == 3 and len(error) == 3:
+        return "mean"  # per-item errors over other positions (a decoder's, for an encoder's points): their mean
+    return "flatten"
+
+
+def _prefix(error: torch.Size, shape: torch.Size) -> int | None:
+    """``j`` such that the error's leading positions are the point's first ``j`` dimensions, with positions
+    (at least one dimension) left over, or ``None``."""
+    n = math.prod(error[:-1])
+    for j in range(1, len(shape) - 1):
+        if math.prod(shape[:j]) == n:
+            return j
+    return None
+
+
+def _merged(a: Sequence[int], b: Sequence[int]) -> bool:
+    """One list of sizes is the other with runs of consecutive dimensions merged (``[2, 3, 8]`` and ``[6, 8]``)."""
+    prefix_a = set(itertools.accumulate(a, operator.mul))
+    prefix_b = set(itertools.accumulate(b, operator.mul))
+    return math.prod(a) == math.prod(b) and (prefix_a <= prefix_b or prefix_b <= prefix_a)
+
+
+def _sequence_shaped(shape: torch.Size, flatten: bool) -> bool:
+    """A point whose first two dimensions could be (batch, positions) either way round."""
+    return not flatten and len(shape) >= 3 and shape[0] >= 2 and shape[1] >= 2
+
+
+def _swappable(error: torch.Size, point: _PointMeta) -> bool:
+    """The point's first two dimensions, swapped, would also line up with the error (position-wise or per item)."""
+    if not _sequence_shaped(point.shape, point.flatten):
+        return False
+    return _fit(error, _swapped(point.shape), point.flatten) in ("token", "broadcast", "mean")
+
+
+def _layout_from_dependence(grad: torch.Tensor | None, shape: torch.Size, kind: str) -> str | None:
+    """``"same"``, ``"swapped"``, ``"none"`` (no dependence) or ``None`` (undecided) from a probe's gradient at a
+    point: for a probe at output position ``(0, 1)`` (``kind="token"``), the same layout puts the dependence on
+    point positions of item 0 (row 0) or item 1 (column 1), the swapped one on row 1 or column 0; for a probe at
+    output item 1 (``kind="broadcast"``), on row 1 or on column 1."""
+    if grad is None:
+        return "none"
+    mass = grad.detach().float().reshape(shape[0], shape[1], -1).abs().sum(-1)
+    i = torch.arange(shape[0], device=mass.device).unsqueeze(1)
+    j = torch.arange(shape[1], device=mass.device).unsqueeze(0)
+    if kind == "token":
+        same, swapped = (i == 0) | (j == 1), (i == 1) | (j == 0)
+    else:
+        same, swapped = (i == 1).expand(mass.shape), (j == 1).expand(mass.shape)
+    a = float(mass[same & ~swapped].sum())
+    b = float(mass[swapped & ~same].sum())
+    if a == 0 and b == 0:
+        return "none"
+    if a > 10 * b:
+        return "same"
+    if b > 10 * a:
+        return "swapped"
+    return None
+
+
+def _grad_beyond_soft_cuts(tensor: torch.Tensor) -> bool:
+    """In a layout-probe forward: the tensor requires grad through something other than a soft cut (a parameter,
+    an input that requires grad), as it would after an ordinary cut (``detach``)."""
+    stack = [tensor.grad_fn]
+    seen: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen or isinstance(node, _SoftCut._backward_cls):
+            continue
+        seen.add(id(node))
+        if not node.next_functions and type(node).__name__ == "AccumulateGrad":
+            return True
+        stack.extend(n for n, _ in node.next_functions)
+    return tensor.grad_fn is None  # a leaf that requires grad
+
+
+def _frozen(block: Block) -> bool:
+    """A block whose parameters are all frozen: no feedback point (it cannot learn; for a step in which a network
+    is frozen, such as the discriminator in a generator's step, it is part of the loss)."""
+    params = block.parameters()
+    return bool(params) and not any(p.requires_grad for p in params)
+
+
+def _parameters_reached(tensor: torch.Tensor, limit: int = 100_000) -> set[int]:
+    """``id`` of the parameters ``tensor`` was computed from without crossing a cut or a delivery's points: those
+    that an output delivering there trains by their true gradient."""
+    found: set[int] = set()
+    stack = [tensor.grad_fn]
+    seen: set[int] = set()
+    while stack and len(seen) < limit:
+        node = stack.pop()
+        if node is None or id(node) in seen or isinstance(node, _SoftCut._backward_cls):
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)
+        if isinstance(variable, torch.Tensor):
+            found.add(id(variable))
+        nexts = node.next_functions
+        if isinstance(node, _DeliverFeedback._backward_cls):
+            nexts = nexts[:1]  # the output it ties, not its points
+        stack.extend(n for n, _ in nexts)
+    return found
+
+
+def _deliveries_upstream_of(tensor: torch.Tensor, limit: int = 4096) -> list[_Delivery]:
+    """The deliveries of earlier output calls whose (tied) outputs ``tensor`` was computed from, found by a walk
+    of its graph back to the cuts (the tail after the blocks: a few nodes)."""
+    found: list[_Delivery] = []
+    stack = [tensor.grad_fn]
+    seen: set[int] = set()
+    while stack and len(seen) < limit:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, _DeliverFeedback._backward_cls):
+            found.append(node.delivery)
+            continue
+        if isinstance(node, _SoftCut._backward_cls):
+            continue
+        stack.extend(n for n, _ in node.next_functions)
+    return found
 
 
 def norm_vjp(h: torch.Tensor, v: torch.Tensor, norm: NormSpec) -> torch.Tensor:
@@ -1271,6 +1806,8 @@ def _norm_jacobian(h: torch.Tensor, v: torch.Tensor, flatten: bool, eps: float =
 
 
 def _params_after_blocks(root: nn.Module, target: Target) -> set[int]:
+    if not target.blocks:
+        return set()
     names = [n for n, _ in root.named_modules()]
     order = {n: i for i, n in enumerate(names)}
     last = max(order.get(b.name, -1) for b in target.blocks)

@@ -123,6 +123,20 @@ def hashed_matrix(
     return (out * scale).to(dtype).view(rows, cols)
 
 
+def _matrix_id(k: int, source: str) -> int | str:
+    """The key of the matrices of error width ``k`` from output ``source``: ``k`` for the primary output (as
+    checkpoints have always stored it), ``"k@source"`` for the others."""
+    return k if not source else f"{k}@{source}"
+
+
+def _load_id(key: int | str) -> int | str:
+    return int(key) if isinstance(key, int) or str(key).isdigit() else str(key)
+
+
+def _ids_text(ids: Any) -> list[str]:
+    return sorted(str(k) for k in ids)
+
+
 class FeedbackBank:
     """The fixed random matrices of one engine, keyed by the error's width.
 
@@ -149,17 +163,25 @@ class FeedbackBank:
 
     # ------------------------------------------------------------------ matrices
     def matrix(
-        self, k: int, width: int, device: torch.device, dtype: torch.dtype, transposed: bool = False
+        self,
+        k: int,
+        width: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        transposed: bool = False,
+        source: str = "",
     ) -> torch.Tensor:
         """The ``[width, k]`` matrix (first ``width`` rows of the error-width-``k`` matrix) on ``device``/``dtype``.
 
         With ``transposed=True`` its contiguous transpose ``[k, width]`` (a table of rows, for the ``topk``
         projection). Either is cast once and cached: the same tensor is returned at every step; a cast to the
-        master's own device, dtype and layout is the master itself (no copy).
+        master's own device, dtype and layout is the master itself (no copy). ``source`` names the output whose
+        error it projects (``""``: the primary one); every output has its own matrices.
         """
-        stored = self._matrices.get(k)
+        mid = _matrix_id(k, source)
+        stored = self._matrices.get(mid)
         if stored is None or stored.shape[0] < width:
-            if stored is None and k in self._sketch_groups:
+            if stored is None and mid in self._sketch_groups:
                 raise RuntimeError(
                     f"DFA: the feedback for error width {k} was a sketch (sketch=True) when the checkpoint was "
                     "written; resume with sketch=True, or start a new run to change the projection."
@@ -167,32 +189,36 @@ class FeedbackBank:
             if stored is None and self._loaded_widths is not None and self._matrices:
                 raise RuntimeError(
                     f"DFA: the model now produces an error of width {k}, but the checkpoint's feedback matrices "
-                    f"were drawn for error widths {sorted(self._matrices)}. The model's output shape changed "
+                    f"were drawn for error widths {_ids_text(self._matrices)}. The model's output shape changed "
                     "since the checkpoint was written; resume with the original model or start a new run."
                 )
-            self._matrices[k] = draw((width, k), self.distribution, self.seed, "B", k)
-            self._cache = {key: v for key, v in self._cache.items() if key[0] != k}
-        key = (k, width, device, dtype, transposed)
+            parts = ("B", k) if not source else ("B", k, source)
+            self._matrices[mid] = draw((width, k), self.distribution, self.seed, *parts)
+            self._cache = {key: v for key, v in self._cache.items() if key[0] != mid}
+        key = (mid, width, device, dtype, transposed)
         cached = self._cache.get(key)
         if cached is None:
-            master = self._matrices[k][:width]
+            master = self._matrices[mid][:width]
             cached = (master.t() if transposed else master).to(device=device, dtype=dtype).contiguous()
             self._cache[key] = cached
         return cached
 
-    def mean_column(self, k: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    def mean_column(
+        self, k: int, width: int, device: torch.device, dtype: torch.dtype, source: str = ""
+    ) -> torch.Tensor:
         """The mean over the ``k`` columns of the ``[width, k]`` matrix (``[width]``, cached): the ``topk`` option
         projects the dropped entries of the error as if each were their mean."""
-        self.matrix(k, width, device, dtype)  # draws or grows the stored matrix if needed
-        key = (k, width, device, dtype, "mean")
+        self.matrix(k, width, device, dtype, source=source)  # draws or grows the stored matrix if needed
+        mid = _matrix_id(k, source)
+        key = (mid, width, device, dtype, "mean")
         cached = self._cache.get(key)
         if cached is None:
-            cached = self._matrices[k][:width].mean(dim=1).to(device=device, dtype=dtype)
+            cached = self._matrices[mid][:width].mean(dim=1).to(device=device, dtype=dtype)
             self._cache[key] = cached
         return cached
 
     def sketch(
-        self, k: int, width: int, device: torch.device, dtype: torch.dtype
+        self, k: int, width: int, device: torch.device, dtype: torch.dtype, source: str = ""
     ) -> tuple[int, torch.Tensor, torch.Tensor]:
         """The structured feedback of error width ``k`` (the ``sketch`` option): ``(g, A, G)``.
 
@@ -216,9 +242,10 @@ class FeedbackBank:
             >>> g, tuple(A.shape), tuple(G.shape)
             (32, (4, 32), (128, 16))
         """
-        g = self._sketch_groups.get(k)
+        mid = _matrix_id(k, source)
+        g = self._sketch_groups.get(mid)
         if g is None:
-            if k in self._matrices:
+            if mid in self._matrices:
                 raise RuntimeError(
                     f"DFA: the feedback for error width {k} was a dense matrix (sketch=False) when the checkpoint "
                     "was written; resume with sketch=False, or start a new run to change the projection."
@@ -226,13 +253,13 @@ class FeedbackBank:
             if self._loaded_widths is not None and (self._sketch_groups or self._matrices):
                 raise RuntimeError(
                     f"DFA: the model now produces an error of width {k}, but the checkpoint's feedback was drawn "
-                    f"for error widths {sorted(set(self._sketch_groups) | set(self._matrices))}. The model's output "
+                    f"for error widths {_ids_text({**self._sketch_groups, **self._matrices})}. The model's output "
                     "shape changed since the checkpoint was written; resume with the original model or start a new run."
                 )
             g = min(k, max(math.isqrt(k - 1) + 1, -(-width // SKETCH_RANK)))
-            self._sketch_groups[k] = g
+            self._sketch_groups[mid] = g
         m = -(-k // g)
-        key = self.seed, self.distribution, "sketch", k
+        key = (self.seed, self.distribution, "sketch", k) + ((source,) if source else ())
         a = hashed_matrix(SKETCH_RANK, m, "gaussian", _mix(*key, "A"), device, dtype)
         # stored as [width, 4 g] rows so that a wider point keeps the narrower one's values
         g_t = hashed_matrix(width, SKETCH_RANK * g, self.distribution, _mix(*key, "G"), device, dtype, 0.5)
@@ -306,7 +333,7 @@ class FeedbackBank:
             "version": _STATE_VERSION,
             "seed": self.seed,
             "distribution": self.distribution,
-            "matrices": {int(k): m.clone() for k, m in self._matrices.items()},
+            "matrices": {k: m.clone() for k, m in self._matrices.items()},
             "signs": {p: s.clone() for p, s in self._signs.items()},
             "sketch_groups": dict(self._sketch_groups),
             "widths": {p: list(w) for p, w in self.widths.items()},
@@ -318,9 +345,9 @@ class FeedbackBank:
         check_bank_state(state)
         self.seed = int(state["seed"])
         self.distribution = state["distribution"]
-        self._matrices = {int(k): m.detach().to("cpu", torch.float32) for k, m in state["matrices"].items()}
+        self._matrices = {_load_id(k): m.detach().to("cpu", torch.float32) for k, m in state["matrices"].items()}
         self._signs = {p: s.detach().to("cpu", torch.float32) for p, s in state["signs"].items()}
-        self._sketch_groups = {int(k): int(g) for k, g in state.get("sketch_groups", {}).items()}
+        self._sketch_groups = {_load_id(k): int(g) for k, g in state.get("sketch_groups", {}).items()}
         self._loaded_widths = {p: list(w) for p, w in state["widths"].items()}
         self.widths = {}
         self._cache = {}

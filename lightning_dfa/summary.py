@@ -55,13 +55,39 @@ def format_summary(engine: FeedbackEngine, shapes: Mapping[str, Sequence[int]] |
         f"{cfg.distribution}, seed {cfg.seed}, scale {cfg.scale:g}/sqrt(width), "
         f"{'distinct per point (sign flips)' if cfg.distinct else 'shared projection'}"
     )
+    outputs = ", ".join(f"{n} ({type(m).__name__})" for n, m in engine.output_modules())
+    trained = roles["feedback"] + roles["true gradient"]
+    share = roles["true gradient"] / trained if trained else 0.0
+    how = "measured in the first backward" if engine.roles_measured else "estimated from the module order"
     out += [
         "-" * len(out[0]),
         f"DFA mode: {engine.mode} | placement: {cfg.placement} | blocks from: {engine.target.source}",
-        f"Output (error read here, true gradient): {engine.target.output_name} ({type(engine.target.output).__name__})",
+        f"Output (error read here, true gradient): {outputs}",
         f"Feedback: {feedback}",
         f"Trainable params by feedback: {_count(roles['feedback'])} | by true gradient: "
         f"{_count(roles['true gradient'])} | not trained: {_count(roles['none'])}",
+        f"Share of trainable params trained by their true gradient: {100 * share:.1f}% ({how})",
         *(f"Recipe: {line}" for line in engine.recipe_notes()),
     ]
+    warning = mostly_backprop(engine)
+    if warning:
+        out.append(warning)
     return "\n".join(out)
+
+
+def mostly_backprop(engine: FeedbackEngine) -> str | None:
+    """A warning when, in ``mode="dfa"`` with blocks found, more than half of the trainable parameters are trained
+    by their true gradient (everything between the last feedback point and the output is backprop); ``None``
+    otherwise."""
+    if engine.mode != "dfa" or engine.target is None or not engine.target.blocks:
+        return None
+    roles = engine.parameter_roles()
+    trained = roles["feedback"] + roles["true gradient"]
+    if not trained or roles["true gradient"] <= 0.5 * trained:
+        return None
+    names = ", ".join(n for n, _ in engine.output_modules())
+    return (
+        f"WARNING: {100 * roles['true gradient'] / trained:.0f}% of the trainable parameters are trained by their "
+        f"true gradient (backprop between the last feedback point and the output {names}), not by feedback. "
+        "Name the blocks and the output: DFAStrategy(blocks=[...], output=...) or configure_dfa()."
+    )

@@ -226,10 +226,10 @@ BAD_OPTIONS = [
     pytest.param({"blocks": []}, r"blocks=\[\] names no block", id="blocks-empty"),
     pytest.param(
         {"output": 3},
-        r"output must be None \(discovered\) or the qualified name of a module .* got 3 \(int\)",
+        r"output must be None \(discovered\), the qualified name of a module .* got 3 \(int\)",
         id="output-int",
     ),
-    pytest.param({"output": ["head"]}, "output must be None", id="output-list"),
+    pytest.param({"output": ["head", 3]}, "output must be None", id="output-list"),
     pytest.param({"distribution": "normal"}, "unknown distribution", id="distribution-unknown"),
     pytest.param({"mode": "DFA2"}, "unknown mode", id="mode-unknown"),
     pytest.param({"placement": None}, "placement must be 'macro' or 'micro'", id="placement-None"),
@@ -342,8 +342,8 @@ KEPT = [
     ("scale", 2.0, 1.0),
     ("distinct", True, False),
     ("topk", 2, None),
-    ("sketch", True, False),
-    ("norm_jacobian", True, False),
+    ("sketch", False, None),  # None: the recipe's choice, kept from the checkpoint
+    ("norm_jacobian", True, None),
 ]
 
 

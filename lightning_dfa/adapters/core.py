@@ -11,6 +11,7 @@ from torch import nn
 
 from ..engine import DFAConfig, FeedbackEngine, _refuse_reentrant_checkpointing, check_state
 from ..feedback import uses_sketch
+from ..summary import mostly_backprop
 
 #: where the DFA strategy and the DFA callback both store the feedback state in a Lightning checkpoint
 CHECKPOINT_KEY = "dfa"
@@ -101,6 +102,7 @@ class DFASession:
         self._resumed_without_state = False
         self._summary_shown = False
         self._checked = False
+        self._backprop_checked = False
 
     def attach(self, module: nn.Module, trainer: Any = None) -> FeedbackEngine:
         if self.engine is not None and self.engine.attached:
@@ -123,6 +125,7 @@ class DFASession:
         engine.attach(module)
         self._summary_shown = False
         self._checked = False
+        self._backprop_checked = False
         if self.verbose and fitting:
             self._summary_shown = self._show_summary(module, trainer)
         return self.engine
@@ -157,6 +160,11 @@ class DFASession:
         if self.engine is None or self.engine.target is None:
             return
         self.engine.end_backward()
+        if not self._backprop_checked and self.engine.roles_measured:
+            self._backprop_checked = True
+            warning = mostly_backprop(self.engine)
+            if warning and getattr(trainer, "is_global_zero", True):
+                warnings.warn(warning, stacklevel=2)
         if self.verbose and not self._summary_shown and self.engine.last_points:
             self._summary_shown = True
             points = ", ".join(f"{m.key} {list(m.shape)}" for m in self.engine.last_points)

@@ -1,0 +1,271 @@
+"""How the error reaches the feedback points: outputs modified in place, points laid out differently from the
+output (sequence-first), several outputs and losses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import mlp
+from torch import nn
+
+from lightning_dfa import FeedbackEngine
+
+
+def _grads(net: nn.Module, step, seed: int = 3, **options) -> dict[str, torch.Tensor]:
+    engine = FeedbackEngine(seed=seed, **options)
+    engine.attach(net)
+    net.zero_grad()
+    step(net).backward()
+    report = engine.end_backward()
+    engine.detach()
+    assert report.deliveries >= 1
+    return {n: torch.zeros_like(p) if p.grad is None else p.grad.clone() for n, p in net.named_parameters()}
+
+
+@pytest.mark.parametrize("inplace", ["divide", "relu", "exp_"])
+def test_output_modified_in_place_gets_the_same_gradients(inplace: str) -> None:
+    net, x, y = mlp(), torch.randn(8, 6), torch.randint(0, 3, (8,))
+
+    def plain(net: nn.Module) -> torch.Tensor:
+        out = net(x)
+        if inplace == "divide":
+            out = out / 2.0
+        elif inplace == "relu":
+            out = F.relu(out + 0.2)
+        else:
+            out = out.exp()
+        return F.cross_entropy(out, y)
+
+    def in_place(net: nn.Module) -> torch.Tensor:
+        out = net(x)
+        if inplace == "divide":
+            out /= 2.0
+        elif inplace == "relu":
+            out += 0.2
+            F.relu(out, inplace=True)
+        else:
+            out.exp_()
+        return F.cross_entropy(out, y)
+
+    expected, got = _grads(net, plain), _grads(net, in_place)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], msg=name)
+    assert not torch.equal(got["0.weight"], torch.zeros_like(got["0.weight"]))
+
+
+def test_delivered_output_shares_the_output_memory() -> None:
+    net = mlp()
+    seen: list[int] = []
+    net[6].register_forward_hook(lambda m, a, o: seen.append(o.data_ptr()) and None)
+    engine = FeedbackEngine()
+    engine.attach(net)  # its hook is registered after ours, so it sees the delivered tensor
+    out = net(torch.randn(4, 6))
+    assert out.grad_fn is not None and not out._is_view()
+    assert out.data_ptr() == seen[0]  # no copy of the output
+    engine.detach()
+
+
+# ---------------------------------------------------------------------------------------------- layouts
+class SeqFirstLM(nn.Module):
+    """A Transformer encoder run sequence-first (``[T, B, d]``, PyTorch's default for ``nn.Transformer*``), its
+    head batch-first after a transpose; ``batch_first=True`` gives the same network batch-first throughout."""
+
+    def __init__(self, batch_first: bool = False, vocab: int = 11, d: int = 16, pool: bool = False) -> None:
+        super().__init__()
+        self.batch_first, self.pool = batch_first, pool
+        self.embed = nn.Embedding(vocab, d)
+        self.layers = nn.ModuleList(
+            [nn.TransformerEncoderLayer(d, 2, 32, dropout=0.0, batch_first=batch_first) for _ in range(2)]
+        )
+        self.head = nn.Linear(d, 3 if pool else vocab)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        x = x if self.batch_first else x.transpose(0, 1)
+        for layer in self.layers:
+            x = layer(x)
+        if self.pool:  # a sequence classifier: one error per sample, broadcast over the positions
+            return self.head(x.mean(1 if self.batch_first else 0))
+        return self.head(x if self.batch_first else x.transpose(0, 1))
+
+
+def _lm_loss(ids: torch.Tensor, pool: bool = False):
+    def step(net: nn.Module) -> torch.Tensor:
+        out = net(ids)
+        if pool:
+            return F.cross_entropy(out, ids[:, 0] % 3)
+        return F.cross_entropy(out.reshape(-1, out.shape[-1]), ids.roll(-1, 1).reshape(-1))
+
+    return step
+
+
+@pytest.mark.parametrize("pool", [False, True], ids=["tokens", "pooled"])
+@pytest.mark.parametrize("batch, length", [(4, 4), (3, 5)])
+def test_sequence_first_points_line_up_with_a_batch_first_error(batch: int, length: int, pool: bool) -> None:
+    """The DFA gradients of a sequence-first encoder equal those of the same network run batch-first, when the
+    batch size equals the sequence length (where sizes cannot tell the layouts apart) and when it does not, at
+    the first step (which probes the layout) and at later ones."""
+    torch.manual_seed(0)
+    seq_first, batch_first = SeqFirstLM(pool=pool), SeqFirstLM(batch_first=True, pool=pool)
+    batch_first.load_state_dict(seq_first.state_dict())
+    engines = [FeedbackEngine(seed=4) for _ in range(2)]
+    for engine, net in zip(engines, (seq_first, batch_first)):
+        engine.attach(net)
+    for step in range(2):
+        ids = torch.randint(0, 11, (batch, length), generator=torch.Generator().manual_seed(step))
+        grads = []
+        for engine, net in zip(engines, (seq_first, batch_first)):
+            net.zero_grad()
+            _lm_loss(ids, pool)(net).backward()
+            assert engine.end_backward().deliveries == 1
+            grads.append({n: p.grad.clone() for n, p in net.named_parameters()})
+        for name in grads[1]:
+            torch.testing.assert_close(grads[0][name], grads[1][name], msg=f"step {step}: {name}")
+    assert engines[0]._layouts[("layers.0", "head")] == "swapped"  # probed (and confirmed where sizes differ)
+    if batch == length:
+        assert engines[1]._layouts[("layers.0", "head")] == "same"
+
+
+def test_sequence_first_points_line_up_with_rows_of_a_flattened_head() -> None:
+    """A head applied to ``[B * T, d]`` rows flattened from the batch-first view of sequence-first points."""
+
+    class RowsHead(SeqFirstLM):
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            x = self.embed(ids).transpose(0, 1)
+            for layer in self.layers:
+                x = layer(x)
+            return self.head(x.transpose(0, 1).reshape(-1, x.shape[-1]))  # rows in (batch, position) order
+
+    torch.manual_seed(0)
+    rows, reference = RowsHead(), SeqFirstLM(batch_first=True)
+    reference.load_state_dict(rows.state_dict())
+    ids = torch.randint(0, 11, (3, 5))
+    got = _grads(rows, _lm_loss(ids), seed=4)
+    expected = _grads(reference, _lm_loss(ids), seed=4)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], msg=name)
+
+
+def test_a_point_whose_layout_the_data_flow_cannot_tell_is_refused() -> None:
+    class Mixer(nn.Module):  # every output position depends equally on every point position
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(2)])
+            self.head = nn.Linear(8, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for layer in self.layers:
+                x = layer(x)
+            return self.head(x.mean((0, 1), keepdim=True).expand_as(x).contiguous())
+
+    net = Mixer()
+    FeedbackEngine().attach(net)
+    with pytest.raises(RuntimeError, match="cannot tell how feedback point 'layers.0'"):
+        net(torch.randn(4, 4, 8)).sum().backward()
+
+
+# ---------------------------------------------------------------------------------------------- several outputs
+class MultiTask(nn.Module):
+    """A shared backbone, a classification head and a regression head, each with its own loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh())
+        self.classify = nn.Linear(16, 3)
+        self.regress = nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.backbone(x)
+        return self.classify(h), self.regress(h)
+
+
+def _multitask_grads(net: nn.Module, losses: tuple[str, ...], **options) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    x, y, t = torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g), torch.randn(8, 2, generator=g)
+
+    def step(net: nn.Module) -> torch.Tensor:
+        logits, values = net(x)
+        terms = {"cls": F.cross_entropy(logits, y), "reg": F.mse_loss(values, t)}
+        return sum(terms[name] for name in losses)
+
+    return _grads(net, step, **options)
+
+
+def test_two_heads_two_losses_each_loss_reaches_the_blocks() -> None:
+    torch.manual_seed(0)
+    net = MultiTask()
+    heads = dict(output=["classify", "regress"])
+    both = _multitask_grads(net, ("cls", "reg"), **heads)
+    cls, reg = _multitask_grads(net, ("cls",), **heads), _multitask_grads(net, ("reg",), **heads)
+    for name in ("backbone.0.weight", "backbone.2.weight"):
+        assert not torch.allclose(both[name], cls[name]) and not torch.allclose(both[name], reg[name]), name
+        torch.testing.assert_close(both[name], cls[name] + reg[name])  # each head's error, projected, summed
+    # without output=, both heads are found from the forward: the same gradients
+    found = _multitask_grads(net, ("cls", "reg"))
+    for name in both:
+        torch.testing.assert_close(found[name], both[name], msg=name)
+    # each head trains by its own true gradient
+    net.zero_grad()
+    g = torch.Generator().manual_seed(1)
+    x, y, t = torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g), torch.randn(8, 2, generator=g)
+    logits, values = net(x)
+    (F.cross_entropy(logits, y) + F.mse_loss(values, t)).backward()
+    for name in ("classify.weight", "regress.weight"):
+        torch.testing.assert_close(both[name], net.get_parameter(name).grad)
+
+
+def test_heads_of_equal_width_have_their_own_feedback() -> None:
+    torch.manual_seed(0)
+    net = MultiTask()
+    net.regress = nn.Linear(16, 3)
+    engine = FeedbackEngine(output=["classify", "regress"])
+    engine.attach(net)
+    delivered: list[torch.Tensor] = []
+    engine._observers.append(lambda e, points, fbs: delivered.append(fbs[0]))
+    logits, values = net(torch.randn(4, 6))
+    error = torch.randn(4, 3)
+    (logits * error).sum().backward(retain_graph=True)
+    (values * error).sum().backward()  # the very same error at the other head
+    a, b = delivered
+    assert a.shape == b.shape and not torch.allclose(a, b)
+
+
+def test_the_output_called_twice_delivers_the_error_of_the_call_the_loss_uses() -> None:
+    class TwoCalls(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh())
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            h = self.body(x)
+            return self.head(h), self.head(h.flip(0))
+
+    torch.manual_seed(0)
+    net, x, y = TwoCalls(), torch.randn(8, 6), torch.randint(0, 3, (8,))
+    engine = FeedbackEngine()
+    assert engine.attach(net).output_name == "head"
+    first, second = net(x)
+    F.cross_entropy(second, y).backward()
+    report = engine.end_backward()
+    assert report.outputs_tied == 2 and report.deliveries == 1
+    assert net.body[0].weight.grad.abs().sum() > 0
+
+
+def test_an_output_computed_from_another_output_is_the_only_error_source() -> None:
+    class Stacked(nn.Module):  # head2(head1(h)): the error reaches head1 through head2, it is not a second source
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh())
+            self.head1, self.head2 = nn.Linear(16, 8), nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head2(torch.tanh(self.head1(self.body(x))))
+
+    torch.manual_seed(0)
+    net, x, y = Stacked(), torch.randn(8, 6), torch.randint(0, 3, (8,))
+    only = _grads(net, lambda n: F.cross_entropy(n(x), y), output="head2")
+    both = _grads(net, lambda n: F.cross_entropy(n(x), y), output=["head2", "head1"])
+    for name in only:
+        torch.testing.assert_close(both[name], only[name], msg=name)

@@ -1,0 +1,602 @@
+"""Models in the shapes of widely used families, built by hand or from tiny Hugging Face configs (no torchvision or
+timm, no downloads), train with true DFA.
+
+"True DFA" is checked as a user would want it: every block's parameters get a signal that differs from backprop's
+(cosine < 0.99), every parameter backprop trains gets a finite gradient, the output modules get their true
+gradient, and most parameters learn from feedback (the share trained by their true gradient stays under one half).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_dfa import FeedbackEngine
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
+
+
+def check_true_dfa(
+    net: nn.Module, loss: Callable[[nn.Module], torch.Tensor], steps: int = 2, **options: object
+) -> FeedbackEngine:
+    """Run ``steps`` DFA backwards and one backprop backward on the same batch; check the four properties."""
+    engine = FeedbackEngine(seed=0, **options)
+    target = engine.attach(net)
+    for _ in range(steps):
+        net.zero_grad()
+        loss(net).backward()
+        assert engine.end_backward().deliveries >= 1
+    dfa = {n: p.grad for n, p in net.named_parameters()}
+    engine.detach()
+    net.zero_grad()
+    loss(net).backward()
+    bp = {n: p.grad for n, p in net.named_parameters()}
+    names = {id(p): n for n, p in net.named_parameters()}
+    for name, grad in dfa.items():  # every parameter backprop trains (not those the forward leaves unused)
+        if bp[name] is not None:
+            assert grad is not None and bool(torch.isfinite(grad).all()), name
+    for block in target.blocks:
+        params = [names[id(p)] for p in block.parameters() if p.requires_grad and bp[names[id(p)]] is not None]
+        if params:
+            cos = _cos(torch.cat([dfa[n].flatten() for n in params]), torch.cat([bp[n].flatten() for n in params]))
+            assert cos < 0.99, (block.name, cos)
+    for out_name, module in engine.output_modules():
+        for p in module.parameters():
+            torch.testing.assert_close(dfa[names[id(p)]], bp[names[id(p)]], msg=out_name)
+    roles = engine.parameter_roles()
+    assert roles["true gradient"] < 0.5 * (roles["true gradient"] + roles["feedback"]), roles
+    return engine
+
+
+# ---------------------------------------------------------------------------------------------- Transformers
+class Attention(nn.Module):
+    def __init__(self, d: int, heads: int = 2) -> None:
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class GPTBlock(nn.Module):  # nanoGPT's layout, with the MLP as an nn.Sequential
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.ln_1, self.attn, self.ln_2 = nn.LayerNorm(d), Attention(d), nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, vocab: int = 32, d: int = 16, layers: int = 3, context: int = 8) -> None:
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(context, d)
+        self.blocks = nn.ModuleList([GPTBlock(d) for _ in range(layers)])
+        self.ln_f, self.lm_head = nn.LayerNorm(d), nn.Linear(d, vocab, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.wte(ids) + self.wpe(torch.arange(ids.shape[1]))
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+
+class ResidualBranches(nn.Module):  # a ModuleList of Sequential(LayerNorm, Linear, GELU) residual branches
+    def __init__(self, d: int = 16, depth: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, d)
+        branch = [nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.GELU()) for _ in range(depth)]
+        self.branches = nn.ModuleList(branch)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        for branch in self.branches:
+            x = x + branch(x)
+        return self.head(x)
+
+
+def _token_loss(ids: torch.Tensor) -> Callable[[nn.Module], torch.Tensor]:
+    return lambda net: F.cross_entropy(net(ids).flatten(0, 1), ids.roll(-1, 1).flatten())
+
+
+def test_repeated_blocks_win_over_a_sequential_inside_them() -> None:
+    torch.manual_seed(0)
+    gpt = GPT()
+    engine = check_true_dfa(gpt, _token_loss(torch.randint(0, 32, (4, 8))))
+    assert [b.name for b in engine.target.blocks] == ["blocks.0", "blocks.1", "blocks.2"]
+    assert [n for n, _ in engine.output_modules()] == ["lm_head"]
+    branches = ResidualBranches()
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    engine = check_true_dfa(branches, lambda net: F.cross_entropy(net(x), y))
+    assert [b.name for b in engine.target.blocks] == ["branches.0", "branches.1", "branches.2"]
+    assert engine.target.output_name == "head"
+
+
+# ---------------------------------------------------------------------------------------------- CNNs
+class ConvBNAct(nn.Sequential):  # torchvision's Conv2dNormActivation
+    def __init__(self, cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1, act: bool = True) -> None:
+        layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False)]
+        layers += [nn.BatchNorm2d(cout)] + ([nn.Hardswish()] if act else [])
+        super().__init__(*layers)
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, c: int, expand: int) -> None:
+        super().__init__()
+        self.block = nn.Sequential(
+            ConvBNAct(c, expand, 1), ConvBNAct(expand, expand, 3, groups=expand), ConvBNAct(expand, c, 1, act=False)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.block(x)
+
+
+class MobileNetLike(nn.Module):  # MobileNetV3: features, pooling in forward, classifier = Sequential(..., Linear)
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            ConvBNAct(3, 8, stride=2), InvertedResidual(8, 16), InvertedResidual(8, 24), ConvBNAct(8, 32, 1)
+        )
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Linear(32, 64), nn.Hardswish(), nn.Dropout(0.0), nn.Linear(64, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        self.downsample = None if stride == 1 and cin == cout else shortcut
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))) + identity)
+
+
+class ResNet10tLike(nn.Module):  # timm's resnet10t: a deep stem Sequential, stages of ONE block each, fc
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Sequential(
+            nn.Conv2d(3, 4, 3, 2, 1, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 8, 3, 1, 1, bias=False)
+        )
+        self.bn1, self.act1, self.maxpool = nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(3, 2, 1)
+        self.layer1, self.layer2 = nn.Sequential(BasicBlock(8, 8)), nn.Sequential(BasicBlock(8, 16, 2))
+        self.layer3, self.layer4 = nn.Sequential(BasicBlock(16, 32, 2)), nn.Sequential(BasicBlock(32, 32, 2))
+        self.fc = nn.Linear(32, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class DenseLayer(nn.Module):
+    def __init__(self, cin: int, growth: int) -> None:
+        super().__init__()
+        self.norm1, self.conv1 = nn.BatchNorm2d(cin), nn.Conv2d(cin, growth, 3, 1, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, self.conv1(F.relu(self.norm1(x)))], 1)
+
+
+class DenseBlock(nn.ModuleDict):
+    def __init__(self, cin: int, layers: int, growth: int) -> None:
+        super().__init__({f"denselayer{i + 1}": DenseLayer(cin + i * growth, growth) for i in range(layers)})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.values():
+            x = layer(x)
+        return x
+
+
+class DenseNetLike(nn.Module):  # torchvision's DenseNet: features end in a norm, relu and pooling in forward
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential()
+        self.features.add_module("conv0", nn.Conv2d(3, 8, 3, 1, 1, bias=False))
+        self.features.add_module("norm0", nn.BatchNorm2d(8))
+        self.features.add_module("relu0", nn.ReLU())
+        self.features.add_module("pool0", nn.MaxPool2d(2))
+        self.features.add_module("denseblock1", DenseBlock(8, 2, 4))
+        transition = nn.Sequential(nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 8, 1, bias=False), nn.AvgPool2d(2))
+        self.features.add_module("transition1", transition)
+        self.features.add_module("denseblock2", DenseBlock(8, 2, 4))
+        self.features.add_module("norm5", nn.BatchNorm2d(16))
+        self.classifier = nn.Linear(16, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.adaptive_avg_pool2d(F.relu(self.features(x)), 1)
+        return self.classifier(torch.flatten(out, 1))
+
+
+class Fire(nn.Module):
+    def __init__(self, cin: int, squeeze: int, expand: int) -> None:
+        super().__init__()
+        self.squeeze = nn.Conv2d(cin, squeeze, 1)
+        self.expand1x1, self.expand3x3 = nn.Conv2d(squeeze, expand, 1), nn.Conv2d(squeeze, expand, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.squeeze(x))
+        return torch.cat([F.relu(self.expand1x1(x)), F.relu(self.expand3x3(x))], 1)
+
+
+class SqueezeNetLike(nn.Module):  # the head is a 1x1 convolution in a Sequential, flattened in forward
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 16, 3, 2), nn.ReLU(), nn.MaxPool2d(2, 2, ceil_mode=True), Fire(16, 4, 8), Fire(16, 4, 8),
+            nn.MaxPool2d(2, 2, ceil_mode=True), Fire(16, 8, 16),
+        )  # fmt: skip
+        self.classifier = nn.Sequential(nn.Dropout(0.0), nn.Conv2d(32, classes, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.classifier(self.features(x)), 1)
+
+
+class DoubleConv(nn.Module):
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.double_conv = nn.Sequential(
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.double_conv(x)
+
+
+class Down(nn.Module):
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.maxpool_conv = nn.Sequential(nn.MaxPool2d(2), DoubleConv(cin, cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.maxpool_conv(x)
+
+
+class Up(nn.Module):
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose2d(cin, cin // 2, 2, stride=2)
+        self.conv = DoubleConv(cin, cout)
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.cat([x2, self.up(x1)], dim=1))
+
+
+class OutConv(nn.Module):
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class UNetLike(nn.Module):  # milesial/Pytorch-UNet's layout: the parts are attributes, skips joined in forward
+    def __init__(self, classes: int = 3) -> None:
+        super().__init__()
+        self.inc, self.down1, self.down2 = DoubleConv(3, 4), Down(4, 8), Down(8, 16)
+        self.up1, self.up2 = Up(16, 8), Up(8, 4)
+        self.outc = OutConv(4, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1 = self.inc(x)
+        x2 = self.down1(x1)
+        x3 = self.down2(x2)
+        return self.outc(self.up2(self.up1(x3, x2), x1))
+
+
+CNNS = {
+    "mobilenet": (MobileNetLike, ["features.0", "features.1", "features.2", "features.3", "classifier.2"],
+                  "classifier.3"),
+    "resnet10t": (ResNet10tLike, ["layer1.0", "layer2.0", "layer3.0", "layer4.0"], "fc"),
+    "densenet": (DenseNetLike, ["features.pool0", "features.denseblock1", "features.transition1", "features.norm5"],
+                 "classifier"),
+    "squeezenet": (SqueezeNetLike, ["features.2", "features.3", "features.5", "features.6"], "classifier.1"),
+    "unet": (UNetLike, ["inc", "down1", "down2", "up1", "up2"], "outc.conv"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(CNNS))
+def test_cnns_whose_head_is_reached_through_functional_code(name: str) -> None:
+    build, blocks, output = CNNS[name]
+    torch.manual_seed(0)
+    net, x = build(), torch.randn(4, 3, 16, 16)
+    if name == "unet":  # per-pixel classes
+        y = torch.randint(0, 3, (4, 16, 16))
+    else:
+        y = torch.randint(0, 10, (4,))
+    engine = check_true_dfa(net, lambda n: F.cross_entropy(n(x), y))
+    assert [b.name for b in engine.target.blocks] == blocks
+    assert [n for n, _ in engine.output_modules()] == [output]
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+class HeadRegisteredFirst(nn.Module):
+    """The head is registered before the features, so the module order alone points at a hidden layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.classifier = nn.Linear(16, 5)
+        self.features = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(F.relu(self.features(x)))
+
+
+def test_the_output_is_the_module_the_loss_is_computed_from() -> None:
+    torch.manual_seed(0)
+    net, x, y = HeadRegisteredFirst(), torch.randn(8, 6), torch.randint(0, 5, (8,))
+    engine = FeedbackEngine()
+    assert engine.attach(net).output_name == "features.4"  # what the module order suggests
+    engine.detach()
+    engine = check_true_dfa(net, lambda n: F.cross_entropy(n(x), y))
+    assert [n for n, _ in engine.output_modules()] == ["classifier"]  # what the loss reads
+    assert engine.roles_measured and "classifier (Linear)" in engine.summary()
+
+
+def test_a_bare_sequential_ending_in_an_activation_reads_the_error_at_its_last_layer() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 6), nn.Sigmoid())
+    x = torch.rand(8, 6)
+    engine = check_true_dfa(net, lambda n: F.binary_cross_entropy(n(x), x))
+    assert [b.name for b in engine.target.blocks] == ["1", "3"] and engine.target.output_name == "4"
+
+
+def test_mostly_backprop_is_reported_loudly() -> None:
+    net = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 64), nn.ReLU(),
+                        nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3))  # fmt: skip
+    engine = FeedbackEngine(blocks=["1", "3"], output="8")
+    engine.attach(net)
+    F.cross_entropy(net(torch.randn(8, 6)), torch.randint(0, 3, (8,))).backward()
+    engine.end_backward()
+    summary = engine.summary()
+    assert "Share of trainable params trained by their true gradient: 9" in summary  # 4419 of 4487
+    assert "WARNING" in summary and "measured in the first backward" in summary
+
+
+def test_the_warning_is_raised_in_fit_and_the_bp_arm_never_refuses() -> None:
+    import pytorch_lightning as pl
+    from conftest import Classifier, loader, trainer
+
+    from lightning_dfa import DFAStrategy
+
+    net = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 64), nn.ReLU(),
+                        nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3))  # fmt: skip
+    with pytest.warns(UserWarning, match="trained by their true gradient"):
+        trainer(strategy=DFAStrategy(blocks=["net.1", "net.3"], output="net.8"), max_steps=1).fit(
+            Classifier(net), loader()
+        )
+
+    class Functional(pl.LightningModule):  # no module at all: nothing for DFA to find
+        def __init__(self) -> None:
+            super().__init__()
+            self.w1, self.w2 = nn.Parameter(torch.randn(6, 8)), nn.Parameter(torch.randn(8, 3))
+
+        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], i: int) -> torch.Tensor:
+            return F.cross_entropy(torch.tanh(batch[0] @ self.w1) @ self.w2, batch[1])
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    model = Functional()
+    before = model.w1.detach().clone()
+    strategy = DFAStrategy(mode="bp")
+    trainer(strategy=strategy, max_steps=2).fit(model, loader())
+    assert not torch.equal(before, model.w1) and strategy.dfa_engine.target.blocks == []
+    with pytest.raises(ValueError, match="found no blocks"):
+        trainer(strategy=DFAStrategy(), max_steps=2).fit(Functional(), loader())
+
+
+# ---------------------------------------------------------------------------------------------- nn.Transformer, GAN
+def test_every_stack_of_an_encoder_decoder_gets_points() -> None:
+    """Lightning's demo Transformer (``nn.Transformer``): the encoder's layers are blocks too, not only the
+    decoder's (the larger list)."""
+    from pytorch_lightning.demos.transformer import Transformer
+
+    torch.manual_seed(0)
+    net = Transformer(vocab_size=40, ninp=16, nhead=2, nhid=32, nlayers=2, dropout=0.0)
+    x, y = torch.randint(0, 40, (3, 5)), torch.randint(0, 40, (3, 5))
+    engine = check_true_dfa(net, lambda n: F.nll_loss(n(x, y), y.view(-1)))
+    assert [b.name for b in engine.target.blocks] == [
+        "transformer.encoder.layers.0", "transformer.encoder.layers.1",
+        "transformer.decoder.layers.0", "transformer.decoder.layers.1",
+    ]  # fmt: skip
+    assert [n for n, _ in engine.output_modules()] == ["decoder"]
+
+
+class Generator(nn.Module):  # Lightning's basic GAN example, smaller
+    def __init__(self, latent: int = 8, out: int = 12) -> None:
+        super().__init__()
+
+        def block(n_in: int, n_out: int, normalize: bool = True) -> list[nn.Module]:
+            return [nn.Linear(n_in, n_out)] + ([nn.BatchNorm1d(n_out)] if normalize else []) + [nn.LeakyReLU(0.2)]
+
+        self.model = nn.Sequential(*block(latent, 16, normalize=False), *block(16, 32), nn.Linear(32, out), nn.Tanh())
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.model(z)
+
+
+class Discriminator(nn.Module):
+    def __init__(self, n_in: int = 12) -> None:
+        super().__init__()
+        self.model = nn.Sequential(
+            nn.Linear(n_in, 16), nn.LeakyReLU(0.2), nn.Linear(16, 8), nn.LeakyReLU(0.2), nn.Linear(8, 1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+def test_gan_generator_reads_its_error_at_its_own_output() -> None:
+    """Manual optimization with ``toggle_optimizer`` (the discriminator is frozen in the generator's step): the
+    generator's error is read at the generated sample (through the frozen discriminator, part of its loss), the
+    discriminator's at its logit."""
+    import pytorch_lightning as pl
+    from conftest import trainer
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_dfa import DFAStrategy
+
+    class GAN(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+            self.generator, self.discriminator = Generator(), Discriminator()
+
+        def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> None:
+            real = batch[0]
+            opt_g, opt_d = self.optimizers()
+            z = torch.randn(real.shape[0], 8)
+            ones, zeros = torch.ones(real.shape[0], 1), torch.zeros(real.shape[0], 1)
+            self.toggle_optimizer(opt_g)
+            g_loss = F.binary_cross_entropy_with_logits(self.discriminator(self.generator(z)), ones)
+            self.manual_backward(g_loss)
+            opt_g.step()
+            opt_g.zero_grad()
+            self.untoggle_optimizer(opt_g)
+            self.toggle_optimizer(opt_d)
+            d_loss = F.binary_cross_entropy_with_logits(self.discriminator(real), ones)
+            d_loss = d_loss + F.binary_cross_entropy_with_logits(self.discriminator(self.generator(z).detach()), zeros)
+            self.manual_backward(d_loss)
+            opt_d.step()
+            opt_d.zero_grad()
+            self.untoggle_optimizer(opt_d)
+
+        def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+            return [torch.optim.Adam(self.generator.parameters()), torch.optim.Adam(self.discriminator.parameters())]
+
+    torch.manual_seed(0)
+    model, widths = GAN(), []
+    strategy = DFAStrategy(verbose=False)
+
+    class Record(pl.Callback):
+        def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+            strategy.dfa_engine._observers.append(lambda e, points, fbs: widths.append((e.shape[-1], len(points))))
+
+    data = DataLoader(TensorDataset(torch.randn(16, 12)), batch_size=8)
+    trainer(strategy=strategy, callbacks=[Record()], max_steps=2).fit(model, data)
+    target = strategy.dfa_engine.target
+    assert [b.name for b in target.blocks] == [
+        "generator.model.1", "generator.model.4", "discriminator.model.1", "discriminator.model.3"
+    ]  # fmt: skip
+    # generator step: the error of the 12-wide sample reaches the generator's two points; discriminator step: the
+    # logit's error reaches its two points, once for the real and once for the generated batch
+    assert widths[:3] == [(12, 2), (1, 2), (1, 2)]
+    names = {n for n, _ in strategy.dfa_engine.output_modules()}
+    assert names == {"generator.model.5", "discriminator.model.4"}
+
+
+# ---------------------------------------------------------------------------------------------- Hugging Face
+VOCAB = 48
+HF_TINY = dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2, vocab_size=VOCAB)
+
+
+def _quiet() -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore", module="transformers")
+
+
+def _hf_grads(model: nn.Module, loss: Callable[[nn.Module], torch.Tensor], name: str) -> torch.Tensor:
+    engine = FeedbackEngine(seed=0)
+    engine.attach(model)
+    model.zero_grad()
+    loss(model).backward()
+    engine.end_backward()
+    engine.detach()
+    return model.get_parameter(name).grad.clone()
+
+
+def test_bert_pretraining_both_losses_reach_the_encoder() -> None:
+    import transformers as hf
+
+    _quiet()
+    torch.manual_seed(0)
+    cfg = hf.BertConfig(**HF_TINY, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, tie_word_embeddings=False)
+    model = hf.BertForPreTraining(cfg)
+    ids, nsp = torch.randint(1, VOCAB, (2, 8)), torch.tensor([0, 1])
+    engine = check_true_dfa(model, lambda m: m(input_ids=ids, labels=ids, next_sentence_label=nsp).loss)
+    assert {n for n, _ in engine.output_modules()} == {"cls.predictions.decoder", "cls.seq_relationship"}
+    block = "bert.encoder.layer.0.output.dense.weight"
+    both = _hf_grads(model, lambda m: m(input_ids=ids, labels=ids, next_sentence_label=nsp).loss, block)
+
+    def mlm_only(m: nn.Module) -> torch.Tensor:
+        return F.cross_entropy(m(input_ids=ids).prediction_logits.flatten(0, 1), ids.flatten())
+
+    assert not torch.allclose(both, _hf_grads(model, mlm_only, block))  # the next-sentence loss reaches the blocks
+
+
+def test_gpt2_double_heads_both_heads_reach_the_blocks() -> None:
+    import transformers as hf
+
+    _quiet()
+    torch.manual_seed(0)
+    drop = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0, tie_word_embeddings=False)
+    cfg = hf.GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=16, vocab_size=VOCAB, **drop)
+    model = hf.GPT2DoubleHeadsModel(cfg)
+    ids = torch.randint(1, VOCAB, (2, 3, 8))  # [batch, choices, positions]; the blocks see [batch * choices, ...]
+    mc = dict(mc_token_ids=torch.full((2, 3), 7), mc_labels=torch.tensor([0, 2]))
+
+    def both(m: nn.Module) -> torch.Tensor:
+        out = m(input_ids=ids, labels=ids, **mc)
+        return out.loss + out.mc_loss
+
+    engine = check_true_dfa(model, both)
+    assert {n for n, _ in engine.output_modules()} == {"lm_head", "multiple_choice_head.summary"}
+    block = "transformer.h.0.mlp.c_fc.weight"
+    lm_only = _hf_grads(model, lambda m: m(input_ids=ids, labels=ids, **mc).loss, block)
+    assert not torch.allclose(_hf_grads(model, both, block), lm_only)
+
+
+def test_clip_each_tower_gets_its_own_projection_error() -> None:
+    import transformers as hf
+
+    _quiet()
+    torch.manual_seed(0)
+    text = hf.CLIPTextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=2, max_position_embeddings=16, projection_dim=16)  # fmt: skip
+    vision = hf.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                 image_size=16, patch_size=8, projection_dim=16)  # fmt: skip
+    model = hf.CLIPModel(hf.CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16))
+    ids, pixels = torch.randint(1, VOCAB, (3, 8)), torch.randn(3, 3, 16, 16)
+    engine = check_true_dfa(model, lambda m: m(input_ids=ids, pixel_values=pixels, return_loss=True).loss)
+    assert {n for n, _ in engine.output_modules()} == {"text_projection", "visual_projection"}
+
+
+def test_bart_roles_follow_the_data_flow() -> None:
+    import transformers as hf
+
+    _quiet()
+    torch.manual_seed(0)
+    cfg = hf.BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=32,
+                        dropout=0.0, tie_word_embeddings=False)  # fmt: skip
+    model = hf.BartForConditionalGeneration(cfg)
+    ids = torch.randint(3, VOCAB, (2, 8))
+    engine = FeedbackEngine(cut_head_input=False)  # (a cut head input puts everything after the blocks in feedback)
+    engine.attach(model)
+    norm = model.model.decoder.layernorm_embedding.weight
+    assert engine.role_of(norm) == "true gradient"  # estimated from the module order: after the encoder's blocks
+    engine.detach()
+    engine = check_true_dfa(model, lambda m: m(input_ids=ids, labels=ids).loss)
+    assert engine.roles_measured and engine.role_of(norm) == "feedback"  # it lies before the decoder's blocks
+    assert engine.role_of(model.lm_head.weight) == "true gradient"
