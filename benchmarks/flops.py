@@ -1,4 +1,4 @@
-"""Analytic multiply-add (MAC) counts of one training step, backprop vs DFA (issue 7).
+"""Analytic multiply-add (MAC) counts of one training step, backprop vs DFA.
 
 Only the matrix products are counted (GEMMs, attention's two batched products, a GCN's sparse aggregation as
 one multiply-add per edge and feature); elementwise work (norms, activations, softmax, the optimizer) is left

@@ -297,6 +297,13 @@ class GraphDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.load()
 
+    def describe(self) -> str:
+        """The data set in words (for the example's last line)."""
+        names = {"csbm": "the Cora-shaped CSBM (synthetic, offline)", "tiny_csbm": "the tiny CSBM (synthetic)"}
+        data = self.load()
+        n_test = int(data.test_mask.sum())
+        return f"{names.get(self.dataset, f'Planetoid {self.dataset}')}, {n_test} test nodes"
+
     def _loader(self) -> DataLoader:
         return DataLoader(_Single(self.load()), batch_size=1, collate_fn=_first)
 

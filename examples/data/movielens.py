@@ -293,6 +293,8 @@ class MovieLensDataModule(SplitDataModule):
         ratings: an already loaded :class:`Ratings` (tests pass synthetic ones; then nothing is fetched).
     """
 
+    DATA_NAME = "MovieLens latest-small (Debian package r-cran-dslabs)"
+
     def __init__(
         self,
         batch_size: int = 256,
@@ -304,6 +306,8 @@ class MovieLensDataModule(SplitDataModule):
         super().__init__()
         self.save_hyperparameters(ignore=["ratings"])
         self.ratings = ratings
+        if ratings is not None:
+            self.DATA_NAME = "the ratings given to the data module"
         self.datasets: dict[str, TensorDataset] = {}
         self._neighbours: dict[tuple[int, float], tuple[np.ndarray, np.ndarray]] = {}
 
