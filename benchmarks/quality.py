@@ -3,41 +3,44 @@
 
 Usage (from the repository root)::
 
-    python -m benchmarks.quality                            # every registered domain, full budget -> docs/
+    python -m benchmarks.quality                            # every domain, full budget -> docs/
     python -m benchmarks.quality --domains images,graphs    # some domains (the others' stored rows are kept)
-    python -m benchmarks.quality --quick                    # CI smoke: a few steps per arm, tiny data, -> a tmp dir
-    python -m benchmarks.quality --jobs 4 --threads 1       # each (domain, arm) in its own process, 4 at a time
-    python -m benchmarks.quality --render-only              # re-render docs/results.md from the stored rows
+    python -m benchmarks.quality --quick                    # smoke run: a few steps per arm, tiny data, -> a tmp dir
+    python -m benchmarks.quality --jobs 4 --threads 1       # each (domain, part, arm) in its own process, 4 at a time
+    python -m benchmarks.quality --render-only              # re-render the pages and plots from the stored rows
 
-Output: ``<out>/results.md`` (one table per domain and sub-table: metric, arm, steps, wall time, machine, plus
-the domain's notes), learning-curve PNGs in ``<out>/img/<domain>-<table>.png``, and the raw rows of each domain
-in ``<out>/results/<domain>.json``. ``results.md`` is rendered from every stored JSON, so a run of some domains
-keeps the rows of the others (each helper can run its own domain).
+Output under ``--out`` (default ``docs/``): ``results.md`` (one summary table over the domains, linking each
+domain's page), ``results_<domain>.md`` (the domain's tables and learning curves first, then its setup, how to
+reproduce it, and what the numbers show and what did not work), the plots ``img/<domain>-<table>.png``, and the
+raw rows with the run's date, machine and command in ``results/<domain>.json``. The pages are rendered from every
+stored JSON, so a run of some domains keeps the rows of the others.
 
 The contract for a domain (add a line to :data:`DOMAINS`)
 ---------------------------------------------------------
-A domain is a module (``examples.<name>``) exposing::
+A domain is a module (``benchmarks.domains.<name>``) exposing::
 
     def quality_runs(quick: bool, seed: int = 0, arms: Sequence[str] = ("bp", "dfa", "shallow")) -> list[dict]
 
-Each returned dict is one row (one trained arm):
+Each returned dict is one row (one trained arm, or a reference):
 
-* ``table`` (str): sub-table title, e.g. ``"Fashion-MNIST, MLP"`` (rows with the same title share a table);
-* ``arm`` (str): ``"bp"``, ``"dfa"``, ``"shallow"`` (or a variant such as ``"dfa (error at head input)"``);
+* ``table`` (str): sub-table title naming the data set, e.g. ``"Fashion-MNIST, MLP"`` (rows with the same title
+  share a table and a plot);
+* ``arm`` (str): ``"bp"``, ``"dfa"``, ``"shallow"``, a variant such as ``"dfa, feedback not propagated"``, or a
+  reference (``"reference: ..."``, ``"ref: ..."``, ``"oracle ..."``);
 * ``metric`` (str): what ``value`` is, e.g. ``"test error (%)"``; ``value`` (float);
 * ``higher_is_better`` (bool, default ``False``);
 * ``steps`` (int): optimizer steps; ``wall_s`` (float): training wall time in seconds;
 * optional ``curve``: ``[[step, value], ...]`` for the learning-curve plot, with ``curve_metric`` (its label);
-* optional ``config`` (str, shown in the table), ``extra`` (dict of other metrics, shown in the table).
+* optional ``config`` (str, shown in the table), ``extra`` (dict of other metrics, shown in the table; the key
+  ``"4 d.p."`` holds the value printed to four decimals instead of two).
 
-A module may define ``QUALITY_PARTS`` (e.g. ``("mlp", "cnn")``): then ``quality_runs`` also takes ``part=`` (one
-of them, or ``None`` for all), and ``--jobs N`` runs each (domain, part, arm) in its own process, N at a time.
-
-The module may also define ``QUALITY_NOTE`` (markdown: data, budget; stored with the rows at run time) and
-``QUALITY_FINDINGS`` (markdown: what the numbers show, what else was tried; read when rendering, so it can be
-written after a run and applied with ``--render-only``), both shown with its tables.
-:func:`fit_arm` trains one arm of a LightningModule/LightningDataModule pair through ``DFAStrategy`` and returns
-steps, wall time, curve and test metrics; domains may use it or train their own way.
+The module also defines ``TITLE`` (the page title, with the data set's name), ``NOTE`` (markdown: data, model,
+budget; stored with the rows at run time) and ``FINDINGS`` (markdown: what the numbers show and what did not work;
+read when rendering, so it can be edited and applied with ``--render-only``). Optional: ``PARTS`` (e.g.
+``("mlp", "cnn")``: then ``quality_runs`` also takes ``part=``, and ``--jobs N`` runs each (domain, part, arm) in its
+own process) and ``BEST_VALIDATION = True`` (the tested weights are those of the best validation point: the plots
+circle it). :func:`fit_arm` trains one arm of a LightningModule/LightningDataModule pair through ``DFAStrategy``
+and returns steps, wall time, curve and test metrics.
 
 Quick mode (``--quick``) must finish in seconds per arm on a CPU without network: tiny data, a few steps.
 """
@@ -67,7 +70,8 @@ DOMAINS: dict[str, str] = {
     "recommenders": "benchmarks.domains.recommenders",
     "nerf": "benchmarks.domains.nerf",
 }
-_REFERENCE = re.compile(r"^(ref(erence)?|oracle)\b", re.IGNORECASE)
+_REFERENCE = re.compile(r"^(ref(erence)?\b|oracle\b)", re.IGNORECASE)
+_PRECISE = "4 d.p."  # an ``extra`` key: the value printed to four decimals (AUC, RMSE)
 
 
 def describe_machine() -> str:
@@ -287,14 +291,15 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
     for table, arms in tables.items():
         if not {"bp", "dfa", "shallow"} <= set(arms):
             continue
+        d = 4 if any(_PRECISE in (r.get("extra") or {}) for r in arms.values()) else 2
         sign = 1.0 if arms["dfa"].get("higher_is_better") else -1.0
         bp, dfa, sh = (arms[a]["value"] for a in ("bp", "dfa", "shallow"))
         gain = sign * (dfa - sh)
         gap = sign * (bp - dfa)
-        verdict = f"beats shallow by {gain:.2f}" if gain > 0 else f"does NOT beat shallow ({gain:+.2f})"
+        verdict = f"beats shallow by {gain:.{d}f}" if gain > 0 else f"does NOT beat shallow ({gain:+.{d}f})"
         out.append(
-            f"{table}: DFA {verdict} ({arms['dfa']['metric']}: DFA {dfa:.2f}, shallow {sh:.2f}, backprop "
-            f"{bp:.2f}); backprop is {gap:.2f} {'better' if gap >= 0 else 'worse'} than DFA."
+            f"{table}: DFA {verdict} ({arms['dfa']['metric']}: DFA {dfa:.{d}f}, shallow {sh:.{d}f}, backprop "
+            f"{bp:.{d}f}); backprop is {abs(gap):.{d}f} {'better' if gap >= 0 else 'worse'} than DFA."
         )
     return out
 
@@ -305,7 +310,7 @@ def page_name(domain: str) -> str:
 
 
 def _value(row: dict[str, Any]) -> str:
-    return str((row.get("extra") or {}).get("4 d.p.") or _fmt(row["value"]))
+    return str((row.get("extra") or {}).get(_PRECISE) or _fmt(row["value"]))
 
 
 def _title(domain: str) -> str:
@@ -338,7 +343,7 @@ def render_index(records: list[dict[str, Any]]) -> str:
         for table, rows in tables.items():
             arms = {r["arm"]: r for r in rows}
             refs = "; ".join(
-                f"{_REFERENCE.sub('', r['arm']).lstrip(': ')} {_value(r)}" for r in rows if _REFERENCE.match(r["arm"])
+                f"{re.sub(r'^ref(erence)?: ', '', r['arm'])} {_value(r)}" for r in rows if _REFERENCE.match(r["arm"])
             )
             cells = [_value(arms[a]) if a in arms else "" for a in ARMS]
             direction = "higher is better" if rows[0].get("higher_is_better") else "lower is better"
@@ -366,12 +371,12 @@ def render_page(rec: dict[str, Any], img_prefix: str = "img/") -> str:
         tables.setdefault(row["table"], []).append(row)
     images = rec.get("images", {})
     for table, rows in tables.items():
-        extra_keys = sorted({k for r in rows for k in (r.get("extra") or {})})
+        extra_keys = sorted({k for r in rows for k in (r.get("extra") or {})} - {_PRECISE})
         head = ["arm", rows[0]["metric"], *extra_keys, "steps", "training time (s)", "config"]
         lines += [f"### {table}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in rows:
             extra = [_fmt(r.get("extra", {}).get(k)) for k in extra_keys]
-            cells = [r["arm"], _fmt(r["value"]), *extra, str(r["steps"]), f"{r['wall_s']:.1f}", r.get("config", "")]
+            cells = [r["arm"], _value(r), *extra, str(r["steps"]), f"{r['wall_s']:.1f}", r.get("config", "")]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
         if table in images:
