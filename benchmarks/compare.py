@@ -38,7 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_dfa import DFAStrategy
-from lightning_dfa.alignment import AlignmentMonitor
+from lightning_dfa.alignment import AlignmentMonitor, plot_alignment
 
 MODES = ("bp", "dfa", "shallow")
 Factory = Callable[[int], tuple[pl.LightningModule, DataLoader, DataLoader]]
@@ -152,6 +152,7 @@ def run_mode(
         "val_loader": val_loader,
         "blocks": [b.name for b in strategy.dfa_engine.target.blocks],
         "alignment_png": monitor.plot_path if monitor is not None else None,
+        "monitor": monitor,
     }
 
 
@@ -280,8 +281,8 @@ def compare(
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    data = "scikit-learn digits (8x8), MLP 64-128-128-10" if factory is digits else getattr(factory, "__name__", "")
     if title is None:
-        data = "scikit-learn digits (8x8), MLP 64-128-128-10" if factory is digits else getattr(factory, "__name__", "")
         title = f"{data}: bp vs dfa vs shallow".lstrip(": ")
     runs = [
         run_mode(factory, m, out, seed=seed, epochs=epochs, align_every=align_every, strategy_options=strategy_options)
@@ -303,6 +304,10 @@ def compare(
     if tsne:
         tsne_png = plot_tsne(runs, tsne, out / "compare_tsne.png", seed=seed, max_points=tsne_points, threads=threads)
         files.append(tsne_png)
+    for r in runs:  # redraw each run's alignment plot with the data set in its title
+        if r["monitor"] is not None and r["monitor"].history and r["alignment_png"] is not None:
+            name = f"{data}: alignment with backprop (mode={r['mode']})".lstrip(": ")
+            plot_alignment(r["monitor"].history, r["alignment_png"], title=name)
     files += [r["alignment_png"] for r in runs if r["alignment_png"] is not None and r["alignment_png"].exists()]
     return {"runs": runs, "table": table, "files": files}
 
