@@ -309,12 +309,15 @@ class AustenReport(pl.Callback):
         test: evaluate on the test text (Persuasion) at the end of ``fit``.
         sample_chars: characters to generate (0: none).
         temperature: sampling temperature.
+        echo: print the report when ``fit`` ends (else it is only kept in :attr:`report`, for a caller to print
+            after the progress bar has finished, as the example's command line does).
     """
 
-    def __init__(self, test: bool = True, sample_chars: int = 400, temperature: float = 0.8) -> None:
+    def __init__(self, test: bool = True, sample_chars: int = 400, temperature: float = 0.8, echo: bool = True) -> None:
         super().__init__()
-        self.test, self.sample_chars, self.temperature = test, sample_chars, temperature
+        self.test, self.sample_chars, self.temperature, self.echo = test, sample_chars, temperature, echo
         self.results: dict[str, float] = {}
+        self.report = ""
         self._start = 0.0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -340,7 +343,11 @@ class AustenReport(pl.Callback):
                 + " bits/char"
             )
             lines.append(f"Test: {loss / LN2:.3f} bits/char ({loss:.3f} nats) on {dm.describe()}")
-        print("\n".join(lines), flush=True)  # standard output, like the rest of the example's report
+        self.report = "\n".join(lines)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.echo and trainer.is_global_zero and self.report:
+            print(self.report, flush=True)
 
 
 def main(args: Any = None) -> Any:
@@ -353,16 +360,23 @@ def main(args: Any = None) -> Any:
         def add_arguments_to_parser(self, parser: Any) -> None:
             parser.link_arguments("data.block_size", "model.block_size")
 
+        def after_fit(self) -> None:
+            # the report after the progress bar's last line, so that the test bits/char come last
+            for callback in self.trainer.callbacks:
+                if isinstance(callback, AustenReport) and callback.report and self.trainer.is_global_zero:
+                    print(callback.report, flush=True)
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return CLI(
         CharGPT,
         AustenDataModule,
         trainer_defaults={
             "max_steps": 2000,
+            "max_epochs": 1,  # one pass is about 100,000 steps: max_steps ends the run (and the bar counts from 0/0)
             "val_check_interval": 500,
             "limit_val_batches": 10,
             "check_val_every_n_epoch": None,
-            "callbacks": [AustenReport()],
+            "callbacks": [AustenReport(echo=False)],
             "enable_checkpointing": False,
         },
         save_config_kwargs={"overwrite": True},

@@ -512,6 +512,9 @@ def main(args: Any = None) -> Any:
     import lightning_dfa  # noqa: F401  (registers strategy="dfa")
 
     class RecommendersCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser: Any) -> None:
+            parser.set_defaults({"trainer.max_epochs": 2})  # the click models' budget (MovieLens: pass 8)
+
         def after_fit(self) -> None:
             if self.trainer.fast_dev_run:
                 return
