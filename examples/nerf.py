@@ -5,7 +5,7 @@ The model is the NeRF recipe at a CPU-friendly size: positional encoding of the 
 a linear output of colour and density per point, and volume rendering along each ray (stratified samples
 between ``near`` and ``far``, white background). The loss is the MSE of the rendered pixel colours.
 
-Where DFA feedback goes (``dfa-reference.md``): after every hidden ReLU (each ``layers.<k>`` is a block, found
+Where DFA feedback goes (as in the DFA paper): after every hidden ReLU (each ``layers.<k>`` is a block, found
 automatically in the ``nn.ModuleList``). The error is read at the output layer's ``[points, 4]`` output: autograd
 carries the pixel error back through the (parameter-free) volume rendering, so each sample point gets its own
 4-dimensional error, projected to every hidden layer of that point.

@@ -9,7 +9,7 @@ Click-through models (BCE on the synthetic Criteo-shaped log of :mod:`examples.d
 A rating model (:class:`RatingMLP`, MSE on MovieLens latest-small from :mod:`examples.data.movielens`), whose MLP
 also reads an item-item neighbourhood (KNN-baseline) feature of each pair computed from the training ratings.
 
-The models know nothing of DFA. Where feedback goes (``dfa-reference.md``): after each Linear-BN-ReLU-Dropout
+The models know nothing of DFA. Where feedback goes (as in the DFA paper): after each Linear-BN-ReLU-Dropout
 group (each :class:`LinearBlock`), found automatically in the MLP ``nn.Sequential``; DCN and AutoInt also get a
 feedback point on the field embeddings and after each cross/attention layer, which they declare with the
 ``configure_dfa()`` method. There is a single logit, so the error has rank 1: every feedback point receives a

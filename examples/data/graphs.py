@@ -1,7 +1,7 @@
 """Graph data for the graph-convolution example: an offline contextual stochastic block model shaped like Cora,
 and PyG's ``Planetoid`` (Cora/CiteSeer/PubMed) for users who are online.
 
-The CSBM (see ``../shared/docs/offline-data.md``): 2708 nodes in 7 classes with Cora's class sizes, 1433 binary
+The CSBM: 2708 nodes in 7 classes with Cora's class sizes, 1433 binary
 bag-of-words features (about 18 words per node, each drawn from the node's class topic with probability ``mix``,
 otherwise from the whole vocabulary), a degree-corrected block model with mean degree about 4 and a fraction
 ``homophily`` (about 0.7) of same-class edges, no isolated node. Split as Planetoid's public split: 20 labelled
