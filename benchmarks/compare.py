@@ -4,13 +4,14 @@ Usage (from the repository root; the default model is an MLP on scikit-learn's d
 on a CPU)::
 
     python -m benchmarks.compare                                  # -> compare_out/
-    python -m benchmarks.compare --epochs 30 --tsne last --align-every 10 --out docs/img/compare
+    python -m benchmarks.compare --tsne last --align-every 10     # the run of docs/alignment.md
     python -m benchmarks.compare --factory mypkg.mymod:make      # your model: make(seed) -> (module, train, val)
 
 Writes to ``--out``:
 
 * ``compare_curves.png``: validation accuracy and loss per epoch and training loss, one line per mode;
 * ``compare.md``: a markdown table of the final metrics (and the final alignment with ``--align-every``);
+* ``compare.json``: the same, with the per-epoch curves, the command and the machine;
 * ``compare_tsne.png`` with ``--tsne LAYER``: t-SNE (scikit-learn) of that module's output on the validation
   set, one panel per mode, coloured by label (``last`` = the last DFA block);
 * ``<mode>/``: each run's CSV logs, and with ``--align-every N`` the run's ``alignment.png``.
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -36,7 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_dfa import DFAStrategy
-from lightning_dfa.alignment import AlignmentMonitor
+from lightning_dfa.alignment import AlignmentMonitor, plot_alignment
 
 MODES = ("bp", "dfa", "shallow")
 Factory = Callable[[int], tuple[pl.LightningModule, DataLoader, DataLoader]]
@@ -150,6 +152,7 @@ def run_mode(
         "val_loader": val_loader,
         "blocks": [b.name for b in strategy.dfa_engine.target.blocks],
         "alignment_png": monitor.plot_path if monitor is not None else None,
+        "monitor": monitor,
     }
 
 
@@ -179,9 +182,10 @@ def plot_curves(runs: Sequence[dict[str, Any]], metrics: Sequence[str], path: Pa
         ax.set_title(metric)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9, frameon=False)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path)
     return path
 
@@ -262,7 +266,7 @@ def compare(
     tsne_points: int = 1000,
     align_every: int | None = None,
     strategy_options: dict[str, Any] | None = None,
-    title: str = "bp vs dfa vs shallow",
+    title: str | None = None,
     threads: int | None = 1,
 ) -> dict[str, Any]:
     """Train ``factory(seed)``'s module once per mode and write the curves PNG, the table and (opt.) the t-SNE.
@@ -277,6 +281,9 @@ def compare(
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    data = "scikit-learn digits (8x8), MLP 64-128-128-10" if factory is digits else getattr(factory, "__name__", "")
+    if title is None:
+        title = f"{data}: bp vs dfa vs shallow".lstrip(": ")
     runs = [
         run_mode(factory, m, out, seed=seed, epochs=epochs, align_every=align_every, strategy_options=strategy_options)
         for m in modes
@@ -285,11 +292,46 @@ def compare(
     files = [plot_curves(runs, metrics, out / "compare_curves.png", title)]
     (out / "compare.md").write_text(f"# {title}\n\n{table}\n")
     files.append(out / "compare.md")
+    record = {
+        "title": title,
+        "epochs": epochs,
+        "seed": seed,
+        "machine": _machine(),
+        "runs": [{k: r[k] for k in ("mode", "final", "steps", "wall_s", "blocks", "curves")} for r in runs],
+    }
+    (out / "compare.json").write_text(json.dumps(record, indent=1) + "\n")
+    files.append(out / "compare.json")
     if tsne:
         tsne_png = plot_tsne(runs, tsne, out / "compare_tsne.png", seed=seed, max_points=tsne_points, threads=threads)
         files.append(tsne_png)
+    for r in runs:  # redraw each run's alignment plot with the data set in its title
+        if r["monitor"] is not None and r["monitor"].history and r["alignment_png"] is not None:
+            name = f"{data}: alignment with backprop (mode={r['mode']})".lstrip(": ")
+            plot_alignment(r["monitor"].history, r["alignment_png"], title=name)
     files += [r["alignment_png"] for r in runs if r["alignment_png"] is not None and r["alignment_png"].exists()]
     return {"runs": runs, "table": table, "files": files}
+
+
+def _machine() -> dict[str, Any]:
+    """Where the comparison ran: CPU model and cores, torch threads and version, date, load average."""
+    import os
+    import platform
+
+    cpu = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    load = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "load_average": load,
+    }
 
 
 def _load_factory(spec: str) -> Factory:
@@ -300,17 +342,53 @@ def _load_factory(spec: str) -> Factory:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--factory", default=None, help="pkg.mod:fn, fn(seed) -> (module, train, val)")
-    parser.add_argument("--out", default="compare_out")
-    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of bp,dfa,shallow")
-    parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--metrics", default="val_acc,val_loss,train_loss")
-    parser.add_argument("--tsne", default=None, help="module name of the hidden layer to draw ('last': last block)")
-    parser.add_argument("--tsne-points", type=int, default=1000)
-    parser.add_argument("--align-every", type=int, default=None, help="add an AlignmentMonitor every N steps")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for small models)")
+    """Parse the command line, run :func:`compare`, print the table and the files written."""
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.compare",
+        description=(__doc__ or "").split("\n\n")[0],
+        epilog="Example: python -m benchmarks.compare --tsne last --align-every 10 --out compare_out",
+    )
+    parser.add_argument(
+        "--factory",
+        default=None,
+        metavar="PKG.MOD:FN",
+        help="your model: a function FN(seed) in module PKG.MOD returning (LightningModule, "
+        "train DataLoader, validation DataLoader); default: an MLP on scikit-learn's digits",
+    )
+    parser.add_argument("--out", default="compare_out", help="output folder (default: compare_out)")
+    parser.add_argument(
+        "--modes", default=",".join(MODES), help="comma-separated subset of bp,dfa,shallow (default: all)"
+    )
+    parser.add_argument("--epochs", type=int, default=15, help="training epochs per mode (default: 15)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of weights, data order and feedback (default: 0)")
+    parser.add_argument(
+        "--metrics",
+        default="val_acc,val_loss,train_loss",
+        help="comma-separated logged metrics to plot and tabulate (default: val_acc,val_loss,train_loss)",
+    )
+    parser.add_argument(
+        "--tsne",
+        default=None,
+        metavar="LAYER",
+        help="also draw a t-SNE of this module's output on the validation set, one panel per mode "
+        "('last': the last DFA block)",
+    )
+    parser.add_argument("--tsne-points", type=int, default=1000, help="validation samples in the t-SNE (default: 1000)")
+    parser.add_argument(
+        "--align-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help="measure the alignment of the DFA signal with the true gradient every N steps "
+        "(AlignmentMonitor) and write each run's alignment.png",
+    )
+    parser.add_argument("--title", default=None, help="title of the plots and the table (default: names the data set)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch and t-SNE CPU threads (default: 1, fastest for small models on a shared CPU)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -324,6 +402,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         tsne=args.tsne,
         tsne_points=args.tsne_points,
         align_every=args.align_every,
+        title=args.title,
         threads=args.threads,
     )
     print(result["table"])

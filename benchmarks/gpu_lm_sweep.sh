@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Issue 5 exploration on a lent GPU: how many steps (and which schedule) DFA's recipe needs on the language-model
+# Language-model sweep on a GPU: how many steps (and which schedule) DFA's recipe needs on the language-model
 # example, every arm a separate `python -m examples.demo` process sharing the one GPU.
-# Needs the Austen data in $LIGHTNING_DFA_DATA (copied from this machine's cache) and `rdata` importable.
+# Needs the Austen data in $LIGHTNING_DFA_DATA (a copy of a local cache) and `rdata` importable.
 set -u
 OUT=${OUT:-/tmp/lm_sweep}
 mkdir -p "$OUT"

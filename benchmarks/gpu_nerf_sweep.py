@@ -1,5 +1,6 @@
-"""Issue 6 exploration on a lent GPU: does a wider NeRF MLP or a longer budget close DFA's gap? Each variant is
-``benchmarks.quality.fit_arm`` on the procedural scene with ``accelerator="gpu"``, one process per variant.
+"""NeRF sweep on a GPU: does a wider MLP or a longer budget close DFA's gap? Each variant is
+``benchmarks.quality.fit_arm`` on the procedural scene with ``accelerator="gpu"``, one process per variant
+(results: ``benchmarks/results/gpu_nerf_sweep_h100.jsonl``).
 
 Usage: ``python -m benchmarks.gpu_nerf_sweep NAME ARM WIDTH STEPS`` (one variant), printing one JSON line.
 """
@@ -10,17 +11,18 @@ import json
 import sys
 import time
 
+from benchmarks.domains.nerf import BUDGET
 from benchmarks.quality import fit_arm
-from examples.nerf import NERF_BUDGET, NeRF, SceneDataModule
+from examples.nerf import NeRF, SceneDataModule
 
 
 def main() -> None:
     """Train one variant and print its test PSNR and validation curve."""
     name, arm, width, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    data = SceneDataModule(size=NERF_BUDGET["size"], batch_size=NERF_BUDGET["batch_size"], seed=0)
+    data = SceneDataModule(size=BUDGET["size"], batch_size=BUDGET["batch_size"], seed=0)
     data.setup()
     t0 = time.time()
-    res = fit_arm(lambda dm: NeRF(lr=5e-3, width=width, n_samples=NERF_BUDGET["n_samples"]), lambda: data, arm,
+    res = fit_arm(lambda dm: NeRF(lr=5e-3, width=width, n_samples=BUDGET["n_samples"]), lambda: data, arm,
                   seed=0, max_steps=steps, curve_metric="val_psnr", test_metrics=("test_psnr",),
                   trainer_options={"accelerator": "gpu", "check_val_every_n_epoch": max(1, steps // 1000)})  # fmt: skip
     print(json.dumps({"name": name, "arm": arm, "width": width, "steps": steps, "test_psnr": res["metrics"],

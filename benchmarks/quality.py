@@ -3,41 +3,44 @@
 
 Usage (from the repository root)::
 
-    python -m benchmarks.quality                            # every registered domain, full budget -> docs/
+    python -m benchmarks.quality                            # every domain, full budget -> docs/
     python -m benchmarks.quality --domains images,graphs    # some domains (the others' stored rows are kept)
-    python -m benchmarks.quality --quick                    # CI smoke: a few steps per arm, tiny data, -> a tmp dir
-    python -m benchmarks.quality --jobs 4 --threads 1       # each (domain, arm) in its own process, 4 at a time
-    python -m benchmarks.quality --render-only              # re-render docs/results.md from the stored rows
+    python -m benchmarks.quality --quick                    # smoke run: a few steps per arm, tiny data, -> a tmp dir
+    python -m benchmarks.quality --jobs 4 --threads 1       # each (domain, part, arm) in its own process, 4 at a time
+    python -m benchmarks.quality --render-only              # re-render the pages and plots from the stored rows
 
-Output: ``<out>/results.md`` (one table per domain and sub-table: metric, arm, steps, wall time, machine, plus
-the domain's notes), learning-curve PNGs in ``<out>/img/<domain>-<table>.png``, and the raw rows of each domain
-in ``<out>/results/<domain>.json``. ``results.md`` is rendered from every stored JSON, so a run of some domains
-keeps the rows of the others (each helper can run its own domain).
+Output under ``--out`` (default ``docs/``): ``results.md`` (one summary table over the domains, linking each
+domain's page), ``results_<domain>.md`` (the domain's tables and learning curves first, then its setup, how to
+reproduce it, and what the numbers show and what did not work), the plots ``img/<domain>-<table>.png``, and the
+raw rows with the run's date, machine and command in ``results/<domain>.json``. The pages are rendered from every
+stored JSON, so a run of some domains keeps the rows of the others.
 
 The contract for a domain (add a line to :data:`DOMAINS`)
 ---------------------------------------------------------
-A domain is a module (``examples.<name>``) exposing::
+A domain is a module (``benchmarks.domains.<name>``) exposing::
 
     def quality_runs(quick: bool, seed: int = 0, arms: Sequence[str] = ("bp", "dfa", "shallow")) -> list[dict]
 
-Each returned dict is one row (one trained arm):
+Each returned dict is one row (one trained arm, or a reference):
 
-* ``table`` (str): sub-table title, e.g. ``"Fashion-MNIST, MLP"`` (rows with the same title share a table);
-* ``arm`` (str): ``"bp"``, ``"dfa"``, ``"shallow"`` (or a variant such as ``"dfa (error at head input)"``);
+* ``table`` (str): sub-table title naming the data set, e.g. ``"Fashion-MNIST, MLP"`` (rows with the same title
+  share a table and a plot);
+* ``arm`` (str): ``"bp"``, ``"dfa"``, ``"shallow"``, a variant such as ``"dfa, feedback not propagated"``, or a
+  reference (``"reference: ..."``, ``"ref: ..."``, ``"oracle ..."``);
 * ``metric`` (str): what ``value`` is, e.g. ``"test error (%)"``; ``value`` (float);
 * ``higher_is_better`` (bool, default ``False``);
 * ``steps`` (int): optimizer steps; ``wall_s`` (float): training wall time in seconds;
 * optional ``curve``: ``[[step, value], ...]`` for the learning-curve plot, with ``curve_metric`` (its label);
-* optional ``config`` (str, shown in the table), ``extra`` (dict of other metrics, shown in the table).
+* optional ``config`` (str, shown in the table), ``extra`` (dict of other metrics, shown in the table; the key
+  ``"4 d.p."`` holds the value printed to four decimals instead of two).
 
-A module may define ``QUALITY_PARTS`` (e.g. ``("mlp", "cnn")``): then ``quality_runs`` also takes ``part=`` (one
-of them, or ``None`` for all), and ``--jobs N`` runs each (domain, part, arm) in its own process, N at a time.
-
-The module may also define ``QUALITY_NOTE`` (markdown: data, budget; stored with the rows at run time) and
-``QUALITY_FINDINGS`` (markdown: what the numbers show, what else was tried; read when rendering, so it can be
-written after a run and applied with ``--render-only``), both shown with its tables.
-:func:`fit_arm` trains one arm of a LightningModule/LightningDataModule pair through ``DFAStrategy`` and returns
-steps, wall time, curve and test metrics; domains may use it or train their own way.
+The module also defines ``TITLE`` (the page title, with the data set's name), ``NOTE`` (markdown: data, model,
+budget; stored with the rows at run time) and ``FINDINGS`` (markdown: what the numbers show and what did not work;
+read when rendering, so it can be edited and applied with ``--render-only``). Optional: ``PARTS`` (e.g.
+``("mlp", "cnn")``: then ``quality_runs`` also takes ``part=``, and ``--jobs N`` runs each (domain, part, arm) in its
+own process) and ``BEST_VALIDATION = True`` (the tested weights are those of the best validation point: the plots
+circle it). :func:`fit_arm` trains one arm of a LightningModule/LightningDataModule pair through ``DFAStrategy``
+and returns steps, wall time, curve and test metrics.
 
 Quick mode (``--quick``) must finish in seconds per arm on a CPU without network: tiny data, a few steps.
 """
@@ -59,18 +62,30 @@ from typing import Any
 
 ARMS = ("bp", "dfa", "shallow")
 
-#: domain name -> module. Modules that do not exist yet (or lack ``quality_runs``) are reported as pending.
+#: domain name -> module (see the contract above).
 DOMAINS: dict[str, str] = {
-    "images": "examples.images",
-    "graphs": "examples.graphs",
-    # HOOK (language-model helper): examples/language_model.py should expose quality_runs(quick, seed, arms)
-    # following the contract above; until it does, this domain is listed as pending in results.md.
-    "language_model": "examples.language_model",
-    # HOOK (issue 6): recommenders and NeRF add their rows the same way.
-    "recommenders": "examples.recommenders",
-    "nerf": "examples.nerf",
+    "images": "benchmarks.domains.images",
+    "graphs": "benchmarks.domains.graphs",
+    "language_model": "benchmarks.domains.language_model",
+    "recommenders": "benchmarks.domains.recommenders",
+    "nerf": "benchmarks.domains.nerf",
 }
-DEFAULT_MACHINE = "this 2-core CPU machine"
+_REFERENCE = re.compile(r"^(ref(erence)?\b|oracle\b)", re.IGNORECASE)
+_PRECISE = "4 d.p."  # an ``extra`` key: the value printed to four decimals (AUC, RMSE)
+
+
+def describe_machine() -> str:
+    """The machine as a paper names it, e.g. ``"a 2-core CPU (AMD EPYC)"``; ``$QUALITY_MACHINE`` overrides it."""
+    if os.environ.get("QUALITY_MACHINE"):
+        return os.environ["QUALITY_MACHINE"]
+    model = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.lower().startswith("model name")]
+        model = names[0] if names else model
+    except OSError:
+        pass
+    return f"a {os.cpu_count()}-core CPU ({model})"
 
 
 # ---------------------------------------------------------------------------------------------- one arm
@@ -162,6 +177,14 @@ class _CurveRecorder(_curve_recorder_base()):  # type: ignore[misc]
 
 
 # ---------------------------------------------------------------------------------------------- running domains
+def _module(domain: str) -> Any:
+    """The domain's module, or ``None`` if it cannot be imported."""
+    try:
+        return importlib.import_module(DOMAINS[domain])
+    except ImportError:
+        return None
+
+
 def run_domain(
     name: str, quick: bool, seed: int = 0, arms: Sequence[str] = ARMS, part: str | None = None
 ) -> dict[str, Any]:
@@ -178,16 +201,16 @@ def run_domain(
         return {"domain": name, "pending": f"`{module_name}` has no `quality_runs(quick, seed, arms)` yet."}
     start = time.perf_counter()
     rows = runner(quick=quick, seed=seed, arms=tuple(arms), **({"part": part} if part is not None else {}))
+    load = f" (load average {os.getloadavg()[0]:.1f} at the end)" if hasattr(os, "getloadavg") else ""
     return {
         "domain": name,
         "part": part,
         "rows": [_check_row(name, r) for r in rows],
-        "note": getattr(module, "QUALITY_NOTE", ""),
+        "note": getattr(module, "NOTE", ""),
         "quick": quick,
         "seed": seed,
         "total_s": time.perf_counter() - start,
-        "machine": os.environ.get("QUALITY_MACHINE", DEFAULT_MACHINE)
-        + (f" (load average {os.getloadavg()[0]:.1f} at the end)" if hasattr(os, "getloadavg") else ""),
+        "machine": describe_machine() + load,
         "platform": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
         "torch_threads": _torch_threads(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -218,12 +241,16 @@ def _slug(text: str) -> str:
 
 
 def plot_curves(record: dict[str, Any], img_dir: Path) -> dict[str, str]:
-    """One PNG per sub-table with each arm's curve; returns ``{table: file name}``."""
-    import matplotlib
+    """One PNG per sub-table with each arm's learning curve; returns ``{table: file name}``.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    The title names the data set (the sub-table's title), the legend sits beside the axes, and when the domain
+    tests the weights of the best validation point (``BEST_VALIDATION``), that point is circled on each curve.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
+    module = _module(record["domain"])
+    best_validation = bool(getattr(module, "BEST_VALIDATION", False))
     files = {}
     tables: dict[str, list[dict[str, Any]]] = {}
     for row in record.get("rows", []):
@@ -231,19 +258,26 @@ def plot_curves(record: dict[str, Any], img_dir: Path) -> dict[str, str]:
             tables.setdefault(row["table"], []).append(row)
     img_dir.mkdir(parents=True, exist_ok=True)
     for table, rows in tables.items():
-        fig, ax = plt.subplots(figsize=(5.5, 3.5))
+        fig = Figure(figsize=(7.0, 3.6))
+        FigureCanvasAgg(fig)
+        ax = fig.subplots()
         for row in rows:
             steps, values = zip(*row["curve"])
-            ax.plot(steps, values, marker="." if len(steps) < 40 else None, label=row["arm"])
+            (line,) = ax.plot(steps, values, marker="." if len(steps) < 40 else None, label=row["arm"])
+            if best_validation:
+                pick = max if row.get("higher_is_better") else min
+                k = values.index(pick(values))
+                ax.plot([steps[k]], [values[k]], "o", mfc="none", ms=10, color=line.get_color())
+        if best_validation:
+            ax.plot([], [], "o", mfc="none", ms=10, color="grey", label="best validation\n(weights tested)")
         ax.set_xlabel("optimizer steps")
         ax.set_ylabel(rows[0].get("curve_metric", rows[0]["metric"]))
-        ax.set_title(f"{record['domain']}: {table}", fontsize=10)
+        ax.set_title(table, fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
         fig.tight_layout()
         name = f"{_slug(record['domain'])}-{_slug(table)}.png"
         fig.savefig(img_dir / name, dpi=90)
-        plt.close(fig)
         files[table] = name
     return files
 
@@ -257,88 +291,137 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
     for table, arms in tables.items():
         if not {"bp", "dfa", "shallow"} <= set(arms):
             continue
+        d = 4 if any(_PRECISE in (r.get("extra") or {}) for r in arms.values()) else 2
         sign = 1.0 if arms["dfa"].get("higher_is_better") else -1.0
         bp, dfa, sh = (arms[a]["value"] for a in ("bp", "dfa", "shallow"))
         gain = sign * (dfa - sh)
         gap = sign * (bp - dfa)
-        verdict = f"beats shallow by {gain:.2f}" if gain > 0 else f"does NOT beat shallow ({gain:+.2f})"
+        verdict = f"beats shallow by {gain:.{d}f}" if gain > 0 else f"does NOT beat shallow ({gain:+.{d}f})"
         out.append(
-            f"{table}: DFA {verdict} ({arms['dfa']['metric']}: DFA {dfa:.2f}, shallow {sh:.2f}, backprop "
-            f"{bp:.2f}); backprop is {gap:.2f} {'better' if gap >= 0 else 'worse'} than DFA."
+            f"{table}: DFA {verdict} ({arms['dfa']['metric']}: DFA {dfa:.{d}f}, shallow {sh:.{d}f}, backprop "
+            f"{bp:.{d}f}); backprop is {abs(gap):.{d}f} {'better' if gap >= 0 else 'worse'} than DFA."
         )
     return out
 
 
-def render(records: list[dict[str, Any]], img_prefix: str = "img/") -> str:
-    """The markdown of ``results.md`` from the stored domain records."""
+def page_name(domain: str) -> str:
+    """The file name of a domain's page, e.g. ``results_images.md``."""
+    return f"results_{domain}.md"
+
+
+def _value(row: dict[str, Any]) -> str:
+    return str((row.get("extra") or {}).get(_PRECISE) or _fmt(row["value"]))
+
+
+def _title(domain: str) -> str:
+    return str(getattr(_module(domain), "TITLE", "") or domain)
+
+
+def render_index(records: list[dict[str, Any]]) -> str:
+    """``results.md``: one row per sub-table of every domain (backprop, DFA, shallow, references)."""
     lines = [
-        "# Quality results: backprop vs DFA vs shallow",
+        "# Results: backprop, DFA and the shallow baseline",
         "",
-        "Written by `python -m benchmarks.quality` (do not edit by hand: rerun it). Arms: `bp` (backprop), `dfa` "
-        "(Direct Feedback Alignment, `Trainer(strategy=\"dfa\")`), `shallow` (only the layers after the last "
-        "feedback point learn). Wall time is training time only (no evaluation), on the machine named per domain.",
+        "Every example trained three ways from the same seed, with the same data and budget: `bp` (backprop), `dfa` "
+        '(Direct Feedback Alignment, `Trainer(strategy="dfa")`) and `shallow` (only the layers after the last '
+        "feedback point learn: the baseline DFA must beat). Each domain's page has the full tables, the learning "
+        "curves, the setup, how to reproduce it and what did not work; its JSON file holds the raw rows with the "
+        "run's date, machine and command. Written by `python -m benchmarks.quality` (rerun it rather than edit).",
         "",
+        "| domain | table | metric | backprop | DFA | shallow | reference |",
+        "|---|---|---|---|---|---|---|",
     ]
     for rec in records:
-        lines += [f"## {rec['domain']}", ""]
+        domain = rec["domain"]
+        link = f"[{domain}]({page_name(domain)}) ([json](results/{domain}.json))"
         if "pending" in rec:
-            lines += [f"Pending: {rec['pending']}", ""]
+            lines.append(f"| {link} | pending: {rec['pending']} | | | | | |")
             continue
-        mode = "quick smoke run (not a result)" if rec.get("quick") else "full run"
-        processes = rec.get("processes", rec.get("jobs", 1))
-        given = re.search(r"--jobs[ =](\d+)", rec.get("command", ""))  # how many ran at a time, if known
-        at_once = f", at most {min(int(given.group(1)), processes)} at a time" if given else ""
-        how = (
-            f"its parts and arms ran as {processes} processes{at_once}, which took "
-            f"{rec.get('script_wall_s', 0) / 60:.1f} min of wall time from the first start to the last end "
-            f"({rec['total_s'] / 60:.1f} min summed over the processes)"
-            if processes > 1
-            else f"the domain's run took {rec['total_s'] / 60:.1f} min"
-        )
-        lines += [
-            f"{mode}, seed {rec.get('seed', 0)}, {rec['date']}, machine: {rec['machine']} ({rec['platform']}, "
-            f"{rec['torch_threads']} torch threads per process); {how}.",
-            "",
-        ]
-        if rec.get("command"):
-            lines += [f"Command: `{rec['command']}`", ""]
-        if rec.get("note"):
-            lines += [rec["note"], ""]
         tables: dict[str, list[dict[str, Any]]] = {}
         for row in rec["rows"]:
             tables.setdefault(row["table"], []).append(row)
-        images = rec.get("images", {})
         for table, rows in tables.items():
-            extra_keys = sorted({k for r in rows for k in (r.get("extra") or {})})
-            head = ["arm", rows[0]["metric"], *extra_keys, "steps", "wall time (s)", "config", "machine"]
-            lines += [f"### {table}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-            for r in rows:
-                extra = [_fmt(r.get("extra", {}).get(k)) for k in extra_keys]
-                cells = [r["arm"], _fmt(r["value"]), *extra, str(r["steps"]), f"{r['wall_s']:.1f}", r.get("config", ""),
-                         rec["machine"]]  # fmt: skip
-                lines.append("| " + " | ".join(cells) + " |")
-            lines.append("")
-            if table in images:
-                lines += [f"![{rec['domain']}: {table}]({img_prefix}{images[table]})", ""]
-        found = verdicts(rec["rows"])
-        if found:
-            lines += ["Verdict (computed from the rows above):", ""] + [f"- {v}" for v in found] + [""]
-        findings = _findings(rec["domain"])
-        if findings:
-            lines += [findings, ""]
+            arms = {r["arm"]: r for r in rows}
+            refs = "; ".join(
+                f"{re.sub(r'^ref(erence)?: ', '', r['arm'])} {_value(r)}" for r in rows if _REFERENCE.match(r["arm"])
+            )
+            cells = [_value(arms[a]) if a in arms else "" for a in ARMS]
+            direction = "higher is better" if rows[0].get("higher_is_better") else "lower is better"
+            quick = " (quick smoke run, not a result)" if rec.get("quick") else ""
+            lines.append(f"| {link} | {table}{quick} | {rows[0]['metric']}, {direction} | " + " | ".join(cells)
+                         + f" | {refs} |")  # fmt: skip
+    lines += [
+        "",
+        "Reproduce everything with `python -m benchmarks.quality --jobs 2 --threads 1` (hours on a 2-core CPU), one "
+        "domain with `--domains NAME`, or check that it runs with `--quick` (seconds per arm, tiny data).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def render_page(rec: dict[str, Any], img_prefix: str = "img/") -> str:
+    """A domain's page: its tables and plots first, then setup, how to reproduce, and its findings."""
+    domain = rec["domain"]
+    lines = [f"# {_title(domain)}", ""]
+    if "pending" in rec:
+        return "\n".join(lines + [f"Pending: {rec['pending']}", ""])
+    if rec.get("quick"):
+        lines += ["**Quick smoke run (not a result):** a few steps on tiny data.", ""]
+    tables: dict[str, list[dict[str, Any]]] = {}
+    for row in rec["rows"]:
+        tables.setdefault(row["table"], []).append(row)
+    images = rec.get("images", {})
+    for table, rows in tables.items():
+        extra_keys = sorted({k for r in rows for k in (r.get("extra") or {})} - {_PRECISE})
+        head = ["arm", rows[0]["metric"], *extra_keys, "steps", "training time (s)", "config"]
+        lines += [f"### {table}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in rows:
+            extra = [_fmt(r.get("extra", {}).get(k)) for k in extra_keys]
+            cells = [r["arm"], _value(r), *extra, str(r["steps"]), f"{r['wall_s']:.1f}", r.get("config", "")]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+        if table in images:
+            lines += [f"![{table}]({img_prefix}{images[table]})", ""]
+    found = verdicts(rec["rows"])
+    if found:
+        lines += ["Computed from the rows above:", ""] + [f"- {v}" for v in found] + [""]
+    threads = rec.get("torch_threads", 1)
+    lines += [
+        "## Setup",
+        "",
+        rec.get("note", ""),
+        "",
+        f"Machine: {rec.get('machine', 'not recorded')}, {threads} torch thread{'s' if threads != 1 else ''} per "
+        f"process. Training times are comparable within a table only roughly when the machine was shared. Date, "
+        f"command and timings of the run: [`results/{domain}.json`](results/{domain}.json).",
+        "",
+        "## How to reproduce",
+        "",
+        "```bash",
+        f"python -m benchmarks.quality --domains {domain} --threads 1",
+        "```",
+        "",
+    ]
+    findings = str(getattr(_module(domain), "FINDINGS", "") or "")
+    if findings:
+        lines += ["## What the numbers show, and what did not work", "", findings.strip(), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _findings(domain: str) -> str:
-    """The domain module's current ``QUALITY_FINDINGS`` (markdown written after reading a run), if any."""
-    module_name = DOMAINS.get(domain)
-    if module_name is None:
-        return ""
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError:
-        return ""
-    return str(getattr(module, "QUALITY_FINDINGS", "") or "")
+def render(records: list[dict[str, Any]], img_prefix: str = "img/") -> dict[str, str]:
+    """``{file name: markdown}``: ``results.md`` and one ``results_<domain>.md`` per stored record."""
+    pages = {"results.md": render_index(records)}
+    for rec in records:
+        pages[page_name(rec["domain"])] = render_page(rec, img_prefix)
+    return pages
+
+
+def write_pages(out: Path, records: list[dict[str, Any]]) -> list[Path]:
+    """Write :func:`render`'s pages into ``out``; returns their paths."""
+    paths = []
+    for name, text in render(records).items():
+        (out / name).write_text(text)
+        paths.append(out / name)
+    return paths
 
 
 def _fmt(value: Any) -> str:
@@ -433,33 +516,52 @@ def collect(folder: Path, arms: Sequence[str] = ARMS) -> dict[str, dict[str, Any
 
 
 def _parts(domain: str) -> list[str | None]:
-    """The domain module's ``QUALITY_PARTS`` (independent pieces ``--jobs`` may run apart), or ``[None]``."""
-    try:
-        module = importlib.import_module(DOMAINS[domain])
-    except ImportError:
-        return [None]
-    return list(getattr(module, "QUALITY_PARTS", None) or [None])
+    """The domain module's ``PARTS`` (independent pieces ``--jobs`` may run apart), or ``[None]``."""
+    return list(getattr(_module(domain), "PARTS", None) or [None])
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    """Run the chosen domains, store their rows, and re-render ``results.md`` and the plots."""
+    """Run the chosen domains, store their rows, and re-render the result pages and the plots."""
     parser = argparse.ArgumentParser(
-        description=(__doc__ or "").split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+        prog="python -m benchmarks.quality",
+        description=(__doc__ or "").split("\n\n")[0],
+        epilog="Example: python -m benchmarks.quality --domains images --jobs 2 --threads 1",
     )
-    parser.add_argument("--domains", default=",".join(DOMAINS), help=f"comma-separated, from {list(DOMAINS)}")
-    parser.add_argument("--quick", action="store_true", help="a few steps per arm on tiny data (CI smoke)")
-    parser.add_argument("--arms", default=",".join(ARMS))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help="output folder (default: docs/, or a tmp folder with --quick)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--jobs", type=int, default=1, help="run each (domain, arm) in its own process, N at a time")
-    parser.add_argument("--part", default=None, help="only this part of the domain (see QUALITY_PARTS)")
-    parser.add_argument("--collect", default=None, help="merge the records stored under this folder (see collect)")
-    parser.add_argument("--render-only", action="store_true", help="re-render results.md from the stored rows")
+    parser.add_argument("--domains", default=",".join(DOMAINS),
+                        help=f"comma-separated domains to run (default: all of {', '.join(DOMAINS)})")  # fmt: skip
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: a few steps per arm on tiny data, seconds per arm; writes to a temporary "
+                             "folder unless --out is given")  # fmt: skip
+    parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms (default: bp,dfa,shallow)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of weights, data order and feedback (default: 0)")
+    parser.add_argument("--out", default=None,
+                        help="output folder for results.md, the domain pages, img/ and results/ (default: docs/, "
+                             "or a temporary folder with --quick)")  # fmt: skip
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads per process (default: torch's choice; 1 is fastest for these "
+                             "small models on a shared machine)")  # fmt: skip
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="run each (domain, part, arm) as its own process, this many at a time (default: 1, "
+                             "everything in this process)")  # fmt: skip
+    parser.add_argument(
+        "--part",
+        default=None,
+        help="only this part of a domain that has several (images: mlp, cnn; graphs: gcn, gat, cheb)",
+    )
+    parser.add_argument("--collect", default=None, metavar="FOLDER",
+                        help="do not train: merge the records that separate processes stored under FOLDER/*/results/ "
+                             "(as --jobs does) and render them")  # fmt: skip
+    parser.add_argument("--render-only", action="store_true",
+                        help="do not train: re-render the pages and redraw the plots from the stored rows in "
+                             "<out>/results/")  # fmt: skip
     args = parser.parse_args(argv)
     if args.render_only:
         out = Path(args.out or "docs")
-        (out / "results.md").write_text(render(load_records(out / "results")))
+        records = load_records(out / "results")
+        for record in records:
+            if "rows" in record:
+                record["images"] = plot_curves(record, out / "img")
+        write_pages(out, records)
         return out / "results.md"
 
     domains = [d.strip() for d in args.domains.split(",") if d.strip()]
@@ -494,9 +596,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
             for v in verdicts(record["rows"]):
                 print(f"[quality]   {v}", flush=True)
         (results_dir / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
-    text = render(load_records(results_dir))
-    (out / "results.md").write_text(text)
-    print(f"[quality] wrote {out / 'results.md'} ({wall / 60:.1f} min)", flush=True)
+    write_pages(out, load_records(results_dir))
+    print(f"[quality] wrote {out / 'results.md'} and the domain pages ({wall / 60:.1f} min)", flush=True)
     return out / "results.md"
 
 

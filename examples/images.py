@@ -7,12 +7,12 @@ The model and the data module know nothing of DFA: the training method is a Trai
     python -m examples.images fit --model.arch=cnn --trainer.strategy=dfa --trainer.max_epochs=5
     python -m examples.images fit --trainer.strategy=lightning_dfa.DFAStrategy --trainer.strategy.mode=shallow
 
-Data (``examples/data/images.py``): Fashion-MNIST from the Debian package ``dataset-fashion-mnist`` (offline),
-``--data.dataset=torchvision`` to download it instead, ``--data.dataset=digits`` for scikit-learn's 8x8 digits.
-The test error is printed after ``fit``. Both networks are plain ``nn.Sequential`` stacks, so DFA finds its
-feedback points by itself: after each Linear/Conv + activation (+ pooling) group; the last Linear is the output.
-
-``quality_runs(quick)`` is this domain's entry for ``benchmarks/quality.py``.
+Data (``examples/data/images.py``): Fashion-MNIST from the Debian package ``dataset-fashion-mnist`` (fetched
+once with ``apt-get download`` into the cache directory), ``--data.dataset=torchvision`` to download it instead,
+``--data.dataset=digits`` for scikit-learn's 8x8 digits. The last line printed after ``fit`` is the test error,
+with the data set it was measured on (and the fallback, if Fashion-MNIST could not be had). Both networks are
+plain ``nn.Sequential`` stacks, so DFA finds its feedback points by itself: after each Linear/Conv + activation
+(+ pooling) group; the last Linear is the output. Measured results: ``docs/results_images.md``.
 """
 
 from __future__ import annotations
@@ -131,107 +131,6 @@ class ImageClassifier(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-# ------------------------------------------------------------------------------------------- quality runs
-#: Budget of the full quality run (one seed per arm), per architecture: the same for every arm.
-QUALITY_BUDGET: dict[str, dict[str, Any]] = {
-    "mlp": {"epochs": 6, "lr": {"bp": 1e-3, "dfa": 1e-3, "shallow": 1e-3}},
-    "cnn": {"epochs": 2, "lr": {"bp": 1e-3, "dfa": 1e-3, "shallow": 1e-3}},
-}
-QUALITY_NOTE = (
-    "Fashion-MNIST from the Debian package `dataset-fashion-mnist` (55k train, 5k validation, 10k test), Adam, "
-    "batch 128, one seed (0) per arm, DFA with the default uniform feedback (scale 1). Metric: test error (%), lower "
-    "is better; the curve is the validation error after each epoch."
-)
-
-QUALITY_FINDINGS = """\
-Acceptance: the Fashion-MNIST MLP trained by DFA reaches 11.51% test error in 6 epochs (target: at most 12%;
-biotorch reports 12.8%), 0.66 points behind backprop (10.85%) and 5.9 points ahead of shallow (17.37%). The CNN,
-where the DFA paper notes that DFA struggles, did better than we expected in this short budget: DFA 13.51% against
-backprop 11.18% and shallow 29.97% after 2 epochs (a 2.3-point gap to backprop, against 0.7 for the MLP, so the
-conv layers do learn less well from feedback than the dense ones). One seed per arm: differences under about
-0.5 point are within seed noise.
-
-How this run was made: `python -m benchmarks.quality --domains images,graphs --jobs 8 --threads 1` started the
-six image processes (one per part and arm) and two graph ones; because the machine was overloaded (load average
-about 20 on 2 cores, each process getting about 5% of a core), its orchestrator was stopped and the remaining
-seven graph processes were started by hand with the same arguments (`--part`, `--arms`, `--out <job folder>`);
-`python -m benchmarks.quality --collect <job folder> --domains images,graphs` merged them. The wall times are
-therefore those of a heavily shared CPU (about 25 min for 6 MLP epochs), not of the code.
-
-Networks: MLP 784-800-800-10 with tanh; CNN conv5x5(16)-tanh-maxpool2, conv5x5(32)-tanh-maxpool2, Linear(1568,
-128)-tanh, Linear(128, 10). Adam, learning rate 1e-3 with a cosine decay to zero over the budget (every arm the
-same), batch 128. DFA's feedback points are found by discovery: after each Linear/Conv + tanh (+ pool) group; conv
-points are flattened (C*H*W), the feedback matrix is the library default (uniform, one shared projection).
-
-Earlier trials on the same machine with the same code (`fit_arm`, seed 0, full Fashion-MNIST, one run each, test
-error): MLP with a constant learning rate, tanh, lr 1e-3, 2 epochs: DFA 14.75, backprop 13.83; tanh, lr 3e-4,
-4 epochs: DFA 13.61; ReLU, lr 1e-3, 4 epochs: DFA 16.25, shallow 17.84 (tanh kept); with the cosine decay, tanh,
-lr 1e-3, 8 epochs: DFA 11.25 (so more epochs than the 6 of the table still help). CNN, 10k training images,
-2 epochs, lr 1e-3: DFA 24.8 (a sweep of lr 3e-4/3e-3 and `distinct=True` was started and stopped unfinished to
-give the CPU to this run). The feedback `scale` was left at 1 on purpose: with Adam, a layer trained only by its
-feedback point sees the same update whatever constant multiplies its feedback (Adam divides by the running RMS
-of the gradient), so scale is not a lever here (it is with SGD).
-"""
-
-QUALITY_PARTS = ("mlp", "cnn")
-
-
-def quality_runs(
-    quick: bool, seed: int = 0, arms: Sequence[str] = ("bp", "dfa", "shallow"), part: str | None = None
-) -> list[dict[str, Any]]:
-    """This domain's rows for ``benchmarks/quality.py``: the MLP and the CNN in every arm.
-
-    ``quick``: scikit-learn digits, a few steps per arm (a smoke test). Otherwise Fashion-MNIST with the budget of
-    :data:`QUALITY_BUDGET`. ``part``: only ``"mlp"`` or ``"cnn"``.
-    """
-    from benchmarks.quality import fit_arm
-
-    rows = []
-    for arch in QUALITY_PARTS if part is None else (part,):
-        budget = QUALITY_BUDGET[arch]
-        for arm in arms:
-            lr = budget["lr"][arm]
-
-            def make_data() -> ImageDataModule:
-                if quick:
-                    return ImageDataModule(dataset="digits", batch_size=64, seed=seed)
-                return ImageDataModule(dataset="fashion_mnist", batch_size=128, seed=seed)
-
-            def make_model(dm: ImageDataModule, arch: str = arch, lr: float = lr) -> ImageClassifier:
-                small = {"hidden": (64, 64), "channels": (8, 16), "fc": 32} if quick else {}
-                return ImageClassifier(
-                    arch=arch, lr=lr, image_size=dm.image_size, in_channels=dm.in_channels,
-                    num_classes=dm.num_classes, **small,
-                )  # fmt: skip
-
-            result = fit_arm(
-                make_model,
-                make_data,
-                arm,
-                seed=seed,
-                max_steps=3 if quick else -1,
-                max_epochs=1 if quick else budget["epochs"],
-                curve_metric="val_err",
-                test_metrics=("test_err", "test_acc"),
-            )
-            name = "Fashion-MNIST" if not quick else "digits (quick)"
-            rows.append(
-                {
-                    "table": f"{name}, {arch.upper()}",
-                    "arm": arm,
-                    "metric": "test error (%)",
-                    "value": result["metrics"]["test_err"],
-                    "higher_is_better": False,
-                    "steps": result["steps"],
-                    "wall_s": result["wall_s"],
-                    "curve": result["curve"],
-                    "curve_metric": "validation error (%)",
-                    "config": f"lr {lr:g}, {budget['epochs'] if not quick else 1} epochs",
-                }
-            )
-    return rows
-
-
 # ------------------------------------------------------------------------------------------- CLI
 def main(args: Any = None) -> Any:
     """LightningCLI entry point; prints the test error after ``fit``."""
@@ -243,13 +142,15 @@ def main(args: Any = None) -> Any:
         def add_arguments_to_parser(self, parser: Any) -> None:
             for key in ("image_size", "in_channels", "num_classes"):
                 parser.link_arguments(f"data.{key}", f"model.{key}", apply_on="instantiate")
-            parser.set_defaults({"trainer.max_epochs": 6})  # the MLP budget of docs/results.md
+            parser.set_defaults({"trainer.max_epochs": 6})  # the MLP budget of docs/results_images.md
 
         def after_fit(self) -> None:
             if not self.trainer.fast_dev_run:
                 results = self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
                 if results:
-                    print(f"test error: {results[0]['test_err']:.2f}%  (test accuracy {results[0]['test_acc']:.2f}%)")
+                    r, dm = results[0], self.datamodule
+                    print(f"test error: {r['test_err']:.2f}% (test accuracy {r['test_acc']:.2f}%) on the "
+                          f"{len(dm.test_set):,} test images of {dm.describe()}")  # fmt: skip
 
     return ImagesCLI(ImageClassifier, ImageDataModule, args=args, save_config_kwargs={"overwrite": True})
 

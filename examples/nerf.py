@@ -5,7 +5,7 @@ The model is the NeRF recipe at a CPU-friendly size: positional encoding of the 
 a linear output of colour and density per point, and volume rendering along each ray (stratified samples
 between ``near`` and ``far``, white background). The loss is the MSE of the rendered pixel colours.
 
-Where DFA feedback goes (``dfa-reference.md``): after every hidden ReLU (each ``layers.<k>`` is a block, found
+Where DFA feedback goes (as in the DFA paper): after every hidden ReLU (each ``layers.<k>`` is a block, found
 automatically in the ``nn.ModuleList``). The error is read at the output layer's ``[points, 4]`` output: autograd
 carries the pixel error back through the (parameter-free) volume rendering, so each sample point gets its own
 4-dimensional error, projected to every hidden layer of that point.
@@ -13,14 +13,15 @@ carries the pixel error back through the (parameter-free) volume rendering, so e
 Data: :mod:`examples.data.scenes` renders a procedural scene (100 training, 25 test views, Blender-NeRF layout)
 on first use; a real Blender scene loads with ``--data.root=path/to/lego --data.size=64``.
 
-Usage::
+Usage (the defaults are the budget of ``docs/results_nerf.md``: 10,000 steps of 512 rays, 24 samples per ray)::
 
-    python -m examples.nerf fit --trainer.strategy=dfa --trainer.max_steps=2000
+    python -m examples.nerf fit --trainer.strategy=dfa
+    python -m examples.nerf fit --trainer.strategy=dfa --trainer.max_epochs=10
     python -m examples.nerf fit --trainer.strategy=lightning_dfa.DFAStrategy --trainer.strategy.mode=shallow
-    python -m examples.nerf test ... (reports test PSNR)
 
-:func:`quality_runs` (used by ``python -m benchmarks.quality --domains nerf``) trains the three arms, reports test
-PSNR against the mean-colour and nearest-training-view baselines, and writes ``docs/img/nerf_test_views.png``.
+After ``fit`` the test views are rendered and the last line printed is the test PSNR with the scene it was
+measured on. :func:`baselines` gives the mean-colour and nearest-training-view references and
+:func:`save_side_by_side` a PNG of renders next to the ground truth.
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ class NeRF(pl.LightningModule):
         width, depth, skip: MLP size; the encoded input re-enters before hidden layer ``skip``.
         n_samples: samples per ray (stratified with jitter in training, evenly spaced in evaluation).
         near, far: ray interval.
-        lr: Adam learning rate (decays by 10x over ``max_steps`` if the Trainer sets it).
+        lr: Adam learning rate (decays by 10x over the Trainer's budget, ``max_steps`` or ``max_epochs``).
         chunk: rays per forward in evaluation.
     """
 
@@ -176,9 +177,10 @@ class NeRF(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         opt = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
-        steps = self.trainer.max_steps if self.trainer is not None and self.trainer.max_steps > 0 else 0
-        if not steps:
+        total = float(self.trainer.estimated_stepping_batches) if self.trainer is not None else math.inf
+        if not math.isfinite(total) or total <= 0:
             return opt
+        steps = int(total)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.1 ** min(k / steps, 1.0))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -243,6 +245,13 @@ class SceneDataModule(pl.LightningDataModule):
         for split in ("train", "val", "test"):
             self.views[split] = load_blender(root, split, size=size)
 
+    def describe(self) -> str:
+        """The scene in words (for the example's last line)."""
+        self.setup()
+        test = self.views["test"]
+        what = f"the scene in {self.hparams.root}" if self.hparams.root else "the procedural scene (offline)"
+        return f"the {len(test.images)} test views ({test.height}x{test.width}) of {what}"
+
     def train_dataloader(self) -> DataLoader:
         self.setup()
         o, d = self.views["train"].rays()
@@ -298,112 +307,25 @@ def save_side_by_side(
     canvas.save(path)
 
 
-#: Budget and learning rates of :func:`quality_runs` (full mode).
-NERF_BUDGET = {"size": 32, "steps": 10000, "batch_size": 512, "n_samples": 24}
-NERF_LR = {"bp": 5e-3, "dfa": 5e-3, "shallow": 5e-3}
-#: Extra DFA rows with other learning rates (full mode only).
-NERF_DFA_VARIANT_LRS: tuple[float, ...] = ()
-RENDER_PNG = os.path.join("docs", "img", "nerf_test_views.png")
-
-QUALITY_NOTE = """\
-Procedural scene (`examples/data/scenes.py`: SDF sphere, box, torus and pedestal, Lambertian shading, 100
-training and 25 test views of {size}x{size} pixels around a hemisphere, Blender-NeRF layout). NeRF: positional
-encoding (6 frequencies), 4 hidden Linear+ReLU layers of width 64 with a skip connection, {n_samples} stratified
-samples per ray, volume rendering on white; {steps} steps of {batch_size} rays, Adam with the learning rate decayed
-10x over the run. Feedback after every hidden ReLU; the error is read at the `[points, 4]` output, behind the
-volume rendering. Test PSNR is the mean over the 25 test views. Reference rows: the mean training colour and the
-nearest training view (closest camera direction). Renders: `docs/img/nerf_test_views.png` (ground truth, bp, dfa,
-shallow).""".format(**NERF_BUDGET)
-
-
-QUALITY_FINDINGS = """\
-**Acceptance met** (run of 2026-11-27 10:50-11:07 UTC on this 2-core CPU machine, one arm after the other, the
-graph benchmark running on the other core; `python -m benchmarks.quality --domains nerf --jobs 1 --threads 1`,
-17.1 min): DFA reaches **29.54 dB** test PSNR after 10,000 steps, above the nearest training view (23.72) and the
-mean colour (11.05), and **2.21 dB** behind backprop (31.75; the paper's gap was about 6 dB). Shallow stays at
-11.78: trained on random features only, it cannot place density anywhere.
-
-The budget is what changed: the previous table (1200 steps) had DFA at 15.82 dB, 11 dB behind backprop (26.85),
-and below the nearest view. DFA learns NeRF slowly at first, then fast: its validation PSNR went 14.9, 18.8, 25.2,
-26.1, 26.2, ... 27.4 every 1000 steps (backprop 26.2, 27.5, 28.3, ... 29.8), i.e. it finds the geometry between
-steps 2000 and 3000 and then closes most of the gap. A GPU exploration before this run (one H100 lent to this
-session, `benchmarks/gpu_nerf_sweep.py`, `benchmarks/results/gpu_nerf_sweep_h100.jsonl`; same code and settings)
-had shown DFA at 19.83 dB after 3000 steps, still rising, and had shown that a wider MLP (width 256, as the
-original NeRF) makes DFA **collapse** at lr 5e-3 (9.54 dB, a constant image, at 1200 and at 3000 steps; backprop
-29.54 / 31.32, shallow 11.88 there), so the width stays 64. A lower DFA learning rate was worse at 1200 steps
-(lr 1e-3: 14.79 dB in the previous run) and was not rerun at 10,000.
-
-`docs/img/nerf_test_views.png` shows six test views (rows): ground truth, bp, dfa, shallow. bp and dfa both show
-every shape (sphere, box, torus, pedestal) in place with their colours and shading; dfa's edges are a little
-softer and its colours a little darker in places (the red sphere, the box's shaded side); shallow is a flat beige
-noise texture with no geometry. Wall times (bp 471 s, dfa 354 s, shallow 199 s) are comparable with each other:
-the arms ran one after another with one thread, with one other single-thread job on the second core.
-"""
-
-
-def quality_runs(quick: bool, seed: int = 0, arms: Sequence[str] = ("bp", "dfa", "shallow")) -> list[dict[str, Any]]:
-    """Rows for ``benchmarks/quality.py``: test PSNR of each arm and of the two baselines; saves the renders.
-
-    ``quick`` renders a tiny scene (8x8, 6 + 3 views) into a temporary folder and trains a few steps per arm.
-    """
-    import tempfile
-
-    from benchmarks.quality import fit_arm
-
-    if quick:
-        tmp = tempfile.mkdtemp(prefix="nerf-quick-")
-        root = write_scene(os.path.join(tmp, "scene"), size=8, n_train=6, n_test=3, n_val=1, supersample=1)
-        data = SceneDataModule(root=root, size=8, batch_size=64, val_views=1, seed=seed)
-        model_opts: dict[str, Any] = {"width": 16, "depth": 3, "skip": 1, "n_samples": 8}
-        steps, png = 3, os.path.join(tmp, "nerf_test_views.png")
-    else:
-        data = SceneDataModule(size=NERF_BUDGET["size"], batch_size=NERF_BUDGET["batch_size"], seed=seed)
-        model_opts = {"n_samples": NERF_BUDGET["n_samples"]}
-        steps, png = NERF_BUDGET["steps"], RENDER_PNG
-    data.setup()
-    table = "Procedural scene, NeRF" + (" (quick)" if quick else "")
-    rows: list[dict[str, Any]] = []
-    refs = baselines(data.views["train"], data.views["test"])
-    for label, key in (
-        ("reference: mean colour", "mean_colour_psnr"),
-        ("reference: nearest training view", "nearest_view_psnr"),
-    ):
-        rows.append({"table": table, "arm": label, "metric": "test PSNR (dB)", "value": refs[key],
-                     "higher_is_better": True, "steps": 0, "wall_s": 0.0})  # fmt: skip
-    renders: dict[str, np.ndarray] = {}
-    runs = [(arm, arm, NERF_LR[arm]) for arm in arms]
-    if not quick and "dfa" in arms:
-        runs += [(f"dfa (lr {lr:g})", "dfa", lr) for lr in NERF_DFA_VARIANT_LRS]
-    for label, arm, lr in runs:
-        built: list[NeRF] = []
-
-        def make(dm: Any, lr: float = lr, built: list[NeRF] = built) -> NeRF:
-            built.append(NeRF(lr=lr, **model_opts))
-            return built[-1]
-
-        epoch_steps = len(data.train_dataloader())
-        res = fit_arm(make, lambda: data, arm, seed=seed, max_steps=steps, curve_metric="val_psnr",
-                      test_metrics=("test_psnr",),
-                      trainer_options={"check_val_every_n_epoch": max(1, steps // (10 * epoch_steps))})  # fmt: skip
-        test = data.views["test"]
-        if label == arm:
-            shape = (len(test.images), test.height, test.width, 3)
-            renders[arm] = torch.stack(built[-1].test_renders).view(*shape).numpy()
-        rows.append({"table": table, "arm": label, "metric": "test PSNR (dB)", "value": res["metrics"]["test_psnr"],
-                     "higher_is_better": True, "steps": res["steps"], "wall_s": res["wall_s"], "curve": res["curve"],
-                     "curve_metric": "validation PSNR (dB)", "config": f"Adam lr {lr:g}"})  # fmt: skip
-    test = data.views["test"]
-    save_side_by_side(png, test.images, renders, views=list(range(min(6, len(test.images)))))
-    return rows
-
-
-def main() -> None:
-    """LightningCLI entry point (``python -m examples.nerf fit --trainer.strategy=dfa``)."""
+def main(args: Any = None) -> Any:
+    """LightningCLI entry point (``python -m examples.nerf fit --trainer.strategy=dfa``); prints the test PSNR last."""
     from pytorch_lightning.cli import LightningCLI
 
     import lightning_dfa  # noqa: F401  (registers strategy="dfa")
 
-    LightningCLI(NeRF, SceneDataModule)
+    class NeRFCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser: Any) -> None:
+            # 50 epochs of the 100 training views of 32x32 pixels, 512 rays a step: 10,000 steps
+            parser.set_defaults({"trainer.max_epochs": 50, "data.batch_size": 512, "model.n_samples": 24})
+
+        def after_fit(self) -> None:
+            if self.trainer.fast_dev_run:
+                return
+            results = self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
+            if results:
+                print(f"test PSNR: {results[0]['test_psnr']:.2f} dB on {self.datamodule.describe()}")
+
+    return NeRFCLI(NeRF, SceneDataModule, args=args)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ Click-through models (BCE on the synthetic Criteo-shaped log of :mod:`examples.d
 A rating model (:class:`RatingMLP`, MSE on MovieLens latest-small from :mod:`examples.data.movielens`), whose MLP
 also reads an item-item neighbourhood (KNN-baseline) feature of each pair computed from the training ratings.
 
-The models know nothing of DFA. Where feedback goes (``dfa-reference.md``): after each Linear-BN-ReLU-Dropout
+The models know nothing of DFA. Where feedback goes (as in the DFA paper): after each Linear-BN-ReLU-Dropout
 group (each :class:`LinearBlock`), found automatically in the MLP ``nn.Sequential``; DCN and AutoInt also get a
 feedback point on the field embeddings and after each cross/attention layer, which they declare with the
 ``configure_dfa()`` method. There is a single logit, so the error has rank 1: every feedback point receives a
@@ -23,13 +23,14 @@ Usage::
     python -m examples.recommenders fit --model=RatingMLP --data=MovieLensDataModule --trainer.strategy=dfa
 
 (``--trainer.strategy=auto`` is plain backprop.) The data modules' ``cardinalities`` / ``n_users`` / ``n_items``
-are linked to the models automatically.
+are linked to the models automatically. After ``fit`` the weights of the best validation epoch are tested and the
+last line printed is the test metric (AUC and logloss, or RMSE) with the data set. Measured results:
+``docs/results_recommenders.md``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -502,169 +503,31 @@ class RatingMLP(_EvalStages):
 
 CLICK_MODELS = {"DeepFM": DeepFM, "DCN": DCN, "AutoInt": AutoInt}
 
-#: Budgets and learning rates of :func:`quality_runs` (full mode).
-CLICK_BUDGET = {"n": 200_000, "epochs": 2, "batch_size": 1024}
-#: AutoInt's three attention layers learn slowly from rank-1 feedback: its DFA validation AUC still climbed steeply
-#: at the end of 2 epochs (0.53 -> 0.66), so every arm of AutoInt gets 6 epochs (weights of the best validation AUC).
-CLICK_EPOCHS = {"DeepFM": 2, "DCN": 2, "AutoInt": 6}
-CLICK_LR = {"bp": 1e-3, "dfa": 1e-3, "shallow": 1e-3}
-RATING_BUDGET = {"epochs": 8, "batch_size": 256}
-RATING_LR = {"bp": 3e-3, "dfa": 3e-3, "shallow": 3e-3}
-#: ``neighbours``: the MLP also reads the item-item KNN-baseline feature of each pair (40 neighbours, training
-#: ratings only); without it no arm beat the user+item bias model on the test split.
-RATING_OPTIONS: dict[str, Any] = {"embed_dim": 32, "dropout": 0.2, "weight_decay": 0.0, "neighbours": 40}
 
-QUALITY_NOTE = """\
-**Click models**: synthetic Criteo-shaped log (`examples/data/clicks.py`: 13 dense + 26 hashed categorical
-fields, clicks from first-order and pairwise latent interactions; 80/10/10 split of {n:,} impressions, seed 0).
-The *oracle* row is the AUC of the true click probabilities on the test split: the best any model can reach
-(the models see hashed ids). {click_epochs} epochs (AutoInt {autoint_epochs}, every arm), batch {batch_size}, Adam;
-validation every half epoch and the weights of the best validation AUC are tested. Feedback after each
-Linear-BN-ReLU-Dropout group; DCN and AutoInt also on the field embeddings and after each cross / attention
-layer. One logit: the error has rank 1.
-
-**MovieLens latest-small**: 100,004 ratings read offline from the Debian package `r-cran-dslabs` (never
-committed); random 10k test split (seed 0), 5k validation. Reference rows: global mean and regularised
-user+item biases on the same split (the published references: 1.060 and 0.890). Rating MLP
-`mean + b_u + b_i + MLP([p_u, q_i, p_u*q_i, knn_ui])`, where `knn_ui` is the item-item KNN-baseline residual of
-the user's {neighbours} most similar rated items and its support (shrunk Pearson-baseline similarities from the
-training ratings only; a training rating is left out of its own feature); {epochs} epochs, batch {rating_batch},
-Adam; the weights of the best validation RMSE (per epoch) are tested.
-""".format(
-    n=CLICK_BUDGET["n"],
-    click_epochs=CLICK_BUDGET["epochs"],
-    autoint_epochs=CLICK_EPOCHS["AutoInt"],
-    batch_size=CLICK_BUDGET["batch_size"],
-    epochs=RATING_BUDGET["epochs"],
-    rating_batch=RATING_BUDGET["batch_size"],
-    neighbours=RATING_OPTIONS["neighbours"],
-)
-
-
-QUALITY_FINDINGS = """\
-**What the numbers show** (run of 2026-11-27 12:05-12:13 UTC, {machine}; `python -m benchmarks.quality
---domains recommenders --jobs 2 --threads 1`, 7.2 min; the click-model rows are identical to the previous run's,
-10:09-10:21 UTC: the runs are seeded and that code did not change):
-
-- *Rank-1 feedback trains.* With one logit, every feedback point receives a fixed random direction times the
-  scalar error, and DFA still learns. **Click-model acceptance met for all three** (DFA within 0.01 of BP and
-  above shallow): DeepFM DFA 0.6996 vs BP 0.7066 (gap 0.007), above shallow 0.6967 but only by 0.003: the FM and
-  first-order terms, which sit after the blocks and get their true gradient, do most of DeepFM's work, as in the
-  paper's .7954/.7956/.7920. DCN reproduces the paper's shape: DFA 0.7019 vs BP 0.7078 (gap 0.006), far above
-  shallow 0.5875 (the shallow arm cannot train the embeddings, which are a feedback point). AutoInt, with 6
-  epochs: DFA 0.7021 vs BP 0.7031 (gap 0.001), above shallow 0.6979 by 0.004. With 2 epochs (an earlier run)
-  AutoInt's DFA was at 0.6596 with its validation AUC still climbing steeply; backprop gains nothing from the
-  longer budget (0.7035 at 2 epochs, 0.7031 at 6), the shallow arm gains a lot (0.6238 -> 0.6979): the margin of
-  DFA over shallow on AutoInt is thin, as on DeepFM.
-- All click models stay far from the oracle AUC 0.79: 160k training impressions do not pin down 2,629 hashed
-  ids (about 100 per field) and their pairwise interactions; only one learning rate (Adam 1e-3) was run.
-- *MovieLens: acceptance met.* Test RMSE: BP **0.8666**, DFA **0.8699** (0.003 behind BP, within the 0.02
-  line), both below the regularised user+item bias model (0.8916 on this split; the published reference 0.890).
-  What changed: the MLP now also reads `knn_ui`, the item-item KNN-baseline residual of the pair and its support,
-  computed once from the training ratings (`RatingMLP(neighbours=40)`, `examples.data.movielens.
-  neighbour_features`; a training rating is left out of its own feature, validation and test ratings are never
-  read, both tested). **Most of the gain is that feature**: alone (bias model + KNN residual, no training) it
-  scores 0.8735, the row "item-item KNN baseline". The trained models add to it: BP by 0.007, DFA by 0.004; the
-  shallow arm, whose MLP layers stay random, does not (0.8794, worse than the feature alone). So under DFA the
-  network learns how much to trust the neighbourhood signal together with the embeddings' interaction, close to
-  what backprop learns. BP and DFA peak at epoch 2 and then overfit (the weights of the best validation epoch
-  are tested); the shallow arm's validation RMSE was still falling after 8 epochs (0.865 at the end, against
-  DFA's best 0.858), so a longer budget would narrow its gap. A second split (seed 1, bias model 0.8884, same
-  configuration, a run outside the script by a helper): BP 0.8613, DFA 0.8661, shallow 0.8738.
-- *What did not beat the bias model* (all with backprop, best validation / test RMSE, bias model 0.877 /
-  0.8916; earlier sessions' runs except the last item, run by a helper in this one): the MLP on
-  `[p_u, q_i, p_u*q_i]` alone (0.8967 test), with a per-rating L2 penalty (0.02 to 1.0), on fixed fitted biases
-  (0.8929 at best), with a NeuMF GMF term (0.8948 at best), with lr 1e-3 and dropout 0.5 (0.8943); a classic
-  biased SVD by SGD (0.8952); and a learned asymmetric-SVD user profile (a normalised sum of the user's training
-  residuals times learned item vectors: 0.8916-0.8957). The learned interaction alone does not carry over from
-  the validation split to the test split on 85k ratings; the neighbourhood statistic does.
-""".format(machine="this 2-core CPU machine, shared with a test-suite run of this session")
-
-
-def quality_runs(quick: bool, seed: int = 0, arms: Sequence[str] = ("bp", "dfa", "shallow")) -> list[dict[str, Any]]:
-    """Rows for ``benchmarks/quality.py``: the three click models and the rating model, each arm.
-
-    ``quick`` uses a tiny click log and synthetic ratings (no download) and a few steps per arm.
-    """
-    from benchmarks.quality import fit_arm
-    from examples.data.movielens import Ratings, bias_baseline, knn_baseline, load, synthetic_ratings
-
-    rows: list[dict[str, Any]] = []
-    if quick:
-        clicks = ClickDataModule(n=3000, n_dense=3, n_cat=5, buckets=40, raw_ids=60, n_pairs=4, batch_size=64,
-                                 seed=seed)  # fmt: skip
-        click_train: dict[str, Any] = {"max_steps": 3, "max_epochs": 1, "trainer_options": {"limit_val_batches": 2}}
-        model_opts: dict[str, Any] = {"n_dense": 3, "embed_dim": 4, "hidden": [16, 8]}
-    else:
-        clicks = ClickDataModule(n=CLICK_BUDGET["n"], batch_size=CLICK_BUDGET["batch_size"], seed=seed)
-        click_train = {"max_epochs": CLICK_BUDGET["epochs"], "trainer_options": {"val_check_interval": 0.5}}
-        model_opts = {}
-    clicks.setup()
-    assert clicks.log_data is not None
-    for name, cls in CLICK_MODELS.items():
-        table = f"Click log (synthetic, Criteo-shaped), {name}"
-        rows.append(
-            {
-                "table": table,
-                "arm": "oracle (true probabilities)",
-                "metric": "test AUC",
-                "value": clicks.log_data.oracle_auc,
-                "higher_is_better": True,
-                "steps": 0,
-                "wall_s": 0.0,
-            }
-        )
-        train = dict(click_train) if quick else {**click_train, "max_epochs": CLICK_EPOCHS[name]}
-        for arm in arms:
-            lr = CLICK_LR[arm]
-            res = fit_arm(lambda dm, cls=cls, lr=lr: cls(cardinalities=dm.cardinalities, lr=lr, **model_opts),
-                          lambda: clicks, arm, seed=seed, curve_metric="val_auc",
-                          test_metrics=("test_auc", "test_logloss"), **train)  # fmt: skip
-            rows.append({"table": table, "arm": arm, "metric": "test AUC", "value": res["metrics"]["test_auc"],
-                         "higher_is_better": True, "steps": res["steps"], "wall_s": res["wall_s"],
-                         "curve": res["curve"], "curve_metric": "validation AUC", "config": f"Adam lr {lr:g}",
-                         "extra": {"test logloss": res["metrics"]["test_logloss"]}})  # fmt: skip
-
-    ratings: Ratings = synthetic_ratings(seed=seed) if quick else load(seed=seed)
-    movielens = MovieLensDataModule(batch_size=64 if quick else RATING_BUDGET["batch_size"], seed=seed, ratings=ratings)
-    movielens.setup()
-    table = "MovieLens latest-small, rating MLP" if not quick else "synthetic ratings (quick), rating MLP"
-    refs = bias_baseline(ratings)
-    opts = {"embed_dim": 4, "hidden": [8, 4], "neighbours": 10} if quick else RATING_OPTIONS
-    knn = knn_baseline(ratings, movielens.neighbour_table(opts["neighbours"]))  # the MLP's knn_ui input, alone
-    refs[f"knn{opts['neighbours']}"] = knn
-    for label, key in (
-        ("reference: global mean", "mean_rmse"),
-        ("reference: user+item biases", "bias_rmse"),
-        (f"reference: item-item KNN baseline, k={opts['neighbours']} (the MLP's knn_ui input alone)",
-         f"knn{opts['neighbours']}"),
-    ):  # fmt: skip
-        rows.append(
-            {"table": table, "arm": label, "metric": "test RMSE", "value": refs[key], "steps": 0, "wall_s": 0.0}
-        )
-    rating_train: dict[str, Any] = (
-        {"max_steps": 3, "max_epochs": 1} if quick else {"max_epochs": RATING_BUDGET["epochs"]}
-    )
-    for arm in arms:
-        lr = RATING_LR[arm]
-        res = fit_arm(lambda dm, lr=lr: RatingMLP(dm.n_users, dm.n_items, dm.global_mean, lr=lr, **opts),
-                      lambda: movielens, arm, seed=seed, curve_metric="val_rmse", test_metrics=("test_rmse",),
-                      **rating_train)  # fmt: skip
-        rows.append({"table": table, "arm": arm, "metric": "test RMSE", "value": res["metrics"]["test_rmse"],
-                     "steps": res["steps"], "wall_s": res["wall_s"], "curve": res["curve"],
-                     "curve_metric": "validation RMSE", "config": f"Adam lr {lr:g}"})  # fmt: skip
-    for row in rows:  # the shared table prints two decimals; AUC/RMSE gaps need four
-        row.setdefault("extra", {})["4 d.p."] = f"{row['value']:.4f}"
-    return rows
-
-
-def main() -> None:
-    """LightningCLI entry point (``python -m examples.recommenders fit --model=DeepFM --data=ClickDataModule``)."""
+def main(args: Any = None) -> Any:
+    """LightningCLI entry point (``python -m examples.recommenders fit --model=DeepFM --data=ClickDataModule``);
+    after ``fit`` it tests the weights of the best validation epoch and prints the test metrics last."""
     from pytorch_lightning.cli import LightningCLI
 
     import lightning_dfa  # noqa: F401  (registers strategy="dfa")
 
-    LightningCLI(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True)
+    class RecommendersCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser: Any) -> None:
+            parser.set_defaults({"trainer.max_epochs": 2})  # the click models' budget (MovieLens: pass 8)
+
+        def after_fit(self) -> None:
+            if self.trainer.fast_dev_run:
+                return
+            results = self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
+            metrics = {k[5:]: v for k, v in (results[0] if results else {}).items() if k.startswith("test_")}
+            if metrics:
+                text = ", ".join(f"test {k.upper() if k in ('auc', 'rmse') else k} {v:.4f}" for k, v in metrics.items())
+                where = self.datamodule.describe() if hasattr(self.datamodule, "describe") else "the test split"
+                print(f"{text} on {where} (weights of the best validation epoch)")
+
+    return RecommendersCLI(
+        pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True, args=args
+    )
 
 
 __all__ = [

@@ -11,6 +11,7 @@ Example::
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 
 from .adapters.pytorch_lightning import DFA, DFADDPStrategy, DFAStrategy
@@ -38,6 +39,14 @@ __all__ = [
     "discover",
     "register_micro_points",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``lightning_dfa.lightning`` (the classes for ``lightning.pytorch``) as an attribute, imported on first use."""
+    if name == "lightning":
+        return importlib.import_module(".lightning", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 _register_pl()
 if importlib.util.find_spec("lightning") is not None:  # the separate `lightning` package, if installed

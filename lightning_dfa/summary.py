@@ -16,11 +16,45 @@ def _count(n: int) -> str:
     return str(n)
 
 
-def format_summary(engine: FeedbackEngine, shapes: Mapping[str, Sequence[int]] | None = None) -> str:
-    """Render ``engine``'s feedback points, output and parameter roles as a plain-text table.
+_OPTIONS = ("recipe", "error_at", "norm_jacobian", "cut_head_input", "norm_points", "sketch", "topk")
 
-    ``shapes`` (point key -> shape) come from a probe forward at fit start; otherwise from the last delivery,
-    and ``"-"`` before any.
+
+def _options_in_force(engine: FeedbackEngine) -> str:
+    """``"error_at=output | norm_jacobian=True | ..."``: the options that change the signal or its cost."""
+    cfg = engine.config
+    parts = []
+    for name in _OPTIONS:
+        if not hasattr(cfg, name):
+            continue
+        value = getattr(cfg, name)
+        parts.append(f"{name}={'auto' if value is None and name != 'topk' else value}")
+    transform = getattr(cfg, "feedback_transform", None)
+    if transform is not None:
+        parts.append(f"feedback_transform={getattr(transform, '__name__', type(transform).__name__)}")
+    return " | ".join(parts)
+
+
+def _trainable_before(root: object, entry: object) -> bool:
+    """Whether ``root`` registers trainable parameters before the module ``entry`` (embeddings before the first
+    block): then the first block's input carries gradient and is a feedback point."""
+    named = getattr(root, "named_modules", None)
+    if named is None:
+        return False
+    for _, module in named():
+        if module is entry:
+            return False
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            return True
+    return False
+
+
+def format_summary(engine: FeedbackEngine, shapes: Mapping[str, Sequence[int]] | None = None) -> str:
+    """Render ``engine``'s feedback points, output, options and parameter roles as a plain-text table.
+
+    ``shapes`` (point key -> shape) come from a probe forward at fit start; otherwise from the last delivery.
+    Before any forward the shape and width columns are left out (the first training step prints the shapes), and
+    the first block's input is listed only when trainable parameters come before it (it is a point only if it
+    carries gradient: embeddings, not the raw data).
     """
     assert engine.target is not None
     cfg = engine.config
@@ -28,28 +62,36 @@ def format_summary(engine: FeedbackEngine, shapes: Mapping[str, Sequence[int]] |
     if shapes is None:
         shapes = {m.key.split("#")[0]: list(m.shape) for m in engine.last_points}
     shapes = {k.split("#")[0]: list(v) for k, v in shapes.items()}
+    known = bool(seen or shapes)
     rows = []
     first = True
     for block in engine.target.blocks:
         name_in = f"{block.name}:in"
+        if first:
+            before = _trainable_before(engine.root, block.entry)
+            input_is_point = (name_in in seen or name_in in shapes) if known else before
         if not block.output_point:
-            rows.append((name_in, f"input of {type(block.entry).__name__}", seen.get(name_in)))
+            if not first or input_is_point:
+                rows.append((name_in, f"input of {type(block.entry).__name__}", seen.get(name_in)))
+            first = False
             continue
-        if block.top_level and first and (name_in in seen or name_in in shapes):
+        if block.top_level and first and input_is_point:
             rows.append((name_in, "block input", seen.get(name_in)))
         first = False
         rows.append((block.name, type(block.exit).__name__, seen.get(block.name)))
     if engine.head_input_is_point:
         head_in = f"{engine.target.output_name}:in"
         rows.append((head_in, f"input of {type(engine.target.output).__name__} (output)", seen.get(head_in)))
-    header = ("", "Feedback point", "Module", "Shape", "Width")
+    header: tuple[str, ...] = ("", "Feedback point", "Module", "Shape", "Width")
     lines = [header]
     for i, (name, kind, width) in enumerate(rows):
         shape = shapes.get(name)
         lines.append((str(i), name, kind, str(shape) if shape else "-", str(width[1]) if width else "-"))
-    widths = [max(len(r[c]) for r in lines) for c in range(len(header))]
-    out = [" | ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in lines]
-    out.insert(1, "-" * len(out[0]))
+    if not known:  # nothing measured yet: no columns of dashes
+        lines = [line[:3] for line in lines]
+    widths = [max(len(r[c]) for r in lines) for c in range(len(lines[0]))]
+    out = [" | ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in lines]
+    out.insert(1, "-" * max(len(line) for line in out))
     roles = engine.parameter_roles()
     feedback = (
         f"{cfg.distribution}, seed {cfg.seed}, scale {cfg.scale:g}/sqrt(width), "
@@ -60,8 +102,14 @@ def format_summary(engine: FeedbackEngine, shapes: Mapping[str, Sequence[int]] |
     share = roles["true gradient"] / trained if trained else 0.0
     how = "measured in the first backward" if engine.roles_measured else "estimated from the module order"
     out += [
-        "-" * len(out[0]),
+        "-" * len(out[1]),
         f"DFA mode: {engine.mode} | placement: {cfg.placement} | blocks from: {engine.target.source}",
+        f"Options: {_options_in_force(engine)}",
+        *(
+            ["Shapes: printed at the first training step (set example_input_array to see them here)."]
+            if not known
+            else []
+        ),
         f"Output (error read here, true gradient): {outputs}",
         f"Feedback: {feedback}",
         f"Trainable params by feedback: {_count(roles['feedback'])} | by true gradient: "

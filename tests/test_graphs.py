@@ -103,7 +103,9 @@ def test_cli_fit_prints_test_accuracy(tmp_path: Path, capsys: pytest.CaptureFixt
         ]
     )  # fmt: skip
     out = capsys.readouterr().out
-    assert "test accuracy:" in out and "blocks.0" in out  # the DFA summary names the feedback point
+    assert "blocks.0" in out  # the DFA summary names the feedback point
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("test accuracy:") and "the tiny CSBM" in last and "test nodes" in last
 
 
 def test_keep_best_restores_the_best_validation_weights() -> None:

@@ -56,12 +56,36 @@ def test_fashion_from_folder(tmp_path: Path) -> None:
 
 def test_missing_fashion_falls_back_to_digits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(data_images, "DEBIAN_DIR", str(tmp_path / "nowhere"))
+    monkeypatch.setenv("LIGHTNING_DFA_DATA", str(tmp_path / "cache"))
     monkeypatch.delenv("LIGHTNING_DFA_FASHION_MNIST", raising=False)
+    tried = []
+
+    def unavailable() -> Path:
+        tried.append(True)
+        raise data_images.FashionMNISTUnavailable("no registry access")
+
+    monkeypatch.setattr(data_images, "fetch_fashion_mnist", unavailable)
     with pytest.warns(UserWarning, match="apt-get install dataset-fashion-mnist"):
         dm = ImageDataModule()
-    assert dm.dataset == "digits" and dm.image_size == 8
+    assert tried and dm.dataset == "digits" and dm.image_size == 8
+    assert "FALLBACK" in dm.describe() and "no registry access" in dm.describe()
+    with pytest.raises(data_images.FashionMNISTUnavailable, match="no registry access"):
+        ImageDataModule(fallback=False)
     with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
         load_fashion_mnist()
+
+
+def test_fetched_copy_in_the_cache_is_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(data_images, "DEBIAN_DIR", "/usr/share/datasets/fashion-mnist-not-here")
+    monkeypatch.setenv("LIGHTNING_DFA_DATA", str(tmp_path))
+    monkeypatch.delenv("LIGHTNING_DFA_FASHION_MNIST", raising=False)
+    unpacked = tmp_path / "fashion-mnist" / "usr" / "share" / "datasets" / "fashion-mnist-not-here"
+    unpacked.mkdir(parents=True)
+    _fake_fashion(unpacked)
+    monkeypatch.setattr(data_images.subprocess, "run", lambda *a, **k: pytest.fail("nothing should be fetched"))
+    assert data_images.fetch_fashion_mnist() == unpacked
+    dm = ImageDataModule(val_size=5)
+    assert dm.dataset == "fashion_mnist" and dm.describe() == "Fashion-MNIST"
 
 
 def test_digits_split() -> None:
@@ -129,5 +153,6 @@ def test_cli_fit_prints_test_error(tmp_path: Path, capsys: pytest.CaptureFixture
         ]
     )  # fmt: skip
     out = capsys.readouterr().out
-    assert "test error:" in out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("test error:") and "360 test images of scikit-learn's 8x8 digits" in last
     assert "feedback" in out.lower()  # the DFA summary: the run really used the DFA strategy

@@ -156,7 +156,9 @@ def test_each_arm_trains(arm: str) -> None:
         assert max(moved) > 0
 
 
-def test_cli_fit_runs_with_dfa_strategy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_fit_runs_with_dfa_strategy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.chdir(tmp_path)  # without a logger, LightningCLI writes config.yaml to the working directory
     cli = main(
         [
@@ -180,20 +182,41 @@ def test_cli_fit_runs_with_dfa_strategy(tmp_path: Path, monkeypatch: pytest.Monk
     )
     assert cli.trainer.global_step == 2
     assert cli.trainer.strategy.dfa.config.norm_jacobian is True
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("Test: ") and "bits/char" in last and "SYNTHETIC" in last  # the metric and the data, last
 
 
-def test_demo_quick(tmp_path: Path) -> None:
+def test_fallback_to_the_synthetic_text_is_said(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def unavailable(cache_dir=None):  # noqa: ANN001, ANN202
+        raise austen.DataUnavailable("no package manager here")
+
+    monkeypatch.setattr(austen, "fetch_debian", unavailable)
+    with pytest.warns(UserWarning, match="SYNTHETIC"):
+        dm = AustenDataModule(source="auto", cache_dir=str(tmp_path), test_chars=300)
+        dm.setup()
+    assert "FALLBACK" in dm.describe() and "300 characters" in dm.describe()
+
+
+def test_demo_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from examples import demo
 
-    results = demo.main(["--quick", "--steps", "3", "--no-progress", "--json", str(tmp_path / "r.json")])
+    results = demo.main(["--quick", "--steps", "4", "--json", str(tmp_path / "r.json")])
     assert [r["arm"] for r in results] == ["backprop", "dfa", "shallow"]
-    assert all(r["steps"] == 3 and r["test_bpc"] > 0 for r in results)
+    assert all(r["steps"] == 4 and r["test_bpc"] > 0 for r in results)
     assert (tmp_path / "r.json").exists()
+    out = capsys.readouterr().out
+    # redirected output (not a terminal) still shows progress: a line per tenth of the run, with the step count
+    for arm in ("backprop", "dfa", "shallow"):
+        assert f"  {arm}: step 1/4, " in out and f"  {arm}: step 4/4, " in out
+    assert "Epoch" not in out
+    tail = out.strip().splitlines()[-10:]  # the results table ends the output
+    assert tail[0].startswith("Test: the first 2,000 characters of a SYNTHETIC test text")
+    assert [row.split("|")[1].strip() for row in tail[4:7]] == ["backprop", "dfa", "shallow"]
 
 
 def test_quality_runs_follow_the_benchmark_contract() -> None:
     from benchmarks import quality
-    from examples import language_model
+    from benchmarks.domains import language_model
 
     rows = language_model.quality_runs(quick=True, arms=("bp", "shallow"))
     assert [r["arm"] for r in rows] == ["bp", "shallow"]

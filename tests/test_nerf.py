@@ -99,7 +99,7 @@ def test_every_arm_trains_the_right_parameters(scene: str) -> None:
 
 
 def test_quality_rows_quick_write_the_side_by_side_png(tmp_path, monkeypatch) -> None:
-    import examples.nerf as nerf
+    from benchmarks.domains import nerf
 
     monkeypatch.setattr("tempfile.mkdtemp", lambda prefix="": str(tmp_path))
     rows = nerf.quality_runs(quick=True)
@@ -110,3 +110,20 @@ def test_quality_rows_quick_write_the_side_by_side_png(tmp_path, monkeypatch) ->
 
     img = Image.open(tmp_path / "nerf_test_views.png")
     assert img.size == (4 * 8 * 4, 14 + 3 * 8 * 4)  # truth + 3 arms, 3 test views, zoom 4
+
+
+def test_cli_fit_prints_the_test_psnr_last(tmp_path, monkeypatch, capsys) -> None:
+    from examples.nerf import main
+
+    monkeypatch.setenv("LIGHTNING_DFA_DATA", str(tmp_path))
+    main(
+        [
+            "fit", "--data.size=8", "--data.n_train=6", "--data.n_test=3", "--data.batch_size=64",
+            "--data.val_views=1", "--model.width=16", "--model.depth=3", "--model.skip=1", "--model.n_samples=8",
+            "--trainer.strategy=dfa", "--trainer.max_steps=3", "--trainer.logger=false",
+            "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )  # fmt: skip
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("test PSNR: ") and "the 3 test views (8x8) of the procedural scene" in last

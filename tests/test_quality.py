@@ -1,8 +1,9 @@
 """benchmarks/quality.py: the quick smoke of the image and graph domains in every arm, the domain contract,
-rendering and merging (tiny data, no network)."""
+rendering and merging (tiny data, no network); the examples never import the benchmarks."""
 
 from __future__ import annotations
 
+import ast
 import json
 from pathlib import Path
 
@@ -19,9 +20,13 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_quick_run_has_every_arm_of_every_table(quick_run: Path) -> None:
-    text = (quick_run / "results.md").read_text()
-    assert "## images" in text and "## graphs" in text and "quick smoke run" in text
+    index = (quick_run / "results.md").read_text()
+    assert "[images](results_images.md)" in index and "[graphs](results_graphs.md)" in index
+    assert index.count("quick smoke run") == 5  # one row per sub-table, each marked
     for domain, tables in (("images", 2), ("graphs", 3)):
+        page = (quick_run / f"results_{domain}.md").read_text()
+        assert page.startswith("# ") and "Quick smoke run (not a result)" in page
+        assert f"python -m benchmarks.quality --domains {domain}" in page and f"(results/{domain}.json)" in page
         record = json.loads((quick_run / "results" / f"{domain}.json").read_text())
         by_table: dict[str, set[str]] = {}
         for row in record["rows"]:
@@ -30,8 +35,36 @@ def test_quick_run_has_every_arm_of_every_table(quick_run: Path) -> None:
         assert len(by_table) == tables and all(arms == {"bp", "dfa", "shallow"} for arms in by_table.values())
         for name in record["images"].values():
             assert (quick_run / "img" / name).stat().st_size > 1000
-            assert f"](img/{name})" in text
-    assert text.count("| dfa |") == 5 and text.count("| shallow |") == 5
+            assert f"](img/{name})" in page
+        assert page.count("| dfa |") == tables and page.count("| shallow |") == tables
+        # the page opens with its first table, before the setup and the findings
+        assert page.index("### ") < page.index("## Setup") < page.index("## How to reproduce")
+        assert "CPU" in record["machine"] and "this" not in record["machine"]
+
+
+def test_render_only_redraws_plots_and_pages(quick_run: Path) -> None:
+    drawn = sorted(p.name for p in (quick_run / "img").glob("*.png"))
+    assert len(drawn) >= 3  # at least the three graph tables have curves
+    for name in drawn:
+        (quick_run / "img" / name).unlink()
+    (quick_run / "results_images.md").unlink()
+    quality.main(["--render-only", "--out", str(quick_run)])
+    assert (quick_run / "results_images.md").exists()
+    assert sorted(p.name for p in (quick_run / "img").glob("*.png")) == drawn
+
+
+def test_examples_never_import_the_benchmarks() -> None:
+    root = Path(__file__).resolve().parents[1] / "examples"
+    offenders = []
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] == "benchmarks"]
+    assert not offenders, offenders
 
 
 def test_rerun_keeps_other_domains_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -41,8 +74,9 @@ def test_rerun_keeps_other_domains_rows(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setitem(quality.DOMAINS, "missing", "examples.no_such_module_here")
     quality.main(["--domains", "missing", "--out", str(tmp_path)])
     text = (tmp_path / "results.md").read_text()
-    assert "## language_model" in text and "Pending: not yet" in text
-    assert "## missing" in text and "does not exist yet" in text
+    assert "[language_model]" in text and "pending: not yet" in text
+    assert "[missing]" in text and "does not exist yet" in text
+    assert "Pending: not yet" in (tmp_path / "results_language_model.md").read_text()
 
 
 def test_unknown_domain_is_refused() -> None:
@@ -89,5 +123,6 @@ def test_collect_merges_processes(tmp_path: Path) -> None:
     assert merged["images"]["processes"] == 3 and merged["images"]["total_s"] == 15.0
     assert [r["arm"] for r in merged["images"]["rows"]] == ["bp", "dfa", "shallow"]
     quality.main(["--collect", str(tmp_path / "jobs"), "--domains", "images", "--out", str(tmp_path / "out")])
-    text = (tmp_path / "out" / "results.md").read_text()
-    assert "ran as 3 processes, which took" in text and "DFA beats shallow by 1.00" in text
+    stored = json.loads((tmp_path / "out" / "results" / "images.json").read_text())
+    assert stored["processes"] == 3 and stored["command"].startswith("python -m benchmarks.quality --collect")
+    assert "DFA beats shallow by 1.00" in (tmp_path / "out" / "results_images.md").read_text()

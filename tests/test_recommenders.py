@@ -130,7 +130,7 @@ def test_movielens_unavailable_says_how_to_get_it(tmp_path, monkeypatch) -> None
 
 
 def test_quality_rows_quick() -> None:
-    from examples.recommenders import quality_runs
+    from benchmarks.domains.recommenders import quality_runs
 
     rows = quality_runs(quick=True, arms=("dfa",))
     tables = {r["table"] for r in rows}
@@ -209,3 +209,25 @@ def test_rating_neighbours_are_looked_up_and_reach_the_mlp_under_dfa() -> None:
     engine.detach()
     grad = model.mlp[0][0].weight.grad
     assert grad is not None and grad[:, -2:].abs().sum() > 0
+
+
+@pytest.mark.parametrize("model", ["DeepFM", "RatingMLP"])
+def test_cli_fit_prints_the_test_metric_last(model: str, tmp_path, monkeypatch, capsys) -> None:
+    from examples import recommenders
+
+    monkeypatch.setattr(movielens, "load", lambda *a, **k: movielens.synthetic_ratings(seed=0))
+    data = (
+        ["--data=ClickDataModule", "--data.n=3000", "--data.n_dense=3", "--data.n_cat=5", "--data.buckets=40",
+         "--data.raw_ids=60", "--data.n_pairs=4", "--data.batch_size=64", "--model.n_dense=3"]
+        if model == "DeepFM"
+        else ["--data=MovieLensDataModule", "--data.batch_size=64"]
+    )  # fmt: skip
+    recommenders.main(
+        ["fit", f"--model={model}", *data, "--model.embed_dim=4", "--model.hidden=[8,4]", "--trainer.strategy=dfa",
+         "--trainer.max_steps=3", "--trainer.logger=false", "--trainer.enable_checkpointing=false",
+         "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}"]
+    )  # fmt: skip
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    metric = "test AUC " if model == "DeepFM" else "test RMSE "
+    name = "synthetic Criteo-shaped click log" if model == "DeepFM" else "MovieLens latest-small"
+    assert last.startswith(metric) and name in last and "best validation epoch" in last

@@ -308,14 +308,20 @@ def load_books(source: str = "auto", cache_dir: str | Path | None = None) -> dic
         >>> sorted(books) == sorted(BOOKS)
         True
     """
+    return load_books_from(source, cache_dir)[0]
+
+
+def load_books_from(source: str = "auto", cache_dir: str | Path | None = None) -> tuple[dict[str, str], str]:
+    """:func:`load_books` and the source actually used (``"debian"``, ``"gutenberg"`` or ``"synthetic"``: with
+    ``source="auto"``, ``"synthetic"`` means the fallback was taken)."""
     if source not in SOURCES:
         raise ValueError(f"Unknown source {source!r}; choose one of {SOURCES}.")
     if source == "synthetic":
-        return load_synthetic()
+        return load_synthetic(), "synthetic"
     if source == "gutenberg":
-        return load_gutenberg(cache_dir)
+        return load_gutenberg(cache_dir), "gutenberg"
     try:
-        return load_debian(cache_dir)
+        return load_debian(cache_dir), "debian"
     except DataUnavailable as err:
         if source == "debian":
             raise
@@ -324,7 +330,7 @@ def load_books(source: str = "auto", cache_dir: str | Path | None = None) -> dic
             "numbers will not be comparable to the documented ones.",
             stacklevel=2,
         )
-        return load_synthetic()
+        return load_synthetic(), "synthetic"
 
 
 def split_books(books: dict[str, str], test_book: str = TEST_BOOK) -> tuple[list[str], str]:

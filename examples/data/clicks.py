@@ -170,6 +170,8 @@ class ClickDataModule(SplitDataModule):
         seed: seed of the generator (the log is a pure function of it).
     """
 
+    DATA_NAME = "the synthetic Criteo-shaped click log"
+
     def __init__(
         self,
         n: int = 200_000,

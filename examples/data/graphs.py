@@ -1,7 +1,7 @@
 """Graph data for the graph-convolution example: an offline contextual stochastic block model shaped like Cora,
 and PyG's ``Planetoid`` (Cora/CiteSeer/PubMed) for users who are online.
 
-The CSBM (see ``../shared/docs/offline-data.md``): 2708 nodes in 7 classes with Cora's class sizes, 1433 binary
+The CSBM: 2708 nodes in 7 classes with Cora's class sizes, 1433 binary
 bag-of-words features (about 18 words per node, each drawn from the node's class topic with probability ``mix``,
 otherwise from the whole vocabulary), a degree-corrected block model with mean degree about 4 and a fraction
 ``homophily`` (about 0.7) of same-class edges, no isolated node. Split as Planetoid's public split: 20 labelled
@@ -296,6 +296,13 @@ class GraphDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self.load()
+
+    def describe(self) -> str:
+        """The data set in words (for the example's last line)."""
+        names = {"csbm": "the Cora-shaped CSBM (synthetic, offline)", "tiny_csbm": "the tiny CSBM (synthetic)"}
+        data = self.load()
+        n_test = int(data.test_mask.sum())
+        return f"{names.get(self.dataset, f'Planetoid {self.dataset}')}, {n_test} test nodes"
 
     def _loader(self) -> DataLoader:
         return DataLoader(_Single(self.load()), batch_size=1, collate_fn=_first)

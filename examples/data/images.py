@@ -1,19 +1,25 @@
 """Image data for the image-classifier example.
 
 * ``"fashion_mnist"`` (default): Fashion-MNIST (60k train, 10k test, 28x28 grey, 10 classes) read from the IDX
-  files of the Debian package ``dataset-fashion-mnist`` (``apt-get install dataset-fashion-mnist`` puts them in
-  ``/usr/share/datasets/fashion-mnist/``; another folder can be given with ``data_dir`` or the environment variable
-  ``LIGHTNING_DFA_FASHION_MNIST``). No network at run time. If the files are missing, the data module says how to
-  install them and falls back to ``"digits"``.
+  files of the Debian package ``dataset-fashion-mnist``. An installed copy (``/usr/share/datasets/fashion-mnist/``)
+  or a folder given with ``data_dir`` / ``$LIGHTNING_DFA_FASHION_MNIST`` is used as is; otherwise the package is
+  fetched once with ``apt-get download`` (31 MB, no root needed, nothing installed) and unpacked with ``dpkg -x``
+  into the cache directory (``$LIGHTNING_DFA_DATA`` or ``~/.cache/lightning_dfa``). If that is impossible the data
+  module falls back to ``"digits"``, says why, and records it in ``fallback_reason`` (the example's last line
+  repeats it).
 * ``"torchvision"``: Fashion-MNIST through ``torchvision.datasets.FashionMNIST`` (downloads: online users only).
 * ``"digits"``: scikit-learn's bundled 8x8 digits (1797 images): tiny, offline, for tests and smoke runs.
 """
 
 from __future__ import annotations
 
+import glob
 import gzip
 import os
+import shutil
 import struct
+import subprocess
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -23,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
+DEB_PACKAGE = "dataset-fashion-mnist"
 FASHION_FILES = {
     "train_x": "train-images-idx3-ubyte.gz",
     "train_y": "train-labels-idx1-ubyte.gz",
@@ -33,11 +40,14 @@ FASHION_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )  # fmt: skip
 INSTALL_HINT = (
-    "Fashion-MNIST was not found in {where}. Install it offline from the Debian archive with\n"
-    "    apt-get install dataset-fashion-mnist\n"
-    "(31 MB, no dependencies), or point LIGHTNING_DFA_FASHION_MNIST (or --data.data_dir) at a folder holding\n"
-    "{files}. Falling back to scikit-learn's 8x8 digits."
+    "Fashion-MNIST was not found in {where} and could not be fetched ({why}). Install it offline from the Debian "
+    "archive with\n    apt-get install dataset-fashion-mnist\n(31 MB, no dependencies), or point "
+    "LIGHTNING_DFA_FASHION_MNIST (or --data.data_dir) at a folder holding {files}."
 )
+
+
+class FashionMNISTUnavailable(RuntimeError):
+    """Fashion-MNIST is neither installed nor fetchable here; the message says how to get it."""
 
 
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
@@ -52,13 +62,55 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
+def cache_dir() -> Path:
+    """Where the fetched package is unpacked: ``$LIGHTNING_DFA_DATA/fashion-mnist`` (default under
+    ``~/.cache/lightning_dfa``)."""
+    base = os.environ.get("LIGHTNING_DFA_DATA")
+    return (Path(base) if base else Path.home() / ".cache" / "lightning_dfa") / "fashion-mnist"
+
+
 def fashion_mnist_dir(data_dir: str | None = None) -> Path | None:
     """The folder holding the four Fashion-MNIST IDX files, or ``None`` if none of the candidates has them."""
-    candidates = [data_dir, os.environ.get("LIGHTNING_DFA_FASHION_MNIST"), DEBIAN_DIR]
+    fetched = cache_dir() / DEBIAN_DIR.lstrip("/")
+    candidates = [data_dir, os.environ.get("LIGHTNING_DFA_FASHION_MNIST"), DEBIAN_DIR, str(fetched)]
     for c in candidates:
         if c and all((Path(c) / f).is_file() for f in FASHION_FILES.values()):
             return Path(c)
     return None
+
+
+def fetch_fashion_mnist() -> Path:
+    """Fetch ``dataset-fashion-mnist`` with ``apt-get download`` and unpack it into :func:`cache_dir` (once).
+
+    Returns the folder of the IDX files; raises :class:`FashionMNISTUnavailable` if apt-get/dpkg are missing or
+    the download fails.
+    """
+    found = fashion_mnist_dir()
+    if found is not None:
+        return found
+    if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
+        raise FashionMNISTUnavailable("apt-get and dpkg are not available (not Debian/Ubuntu)")
+    target = cache_dir()
+    target.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target) as tmp:
+        try:
+            run = subprocess.run(
+                ["apt-get", "download", DEB_PACKAGE], cwd=tmp, capture_output=True, text=True, timeout=600
+            )
+        except (OSError, subprocess.SubprocessError) as err:
+            raise FashionMNISTUnavailable(f"`apt-get download {DEB_PACKAGE}` failed: {err}") from err
+        debs = glob.glob(os.path.join(tmp, "*.deb"))
+        if run.returncode != 0 or not debs:
+            raise FashionMNISTUnavailable(
+                f"`apt-get download {DEB_PACKAGE}` failed (exit {run.returncode}): {run.stderr.strip()[-300:]}"
+            )
+        unpack = subprocess.run(["dpkg", "-x", debs[0], str(target)], capture_output=True, text=True)
+        if unpack.returncode != 0:
+            raise FashionMNISTUnavailable(f"`dpkg -x {debs[0]}` failed: {unpack.stderr.strip()[-300:]}")
+    found = fashion_mnist_dir()
+    if found is None:
+        raise FashionMNISTUnavailable(f"{DEB_PACKAGE} unpacked into {target} but holds no IDX files")
+    return found
 
 
 def load_fashion_mnist(data_dir: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -66,7 +118,9 @@ def load_fashion_mnist(data_dir: str | None = None) -> tuple[torch.Tensor, torch
     folder = fashion_mnist_dir(data_dir)
     if folder is None:
         raise FileNotFoundError(
-            INSTALL_HINT.format(where=data_dir or DEBIAN_DIR, files=", ".join(FASHION_FILES.values()))
+            INSTALL_HINT.format(
+                where=data_dir or DEBIAN_DIR, why="not fetched", files=", ".join(FASHION_FILES.values())
+            )
         )
     arrays = {k: torch.from_numpy(read_idx(folder / f).copy()) for k, f in FASHION_FILES.items()}
     return (
@@ -102,13 +156,22 @@ class ImageDataModule(pl.LightningDataModule):
     """Grey images, normalised by the training mean/std, with a held-out validation part of the training set.
 
     Args:
-        dataset: ``"fashion_mnist"`` (offline Debian files, default), ``"torchvision"`` (download) or ``"digits"``.
-        data_dir: folder of the Fashion-MNIST IDX files (default: ``$LIGHTNING_DFA_FASHION_MNIST`` or the Debian
-            package's folder); download folder for ``"torchvision"``.
+        dataset: ``"fashion_mnist"`` (Debian package, fetched on first use; default), ``"torchvision"``
+            (download) or ``"digits"``.
+        data_dir: folder of the Fashion-MNIST IDX files (default: ``$LIGHTNING_DFA_FASHION_MNIST``, the Debian
+            package's folder, or the fetched copy); download folder for ``"torchvision"``.
         batch_size: training batch size (evaluation uses 1000).
         val_size: training images held out for validation (5000 for Fashion-MNIST; capped at 20% for digits).
         train_size: use only the first ``train_size`` training images (``None``: all): for quick runs.
         seed: seed of the train/validation split.
+        fetch: fetch the Debian package with ``apt-get download`` when Fashion-MNIST is not found.
+        fallback: when Fashion-MNIST is unavailable, use ``"digits"`` (with a warning, and the reason in
+            :attr:`fallback_reason`) instead of raising.
+
+    Example:
+        >>> dm = ImageDataModule(dataset="digits")
+        >>> dm.describe()
+        "scikit-learn's 8x8 digits"
     """
 
     def __init__(
@@ -119,16 +182,31 @@ class ImageDataModule(pl.LightningDataModule):
         val_size: int = 5000,
         train_size: int | None = None,
         seed: int = 0,
+        fetch: bool = True,
+        fallback: bool = True,
     ) -> None:
         super().__init__()
         if dataset not in ("fashion_mnist", "torchvision", "digits"):
             raise ValueError(f"unknown dataset {dataset!r}; choose fashion_mnist, torchvision or digits")
+        #: why the data module uses digits instead of the requested Fashion-MNIST (``None``: no fallback)
+        self.fallback_reason: str | None = None
         if dataset == "fashion_mnist" and fashion_mnist_dir(data_dir) is None:
-            warnings.warn(
-                INSTALL_HINT.format(where=data_dir or DEBIAN_DIR, files=", ".join(FASHION_FILES.values())),
-                stacklevel=2,
-            )
-            dataset = "digits"
+            why = "no IDX files in data_dir" if data_dir else "fetching is off (fetch=False)"
+            if fetch and data_dir is None:
+                try:
+                    fetch_fashion_mnist()
+                    why = ""
+                except FashionMNISTUnavailable as err:
+                    why = str(err)
+            if why:
+                message = INSTALL_HINT.format(
+                    where=data_dir or DEBIAN_DIR, why=why, files=", ".join(FASHION_FILES.values())
+                )
+                if not fallback:
+                    raise FashionMNISTUnavailable(message)
+                warnings.warn(message + " Falling back to scikit-learn's 8x8 digits.", stacklevel=2)
+                self.fallback_reason = f"Fashion-MNIST unavailable: {why}"
+                dataset = "digits"
         self.dataset = dataset
         self.data_dir = data_dir
         self.batch_size = batch_size
@@ -138,6 +216,11 @@ class ImageDataModule(pl.LightningDataModule):
         self.train_set: TensorDataset | None = None
         self.val_set: TensorDataset | None = None
         self.test_set: TensorDataset | None = None
+
+    def describe(self) -> str:
+        """The data set in words, with the fallback if one was taken (for the example's last line)."""
+        name = "scikit-learn's 8x8 digits" if self.dataset == "digits" else "Fashion-MNIST"
+        return name + (f" (FALLBACK: {self.fallback_reason})" if self.fallback_reason else "")
 
     @property
     def image_size(self) -> int:

@@ -1,6 +1,6 @@
 """MovieLens latest-small (100,004 ratings, 671 users, 9,066 movies; GroupLens, 2016), read offline.
 
-Source (``../shared/docs/offline-data.md``): the Debian package ``r-cran-dslabs`` ships it as the R object
+Source: the Debian package ``r-cran-dslabs`` ships it as the R object
 ``movielens``. On first use it is fetched with ``apt-get download`` (no installation, no R), unpacked with
 ``dpkg -x``, and read from R's lazy-load files with the PyPI package ``rdata``:
 
@@ -13,7 +13,7 @@ Only the ratings (user, movie, rating, timestamp) are kept, in ``<cache>/moviele
 never committed; each user fetches it.
 
 Split: a random 10,000-rating test set (seeded), then 5,000 validation ratings, the rest for training.
-References on that test split (``offline-data.md``): global mean RMSE 1.060, user+item biases 0.890
+References on that test split: global mean RMSE 1.060, user+item biases 0.890
 (:func:`bias_baseline` recomputes both).
 """
 
@@ -293,6 +293,8 @@ class MovieLensDataModule(SplitDataModule):
         ratings: an already loaded :class:`Ratings` (tests pass synthetic ones; then nothing is fetched).
     """
 
+    DATA_NAME = "MovieLens latest-small (Debian package r-cran-dslabs)"
+
     def __init__(
         self,
         batch_size: int = 256,
@@ -304,6 +306,8 @@ class MovieLensDataModule(SplitDataModule):
         super().__init__()
         self.save_hyperparameters(ignore=["ratings"])
         self.ratings = ratings
+        if ratings is not None:
+            self.DATA_NAME = "the ratings given to the data module"
         self.datasets: dict[str, TensorDataset] = {}
         self._neighbours: dict[tuple[int, float], tuple[np.ndarray, np.ndarray]] = {}
 

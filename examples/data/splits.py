@@ -30,3 +30,12 @@ class SplitDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", False)
+
+    def describe(self) -> str:
+        """The data set in words (for an example's last line); subclasses name it in :attr:`DATA_NAME`."""
+        if not self.datasets:
+            self.setup()
+        return f"{self.DATA_NAME}, {len(self.datasets['test']):,} test examples"
+
+    #: the data set's name, as the last line of an example prints it
+    DATA_NAME = "the data set"
