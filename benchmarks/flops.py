@@ -11,7 +11,7 @@ carries gradient, an input gradient (as many again). DFA removes the input gradi
 points of that width, or ``topk`` rows per token with the ``topk`` option).
 
 Example:
-    >>> dense = {"cut_head_input": True, "sketch": False, "blocks": ["transformer.h.*.ln_1"]}
+    >>> dense = {"recipe": "paper", "cut_head_input": True, "blocks": ["transformer.h.*.ln_1"]}
     >>> r = gpt2_macs(8192, 256, 6, 128, 8, dense)
     >>> round(r["total"] / gpt2_macs(8192, 256, 6, 128, 8, None)["total"], 3)
     0.945
@@ -38,8 +38,8 @@ def gpt2_macs(
 
     Per token and layer the forward has ``12 d^2`` (QKV 3, attention projection 1, MLP 4 + 4) and attention
     ``2 T d`` (scores and weighted sum over the full ``T x T``), the head ``V d``. DFA options counted:
-    ``recipe`` (``"auto"``: ``cut_head_input`` and ``sketch`` unless set), ``cut_head_input`` (no head input
-    gradient), ``blocks`` naming ``*.ln_1`` / ``*.ln_2`` (no input gradient
+    ``recipe`` (``"auto"``: ``cut_head_input``, ``norm_points`` and ``sketch`` unless set), ``cut_head_input`` (no
+    head input gradient), ``norm_points`` or ``blocks`` naming ``*.ln_1`` / ``*.ln_2`` (no input gradient
     of ``c_attn`` (3 d^2) / ``c_fc`` (4 d^2)), ``topk``, ``sketch``, ``error_at="head_input"``.
     """
     n = batch * ctx
@@ -59,7 +59,9 @@ def gpt2_macs(
         cut = auto and o.get("error_at", "output") == "output" and vocab > d if cut is None else cut
         sketch = o.get("sketch")
         sketch = auto and o.get("topk") is None if sketch is None else sketch
-        saved = 3 * _blocks_have(o, ".ln_1") + 4 * _blocks_have(o, ".ln_2")
+        points = o.get("norm_points")
+        ln1 = _blocks_have(o, ".ln_1") or (auto if points is None else points)  # ln_1 reads each block's input
+        saved = 3 * ln1 + 4 * _blocks_have(o, ".ln_2")
         out["input_grads"] -= layers * saved * n * d * d
         if cut:
             out["head_input_grad"] = 0

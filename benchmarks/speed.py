@@ -223,14 +223,15 @@ def _gcn_case(name: str, nodes: int, edges: int, n_in: int, hidden: int, n_out: 
 
 
 def gpt2_arms(topk: int | None = None, ln2: bool = False, paper: bool = True) -> dict[str, dict[str, Any]]:
-    """The DFA arms of a GPT-2 model: the default flag (recipe ``"auto"``: norm-aware feedback, ``cut_head_input``
-    and ``sketch`` on this model), the same with ``ln_1`` (and ``ln_2``) points, and the paper's plain DFA."""
+    """The DFA arms of a GPT-2 model: the default flag (recipe ``"auto"``: on GPT-2, norm-aware feedback, the
+    ``ln_1`` outputs as points, ``cut_head_input`` and ``sketch``), the same without the ``ln_1`` points, with the
+    ``ln_2`` outputs as points too, and the paper's plain DFA (with and without the cheaper head)."""
     arms: dict[str, dict[str, Any]] = {
         "dfa": {},
-        "dfa +ln1": {"blocks": GPT2_LN1},
+        "dfa no ln1": {"norm_points": False},
     }
     if ln2:
-        arms["dfa +ln1+ln2"] = {"blocks": GPT2_LN1 + ["transformer.h.*.ln_2"]}
+        arms["dfa +ln2"] = {"blocks": ["transformer.h.*", "transformer.h.*.ln_2"]}
     if topk is not None:
         arms[f"dfa top{topk}"] = {"topk": topk}
     if paper:
@@ -410,8 +411,12 @@ def _projection_alone(case: Case, model: nn.Module, arms: list[Arm], dev: torch.
         if arm.engine is None or not arm.engine.last_points:
             continue
         points = arm.engine.last_points
+        # activations for the points whose feedback is norm-aware (their Jacobian is part of the cost)
+        acts = [None if p.norm is None else torch.randn(p.shape, generator=g).to(dev, p.dtype) for p in points]
         with torch.no_grad():
-            out[arm.name] = _median_time(lambda a=arm, p=points: a.engine.feedback_for(error, p), repeats, dev)
+            out[arm.name] = _median_time(
+                lambda a=arm, p=points, h=acts: a.engine.feedback_for(error, p, h), repeats, dev
+            )
     return out
 
 

@@ -42,7 +42,7 @@ _DFA_KEYS = {f.name for f in dataclasses.fields(lightning_dfa.DFAConfig)}
 
 #: The DFA arm: the library's default recipe, which on this pre-LN GPT-2 passes the feedback through the
 #: LayerNorm Jacobian at each block output. (A DFAConfig without a ``recipe`` option needs it asked for.)
-DFA_RECIPE: dict[str, Any] = {"mode": "dfa"} if "recipe" in _DFA_KEYS else {"mode": "dfa", "norm_jacobian": True}
+DFA_RECIPE: dict[str, Any] = {"mode": "dfa"}
 
 #: The arms of the demo, in order.
 ARMS: dict[str, dict[str, Any]] = {
