@@ -1035,17 +1035,18 @@ class FeedbackEngine:
         recorded = (
             [(p.key, p.tensor, p.flatten) for p in self._capture.points] if self._capture is not None else self._pending
         )
-        for key, point, flatten in reversed(recorded):
+        for key, point, _ in reversed(recorded):
             if point.data_ptr() != tensor.data_ptr() or point.shape != tensor.shape:
                 continue
-            if not flatten:
-                if id(module) not in self._norm_kinds:
-                    self._norm_kinds[id(module)] = probe_normalisation(module, tensor)
-                spec = self._norm_kinds[id(module)]
-                if spec is not None:
-                    self._consumers.setdefault(key.split("#")[0], spec)
-                    if id(module) in self._inside_blocks:
-                        self._point_norms.add(id(module))
+            # (a flattened point, such as a patch embedding's output, keeps its own shape: the norm's Jacobian
+            # applies to it position by position, as the norm does)
+            if id(module) not in self._norm_kinds:
+                self._norm_kinds[id(module)] = probe_normalisation(module, tensor)
+            spec = self._norm_kinds[id(module)]
+            if spec is not None:
+                self._consumers.setdefault(key.split("#")[0], spec)
+                if id(module) in self._inside_blocks:
+                    self._point_norms.add(id(module))
             break
         return None
 
@@ -1063,7 +1064,7 @@ class FeedbackEngine:
         mode = self.norm_feedback
         if mode == "layernorm":
             return NormSpec("layer", 1e-5, -1 if flatten else 1)
-        if mode == "off" or flatten:
+        if mode == "off":
             return None
         return self._consumers.get(key.split("#")[0])
 
