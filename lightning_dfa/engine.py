@@ -732,6 +732,19 @@ class FeedbackEngine:
             if configured and target.source == "explicit":
                 target.source = "configure_dfa"
         _refuse_reentrant_checkpointing(root)
+        # attached again to the same model with the same blocks and outputs (a fit after a fit, a benchmark that
+        # attaches around each step): what the forwards taught the engine (layouts, norms, the true-gradient
+        # region) still holds; another model starts afresh
+        same = (
+            root is self.root
+            and self.target is not None
+            and [b.name for b in target.blocks] == [b.name for b in self.target.blocks]
+            and [n for n, _ in target.outputs] == [n for n, _ in self.target.outputs]
+        )
+        if not same:
+            self._layouts, self._consumers, self._norm_kinds, self._point_norms = {}, {}, {}, set()
+            self._consumers_complete = False
+            self._sources, self._true_ids = {}, None
         self.root, self.target = root, target
         self._flatten = {b.name for b in target.blocks if _has_conv(b)}
         cut = self.config.chosen("cut_head_input")
@@ -756,7 +769,6 @@ class FeedbackEngine:
                     block.exit.register_forward_hook(_Hook(lambda m, a, o, b=block: self._on_block_output(b, o)))
                 )
         self._modules = {name: module for name, module in target.outputs}
-        self._sources, self._true_ids = {}, None
         self._candidates = self._output_candidates(root, target)
         for name, module in target.outputs:
             if self.head_input_is_point:
@@ -791,7 +803,7 @@ class FeedbackEngine:
                     self._handles.append(
                         module.register_forward_hook(_Hook(lambda m, a, o, n=name: self._on_norm_output(n, m, o)))
                     )
-        self._probe_pending = True
+        self._probe_pending = not same
         return target
 
     def _output_candidates(self, root: nn.Module, target: Target) -> list[tuple[str, nn.Module]]:

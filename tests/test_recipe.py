@@ -185,3 +185,25 @@ def test_norm_vjp_matches_autograd_in_half_precision(kind: str) -> None:
     got = norm_vjp(h, v, NormSpec(kind, 1e-5))
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_reattaching_to_the_same_model_keeps_what_the_forwards_found() -> None:
+    torch.manual_seed(0)
+    model, other = _gpt2(), _llama()
+    engine = FeedbackEngine()
+    engine.attach(model)
+    first = _lm_step(model, engine)
+    found = dict(engine._consumers)
+    engine.detach()
+    engine.attach(model)  # a later fit of the same model: no layout probe, the same norms and points
+    assert not engine._probe_pending and engine._consumers == found
+    again = _lm_step(model, engine)
+    assert [p.key for p in engine.last_points][-1] == "lm_head:in"
+    for name in first:
+        torch.testing.assert_close(again[name], first[name])
+    engine.detach()
+    engine.attach(other)  # another model starts afresh
+    assert engine._probe_pending and not engine._consumers
+    _lm_step(other, engine)
+    assert {p.norm.kind for p in engine.last_points if p.norm is not None} == {"rms"}
+    engine.detach()
