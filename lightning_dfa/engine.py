@@ -511,6 +511,7 @@ class _Group:
     untied: int = 0  # points recorded since the last tie
     soft: bool = False  # a layout-probe forward: points are cut by _SoftCut
     cuts: dict[int, torch.Tensor] = field(default_factory=dict)  # id(soft cut's copy) -> the point
+    copies: list[torch.Tensor] = field(default_factory=list)  # the copies themselves: their ids stay theirs
     ties: list[_Delivery] = field(default_factory=list)
     state: _ForwardState = field(default_factory=_ForwardState)
     after_ties: bool = False  # the forward before this one tied outputs (that may feed this one's points)
@@ -863,7 +864,7 @@ class FeedbackEngine:
         engine lets go of their tensors (autograd frees each one once its block's backward has run)."""
         g = self._group
         if g is not None and g.state is state:
-            g.points, g.cuts, g.ties, g.untied = [], {}, [], 0
+            g.points, g.cuts, g.copies, g.ties, g.untied = [], {}, [], [], 0
 
     def _delivered(self, delivery: _Delivery) -> None:
         base = delivery.source.split("#")[0]
@@ -950,6 +951,7 @@ class FeedbackEngine:
             if g.soft:
                 cut = _SoftCut.apply(self, tensor)
                 g.cuts[id(cut)] = tensor
+                g.copies.append(cut)  # kept alive, so that no other tensor takes its id in this forward
                 return cut
         return tensor.detach()
 
@@ -1064,10 +1066,16 @@ class FeedbackEngine:
 
     def _on_norm_output(self, name: str, module: nn.Module, output: Any) -> Any:
         """``norm_points``: the output of a norm inside a block that reads a point is a point too."""
-        if id(module) not in self._point_norms or not self._active():
+        if id(module) not in self._point_norms:
             return None
         tensor, rebuild = _split_main(output)
-        if not self._carries(tensor):
+        if self.enabled and self.mode == "dfa" and torch.is_grad_enabled() and _in_backward() and _carries_grad(tensor):
+            # an activation checkpoint's recomputation inside the block: cut as in the forward (a layout-probe
+            # forward's soft cut, else a detach), so that the recomputed graph saves what the forward saved (the
+            # point's feedback was delivered already)
+            g = self._group
+            return rebuild(_SoftCut.apply(self, tensor) if g is not None and g.soft else tensor.detach())
+        if not self._active() or not self._carries(tensor):
             return None
         return rebuild(self._record(name, tensor))
 
