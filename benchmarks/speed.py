@@ -1,4 +1,4 @@
-"""Speed and memory of a DFA training step against backprop, with the FLOP limit beside each ratio (issue 7).
+"""Speed and memory of a DFA training step against backprop, with the FLOP limit beside each ratio.
 
 Usage (from the repository root)::
 

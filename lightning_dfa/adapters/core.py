@@ -89,7 +89,7 @@ def _info(trainer: Any, text: str) -> None:
         print(text)
 
 
-class DFASession:
+class DFAFit:
     """One engine on one LightningModule for one ``fit``: attach, check each backward, save/restore, detach."""
 
     def __init__(self, config: DFAConfig, verbose: bool = True) -> None:
@@ -226,10 +226,10 @@ class DFAStrategyMixin:
     Mixed into ``SingleDeviceStrategy`` (``DFAStrategy``) and ``DDPStrategy`` (``DFADDPStrategy``).
     """
 
-    dfa: DFASession
+    dfa: DFAFit
 
     def _dfa_init(self, config: DFAConfig, verbose: bool) -> None:
-        self.dfa = DFASession(config, verbose)
+        self.dfa = DFAFit(config, verbose)
 
     @property
     def dfa_engine(self) -> FeedbackEngine | None:
@@ -312,11 +312,11 @@ class DFACallbackMixin:
     """Adds DFA through callback hooks, so it composes with the single-device and DDP strategies
     (``strategy="ddp"``); any other strategy is refused in ``setup``, before training starts."""
 
-    dfa: DFASession
+    dfa: DFAFit
     _dfa_supported_strategies: tuple[type, ...] = ()
 
     def _dfa_init(self, config: DFAConfig, verbose: bool) -> None:
-        self.dfa = DFASession(config, verbose)
+        self.dfa = DFAFit(config, verbose)
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if isinstance(trainer.strategy, DFAStrategyMixin):
