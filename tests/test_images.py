@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import trainer
 
+from examples.data import debian
 from examples.data import images as data_images
 from examples.data.images import FASHION_FILES, ImageDataModule, load_fashion_mnist, read_idx
 from examples.images import ImageClassifier, main
@@ -82,7 +83,7 @@ def test_fetched_copy_in_the_cache_is_found(tmp_path: Path, monkeypatch: pytest.
     unpacked = tmp_path / "fashion-mnist" / "usr" / "share" / "datasets" / "fashion-mnist-not-here"
     unpacked.mkdir(parents=True)
     _fake_fashion(unpacked)
-    monkeypatch.setattr(data_images.subprocess, "run", lambda *a, **k: pytest.fail("nothing should be fetched"))
+    monkeypatch.setattr(debian.subprocess, "run", lambda *a, **k: pytest.fail("nothing should be fetched"))
     assert data_images.fetch_fashion_mnist() == unpacked
     dm = ImageDataModule(val_size=5)
     assert dm.dataset == "fashion_mnist" and dm.describe() == "Fashion-MNIST"

@@ -11,7 +11,7 @@ import pytest
 import pytorch_lightning as pl
 
 import lightning_dfa
-from examples.data import austen
+from examples.data import austen, debian
 from examples.language_model import AustenDataModule, AustenReport, CharGPT, decode, encode, main
 
 # ---------------------------------------------------------------------------------------------- a tiny R writer
@@ -67,7 +67,7 @@ def test_load_debian_reads_cached_package(tmp_path: Path, monkeypatch: pytest.Mo
     data = tmp_path / "janeaustenr" / "usr" / "lib" / "R" / "site-library" / "janeaustenr" / "data"
     data.mkdir(parents=True)
     write_lazyload(data, {name: ["Chapter 1", "", name.title()] for name in austen.BOOKS})
-    monkeypatch.setattr(austen.subprocess, "run", _no_subprocess)
+    monkeypatch.setattr(debian.subprocess, "run", _no_subprocess)
     books = austen.load_books("debian", cache_dir=tmp_path)
     assert books["persuasion"] == "Chapter 1\n\nPersuasion"
 

@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from examples.data import movielens
+from examples.data import debian, movielens
 from examples.data.clicks import ClickDataModule, auc, generate
 from examples.recommenders import CLICK_MODELS, DCN, AutoInt, DeepFM, RatingMLP
 from lightning_dfa import DFAStrategy, FeedbackEngine
@@ -123,7 +123,7 @@ def test_rating_model_every_arm_on_synthetic_ratings() -> None:
 
 
 def test_movielens_unavailable_says_how_to_get_it(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(movielens.shutil, "which", lambda name: None)
+    monkeypatch.setattr(debian.shutil, "which", lambda name: None)
     with pytest.raises(movielens.MovieLensUnavailable, match="r-cran-dslabs"):
         movielens.fetch(str(tmp_path))
     assert not (tmp_path / "ratings.npz").exists()

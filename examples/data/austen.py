@@ -27,16 +27,15 @@ import glob
 import gzip
 import os
 import random
-import shutil
 import struct
-import subprocess
-import tempfile
 import urllib.request
 import warnings
 import zlib
 from pathlib import Path
 
 import numpy as np
+
+from examples.data.debian import PackageUnavailable, unpack_package
 
 BOOKS = ("sensesensibility", "prideprejudice", "mansfieldpark", "emma", "northangerabbey", "persuasion")
 TEST_BOOK = "persuasion"
@@ -109,34 +108,12 @@ def fetch_debian(cache_dir: str | Path | None = None) -> Path:
     installed = Path("/") / _RDATA_SUBDIR
     if (installed / "Rdata.rdx").exists():
         return installed
-    if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
+    try:
+        unpack_package(DEB_PACKAGE, target, timeout=300)
+    except PackageUnavailable as err:
         raise DataUnavailable(
-            f"The Debian package {DEB_PACKAGE} needs apt-get and dpkg (Debian/Ubuntu). Use source='gutenberg' "
-            "(online) or source='synthetic'."
-        )
-    target.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target) as tmp:
-        try:
-            run = subprocess.run(
-                ["apt-get", "download", DEB_PACKAGE], cwd=tmp, capture_output=True, text=True, timeout=300
-            )
-            if run.returncode != 0 and hasattr(os, "geteuid") and os.geteuid() == 0:
-                # a fresh machine has no package lists yet: as root, fetch them once and retry
-                subprocess.run(["apt-get", "update", "-qq"], capture_output=True, text=True, timeout=300)
-                run = subprocess.run(
-                    ["apt-get", "download", DEB_PACKAGE], cwd=tmp, capture_output=True, text=True, timeout=300
-                )
-        except (OSError, subprocess.SubprocessError) as err:
-            raise DataUnavailable(f"`apt-get download {DEB_PACKAGE}` failed: {err}") from err
-        debs = glob.glob(os.path.join(tmp, "*.deb"))
-        if run.returncode != 0 or not debs:
-            raise DataUnavailable(
-                f"`apt-get download {DEB_PACKAGE}` failed (exit {run.returncode}): {run.stderr.strip()[-400:]}\n"
-                "Run `apt-get update` first, or use source='gutenberg' (online) or source='synthetic'."
-            )
-        unpack = subprocess.run(["dpkg", "-x", debs[0], str(target)], capture_output=True, text=True)
-        if unpack.returncode != 0:
-            raise DataUnavailable(f"`dpkg -x {debs[0]}` failed: {unpack.stderr.strip()[-400:]}")
+            f"{err}\nRun `apt-get update` first, or use source='gutenberg' (online) or source='synthetic'."
+        ) from err
     found = _find_rdata(target)
     if found is None:
         raise DataUnavailable(f"{DEB_PACKAGE} unpacked into {target} but holds no janeaustenr/data/Rdata.rdx.")

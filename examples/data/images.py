@@ -13,13 +13,9 @@
 
 from __future__ import annotations
 
-import glob
 import gzip
 import os
-import shutil
 import struct
-import subprocess
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -27,6 +23,8 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
+
+from examples.data.debian import PackageUnavailable, unpack_package
 
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 DEB_PACKAGE = "dataset-fashion-mnist"
@@ -88,25 +86,11 @@ def fetch_fashion_mnist() -> Path:
     found = fashion_mnist_dir()
     if found is not None:
         return found
-    if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
-        raise FashionMNISTUnavailable("apt-get and dpkg are not available (not Debian/Ubuntu)")
     target = cache_dir()
-    target.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target) as tmp:
-        try:
-            run = subprocess.run(
-                ["apt-get", "download", DEB_PACKAGE], cwd=tmp, capture_output=True, text=True, timeout=600
-            )
-        except (OSError, subprocess.SubprocessError) as err:
-            raise FashionMNISTUnavailable(f"`apt-get download {DEB_PACKAGE}` failed: {err}") from err
-        debs = glob.glob(os.path.join(tmp, "*.deb"))
-        if run.returncode != 0 or not debs:
-            raise FashionMNISTUnavailable(
-                f"`apt-get download {DEB_PACKAGE}` failed (exit {run.returncode}): {run.stderr.strip()[-300:]}"
-            )
-        unpack = subprocess.run(["dpkg", "-x", debs[0], str(target)], capture_output=True, text=True)
-        if unpack.returncode != 0:
-            raise FashionMNISTUnavailable(f"`dpkg -x {debs[0]}` failed: {unpack.stderr.strip()[-300:]}")
+    try:
+        unpack_package(DEB_PACKAGE, target)
+    except PackageUnavailable as err:
+        raise FashionMNISTUnavailable(str(err)) from err
     found = fashion_mnist_dir()
     if found is None:
         raise FashionMNISTUnavailable(f"{DEB_PACKAGE} unpacked into {target} but holds no IDX files")

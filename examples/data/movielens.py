@@ -22,7 +22,6 @@ from __future__ import annotations
 import glob
 import gzip
 import os
-import shutil
 import struct
 import subprocess
 import tempfile
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from examples.data.debian import PackageUnavailable, unpack_package
 from examples.data.splits import SplitDataModule
 
 PACKAGE = "r-cran-dslabs"
@@ -85,16 +85,11 @@ def fetch(cache: str | None = None) -> str:
         return target
     os.makedirs(cache, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        debs = sorted(glob.glob(os.path.join(cache, f"{PACKAGE}_*.deb")))
         try:
-            if not debs:
-                if shutil.which("apt-get") is None:
-                    raise MovieLensUnavailable("apt-get not found")
-                subprocess.run(["apt-get", "download", PACKAGE], cwd=tmp, check=True, capture_output=True, timeout=300)
-                debs = sorted(glob.glob(os.path.join(tmp, f"{PACKAGE}_*.deb")))
-            if not debs:
-                raise MovieLensUnavailable("apt-get download produced no .deb")
-            subprocess.run(["dpkg", "-x", debs[-1], os.path.join(tmp, "x")], check=True, capture_output=True)
+            try:
+                unpack_package(PACKAGE, os.path.join(tmp, "x"), timeout=300)
+            except PackageUnavailable as err:
+                raise MovieLensUnavailable(str(err)) from err
             found = glob.glob(os.path.join(tmp, "x", "usr", "lib", "R", "site-library", "dslabs", "data"))
             if not found:
                 raise MovieLensUnavailable("the package has no dslabs/data directory")
