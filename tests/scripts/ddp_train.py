@@ -206,6 +206,8 @@ def main(out: Path, names: list[str]) -> None:
         procs = procs or [p for p in launched if isinstance(p, subprocess.Popen)]
     if procs:  # popen: rank 0 launched the other process; wait for it and report its exit code
         (out / "children.json").write_text(json.dumps([p.wait() for p in procs]))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # as PyTorch asks of a script, before the interpreter exits
 
 
 if __name__ == "__main__":
