@@ -125,7 +125,8 @@ class DFAConfig:
             The last block's output is then not cut: whatever lies between the last block and the output module
             (GPT-2's final ``ln_f``) joins the last block's feedback region. Only with ``error_at="output"``.
             ``None`` (recipe ``"auto"``): on in ``mode="dfa"`` when the output module widens (a Linear with more
-            outputs than inputs, such as a language model's head). See ``docs/performance.md``.
+            outputs than inputs, such as a language model's head) and only norms lie between the last block and it.
+            See ``docs/performance.md``.
         norm_points: the output of a norm that reads a feedback point inside a block (a pre-LN block's first norm:
             GPT-2's ``ln_1``, Llama's ``input_layernorm``) is a feedback point too, so what reads it (the
             attention's QKV projection) never computes its input gradient, and the norm's own parameters learn from
@@ -749,12 +750,15 @@ class FeedbackEngine:
         self.root, self.target = root, target
         self._flatten = {b.name for b in target.blocks if _has_conv(b)}
         cut = self.config.chosen("cut_head_input")
-        if cut is None:  # recipe "auto": cut where the output module widens (a language model's head)
+        if cut is None:  # recipe "auto": cut where the output module widens (a language model's head) and only
+            # norms lie between the last block and it (GPT-2's ln_f; not BERT's dense head transform, where the
+            # cut was measured to cost learning)
             cut = (
                 self.mode == "dfa"
                 and self.config.error_at == "output"
                 and not target.head_input_point
                 and _widens(target.output)
+                and _only_norms_before(root, target)
             )
         self._cut = bool(cut)
         uncut = _last_top_level_block(root, target) if self._cut else None
@@ -1842,6 +1846,17 @@ def _params_after_blocks(root: nn.Module, target: Target) -> set[int]:
             if id(p) not in block_ids:
                 after.add(id(p))
     return after
+
+
+def _only_norms_before(root: nn.Module, target: Target) -> bool:
+    """Whether every trainable module registered after the last block, other than the outputs, is a norm."""
+    after = _params_after_blocks(root, target)
+    outputs = {id(p) for _, m in target.outputs for p in m.parameters()}
+    for module in root.modules():
+        own = [p for p in module.parameters(recurse=False) if id(p) in after and id(p) not in outputs]
+        if own and not _may_normalise(module):
+            return False
+    return True
 
 
 def _checked_transform(

@@ -207,3 +207,18 @@ def test_reattaching_to_the_same_model_keeps_what_the_forwards_found() -> None:
     _lm_step(other, engine)
     assert {p.norm.kind for p in engine.last_points if p.norm is not None} == {"rms"}
     engine.detach()
+
+
+def test_the_head_input_is_cut_only_where_norms_alone_lie_before_a_widening_head() -> None:
+    cfg = {"vocab_size": VOCAB, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+           "intermediate_size": 64, "max_position_embeddings": 16}  # fmt: skip
+    bert = hf.BertForMaskedLM(hf.BertConfig(**cfg))  # a dense + GELU + LayerNorm transform before the decoder
+    for model, cut in ((bert, False), (_gpt2(), True), (_llama(), True)):
+        engine = FeedbackEngine()
+        engine.attach(model)
+        assert engine.cut_head_input is cut, type(model).__name__
+        engine.detach()
+    engine = FeedbackEngine(cut_head_input=True)  # as set, whatever lies before the head
+    engine.attach(bert)
+    assert engine.cut_head_input
+    engine.detach()

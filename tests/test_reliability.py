@@ -702,6 +702,12 @@ class SoakModel(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
+def _group_size(engine: Any) -> int:
+    """Tensors the engine keeps from the last forward (its points and layout-probe copies)."""
+    group = engine._group
+    return 0 if group is None else len(group.points) + len(group.copies)
+
+
 class Gauges(pl.Callback):
     """Every 250 steps: resident memory, live tensors, hooks on the model, and what the engine holds between steps."""
 
@@ -719,7 +725,7 @@ class Gauges(pl.Callback):
                 "rss": _rss_mib(),
                 "tensors": sum(isinstance(o, torch.Tensor) for o in gc.get_objects()),
                 "hooks": hooks_of(pl_module),
-                "held": (len(engine._pending), len(engine._calls), len(engine.bank._cache)),
+                "held": (len(engine._pending), _group_size(engine), len(engine.bank._cache)),
             }
         )
 

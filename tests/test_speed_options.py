@@ -360,8 +360,11 @@ def test_sketch_trains_a_gpt2_with_every_parameter_getting_a_gradient() -> None:
     nn.functional.cross_entropy(logits.reshape(-1, vocab), ids[:, 1:].reshape(-1)).backward()
     engine.end_backward()
     assert list(engine.bank._sketch_groups) == [vocab] and not engine.bank._matrices  # the sketch path was taken
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters()
-               if "attn.c_attn.bias" not in n)
+    assert all(
+        p.grad is not None and p.grad.abs().sum() > 0
+        for n, p in model.named_parameters()
+        if "attn.c_attn.bias" not in n
+    )
     engine.detach()
 
 
