@@ -222,3 +222,63 @@ def test_the_head_input_is_cut_only_where_norms_alone_lie_before_a_widening_head
     engine.attach(bert)
     assert engine.cut_head_input
     engine.detach()
+
+
+_TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+         "max_position_embeddings": 32}  # fmt: skip
+ARCHITECTURES = {  # name -> (build, the norm kind its points feed, or None for a post-LN model)
+    "mistral": (
+        lambda: hf.MistralForCausalLM(hf.MistralConfig(vocab_size=VOCAB, num_key_value_heads=1, **_TINY)),
+        "rms",
+    ),
+    "qwen2": (lambda: hf.Qwen2ForCausalLM(hf.Qwen2Config(vocab_size=VOCAB, num_key_value_heads=2, **_TINY)), "rms"),
+    "gemma": (
+        lambda: hf.GemmaForCausalLM(hf.GemmaConfig(vocab_size=VOCAB, num_key_value_heads=1, head_dim=16, **_TINY)),
+        "rms",
+    ),
+    "gpt_neox": (lambda: hf.GPTNeoXForCausalLM(hf.GPTNeoXConfig(vocab_size=VOCAB, **_TINY)), "layer"),
+    "phi": (lambda: hf.PhiForCausalLM(hf.PhiConfig(vocab_size=VOCAB, **_TINY)), "layer"),
+    "falcon": (
+        lambda: hf.FalconForCausalLM(
+            hf.FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
+        ),
+        "layer",
+    ),
+    "t5": (
+        lambda: hf.T5ForConditionalGeneration(
+            hf.T5Config(
+                vocab_size=VOCAB,
+                d_model=32,
+                d_kv=16,
+                d_ff=64,
+                num_layers=2,
+                num_heads=2,
+                decoder_start_token_id=0,
+                pad_token_id=0,
+            )  # fmt: skip
+        ),
+        "rms",
+    ),
+    "roberta": (lambda: hf.RobertaForMaskedLM(hf.RobertaConfig(vocab_size=VOCAB, **_TINY)), None),
+}
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_default_recipe_trains_other_architectures(name: str) -> None:
+    build, kind = ARCHITECTURES[name]
+    torch.manual_seed(0)
+    model = build()
+    engine = FeedbackEngine()
+    engine.attach(model)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        ids = torch.randint(1, VOCAB, (2, 10), generator=g)
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        engine.end_backward()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    missing = [n for n, p in trainable if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, missing
+    kinds = {p.norm.kind for p in engine.last_points if p.norm is not None}
+    assert kinds == ({kind} if kind else set()), kinds
+    engine.detach()
