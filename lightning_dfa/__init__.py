@@ -17,8 +17,9 @@ import importlib.util
 from .adapters.pytorch_lightning import DFA, DFADDPStrategy, DFAStrategy
 from .adapters.pytorch_lightning import register as _register_pl
 from .alignment import AlignmentMonitor
+from .config import MODES, DFAConfig
 from .discovery import Block, Target, discover
-from .engine import MODES, DFAConfig, FeedbackEngine
+from .engine import FeedbackEngine
 from .feedback import DISTRIBUTIONS, FeedbackBank
 from .registry import register_micro_points
 

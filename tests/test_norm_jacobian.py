@@ -59,7 +59,7 @@ def test_training_backward_delivers_shaped_feedback() -> None:
 
 
 def test_flattened_points_normalise_over_all_but_batch() -> None:
-    from lightning_dfa.engine import _norm_jacobian
+    from lightning_dfa.norms import _norm_jacobian
 
     h, v = torch.randn(2, 3, 4, 4, dtype=torch.double), torch.randn(2, 3, 4, 4, dtype=torch.double)
     x = h.clone().requires_grad_()

@@ -10,7 +10,7 @@ from torch import nn
 
 import lightning_dfa
 from lightning_dfa import DFAConfig, FeedbackEngine
-from lightning_dfa.engine import NormSpec, norm_vjp, probe_normalisation
+from lightning_dfa.norms import NormSpec, norm_vjp, probe_normalisation
 
 VOCAB = 96
 

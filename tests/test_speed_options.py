@@ -12,7 +12,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from lightning_dfa.engine import DFAConfig, FeedbackEngine, _PointMeta
+from lightning_dfa import DFAConfig, FeedbackEngine
+from lightning_dfa.engine import _PointMeta
 from lightning_dfa.feedback import FeedbackBank
 
 V, D, LAYERS, T, B = 64, 16, 2, 8, 2

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine import DFAConfig, FeedbackEngine, _refuse_reentrant_checkpointing, check_state
+from ..config import DFAConfig
+from ..engine import FeedbackEngine, _refuse_reentrant_checkpointing, check_state
 from ..feedback import uses_sketch
 from ..summary import mostly_backprop
 

@@ -1,0 +1,265 @@
+"""Options of DFA and their validation: :class:`DFAConfig`, shared by the engine, the strategies and the callback."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch import nn
+
+from .discovery import BlockSpec
+from .feedback import DISTRIBUTIONS
+
+MODES = ("dfa", "shallow", "bp")
+RECIPES = ("auto", "paper")
+#: the options that the recipe decides when they are left at ``None``
+RECIPE_OPTIONS = ("norm_jacobian", "cut_head_input", "norm_points", "sketch")
+
+#: options saved with the feedback whose new value on resume gives way to the checkpoint's (with a warning): they
+#: set the feedback's values, which the checkpoint holds
+RESUME_KEEPS = ("seed", "distribution", "scale", "distinct", "norm_jacobian", "sketch", "topk")
+#: options saved with the feedback whose new value on resume is refused: they decide how training runs or which
+#: tensors receive feedback and where the error is read
+RESUME_REFUSES = ("mode", "placement", "error_at", "recipe", "cut_head_input", "norm_points")
+_SAVED_OPTIONS = RESUME_REFUSES + RESUME_KEEPS
+#: options where ``None`` means "chosen from the model": on resume, ``None`` takes the saved choice
+_AUTO_OPTIONS = RECIPE_OPTIONS
+_DECIDES = {
+    "mode": "how the blocks are trained (feedback, nothing, or backprop)",
+    "placement": "which modules are feedback points",
+    "error_at": "where the error is read (so the feedback matrices' width)",
+    "recipe": "the choices left to the recipe (which tensors are feedback points, how feedback is shaped)",
+    "cut_head_input": "whether the output module's input is a feedback point",
+    "norm_points": "whether the outputs of norms that read a point are feedback points",
+}
+
+
+def normalize_mode(mode: str) -> str:
+    """Lower-case ``mode`` and refuse anything but ``"dfa"``, ``"shallow"`` and ``"bp"`` (no silent fallback)."""
+    if not isinstance(mode, str) or mode.strip().lower() not in MODES:
+        raise ValueError(f"DFA: unknown mode {mode!r}; choose one of {MODES}.")
+    return mode.strip().lower()
+
+
+@dataclass
+class DFAConfig:
+    """Options shared by :class:`FeedbackEngine`, ``DFAStrategy`` and the ``DFA`` callback.
+
+    Every option is checked here, where it is constructed: a value of the wrong type or out of range (``scale=0``,
+    ``distinct="false"``, ``blocks=5``) is a ``ValueError`` naming the option and the values it accepts.
+
+    Attributes:
+        mode: ``"dfa"`` (default), ``"shallow"`` (blocks and everything before them get no gradient) or
+            ``"bp"`` (plain backprop: the control arm).
+        blocks: names, glob patterns or module classes of the blocks; ``None`` discovers them.
+        output: qualified name of the output module, or a list of them (several heads or losses: each output's
+            error is projected by its own fixed matrices and every point receives the sum); ``None`` discovers it.
+        seed: seed of the private generator of the feedback matrices.
+        distribution: ``"uniform"`` on ``[-1, 1)`` (default, as the DFA authors), ``"gaussian"`` or ``"rademacher"``.
+        scale: multiplier of the feedback; a point of width ``d`` receives ``scale / sqrt(d) * (e @ B[:, :d])``.
+        distinct: give every point its own signal at no extra projection cost (fixed random sign flips of the
+            shared projection) instead of the same signal for points of equal width.
+        placement: ``"macro"`` (one point per block) or ``"micro"`` (also inside Transformer blocks).
+        error_at: ``"output"`` (default: the error is read at the output module's output, e.g. the logits: pure
+            DFA) or ``"head_input"`` (read at the output module's input, i.e. backpropagated through the head
+            only, the DFA paper's language-model setting: the projected error is then ``d``-dimensional).
+        recipe: ``"auto"`` (default: the best DFA measured, chosen from the model's structure) or ``"paper"``
+            (the plain DFA of Launay et al. 2020: every option below off unless set). ``"auto"`` decides each of
+            ``norm_jacobian``, ``cut_head_input`` and ``sketch`` that is left at ``None``; the fit-start summary and
+            :meth:`FeedbackEngine.recipe_notes` say what was chosen and why.
+        norm_jacobian: norm-aware feedback. ``None`` (default, recipe ``"auto"``): at each point whose consumer is a
+            LayerNorm or RMSNorm (a pre-LN Transformer's block outputs), the feedback passes through the Jacobian of
+            that normalisation, parameter-free, at the point's own activation ``h`` (LayerNorm:
+            ``(v - mean(v) - n * mean(n * v)) / std(h)`` with ``n`` the normalised ``h``; RMSNorm: no mean
+            subtraction). A local operation (no weight transport) that removes what the following norm ignores;
+            it is what makes DFA learn on pre-LN Transformers (``docs/results_language_model.md``). ``True``: a
+            parameter-free LayerNorm Jacobian at every point (over the last dimension; over all but the batch
+            dimension for flattened points). ``False``: off.
+        cut_head_input: make the output module's input the last feedback point (the output module gets it
+            detached), so the output module's input gradient (for a language model, the vocabulary-sized GEMM
+            ``e @ W_head``) is never computed: the shared projection replaces that work instead of adding to it.
+            The last block's output is then not cut: whatever lies between the last block and the output module
+            (GPT-2's final ``ln_f``) joins the last block's feedback region. Only with ``error_at="output"``.
+            ``None`` (recipe ``"auto"``): on in ``mode="dfa"`` when the output module widens (a Linear with more
+            outputs than inputs, such as a language model's head) and only norms lie between the last block and it.
+            See ``docs/performance.md``.
+        norm_points: the output of a norm that reads a feedback point inside a block (a pre-LN block's first norm:
+            GPT-2's ``ln_1``, Llama's ``input_layernorm``) is a feedback point too, so what reads it (the
+            attention's QKV projection) never computes its input gradient, and the norm's own parameters learn from
+            that point's feedback. ``None`` (recipe ``"auto"``): on in ``mode="dfa"``.
+        topk: ``None`` (default: dense projection ``e @ B``) or ``k``: project only the ``k`` largest-magnitude
+            entries of each row (token) of the error, a gather of ``k`` rows of ``B`` per token instead of a GEMM
+            over the whole output width. For softmax + cross-entropy ``e = softmax - onehot`` is dominated by the
+            target entry and a few likely tokens, and a random projection of the dropped diffuse remainder is
+            small. Used only where the error is wider than ``k``; costs ``k / width`` of the dense projection.
+        sketch: a structured random feedback matrix for wide errors (``False`` by default), exact (not an
+            approximation of some dense ``B``: it *is* the feedback): output index ``v = i * g + j`` gets the row
+            ``sum_c A[c, i] G_c[j] / 2`` (``c < 4``), so the projection is ONE pass over the error (four signed
+            sums over the outputs of each residue class ``j``) and a small GEMM (``[4 g, d]``,
+            ``g = max(sqrt(k), d / 4)``): for a 50257-word vocabulary about 1/30 of the dense GEMM's multiply-adds.
+            Its entries are an integer hash of (seed, position) computed on the fly, so it holds no memory between
+            steps (see :meth:`FeedbackBank.sketch`). Used where the error is wider than ``4 d`` (elsewhere the
+            dense projection is as cheap). Cannot be combined with ``topk``. ``None`` (recipe ``"auto"``): on unless
+            ``topk`` is set.
+        feedback_transform: ``None`` or a callable ``(point_key, feedback) -> feedback`` (same shape) applied to
+            every point's feedback before ``norm_jacobian``: a fixed, parameter-free operator that the model knows
+            lies between the point and the output, e.g. a graph's normalised adjacency for graph convolutions
+            (``A^T B e``: the error of the labelled nodes reaches their neighbours, as backprop's aggregation would
+            carry it, without transporting any learned weight). Usually returned by the LightningModule's
+            ``configure_dfa()``, since it needs the batch's graph; see ``examples/graphs.py``.
+    """
+
+    mode: str = "dfa"
+    blocks: BlockSpec = None
+    output: str | Sequence[str] | None = None
+    seed: int = 0
+    distribution: str = "uniform"
+    scale: float = 1.0
+    distinct: bool = False
+    placement: str = "macro"
+    error_at: str = "output"
+    recipe: str = "auto"
+    norm_jacobian: bool | None = None
+    cut_head_input: bool | None = None
+    norm_points: bool | None = None
+    topk: int | None = None
+    sketch: bool | None = None
+    feedback_transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None
+
+    def merged_with(self, options: dict[str, Any], origin: str = "options") -> DFAConfig:
+        """A copy where ``options`` fill the fields still at their default (explicit settings win).
+
+        Example:
+            >>> config = DFAConfig(seed=1).merged_with({"seed": 5, "distinct": True})
+            >>> config.seed, config.distinct
+            (1, True)
+        """
+        if not isinstance(options, dict):
+            raise TypeError(f"DFA: {origin} must return a dict of options such as {{'blocks': [...]}}.")
+        names = {f.name: f.default for f in fields(self)}
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            raise TypeError(f"DFA: {origin} returned unknown options {unknown}; valid options: {sorted(names)}.")
+        values = {k: getattr(self, k) for k in names}
+        for key, value in options.items():
+            if values[key] == names[key]:
+                values[key] = value
+        try:
+            return DFAConfig(**values)
+        except ValueError as err:
+            raise ValueError(f"{str(err).rstrip('.')} (from {origin}).") from None
+
+    def chosen(self, name: str) -> bool | None:
+        """The value of an option of :data:`RECIPE_OPTIONS`: the one set, else the recipe's
+        (``False`` for ``"paper"``; ``None`` for ``"auto"``, which decides from the model).
+
+        Example:
+            >>> [DFAConfig(recipe="paper").chosen("sketch"), DFAConfig().chosen("sketch")]
+            [False, None]
+            >>> DFAConfig(recipe="paper", sketch=True).chosen("sketch")
+            True
+        """
+        value = getattr(self, name)
+        if value is not None:
+            return value
+        return False if self.recipe == "paper" else None
+
+    def __post_init__(self) -> None:
+        self.mode = normalize_mode(self.mode)
+        self.blocks = _checked_blocks(self.blocks)
+        names = [self.output] if isinstance(self.output, str) else self.output
+        if self.output is not None and (
+            not isinstance(names, (list, tuple))
+            or not names
+            or not all(isinstance(n, str) and n.strip() for n in names)
+        ):
+            raise ValueError(
+                f"DFA: output must be None (discovered), the qualified name of a module (a non-empty str such as "
+                f"'head') or a list of them (several heads), got {_shown(self.output)}."
+            )
+        if isinstance(self.output, tuple):
+            self.output = list(self.output)
+        self.seed = _checked_int("seed", self.seed, "an integer such as 0")
+        if not isinstance(self.distribution, str) or self.distribution not in DISTRIBUTIONS:
+            raise ValueError(f"DFA: unknown distribution {self.distribution!r}; choose one of {DISTRIBUTIONS}.")
+        self.scale = _checked_scale(self.scale)
+        _check_flag("distinct", self.distinct, optional=False)
+        if not isinstance(self.placement, str) or self.placement not in ("macro", "micro"):
+            raise ValueError(f"DFA: placement must be 'macro' or 'micro', got {self.placement!r}.")
+        if not isinstance(self.error_at, str) or self.error_at not in ("output", "head_input"):
+            raise ValueError(f"DFA: error_at must be 'output' or 'head_input', got {self.error_at!r}.")
+        if not isinstance(self.recipe, str) or self.recipe not in RECIPES:
+            raise ValueError(f"DFA: recipe must be one of {RECIPES}, got {_shown(self.recipe)}.")
+        for name in RECIPE_OPTIONS:
+            _check_flag(name, getattr(self, name), optional=True)
+        if self.cut_head_input and self.error_at != "output":
+            raise ValueError("DFA: cut_head_input needs error_at='output' (error_at='head_input' reads it there).")
+        if self.topk is not None:
+            self.topk = _checked_int("topk", self.topk, "None or a positive integer such as 64")
+            if self.topk < 1:
+                raise ValueError(f"DFA: topk must be None or a positive integer such as 64, got {self.topk!r}.")
+        if self.sketch and self.topk is not None:
+            raise ValueError("DFA: choose one cheaper projection: sketch=True or topk=k, not both.")
+        if self.feedback_transform is not None and not callable(self.feedback_transform):
+            raise TypeError(f"DFA: feedback_transform must be callable, got {type(self.feedback_transform).__name__}.")
+
+
+def _shown(value: Any) -> str:
+    """``repr`` of a bad option value with its type, for error messages."""
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _check_flag(name: str, value: Any, optional: bool) -> None:
+    """Refuse anything but ``True``/``False`` (and ``None`` for ``optional`` flags): the string ``"false"`` is true."""
+    if isinstance(value, bool) or (optional and value is None):
+        return
+    allowed = "True, False or None (None: the recipe's choice)" if optional else "True or False"
+    hint = " (a string is not a bool: 'false' would switch it on)" if isinstance(value, str) else ""
+    raise ValueError(f"DFA: {name} must be {allowed}, got {_shown(value)}{hint}.")
+
+
+def _checked_int(name: str, value: Any, allowed: str) -> int:
+    """``value`` as an ``int`` if it is a whole number (numpy integers, ``4.0``), never a bool or a str."""
+    whole_float = isinstance(value, float) and value.is_integer()
+    if isinstance(value, bool) or not (isinstance(value, numbers.Integral) or whole_float):
+        raise ValueError(f"DFA: {name} must be {allowed}, got {_shown(value)}.")
+    return int(value)
+
+
+def _checked_scale(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"DFA: scale must be a finite, non-zero number such as 1.0, got {_shown(value)}.")
+    scale = float(value)
+    if not math.isfinite(scale):
+        raise ValueError(f"DFA: scale must be a finite, non-zero number such as 1.0, got {scale!r}.")
+    if scale == 0:
+        raise ValueError(
+            "DFA: scale=0 gives the blocks no feedback, so they would never learn; use a non-zero scale such as 1.0, "
+            "or mode='shallow' to train only the layers after the blocks."
+        )
+    return scale
+
+
+_BLOCKS_ALLOWED = (
+    "None (discovered), a module name or glob pattern (str, e.g. 'encoder.layers.*'), a module class (e.g. "
+    "nn.TransformerEncoderLayer), or a list/tuple of them"
+)
+
+
+def _checked_blocks(blocks: Any) -> Any:
+    """``blocks`` if it is of a documented type (a list is returned as a list), else a clear error."""
+    if blocks is None:
+        return None
+    items = list(blocks) if isinstance(blocks, (list, tuple)) else [blocks]
+    if not items:
+        raise ValueError(f"DFA: blocks=[] names no block; pass {_BLOCKS_ALLOWED}.")
+    for item in items:
+        ok = (isinstance(item, str) and item.strip()) or (isinstance(item, type) and issubclass(item, nn.Module))
+        if not ok:
+            where = "" if item is blocks else f" in blocks={blocks!r}"
+            raise ValueError(f"DFA: blocks must be {_BLOCKS_ALLOWED}; got {_shown(item)}{where}.")
+    return list(blocks) if isinstance(blocks, (list, tuple)) else blocks

@@ -1,0 +1,45 @@
+"""Tensors in module inputs and outputs: the main tensor of a value (a tensor, a tuple's first item, a
+``ModelOutput``'s first field) and how to rebuild the value around a replacement."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def split_main(value: Any) -> tuple[torch.Tensor | None, Callable[[torch.Tensor], Any] | None]:
+    """The main tensor of a module's output (a tensor, the first item of a tuple/list/ModelOutput) and a rebuild."""
+    if isinstance(value, torch.Tensor):
+        return value, lambda t: t
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        if isinstance(value, tuple) and hasattr(value, "_fields"):  # namedtuple
+            return value[0], lambda t: type(value)(t, *value[1:])
+        return value[0], lambda t: type(value)([t, *value[1:]])
+    if hasattr(value, "to_tuple") and hasattr(value, "keys"):  # transformers.ModelOutput
+        keys = list(value.keys())
+        if keys and isinstance(value[keys[0]], torch.Tensor):
+
+            def rebuild(t: torch.Tensor) -> Any:
+                value[keys[0]] = t
+                return value
+
+            return value[keys[0]], rebuild
+    return None, None
+
+
+INPUT_KWARGS = ("hidden_states", "x", "input", "inputs", "inputs_embeds", "h")
+
+
+def split_input(args: tuple, kwargs: dict) -> tuple[torch.Tensor | None, Callable | None]:
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0], lambda t: ((t, *args[1:]), kwargs)
+    for key in INPUT_KWARGS:
+        if isinstance(kwargs.get(key), torch.Tensor):
+            return kwargs[key], lambda t, key=key: (args, {**kwargs, key: t})
+    return None, None
+
+
+def carries_grad(t: torch.Tensor | None) -> bool:
+    return t is not None and t.requires_grad and t.is_floating_point()
