@@ -72,8 +72,8 @@ def loader(n: int = 128, batch_size: int = 16, **kw: Any) -> DataLoader:
     return DataLoader(blobs(n, **kw), batch_size=batch_size, shuffle=False)
 
 
-def trainer(**kw: Any) -> pl.Trainer:
-    """A quiet CPU Trainer."""
+def trainer(package: Any = pl, **kw: Any) -> pl.Trainer:
+    """A quiet CPU Trainer (of ``package``: ``pytorch_lightning`` or ``lightning.pytorch``)."""
     opts: dict[str, Any] = dict(
         accelerator="cpu",
         devices=1,
@@ -84,7 +84,7 @@ def trainer(**kw: Any) -> pl.Trainer:
         max_epochs=1,
     )
     opts.update(kw)
-    return pl.Trainer(**opts)
+    return package.Trainer(**opts)
 
 
 class GradRecorder(pl.Callback):

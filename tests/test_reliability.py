@@ -59,18 +59,6 @@ def dfa_args(form: str, adapter: Any = None, **options: Any) -> dict[str, Any]:
     return {"strategy": adapter.DFAStrategy(verbose=False, **options), "callbacks": []}
 
 
-def quiet_trainer(package: Any, **kw: Any) -> Any:
-    opts = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    return package.Trainer(**{**opts, **kw})
-
-
 def failing_module(package: Any, error: type[BaseException]) -> Any:
     """A LightningModule of ``package`` whose ``training_step`` raises ``error`` at step 3 (after 3 DFA steps)."""
 
@@ -127,7 +115,7 @@ def test_exception_mid_fit_leaves_no_hook_and_plain_backprop_follows(form: str, 
     model = failing_module(package, RuntimeError)
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(RuntimeError, match="step 3 fails"):
-        quiet_trainer(package, max_steps=6, **dfa_args(form, adapter)).fit(model, loader())
+        trainer(package, max_steps=6, **dfa_args(form, adapter)).fit(model, loader())
     assert hooks_of(model) == 0
     assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())  # 3 DFA steps ran
     # the same model trained next with plain Lightning is plain backprop, bit for bit
@@ -142,7 +130,7 @@ def test_exception_mid_fit_leaves_no_hook_and_plain_backprop_follows(form: str, 
         assert torch.equal(p.grad, q.grad)
     for m in (model, twin):
         torch.manual_seed(0)
-        quiet_trainer(package, max_steps=4, strategy="auto").fit(m, loader())
+        trainer(package, max_steps=4, strategy="auto").fit(m, loader())
     assert_equal_weights(model, twin)
     assert hooks_of(model) == 0
 
@@ -153,7 +141,7 @@ def test_keyboard_interrupt_mid_fit_leaves_no_hook(form: str, package_name: str,
     package, adapter = flavour(package_name)
     model = failing_module(package, KeyboardInterrupt)
     with pytest.raises(SystemExit):  # Lightning turns Ctrl+C into a graceful shutdown and exit code 1
-        quiet_trainer(package, max_steps=6, **dfa_args(form, adapter)).fit(model, loader())
+        trainer(package, max_steps=6, **dfa_args(form, adapter)).fit(model, loader())
     assert hooks_of(model) == 0
 
 
