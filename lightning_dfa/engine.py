@@ -61,7 +61,7 @@ from .config import (
 )
 from .discovery import Block, Target, _has_params, discover
 from .feedback import FeedbackBank, check_bank_state, uses_sketch
-from .norms import NormSpec, _may_normalise, _widens, norm_vjp, probe_normalisation
+from .norms import NormSpec, _may_normalise, norm_vjp, probe_normalisation
 from .points import carries_grad as _carries_grad
 from .points import split_input as _split_input
 from .points import split_main as _split_main
@@ -109,9 +109,6 @@ class CapturedPoint:
     key: str
     tensor: torch.Tensor
     flatten: bool = False
-
-    def meta(self) -> _PointMeta:
-        return _PointMeta(self.key, self.tensor.shape, self.tensor.dtype, self.flatten)
 
 
 @dataclass
@@ -1459,6 +1456,14 @@ def _params_after_blocks(root: nn.Module, target: Target) -> set[int]:
             if id(p) not in block_ids:
                 after.add(id(p))
     return after
+
+
+def _widens(output: nn.Module) -> bool:
+    """Whether an output module maps to more features than it reads (a Linear head over a vocabulary)."""
+    weight = getattr(output, "weight", None)
+    if isinstance(output, nn.Linear):
+        return output.out_features > output.in_features
+    return isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] > weight.shape[1]
 
 
 def _only_norms_before(root: nn.Module, target: Target) -> bool:

@@ -50,14 +50,6 @@ def norm_vjp(h: torch.Tensor, v: torch.Tensor, norm: NormSpec) -> torch.Tensor:
     return out.to(v.dtype) if low else out
 
 
-def _widens(output: nn.Module) -> bool:
-    """Whether an output module maps to more features than it reads (a Linear head over a vocabulary)."""
-    weight = getattr(output, "weight", None)
-    if isinstance(output, nn.Linear):
-        return output.out_features > output.in_features
-    return isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] > weight.shape[1]
-
-
 _NOT_PER_TOKEN = ("batch", "group", "instance", "localresponse")
 
 
@@ -106,18 +98,3 @@ def probe_normalisation(module: nn.Module, example: torch.Tensor) -> NormSpec | 
         return None
     kind = "layer" if torch.allclose(shifted.float(), base.float(), **tol) else "rms"
     return NormSpec(kind, eps if eps is not None else 1e-6)
-
-
-def _norm_jacobian(h: torch.Tensor, v: torch.Tensor, flatten: bool, eps: float = 1e-5) -> torch.Tensor:
-    """``v`` times the Jacobian of a parameter-free LayerNorm at ``h`` (over the last dimension, or all but the
-    batch dimension with ``flatten``): :func:`norm_vjp` with a LayerNorm.
-
-    Example:
-        >>> _ = torch.manual_seed(0)  # float32 against a float64 reference: fixed values, not the doctests' order
-        >>> h, v = torch.randn(2, 3, 8, dtype=torch.double), torch.randn(2, 3, 8, dtype=torch.double)
-        >>> x = h.clone().requires_grad_()
-        >>> ref, = torch.autograd.grad(nn.functional.layer_norm(x, (8,), eps=1e-5), x, v)
-        >>> bool(torch.allclose(_norm_jacobian(h, v, False), ref))
-        True
-    """
-    return norm_vjp(h, v, NormSpec("layer", eps, -1 if flatten else 1))
