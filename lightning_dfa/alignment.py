@@ -422,7 +422,7 @@ class AlignmentMonitorMixin:
     def _instrument_real_step(self) -> None:
         engine = self._engine
         assert engine is not None
-        engine._point_observers.append(self._on_real_point)
+        engine.point_observers.append(self._on_real_point)
         if engine.mode == "bp":
             # in "bp" the hooks only record inside capture(), which IS plain backprop there (no cut, no delivery)
             self._real_capture = engine.capture()
@@ -433,8 +433,8 @@ class AlignmentMonitorMixin:
     def _finish_real(self) -> None:
         for handle in self._handles:
             handle.remove()
-        if self._engine is not None and self._on_real_point in self._engine._point_observers:
-            self._engine._point_observers.remove(self._on_real_point)
+        if self._engine is not None and self._on_real_point in self._engine.point_observers:
+            self._engine.point_observers.remove(self._on_real_point)
         if self._real_capture is not None:
             self._real_capture.__exit__(None, None, None)
         self._reset_step()

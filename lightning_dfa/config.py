@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -263,3 +264,38 @@ def _checked_blocks(blocks: Any) -> Any:
             where = "" if item is blocks else f" in blocks={blocks!r}"
             raise ValueError(f"DFA: blocks must be {_BLOCKS_ALLOWED}; got {_shown(item)}{where}.")
     return list(blocks) if isinstance(blocks, (list, tuple)) else blocks
+
+
+def reconcile(config: DFAConfig, saved: dict[str, Any]) -> None:
+    """Compare a checkpoint's saved options with ``config`` (changed in place): refuse a different
+    :data:`RESUME_REFUSES` option, take a different :data:`RESUME_KEEPS` option from the checkpoint and say so."""
+    for name in RESUME_REFUSES:
+        if name not in saved:
+            continue
+        if name in _AUTO_OPTIONS and getattr(config, name) is None:  # "choose for me": the saved choice
+            setattr(config, name, saved[name])
+        elif saved[name] != getattr(config, name):
+            raise RuntimeError(
+                f"DFA: the checkpoint's feedback was written with {name}={saved[name]!r}, but this run gives "
+                f"{name}={getattr(config, name)!r}. {name} decides {_DECIDES[name]}, so the saved feedback "
+                f"cannot continue under another value. Resume with {name}={saved[name]!r}, or start a new fit "
+                "from the weights alone (Model.load_from_checkpoint(path), then fit without ckpt_path)."
+            )
+    kept = []
+    for name in RESUME_KEEPS:
+        if name not in saved:
+            continue
+        given = getattr(config, name)
+        if name in _AUTO_OPTIONS and given is None:  # "choose for me": the saved choice continues
+            setattr(config, name, saved[name])
+        elif saved[name] != given:
+            kept.append(f"{name}={saved[name]!r} (this run gives {given!r})")
+            setattr(config, name, saved[name])
+    if kept:
+        warnings.warn(
+            "DFA: resuming with the checkpoint's feedback options " + ", ".join(kept) + ": the saved feedback "
+            "continues unchanged. To train with other values, start a new fit from the weights alone "
+            "(Model.load_from_checkpoint(path), then fit without ckpt_path).",
+            UserWarning,
+            stacklevel=4,
+        )

@@ -37,206 +37,45 @@ Everything after the last block (final norm, pooler, head) receives its true gra
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import itertools
 import math
-import operator
-import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
-from .config import (
-    _AUTO_OPTIONS,
-    _DECIDES,
-    _SAVED_OPTIONS,
-    RECIPE_OPTIONS,
-    RESUME_KEEPS,
-    RESUME_REFUSES,
-    DFAConfig,
+from .checks import check_state, checked_transform, explain_silence, output_names, refuse_reentrant_checkpointing
+from .config import _SAVED_OPTIONS, DFAConfig, reconcile
+from .delivery import (
+    BackwardReport,
+    Capture,
+    CapturedPoint,
+    PointMeta,
+    _DeliverFeedback,
+    _deliveries_upstream_of,
+    _Delivery,
+    _ForwardState,
+    _grad_beyond_soft_cuts,
+    _Group,
+    _Hook,
+    _in_backward,
+    _parameters_reached,
+    _SoftCut,
 )
 from .discovery import Block, Target, _has_params, discover
-from .feedback import FeedbackBank, check_bank_state, uses_sketch
+from .feedback import FeedbackBank, uses_sketch
+from .layout import Layouts, laid_out, prefix, sequence_shaped
 from .norms import NormSpec, _may_normalise, norm_vjp, probe_normalisation
 from .points import carries_grad as _carries_grad
 from .points import split_input as _split_input
 from .points import split_main as _split_main
+from .recipe import chooses_cut, last_top_level_block, recipe_notes
+from .roles import parameter_roles, role_of
 
-
-# ---------------------------------------------------------------------------------------------- hooks
-class _Hook:
-    """A hook bound to an engine. Copies (``deepcopy``, pickling) become inert pass-through hooks, so a copied
-    model (EMA, SWA) is a plain model that never feeds the original engine."""
-
-    def __init__(self, fn: Callable[..., Any]) -> None:
-        self.fn = fn
-
-    def __call__(self, *args: Any) -> Any:
-        return self.fn(*args)
-
-    def __deepcopy__(self, memo: dict) -> _PassThrough:
-        return _PassThrough()
-
-    def __reduce__(self) -> tuple:
-        return (_PassThrough, ())
-
-
-class _PassThrough:
-    def __call__(self, *args: Any) -> None:
-        return None
-
-
-@dataclass
-class _PointMeta:
-    key: str
-    shape: torch.Size
-    dtype: torch.dtype
-    flatten: bool
-    norm: NormSpec | None = None
-    #: how the point's first two dimensions relate to the error's positions: ``"same"`` (lined up in order) or
-    #: ``"swapped"`` (a sequence-first ``[positions, batch, ...]`` point for a batch-first error, or the reverse)
-    layout: str = "same"
-
-
-@dataclass
-class CapturedPoint:
-    """A feedback point recorded under :meth:`FeedbackEngine.capture`: its key and graph-attached tensor."""
-
-    key: str
-    tensor: torch.Tensor
-    flatten: bool = False
-
-
-@dataclass
-class Capture:
-    """What forwards under :meth:`FeedbackEngine.capture` recorded, in call order."""
-
-    points: list[CapturedPoint] = field(default_factory=list)
-    outputs: list[torch.Tensor] = field(default_factory=list)
-
-
-class _Delivery:
-    """One output call's tie: the engine, the source (output) it reads, its points' metadata, and what the
-    backward needs to know about the other outputs (no tensors are kept, except during a layout probe)."""
-
-    __slots__ = ("engine", "points", "source", "upstream", "downstream_ran", "probe", "feeds_point", "frozen")
-    __slots__ += ("reached", "forward")
-
-    def __init__(self, engine: FeedbackEngine, points: list[_PointMeta], source: str) -> None:
-        self.engine = engine
-        self.points = points
-        self.source = source
-        #: a block's input was computed from this output: it lies before a block, so it is no error source
-        self.feeds_point = False
-        #: the output module has no trainable parameter (a fixed readout, or a network frozen for this step)
-        self.frozen = False
-        #: ``id`` of the parameters this output's value was computed from after the cuts (measured once)
-        self.reached: set[int] | None = None
-        #: the state of the forward that recorded the points (closed once a backward ran through it)
-        self.forward: _ForwardState | None = None
-        #: deliveries of earlier outputs this output was computed from (``head2(head1(x))``)
-        self.upstream: list[_Delivery] = []
-        #: set in the backward when a delivery computed from this one's output ran: the error then reached this
-        #: output through another output, which already delivered it
-        self.downstream_ran = False
-        #: during a layout probe: ``(output tensor before the tie, point tensors)``
-        self.probe: tuple[torch.Tensor, list[torch.Tensor]] | None = None
-
-
-class _DeliverFeedback(torch.autograd.Function):
-    """Identity on the output; its backward hands each feedback point its projected error.
-
-    The output is returned as ``output.detach()``: the same memory (no copy of a ``[tokens, vocabulary]`` logits
-    tensor), but not a view, so user code may modify it in place (``logits /= T``, ``F.relu(out, inplace=True)``)
-    exactly where plain PyTorch allows it; a view returned by a custom Function cannot be modified in place."""
-
-    @staticmethod
-    def forward(ctx: Any, delivery: _Delivery, output: torch.Tensor, *points: torch.Tensor) -> torch.Tensor:
-        ctx.delivery = delivery
-        # norm-aware feedback needs the activations of the points it shapes (their consumer norm keeps them too)
-        ctx.norm_index = [i for i, meta in enumerate(delivery.points) if meta.norm is not None]
-        ctx.save_for_backward(*[points[i] for i in ctx.norm_index])
-        return output.detach()
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, error: torch.Tensor) -> tuple:
-        delivery: _Delivery = ctx.delivery
-        needs = ctx.needs_input_grad[2:]
-        if delivery.forward is not None and not delivery.forward.closed:
-            delivery.forward.closed = True  # a later call of an output starts from new points
-            delivery.engine._release(delivery.forward)
-        # A frozen output computed from a trainable one (the frozen discriminator of a generator's step) is part
-        # of the loss: the trainable output upstream reads the error.
-        defer = delivery.frozen and any(not up.frozen for up in delivery.upstream)
-        if not defer:
-            for up in delivery.upstream:
-                up.downstream_ran = True
-        if delivery.downstream_ran or delivery.feeds_point or defer:
-            # not an error source: this output's error came through a later output, or it lies before a block
-            delivery.probe = None
-            return (None, error, *[None for _ in needs])
-        delivery.engine._delivered(delivery)
-        activations: list[torch.Tensor | None] = [None] * len(delivery.points)
-        for i, tensor in zip(ctx.norm_index, ctx.saved_tensors):
-            activations[i] = tensor
-        feedback = delivery.engine._project(error, delivery.points, activations, delivery)
-        return (None, error, *[f if n else None for f, n in zip(feedback, needs)])
-
-
-class _SoftCut(torch.autograd.Function):
-    """The cut of a feedback point during a layout-probe forward: the rest of the network gets a copy that stays
-    connected to the point, so a probe can follow the data flow from an output back to the points; in the training
-    backward nothing crosses it (as with the ordinary cut, ``detach``)."""
-
-    @staticmethod
-    def forward(ctx: Any, engine: FeedbackEngine, tensor: torch.Tensor) -> torch.Tensor:
-        ctx.engine = engine
-        return tensor.clone()  # its own memory: downstream code may modify it in place
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
-        return None, (grad if ctx.engine._probing else None)
-
-
-class _ForwardState:
-    __slots__ = ("closed",)
-
-    def __init__(self) -> None:
-        self.closed = False
-
-
-@dataclass
-class _Group:
-    """The points of one forward, tied to every output called after them in that forward."""
-
-    points: list[tuple[str, torch.Tensor, bool]] = field(default_factory=list)
-    calls: dict[str, int] = field(default_factory=dict)
-    outputs: dict[str, int] = field(default_factory=dict)
-    untied: int = 0  # points recorded since the last tie
-    soft: bool = False  # a layout-probe forward: points are cut by _SoftCut
-    cuts: dict[int, torch.Tensor] = field(default_factory=dict)  # id(soft cut's copy) -> the point
-    copies: list[torch.Tensor] = field(default_factory=list)  # the copies themselves: their ids stay theirs
-    ties: list[_Delivery] = field(default_factory=list)
-    state: _ForwardState = field(default_factory=_ForwardState)
-    after_ties: bool = False  # the forward before this one tied outputs (that may feed this one's points)
+__all__ = ["BackwardReport", "Capture", "CapturedPoint", "FeedbackEngine", "PointMeta", "check_state"]
 
 
 # ---------------------------------------------------------------------------------------------- engine
-@dataclass
-class BackwardReport:
-    """Counters of one backward: what the forward(s) recorded and what the backward delivered."""
-
-    points_recorded: int = 0
-    outputs_tied: int = 0
-    deliveries: int = 0
-    #: types of the values the output module returned after the blocks that held no floating-point tensor to tie
-    untied_outputs: list[str] = field(default_factory=list)
 
 
 class FeedbackEngine:
@@ -267,23 +106,21 @@ class FeedbackEngine:
         self._saved_options: dict[str, Any] | None = None  # options of a state loaded before attach()
         self._group: _Group | None = None
         self._flatten: set[str] = set()
-        # layout probes: whether the next forward with sequence-shaped points probes their layout, whether a
-        # probe is running (soft cuts then let it through), and the result per (point, output) pair
-        self._probe_pending = True
-        self._probing = False
-        self._layouts: dict[tuple[str, str], str] = {}
+        self.layouts = Layouts()  # how points line up with each output's error, learned from the data flow
         # output candidates found from the forward, the outputs seen delivering, and the parameters measured to
         # be trained by their true gradient (after the cuts, before a delivering output)
         self._candidates: list[tuple[str, nn.Module]] = []
         self._sources: dict[str, nn.Module] = {}
         self._true_ids: set[int] | None = None
         self.report = BackwardReport()
-        self.enabled = True
-        self.last_points: list[_PointMeta] = []
+        self.last_points: list[PointMeta] = []
         self._capture: Capture | None = None
-        self._observers: list[Callable[[torch.Tensor, list[_PointMeta], list[torch.Tensor]], None]] = []
-        # instruments (alignment monitor): called with (key, graph-attached tensor) at each recorded point
-        self._point_observers: list[Callable[[str, torch.Tensor], None]] = []
+        #: instruments: called as ``fn(error, points, feedback)`` after each delivery (the error, the points'
+        #: :class:`PointMeta` and the feedback each received), e.g. to log or check the signal
+        self.feedback_observers: list[Callable[[torch.Tensor, list[PointMeta], list[torch.Tensor]], None]] = []
+        #: instruments (the alignment monitor): called as ``fn(key, tensor)`` at each recorded point, with the
+        #: point's graph-attached tensor
+        self.point_observers: list[Callable[[str, torch.Tensor], None]] = []
         # norm-aware feedback: point name -> the normalisation that consumes it (found in the forward)
         self._consumers: dict[str, NormSpec] = {}
         self._norm_kinds: dict[int, NormSpec | None] = {}  # id(norm module) -> what probing it found
@@ -352,66 +189,8 @@ class FeedbackEngine:
         return "consumer" if chosen is None else ("layernorm" if chosen else "off")
 
     def recipe_notes(self) -> list[str]:
-        """One line per choice of the recipe in force (what was chosen and why), for the fit-start summary.
-
-        Example:
-            >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
-            >>> engine = FeedbackEngine(recipe="paper")
-            >>> _ = engine.attach(net)
-            >>> engine.recipe_notes()[0]
-            "recipe 'paper': plain DFA (Launay et al. 2020); options set: none"
-        """
-        cfg = self.config
-        set_ = [n for n in RECIPE_OPTIONS if getattr(cfg, n) is not None]
-        if cfg.recipe == "paper":
-            lines = [f"recipe 'paper': plain DFA (Launay et al. 2020); options set: {', '.join(set_) or 'none'}"]
-        else:
-            lines = [
-                f"recipe 'auto': chosen from the model's structure (recipe='paper' for plain DFA); set: "
-                f"{', '.join(set_) or 'none'}"
-            ]
-        if self.mode != "dfa":
-            return lines + [f"mode {self.mode!r}: no feedback is delivered"]
-        norm = self.norm_feedback
-        if norm == "layernorm":
-            lines.append("norm-aware feedback: a parameter-free LayerNorm Jacobian at every point (norm_jacobian=True)")
-        elif norm == "off":
-            lines.append("norm-aware feedback: off")
-        elif self._consumers:
-            kinds = {"layer": "LayerNorm", "rms": "RMSNorm"}
-            found = sorted({kinds[s.kind] for s in self._consumers.values()})
-            lines.append(
-                f"norm-aware feedback: {len(self._consumers)} points feed a norm ({', '.join(found)}): their feedback "
-                "passes through that norm's parameter-free Jacobian; the others get B e as it is"
-            )
-        else:
-            lines.append(
-                "norm-aware feedback: at points whose consumer is a LayerNorm/RMSNorm"
-                + (" (none here)" if self._consumers_complete else " (found in the first training forward)")
-            )
-        if self.norm_points:
-            found = f" ({len(self._point_norms)} found)" if self._consumers_complete else ""
-            lines.append(f"norm_points: on: norms inside blocks that read a point are points too{found}")
-        if self._cut:
-            why = "as set" if cfg.cut_head_input else "the output module widens (more outputs than inputs)"
-            lines.append(
-                f"cut_head_input: on ({why}): its input gradient is never computed; its input is the last point"
-            )
-        elif self.target is not None and not self.target.head_input_point and cfg.error_at == "output":
-            lines.append(
-                "cut_head_input: off"
-                + (" (as set)" if cfg.cut_head_input is not None else " (the output module does not widen)")
-            )
-        widths = list(self.bank.widths.values())
-        wide = any(uses_sketch(k, d) for k, d in widths)
-        if self.sketch:
-            lines.append(
-                "sketch: structured projection for errors wider than 4x the point"
-                + ("" if not widths else (" (in use)" if wide else " (not needed: the error is narrow)"))
-            )
-        else:
-            lines.append("sketch: off" + (" (topk is set)" if cfg.topk is not None and cfg.sketch is None else ""))
-        return lines
+        """One line per choice of the recipe in force, and why (see :func:`lightning_dfa.recipe.recipe_notes`)."""
+        return recipe_notes(self)
 
     def attach(self, root: nn.Module, target: Target | None = None) -> Target:
         """Discover blocks and output of ``root`` (unless ``target`` is given) and install the hooks."""
@@ -422,7 +201,7 @@ class FeedbackEngine:
             self.config = self.config.merged_with(hook() or {}, origin=f"{type(root).__name__}.configure_dfa()")
         if self._saved_options is not None:  # a loaded checkpoint: compare after configure_dfa() has spoken
             saved, self._saved_options = self._saved_options, None
-            self._reconcile(saved)
+            reconcile(self.config, saved)
         if (self.bank.seed, self.bank.distribution) != (self.config.seed, self.config.distribution):
             self.bank = FeedbackBank(self.config.seed, self.config.distribution)
         try:
@@ -442,7 +221,7 @@ class FeedbackEngine:
                 target = Target([], type(root).__name__, root, "none (mode='bp' is plain backprop)")
             if configured and target.source == "explicit":
                 target.source = "configure_dfa"
-        _refuse_reentrant_checkpointing(root)
+        refuse_reentrant_checkpointing(root)
         # attached again to the same model with the same blocks and outputs (a fit after a fit, a benchmark that
         # attaches around each step): what the forwards taught the engine (layouts, norms, the true-gradient
         # region) still holds; another model starts afresh
@@ -453,24 +232,14 @@ class FeedbackEngine:
             and [n for n, _ in target.outputs] == [n for n, _ in self.target.outputs]
         )
         if not same:
-            self._layouts, self._consumers, self._norm_kinds, self._point_norms = {}, {}, {}, set()
+            self.layouts = Layouts()
+            self._consumers, self._norm_kinds, self._point_norms = {}, {}, set()
             self._consumers_complete = False
             self._sources, self._true_ids = {}, None
         self.root, self.target = root, target
         self._flatten = {b.name for b in target.blocks if _has_conv(b)}
-        cut = self.config.chosen("cut_head_input")
-        if cut is None:  # recipe "auto": cut where the output module widens (a language model's head) and only
-            # norms lie between the last block and it (GPT-2's ln_f; not BERT's dense head transform, where the
-            # cut was measured to cost learning)
-            cut = (
-                self.mode == "dfa"
-                and self.config.error_at == "output"
-                and not target.head_input_point
-                and _widens(target.output)
-                and _only_norms_before(root, target)
-            )
-        self._cut = bool(cut)
-        uncut = _last_top_level_block(root, target) if self._cut else None
+        self._cut = chooses_cut(self, root, target)
+        uncut = last_top_level_block(root, target) if self._cut else None
         for block in target.blocks:
             if block.top_level:
                 self._handles.append(
@@ -517,7 +286,7 @@ class FeedbackEngine:
                     self._handles.append(
                         module.register_forward_hook(_Hook(lambda m, a, o, n=name: self._on_norm_output(n, m, o)))
                     )
-        self._probe_pending = not same
+        self.layouts.pending = not same
         return target
 
     def _output_candidates(self, root: nn.Module, target: Target) -> list[tuple[str, nn.Module]]:
@@ -600,12 +369,7 @@ class FeedbackEngine:
         return [] if g is None or not g.untied else g.points[-g.untied :]
 
     def _active(self) -> bool:
-        return (
-            self.enabled
-            and torch.is_grad_enabled()
-            and (self.mode != "bp" or self._capture is not None)
-            and not _in_backward()
-        )
+        return torch.is_grad_enabled() and (self.mode != "bp" or self._capture is not None) and not _in_backward()
 
     @contextlib.contextmanager
     def capture(self) -> Iterator[Capture]:
@@ -647,7 +411,7 @@ class FeedbackEngine:
         g.calls[name] = count + 1
         key = name if count == 0 else f"{name}#{count}"
         flatten = name.split(":")[0] in self._flatten
-        for observer in self._point_observers:
+        for observer in self.point_observers:
             observer(key, tensor)
         if self._capture is not None:
             self._capture.points.append(CapturedPoint(key, tensor, flatten))
@@ -659,10 +423,10 @@ class FeedbackEngine:
             g.points.append((key, tensor, flatten))
             g.untied += 1
             self.report.points_recorded += 1
-            if not g.soft and self._probe_pending and _sequence_shaped(tensor.shape, flatten):
+            if not g.soft and self.layouts.pending and sequence_shaped(tensor.shape, flatten):
                 g.soft = True  # from here on, this forward's points stay connected for a layout probe
             if g.soft:
-                cut = _SoftCut.apply(self, tensor)
+                cut = _SoftCut.apply(self.layouts, tensor)
                 g.cuts[id(cut)] = tensor
                 g.copies.append(cut)  # kept alive, so that no other tensor takes its id in this forward
                 return cut
@@ -729,7 +493,7 @@ class FeedbackEngine:
         g.outputs[name] = calls + 1
         source = name if calls == 0 else f"{name}#{calls}"
         tensors = [t for _, t, _ in g.points]
-        metas = [_PointMeta(k, t.shape, t.dtype, f, self._norm_of(k, f)) for k, t, f in g.points]
+        metas = [PointMeta(k, t.shape, t.dtype, f, self._norm_of(k, f)) for k, t, f in g.points]
         delivery = _Delivery(self, metas, source)
         module = self._modules.get(name)
         delivery.frozen = module is not None and not any(p.requires_grad for p in module.parameters())
@@ -782,12 +546,12 @@ class FeedbackEngine:
         if id(module) not in self._point_norms:
             return None
         tensor, rebuild = _split_main(output)
-        if self.enabled and self.mode == "dfa" and torch.is_grad_enabled() and _in_backward() and _carries_grad(tensor):
+        if self.mode == "dfa" and torch.is_grad_enabled() and _in_backward() and _carries_grad(tensor):
             # an activation checkpoint's recomputation inside the block: cut as in the forward (a layout-probe
             # forward's soft cut, else a detach), so that the recomputed graph saves what the forward saved (the
             # point's feedback was delivered already)
             g = self._group
-            return rebuild(_SoftCut.apply(self, tensor) if g is not None and g.soft else tensor.detach())
+            return rebuild(_SoftCut.apply(self.layouts, tensor) if g is not None and g.soft else tensor.detach())
         if not self._active() or not self._carries(tensor):
             return None
         return rebuild(self._record(name, tensor))
@@ -822,21 +586,6 @@ class FeedbackEngine:
         return None if tied is None else rebuild(tied)
 
     # ------------------------------------------------------------------ backward
-    def _align(self, error: torch.Size, point: _PointMeta, source: str = "") -> tuple[str, int, int]:
-        shape = _laid_out(point)
-        kind = _fit(error, shape, point.flatten)
-        if kind is None:
-            swapped = "" if point.layout == "swapped" else " (its first two dimensions swapped do not fit either)"
-            output = source or (self.target.output_name if self.target else "?")
-            raise RuntimeError(
-                f"DFA: cannot line up the error of shape {list(error)} (gradient at the output module "
-                f"{output!r}) with feedback point {point.key!r} of shape "
-                f"{list(point.shape)}{swapped}: their first (batch) dimensions differ. Choose an output= whose "
-                "output has the blocks' batch/positions dimensions, or other blocks=."
-            )
-        if kind in ("token", "broadcast", "mean"):
-            return kind, error[-1], shape[-1]
-        return kind, math.prod(error[1:]), math.prod(shape[1:])
 
     def _source_key(self, delivery: _Delivery | None) -> str:
         """The feedback matrices' key of an output: ``""`` for the (first call of the) primary output."""
@@ -847,102 +596,24 @@ class FeedbackEngine:
     def _project(
         self,
         error: torch.Tensor,
-        points: list[_PointMeta],
+        points: list[PointMeta],
         activations: list[torch.Tensor] | None = None,
         delivery: _Delivery | None = None,
     ) -> list[torch.Tensor | None]:
         self.report.deliveries += 1
         source = self._source_key(delivery)
-        laid = self._lay_out(error.shape, points, delivery)
+        laid = self.layouts.lay_out(error.shape, points, delivery)
         keep = [i for i, p in enumerate(laid) if p is not None]
         kept = [laid[i] for i in keep]
         acts = None if activations is None else [activations[i] for i in keep]
         self.last_points = kept
         fbs = self.feedback_for(error, kept, acts, source=source) if kept else []
-        for observer in self._observers:
+        for observer in self.feedback_observers:
             observer(error, kept, fbs)
         out: list[torch.Tensor | None] = [None] * len(points)
         for i, fb in zip(keep, fbs):
             out[i] = fb
         return out
-
-    def _lay_out(
-        self, error: torch.Size, points: list[_PointMeta], delivery: _Delivery | None
-    ) -> list[_PointMeta | None]:
-        """Each point with its layout relative to this error (``None``: no feedback from this output this step).
-
-        A sequence-shaped point whose first two dimensions could line up with the error either way (``[T, B, d]``
-        against ``[B, T, V]`` with ``T == B``, or against rows ``[B * T, V]``) is lined up as the data flow says:
-        the first forward after ``attach`` keeps such points connected (:class:`_SoftCut`), and the first delivery
-        probes which of the point's positions the output's positions depend on (:meth:`_probe_layouts`). Until a
-        probe has seen a point, it gets no feedback from such an output rather than a possibly transposed one."""
-        source = delivery.source.split("#")[0] if delivery is not None else ""  # every call of a module alike
-        out: list[_PointMeta | None] = list(points)
-        check = [i for i, p in enumerate(points) if p.layout == "same" and _swappable(error, p)]
-        todo = [i for i in check if (points[i].key.split("#")[0], source) not in self._layouts]
-        if todo and delivery is not None and delivery.probe is not None:
-            self._probe_layouts(error, delivery, todo)
-        if delivery is not None and delivery.probe is not None:
-            self._probe_pending = False
-            delivery.probe = None  # the tensors are no longer needed
-        for i in check:
-            p = points[i]
-            relation = self._layouts.get((p.key.split("#")[0], source))
-            if relation is None:
-                out[i] = None
-                self._probe_pending = True  # the next forward probes it
-            elif relation == "swapped" or (relation == "none" and _fit(error, p.shape, p.flatten) is None):
-                out[i] = dataclasses.replace(p, layout="swapped")
-            elif _fit(error, p.shape, p.flatten) is None:
-                raise RuntimeError(
-                    f"DFA: feedback point {p.key!r} of shape {list(p.shape)}: the data flow lines its first two "
-                    f"dimensions up with those of the error {list(error)} of output {source!r}, but their sizes "
-                    "differ. Choose other blocks= or output=."
-                )
-        return out
-
-    def _probe_layouts(self, error: torch.Size, delivery: _Delivery, todo: list[int]) -> None:
-        """Which of each point's first two dimensions the output's positions depend on: ONE vector-Jacobian
-        product from the output (before the tie) back to the points, through the soft cuts, for a probe at one
-        output position. For ``[T, B, d]`` points and a ``[B, T, V]`` output, output ``(b=0, t=1)`` depends on
-        point positions ``(t, 0)`` (batch item 0), never on ``(0, 1)``; a position-wise head, attention,
-        causal or not, all keep the batch items apart. Batch-mixing layers (BatchNorm in training) leave the own
-        item's dependence far larger; a point whose dependence does not tell is refused."""
-        assert delivery.probe is not None
-        y, tensors = delivery.probe
-        by_kind: dict[str, list[int]] = {}
-        for i in todo:
-            p = delivery.points[i]
-            kind = _fit(error, p.shape, p.flatten) or _fit(error, _swapped(p.shape), p.flatten)
-            by_kind.setdefault("mean" if kind == "mean" else "token", []).append(i)
-        g = torch.Generator().manual_seed(0)
-        for kind, idx in by_kind.items():
-            wrt = [tensors[i] for i in idx]
-            grads: Sequence[torch.Tensor | None] = [None] * len(idx)
-            if y.requires_grad and all(t.requires_grad for t in wrt):
-                v = torch.zeros(y.shape, dtype=y.dtype, device=y.device)
-                r = torch.randn(error[-1], generator=g).to(v)
-                if kind == "token":  # the output's second position, (0, 1) or row 1 (for a broadcast: item 1)
-                    v.view(-1, error[-1])[1] = r
-                else:
-                    v[1] = r  # the output's second item, all its positions
-                self._probing = True
-                try:
-                    grads = torch.autograd.grad([y], wrt, [v], retain_graph=True, allow_unused=True)
-                finally:
-                    self._probing = False
-            for i, grad in zip(idx, grads):
-                p = delivery.points[i]
-                fits = _fit(error, p.shape, p.flatten) or _fit(error, _swapped(p.shape), p.flatten)
-                relation = _layout_from_dependence(grad, p.shape, "token" if fits == "token" else "broadcast")
-                if relation is None:
-                    raise RuntimeError(
-                        f"DFA: cannot tell how feedback point {p.key!r} of shape {list(p.shape)} lines up with the "
-                        f"error of shape {list(error)} of output {delivery.source!r}: the output's positions depend "
-                        "on the point's positions along both of its first two dimensions. Choose blocks= whose "
-                        "outputs keep the batch items apart, or another output=."
-                    )
-                self._layouts[(p.key.split("#")[0], delivery.source.split("#")[0])] = relation
 
     def _projection(self, source: torch.Tensor, k: int, width: int, key: str = "") -> torch.Tensor:
         """``source @ B.T`` over the last dimension (error width ``k``, ``B`` of shape ``[width, k]``): one dense
@@ -985,7 +656,7 @@ class FeedbackEngine:
     def feedback_for(
         self,
         error: torch.Tensor,
-        points: Sequence[_PointMeta | CapturedPoint],
+        points: Sequence[PointMeta | CapturedPoint],
         activations: Sequence[torch.Tensor | None] | None = None,
         source: str = "",
     ) -> list[torch.Tensor]:
@@ -999,14 +670,15 @@ class FeedbackEngine:
         if activations is None:
             activations = [p.tensor if isinstance(p, CapturedPoint) else None for p in points]
         points = [
-            _PointMeta(p.key, p.tensor.shape, p.tensor.dtype, p.flatten, self._norm_of(p.key, p.flatten))
+            PointMeta(p.key, p.tensor.shape, p.tensor.dtype, p.flatten, self._norm_of(p.key, p.flatten))
             if isinstance(p, CapturedPoint)
             else p
             for p in points
         ]
         if any(p.norm is not None and h is None for p, h in zip(points, activations)):
             raise ValueError("DFA: norm-aware feedback needs the points' activations (pass activations=).")
-        aligned = [self._align(error.shape, p, source) for p in points]
+        output = source or (self.target.output_name if self.target else "?")
+        aligned = [self.layouts.align(error.shape, p, output) for p in points]
         widest: dict[tuple[str, int], int] = {}
         for p, (kind, k, d) in zip(points, aligned):
             self.bank.check_point(p.key if not source else f"{p.key}@{source}", k, d)
@@ -1035,9 +707,9 @@ class FeedbackEngine:
                 fb = fb * (signs * (self.config.scale / math.sqrt(d)))
             elif not prescaled:
                 fb = fb * (self.config.scale / math.sqrt(d))
-            shape = _laid_out(p)
+            shape = laid_out(p)
             if kind == "broadcast":
-                j = _prefix(error.shape, shape)
+                j = prefix(error.shape, shape)
                 assert j is not None
                 fb = fb.reshape(*shape[:j], *([1] * (len(shape) - 1 - j)), d).expand(shape)
             elif kind == "mean":
@@ -1049,7 +721,7 @@ class FeedbackEngine:
             out.append(fb if fb.dtype == p.dtype else fb.to(p.dtype))
         transform = self.config.feedback_transform
         if transform is not None:
-            out = [_checked_transform(transform, p.key, fb) for p, fb in zip(points, out)]
+            out = [checked_transform(transform, p.key, fb) for p, fb in zip(points, out)]
         return [
             fb if p.norm is None else norm_vjp(h.detach(), fb, p.norm) for h, fb, p in zip(activations, out, points)
         ]
@@ -1063,13 +735,13 @@ class FeedbackEngine:
         report, self.report = self.report, BackwardReport()
         self._group = None
         if self.mode == "dfa" and self.attached and report.deliveries == 0:
-            raise RuntimeError(self._explain_silence(report))
+            raise RuntimeError(explain_silence(self, report))
         return report
 
     def check_loss(self, loss: torch.Tensor) -> None:
         """Refuse a loss that cannot carry the error back to the output module."""
         if self.mode != "bp" and isinstance(loss, torch.Tensor) and not loss.requires_grad:
-            out = self._output_names()
+            out = output_names(self)
             if self._pending:
                 # points recorded (and detached) after the last call of the output module: the loss was computed
                 # from a block's output, which DFA cuts from what follows
@@ -1086,35 +758,6 @@ class FeedbackEngine:
                 f"(mode={self.mode!r} detaches everything else). Compute the loss from that module's output "
                 "(logits, predictions), or pass output= naming the module it is computed from."
             )
-
-    def _output_names(self) -> str:
-        names = [n for n, _ in self.target.outputs] if self.target else ["?"]
-        return repr(names[0]) if len(names) == 1 else f"(any of {names})"
-
-    def _explain_silence(self, report: BackwardReport) -> str:
-        out = self._output_names()
-        names = [b.name for b in self.target.blocks] if self.target else []
-        if report.points_recorded == 0:
-            why = f"no block ran with gradients enabled in this step's forward (blocks: {names[:6]}...)."
-        elif report.outputs_tied == 0 and report.untied_outputs:
-            kinds = sorted(set(report.untied_outputs))
-            why = (
-                f"the output module {out} was called after the blocks, but returned {', '.join(kinds)}, where DFA "
-                "needs a floating-point tensor to read the error at (the output itself, the first item of a tuple or "
-                "list, or the first field of a ModelOutput). Make it return the tensor the loss is computed from "
-                "(logits, predictions) first, or pass output= naming the submodule that produces that tensor."
-            )
-        elif report.outputs_tied == 0:
-            why = f"the output module {out} was not called after the blocks in this step's forward."
-        elif self._candidates:
-            why = f"the loss does not depend on the output module {out} nor on another layer after the blocks."
-        else:
-            why = f"the loss does not depend on the output module {out}."
-        return (
-            f"DFA: no feedback reached the blocks in this backward: {why} Training would silently update only "
-            "the layers after the last block. Pass output= naming the module whose output the loss is computed "
-            "from (and blocks= if needed), or use mode='shallow' if that is what you want."
-        )
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -1148,93 +791,26 @@ class FeedbackEngine:
         check_state(state)
         options = {name: state[name] for name in _SAVED_OPTIONS if name in state}
         if self.attached:
-            self._reconcile(options)
+            reconcile(self.config, options)
         else:
             self._saved_options = options
         self.bank.load_state_dict(state)
 
-    def _reconcile(self, saved: dict[str, Any]) -> None:
-        """Compare saved options with the configuration: refuse a different :data:`RESUME_REFUSES` option, take a
-        different :data:`RESUME_KEEPS` option from the checkpoint and say so."""
-        for name in RESUME_REFUSES:
-            if name not in saved:
-                continue
-            if name in _AUTO_OPTIONS and getattr(self.config, name) is None:  # "choose for me": the saved choice
-                setattr(self.config, name, saved[name])
-            elif saved[name] != getattr(self.config, name):
-                raise RuntimeError(
-                    f"DFA: the checkpoint's feedback was written with {name}={saved[name]!r}, but this run gives "
-                    f"{name}={getattr(self.config, name)!r}. {name} decides {_DECIDES[name]}, so the saved feedback "
-                    f"cannot continue under another value. Resume with {name}={saved[name]!r}, or start a new fit "
-                    "from the weights alone (Model.load_from_checkpoint(path), then fit without ckpt_path)."
-                )
-        kept = []
-        for name in RESUME_KEEPS:
-            if name not in saved:
-                continue
-            given = getattr(self.config, name)
-            if name in _AUTO_OPTIONS and given is None:  # "choose for me": the saved choice continues
-                setattr(self.config, name, saved[name])
-            elif saved[name] != given:
-                kept.append(f"{name}={saved[name]!r} (this run gives {given!r})")
-                setattr(self.config, name, saved[name])
-        if kept:
-            warnings.warn(
-                "DFA: resuming with the checkpoint's feedback options " + ", ".join(kept) + ": the saved feedback "
-                "continues unchanged. To train with other values, start a new fit from the weights alone "
-                "(Model.load_from_checkpoint(path), then fit without ckpt_path).",
-                UserWarning,
-                stacklevel=3,
-            )
-
     # ------------------------------------------------------------------ reporting
+
     def parameter_roles(self, root: nn.Module | None = None) -> dict[str, int]:
         """Number of trainable parameters trained by feedback, by their true gradient, or not at all."""
-        root = root or self.root
-        if root is None or self.target is None:
-            raise RuntimeError("DFA: attach() the engine first.")
-        measured = self._true_ids is not None  # measured from the forward at the first delivery
-        after = self._true_ids if self._true_ids is not None else _params_after_blocks(root, self.target)
-        cut = self._cut and not measured  # the cut is in the measurement
-        out_ids = {id(p) for _, m in self.output_modules() for p in m.parameters()}
-        roles = {"feedback": 0, "true gradient": 0, "none": 0}
-        seen: set[int] = set()
-        for p in root.parameters():
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            if not p.requires_grad:
-                roles["none"] += p.numel()
-            elif self.mode == "bp" or id(p) in out_ids or (id(p) in after and not cut):
-                roles["true gradient"] += p.numel()
-            elif self.mode == "shallow":
-                roles["none"] += p.numel()
-            else:
-                roles["feedback"] += p.numel()
-        return roles
+        return parameter_roles(self, root)
 
     def role_of(self, parameter: nn.Parameter) -> str:
-        """``"feedback"``, ``"true gradient"`` or ``"none"``: how a parameter of the model is trained (as counted by
-        :meth:`parameter_roles`).
+        """``"feedback"``, ``"true gradient"`` or ``"none"``: how ``parameter`` is trained (see :func:`role_of`)."""
+        return role_of(self, parameter)
 
-        Example:
-            >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
-            >>> engine = FeedbackEngine()
-            >>> _ = engine.attach(net)
-            >>> engine.role_of(net[0].weight), engine.role_of(net[2].weight)
-            ('feedback', 'true gradient')
-        """
-        if self.root is None or self.target is None:
-            raise RuntimeError("DFA: attach() the engine first.")
-        if not parameter.requires_grad:
-            return "none"
-        if self.mode == "bp" or any(parameter is p for _, m in self.output_modules() for p in m.parameters()):
-            return "true gradient"
-        measured = self._true_ids is not None
-        after = self._true_ids if self._true_ids is not None else _params_after_blocks(self.root, self.target)
-        if id(parameter) in after and (measured or not self._cut):
-            return "true gradient"
-        return "none" if self.mode == "shallow" else "feedback"
+    def probe_shapes(self, root: nn.Module, example: Any) -> dict[str, list[int]]:
+        """Shapes of the feedback points for one forward of ``example`` (in eval mode, RNG state restored)."""
+        from .summary import probe_shapes
+
+        return probe_shapes(self, root, example)
 
     def summary(self, shapes: dict[str, list[int]] | None = None) -> str:
         """A short table: feedback points, shapes (``shapes`` or once seen), output, feedback kind, parameter roles."""
@@ -1242,253 +818,12 @@ class FeedbackEngine:
 
         return format_summary(self, shapes)
 
-    def probe_shapes(self, root: nn.Module, example: Any) -> dict[str, list[int]]:
-        """Shapes of the feedback points for one forward of ``example`` (in eval mode, RNG state restored).
-
-        Used at fit start for the summary table, like Lightning's model summary uses ``example_input_array``.
-        """
-        was_training = root.training
-        cpu_state = torch.get_rng_state()
-        cuda_states = (
-            torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-        )
-        root.eval()
-        try:
-            with torch.enable_grad(), self.capture() as cap:
-                if isinstance(example, (tuple, list)):
-                    root(*example)
-                elif isinstance(example, dict):
-                    root(**example)
-                else:
-                    root(example)
-        finally:
-            root.train(was_training)
-            torch.set_rng_state(cpu_state)
-            if cuda_states is not None:
-                torch.cuda.set_rng_state_all(cuda_states)
-        return {p.key: list(p.tensor.shape) for p in cap.points}
-
-
-def _swapped(shape: torch.Size) -> torch.Size:
-    return torch.Size((shape[1], shape[0], *shape[2:]))
-
-
-def _laid_out(point: _PointMeta) -> torch.Size:
-    """The point's shape in the error's order of positions."""
-    return _swapped(point.shape) if point.layout == "swapped" else point.shape
-
-
-def _fit(error: torch.Size, shape: torch.Size, flatten: bool) -> str | None:
-    """How a point of ``shape`` lines up with an error of shape ``error`` (``None``: it does not)."""
-    if not flatten and len(error) >= 1 and error[:-1] == shape[:-1]:
-        return "token"
-    if not flatten and min(len(error), len(shape)) >= 2 and _merged(error[:-1], shape[:-1]):
-        # the same tokens, one side flattened to rows (``x.view(-1, d)`` before a Linear, as OPT's MLP, a head
-        # applied to ``[batch * positions, d]``, or ``[batch, choices, positions]`` folded into ``[batch * choices,
-        # positions]``): row-major order lines them up
-        return "token"
-    if not flatten and len(error) >= 2 and _prefix(error, shape) is not None:
-        # one error row per item (or per ``[batch, choices]`` pair folded into the point's first dimension):
-        # broadcast over the point's positions
-        return "broadcast"
-    if len(error) == 0 or len(shape) == 0 or error[0] != shape[0]:
-        return None
-    if not flatten and len(shape) == 3 and len(error) == 3:
-        return "mean"  # per-item errors over other positions (a decoder's, for an encoder's points): their mean
-    return "flatten"
-
-
-def _prefix(error: torch.Size, shape: torch.Size) -> int | None:
-    """``j`` such that the error's leading positions are the point's first ``j`` dimensions, with positions
-    (at least one dimension) left over, or ``None``."""
-    n = math.prod(error[:-1])
-    for j in range(1, len(shape) - 1):
-        if math.prod(shape[:j]) == n:
-            return j
-    return None
-
-
-def _merged(a: Sequence[int], b: Sequence[int]) -> bool:
-    """One list of sizes is the other with runs of consecutive dimensions merged (``[2, 3, 8]`` and ``[6, 8]``)."""
-    prefix_a = set(itertools.accumulate(a, operator.mul))
-    prefix_b = set(itertools.accumulate(b, operator.mul))
-    return math.prod(a) == math.prod(b) and (prefix_a <= prefix_b or prefix_b <= prefix_a)
-
-
-def _sequence_shaped(shape: torch.Size, flatten: bool) -> bool:
-    """A point whose first two dimensions could be (batch, positions) either way round."""
-    return not flatten and len(shape) >= 3 and shape[0] >= 2 and shape[1] >= 2
-
-
-def _swappable(error: torch.Size, point: _PointMeta) -> bool:
-    """The point's first two dimensions, swapped, would also line up with the error (position-wise or per item)."""
-    if not _sequence_shaped(point.shape, point.flatten):
-        return False
-    return _fit(error, _swapped(point.shape), point.flatten) in ("token", "broadcast", "mean")
-
-
-def _layout_from_dependence(grad: torch.Tensor | None, shape: torch.Size, kind: str) -> str | None:
-    """``"same"``, ``"swapped"``, ``"none"`` (no dependence) or ``None`` (undecided) from a probe's gradient at a
-    point: for a probe at output position ``(0, 1)`` (``kind="token"``), the same layout puts the dependence on
-    point positions of item 0 (row 0) or item 1 (column 1), the swapped one on row 1 or column 0; for a probe at
-    output item 1 (``kind="broadcast"``), on row 1 or on column 1."""
-    if grad is None:
-        return "none"
-    mass = grad.detach().float().reshape(shape[0], shape[1], -1).abs().sum(-1)
-    i = torch.arange(shape[0], device=mass.device).unsqueeze(1)
-    j = torch.arange(shape[1], device=mass.device).unsqueeze(0)
-    if kind == "token":
-        same, swapped = (i == 0) | (j == 1), (i == 1) | (j == 0)
-    else:
-        same, swapped = (i == 1).expand(mass.shape), (j == 1).expand(mass.shape)
-    a = float(mass[same & ~swapped].sum())
-    b = float(mass[swapped & ~same].sum())
-    if a == 0 and b == 0:
-        return "none"
-    if a > 10 * b:
-        return "same"
-    if b > 10 * a:
-        return "swapped"
-    return None
-
-
-def _grad_beyond_soft_cuts(tensor: torch.Tensor) -> bool:
-    """In a layout-probe forward: the tensor requires grad through something other than a soft cut (a parameter,
-    an input that requires grad), as it would after an ordinary cut (``detach``)."""
-    stack = [tensor.grad_fn]
-    seen: set[int] = set()
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen or isinstance(node, _SoftCut._backward_cls):
-            continue
-        seen.add(id(node))
-        if not node.next_functions and type(node).__name__ == "AccumulateGrad":
-            return True
-        stack.extend(n for n, _ in node.next_functions)
-    return tensor.grad_fn is None  # a leaf that requires grad
-
 
 def _frozen(block: Block) -> bool:
     """A block whose parameters are all frozen: no feedback point (it cannot learn; for a step in which a network
     is frozen, such as the discriminator in a generator's step, it is part of the loss)."""
     params = block.parameters()
     return bool(params) and not any(p.requires_grad for p in params)
-
-
-def _parameters_reached(tensor: torch.Tensor, limit: int = 100_000) -> set[int]:
-    """``id`` of the parameters ``tensor`` was computed from without crossing a cut or a delivery's points: those
-    that an output delivering there trains by their true gradient."""
-    found: set[int] = set()
-    stack = [tensor.grad_fn]
-    seen: set[int] = set()
-    while stack and len(seen) < limit:
-        node = stack.pop()
-        if node is None or id(node) in seen or isinstance(node, _SoftCut._backward_cls):
-            continue
-        seen.add(id(node))
-        variable = getattr(node, "variable", None)
-        if isinstance(variable, torch.Tensor):
-            found.add(id(variable))
-        nexts = node.next_functions
-        if isinstance(node, _DeliverFeedback._backward_cls):
-            nexts = nexts[:1]  # the output it ties, not its points
-        stack.extend(n for n, _ in nexts)
-    return found
-
-
-def _deliveries_upstream_of(tensor: torch.Tensor, limit: int = 4096) -> list[_Delivery]:
-    """The deliveries of earlier output calls whose (tied) outputs ``tensor`` was computed from, found by a walk
-    of its graph back to the cuts (the tail after the blocks: a few nodes)."""
-    found: list[_Delivery] = []
-    stack = [tensor.grad_fn]
-    seen: set[int] = set()
-    while stack and len(seen) < limit:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        if isinstance(node, _DeliverFeedback._backward_cls):
-            found.append(node.delivery)
-            continue
-        if isinstance(node, _SoftCut._backward_cls):
-            continue
-        stack.extend(n for n, _ in node.next_functions)
-    return found
-
-
-def check_state(state: Any) -> None:
-    """Refuse a feedback state that :meth:`FeedbackEngine.state_dict` cannot have written: missing keys, wrong
-    types, non-finite or misshapen tensors, an unknown version, or option values no :class:`DFAConfig` accepts.
-
-    Example:
-        >>> state = FeedbackEngine().state_dict()
-        >>> check_state(state)
-        >>> check_state({**state, "scale": float("nan")})  # doctest: +ELLIPSIS
-        Traceback (most recent call last):
-        ...
-        ValueError: DFA: the checkpoint's feedback state is damaged: ...scale must be a finite, non-zero number...
-    """
-    check_bank_state(state)
-    options = {name: state[name] for name in _SAVED_OPTIONS if name in state}
-    try:
-        DFAConfig(**options)
-    except (TypeError, ValueError) as err:
-        raise ValueError(
-            f"DFA: the checkpoint's feedback state is damaged: its saved options are invalid ({err}). Resume from "
-            "another checkpoint, or start a new fit from the weights alone (Model.load_from_checkpoint(path), then "
-            "fit without ckpt_path)."
-        ) from None
-
-
-def _params_after_blocks(root: nn.Module, target: Target) -> set[int]:
-    if not target.blocks:
-        return set()
-    names = [n for n, _ in root.named_modules()]
-    order = {n: i for i, n in enumerate(names)}
-    last = max(order.get(b.name, -1) for b in target.blocks)
-    # everything registered after the last block's subtree, and not inside any block
-    block_ids = target.block_param_ids()
-    after: set[int] = set()
-    for name, module in root.named_modules():
-        if order[name] <= last or any(name == b.name or name.startswith(b.name + ".") for b in target.blocks):
-            continue
-        for p in module.parameters(recurse=False):
-            if id(p) not in block_ids:
-                after.add(id(p))
-    return after
-
-
-def _widens(output: nn.Module) -> bool:
-    """Whether an output module maps to more features than it reads (a Linear head over a vocabulary)."""
-    weight = getattr(output, "weight", None)
-    if isinstance(output, nn.Linear):
-        return output.out_features > output.in_features
-    return isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] > weight.shape[1]
-
-
-def _only_norms_before(root: nn.Module, target: Target) -> bool:
-    """Whether every trainable module registered after the last block, other than the outputs, is a norm."""
-    after = _params_after_blocks(root, target)
-    outputs = {id(p) for _, m in target.outputs for p in m.parameters()}
-    for module in root.modules():
-        own = [p for p in module.parameters(recurse=False) if id(p) in after and id(p) not in outputs]
-        if own and not _may_normalise(module):
-            return False
-    return True
-
-
-def _checked_transform(
-    transform: Callable[[str, torch.Tensor], torch.Tensor], key: str, feedback: torch.Tensor
-) -> torch.Tensor:
-    """``transform(key, feedback)``, refused unless it keeps the feedback's shape."""
-    out = transform(key, feedback)
-    if not isinstance(out, torch.Tensor) or out.shape != feedback.shape:
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise RuntimeError(
-            f"DFA: feedback_transform returned {got} for point {key!r}, whose feedback has shape "
-            f"{tuple(feedback.shape)}; it must return a tensor of the same shape."
-        )
-    return out
 
 
 def _largest_entries(rows: torch.Tensor, n: int, block: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1517,33 +852,6 @@ def _largest_entries(rows: torch.Tensor, n: int, block: int = 32) -> tuple[torch
     return cols.gather(-1, pick), values.gather(-1, pick)
 
 
-def _last_top_level_block(root: nn.Module, target: Target) -> str | None:
-    """Name of the top-level block registered last in ``root`` (the one whose output feeds the tail)."""
-    order = {n: i for i, (n, _) in enumerate(root.named_modules())}
-    tops = [b.name for b in target.blocks if b.top_level]
-    return max(tops, key=lambda n: order.get(n, -1)) if tops else None
-
-
-def _in_backward() -> bool:
-    """True while autograd runs a backward: a forward there is a checkpoint's recomputation (non-reentrant
-    activation checkpointing), whose hooks must not record points (its feedback was delivered already)."""
-    task_id = getattr(torch._C, "_current_graph_task_id", None)
-    return task_id is not None and task_id() != -1
-
-
 def _has_conv(block: Block) -> bool:
     mods: Sequence[nn.Module] = block.members or (block.entry,)
     return any(isinstance(m, nn.modules.conv._ConvNd) for mod in mods for m in mod.modules())
-
-
-def _refuse_reentrant_checkpointing(root: nn.Module) -> None:
-    for name, module in root.named_modules():
-        if getattr(module, "gradient_checkpointing", False) is True:
-            func = getattr(module, "_gradient_checkpointing_func", None)
-            keywords = getattr(func, "keywords", {}) or {}
-            if keywords.get("use_reentrant", True):
-                raise RuntimeError(
-                    f"DFA: {name or type(root).__name__} uses reentrant gradient checkpointing, whose forward runs "
-                    "without gradients and so hides the blocks from DFA. Enable it as "
-                    "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})."
-                )

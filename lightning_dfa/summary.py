@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
 
 if TYPE_CHECKING:
     from .engine import FeedbackEngine
@@ -139,3 +142,28 @@ def mostly_backprop(engine: FeedbackEngine) -> str | None:
         f"true gradient (backprop between the last feedback point and the output {names}), not by feedback. "
         "Name the blocks and the output: DFAStrategy(blocks=[...], output=...) or configure_dfa()."
     )
+
+
+def probe_shapes(engine: FeedbackEngine, root: nn.Module, example: Any) -> dict[str, list[int]]:
+    """Shapes of the feedback points for one forward of ``example`` (in eval mode, RNG state restored).
+
+    Used at fit start for the summary table, like Lightning's model summary uses ``example_input_array``.
+    """
+    was_training = root.training
+    cpu_state = torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    root.eval()
+    try:
+        with torch.enable_grad(), engine.capture() as cap:
+            if isinstance(example, (tuple, list)):
+                root(*example)
+            elif isinstance(example, dict):
+                root(**example)
+            else:
+                root(example)
+    finally:
+        root.train(was_training)
+        torch.set_rng_state(cpu_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+    return {p.key: list(p.tensor.shape) for p in cap.points}

@@ -122,9 +122,9 @@ def test_sequence_first_points_line_up_with_a_batch_first_error(batch: int, leng
             grads.append({n: p.grad.clone() for n, p in net.named_parameters()})
         for name in grads[1]:
             torch.testing.assert_close(grads[0][name], grads[1][name], msg=f"step {step}: {name}")
-    assert engines[0]._layouts[("layers.0", "head")] == "swapped"  # probed (and confirmed where sizes differ)
+    assert engines[0].layouts.relations[("layers.0", "head")] == "swapped"  # probed (and confirmed where sizes differ)
     if batch == length:
-        assert engines[1]._layouts[("layers.0", "head")] == "same"
+        assert engines[1].layouts.relations[("layers.0", "head")] == "same"
 
 
 def test_sequence_first_points_line_up_with_rows_of_a_flattened_head() -> None:
@@ -222,7 +222,7 @@ def test_heads_of_equal_width_have_their_own_feedback() -> None:
     engine = FeedbackEngine(output=["classify", "regress"])
     engine.attach(net)
     delivered: list[torch.Tensor] = []
-    engine._observers.append(lambda e, points, fbs: delivered.append(fbs[0]))
+    engine.feedback_observers.append(lambda e, points, fbs: delivered.append(fbs[0]))
     logits, values = net(torch.randn(4, 6))
     error = torch.randn(4, 3)
     (logits * error).sum().backward(retain_graph=True)

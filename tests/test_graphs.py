@@ -148,7 +148,7 @@ def test_dfa_feedback_is_propagated_through_the_graph() -> None:
         engine = FeedbackEngine()
         engine.attach(model)
         seen: list[torch.Tensor] = []
-        engine._observers.append(lambda e, p, out, seen=seen: seen.append(out[0].detach().clone()))
+        engine.feedback_observers.append(lambda e, p, out, seen=seen: seen.append(out[0].detach().clone()))
         logits = model(d.x, d.edge_index)
         torch.nn.functional.cross_entropy(logits[d.train_mask], d.y[d.train_mask]).backward()
         engine.end_backward()

@@ -249,7 +249,9 @@ def test_micro_points_are_inferred_for_unregistered_architectures(
     assert set(expected) <= set(names)
     ids = torch.randint(1, VOCAB, (2, 7))
     delivered: dict[str, torch.Tensor] = {}
-    engine._observers.append(lambda error, points, fbs: delivered.update({p.key: fb for p, fb in zip(points, fbs)}))
+    engine.feedback_observers.append(
+        lambda error, points, fbs: delivered.update({p.key: fb for p, fb in zip(points, fbs)})
+    )
     model(input_ids=ids, labels=ids).loss.backward()
     engine.end_backward()
     assert set(expected) <= set(delivered)
@@ -260,12 +262,12 @@ def test_micro_points_are_inferred_for_unregistered_architectures(
 
 def test_flattened_positions_line_up_with_the_error_rows() -> None:
     """A point computed on ``[batch * positions, d]`` gets the feedback of ``[batch, positions, d]``, reshaped."""
-    from lightning_dfa.engine import _PointMeta
+    from lightning_dfa.engine import PointMeta
 
     engine = FeedbackEngine(seed=3)
     error = torch.randn(2, 5, 11)
-    as_tokens = _PointMeta("p", torch.Size([2, 5, 4]), torch.float32, False)
-    as_rows = _PointMeta("p", torch.Size([10, 4]), torch.float32, False)
+    as_tokens = PointMeta("p", torch.Size([2, 5, 4]), torch.float32, False)
+    as_rows = PointMeta("p", torch.Size([10, 4]), torch.float32, False)
     (tokens,) = engine.feedback_for(error, [as_tokens])
     (rows,) = engine.feedback_for(error, [as_rows])
     assert rows.shape == (10, 4)
@@ -275,4 +277,4 @@ def test_flattened_positions_line_up_with_the_error_rows() -> None:
     torch.testing.assert_close(back, tokens)
     # the other layout ([positions, batch, d]) is not silently taken for the same tokens
     with pytest.raises(RuntimeError, match="cannot line up"):
-        engine.feedback_for(error, [_PointMeta("q", torch.Size([5, 2, 4]), torch.float32, False)])
+        engine.feedback_for(error, [PointMeta("q", torch.Size([5, 2, 4]), torch.float32, False)])

@@ -278,7 +278,7 @@ class TwoForwards(Net):
         self.deliveries = 0
 
     def on_fit_start(self) -> None:
-        self.trainer.strategy.dfa_engine._observers.append(self._count)
+        self.trainer.strategy.dfa_engine.feedback_observers.append(self._count)
 
     def _count(self, *args: Any) -> None:
         self.deliveries += 1
@@ -595,7 +595,7 @@ def test_dropout_feedback_goes_through_the_forward_mask() -> None:
     target = engine.attach(model)
     assert [b.name for b in target.blocks] == ["net.2", "net.5"]  # the dropout ends each block
     seen: dict[str, torch.Tensor] = {}
-    engine._observers.append(lambda e, points, out: seen.update(feedback=out[0]))
+    engine.feedback_observers.append(lambda e, points, out: seen.update(feedback=out[0]))
     model.net[0].register_forward_hook(lambda m, a, o: seen.update(x=a[0], pre=o))
     model.net[2].register_forward_hook(lambda m, a, o: seen.update(mask=(o != 0).float(), tanh=a[0]))
     x, y = batches(1)

@@ -490,7 +490,9 @@ def test_gan_generator_reads_its_error_at_its_own_output() -> None:
 
     class Record(pl.Callback):
         def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-            strategy.dfa_engine._observers.append(lambda e, points, fbs: widths.append((e.shape[-1], len(points))))
+            strategy.dfa_engine.feedback_observers.append(
+                lambda e, points, fbs: widths.append((e.shape[-1], len(points)))
+            )
 
     data = DataLoader(TensorDataset(torch.randn(16, 12)), batch_size=8)
     trainer(strategy=strategy, callbacks=[Record()], max_steps=2).fit(model, data)

@@ -196,14 +196,14 @@ def test_reattaching_to_the_same_model_keeps_what_the_forwards_found() -> None:
     found = dict(engine._consumers)
     engine.detach()
     engine.attach(model)  # a later fit of the same model: no layout probe, the same norms and points
-    assert not engine._probe_pending and engine._consumers == found
+    assert not engine.layouts.pending and engine._consumers == found
     again = _lm_step(model, engine)
     assert [p.key for p in engine.last_points][-1] == "lm_head:in"
     for name in first:
         torch.testing.assert_close(again[name], first[name])
     engine.detach()
     engine.attach(other)  # another model starts afresh
-    assert engine._probe_pending and not engine._consumers
+    assert engine.layouts.pending and not engine._consumers
     _lm_step(other, engine)
     assert {p.norm.kind for p in engine.last_points if p.norm is not None} == {"rms"}
     engine.detach()

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_dfa import DFAConfig, FeedbackEngine
-from lightning_dfa.engine import _PointMeta
+from lightning_dfa.engine import PointMeta
 from lightning_dfa.feedback import FeedbackBank
 
 V, D, LAYERS, T, B = 64, 16, 2, 8, 2
@@ -64,7 +64,7 @@ def test_options_are_validated() -> None:
 def test_topk_with_full_width_is_the_dense_projection() -> None:
     torch.manual_seed(0)
     error = torch.randn(3, 5, 40)
-    points = [_PointMeta("a", torch.Size([3, 5, 12]), torch.float32, False)]
+    points = [PointMeta("a", torch.Size([3, 5, 12]), torch.float32, False)]
     dense = FeedbackEngine(recipe="paper", seed=1).feedback_for(error, points)[0]
     for k in (40, 400):  # k >= error width: the dense GEMM
         assert torch.equal(FeedbackEngine(recipe="paper", seed=1, topk=k).feedback_for(error, points)[0], dense)
@@ -82,7 +82,7 @@ def test_topk_is_exact_for_a_flat_tail() -> None:
     error = torch.full((6, 100), 0.01)
     error[torch.arange(6), torch.randint(0, 100, (6,))] = -0.9
     error[:, 7] = 0.05
-    points = [_PointMeta("a", torch.Size([6, 24]), torch.float32, False)]
+    points = [PointMeta("a", torch.Size([6, 24]), torch.float32, False)]
     dense = FeedbackEngine(recipe="paper", seed=4).feedback_for(error, points)[0]
     torch.testing.assert_close(FeedbackEngine(recipe="paper", seed=4, topk=2).feedback_for(error, points)[0], dense)
 
@@ -92,7 +92,7 @@ def test_topk_approximates_a_softmax_cross_entropy_error() -> None:
     torch.manual_seed(0)
     logits, target = torch.randn(32, 512) * 2, torch.randint(0, 512, (32,))
     error = torch.softmax(logits, -1) - nn.functional.one_hot(target, 512)
-    points = [_PointMeta("a", torch.Size([32, 64]), torch.float32, False)]
+    points = [PointMeta("a", torch.Size([32, 64]), torch.float32, False)]
     dense = FeedbackEngine(recipe="paper", seed=0).feedback_for(error, points)[0]
     approx = FeedbackEngine(recipe="paper", seed=0, topk=32).feedback_for(error, points)[0]
     cos = nn.functional.cosine_similarity(dense, approx, dim=-1)
@@ -103,8 +103,8 @@ def test_topk_with_distinct_signs_and_several_widths() -> None:
     torch.manual_seed(0)
     error = torch.randn(4, 50)
     points = [
-        _PointMeta("a", torch.Size([4, 8]), torch.float32, False),
-        _PointMeta("b", torch.Size([4, 16]), torch.float32, False),
+        PointMeta("a", torch.Size([4, 8]), torch.float32, False),
+        PointMeta("b", torch.Size([4, 16]), torch.float32, False),
     ]
     for distinct in (False, True):
         dense = FeedbackEngine(recipe="paper", seed=2, distinct=distinct).feedback_for(error, points)
@@ -262,7 +262,7 @@ def test_blocked_selection_finds_the_exact_top_entries() -> None:
     # and through the engine: a wide error takes the blocked path and matches the plain top-k formula
     error = torch.softmax(torch.randn(4, 6000), -1)
     error[:, 3] -= 1
-    points = [_PointMeta("a", torch.Size([4, 8]), torch.float32, False)]
+    points = [PointMeta("a", torch.Size([4, 8]), torch.float32, False)]
     engine = FeedbackEngine(recipe="paper", seed=0, topk=4)
     got = engine.feedback_for(error, points)[0]
     idx = error.abs().topk(4, -1).indices
@@ -274,8 +274,8 @@ def test_blocked_selection_finds_the_exact_top_entries() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ sketch
-def _points(width: int, n: int = 1) -> list[_PointMeta]:
-    return [_PointMeta(f"p{i}", torch.Size([3, 5, width]), torch.float32, False) for i in range(n)]
+def _points(width: int, n: int = 1) -> list[PointMeta]:
+    return [PointMeta(f"p{i}", torch.Size([3, 5, width]), torch.float32, False) for i in range(n)]
 
 
 @pytest.mark.parametrize(("k", "width"), [(1000, 16), (1024, 16), (50257, 64), (8192, 256)])
@@ -376,7 +376,7 @@ def test_projection_queues_without_a_host_sync_on_cuda(options: dict) -> None:
     error = torch.randn(4, 8, 1000, device="cuda")
     h = torch.randn(4, 8, 32, device="cuda")
     points = _points(32, 2)
-    points = [_PointMeta(p.key, torch.Size([4, 8, 32]), torch.float32, False) for p in points]
+    points = [PointMeta(p.key, torch.Size([4, 8, 32]), torch.float32, False) for p in points]
     engine.feedback_for(error, points, [h, h])  # first call draws and caches the matrices (host to device)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

@@ -9,8 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checks import check_state, refuse_reentrant_checkpointing
 from ..config import DFAConfig
-from ..engine import FeedbackEngine, _refuse_reentrant_checkpointing, check_state
+from ..engine import FeedbackEngine
 from ..feedback import uses_sketch
 from ..summary import mostly_backprop
 
@@ -153,7 +154,7 @@ class DFAFit:
         if self.engine is not None and self.engine.attached and isinstance(loss, torch.Tensor):
             if not self._checked and self.engine.root is not None:
                 # checkpointing switched on after set-up (on_fit_start, on_train_start) is caught here
-                _refuse_reentrant_checkpointing(self.engine.root)
+                refuse_reentrant_checkpointing(self.engine.root)
                 self._checked = True
             self.engine.check_loss(loss)
 

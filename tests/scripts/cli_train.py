@@ -38,7 +38,7 @@ class TinyModel(pl.LightningModule):
     def on_fit_start(self) -> None:
         engine = getattr(self.trainer.strategy, "dfa_engine", None)
         if engine is not None:
-            engine._observers.append(self._count)
+            engine.feedback_observers.append(self._count)
 
     def _count(self, *args: Any) -> None:
         self.deliveries += 1

@@ -104,7 +104,7 @@ class MLP(pl.LightningModule):
     def on_fit_start(self) -> None:
         engine = find_engine(self.trainer)
         if engine is not None:
-            engine._observers.append(self._observe)
+            engine.feedback_observers.append(self._observe)
 
     def _observe(self, error: torch.Tensor, points: list, feedback: list[torch.Tensor]) -> None:
         self.feedback_hashes.append(digest(torch.cat([f.flatten() for f in feedback])))

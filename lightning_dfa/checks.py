@@ -1,0 +1,102 @@
+"""Checks with errors that say what is wrong and what to do: a damaged feedback state, a feedback transform
+that changes shapes, reentrant gradient checkpointing, and a backward in which no feedback reached the blocks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .config import _SAVED_OPTIONS, DFAConfig
+from .feedback import check_bank_state
+
+if TYPE_CHECKING:
+    from .delivery import BackwardReport
+    from .engine import FeedbackEngine
+
+
+def check_state(state: Any) -> None:
+    """Refuse a feedback state that :meth:`FeedbackEngine.state_dict` cannot have written: missing keys, wrong
+    types, non-finite or misshapen tensors, an unknown version, or option values no :class:`DFAConfig` accepts.
+
+    Example:
+        >>> from lightning_dfa import FeedbackEngine
+        >>> state = FeedbackEngine().state_dict()
+        >>> check_state(state)
+        >>> check_state({**state, "scale": float("nan")})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: DFA: the checkpoint's feedback state is damaged: ...scale must be a finite, non-zero number...
+    """
+    check_bank_state(state)
+    options = {name: state[name] for name in _SAVED_OPTIONS if name in state}
+    try:
+        DFAConfig(**options)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"DFA: the checkpoint's feedback state is damaged: its saved options are invalid ({err}). Resume from "
+            "another checkpoint, or start a new fit from the weights alone (Model.load_from_checkpoint(path), then "
+            "fit without ckpt_path)."
+        ) from None
+
+
+def checked_transform(
+    transform: Callable[[str, torch.Tensor], torch.Tensor], key: str, feedback: torch.Tensor
+) -> torch.Tensor:
+    """``transform(key, feedback)``, refused unless it keeps the feedback's shape."""
+    out = transform(key, feedback)
+    if not isinstance(out, torch.Tensor) or out.shape != feedback.shape:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise RuntimeError(
+            f"DFA: feedback_transform returned {got} for point {key!r}, whose feedback has shape "
+            f"{tuple(feedback.shape)}; it must return a tensor of the same shape."
+        )
+    return out
+
+
+def refuse_reentrant_checkpointing(root: nn.Module) -> None:
+    for name, module in root.named_modules():
+        if getattr(module, "gradient_checkpointing", False) is True:
+            func = getattr(module, "_gradient_checkpointing_func", None)
+            keywords = getattr(func, "keywords", {}) or {}
+            if keywords.get("use_reentrant", True):
+                raise RuntimeError(
+                    f"DFA: {name or type(root).__name__} uses reentrant gradient checkpointing, whose forward runs "
+                    "without gradients and so hides the blocks from DFA. Enable it as "
+                    "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})."
+                )
+
+
+def output_names(engine: FeedbackEngine) -> str:
+    """The output module(s) named for a message: ``'head'`` or ``(any of [...])``."""
+    names = [n for n, _ in engine.target.outputs] if engine.target else ["?"]
+    return repr(names[0]) if len(names) == 1 else f"(any of {names})"
+
+
+def explain_silence(engine: FeedbackEngine, report: BackwardReport) -> str:
+    """Why no feedback reached the blocks in a backward, and what to do."""
+    out = output_names(engine)
+    names = [b.name for b in engine.target.blocks] if engine.target else []
+    if report.points_recorded == 0:
+        why = f"no block ran with gradients enabled in this step's forward (blocks: {names[:6]}...)."
+    elif report.outputs_tied == 0 and report.untied_outputs:
+        kinds = sorted(set(report.untied_outputs))
+        why = (
+            f"the output module {out} was called after the blocks, but returned {', '.join(kinds)}, where DFA "
+            "needs a floating-point tensor to read the error at (the output itself, the first item of a tuple or "
+            "list, or the first field of a ModelOutput). Make it return the tensor the loss is computed from "
+            "(logits, predictions) first, or pass output= naming the submodule that produces that tensor."
+        )
+    elif report.outputs_tied == 0:
+        why = f"the output module {out} was not called after the blocks in this step's forward."
+    elif engine._candidates:
+        why = f"the loss does not depend on the output module {out} nor on another layer after the blocks."
+    else:
+        why = f"the loss does not depend on the output module {out}."
+    return (
+        f"DFA: no feedback reached the blocks in this backward: {why} Training would silently update only "
+        "the layers after the last block. Pass output= naming the module whose output the loss is computed "
+        "from (and blocks= if needed), or use mode='shallow' if that is what you want."
+    )

@@ -1,0 +1,255 @@
+"""The autograd side of DFA: the Function that ties a forward's feedback points to an output and hands each point
+its projected error in the backward, the soft cut of a layout-probe forward, and the records they share with the
+engine. Nothing here knows of Lightning."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .norms import NormSpec
+
+if TYPE_CHECKING:
+    from .engine import FeedbackEngine
+    from .layout import Layouts
+
+
+class _Hook:
+    """A hook bound to an engine. Copies (``deepcopy``, pickling) become inert pass-through hooks, so a copied
+    model (EMA, SWA) is a plain model that never feeds the original engine."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any) -> Any:
+        return self.fn(*args)
+
+    def __deepcopy__(self, memo: dict) -> _PassThrough:
+        return _PassThrough()
+
+    def __reduce__(self) -> tuple:
+        return (_PassThrough, ())
+
+
+class _PassThrough:
+    def __call__(self, *args: Any) -> None:
+        return None
+
+
+@dataclass
+class PointMeta:
+    """What the engine keeps of a feedback point between forward and backward: its key, shape, dtype, whether its
+    feedback is flattened (convolutional blocks), the norm whose Jacobian shapes its feedback, and its layout."""
+
+    key: str
+    shape: torch.Size
+    dtype: torch.dtype
+    flatten: bool
+    norm: NormSpec | None = None
+    #: how the point's first two dimensions relate to the error's positions: ``"same"`` (lined up in order) or
+    #: ``"swapped"`` (a sequence-first ``[positions, batch, ...]`` point for a batch-first error, or the reverse)
+    layout: str = "same"
+
+
+@dataclass
+class CapturedPoint:
+    """A feedback point recorded under :meth:`FeedbackEngine.capture`: its key and graph-attached tensor."""
+
+    key: str
+    tensor: torch.Tensor
+    flatten: bool = False
+
+
+@dataclass
+class Capture:
+    """What forwards under :meth:`FeedbackEngine.capture` recorded, in call order."""
+
+    points: list[CapturedPoint] = field(default_factory=list)
+    outputs: list[torch.Tensor] = field(default_factory=list)
+
+
+class _Delivery:
+    """One output call's tie: the engine, the source (output) it reads, its points' metadata, and what the
+    backward needs to know about the other outputs (no tensors are kept, except during a layout probe)."""
+
+    __slots__ = ("engine", "points", "source", "upstream", "downstream_ran", "probe", "feeds_point", "frozen")
+    __slots__ += ("reached", "forward")
+
+    def __init__(self, engine: FeedbackEngine, points: list[PointMeta], source: str) -> None:
+        self.engine = engine
+        self.points = points
+        self.source = source
+        #: a block's input was computed from this output: it lies before a block, so it is no error source
+        self.feeds_point = False
+        #: the output module has no trainable parameter (a fixed readout, or a network frozen for this step)
+        self.frozen = False
+        #: ``id`` of the parameters this output's value was computed from after the cuts (measured once)
+        self.reached: set[int] | None = None
+        #: the state of the forward that recorded the points (closed once a backward ran through it)
+        self.forward: _ForwardState | None = None
+        #: deliveries of earlier outputs this output was computed from (``head2(head1(x))``)
+        self.upstream: list[_Delivery] = []
+        #: set in the backward when a delivery computed from this one's output ran: the error then reached this
+        #: output through another output, which already delivered it
+        self.downstream_ran = False
+        #: during a layout probe: ``(output tensor before the tie, point tensors)``
+        self.probe: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+
+
+class _DeliverFeedback(torch.autograd.Function):
+    """Identity on the output; its backward hands each feedback point its projected error.
+
+    The output is returned as ``output.detach()``: the same memory (no copy of a ``[tokens, vocabulary]`` logits
+    tensor), but not a view, so user code may modify it in place (``logits /= T``, ``F.relu(out, inplace=True)``)
+    exactly where plain PyTorch allows it; a view returned by a custom Function cannot be modified in place."""
+
+    @staticmethod
+    def forward(ctx: Any, delivery: _Delivery, output: torch.Tensor, *points: torch.Tensor) -> torch.Tensor:
+        ctx.delivery = delivery
+        # norm-aware feedback needs the activations of the points it shapes (their consumer norm keeps them too)
+        ctx.norm_index = [i for i, meta in enumerate(delivery.points) if meta.norm is not None]
+        ctx.save_for_backward(*[points[i] for i in ctx.norm_index])
+        return output.detach()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, error: torch.Tensor) -> tuple:
+        delivery: _Delivery = ctx.delivery
+        needs = ctx.needs_input_grad[2:]
+        if delivery.forward is not None and not delivery.forward.closed:
+            delivery.forward.closed = True  # a later call of an output starts from new points
+            delivery.engine._release(delivery.forward)
+        # A frozen output computed from a trainable one (the frozen discriminator of a generator's step) is part
+        # of the loss: the trainable output upstream reads the error.
+        defer = delivery.frozen and any(not up.frozen for up in delivery.upstream)
+        if not defer:
+            for up in delivery.upstream:
+                up.downstream_ran = True
+        if delivery.downstream_ran or delivery.feeds_point or defer:
+            # not an error source: this output's error came through a later output, or it lies before a block
+            delivery.probe = None
+            return (None, error, *[None for _ in needs])
+        delivery.engine._delivered(delivery)
+        activations: list[torch.Tensor | None] = [None] * len(delivery.points)
+        for i, tensor in zip(ctx.norm_index, ctx.saved_tensors):
+            activations[i] = tensor
+        feedback = delivery.engine._project(error, delivery.points, activations, delivery)
+        return (None, error, *[f if n else None for f, n in zip(feedback, needs)])
+
+
+class _SoftCut(torch.autograd.Function):
+    """The cut of a feedback point during a layout-probe forward: the rest of the network gets a copy that stays
+    connected to the point, so a probe can follow the data flow from an output back to the points; in the training
+    backward nothing crosses it (as with the ordinary cut, ``detach``)."""
+
+    @staticmethod
+    def forward(ctx: Any, layouts: Layouts, tensor: torch.Tensor) -> torch.Tensor:
+        ctx.layouts = layouts
+        return tensor.clone()  # its own memory: downstream code may modify it in place
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        return None, (grad if ctx.layouts.probing else None)
+
+
+class _ForwardState:
+    __slots__ = ("closed",)
+
+    def __init__(self) -> None:
+        self.closed = False
+
+
+@dataclass
+class _Group:
+    """The points of one forward, tied to every output called after them in that forward."""
+
+    points: list[tuple[str, torch.Tensor, bool]] = field(default_factory=list)
+    calls: dict[str, int] = field(default_factory=dict)
+    outputs: dict[str, int] = field(default_factory=dict)
+    untied: int = 0  # points recorded since the last tie
+    soft: bool = False  # a layout-probe forward: points are cut by _SoftCut
+    cuts: dict[int, torch.Tensor] = field(default_factory=dict)  # id(soft cut's copy) -> the point
+    copies: list[torch.Tensor] = field(default_factory=list)  # the copies themselves: their ids stay theirs
+    ties: list[_Delivery] = field(default_factory=list)
+    state: _ForwardState = field(default_factory=_ForwardState)
+    after_ties: bool = False  # the forward before this one tied outputs (that may feed this one's points)
+
+
+@dataclass
+class BackwardReport:
+    """Counters of one backward: what the forward(s) recorded and what the backward delivered."""
+
+    points_recorded: int = 0
+    outputs_tied: int = 0
+    deliveries: int = 0
+    #: types of the values the output module returned after the blocks that held no floating-point tensor to tie
+    untied_outputs: list[str] = field(default_factory=list)
+
+
+def _grad_beyond_soft_cuts(tensor: torch.Tensor) -> bool:
+    """In a layout-probe forward: the tensor requires grad through something other than a soft cut (a parameter,
+    an input that requires grad), as it would after an ordinary cut (``detach``)."""
+    stack = [tensor.grad_fn]
+    seen: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen or isinstance(node, _SoftCut._backward_cls):
+            continue
+        seen.add(id(node))
+        if not node.next_functions and type(node).__name__ == "AccumulateGrad":
+            return True
+        stack.extend(n for n, _ in node.next_functions)
+    return tensor.grad_fn is None  # a leaf that requires grad
+
+
+def _parameters_reached(tensor: torch.Tensor, limit: int = 100_000) -> set[int]:
+    """``id`` of the parameters ``tensor`` was computed from without crossing a cut or a delivery's points: those
+    that an output delivering there trains by their true gradient."""
+    found: set[int] = set()
+    stack = [tensor.grad_fn]
+    seen: set[int] = set()
+    while stack and len(seen) < limit:
+        node = stack.pop()
+        if node is None or id(node) in seen or isinstance(node, _SoftCut._backward_cls):
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)
+        if isinstance(variable, torch.Tensor):
+            found.add(id(variable))
+        nexts = node.next_functions
+        if isinstance(node, _DeliverFeedback._backward_cls):
+            nexts = nexts[:1]  # the output it ties, not its points
+        stack.extend(n for n, _ in nexts)
+    return found
+
+
+def _deliveries_upstream_of(tensor: torch.Tensor, limit: int = 4096) -> list[_Delivery]:
+    """The deliveries of earlier output calls whose (tied) outputs ``tensor`` was computed from, found by a walk
+    of its graph back to the cuts (the tail after the blocks: a few nodes)."""
+    found: list[_Delivery] = []
+    stack = [tensor.grad_fn]
+    seen: set[int] = set()
+    while stack and len(seen) < limit:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, _DeliverFeedback._backward_cls):
+            found.append(node.delivery)
+            continue
+        if isinstance(node, _SoftCut._backward_cls):
+            continue
+        stack.extend(n for n, _ in node.next_functions)
+    return found
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward: a forward there is a checkpoint's recomputation (non-reentrant
+    activation checkpointing), whose hooks must not record points (its feedback was delivered already)."""
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1

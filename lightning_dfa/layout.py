@@ -1,0 +1,207 @@
+"""Lining feedback points up with an output's error: position by position, per item, or flattened, and which way
+round a sequence-shaped point's first two dimensions go (found from the data flow, not from coincident sizes)."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import operator
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .delivery import PointMeta
+    from .delivery import _Delivery as Delivery
+
+
+class Layouts:
+    """How each feedback point's first two dimensions line up with each output's error, learned from the data
+    flow (one vector-Jacobian product per point and output, at the first delivery that needs it).
+
+    ``relations`` maps ``(point, output)`` to ``"same"``, ``"swapped"`` or ``"none"``; ``pending`` says whether
+    the next forward with sequence-shaped points keeps them connected for a probe; ``probing`` is true while a
+    probe runs (the soft cuts then let it through)."""
+
+    def __init__(self) -> None:
+        self.relations: dict[tuple[str, str], str] = {}
+        self.pending = True
+        self.probing = False
+
+    def align(self, error: torch.Size, point: PointMeta, output: str) -> tuple[str, int, int]:
+        """``(kind, k, d)``: how the point lines up with the error (see :func:`fit`), the error's and the point's
+        widths. Raises with the point and output named when they cannot line up."""
+        shape = laid_out(point)
+        kind = fit(error, shape, point.flatten)
+        if kind is None:
+            swapped = "" if point.layout == "swapped" else " (its first two dimensions swapped do not fit either)"
+            raise RuntimeError(
+                f"DFA: cannot line up the error of shape {list(error)} (gradient at the output module "
+                f"{output!r}) with feedback point {point.key!r} of shape "
+                f"{list(point.shape)}{swapped}: their first (batch) dimensions differ. Choose an output= whose "
+                "output has the blocks' batch/positions dimensions, or other blocks=."
+            )
+        if kind in ("token", "broadcast", "mean"):
+            return kind, error[-1], shape[-1]
+        return kind, math.prod(error[1:]), math.prod(shape[1:])
+
+    def lay_out(self, error: torch.Size, points: list[PointMeta], delivery: Delivery | None) -> list[PointMeta | None]:
+        """Each point with its layout relative to this error (``None``: no feedback from this output this step).
+
+        A sequence-shaped point whose first two dimensions could line up with the error either way (``[T, B, d]``
+        against ``[B, T, V]`` with ``T == B``, or against rows ``[B * T, V]``) is lined up as the data flow says:
+        the first forward after ``attach`` keeps such points connected (:class:`_SoftCut`), and the first delivery
+        probes which of the point's positions the output's positions depend on (:meth:`probe`). Until a
+        probe has seen a point, it gets no feedback from such an output rather than a possibly transposed one."""
+        source = delivery.source.split("#")[0] if delivery is not None else ""  # every call of a module alike
+        out: list[PointMeta | None] = list(points)
+        check = [i for i, p in enumerate(points) if p.layout == "same" and swappable(error, p)]
+        todo = [i for i in check if (points[i].key.split("#")[0], source) not in self.relations]
+        if todo and delivery is not None and delivery.probe is not None:
+            self.probe(error, delivery, todo)
+        if delivery is not None and delivery.probe is not None:
+            self.pending = False
+            delivery.probe = None  # the tensors are no longer needed
+        for i in check:
+            p = points[i]
+            relation = self.relations.get((p.key.split("#")[0], source))
+            if relation is None:
+                out[i] = None
+                self.pending = True  # the next forward probes it
+            elif relation == "swapped" or (relation == "none" and fit(error, p.shape, p.flatten) is None):
+                out[i] = dataclasses.replace(p, layout="swapped")
+            elif fit(error, p.shape, p.flatten) is None:
+                raise RuntimeError(
+                    f"DFA: feedback point {p.key!r} of shape {list(p.shape)}: the data flow lines its first two "
+                    f"dimensions up with those of the error {list(error)} of output {source!r}, but their sizes "
+                    "differ. Choose other blocks= or output=."
+                )
+        return out
+
+    def probe(self, error: torch.Size, delivery: Delivery, todo: list[int]) -> None:
+        """Which of each point's first two dimensions the output's positions depend on: ONE vector-Jacobian
+        product from the output (before the tie) back to the points, through the soft cuts, for a probe at one
+        output position. For ``[T, B, d]`` points and a ``[B, T, V]`` output, output ``(b=0, t=1)`` depends on
+        point positions ``(t, 0)`` (batch item 0), never on ``(0, 1)``; a position-wise head, attention,
+        causal or not, all keep the batch items apart. Batch-mixing layers (BatchNorm in training) leave the own
+        item's dependence far larger; a point whose dependence does not tell is refused."""
+        assert delivery.probe is not None
+        y, tensors = delivery.probe
+        by_kind: dict[str, list[int]] = {}
+        for i in todo:
+            p = delivery.points[i]
+            kind = fit(error, p.shape, p.flatten) or fit(error, swapped(p.shape), p.flatten)
+            by_kind.setdefault("mean" if kind == "mean" else "token", []).append(i)
+        g = torch.Generator().manual_seed(0)
+        for kind, idx in by_kind.items():
+            wrt = [tensors[i] for i in idx]
+            grads: Sequence[torch.Tensor | None] = [None] * len(idx)
+            if y.requires_grad and all(t.requires_grad for t in wrt):
+                v = torch.zeros(y.shape, dtype=y.dtype, device=y.device)
+                r = torch.randn(error[-1], generator=g).to(v)
+                if kind == "token":  # the output's second position, (0, 1) or row 1 (for a broadcast: item 1)
+                    v.view(-1, error[-1])[1] = r
+                else:
+                    v[1] = r  # the output's second item, all its positions
+                self.probing = True
+                try:
+                    grads = torch.autograd.grad([y], wrt, [v], retain_graph=True, allow_unused=True)
+                finally:
+                    self.probing = False
+            for i, grad in zip(idx, grads):
+                p = delivery.points[i]
+                fits = fit(error, p.shape, p.flatten) or fit(error, swapped(p.shape), p.flatten)
+                relation = layout_from_dependence(grad, p.shape, "token" if fits == "token" else "broadcast")
+                if relation is None:
+                    raise RuntimeError(
+                        f"DFA: cannot tell how feedback point {p.key!r} of shape {list(p.shape)} lines up with the "
+                        f"error of shape {list(error)} of output {delivery.source!r}: the output's positions depend "
+                        "on the point's positions along both of its first two dimensions. Choose blocks= whose "
+                        "outputs keep the batch items apart, or another output=."
+                    )
+                self.relations[(p.key.split("#")[0], delivery.source.split("#")[0])] = relation
+
+
+def swapped(shape: torch.Size) -> torch.Size:
+    return torch.Size((shape[1], shape[0], *shape[2:]))
+
+
+def laid_out(point: PointMeta) -> torch.Size:
+    """The point's shape in the error's order of positions."""
+    return swapped(point.shape) if point.layout == "swapped" else point.shape
+
+
+def fit(error: torch.Size, shape: torch.Size, flatten: bool) -> str | None:
+    """How a point of ``shape`` lines up with an error of shape ``error`` (``None``: it does not)."""
+    if not flatten and len(error) >= 1 and error[:-1] == shape[:-1]:
+        return "token"
+    if not flatten and min(len(error), len(shape)) >= 2 and merged(error[:-1], shape[:-1]):
+        # the same tokens, one side flattened to rows (``x.view(-1, d)`` before a Linear, as OPT's MLP, a head
+        # applied to ``[batch * positions, d]``, or ``[batch, choices, positions]`` folded into ``[batch * choices,
+        # positions]``): row-major order lines them up
+        return "token"
+    if not flatten and len(error) >= 2 and prefix(error, shape) is not None:
+        # one error row per item (or per ``[batch, choices]`` pair folded into the point's first dimension):
+        # broadcast over the point's positions
+        return "broadcast"
+    if len(error) == 0 or len(shape) == 0 or error[0] != shape[0]:
+        return None
+    if not flatten and len(shape) == 3 and len(error) == 3:
+        return "mean"  # per-item errors over other positions (a decoder's, for an encoder's points): their mean
+    return "flatten"
+
+
+def prefix(error: torch.Size, shape: torch.Size) -> int | None:
+    """``j`` such that the error's leading positions are the point's first ``j`` dimensions, with positions
+    (at least one dimension) left over, or ``None``."""
+    n = math.prod(error[:-1])
+    for j in range(1, len(shape) - 1):
+        if math.prod(shape[:j]) == n:
+            return j
+    return None
+
+
+def merged(a: Sequence[int], b: Sequence[int]) -> bool:
+    """One list of sizes is the other with runs of consecutive dimensions merged (``[2, 3, 8]`` and ``[6, 8]``)."""
+    prefix_a = set(itertools.accumulate(a, operator.mul))
+    prefix_b = set(itertools.accumulate(b, operator.mul))
+    return math.prod(a) == math.prod(b) and (prefix_a <= prefix_b or prefix_b <= prefix_a)
+
+
+def sequence_shaped(shape: torch.Size, flatten: bool) -> bool:
+    """A point whose first two dimensions could be (batch, positions) either way round."""
+    return not flatten and len(shape) >= 3 and shape[0] >= 2 and shape[1] >= 2
+
+
+def swappable(error: torch.Size, point: PointMeta) -> bool:
+    """The point's first two dimensions, swapped, would also line up with the error (position-wise or per item)."""
+    if not sequence_shaped(point.shape, point.flatten):
+        return False
+    return fit(error, swapped(point.shape), point.flatten) in ("token", "broadcast", "mean")
+
+
+def layout_from_dependence(grad: torch.Tensor | None, shape: torch.Size, kind: str) -> str | None:
+    """``"same"``, ``"swapped"``, ``"none"`` (no dependence) or ``None`` (undecided) from a probe's gradient at a
+    point: for a probe at output position ``(0, 1)`` (``kind="token"``), the same layout puts the dependence on
+    point positions of item 0 (row 0) or item 1 (column 1), the swapped one on row 1 or column 0; for a probe at
+    output item 1 (``kind="broadcast"``), on row 1 or on column 1."""
+    if grad is None:
+        return "none"
+    mass = grad.detach().float().reshape(shape[0], shape[1], -1).abs().sum(-1)
+    i = torch.arange(shape[0], device=mass.device).unsqueeze(1)
+    j = torch.arange(shape[1], device=mass.device).unsqueeze(0)
+    if kind == "token":
+        same, swapped = (i == 0) | (j == 1), (i == 1) | (j == 0)
+    else:
+        same, swapped = (i == 1).expand(mass.shape), (j == 1).expand(mass.shape)
+    a = float(mass[same & ~swapped].sum())
+    b = float(mass[swapped & ~same].sum())
+    if a == 0 and b == 0:
+        return "none"
+    if a > 10 * b:
+        return "same"
+    if b > 10 * a:
+        return "swapped"
+    return None

@@ -1,0 +1,122 @@
+"""The default recipe ("auto"): which of DFA's options a model gets from its structure, and why (one line per
+choice for the fit-start summary). ``recipe="paper"`` is the plain DFA of Launay et al. (2020)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from .config import RECIPE_OPTIONS
+from .discovery import Target
+from .feedback import uses_sketch
+from .norms import _may_normalise
+from .roles import params_after_blocks
+
+if TYPE_CHECKING:
+    from .engine import FeedbackEngine
+
+
+def chooses_cut(engine: FeedbackEngine, root: nn.Module, target: Target) -> bool:
+    """``cut_head_input`` in force for ``target``: as set, or (recipe "auto") where the output module widens (a
+    language model's head) and only norms lie between the last block and it (GPT-2's ``ln_f``; not BERT's dense
+    head transform, where the cut was measured to cost learning)."""
+    cut = engine.config.chosen("cut_head_input")
+    if cut is not None:
+        return bool(cut)
+    return (
+        engine.mode == "dfa"
+        and engine.config.error_at == "output"
+        and not target.head_input_point
+        and widens(target.output)
+        and only_norms_before(root, target)
+    )
+
+
+def recipe_notes(engine: FeedbackEngine) -> list[str]:
+    """One line per choice of the recipe in force (what was chosen and why), for the fit-start summary.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> from lightning_dfa import FeedbackEngine
+        >>> engine = FeedbackEngine(recipe="paper")
+        >>> _ = engine.attach(net)
+        >>> recipe_notes(engine)[0]
+        "recipe 'paper': plain DFA (Launay et al. 2020); options set: none"
+    """
+    cfg = engine.config
+    set_ = [n for n in RECIPE_OPTIONS if getattr(cfg, n) is not None]
+    if cfg.recipe == "paper":
+        lines = [f"recipe 'paper': plain DFA (Launay et al. 2020); options set: {', '.join(set_) or 'none'}"]
+    else:
+        lines = [
+            f"recipe 'auto': chosen from the model's structure (recipe='paper' for plain DFA); set: "
+            f"{', '.join(set_) or 'none'}"
+        ]
+    if engine.mode != "dfa":
+        return lines + [f"mode {engine.mode!r}: no feedback is delivered"]
+    norm = engine.norm_feedback
+    if norm == "layernorm":
+        lines.append("norm-aware feedback: a parameter-free LayerNorm Jacobian at every point (norm_jacobian=True)")
+    elif norm == "off":
+        lines.append("norm-aware feedback: off")
+    elif engine._consumers:
+        kinds = {"layer": "LayerNorm", "rms": "RMSNorm"}
+        found = sorted({kinds[s.kind] for s in engine._consumers.values()})
+        lines.append(
+            f"norm-aware feedback: {len(engine._consumers)} points feed a norm ({', '.join(found)}): their feedback "
+            "passes through that norm's parameter-free Jacobian; the others get B e as it is"
+        )
+    else:
+        lines.append(
+            "norm-aware feedback: at points whose consumer is a LayerNorm/RMSNorm"
+            + (" (none here)" if engine._consumers_complete else " (found in the first training forward)")
+        )
+    if engine.norm_points:
+        found = f" ({len(engine._point_norms)} found)" if engine._consumers_complete else ""
+        lines.append(f"norm_points: on: norms inside blocks that read a point are points too{found}")
+    if engine._cut:
+        why = "as set" if cfg.cut_head_input else "the output module widens (more outputs than inputs)"
+        lines.append(f"cut_head_input: on ({why}): its input gradient is never computed; its input is the last point")
+    elif engine.target is not None and not engine.target.head_input_point and cfg.error_at == "output":
+        lines.append(
+            "cut_head_input: off"
+            + (" (as set)" if cfg.cut_head_input is not None else " (the output module does not widen)")
+        )
+    widths = list(engine.bank.widths.values())
+    wide = any(uses_sketch(k, d) for k, d in widths)
+    if engine.sketch:
+        lines.append(
+            "sketch: structured projection for errors wider than 4x the point"
+            + ("" if not widths else (" (in use)" if wide else " (not needed: the error is narrow)"))
+        )
+    else:
+        lines.append("sketch: off" + (" (topk is set)" if cfg.topk is not None and cfg.sketch is None else ""))
+    return lines
+
+
+def widens(output: nn.Module) -> bool:
+    """Whether an output module maps to more features than it reads (a Linear head over a vocabulary)."""
+    weight = getattr(output, "weight", None)
+    if isinstance(output, nn.Linear):
+        return output.out_features > output.in_features
+    return isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] > weight.shape[1]
+
+
+def only_norms_before(root: nn.Module, target: Target) -> bool:
+    """Whether every trainable module registered after the last block, other than the outputs, is a norm."""
+    after = params_after_blocks(root, target)
+    outputs = {id(p) for _, m in target.outputs for p in m.parameters()}
+    for module in root.modules():
+        own = [p for p in module.parameters(recurse=False) if id(p) in after and id(p) not in outputs]
+        if own and not _may_normalise(module):
+            return False
+    return True
+
+
+def last_top_level_block(root: nn.Module, target: Target) -> str | None:
+    """Name of the top-level block registered last in ``root`` (the one whose output feeds the tail)."""
+    order = {n: i for i, (n, _) in enumerate(root.named_modules())}
+    tops = [b.name for b in target.blocks if b.top_level]
+    return max(tops, key=lambda n: order.get(n, -1)) if tops else None
