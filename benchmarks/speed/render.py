@@ -1,7 +1,8 @@
 """``docs/performance.md``'s generated tables from the stored JSON results: :func:`render`, :func:`write_doc`.
 
 Nothing is measured here: every table is rendered from ``benchmarks/results/speed_*.json`` and
-``lm_projection*.json``, and names the file it came from.
+``lm_projection*.json``, and names the file it came from. The date and the machine's load of each run stay in its
+JSON (``machine.date``, ``machine.load_average_at_start``).
 """
 
 from __future__ import annotations
@@ -48,8 +49,7 @@ def render(result_files: list[Path], lm_files: list[Path] | None = None) -> str:
         lines += [
             f"### {m['device']}: {m.get('gpu', m['cpu'])} (`{_rel(path)}`)",
             "",
-            f"{m['date']}; {m['cores']} cores, torch {m['torch']}, {m['torch_threads']} intra-op thread(s); "
-            f"load average at start {tuple(round(x, 1) for x in m.get('load_average_at_start', ()))}"
+            f"{m['cores']} cores, torch {m['torch']}, {m['torch_threads']} intra-op thread(s)"
             f"{'; precision ' + m['precision'] if 'precision' in m else ''}"
             f"{'; malloc ' + MALLOC_WORDS[m.get('malloc', 'system')] if m['device'] == 'cpu' else ''}."
             f"{' Note: ' + m['note'] + '.' if 'note' in m else ''}",
