@@ -341,12 +341,21 @@ def _load_factory(spec: str) -> Factory:
     return getattr(importlib.import_module(module_name), attr)
 
 
+_EXAMPLES = """examples:
+  python -m benchmarks.compare                               # an MLP on scikit-learn's digits -> compare_out/
+  python -m benchmarks.compare --tsne last --align-every 10  # with a t-SNE and alignment plots
+  python -m benchmarks.compare --factory mypkg.mymod:make    # your model: make(seed) -> (module, train, val)
+"""
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Parse the command line, run :func:`compare`, print the table and the files written."""
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.compare",
-        description=(__doc__ or "").split("\n\n")[0],
-        epilog="Example: python -m benchmarks.compare --tsne last --align-every 10 --out compare_out",
+        description="Train one LightningModule with backprop (bp), DFA (dfa) and the shallow baseline (shallow:\n"
+        "only the layers after the last feedback point learn), everything else equal, and compare the runs.",
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--factory",
@@ -357,7 +366,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--out", default="compare_out", help="output folder (default: compare_out)")
     parser.add_argument(
-        "--modes", default=",".join(MODES), help="comma-separated subset of bp,dfa,shallow (default: all)"
+        "--modes",
+        default=",".join(MODES),
+        help="comma-separated modes: bp (backprop), dfa, shallow (default: all three)",
     )
     parser.add_argument("--epochs", type=int, default=15, help="training epochs per mode (default: 15)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, data order and feedback (default: 0)")

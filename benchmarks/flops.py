@@ -3,7 +3,7 @@
 Only the matrix products are counted (GEMMs, attention's two batched products, a GCN's sparse aggregation as
 one multiply-add per edge and feature); elementwise work (norms, activations, softmax, the optimizer) is left
 out, so the ratio ``DFA / BP`` of these totals is the best a DFA step can do against a backprop step: the
-*limit* against which ``benchmarks/speed.py`` holds the measured ratios.
+*limit* against which ``benchmarks/speed/`` (``python -m benchmarks.speed``) holds the measured ratios.
 
 Backward of a linear map ``y = x W`` costs a weight gradient (as many MACs as the forward) and, when ``x``
 carries gradient, an input gradient (as many again). DFA removes the input gradients that cross a feedback point

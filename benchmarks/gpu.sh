@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU speed run (one call on a GPU machine): environment, the CUDA-only tests, then
-# benchmarks/speed.py on GPT-2 small in bf16-mixed and fp32, and the smaller GPT-2 shapes.
+# python -m benchmarks.speed on GPT-2 small in bf16-mixed and fp32, and the smaller GPT-2 shapes.
 # Usage: OUT=/some/dir bash benchmarks/gpu.sh   (results: $OUT/speed_cuda_*.json and $OUT/gpu.log)
 set -u
 OUT=${OUT:-benchmarks/results}

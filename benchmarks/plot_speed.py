@@ -15,12 +15,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-#: (file, panel title): the runs the summary table of docs/performance.md quotes
+#: (file, panel title): the default flag's runs of the headline table of docs/performance.md, then the GPU runs
 DEFAULT_FILES = (
+    ("speed_cpu_v8k_default_system.json", "GPT-2 d 256, V 8192, 2-core AMD EPYC CPU, glibc default malloc"),
+    ("speed_cpu_v50k_default_system.json", "GPT-2 d 256, V 50257, 2-core AMD EPYC CPU, glibc default malloc"),
+    ("speed_cpu_v50k_default_keep.json", "GPT-2 d 256, V 50257, 2-core AMD EPYC CPU, --malloc keep"),
     ("speed_cuda_gpt2small_32_v2.json", "GPT-2 small, V 50257, one H100 80GB, fp32"),
     ("speed_cuda_gpt2small_bf16-mixed_v2.json", "GPT-2 small, V 50257, one H100 80GB, bf16-mixed"),
-    ("speed_cpu_v8k_sketch_keep.json", "GPT-2 d 256, V 8192, 2-core CPU (AMD EPYC)"),
-    ("speed_cpu_v50k_sketch_keep.json", "GPT-2 d 256, V 50257, 2-core CPU (AMD EPYC)"),
 )
 
 
@@ -35,7 +36,8 @@ def plot(files: Sequence[tuple[str, str]], out: Path) -> Path:
     for ax, (name, title) in zip(axes, files):
         record = json.loads((RESULTS / name).read_text())
         rows = [r for case in record["cases"] for r in case["rows"] if r.get("wall_ratio")]
-        labels = [r["arm"] for r in rows]
+        # in the runs of the default flag, the arm "dfa" is Trainer(strategy="dfa") with no options
+        labels = [r["arm"] + (" (default flag)" if r["arm"] == "dfa" and "default" in name else "") for r in rows]
         low, mid, high = zip(*(r["wall_ratio"] for r in rows))
         y = range(len(rows))
         ax.barh(y, mid, xerr=[[m - lo for m, lo in zip(mid, low)], [hi - m for m, hi in zip(mid, high)]],
@@ -57,8 +59,8 @@ def plot(files: Sequence[tuple[str, str]], out: Path) -> Path:
 def main(argv: Sequence[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.plot_speed", description=__doc__.split("\n\n")[0])
     parser.add_argument("--files", default=None,
-                        help="comma-separated JSON files in benchmarks/results/ (default: the four runs of the "
-                             "summary table of docs/performance.md)")  # fmt: skip
+                        help="comma-separated JSON files in benchmarks/results/ (default: the runs of the "
+                             "headline table of docs/performance.md)")  # fmt: skip
     parser.add_argument("--out", default="docs/img/speed_ratios.png", help="PNG to write")
     args = parser.parse_args(argv)
     files = [(f, f.removesuffix(".json")) for f in args.files.split(",")] if args.files else list(DEFAULT_FILES)

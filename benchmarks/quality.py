@@ -520,19 +520,30 @@ def _parts(domain: str) -> list[str | None]:
     return list(getattr(_module(domain), "PARTS", None) or [None])
 
 
+_EXAMPLES = """examples:
+  python -m benchmarks.quality --quick                # smoke run of every domain, to a temporary folder
+  python -m benchmarks.quality --domains images --jobs 2 --threads 1   # one domain, 2 processes at a time
+  python -m benchmarks.quality --render-only          # rewrite docs/results*.md from the stored rows
+"""
+
+
 def main(argv: Sequence[str] | None = None) -> Path:
     """Run the chosen domains, store their rows, and re-render the result pages and the plots."""
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.quality",
-        description=(__doc__ or "").split("\n\n")[0],
-        epilog="Example: python -m benchmarks.quality --domains images --jobs 2 --threads 1",
+        description="Train every example domain with backprop (bp), DFA (dfa) and the shallow baseline (shallow:\n"
+        "only the layers after the last feedback point learn), with fixed seeds, and write the result pages.",
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--domains", default=",".join(DOMAINS),
                         help=f"comma-separated domains to run (default: all of {', '.join(DOMAINS)})")  # fmt: skip
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: a few steps per arm on tiny data, seconds per arm; writes to a temporary "
                              "folder unless --out is given")  # fmt: skip
-    parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms (default: bp,dfa,shallow)")
+    parser.add_argument(
+        "--arms", default=",".join(ARMS), help="comma-separated arms: bp (backprop), dfa, shallow (default: all three)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, data order and feedback (default: 0)")
     parser.add_argument("--out", default=None,
                         help="output folder for results.md, the domain pages, img/ and results/ (default: docs/, "

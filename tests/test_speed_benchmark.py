@@ -1,4 +1,4 @@
-"""Smoke test of ``benchmarks/speed.py`` (``--quick``: a tiny MLP, a few steps) and of the FLOP account.
+"""Smoke test of ``python -m benchmarks.speed`` (``--quick``: a tiny MLP, a few steps) and of the FLOP account.
 
 The speed and memory goals themselves are measured by running the benchmark (``docs/performance.md``), never
 by timed unit tests.
@@ -14,9 +14,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks.flops import gcn_macs, gpt2_macs, mlp_macs
-from benchmarks.speed import KEEP_MALLOC_ENV, ROOT, main, render
+from benchmarks.speed.cases import ladder
+from benchmarks.speed.cli import main, parser
+from benchmarks.speed.machine import KEEP_MALLOC_ENV
+from benchmarks.speed.measure import run_case
+from benchmarks.speed.render import ROOT, render
 
 
 def test_quick_run_writes_json_and_renders(tmp_path: Path) -> None:
@@ -31,6 +36,18 @@ def test_quick_run_writes_json_and_renders(tmp_path: Path) -> None:
     # the analytic limit and the dispatched-FLOP count agree for a plain MLP
     assert abs(dfa["limit"] - dfa["counted_ratio"]) < 1e-6
     assert "| dfa |" in render([path], None).replace(str(Path.cwd()), "")
+
+
+def test_precision_is_a_parameter_and_unknown_values_are_refused() -> None:
+    mlp = ladder(quick=True)[0]
+    mlp.arms = {}
+    with pytest.raises(ValueError, match="precision='fp8'"):
+        run_case(mlp, torch.device("cpu"), warmup=0, repeats=1, proj_repeats=1, precision="fp8")
+
+
+def test_every_option_has_help() -> None:
+    actions = [a for a in parser()._actions if a.dest != "help"]
+    assert len(actions) > 10 and all(a.help and "%(" not in a.help for a in actions)
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="--malloc keep is a glibc setting")

@@ -1,6 +1,6 @@
 """The speed options of the engine (issue 7): ``cut_head_input``, ``topk``, the cached feedback matrix.
 
-Correctness only (tiny, seeded, CPU): speed and memory are measured by ``benchmarks/speed.py``, never here.
+Correctness only (tiny, seeded, CPU): speed and memory are measured by ``python -m benchmarks.speed``, never here.
 """
 
 from __future__ import annotations
