@@ -30,11 +30,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import inspect
 import math
-import random
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +42,8 @@ from pytorch_lightning.callbacks import Callback as _PLCallback
 from torch import nn
 
 from .engine import CapturedPoint, FeedbackEngine
+from .plots import plot_alignment
+from .rewind import _loss_of, _muted_logging, _restore_rng, _rng_state, _snapshot_module, _takes_batch_idx
 
 LossFn = Callable[[Any, Any, int], torch.Tensor]
 
@@ -124,91 +124,6 @@ def vector_cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     if nb == 0:
         return float("nan")
     return max(-1.0, min(1.0, dot / max(na * nb, 1e-300)))
-
-
-# ---------------------------------------------------------------------------------------------- state to keep
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if importlib.util.find_spec("numpy") is not None:
-        import numpy as np
-
-        state["numpy"] = np.random.get_state()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    if hasattr(torch, "mps") and torch.backends.mps.is_available():
-        state["mps"] = torch.mps.get_rng_state()
-    return state
-
-
-def _restore_rng(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "numpy" in state:
-        import numpy as np
-
-        np.random.set_state(state["numpy"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if "mps" in state:
-        torch.mps.set_rng_state(state["mps"])
-
-
-def _snapshot_module(module: nn.Module) -> Callable[[], None]:
-    """Save buffers (BatchNorm statistics...) and torchmetrics states; return the function that restores them."""
-    buffers = [(b, b.detach().clone()) for b in module.buffers()]
-    metrics = []
-    for m in module.modules():
-        if hasattr(m, "_copy_state_dict") and hasattr(m, "_update_count"):  # torchmetrics.Metric (duck-typed)
-            extra = {k: getattr(m, k) for k in ("_update_count", "_computed", "_forward_cache") if hasattr(m, k)}
-            metrics.append((m, m._copy_state_dict(), extra))
-
-    def restore() -> None:
-        with torch.no_grad():
-            for buf, saved in buffers:
-                buf.copy_(saved)
-        for m, states, extra in metrics:
-            for k, v in {**states, **extra}.items():
-                setattr(m, k, v)
-
-    return restore
-
-
-@contextlib.contextmanager
-def _muted_logging(module: Any) -> Iterator[None]:
-    """``self.log`` / ``self.log_dict`` do nothing inside (instance attributes shadow the methods)."""
-    saved = {k: module.__dict__[k] for k in ("log", "log_dict") if k in module.__dict__}
-
-    def mute(*args: Any, **kwargs: Any) -> None:
-        return None
-
-    object.__setattr__(module, "log", mute)
-    object.__setattr__(module, "log_dict", mute)
-    try:
-        yield
-    finally:
-        for k in ("log", "log_dict"):
-            if k in saved:
-                object.__setattr__(module, k, saved[k])
-            else:
-                object.__delattr__(module, k)
-
-
-def _takes_batch_idx(fn: Callable[..., Any]) -> bool:
-    try:
-        params = list(inspect.signature(fn).parameters.values())
-    except (TypeError, ValueError):
-        return True
-    if any(p.kind == p.VAR_POSITIONAL for p in params):
-        return True
-    return len([p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]) >= 2
-
-
-def _loss_of(output: Any) -> torch.Tensor | None:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, dict) and isinstance(output.get("loss"), torch.Tensor):
-        return output["loss"]
-    return None
 
 
 def _distinct_points(points: list[CapturedPoint]) -> list[CapturedPoint]:
@@ -463,53 +378,6 @@ class AlignmentMonitorMixin:
 
 
 # ---------------------------------------------------------------------------------------------- plotting
-def plot_alignment(history: list[AlignmentRecord], path: str | Path, title: str = "alignment with backprop") -> Path:
-    """PNG of signal alignment per feedback point (mean, band of one std) and update alignment per block over steps.
-
-    Uses matplotlib's Agg canvas directly (the global pyplot backend is left alone).
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig = Figure(figsize=(11, 4.2), dpi=110)
-    FigureCanvasAgg(fig)
-    ax_s, ax_w = fig.subplots(1, 2, sharey=True)
-    steps = [r.step for r in history]
-    point_keys = list(dict.fromkeys(k for r in history for k in r.points))
-    for key in point_keys:
-        xs = [r.step for r in history if key in r.points and not math.isnan(r.points[key].mean)]
-        ms = [r.points[key].mean for r in history if key in r.points and not math.isnan(r.points[key].mean)]
-        ss = [r.points[key].std for r in history if key in r.points and not math.isnan(r.points[key].mean)]
-        (line,) = ax_s.plot(xs, ms, marker=".", label=key)
-        ax_s.fill_between(
-            xs, [m - s for m, s in zip(ms, ss)], [m + s for m, s in zip(ms, ss)], alpha=0.15, color=line.get_color()
-        )
-    for key in dict.fromkeys(k for r in history for k in r.weights):
-        xs = [r.step for r in history if key in r.weights and not math.isnan(r.weights[key])]
-        ax_w.plot(
-            xs,
-            [r.weights[key] for r in history if key in r.weights and not math.isnan(r.weights[key])],
-            marker=".",
-            label=key,
-        )
-    for ax, sub in ((ax_s, "signal at feedback point (mean ± std over samples)"), (ax_w, "weight update of block")):
-        ax.axhline(0.0, color="grey", lw=0.8)
-        ax.set_xlabel("optimizer step")
-        ax.set_title(sub, fontsize=10)
-        ax.set_ylim(-1.05, 1.05)
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8, title="point" if ax is ax_s else "block", title_fontsize=8)
-    ax_s.set_ylabel("cosine similarity with backprop")
-    if len(steps) == 1:
-        for ax in (ax_s, ax_w):
-            ax.set_xlim(steps[0] - 1, steps[0] + 1)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path)
-    return path
 
 
 # ---------------------------------------------------------------------------------------------- flavours

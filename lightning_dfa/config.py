@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .discovery import BlockSpec
+from .blocks import BlockSpec
 from .feedback import DISTRIBUTIONS
 
 MODES = ("dfa", "shallow", "bp")

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .blocks import Block, Target, _has_params
 from .checks import check_state, checked_transform, explain_silence, output_names, refuse_reentrant_checkpointing
 from .config import _SAVED_OPTIONS, DFAConfig, reconcile
 from .delivery import (
@@ -62,7 +63,7 @@ from .delivery import (
     _parameters_reached,
     _SoftCut,
 )
-from .discovery import Block, Target, _has_params, discover
+from .discovery import discover
 from .feedback import FeedbackBank, uses_sketch
 from .layout import Layouts, laid_out, prefix, sequence_shaped
 from .norms import NormSpec, _may_normalise, norm_vjp, probe_normalisation

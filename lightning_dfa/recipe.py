@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .blocks import Target
 from .config import RECIPE_OPTIONS
-from .discovery import Target
 from .feedback import uses_sketch
 from .norms import _may_normalise
 from .roles import params_after_blocks

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from .discovery import Target
+from .blocks import Target
 
 if TYPE_CHECKING:
     from .engine import FeedbackEngine

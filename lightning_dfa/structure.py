@@ -1,0 +1,362 @@
+"""Finding the blocks of a model from its structure: Sequential chains of layer groups, repeated blocks in a
+ModuleList, stages of residual blocks, composite attributes of one class, and hand-written nets whose layer inputs
+are the points (rules 4 to 6 of :func:`lightning_dfa.discovery.discover`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from .blocks import (
+    _ATTENTION_NAME,
+    _DROPOUT_TYPES,
+    _NORM_TYPES,
+    _POOL_TYPES,
+    Block,
+    Target,
+    _has_params,
+    _is_activation,
+    _last_param_leaf,
+    _module_order,
+    infer_micro_points,
+)
+
+
+# --------------------------------------------------------------------------- nn.Sequential
+def sequential_groups(seq: nn.Sequential, prefix: str = "", whole: bool = False) -> tuple[list[Block], str] | None:
+    """Split a Sequential into feedback groups and its output layer.
+
+    A group starts at a parametric layer (Linear/Conv, or a container with parameters) and takes the norms,
+    activations, pooling and dropout that follow it; the last parametric layer is the output. ``whole``: every
+    layer's group is a block (a feature extractor whose output layer lies after it) and the output is ``""``.
+
+    Example:
+        >>> seq = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> blocks, out = sequential_groups(seq)
+        >>> [b.name for b in blocks], out
+        (['1', '3'], '4')
+    """
+    children = list(seq.named_children())
+    join = (prefix + ".") if prefix else ""
+    param_idx = [i for i, (_, m) in enumerate(children) if _has_params(m)]
+    if len(param_idx) < (1 if whole else 2):
+        return None
+    last = len(children) if whole else param_idx[-1]
+    # norms directly after a layer are part of its group, so the output is the last *layer*
+    while not whole and last > 0 and isinstance(children[last][1], _NORM_TYPES) and last - 1 in param_idx:
+        last -= 1
+    blocks = []
+    i = 0
+    while i < last:
+        name, module = children[i]
+        if not _has_params(module):
+            i += 1
+            continue
+        j = i
+        while j + 1 < last and (
+            isinstance(children[j + 1][1], _NORM_TYPES + _POOL_TYPES + _DROPOUT_TYPES)
+            or _is_activation(children[j + 1][1])
+        ):
+            j += 1
+        members = tuple(m for _, m in children[i : j + 1])
+        blocks.append(Block(join + children[j][0], module, children[j][1], members=members))
+        i = j + 1
+    if not blocks:
+        return None
+    return blocks, "" if whole else join + children[last][0]
+
+
+def _is_feature_extractor(seq: nn.Sequential) -> bool:
+    """A Sequential of two or more layers that ends in an activation, pooling, dropout or flatten: its last layer
+    is hidden (a single ``Sequential(Linear, ReLU)`` is one block of something larger, as in a ModuleList)."""
+    children = list(seq.children())
+    return sum(_has_params(c) for c in children) >= 2 and not _has_params(children[-1])
+
+
+def _composite(module: nn.Module) -> bool:
+    """A module made of submodules that holds parameters (a block, not a single layer)."""
+    return any(True for _ in module.children()) and _has_params(module)
+
+
+def _is_stage(seq: nn.Module) -> bool:
+    """A Sequential of two or more composite blocks of one class (ResNet's ``layer1 = Sequential(BasicBlock, ...)``):
+    a list of residual blocks, not a chain of layers."""
+    children = list(seq.children())
+    return (
+        isinstance(seq, nn.Sequential)
+        and len(children) >= 2
+        and len({type(c) for c in children}) == 1
+        and all(_composite(c) for c in children)
+    )
+
+
+def _one_block_stages(root: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Sequentials of ONE composite block, when two or more hold blocks of the same class (timm's ``resnet10t``:
+    ``layer1`` ... ``layer4`` each ``Sequential(BasicBlock)``)."""
+    single = [(n, m) for n, m in root.named_modules() if isinstance(m, nn.Sequential) and len(m) == 1]
+    single = [(n, m) for n, m in single if _composite(m[0])]
+    kinds = [type(m[0]) for _, m in single]
+    return [(n, m) for n, m in single if kinds.count(type(m[0])) >= 2]
+
+
+def repeated_blocks(root: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Containers of the model's repeated blocks: ModuleLists and Sequentials of two or more composite modules of
+    one class (``blocks = nn.ModuleList([Block(...)])``, ResNet's stages). A Sequential found inside one of their
+    blocks (an MLP ``nn.Sequential(Linear, GELU, Linear)``) is part of that block, never a chain of blocks itself.
+
+    Example:
+        >>> class Block(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.mlp = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 4))
+        >>> net = nn.Module()
+        >>> net.blocks = nn.ModuleList([Block(), Block()])
+        >>> [n for n, _ in repeated_blocks(net)]
+        ['blocks']
+    """
+    found = []
+    for name, module in root.named_modules():
+        if isinstance(module, (nn.ModuleList, nn.Sequential)):
+            children = list(module.children())
+            if len(children) >= 2 and len({type(c) for c in children}) == 1 and all(_composite(c) for c in children):
+                found.append((name, module))
+    return found
+
+
+def _inside(name: str, containers: Sequence[str]) -> bool:
+    """``name`` is one of the containers' blocks or lies inside one (``""`` is the root)."""
+    return any(name.startswith(c + ".") if c else bool(name) for c in containers)
+
+
+def _stages_target(root: nn.Module) -> Target | None:
+    """Rule 4a: stages of repeated composite blocks (ResNet's ``layer1`` ... ``layer4``). Every block of every
+    stage is a block, and the output is the last parametric layer registered outside the stages (``fc``)."""
+    stages = [(n, m) for n, m in root.named_modules() if _is_stage(m)] + _one_block_stages(root)
+    stages = [(n, m) for n, m in stages if not any(n.startswith(o + ".") for o, _ in stages)]
+    stages.sort(key=lambda x: _module_order(root)[x[0]])
+    if not stages:
+        return None
+    size = sum(p.numel() for _, m in stages for p in m.parameters())
+    lists = [m for m in root.modules() if isinstance(m, nn.ModuleList) and len({type(c) for c in m}) == 1]
+    if any(sum(p.numel() for p in m.parameters()) > size for m in lists):
+        return None  # a larger ModuleList of repeated layers is the backbone (rule 5)
+    names = [n for n, _ in stages]
+    leaf = _last_param_leaf(root, names)
+    order = _module_order(root)
+    if leaf is None or order[leaf[0]] < max(order[n] for n in names):
+        return None  # no output layer after the stages
+    blocks = [Block(f"{n}.{child}", m, m) for n, stage in stages for child, m in stage.named_children()]
+    return Target(blocks, leaf[0], leaf[1], "stages")
+
+
+def _sequential_target(root: nn.Module, exclude: Sequence[str] = ()) -> Target | None:
+    """Rule 4. The largest Sequential that splits into groups; if it is a feature extractor (``encoder =
+    Sequential(Linear, ReLU, Linear, ReLU)`` before ``head = Linear``), all its groups are blocks and the output is
+    the first parametric module registered after it (a Sequential there adds its own groups). Feature-extractor
+    Sequentials registered before the chosen one (VGG's ``features`` before its ``classifier``) add their groups."""
+    order = _module_order(root)
+    repeated = [n for n, _ in repeated_blocks(root)]
+    sequentials = [
+        (n, m)
+        for n, m in root.named_modules()
+        if isinstance(m, nn.Sequential) and not _inside(n, repeated) and not _inside(n + ".", exclude)
+    ]
+    sequentials = [(n, m) for n, m in sequentials if n not in repeated]
+    best = None
+    for name, seq in sorted(sequentials, key=lambda x: -sum(p.numel() for p in x[1].parameters())):
+        grouped = sequential_groups(seq, name)
+        if grouped is not None or _is_feature_extractor(seq):
+            best = (name, seq, grouped)
+            break
+    if best is None:
+        return None
+    name, seq, grouped = best
+    blocks: list[Block] = []
+    out_name = grouped[1] if grouped is not None else None
+    after = _module_after(root, name, order)
+    network, other = _network_of(root, name), _network_of(root, after[0]) if after is not None else None
+    if grouped is not None and network is not None and other is not None and network != other:
+        # two networks of their own (a GAN's generator and discriminator): each chain ends in its own output (the
+        # other network's last layer is found as an output from the forward); the other's groups are blocks too
+        extra = _sequential_target(root.get_submodule(other))
+        blocks = list(grouped[0]) + ([] if extra is None else [_renamed(b, other) for b in extra.blocks])
+        after = None
+    elif _is_feature_extractor(seq) or _is_layer(after):  # its last layer is hidden: a layer is registered after it
+        if after is not None:
+            whole = sequential_groups(seq, name, whole=True)
+            blocks = whole[0] if whole else []
+            out_name = after[0]
+            if isinstance(after[1], nn.Sequential):  # its last layer is the output (a Sigmoid after it is the loss's)
+                tail = sequential_groups(after[1], after[0])
+                if tail is not None:
+                    blocks, out_name = blocks + tail[0], tail[1]
+                else:  # a one-layer Sequential: that layer is the output
+                    layer = next(n for n, m in after[1].named_children() if _has_params(m))
+                    out_name = f"{after[0]}.{layer}"
+    if out_name is None:
+        return None
+    if not blocks:
+        assert grouped is not None
+        blocks = list(grouped[0])
+    # Sequentials that run before (feature extractors, the features before a larger classifier): all their groups
+    # are blocks too
+    first = min(order[b.name] for b in blocks)
+    for other, mod in sequentials:
+        nested = other.startswith(name + ".") or name.startswith(other + ".") or other == name
+        if nested or order[other] > first or not _has_params(mod):
+            continue
+        if any(other.startswith(o + ".") for o, m in sequentials if o != other and _has_params(m)):
+            continue
+        extra = sequential_groups(mod, other, whole=True)
+        if extra is not None:
+            blocks = extra[0] + blocks
+    blocks.sort(key=lambda b: order[b.name])
+    return Target(blocks, out_name, root.get_submodule(out_name), "sequential")
+
+
+def _network_of(root: nn.Module, name: str) -> str | None:
+    """The root's child holding ``name`` when that child is a network of its own (a module class of the user's,
+    holding ``name`` below it), else ``None``."""
+    top = name.split(".")[0]
+    if not name or top == name:
+        return None
+    child = root.get_submodule(top)
+    return None if isinstance(child, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) else top
+
+
+def _renamed(block: Block, prefix: str) -> Block:
+    return Block(f"{prefix}.{block.name}", block.entry, block.exit, block.top_level, block.members, block.output_point)
+
+
+def _is_layer(found: tuple[str, nn.Module] | None) -> bool:
+    """A module that can read a feature tensor (not an embedding lookup, whose input is indices)."""
+    return found is not None and not isinstance(found[1], (nn.Embedding, nn.EmbeddingBag))
+
+
+def _module_after(root: nn.Module, name: str, order: dict[str, int]) -> tuple[str, nn.Module] | None:
+    """The first module registered after ``name`` (outside it) that holds parameters, outermost first."""
+    if not name:
+        return None  # the root itself: nothing lies after it
+    for other, module in root.named_modules():
+        if order[other] <= order[name] or other.startswith(name + ".") or not _has_params(module):
+            continue
+        if any(True for _ in module.children()) and not isinstance(module, nn.Sequential):
+            continue  # a container: look inside it for the layer
+        return other, module
+    return None
+
+
+# --------------------------------------------------------------------------- ModuleList
+def _module_list_target(root: nn.Module, min_len: int = 2, composite: bool = False) -> Target | None:
+    best = None
+    for name, mlist in root.named_modules():
+        if not isinstance(mlist, nn.ModuleList) or len(mlist) < min_len:
+            continue
+        if composite and not all(_composite(m) for m in mlist):
+            continue
+        kinds = {type(m) for m in mlist}
+        size = sum(p.numel() for p in mlist.parameters())
+        if len(kinds) == 1 and size > 0 and (best is None or size > best[2]):
+            best = (name, mlist, size)
+    if best is None:
+        return None
+    name, mlist, _ = best
+    lists = [(name, mlist)]
+    if composite and _is_transformer_stack(mlist):
+        # an encoder-decoder (``nn.Transformer``): every stack of Transformer layers holds blocks, not only the
+        # largest (the encoder would otherwise learn only through the decoder's cross-attention)
+        for other, olist in root.named_modules():
+            if (
+                isinstance(olist, nn.ModuleList)
+                and other != name
+                and len(olist) >= min_len
+                and len({type(m) for m in olist}) == 1
+                and _is_transformer_stack(olist)
+                and not any(other.startswith(n + ".") or n.startswith(other + ".") for n, _ in lists)
+            ):
+                lists.append((other, olist))
+        order = _module_order(root)
+        lists.sort(key=lambda x: order[x[0]])
+    blocks = [Block(f"{n}.{i}", m, m) for n, ml in lists for i, m in enumerate(ml)]
+    leaf = _last_param_leaf(root, [n for n, _ in lists])
+    if leaf is None:
+        return None
+    return Target(blocks, leaf[0], leaf[1], "module_list")
+
+
+def _is_transformer_stack(mlist: nn.ModuleList) -> bool:
+    """A list of composite layers that each hold an attention submodule."""
+    points = infer_micro_points(mlist[0]) if len(mlist) and _composite(mlist[0]) else ()
+    return bool(points) and bool(_ATTENTION_NAME.search(points[0].rsplit(".", 1)[-1]))
+
+
+# --------------------------------------------------------------------------- repeated blocks as attributes
+def _attribute_blocks_target(root: nn.Module) -> Target | None:
+    """Blocks that are attributes of one module (a UNet's ``inc``, ``down1`` ... ``down4``, ``up1`` ... ``up4``,
+    ``outc``): where two or more of a module's composite children share a class, every composite child registered
+    before the one holding its last parametric layer is a block, and that layer is the output."""
+    best = None
+    for name, parent in root.named_modules():
+        if isinstance(parent, (nn.ModuleList, nn.Sequential, nn.ModuleDict)):
+            continue
+        kids = [(n, c) for n, c in parent.named_children() if _composite(c)]
+        kinds = [type(c) for _, c in kids if type(c) not in (nn.Sequential, nn.ModuleList, nn.ModuleDict)]
+        if not any(kinds.count(k) >= 2 for k in kinds):  # a class of the model's own, repeated
+            continue
+        leaf = _last_param_leaf(parent, [])
+        if leaf is None:
+            continue
+        top = leaf[0].split(".")[0]
+        order = [n for n, _ in parent.named_children()]
+        kids = [(n, c) for n, c in kids if order.index(n) < order.index(top)]
+        if len(kids) < 2:
+            continue
+        join = f"{name}." if name else ""
+        blocks = [Block(join + n, c, c) for n, c in kids]
+        size = sum(p.numel() for _, c in kids for p in c.parameters())
+        if best is None or size > best[0]:
+            best = (size, Target(blocks, join + leaf[0], leaf[1], "attribute_blocks"))
+    return None if best is None else best[1]
+
+
+def _block_params(target: Target | None) -> int:
+    if target is None:
+        return -1
+    seen: dict[int, int] = {}
+    for b in target.blocks:
+        for p in b.parameters():
+            seen[id(p)] = p.numel()
+    return sum(seen.values())
+
+
+def _structure_target(root: nn.Module) -> Target | None:
+    """Rules 4, 4a and 5: the model's repeated blocks (stages, a ModuleList of composite blocks, or blocks as
+    attributes of one module), unless a chain of Sequential groups outside them holds more parameters."""
+    repeated = [t for t in (_stages_target(root), _module_list_target(root, composite=True)) if t is not None]
+    repeated += [t for t in (_attribute_blocks_target(root),) if t is not None]
+    best = max(repeated, key=_block_params) if repeated else None
+    chain = _sequential_target(root, [b.name for b in best.blocks] if best is not None else [])
+    if best is not None and _block_params(best) >= _block_params(chain):
+        return best
+    return chain or _module_list_target(root)
+
+
+# --------------------------------------------------------------------------- layers as attributes
+_POINT_LAYER_TYPES = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd, nn.RNNBase, nn.MultiheadAttention, nn.Embedding)
+
+
+def _layer_inputs_target(root: nn.Module) -> Target | None:
+    """Rule 6: the parametric layers (Linear, Conv, RNN, attention, Embedding; not norms) in registration order.
+
+    Each layer's input is a feedback point (recorded only when it carries gradient, so never the data or token
+    ids), and the last layer is the output, its input a point too. A layer's feedback thus arrives after the
+    activation ``forward`` applies to the previous layer's output, as the DFA rule ``(B e) * f'(a)`` needs.
+    """
+    layers = [(n, m) for n, m in root.named_modules() if n and isinstance(m, _POINT_LAYER_TYPES)]
+    layers = [(n, m) for n, m in layers if not any(n.startswith(o + ".") for o, _ in layers)]  # MHA's out_proj
+    if len(layers) < 2:
+        return None
+    *hidden, (out_name, out) = layers
+    blocks = [Block(n, m, m, output_point=False) for n, m in hidden]
+    return Target(blocks, out_name, out, "layer_inputs", head_input_point=True)
