@@ -17,7 +17,6 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -110,7 +109,9 @@ def full_state(net: nn.Module, world: int) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", ""): v for k, v in state.items()}
+    return {
+        k.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", ""): v for k, v in state.items()
+    }
 
 
 def train(name: str, rank: int = 0, world: int = 1, out: Path | None = None) -> dict[str, torch.Tensor]:
