@@ -68,8 +68,8 @@ def checkpoint_check_fn(target: Target) -> Any:
 def shard_blocks(
     root: nn.Module, target: Target, checkpoint: bool = False, **fully_shard_kwargs: Any
 ) -> list[nn.Module]:
-    """FSDP2: ``fully_shard`` each block unit of :func:`wrap_units`, then ``root``; with ``checkpoint=True`` each unit
-    first gets non-reentrant activation checkpointing. ``fully_shard_kwargs`` (``mesh``, ``mp_policy``,
+    """FSDP2: ``fully_shard`` each block unit of :func:`wrap_units`, then :func:`network`; with ``checkpoint=True``
+    each unit first gets non-reentrant activation checkpointing. ``fully_shard_kwargs`` (``mesh``, ``mp_policy``,
     ``offload_policy``, ``reshard_after_forward``) are passed on. Returns the sharded units (the checkpoint wrappers
     where ``checkpoint=True``). Attach the engine afterwards with :func:`outermost`."""
     from torch.distributed.fsdp import fully_shard
@@ -82,8 +82,28 @@ def shard_blocks(
         units = [_wrapper_of(root, u) for u in units]
     for unit in units:
         fully_shard(unit, **fully_shard_kwargs)
-    fully_shard(root, **fully_shard_kwargs)
+    fully_shard(network(root, target), **fully_shard_kwargs)
     return units
+
+
+def network(root: nn.Module, target: Target) -> nn.Module:
+    """The innermost module of ``root`` that holds every parameter of ``root``: FSDP2's root unit, whose forward must
+    run (a LightningModule's ``training_step`` calls its network, not ``self``).
+
+    Example:
+        >>> from lightning_dfa import discover
+        >>> outer = nn.Module()
+        >>> outer.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+        >>> network(outer, discover(outer)) is outer.net
+        True
+    """
+    everything = {id(p) for p in root.parameters()}
+    inner = root
+    while True:
+        child = next((c for c in inner.children() if {id(p) for p in c.parameters()} == everything), None)
+        if child is None:
+            return inner
+        inner = child
 
 
 def _wrapper_of(root: nn.Module, module: nn.Module) -> nn.Module:

@@ -487,6 +487,16 @@ class DFAModelParallelMixin(DFAShardedMixin):
 
     device_mesh: Any
     _dfa_fully_shard_kwargs: dict[str, Any]
+    _data_parallel_size: Any
+    _tensor_parallel_size: Any
+
+    def setup_environment(self) -> None:
+        if self._data_parallel_size == "auto" and self._tensor_parallel_size == "auto":
+            # DFA shards by data parallelism (FSDP2 over every process); Lightning's "auto" would give tensor
+            # parallelism within a node, which the blocks alone do not set up
+            self._tensor_parallel_size = 1
+            self._data_parallel_size = self.num_nodes * self.num_processes  # type: ignore[attr-defined]
+        super().setup_environment()  # type: ignore[misc]
 
     def _dfa_shard(self, module: nn.Module, target: Target) -> None:
         from torch.distributed.tensor import DTensor
