@@ -25,7 +25,15 @@ from torch import nn
 from lightning_dfa import FeedbackEngine, discover
 from lightning_dfa.sharding import fsdp_auto_wrap_policy, outermost, shard_blocks
 
-CONFIGS = ("mlp_fsdp2", "llama_fsdp2", "llama_fsdp2_ckpt", "mlp_fsdp2_resume", "llama_fsdp2_resume", "mlp_fsdp1")
+CONFIGS = (
+    "mlp_fsdp2",
+    "llama_fsdp2",
+    "llama_fsdp2_ckpt",
+    "mlp_fsdp2_resume",
+    "llama_fsdp2_resume",
+    "mlp_fsdp1",
+    "llama_fsdp1",
+)
 OPTIONS: dict = {}
 SHARD: dict = {}
 STEPS = 4
@@ -106,6 +114,11 @@ def steps(
 def full_state(net: nn.Module, world: int) -> dict[str, torch.Tensor]:
     if world == 1:
         return {k: v.detach().clone() for k, v in net.state_dict().items()}
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if isinstance(net, FullyShardedDataParallel):  # (FSDP1's full state dict crashes on CPU: gather the parameters)
+        with FullyShardedDataParallel.summon_full_params(net):
+            return {k.replace("_fsdp_wrapped_module.", ""): v.detach().clone() for k, v in net.named_parameters()}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
