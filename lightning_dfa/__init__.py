@@ -3,7 +3,7 @@
 Example::
 
     import pytorch_lightning as pl
-    import lightning_dfa  # registers the strategy names "dfa", "dfa_ddp", ...
+    import lightning_dfa  # registers the strategy names "dfa", "dfa_ddp", "dfa_fsdp", ...
 
     trainer = pl.Trainer(strategy="dfa", max_epochs=3)
     trainer.fit(model)  # any LightningModule
@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 
-from .adapters.pytorch_lightning import DFA, DFADDPStrategy, DFAStrategy
+from .adapters.pytorch_lightning import DFA, DFADDPStrategy, DFAFSDPStrategy, DFAModelParallelStrategy, DFAStrategy
 from .adapters.pytorch_lightning import register as _register_pl
 from .alignment import AlignmentMonitor
 from .config import MODES, DFAConfig
@@ -30,6 +30,8 @@ __all__ = [
     "DFA",
     "DFAConfig",
     "DFADDPStrategy",
+    "DFAFSDPStrategy",
+    "DFAModelParallelStrategy",
     "DFAStrategy",
     "DISTRIBUTIONS",
     "MODES",

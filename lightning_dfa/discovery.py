@@ -69,6 +69,13 @@ def _find_hf_model(root: nn.Module) -> tuple[str, nn.Module] | None:
     return None
 
 
+def _named_in(cls: type, names: set[str]) -> bool:
+    """``cls`` is named in ``names``, or is FSDP2's ``FSDP<Name>`` subclass of such a class."""
+    return cls.__name__ in names or any(
+        c.__name__ in names and cls.__name__ == "FSDP" + c.__name__ for c in cls.__mro__[1:]
+    )
+
+
 def _hf_target(root: nn.Module, placement: str) -> Target | None:
     found = _find_hf_model(root)
     if found is None:
@@ -77,7 +84,9 @@ def _hf_target(root: nn.Module, placement: str) -> Target | None:
     classes: set[str] = set()
     for module in hf.modules():
         classes.update(getattr(module, "_no_split_modules", None) or [])
-    blocks_found = [(n, m) for n, m in root.named_modules() if n.startswith(prefix) and type(m).__name__ in classes]
+    blocks_found = [  # by the class or a base of it (FSDP2's fully_shard subclasses each sharded module)
+        (n, m) for n, m in root.named_modules() if n.startswith(prefix) and _named_in(type(m), classes)
+    ]
     inner = _nested([n for n, _ in blocks_found])
     blocks_found = [(n, m) for n, m in blocks_found if n not in inner]
     if not blocks_found:  # no _no_split_modules (e.g. ALBERT): its list of repeated layers, even a shared one

@@ -242,10 +242,11 @@ class FeedbackEngine:
         self._cut = chooses_cut(self, root, target)
         uncut = last_top_level_block(root, target) if self._cut else None
         for block in target.blocks:
-            if block.top_level:
+            if block.top_level:  # prepend: the input is cut before FSDP2's pre-forward hook ties it to the
+                # block's post-backward (the point's feedback would otherwise reduce the block's gradients early)
                 self._handles.append(
                     block.entry.register_forward_pre_hook(
-                        _Hook(lambda m, a, k, b=block: self._on_block_input(b, a, k)), with_kwargs=True
+                        _Hook(lambda m, a, k, b=block: self._on_block_input(b, a, k)), with_kwargs=True, prepend=True
                     )
                 )
             if block.output_point and block.name != uncut:  # cut_head_input: the point moves to the head's input
@@ -258,7 +259,7 @@ class FeedbackEngine:
             if self.head_input_is_point:
                 self._handles.append(
                     module.register_forward_pre_hook(
-                        _Hook(lambda m, a, k, n=name: self._on_head_input(n, a, k)), with_kwargs=True
+                        _Hook(lambda m, a, k, n=name: self._on_head_input(n, a, k)), with_kwargs=True, prepend=True
                     )
                 )
             if self.config.error_at == "output":
@@ -522,8 +523,9 @@ class FeedbackEngine:
         if tensor is None or not tensor.is_floating_point():
             return None
         g = self._group
-        if g is not None and id(tensor) in g.cuts:  # a layout-probe forward: the point itself, not its copy
-            tensor = g.cuts[id(tensor)]
+        if g is not None and g.cuts:  # a layout-probe forward: the point itself, not its copy (or an alias of the
+            # copy, such as FSDP2's pre-forward hook passes on)
+            tensor = next((g.cuts[id(c)] for c in g.copies if _same_memory(c, tensor)), tensor)
         recorded = (
             [(p.key, p.tensor, p.flatten) for p in self._capture.points] if self._capture is not None else self._pending
         )
@@ -571,8 +573,9 @@ class FeedbackEngine:
         if tensor is None:
             return None
         g = self._group
-        if g is not None and id(tensor) in g.cuts:  # a layout-probe forward: the point itself, not its copy
-            tensor = g.cuts[id(tensor)]
+        if g is not None and g.cuts:  # a layout-probe forward: the point itself, not its copy (or an alias of the
+            # copy, such as FSDP2's pre-forward hook passes on)
+            tensor = next((g.cuts[id(c)] for c in g.copies if _same_memory(c, tensor)), tensor)
         if self._active() and self.mode == "dfa" and g is not None and (not tensor.requires_grad or g.soft):
             # The head reads the last block's output directly: that block gets the true error at the head's
             # input (it is where the error is read), the other points get its projection.
@@ -851,6 +854,10 @@ def _largest_entries(rows: torch.Tensor, n: int, block: int = 32) -> tuple[torch
     values = torch.where(inside, rows.gather(-1, cols), 0)  # columns past the end count as zeros
     pick = values.abs().topk(n, dim=-1, sorted=False).indices
     return cols.gather(-1, pick), values.gather(-1, pick)
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride())
 
 
 def _has_conv(block: Block) -> bool:

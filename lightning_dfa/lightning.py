@@ -9,7 +9,14 @@ Example::
     trainer = L.Trainer(strategy="ddp", callbacks=[DFA()])
 """
 
-from .adapters.lightning import DFA, DFADDPStrategy, DFAStrategy
+from .adapters.lightning import DFA, DFADDPStrategy, DFAFSDPStrategy, DFAModelParallelStrategy, DFAStrategy
 from .alignment import LightningAlignmentMonitor as AlignmentMonitor
 
-__all__ = ["DFA", "AlignmentMonitor", "DFADDPStrategy", "DFAStrategy"]
+__all__ = [
+    "DFA",
+    "AlignmentMonitor",
+    "DFADDPStrategy",
+    "DFAFSDPStrategy",
+    "DFAModelParallelStrategy",
+    "DFAStrategy",
+]

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import sharding
+from ..blocks import Target
 from ..checks import check_state, refuse_reentrant_checkpointing
 from ..config import DFAConfig
 from ..engine import FeedbackEngine
@@ -106,7 +108,7 @@ class DFAFit:
         self._checked = False
         self._backprop_checked = False
 
-    def attach(self, module: nn.Module, trainer: Any = None) -> FeedbackEngine:
+    def attach(self, module: nn.Module, trainer: Any = None, target: Target | None = None) -> FeedbackEngine:
         if self.engine is not None and self.engine.attached:
             self.engine.detach()
         fitting = str(getattr(getattr(getattr(trainer, "state", None), "fn", None), "value", "fit")) == "fit"
@@ -124,7 +126,7 @@ class DFAFit:
             )
         self._resumed_without_state = False
         self.engine = engine
-        engine.attach(module)
+        engine.attach(module, target)
         self._summary_shown = False
         self._checked = False
         self._backprop_checked = False
@@ -240,8 +242,11 @@ class DFAStrategyMixin:
 
     def setup(self, trainer: Any) -> None:
         super().setup(trainer)  # type: ignore[misc]
-        engine = self.dfa.attach(self.lightning_module, trainer)  # type: ignore[attr-defined]
+        engine = self.dfa.attach(self.lightning_module, trainer, self._dfa_target())  # type: ignore[attr-defined]
         check_ddp_mode(engine, self, callback=False)
+
+    def _dfa_target(self) -> Target | None:
+        return None  # discovered by the engine at attach
 
     def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         self.dfa.before_backward(closure_loss)
@@ -267,13 +272,11 @@ class DFAStrategyMixin:
         super().teardown()  # type: ignore[misc]
 
 
-# Strategies that derive from single-device or DDP strategies but do not run DFA's single backward as they are:
-# DeepSpeed runs its own engine's backward over partitioned parameters, XLA traces lazily, FSDP and model
-# parallelism shard parameters. Refused until they are supported and tested.
+# Strategies that derive from supported strategies but do not run DFA's single backward as they are: DeepSpeed
+# runs its own engine's backward over partitioned parameters, XLA traces lazily. Refused until supported and tested.
 UNSUPPORTED_STRATEGIES = {
-    "DeepSpeedStrategy": "DeepSpeed runs its own engine's backward over partitioned (ZeRO) parameters",
-    "FSDPStrategy": "FSDP shards the parameters",
-    "ModelParallelStrategy": "model parallelism (FSDP2/tensor parallel) shards the parameters",
+    "DeepSpeedStrategy": "DeepSpeed runs its own engine's backward over partitioned (ZeRO) parameters; use "
+    "strategy='dfa_fsdp' (FSDP full shard, optionally with CPU offload) for sharded training",
     "XLAStrategy": "XLA traces the graph lazily",
     "SingleDeviceXLAStrategy": "XLA traces the graph lazily",
     "XLAFSDPStrategy": "XLA FSDP shards the parameters",
@@ -283,8 +286,8 @@ UNSUPPORTED_STRATEGIES = {
 def check_strategy(strategy: Any, supported: tuple[type, ...]) -> None:
     """Refuse a strategy that DFA is not known to train correctly with (the callback form composes with others).
 
-    Supported: single-device strategies and DDP (any start method, any number of nodes), except the subclasses
-    named in :data:`UNSUPPORTED_STRATEGIES`.
+    Supported: single-device strategies, DDP (any start method, any number of nodes), FSDP and model parallelism
+    (FSDP2), except the subclasses named in :data:`UNSUPPORTED_STRATEGIES`.
 
     Example:
         >>> class SingleDeviceStrategy: ...
@@ -304,9 +307,10 @@ def check_strategy(strategy: Any, supported: tuple[type, ...]) -> None:
         return
     reason = f" ({why})" if why else ""
     raise RuntimeError(
-        f"DFA: the strategy {name} is not supported{reason}: DFA is tested with single-device strategies and DDP "
-        "only, and an untested strategy could train silently wrong. Use Trainer(strategy='dfa'), "
-        "Trainer(strategy='dfa_ddp') or strategy='ddp' with callbacks=[DFA()]. See docs/compatibility.md."
+        f"DFA: the strategy {name} is not supported{reason}: DFA is tested with single-device strategies, DDP, "
+        "FSDP and model parallelism (FSDP2) only, and an untested strategy could train silently wrong. Use "
+        "Trainer(strategy='dfa'), 'dfa_ddp', 'dfa_fsdp', 'dfa_model_parallel', or one of Lightning's strategies "
+        "with callbacks=[DFA()]. See docs/compatibility.md."
     )
 
 
@@ -414,3 +418,96 @@ class DFADDPMixin:
                     start_method=start_method,
                     find_unused_parameters=True,
                 )
+
+
+class DFAShardedMixin:
+    """FSDP (``FSDPStrategy``) and FSDP2 (``ModelParallelStrategy``) with DFA: the blocks DFA discovers are the
+    units that are sharded (and, with ``checkpoint_blocks=True``, activation-checkpointed), unless the user gave
+    an ``auto_wrap_policy`` (FSDP) or sharded the model in ``configure_model`` (FSDP2). The engine attaches after
+    sharding, to the outermost wrapper of each block, with the names of the plain model."""
+
+    dfa: DFAFit
+    _dfa_plain_target: Target | None = None
+
+    def _dfa_sharding_init(self, checkpoint_blocks: bool) -> None:
+        if not isinstance(checkpoint_blocks, bool):
+            raise ValueError(f"DFA: checkpoint_blocks must be True or False, got {checkpoint_blocks!r}.")
+        self.dfa_checkpoint_blocks = checkpoint_blocks
+
+    def setup(self, trainer: Any) -> None:
+        module = self.lightning_module  # type: ignore[attr-defined]
+        probe = FeedbackEngine(DFAConfig(**vars(self.dfa.config)))
+        self._dfa_plain_target = probe.attach(module)  # the blocks of the plain model (configure_dfa() included)
+        probe.detach()
+        self._dfa_shard(module, self._dfa_plain_target)
+        super().setup(trainer)  # type: ignore[misc]
+
+    def _dfa_shard(self, module: nn.Module, target: Target) -> None:
+        raise NotImplementedError
+
+    def _dfa_target(self) -> Target | None:
+        assert self._dfa_plain_target is not None
+        return sharding.outermost(self.lightning_module, self._dfa_plain_target)  # type: ignore[attr-defined]
+
+
+class DFAFSDPMixin(DFAShardedMixin):
+    """Lightning's ``FSDPStrategy`` (FSDP1): the blocks as the auto-wrap policy and checkpointing policy."""
+
+    kwargs: dict[str, Any]
+    _activation_checkpointing_kwargs: dict[str, Any]
+
+    def _dfa_shard(self, module: nn.Module, target: Target) -> None:
+        self.kwargs.setdefault("auto_wrap_policy", sharding.fsdp_auto_wrap_policy(target))
+        if self.dfa_checkpoint_blocks and not self._activation_checkpointing_kwargs:
+            self._activation_checkpointing_kwargs = {"check_fn": sharding.checkpoint_check_fn(target)}
+
+    def setup_environment(self) -> None:
+        device = self.root_device  # type: ignore[attr-defined]
+        if device.type == "cpu":
+            raise ValueError(
+                "DFA: strategy 'dfa_fsdp' runs Lightning's FSDPStrategy, which requires a GPU accelerator, but the "
+                "Trainer gives the CPU. Set Trainer(accelerator='gpu'); on CPU use strategy='dfa_model_parallel' "
+                "(FSDP2) or 'dfa_ddp'."
+            )
+        super().setup_environment()  # type: ignore[misc]
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        for name, offload in (("dfa_fsdp", False), ("dfa_fsdp_cpu_offload", True)):
+            if name not in strategy_registry:
+                what = "FSDP full shard" + (" with CPU offload" if offload else "")
+                strategy_registry.register(name, cls, description=f"DFA over {what}", cpu_offload=offload)
+            registered = cls._registered_strategies  # type: ignore[attr-defined]
+            if name not in registered:  # Lightning then asks for a GPU accelerator, as for "fsdp"
+                registered.append(name)
+
+
+class DFAModelParallelMixin(DFAShardedMixin):
+    """Lightning's ``ModelParallelStrategy`` (FSDP2): a model that ``configure_model`` built but did not shard is
+    sharded per block with ``fully_shard`` over the data-parallel mesh (``mp_policy``/``offload_policy`` passed on)."""
+
+    device_mesh: Any
+    _dfa_fully_shard_kwargs: dict[str, Any]
+    _data_parallel_size: Any
+    _tensor_parallel_size: Any
+
+    def setup_environment(self) -> None:
+        if self._data_parallel_size == "auto" and self._tensor_parallel_size == "auto":
+            # DFA shards by data parallelism (FSDP2 over every process); Lightning's "auto" would give tensor
+            # parallelism within a node, which the blocks alone do not set up
+            self._tensor_parallel_size = 1
+            self._data_parallel_size = self.num_nodes * self.num_processes  # type: ignore[attr-defined]
+        super().setup_environment()  # type: ignore[misc]
+
+    def _dfa_shard(self, module: nn.Module, target: Target) -> None:
+        from torch.distributed.tensor import DTensor
+
+        if any(isinstance(p, DTensor) for p in module.parameters()):
+            if self.dfa_checkpoint_blocks:
+                raise ValueError(
+                    "DFA: checkpoint_blocks=True checkpoints the blocks while DFA shards them, but configure_model() "
+                    "sharded the model itself. Apply activation checkpointing there, or leave the sharding to DFA."
+                )
+            return  # sharded (or tensor-parallel) in configure_model(): kept as it is
+        kwargs = {"mesh": self.device_mesh["data_parallel"], **self._dfa_fully_shard_kwargs}
+        sharding.shard_blocks(module, target, checkpoint=self.dfa_checkpoint_blocks, **kwargs)

@@ -10,9 +10,23 @@ from typing import Any, Optional, Union
 
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    FSDPStrategy,
+    ModelParallelStrategy,
+    SingleDeviceStrategy,
+    StrategyRegistry,
+)
 
-from .core import DFACallbackMixin, DFADDPMixin, DFASingleDeviceMixin, DFAStrategyMixin, make_config
+from .core import (
+    DFACallbackMixin,
+    DFADDPMixin,
+    DFAFSDPMixin,
+    DFAModelParallelMixin,
+    DFASingleDeviceMixin,
+    DFAStrategyMixin,
+    make_config,
+)
 
 Blocks = Optional[Union[str, list[str]]]
 
@@ -97,16 +111,104 @@ class DFADDPStrategy(DFADDPMixin, DFAStrategyMixin, DDPStrategy):
         self._dfa_init(make_config(locals()), verbose)
 
 
+class DFAFSDPStrategy(DFAFSDPMixin, DFAStrategyMixin, FSDPStrategy):
+    """Lightning's FSDP (needs a GPU) with Direct Feedback Alignment; registered as ``"dfa_fsdp"`` and
+    ``"dfa_fsdp_cpu_offload"``. Each discovered block is an FSDP unit (unless ``auto_wrap_policy`` is given);
+    ``checkpoint_blocks=True`` checkpoints each block's activations. Every ``FSDPStrategy`` keyword argument
+    (``mixed_precision``, ``sharding_strategy``, ``state_dict_type="sharded"``, ``cpu_offload``...) is forwarded; a
+    checkpoint, sharded or full, carries the feedback state under ``"dfa"``.
+
+    Example::
+
+        trainer = lightning.pytorch.Trainer(strategy="dfa_fsdp", accelerator="gpu", devices=8, precision="bf16-mixed")
+        trainer = lightning.pytorch.Trainer(strategy=lightning_dfa.DFAFSDPStrategy(checkpoint_blocks=True))
+    """
+
+    strategy_name = "dfa_fsdp"
+
+    def __init__(
+        self,
+        mode: str = "dfa",
+        blocks: Blocks = None,
+        output: Optional[Union[str, list[str]]] = None,
+        seed: int = 0,
+        distribution: str = "uniform",
+        scale: float = 1.0,
+        distinct: bool = False,
+        placement: str = "macro",
+        error_at: str = "output",
+        recipe: str = "auto",
+        norm_jacobian: Optional[bool] = None,
+        cut_head_input: Optional[bool] = None,
+        norm_points: Optional[bool] = None,
+        topk: Optional[int] = None,
+        sketch: Optional[bool] = None,
+        feedback_transform: Optional[Callable[[str, torch.Tensor], torch.Tensor]] = None,
+        verbose: bool = True,
+        checkpoint_blocks: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self._dfa_init(make_config(locals()), verbose)
+        self._dfa_sharding_init(checkpoint_blocks)
+
+
+class DFAModelParallelStrategy(DFAModelParallelMixin, DFAStrategyMixin, ModelParallelStrategy):
+    """Lightning's ``ModelParallelStrategy`` (FSDP2; also on CPU with gloo) with Direct Feedback Alignment;
+    registered as ``"dfa_model_parallel"``. Lightning requires a ``configure_model()`` hook; if it builds the model
+    without sharding it, each discovered block is sharded with ``fully_shard`` (``mp_policy``, ``offload_policy``:
+    FSDP2's mixed-precision and offload policies) and ``checkpoint_blocks=True`` checkpoints each block's activations.
+    The other ``ModelParallelStrategy`` keyword arguments are forwarded; a checkpoint carries the feedback state.
+
+    Example::
+
+        trainer = lightning.pytorch.Trainer(strategy="dfa_model_parallel", devices=2, accelerator="cpu")
+    """
+
+    strategy_name = "dfa_model_parallel"
+
+    def __init__(
+        self,
+        mode: str = "dfa",
+        blocks: Blocks = None,
+        output: Optional[Union[str, list[str]]] = None,
+        seed: int = 0,
+        distribution: str = "uniform",
+        scale: float = 1.0,
+        distinct: bool = False,
+        placement: str = "macro",
+        error_at: str = "output",
+        recipe: str = "auto",
+        norm_jacobian: Optional[bool] = None,
+        cut_head_input: Optional[bool] = None,
+        norm_points: Optional[bool] = None,
+        topk: Optional[int] = None,
+        sketch: Optional[bool] = None,
+        feedback_transform: Optional[Callable[[str, torch.Tensor], torch.Tensor]] = None,
+        verbose: bool = True,
+        checkpoint_blocks: bool = False,
+        mp_policy: Any = None,
+        offload_policy: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self._dfa_init(make_config(locals()), verbose)
+        self._dfa_sharding_init(checkpoint_blocks)
+        policies = {"mp_policy": mp_policy, "offload_policy": offload_policy}
+        self._dfa_fully_shard_kwargs = {k: v for k, v in policies.items() if v is not None}
+
+
 class DFA(DFACallbackMixin, Callback):
-    """Direct Feedback Alignment as a callback, composable with the single-device strategies and DDP (other
-    strategies, such as DeepSpeed and FSDP, are refused in ``setup``).
+    """Direct Feedback Alignment as a callback, composable with the single-device strategies, DDP, FSDP and
+    ``ModelParallelStrategy`` (other strategies, such as DeepSpeed, are refused in ``setup``). Under FSDP the engine
+    attaches to the wrapped model: prefer ``"dfa_fsdp"``/``"dfa_model_parallel"``, which shard by the blocks.
 
     Example::
 
         trainer = lightning.pytorch.Trainer(strategy="ddp", devices=2, callbacks=[lightning_dfa.DFA(seed=1)])
     """
 
-    _dfa_supported_strategies = (SingleDeviceStrategy, DDPStrategy)
+    _dfa_supported_strategies = (SingleDeviceStrategy, DDPStrategy, FSDPStrategy, ModelParallelStrategy)
 
     def __init__(
         self,
@@ -133,7 +235,10 @@ class DFA(DFACallbackMixin, Callback):
 
 
 def register(registry: Any = StrategyRegistry) -> None:
-    """Register ``"dfa"`` and the ``"dfa_ddp*"`` names (idempotent)."""
+    """Register ``"dfa"``, the ``"dfa_ddp*"``, ``"dfa_fsdp*"`` names and ``"dfa_model_parallel"`` (idempotent)."""
     if "dfa" not in registry:
         registry.register("dfa", DFAStrategy, description="Direct Feedback Alignment on one device")
     DFADDPStrategy.register_strategies(registry)
+    DFAFSDPStrategy.register_strategies(registry)
+    if "dfa_model_parallel" not in registry:
+        registry.register("dfa_model_parallel", DFAModelParallelStrategy, description="DFA over FSDP2")
