@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import logging
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -239,9 +241,36 @@ def test_single_device_strategy_refuses_several_devices() -> None:
         pl.Trainer(strategy="dfa", accelerator="cpu", devices=2)
 
 
-def test_summary_table_is_printed(capsys: pytest.CaptureFixture[str]) -> None:
+class _Said(logging.Handler):
+    """Collects what is said through Lightning's ``rank_zero_info`` (the logger of Lightning's own messages)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+@pytest.fixture
+def said() -> Iterator[_Said]:
+    from lightning_utilities.core import rank_zero
+
+    logger = rank_zero.log  # the logger both Lightning packages' rank_zero_info write to
+    handler, level = _Said(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def test_summary_table_is_shown(said: _Said) -> None:
     trainer(strategy="dfa", max_steps=2).fit(Classifier(mlp()), loader())
-    out = capsys.readouterr().out
+    out = said.text()
     for text in ("Feedback point", "net.1", "net.5", "[16, 16]", "Output (error read here", "net.6", "seed 0"):
         assert text in out
     assert "Trainable params by feedback: 656 | by true gradient: 51 | not trained: 0" in out
@@ -319,16 +348,16 @@ def test_lightning_package_classes_are_exported() -> None:
     assert strategy.dfa_engine.config.seed == 3 and monitor.latest is not None
 
 
-def test_summary_at_fit_start_has_shapes_from_example_input(capsys: pytest.CaptureFixture[str]) -> None:
+def test_summary_at_fit_start_has_shapes_from_example_input(said: _Said) -> None:
+    said_before_training: list[str] = []
+
     class WithExample(Classifier):
         def on_train_start(self) -> None:
-            print("TRAINING STARTS")
+            said_before_training.append(said.text())
 
     model = WithExample(mlp())
     model.example_input_array = torch.randn(5, 6)
-    t = trainer(strategy="dfa", max_steps=1)
-    t.fit(model, loader())
-    out = capsys.readouterr().out
-    table = out.index("Feedback point")
-    assert table < out.index("TRAINING STARTS")  # printed at fit start, before the first step
-    assert "[5, 16]" in out[table:] and "at the first step" not in out
+    trainer(strategy="dfa", max_steps=1).fit(model, loader())
+    before = said_before_training[0]
+    assert "Feedback point" in before and "[5, 16]" in before  # shown at fit start, before the first step
+    assert "at the first step" not in said.text()

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
+from typing_extensions import override
 
 from .. import sharding
 from ..blocks import Target
@@ -88,19 +90,15 @@ def check_ddp_mode(engine: FeedbackEngine, strategy: Any, callback: bool) -> Non
     )
 
 
-def _info(trainer: Any, text: str) -> None:
-    if getattr(trainer, "is_global_zero", True):
-        print(text)
-
-
 class DFAFit:
     """One engine on one LightningModule for one ``fit``: attach, check each backward, save/restore, detach."""
 
-    def __init__(self, config: DFAConfig, verbose: bool = True) -> None:
+    def __init__(self, config: DFAConfig, verbose: bool = True, info: Callable[[str], Any] = print) -> None:
         if not isinstance(verbose, bool):
             raise ValueError(f"DFA: verbose must be True or False, got {verbose!r} ({type(verbose).__name__}).")
         self.config = config
         self.verbose = verbose
+        self.info = info  # status lines (the Lightning package's rank_zero_info: rank 0 only, through logging)
         self.engine: FeedbackEngine | None = None
         self.pending_state: dict[str, Any] | None = None
         self._resumed_without_state = False
@@ -144,8 +142,8 @@ class DFAFit:
                 transfer = getattr(module, "_apply_batch_transfer_handler", None)
                 shapes = self.engine.probe_shapes(module, transfer(example) if callable(transfer) else example)
             except Exception as err:  # the summary must never stop training
-                _info(trainer, f"DFA: could not probe feedback shapes with example_input_array ({err}).")
-        _info(trainer, "\n" + self.engine.summary(shapes or {}) + "\n")
+                self.info(f"DFA: could not probe feedback shapes with example_input_array ({err}).")
+        self.info("\n" + self.engine.summary(shapes or {}) + "\n")
         return bool(shapes)
 
     def detach(self) -> None:
@@ -172,11 +170,11 @@ class DFAFit:
         if self.verbose and not self._summary_shown and self.engine.last_points:
             self._summary_shown = True
             points = ", ".join(f"{m.key} {list(m.shape)}" for m in self.engine.last_points)
-            _info(trainer, f"DFA feedback points at the first step: {points}")
-            _info(trainer, "DFA recipe at the first step: " + "; ".join(self.engine.recipe_notes()[1:]))
+            self.info(f"DFA feedback points at the first step: {points}")
+            self.info("DFA recipe at the first step: " + "; ".join(self.engine.recipe_notes()[1:]))
             hint = speed_hint(self.engine)
             if hint:
-                _info(trainer, hint)
+                self.info(hint)
 
     def state_dict(self) -> dict[str, Any]:
         if self.engine is not None:
@@ -233,13 +231,14 @@ class DFAStrategyMixin:
     dfa: DFAFit
 
     def _dfa_init(self, config: DFAConfig, verbose: bool) -> None:
-        self.dfa = DFAFit(config, verbose)
+        self.dfa = DFAFit(config, verbose, info=getattr(self, "_dfa_info", print))
 
     @property
     def dfa_engine(self) -> FeedbackEngine | None:
         """The engine of the current ``fit`` (``None`` before ``setup``)."""
         return self.dfa.engine
 
+    @override
     def setup(self, trainer: Any) -> None:
         super().setup(trainer)  # type: ignore[misc]
         engine = self.dfa.attach(self.lightning_module, trainer, self._dfa_target())  # type: ignore[attr-defined]
@@ -248,25 +247,30 @@ class DFAStrategyMixin:
     def _dfa_target(self) -> Target | None:
         return None  # discovered by the engine at attach
 
+    @override
     def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         self.dfa.before_backward(closure_loss)
         out = super().backward(closure_loss, optimizer, *args, **kwargs)  # type: ignore[misc]
         self.dfa.after_backward(getattr(self.lightning_module, "_trainer", None))  # type: ignore[attr-defined]
         return out
 
+    @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
         checkpoint[CHECKPOINT_KEY] = self.dfa.state_dict()
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)  # type: ignore[misc]
 
+    @override
     def load_checkpoint(self, checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         checkpoint = super().load_checkpoint(checkpoint_path, *args, **kwargs)  # type: ignore[misc]
         self.dfa.load_checkpoint(checkpoint)
         return checkpoint
 
+    @override
     def on_exception(self, exception: BaseException) -> None:
         self.dfa.detach()
         super().on_exception(exception)  # type: ignore[misc]
 
+    @override
     def teardown(self) -> None:
         self.dfa.detach()
         super().teardown()  # type: ignore[misc]
@@ -322,8 +326,9 @@ class DFACallbackMixin:
     _dfa_supported_strategies: tuple[type, ...] = ()
 
     def _dfa_init(self, config: DFAConfig, verbose: bool) -> None:
-        self.dfa = DFAFit(config, verbose)
+        self.dfa = DFAFit(config, verbose, info=getattr(self, "_dfa_info", print))
 
+    @override
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if isinstance(trainer.strategy, DFAStrategyMixin):
             raise RuntimeError(
@@ -336,37 +341,47 @@ class DFACallbackMixin:
     def dfa_engine(self) -> FeedbackEngine | None:
         return self.dfa.engine
 
+    @override
     @property
     def state_key(self) -> str:
         return CALLBACK_KEY
 
+    @override
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         engine = self.dfa.attach(pl_module, trainer)
         check_ddp_mode(engine, trainer.strategy, callback=True)
 
+    @override
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
         self.dfa.before_backward(loss)
 
+    @override
     def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
         self.dfa.after_backward(trainer)
 
+    @override
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         # Lightning calls no callback teardown after an exception or KeyboardInterrupt: remove the hooks here
         self.dfa.detach()
 
+    @override
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self.dfa.detach()
 
+    @override
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = self.dfa.state_dict()  # the same place as the strategy form
 
+    @override
     def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         self.dfa.load_checkpoint(checkpoint)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         # the feedback lives in checkpoint["dfa"] (on_save_checkpoint), once, where the strategy form reads it too
         return {}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.dfa.load_state_dict(state_dict)  # a state_dict() of an earlier version (also read by on_load_checkpoint)
 
@@ -377,6 +392,7 @@ class DFASingleDeviceMixin:
     _dfa_devices: list[torch.device] | None
     _root_device: torch.device
 
+    @override
     @property
     def parallel_devices(self) -> list[torch.device] | None:
         return self._dfa_devices
@@ -396,6 +412,7 @@ class DFASingleDeviceMixin:
 class DFADDPMixin:
     """Registers the DFA names of Lightning's DDP start methods (and never re-registers ``"ddp"``)."""
 
+    @override
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:
         for name, start_method in (
@@ -434,6 +451,7 @@ class DFAShardedMixin:
             raise ValueError(f"DFA: checkpoint_blocks must be True or False, got {checkpoint_blocks!r}.")
         self.dfa_checkpoint_blocks = checkpoint_blocks
 
+    @override
     def setup(self, trainer: Any) -> None:
         module = self.lightning_module  # type: ignore[attr-defined]
         probe = FeedbackEngine(DFAConfig(**vars(self.dfa.config)))
@@ -461,6 +479,7 @@ class DFAFSDPMixin(DFAShardedMixin):
         if self.dfa_checkpoint_blocks and not self._activation_checkpointing_kwargs:
             self._activation_checkpointing_kwargs = {"check_fn": sharding.checkpoint_check_fn(target)}
 
+    @override
     def setup_environment(self) -> None:
         device = self.root_device  # type: ignore[attr-defined]
         if device.type == "cpu":
@@ -471,6 +490,7 @@ class DFAFSDPMixin(DFAShardedMixin):
             )
         super().setup_environment()  # type: ignore[misc]
 
+    @override
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:
         for name, offload in (("dfa_fsdp", False), ("dfa_fsdp_cpu_offload", True)):
@@ -491,6 +511,7 @@ class DFAModelParallelMixin(DFAShardedMixin):
     _data_parallel_size: Any
     _tensor_parallel_size: Any
 
+    @override
     def setup_environment(self) -> None:
         if self._data_parallel_size == "auto" and self._tensor_parallel_size == "auto":
             # DFA shards by data parallelism (FSDP2 over every process); Lightning's "auto" would give tensor
