@@ -4,17 +4,13 @@ that changes shapes, reentrant gradient checkpointing, and a backward in which n
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from .config import _SAVED_OPTIONS, DFAConfig
 from .feedback import check_bank_state
-
-if TYPE_CHECKING:
-    from .delivery import BackwardReport
-    from .engine import FeedbackEngine
 
 
 def check_state(state: Any) -> None:
@@ -69,13 +65,13 @@ def refuse_reentrant_checkpointing(root: nn.Module) -> None:
                 )
 
 
-def output_names(engine: FeedbackEngine) -> str:
+def output_names(engine: Any) -> str:
     """The output module(s) named for a message: ``'head'`` or ``(any of [...])``."""
     names = [n for n, _ in engine.target.outputs] if engine.target else ["?"]
     return repr(names[0]) if len(names) == 1 else f"(any of {names})"
 
 
-def explain_silence(engine: FeedbackEngine, report: BackwardReport) -> str:
+def explain_silence(engine: Any, report: Any) -> str:
     """Why no feedback reached the blocks in a backward, and what to do."""
     out = output_names(engine)
     names = [b.name for b in engine.target.blocks] if engine.target else []

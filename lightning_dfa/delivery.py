@@ -6,16 +6,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from .norms import NormSpec
-
-if TYPE_CHECKING:
-    from .engine import FeedbackEngine
-    from .layout import Layouts
+from .layout import Layouts, PointMeta
 
 
 class _Hook:
@@ -38,21 +34,6 @@ class _Hook:
 class _PassThrough:
     def __call__(self, *args: Any) -> None:
         return None
-
-
-@dataclass
-class PointMeta:
-    """What the engine keeps of a feedback point between forward and backward: its key, shape, dtype, whether its
-    feedback is flattened (convolutional blocks), the norm whose Jacobian shapes its feedback, and its layout."""
-
-    key: str
-    shape: torch.Size
-    dtype: torch.dtype
-    flatten: bool
-    norm: NormSpec | None = None
-    #: how the point's first two dimensions relate to the error's positions: ``"same"`` (lined up in order) or
-    #: ``"swapped"`` (a sequence-first ``[positions, batch, ...]`` point for a batch-first error, or the reverse)
-    layout: str = "same"
 
 
 @dataclass
@@ -79,7 +60,7 @@ class _Delivery:
     __slots__ = ("engine", "points", "source", "upstream", "downstream_ran", "probe", "feeds_point", "frozen")
     __slots__ += ("reached", "forward")
 
-    def __init__(self, engine: FeedbackEngine, points: list[PointMeta], source: str) -> None:
+    def __init__(self, engine: Any, points: list[PointMeta], source: str) -> None:
         self.engine = engine
         self.points = points
         self.source = source

@@ -51,7 +51,6 @@ from .delivery import (
     BackwardReport,
     Capture,
     CapturedPoint,
-    PointMeta,
     _DeliverFeedback,
     _deliveries_upstream_of,
     _Delivery,
@@ -65,7 +64,7 @@ from .delivery import (
 )
 from .discovery import discover
 from .feedback import FeedbackBank, uses_sketch
-from .layout import Layouts, laid_out, prefix, sequence_shaped
+from .layout import Layouts, PointMeta, laid_out, prefix, sequence_shaped
 from .norms import NormSpec, _may_normalise, norm_vjp, probe_normalisation
 from .points import carries_grad as _carries_grad
 from .points import split_input as _split_input

@@ -8,13 +8,27 @@ import itertools
 import math
 import operator
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from .delivery import PointMeta
-    from .delivery import _Delivery as Delivery
+from .norms import NormSpec
+
+
+@dataclass
+class PointMeta:
+    """What the engine keeps of a feedback point between forward and backward: its key, shape, dtype, whether its
+    feedback is flattened (convolutional blocks), the norm whose Jacobian shapes its feedback, and its layout."""
+
+    key: str
+    shape: torch.Size
+    dtype: torch.dtype
+    flatten: bool
+    norm: NormSpec | None = None
+    #: how the point's first two dimensions relate to the error's positions: ``"same"`` (lined up in order) or
+    #: ``"swapped"`` (a sequence-first ``[positions, batch, ...]`` point for a batch-first error, or the reverse)
+    layout: str = "same"
 
 
 class Layouts:
@@ -47,7 +61,7 @@ class Layouts:
             return kind, error[-1], shape[-1]
         return kind, math.prod(error[1:]), math.prod(shape[1:])
 
-    def lay_out(self, error: torch.Size, points: list[PointMeta], delivery: Delivery | None) -> list[PointMeta | None]:
+    def lay_out(self, error: torch.Size, points: list[PointMeta], delivery: Any | None) -> list[PointMeta | None]:
         """Each point with its layout relative to this error (``None``: no feedback from this output this step).
 
         A sequence-shaped point whose first two dimensions could line up with the error either way (``[T, B, d]``
@@ -80,7 +94,7 @@ class Layouts:
                 )
         return out
 
-    def probe(self, error: torch.Size, delivery: Delivery, todo: list[int]) -> None:
+    def probe(self, error: torch.Size, delivery: Any, todo: list[int]) -> None:
         """Which of each point's first two dimensions the output's positions depend on: ONE vector-Jacobian
         product from the output (before the tie) back to the points, through the soft cuts, for a probe at one
         output position. For ``[T, B, d]`` points and a ``[B, T, V]`` output, output ``(b=0, t=1)`` depends on

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .alignment import AlignmentRecord
+from typing import Any
 
 
-def plot_alignment(history: list[AlignmentRecord], path: str | Path, title: str = "alignment with backprop") -> Path:
+def plot_alignment(history: Sequence[Any], path: str | Path, title: str = "alignment with backprop") -> Path:
     """PNG of signal alignment per feedback point (mean, band of one std) and update alignment per block over steps.
 
     Uses matplotlib's Agg canvas directly (the global pyplot backend is left alone).

@@ -3,7 +3,7 @@ choice for the fit-start summary). ``recipe="paper"`` is the plain DFA of Launay
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from torch import nn
@@ -14,11 +14,8 @@ from .feedback import uses_sketch
 from .norms import _may_normalise
 from .roles import params_after_blocks
 
-if TYPE_CHECKING:
-    from .engine import FeedbackEngine
 
-
-def chooses_cut(engine: FeedbackEngine, root: nn.Module, target: Target) -> bool:
+def chooses_cut(engine: Any, root: nn.Module, target: Target) -> bool:
     """``cut_head_input`` in force for ``target``: as set, or (recipe "auto") where the output module widens (a
     language model's head) and only norms lie between the last block and it (GPT-2's ``ln_f``; not BERT's dense
     head transform, where the cut was measured to cost learning)."""
@@ -34,7 +31,7 @@ def chooses_cut(engine: FeedbackEngine, root: nn.Module, target: Target) -> bool
     )
 
 
-def recipe_notes(engine: FeedbackEngine) -> list[str]:
+def recipe_notes(engine: Any) -> list[str]:
     """One line per choice of the recipe in force (what was chosen and why), for the fit-start summary.
 
     Example:

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 from torch import nn
 
 from .blocks import Target
 
-if TYPE_CHECKING:
-    from .engine import FeedbackEngine
 
-
-def parameter_roles(engine: FeedbackEngine, root: nn.Module | None = None) -> dict[str, int]:
+def parameter_roles(engine: Any, root: nn.Module | None = None) -> dict[str, int]:
     """Number of trainable parameters trained by feedback, by their true gradient, or not at all."""
     root = root or engine.root
     if root is None or engine.target is None:
@@ -38,7 +35,7 @@ def parameter_roles(engine: FeedbackEngine, root: nn.Module | None = None) -> di
     return roles
 
 
-def role_of(engine: FeedbackEngine, parameter: nn.Parameter) -> str:
+def role_of(engine: Any, parameter: nn.Parameter) -> str:
     """``"feedback"``, ``"true gradient"`` or ``"none"``: how a parameter of the model is trained (as counted by
     :meth:`parameter_roles`).
 

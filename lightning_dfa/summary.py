@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
-
-if TYPE_CHECKING:
-    from .engine import FeedbackEngine
 
 
 def _count(n: int) -> str:
@@ -22,7 +19,7 @@ def _count(n: int) -> str:
 _OPTIONS = ("recipe", "error_at", "norm_jacobian", "cut_head_input", "norm_points", "sketch", "topk")
 
 
-def _options_in_force(engine: FeedbackEngine) -> str:
+def _options_in_force(engine: Any) -> str:
     """``"error_at=output | norm_jacobian=True | ..."``: the options that change the signal or its cost."""
     cfg = engine.config
     parts = []
@@ -51,7 +48,7 @@ def _trainable_before(root: object, entry: object) -> bool:
     return False
 
 
-def format_summary(engine: FeedbackEngine, shapes: Mapping[str, Sequence[int]] | None = None) -> str:
+def format_summary(engine: Any, shapes: Mapping[str, Sequence[int]] | None = None) -> str:
     """Render ``engine``'s feedback points, output, options and parameter roles as a plain-text table.
 
     ``shapes`` (point key -> shape) come from a probe forward at fit start; otherwise from the last delivery.
@@ -126,7 +123,7 @@ def format_summary(engine: FeedbackEngine, shapes: Mapping[str, Sequence[int]] |
     return "\n".join(out)
 
 
-def mostly_backprop(engine: FeedbackEngine) -> str | None:
+def mostly_backprop(engine: Any) -> str | None:
     """A warning when, in ``mode="dfa"`` with blocks found, more than half of the trainable parameters are trained
     by their true gradient (everything between the last feedback point and the output is backprop); ``None``
     otherwise."""
@@ -144,7 +141,7 @@ def mostly_backprop(engine: FeedbackEngine) -> str | None:
     )
 
 
-def probe_shapes(engine: FeedbackEngine, root: nn.Module, example: Any) -> dict[str, list[int]]:
+def probe_shapes(engine: Any, root: nn.Module, example: Any) -> dict[str, list[int]]:
     """Shapes of the feedback points for one forward of ``example`` (in eval mode, RNG state restored).
 
     Used at fit start for the summary table, like Lightning's model summary uses ``example_input_array``.
