@@ -40,8 +40,9 @@ read when rendering, so it can be edited and applied with ``--render-only``). Op
 ``("mlp", "cnn")``: then ``quality_runs`` also takes ``part=``, and ``--jobs N`` runs each (domain, part, arm) in its
 own process), ``BEST_VALIDATION = True`` (the tested weights are those of the best validation point: the plots
 circle it), ``ARMS`` (the domain's arms when it has more than the three; ``--arms`` picks some) and
-``plot_extra(record, img_dir) -> {caption: file name}`` (figures of its own, shown under its tables). :func:`fit_arm` trains one arm of a LightningModule/LightningDataModule pair through ``DFAStrategy``
-and returns steps, wall time, curve and test metrics.
+``plot_extra(record, img_dir) -> {caption: file name}`` (figures of its own, shown under its tables).
+:func:`fit_arm` trains one arm of a LightningModule/LightningDataModule pair through ``DFAStrategy`` and returns
+steps, wall time, curve and test metrics.
 
 Quick mode (``--quick``) must finish in seconds per arm on a CPU without network: tiny data, a few steps.
 """
@@ -547,7 +548,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
                         help="smoke run: a few steps per arm on tiny data, seconds per arm; writes to a temporary "
                              "folder unless --out is given")  # fmt: skip
     parser.add_argument("--arms", default=None,
-                        help="comma-separated arms (default: bp,dfa,shallow, or the domain's ARMS where it has more)")  # fmt: skip
+                        help="comma-separated arms (default: bp,dfa,shallow, or the domain's own ARMS)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, data order and feedback (default: 0)")
     parser.add_argument("--out", default=None,
                         help="output folder for results.md, the domain pages, img/ and results/ (default: docs/, "

@@ -225,7 +225,9 @@ class AustenNovelsDataModule(pl.LightningDataModule):
         )
 
     def _eval(self, split: str) -> DataLoader:
-        return DataLoader(self.sets[split], batch_size=self.hparams.eval_batch_size, num_workers=self.hparams.num_workers)
+        return DataLoader(
+            self.sets[split], batch_size=self.hparams.eval_batch_size, num_workers=self.hparams.num_workers
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._eval("val")
@@ -251,7 +253,9 @@ class PassageClassifier(pl.LightningModule):
         lr: AdamW learning rate of the encoder's trainable weights (adapters included).
         head_lr: learning rate of the head (new, randomly initialised).
         weight_decay: AdamW weight decay.
-        warmup_steps: linear warm-up, then a linear decay to zero over the Trainer's budget.
+        warmup_steps: linear warm-up of the learning rates.
+        decay: ``"linear"`` (after the warm-up, a linear decay to zero over the Trainer's budget,
+            ``trainer.estimated_stepping_batches``) or ``"none"`` (constant).
         dropout: dropout before the head.
 
     Example:
@@ -271,11 +275,14 @@ class PassageClassifier(pl.LightningModule):
         head_lr: float = 1e-3,
         weight_decay: float = 0.01,
         warmup_steps: int = 10,
+        decay: str = "linear",
         dropout: float = 0.1,
     ) -> None:
         super().__init__()
         if adapter not in ("none", "lora"):
             raise ValueError(f"PassageClassifier: adapter must be 'none' or 'lora', got {adapter!r}.")
+        if decay not in ("linear", "none"):
+            raise ValueError(f"PassageClassifier: decay must be 'linear' or 'none', got {decay!r}.")
         self.save_hyperparameters()
         from transformers import AutoConfig, AutoModel
 
@@ -332,13 +339,14 @@ class PassageClassifier(pl.LightningModule):
         body = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("head.")]
         groups = [{"params": body, "lr": hp.lr}] if body else []
         opt = torch.optim.AdamW(groups + [{"params": head, "lr": hp.head_lr}], weight_decay=hp.weight_decay)
-        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
+        linear = hp.decay == "linear" and self._trainer is not None
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if linear else 1
         warm = max(0, int(hp.warmup_steps))
 
         def factor(step: int) -> float:
             if step < warm:
                 return (step + 1) / warm
-            return max(0.0, (total - step) / max(1, total - warm))
+            return max(0.0, (total - step) / max(1, total - warm)) if linear else 1.0
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -403,9 +411,10 @@ class NovelReport(pl.Callback):
         )
 
 
-def save_tiny_checkpoint(path: str | Path, layers: int = 2, hidden: int = 32, seed: int = 0) -> Path:
+def save_tiny_checkpoint(path: str | Path, layers: int = 2, hidden: int = 32, seed: int = 0, **config: Any) -> Path:
     """Write a tiny randomly initialised BERT checkpoint directory (config, weights, a character-level WordPiece
-    tokenizer) to ``path``: a stand-in for the pretrained one in tests and smoke runs (no download).
+    tokenizer) to ``path``: a stand-in for the pretrained one in tests and smoke runs (no download). ``config``:
+    further ``BertConfig`` options (``hidden_dropout_prob=0.0``...).
 
     Example:
         >>> import tempfile
@@ -429,6 +438,7 @@ def save_tiny_checkpoint(path: str | Path, layers: int = 2, hidden: int = 32, se
         num_attention_heads=2,
         intermediate_size=2 * hidden,
         max_position_embeddings=512,
+        **config,
     )
     BertModel(config, add_pooling_layer=False).save_pretrained(str(path))
     return path

@@ -1094,6 +1094,14 @@ class FeedbackEngine:
     def _explain_silence(self, report: BackwardReport) -> str:
         out = self._output_names()
         names = [b.name for b in self.target.blocks] if self.target else []
+        if report.points_recorded == 0 and self.target and all(_frozen(b) for b in self.target.blocks):
+            return (
+                f"DFA: every block is frozen (no parameter inside {names[:3]}... requires grad), so DFA has nothing "
+                "to train: the trainable parameters lie outside the blocks (a prompt or prefix, as PEFT's prompt "
+                "tuning, p-tuning and prefix tuning train). A frozen network cannot align with DFA's fixed random "
+                "feedback, so such parameters would learn from noise. Train them with backprop "
+                "(strategy='auto'), or use an adapter inside the blocks (LoRA, IA3, ...), or unfreeze the blocks."
+            )
         if report.points_recorded == 0:
             why = f"no block ran with gradients enabled in this step's forward (blocks: {names[:6]}...)."
         elif report.outputs_tied == 0 and report.untied_outputs:

@@ -104,9 +104,7 @@ class _StepClock:
 
 def _peak_allocated(prof: Any) -> float:
     """The highest running sum of the CPU allocations (bytes) recorded by a ``profile_memory=True`` profiler."""
-    events = sorted(
-        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
-    )
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
     running = peak = 0
     for _, nbytes in events:
         running += nbytes
@@ -240,8 +238,7 @@ def quality_runs(quick: bool, seed: int = 0, arms: Sequence[str] = ARMS) -> list
                 "wall_s": r["wall_s"],
                 "curve": [[s, 100 * v] for s, v in r["curve"]],
                 "curve_metric": "validation accuracy (%)",
-                "config": {"none": "full", "lora": "LoRA"}[SPEC[arm][1]]
-                + ("" if SPEC[arm][2] else ", random init"),
+                "config": {"none": "full", "lora": "LoRA"}[SPEC[arm][1]] + ("" if SPEC[arm][2] else ", random init"),
                 "extra": extra,
                 "alignment": r["align"],
                 "data": r["data"],
