@@ -99,7 +99,7 @@ def build_adapter(ptype: str, model: str) -> tuple[nn.Module | None, str]:
     config_cls = peft.PEFT_TYPE_TO_CONFIG_MAPPING.get(ptype)
     if config_cls is None:
         return None, "no configuration class"
-    last = ""
+    errors: list[str] = []
     for kwargs in _candidates(ptype, model):
         try:
             cfg = config_cls(task_type=MODELS[model]["task"], **kwargs)
@@ -107,8 +107,10 @@ def build_adapter(ptype: str, model: str) -> tuple[nn.Module | None, str]:
                 warnings.simplefilter("ignore")
                 return peft.get_peft_model(build_model(model), cfg), str(kwargs)
         except Exception as err:  # PEFT's refusal, kept as the reason
-            last = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
-    return None, last
+            errors.append(f"{type(err).__name__}: {str(err).splitlines()[0][:160]}")
+    # the most telling reason: one about the model rather than about a keyword this type does not take
+    telling = [e for e in errors if "unexpected keyword argument" not in e]
+    return None, (telling or errors or ["no configuration tried"])[0]
 
 
 class _Module(pl.LightningModule):

