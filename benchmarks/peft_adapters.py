@@ -9,11 +9,11 @@ small configurations that PEFT accepts; a type that fits neither model says why)
 DFA and one under backprop from the same weights and batch, and classifies the outcome:
 
 * ``trains``: every parameter that backprop gives a non-zero gradient gets a finite, non-zero DFA gradient, the
-  head's gradient equals backprop's, and the loss is finite;
+  adapters' gradients are not backprop's, the head's gradient equals backprop's, and the loss is finite;
 * ``refused``: DFA stops at set-up or at the first step with an error (its message is kept);
 * ``not applicable``: PEFT itself does not build this adapter on the model (its message is kept);
-* ``WRONG``: it ran, but some parameter that backprop trains got no DFA gradient (a silent failure: the
-  library must either fix or refuse these).
+* ``WRONG``: it ran, but some parameter that backprop trains got no DFA gradient, or every adapter got exactly
+  backprop's gradient (silent failures: the library must either fix or refuse these).
 """
 
 from __future__ import annotations
@@ -65,6 +65,8 @@ def _candidates(ptype: str, model: str) -> list[dict[str, Any]]:
         return [dict(prompt, encoder_hidden_size=32) if ptype == "P_TUNING" else prompt]
     if ptype == "MULTITASK_PROMPT_TUNING":
         return [dict(prompt, num_tasks=1)]
+    if ptype == "CARTRIDGE":
+        return [prompt]
     if ptype == "CPT":
         return [{"cpt_token_ids": [1, 2, 3], "cpt_mask": [1, 1, 1], "cpt_tokens_type_mask": [1, 2, 2]}]
     if ptype == "IA3":
@@ -74,7 +76,11 @@ def _candidates(ptype: str, model: str) -> list[dict[str, Any]]:
     if ptype == "ADAPTION_PROMPT":
         return [{"adapter_len": 4, "adapter_layers": 1}]
     if ptype == "LN_TUNING":
-        return [{}]
+        return [{}, {"target_modules": ["LayerNorm"]}]
+    sized = {"OFT": {"oft_block_size": 4, "r": 0}, "VBLORA": {"r": 4, "vector_length": 8, "num_vectors": 16},
+             "C3A": {"block_size": 8}, "WAVEFT": {"n_frequency": 64}}  # fmt: skip
+    if ptype in sized:
+        return [{"target_modules": targets, **sized[ptype]}, {"target_modules": targets, "r": 4}]
     if ptype == "XLORA":
         return [{"hidden_size": 32, "adapters": {}}]
     if ptype == "POLY":
@@ -113,6 +119,9 @@ def build_adapter(ptype: str, model: str) -> tuple[nn.Module | None, str]:
     return None, (telling or errors or ["no configuration tried"])[0]
 
 
+_TASK_IDS = ("POLY", "MULTITASK_PROMPT_TUNING")  # adapter types whose forward takes task ids
+
+
 class _Module(pl.LightningModule):
     def __init__(self, net: nn.Module, kind: str) -> None:
         super().__init__()
@@ -121,7 +130,10 @@ class _Module(pl.LightningModule):
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         labels = batch if self.kind == "gpt2" else batch[:, 0] % 3
-        loss = self.net(input_ids=batch, labels=labels).loss
+        extra: dict[str, Any] = {}
+        if getattr(getattr(self.net, "peft_config", {}).get("default"), "peft_type", None) in _TASK_IDS:
+            extra["task_ids"] = torch.zeros(len(batch), dtype=torch.long)  # one task
+        loss = self.net(input_ids=batch, labels=labels, **extra).loss
         self.losses.append(float(loss))
         return loss
 
@@ -191,6 +203,10 @@ def check(ptype: str, model: str) -> dict[str, Any]:
     out["trainable"] = len(bp.first)
     out["trained_by_bp"] = len(trained)
     out["output"] = out_name
+    body = [n for n in trained if n not in head]
+    same = [n for n in body if torch.allclose(bp.first[n], dfa.first[n], rtol=1e-4, atol=1e-7)]
+    if body and len(same) == len(body) and not (missing or bad):
+        return {**out, "outcome": "WRONG", "detail": f"the DFA gradient equals backprop's for {same[:3]}"}
     if missing or bad or not finite:
         detail = f"no DFA gradient for {missing[:3]}" if missing else f"non-finite: {bad[:3] or module.losses}"
         return {**out, "outcome": "WRONG", "detail": detail}

@@ -217,3 +217,15 @@ def test_quality_domain_quick_run_reports_every_measure(tmp_path: Path) -> None:
     assert 0 <= lora["probe acc before (%)"] <= 100 and 0 <= lora["probe acc after (%)"] <= 100
     page = (tmp_path / "results_finetune.md").read_text()
     assert "finetune-alignment.png" in page and (tmp_path / "img" / "finetune-alignment.png").stat().st_size > 1000
+
+
+def test_a_bare_backbone_with_the_users_head_is_discovered_plain_and_peft_wrapped(tiny: str) -> None:
+    from lightning_dfa.discovery import discover
+
+    torch.manual_seed(0)
+    plain = discover(PassageClassifier(checkpoint=tiny, num_classes=3))
+    wrapped = discover(lora_model(tiny))
+    assert plain.output_name == wrapped.output_name == "head"
+    names = ["encoder.embeddings", "encoder.encoder.layer.0", "encoder.encoder.layer.1"]
+    assert [b.name for b in plain.blocks] == names
+    assert [b.name for b in wrapped.blocks] == ["encoder.base_model.model." + b.name[8:] for b in plain.blocks]

@@ -24,7 +24,7 @@ SPEC: dict[str, tuple[str, str, bool]] = {
 #: every arm of this domain (``--arms`` picks some)
 ARMS = tuple(SPEC)
 
-STEPS = 80
+STEPS = 50
 BATCH = 16
 LENGTH = 128
 LR = {"none": 1e-4, "lora": 1e-3}  # encoder (or adapters); the head: 1e-3 in every arm
@@ -36,7 +36,7 @@ NOTE = (
     "`transformers.AutoModel` from its files) + a linear head on the mean of the last hidden states. Data: the six "
     "novels (Debian package `r-cran-janeaustenr`) cut into chapters; every 5th chapter of each novel is held out "
     "for test, every 8th of the others for validation; passages of 128 WordPiece tokens; label = the novel (chance "
-    "1/6). Test: 60 passages per novel (360); validation: 8 per novel (the curve, every 20 steps); training: 5263 "
+    "1/6). Test: 50 passages per novel (300); validation: 8 per novel (the curve, every 25 steps); training: 5263 "
     "passages. Every arm: "
     f"{STEPS} steps of batch {BATCH} (under half an epoch), AdamW (weight decay 0.01), 10 warm-up steps then a linear "
     f"decay to zero, head lr 1e-3, encoder lr {LR['none']:g} (full fine-tuning) or adapters lr {LR['lora']:g} (LoRA "
@@ -49,12 +49,15 @@ NOTE = (
     "(parameters with their gradient and Adam's two moments). Alignment: `lightning_dfa.AlignmentMonitor` every "
     f"{ALIGN_EVERY} steps (cosine between the DFA signal and the backprop gradient at each feedback point, mean over "
     "points). Feature drift: a logistic regression (scikit-learn, standardised features) fitted on the mean-pooled "
-    "encoder features of 40 training passages per novel, scored on the test passages, before and after training."
+    "encoder features of 30 training passages per novel, scored on the test passages, before and after training."
 )
 
 FINDINGS = """\
 See the table above: the findings are written after the run (`python -m benchmarks.quality --domains finetune`).
 """
+
+
+_DATA: dict[bool, Any] = {}
 
 
 def _make_data(quick: bool, checkpoint: str | None) -> Any:
@@ -66,7 +69,12 @@ def _make_data(quick: bool, checkpoint: str | None) -> Any:
             val_per_class=4, probe_per_class=8,
         )  # fmt: skip
     return AustenNovelsDataModule(
-        checkpoint=checkpoint, max_length=LENGTH, batch_size=BATCH, val_per_class=8, probe_per_class=40
+        checkpoint=checkpoint,
+        max_length=LENGTH,
+        batch_size=BATCH,
+        test_per_class=50,
+        val_per_class=8,
+        probe_per_class=30,
     )
 
 
@@ -136,9 +144,11 @@ def _fit_one(arm: str, quick: bool, seed: int, checkpoint: str | None, probe_bef
     from lightning_dfa import AlignmentMonitor, DFAStrategy
 
     mode, adapter, pretrained = SPEC[arm]
+    if quick not in _DATA:  # tokenized once, the same sets for every arm
+        _DATA[quick] = _make_data(quick, checkpoint)
+        _DATA[quick].setup("fit")
+    data = _DATA[quick]
     pl.seed_everything(seed, workers=True, verbose=False)
-    data = _make_data(quick, checkpoint)
-    data.setup("fit")
     model = PassageClassifier(checkpoint=checkpoint, pretrained=pretrained, adapter=adapter, lr=LR[adapter])
     steps = 6 if quick else STEPS
 
@@ -163,7 +173,7 @@ def _fit_one(arm: str, quick: bool, seed: int, checkpoint: str | None, probe_bef
         enable_model_summary=False,
         max_steps=steps,
         max_epochs=None,
-        val_check_interval=2 if quick else 20,
+        val_check_interval=2 if quick else 25,
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
         callbacks=callbacks,
@@ -212,6 +222,7 @@ def quality_runs(quick: bool, seed: int = 0, arms: Sequence[str] = ARMS) -> list
     if unknown:
         raise ValueError(f"finetune: unknown arms {unknown}; choose from {list(SPEC)}.")
     probe_before: dict[bool, float] = {}
+    _DATA.clear()
     results = {arm: _fit_one(arm, quick, seed, checkpoint, probe_before) for arm in arms}
     base = results.get("bp")
     rows = []
