@@ -1096,11 +1096,12 @@ class FeedbackEngine:
         names = [b.name for b in self.target.blocks] if self.target else []
         if report.points_recorded == 0 and self.target and all(_frozen(b) for b in self.target.blocks):
             return (
-                f"DFA: every block is frozen (no parameter inside {names[:3]}... requires grad), so DFA has nothing "
-                "to train: the trainable parameters lie outside the blocks (a prompt or prefix, as PEFT's prompt "
-                "tuning, p-tuning and prefix tuning train). A frozen network cannot align with DFA's fixed random "
-                "feedback, so such parameters would learn from noise. Train them with backprop "
-                "(strategy='auto'), or use an adapter inside the blocks (LoRA, IA3, ...), or unfreeze the blocks."
+                f"DFA: no feedback reached the blocks in this backward: every block is frozen (no parameter inside "
+                f"{names[:3]}... requires grad), so DFA has nothing to train there; trainable parameters outside the "
+                "blocks (a prompt or prefix, as PEFT's prompt tuning, p-tuning and prefix tuning train) would learn "
+                "from noise, since a frozen network cannot align with DFA's fixed random feedback. Train them with "
+                "backprop (strategy='auto'), use an adapter inside the blocks (LoRA, IA3, ...) or unfreeze the "
+                "blocks; use mode='shallow' if only the layers after the blocks should learn."
             )
         if report.points_recorded == 0:
             why = f"no block ran with gradients enabled in this step's forward (blocks: {names[:6]}...)."
