@@ -190,7 +190,7 @@ def check(ptype: str, model: str) -> dict[str, Any]:
     try:
         module, dfa = _train(dfa_net, model, strategy, 3)
     except Exception as err:
-        return {**out, "outcome": "refused", "detail": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
+        return {**out, "outcome": "refused", "detail": f"{type(err).__name__}: {str(err).splitlines()[0]}"}
     assert bp.first is not None and dfa.first is not None
     trained = [n for n, g in bp.first.items() if g is not None and bool(torch.any(g != 0))]
     missing = [n for n in trained if dfa.first.get(n) is None or not bool(torch.any(dfa.first[n] != 0))]

@@ -229,3 +229,31 @@ def test_a_bare_backbone_with_the_users_head_is_discovered_plain_and_peft_wrappe
     names = ["encoder.embeddings", "encoder.encoder.layer.0", "encoder.encoder.layer.1"]
     assert [b.name for b in plain.blocks] == names
     assert [b.name for b in wrapped.blocks] == ["encoder.base_model.model." + b.name[8:] for b in plain.blocks]
+
+
+SURVEY = [  # (PEFT type, model, outcome): a sample of each row of docs/compatibility.md's PEFT table
+    ("LORA", "gpt2", "trains"),
+    ("ADALORA", "bert", "trains"),
+    ("LOKR", "bert", "trains"),
+    ("TRAINABLE_TOKENS", "gpt2", "trains"),
+    ("ADAPTION_PROMPT", "gpt2", "trains"),
+    ("P_TUNING", "bert", "refused"),
+    ("PREFIX_TUNING", "gpt2", "refused"),
+]
+
+
+@pytest.mark.parametrize(("kind", "model", "outcome"), SURVEY, ids=[f"{k}-{m}" for k, m, _ in SURVEY])
+def test_peft_adapter_types(kind: str, model: str, outcome: str) -> None:
+    from benchmarks.peft_adapters import check
+
+    found = check(kind, model)
+    assert found["outcome"] == outcome, found
+    if outcome == "refused":
+        assert "every block is frozen" in found["detail"] and "strategy='auto'" in found["detail"]
+
+
+def test_peft_survey_covers_every_adapter_type_and_none_runs_silently_wrong() -> None:
+    record = json.loads((Path(__file__).parents[1] / "docs" / "results" / "peft_adapters.json").read_text())
+    assert {r["peft_type"] for r in record["rows"]} == {t.value for t in peft.PeftType}
+    assert all(r["outcome"] in ("trains", "refused", "not applicable") for r in record["rows"])
+    assert sum(r["outcome"] == "trains" for r in record["rows"]) >= 50
