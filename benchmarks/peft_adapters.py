@@ -2,7 +2,7 @@
 
 Usage (from the repository root; about a minute on a CPU, no download)::
 
-    python -m benchmarks.peft_adapters                 # prints a markdown table, writes docs/results/peft_adapters.json
+    python -m benchmarks.peft_adapters    # prints a markdown table, writes benchmarks/results/peft_adapters.json
 
 For each ``peft.PeftType`` and each model it builds the adapter with ``peft.get_peft_model`` (the first of a few
 small configurations that PEFT accepts; a type that fits neither model says why), then trains three steps under
@@ -223,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.peft_adapters", description=__doc__.split("\n\n")[0])
     parser.add_argument("--types", default=None, help="comma-separated PeftType names (default: all)")
-    parser.add_argument("--out", default="docs/results/peft_adapters.json", help="JSON output ('' to skip)")
+    parser.add_argument("--out", default="benchmarks/results/peft_adapters.json", help="JSON output ('' to skip)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")

@@ -154,9 +154,10 @@ def test_prompt_tuning_with_every_block_frozen_is_refused_clearly() -> None:
         trainer(strategy=DFAStrategy(verbose=False), max_steps=1).fit(Module(), passages())
 
 
-def test_example_runs_from_the_command_line_on_a_tiny_checkpoint(tiny: str) -> None:
+def test_example_runs_from_the_command_line_on_a_tiny_checkpoint(tiny: str, tmp_path: Path) -> None:
     args = [
         "fit",
+        f"--trainer.default_root_dir={tmp_path}",  # where the CLI writes its config.yaml
         f"--model.checkpoint={tiny}",
         "--model.adapter=lora",
         "--data.source=synthetic",
@@ -253,7 +254,8 @@ def test_peft_adapter_types(kind: str, model: str, outcome: str) -> None:
 
 
 def test_peft_survey_covers_every_adapter_type_and_none_runs_silently_wrong() -> None:
-    record = json.loads((Path(__file__).parents[1] / "docs" / "results" / "peft_adapters.json").read_text())
+    path = Path(__file__).parents[1] / "benchmarks" / "results" / "peft_adapters.json"
+    record = json.loads(path.read_text())
     assert {r["peft_type"] for r in record["rows"]} == {t.value for t in peft.PeftType}
     assert all(r["outcome"] in ("trains", "refused", "not applicable") for r in record["rows"])
     assert sum(r["outcome"] == "trains" for r in record["rows"]) >= 50

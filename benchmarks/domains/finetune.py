@@ -285,3 +285,63 @@ def plot_extra(record: dict[str, Any], img_dir: Any) -> dict[str, str]:
     name = f"{record['domain']}-alignment.png"
     fig.savefig(img_dir / name, dpi=90)
     return {"Alignment of the DFA arms over the first steps (AlignmentMonitor)": name}
+
+
+def paired_step_times(rounds: int = 4, seed: int = 0, arms: Sequence[str] = ARMS[:5]) -> dict[str, Any]:
+    """Training-step wall times of the arms measured *interleaved*: each round runs one step of every arm (forward,
+    one ``backward``, AdamW step) on the same batch, in a rotating order, so that a shared machine's changing load
+    falls on every arm alike. The first round is a warm-up. Returns ``{arm: [seconds per round]}`` and medians.
+    The random-init arm costs what the DFA arm costs (same network and rule) and is left out by default."""
+    import torch
+
+    from examples.finetune import PassageClassifier
+    from lightning_dfa import FeedbackEngine
+
+    data = _make_data(False, None)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    models, engines, opts = {}, {}, {}
+    for arm in arms:
+        mode, adapter, pretrained = SPEC[arm]
+        torch.manual_seed(seed)
+        model = PassageClassifier(pretrained=pretrained, adapter=adapter, lr=LR[adapter])
+        engines[arm] = FeedbackEngine(mode=mode, seed=seed)
+        engines[arm].attach(model)
+        models[arm] = model
+        opts[arm] = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    times: dict[str, list[float]] = {arm: [] for arm in arms}
+    for r in range(rounds):
+        order = list(arms[r % len(arms) :]) + list(arms[: r % len(arms)])
+        for arm in order:
+            model, opt = models[arm], opts[arm]
+            start = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            logits = model(batch["input_ids"], batch["attention_mask"])
+            torch.nn.functional.cross_entropy(logits, batch["labels"]).backward()
+            engines[arm].end_backward()
+            opt.step()
+            if r:  # round 0: warm-up (allocations, Adam state)
+                times[arm].append(time.perf_counter() - start)
+    for engine in engines.values():
+        engine.detach()
+    medians = {arm: statistics.median(t) for arm, t in times.items()}
+    return {"seconds": times, "median_s": medians, "ratio_to_bp": {a: m / medians["bp"] for a, m in medians.items()}}
+
+
+if __name__ == "__main__":
+    import json
+    import os
+    import sys
+
+    import torch
+
+    torch.set_num_threads(1)
+    result = paired_step_times(rounds=int(sys.argv[1]) if len(sys.argv) > 1 else 4)
+    result["machine"] = "a 2-core AMD EPYC CPU, 1 thread"
+    result["load_average_end"] = os.getloadavg()[0]
+    result["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    result["command"] = "python -m benchmarks.domains.finetune " + " ".join(sys.argv[1:])
+    out = "benchmarks/results/finetune_step_times.json"
+    with open(out, "w") as f:
+        f.write(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result["median_s"]), json.dumps(result["ratio_to_bp"]))
