@@ -38,9 +38,11 @@ The module also defines ``TITLE`` (the page title, with the data set's name), ``
 budget; stored with the rows at run time) and ``FINDINGS`` (markdown: what the numbers show and what did not work;
 read when rendering, so it can be edited and applied with ``--render-only``). Optional: ``PARTS`` (e.g.
 ``("mlp", "cnn")``: then ``quality_runs`` also takes ``part=``, and ``--jobs N`` runs each (domain, part, arm) in its
-own process) and ``BEST_VALIDATION = True`` (the tested weights are those of the best validation point: the plots
-circle it). :func:`fit_arm` trains one arm of a LightningModule/LightningDataModule pair through ``DFAStrategy``
-and returns steps, wall time, curve and test metrics.
+own process), ``BEST_VALIDATION = True`` (the tested weights are those of the best validation point: the plots
+circle it), ``ARMS`` (the domain's arms when it has more than the three; ``--arms`` picks some) and
+``plot_extra(record, img_dir) -> {caption: file name}`` (figures of its own, shown under its tables).
+:func:`fit_arm` trains one arm of a LightningModule/LightningDataModule pair through ``DFAStrategy`` and returns
+steps, wall time, curve and test metrics.
 
 Quick mode (``--quick``) must finish in seconds per arm on a CPU without network: tiny data, a few steps.
 """
@@ -69,6 +71,7 @@ DOMAINS: dict[str, str] = {
     "language_model": "benchmarks.domains.language_model",
     "recommenders": "benchmarks.domains.recommenders",
     "nerf": "benchmarks.domains.nerf",
+    "finetune": "benchmarks.domains.finetune",
 }
 _REFERENCE = re.compile(r"^(ref(erence)?\b|oracle\b)", re.IGNORECASE)
 _PRECISE = "4 d.p."  # an ``extra`` key: the value printed to four decimals (AUC, RMSE)
@@ -279,6 +282,9 @@ def plot_curves(record: dict[str, Any], img_dir: Path) -> dict[str, str]:
         name = f"{_slug(record['domain'])}-{_slug(table)}.png"
         fig.savefig(img_dir / name, dpi=90)
         files[table] = name
+    extra = getattr(module, "plot_extra", None)  # a domain's own figures: {caption: file name}
+    if callable(extra):
+        files.update(extra(record, img_dir))
     return files
 
 
@@ -381,6 +387,9 @@ def render_page(rec: dict[str, Any], img_prefix: str = "img/") -> str:
         lines.append("")
         if table in images:
             lines += [f"![{table}]({img_prefix}{images[table]})", ""]
+    for caption, image in images.items():
+        if caption not in tables:
+            lines += [f"![{caption}]({img_prefix}{image})", "", f"*{caption}*", ""]
     found = verdicts(rec["rows"])
     if found:
         lines += ["Computed from the rows above:", ""] + [f"- {v}" for v in found] + [""]
@@ -466,7 +475,7 @@ def _run_jobs(domains: Sequence[str], arms: Sequence[str], args: argparse.Namesp
     import subprocess
 
     tmp = Path(tempfile.mkdtemp(prefix="quality-jobs-"))
-    pending = [(d, p, a) for d in domains for p in _parts(d) for a in arms]
+    pending = [(d, p, a) for d in domains for p in _parts(d) for a in _arms(d, arms)]
     running: list[tuple[str, str, Any, Any, Path]] = []
     while pending or running:
         while pending and len(running) < args.jobs:
@@ -495,7 +504,7 @@ def _run_jobs(domains: Sequence[str], arms: Sequence[str], args: argparse.Namesp
     return collect(tmp, arms)
 
 
-def collect(folder: Path, arms: Sequence[str] = ARMS) -> dict[str, dict[str, Any]]:
+def collect(folder: Path, arms: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     """Merge the records that ``--jobs`` processes (or separate invocations with ``--out folder/<tag>``) stored
     in ``folder/*/results/<domain>.json``: one record per domain, with ``processes`` and ``span_s`` (from the first
     process's start to the last one's end)."""
@@ -508,11 +517,17 @@ def collect(folder: Path, arms: Sequence[str] = ARMS) -> dict[str, dict[str, Any
         rank = {p: i for i, p in enumerate(order)}
         items.sort(key=lambda it: min((rank[r["part"]] for r in [it[0]] if r.get("part") in rank), default=0))
         records = [r for r, _ in items]
-        merged = merge_records(records, arms)
+        merged = merge_records(records, _arms(domain, arms))
         merged["processes"] = len(records)
         merged["span_s"] = max(t for _, t in items) - min(t - r.get("total_s", 0.0) for r, t in items)
         out[domain] = merged
     return out
+
+
+def _arms(domain: str, arms: Sequence[str] | None) -> tuple[str, ...]:
+    """``arms`` if given, else the domain module's ``ARMS`` (a domain with more arms than the three), else
+    :data:`ARMS`."""
+    return tuple(arms) if arms else tuple(getattr(_module(domain), "ARMS", None) or ARMS)
 
 
 def _parts(domain: str) -> list[str | None]:
@@ -541,9 +556,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: a few steps per arm on tiny data, seconds per arm; writes to a temporary "
                              "folder unless --out is given")  # fmt: skip
-    parser.add_argument(
-        "--arms", default=",".join(ARMS), help="comma-separated arms: bp (backprop), dfa, shallow (default: all three)"
-    )
+    parser.add_argument("--arms", default=None,
+                        help="comma-separated arms: bp (backprop), dfa, shallow (default: all three, or the "
+                             "domain's own arms)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, data order and feedback (default: 0)")
     parser.add_argument("--out", default=None,
                         help="output folder for results.md, the domain pages, img/ and results/ (default: docs/, "
@@ -579,7 +594,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     unknown = [d for d in domains if d not in DOMAINS]
     if unknown:
         parser.error(f"unknown domains {unknown}; choose from {list(DOMAINS)}")
-    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else None
     if args.threads:
         import torch
 
@@ -596,7 +611,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         records = {}
         for name in domains:
             print(f"[quality] {name} ({'quick' if args.quick else 'full'}) ...", flush=True)
-            records[name] = run_domain(name, args.quick, args.seed, arms, args.part)
+            records[name] = run_domain(name, args.quick, args.seed, _arms(name, arms), args.part)
     wall = time.perf_counter() - start
     for name, record in records.items():
         if "rows" in record:

@@ -221,3 +221,10 @@ def _last_param_leaf(root: nn.Module, exclude: Iterable[str]) -> tuple[str, nn.M
 
 def _module_order(root: nn.Module) -> dict[str, int]:
     return {n: i for i, (n, _) in enumerate(root.named_modules())}
+
+
+def _frozen(block: Block) -> bool:
+    """A block whose parameters are all frozen: no feedback point (it cannot learn; for a step in which a network
+    is frozen, such as the discriminator in a generator's step, it is part of the loss)."""
+    params = block.parameters()
+    return bool(params) and not any(p.requires_grad for p in params)

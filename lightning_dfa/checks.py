@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .blocks import _frozen
 from .config import _SAVED_OPTIONS, DFAConfig
 from .feedback import check_bank_state
 
@@ -75,6 +76,15 @@ def explain_silence(engine: Any, report: Any) -> str:
     """Why no feedback reached the blocks in a backward, and what to do."""
     out = output_names(engine)
     names = [b.name for b in engine.target.blocks] if engine.target else []
+    if report.points_recorded == 0 and engine.target and all(_frozen(b) for b in engine.target.blocks):
+        return (
+            f"DFA: no feedback reached the blocks in this backward: every block is frozen (no parameter inside "
+            f"{names[:3]}... requires grad), so DFA has nothing to train there; trainable parameters outside the "
+            "blocks (a prompt or prefix, as PEFT's prompt tuning, p-tuning and prefix tuning train) would learn "
+            "from noise, since a frozen network cannot align with DFA's fixed random feedback. Train them with "
+            "backprop (strategy='auto'), use an adapter inside the blocks (LoRA, IA3, ...) or unfreeze the "
+            "blocks; use mode='shallow' if only the layers after the blocks should learn."
+        )
     if report.points_recorded == 0:
         why = f"no block ran with gradients enabled in this step's forward (blocks: {names[:6]}...)."
     elif report.outputs_tied == 0 and report.untied_outputs:

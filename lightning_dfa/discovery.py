@@ -97,8 +97,10 @@ def _hf_target(root: nn.Module, placement: str) -> Target | None:
         blocks_found = [(join_ + b.name, b.entry) for b in layers.blocks]
     join = (prefix + ".") if prefix else ""
     head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
-    out_name = None
-    if head is not None:
+    out_name = _head_after_backbone(root, prefix, hf) if head is None else None
+    if out_name is not None:  # a backbone (AutoModel, a PEFT-wrapped one) with the user's own head after it
+        pass
+    elif head is not None:
         out_name = next(n for n, m in root.named_modules() if m is head)
     else:
         base = getattr(hf, "base_model", None)
@@ -132,6 +134,20 @@ def _hf_target(root: nn.Module, placement: str) -> Target | None:
         every = sorted(blocks_found + extra, key=lambda x: _module_order(root)[x[0]])
         blocks = _blocks_from_modules(every)
     return Target(blocks, out_name, root.get_submodule(out_name), "huggingface")
+
+
+def _head_after_backbone(root: nn.Module, prefix: str, hf: nn.Module) -> str | None:
+    """The user's head when ``hf`` is a bare backbone (``AutoModel``: its ``base_model`` is itself, also inside a
+    PEFT wrapper) and a parametric layer is registered after it, outside it: the last such layer."""
+    if not prefix or getattr(hf, "base_model", hf) is not hf:
+        return None
+    parts = prefix.split(".")
+    wrappers = [".".join(parts[:i]) for i in range(1, len(parts))]  # a PEFT wrapper around it, with its prompts
+    outer = next((w for w in wrappers if type(root.get_submodule(w)).__module__.startswith("peft.")), prefix)
+    order = _module_order(root)
+    end = max(order[n] for n in order if n == outer or n.startswith(outer + "."))
+    leaf = _last_param_leaf(root, [outer])
+    return leaf[0] if leaf is not None and order[leaf[0]] > end else None
 
 
 # --------------------------------------------------------------------------- entry point

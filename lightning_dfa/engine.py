@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .blocks import Block, Target, _has_params
+from .blocks import Block, Target, _frozen, _has_params
 from .checks import check_state, checked_transform, explain_silence, output_names, refuse_reentrant_checkpointing
 from .config import _SAVED_OPTIONS, DFAConfig, reconcile
 from .delivery import (
@@ -820,13 +820,6 @@ class FeedbackEngine:
         from .summary import format_summary
 
         return format_summary(self, shapes)
-
-
-def _frozen(block: Block) -> bool:
-    """A block whose parameters are all frozen: no feedback point (it cannot learn; for a step in which a network
-    is frozen, such as the discriminator in a generator's step, it is part of the loss)."""
-    params = block.parameters()
-    return bool(params) and not any(p.requires_grad for p in params)
 
 
 def _largest_entries(rows: torch.Tensor, n: int, block: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
