@@ -1,0 +1,354 @@
+"""The forward side of the feedback engine: installing its hooks on a model, recording the feedback points of each
+forward, tying them to the outputs called after them, and finding which norm consumes each point.
+
+:class:`ForwardHooks` is a base class of :class:`lightning_dfa.FeedbackEngine`; it holds no state of its own (the
+engine's ``__init__`` sets it up) and knows nothing of Lightning."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .blocks import Block, Target, _frozen, _has_params
+from .checks import refuse_reentrant_checkpointing
+from .delivery import (
+    CapturedPoint,
+    _DeliverFeedback,
+    _deliveries_upstream_of,
+    _Delivery,
+    _ForwardState,
+    _grad_beyond_soft_cuts,
+    _Group,
+    _Hook,
+    _in_backward,
+    _parameters_reached,
+    _SoftCut,
+)
+from .discovery import discover
+from .layout import Layouts, PointMeta, sequence_shaped
+from .norms import NormSpec, _may_normalise, probe_normalisation
+from .points import carries_grad as _carries_grad
+from .points import split_input as _split_input
+from .points import split_main as _split_main
+from .recipe import chooses_cut, last_top_level_block
+
+
+class ForwardHooks:
+    """Forward hooks of :class:`lightning_dfa.FeedbackEngine` (see the module's docstring)."""
+
+    def _install(self, root: nn.Module, target: Target | None, configured: bool) -> Target:
+        if target is None:
+            try:
+                target = discover(root, self.config.blocks, self.config.output, self.config.placement)
+            except ValueError:
+                if self.mode != "bp":
+                    raise
+                # the control arm is plain backprop: it needs no blocks, so it never refuses a model
+                target = Target([], type(root).__name__, root, "none (mode='bp' is plain backprop)")
+            if configured and target.source == "explicit":
+                target.source = "configure_dfa"
+        refuse_reentrant_checkpointing(root)
+        # attached again to the same model with the same blocks and outputs (a fit after a fit, a benchmark that
+        # attaches around each step): what the forwards taught the engine (layouts, norms, the true-gradient
+        # region) still holds; another model starts afresh
+        same = (
+            root is self.root
+            and self.target is not None
+            and [b.name for b in target.blocks] == [b.name for b in self.target.blocks]
+            and [n for n, _ in target.outputs] == [n for n, _ in self.target.outputs]
+        )
+        if not same:
+            self.layouts = Layouts()
+            self._consumers, self._norm_kinds, self._point_norms = {}, {}, set()
+            self._consumers_complete = False
+            self._sources, self._true_ids = {}, None
+        self.root, self.target = root, target
+        self._flatten = {b.name for b in target.blocks if _has_conv(b)}
+        self._cut = chooses_cut(self, root, target)
+        uncut = last_top_level_block(root, target) if self._cut else None
+        for block in target.blocks:
+            if block.top_level:  # prepend: the input is cut before FSDP2's pre-forward hook ties it to the
+                # block's post-backward (the point's feedback would otherwise reduce the block's gradients early)
+                self._handles.append(
+                    block.entry.register_forward_pre_hook(
+                        _Hook(lambda m, a, k, b=block: self._on_block_input(b, a, k)), with_kwargs=True, prepend=True
+                    )
+                )
+            if block.output_point and block.name != uncut:  # cut_head_input: the point moves to the head's input
+                self._handles.append(
+                    block.exit.register_forward_hook(_Hook(lambda m, a, o, b=block: self._on_block_output(b, o)))
+                )
+        self._modules = {name: module for name, module in target.outputs}
+        self._candidates = self._output_candidates(root, target)
+        for name, module in target.outputs:
+            if self.head_input_is_point:
+                self._handles.append(
+                    module.register_forward_pre_hook(
+                        _Hook(lambda m, a, k, n=name: self._on_head_input(n, a, k)), with_kwargs=True, prepend=True
+                    )
+                )
+            if self.config.error_at == "output":
+                hook = module.register_forward_hook(_Hook(lambda m, a, o, n=name: self._on_output(n, o)))
+            else:
+                hook = module.register_forward_pre_hook(
+                    _Hook(lambda m, a, k, n=name: self._on_output_input(n, a, k)), with_kwargs=True
+                )
+            self._handles.append(hook)
+        for name, module in self._candidates:
+            self._modules[name] = module
+            self._handles.append(
+                module.register_forward_hook(_Hook(lambda m, a, o, n=name: self._on_output(n, o, auto=True)))
+            )
+        if self.mode == "dfa" and (self.norm_feedback == "consumer" or self.norm_points):
+            self._inside_blocks = {id(m) for b in target.blocks if b.top_level for m in b.entry.modules()}
+            for name, module in root.named_modules():
+                if not _may_normalise(module):
+                    continue
+                self._handles.append(
+                    module.register_forward_pre_hook(
+                        _Hook(lambda m, a, k: self._on_norm_input(m, a, k)), with_kwargs=True
+                    )
+                )
+                if self.norm_points and id(module) in self._inside_blocks:
+                    self._handles.append(
+                        module.register_forward_hook(_Hook(lambda m, a, o, n=name: self._on_norm_output(n, m, o)))
+                    )
+        self.layouts.pending = not same
+        return target
+
+    def _output_candidates(self, root: nn.Module, target: Target) -> list[tuple[str, nn.Module]]:
+        """The layers outside the blocks that may be outputs: the output is the module the loss is computed from,
+        which only the forward shows (a head reached through functional code, several heads). Each is tied when
+        called after points; in the backward only those whose error did not come through another output deliver.
+        Not with explicit ``output=``, ``error_at="head_input"`` or ``cut_head_input`` (those name the output)."""
+        cfg = self.config
+        if cfg.output is not None or cfg.error_at != "output" or cfg.cut_head_input or self.mode != "dfa":
+            return []
+        taken = {id(p) for b in target.blocks for p in b.parameters()}
+        taken |= {id(p) for _, m in target.outputs for p in m.parameters()}
+        outputs = {id(m) for _, m in target.outputs}
+        found = []
+        for name, module in root.named_modules():
+            if not name or id(module) in outputs or not any(True for _ in module.parameters(recurse=False)):
+                continue
+            if any(_has_params(c) for c in module.children()) or any(id(p) in taken for p in module.parameters()):
+                continue
+            found.append((name, module))
+        return found
+
+    def _release(self, state: _ForwardState) -> None:
+        """A backward started through this forward's outputs: no output is tied to its points any more, so the
+        engine lets go of their tensors (autograd frees each one once its block's backward has run)."""
+        g = self._group
+        if g is not None and g.state is state:
+            g.points, g.cuts, g.copies, g.ties, g.untied = [], {}, [], [], 0
+
+    @property
+    def _pending(self) -> list[tuple[str, torch.Tensor, bool]]:
+        """The points recorded since the last output call (not tied to any output yet)."""
+        g = self._group
+        return [] if g is None or not g.untied else g.points[-g.untied :]
+
+    def _active(self) -> bool:
+        return torch.is_grad_enabled() and (self.mode != "bp" or self._capture is not None) and not _in_backward()
+
+    def _group_for(self, name: str) -> _Group:
+        """The current forward's group; a block recorded again after an output was tied starts a new forward."""
+        g = self._group
+        if g is None or g.state.closed or (g.outputs and name in g.calls):
+            g = self._group = _Group(after_ties=g is not None and bool(g.ties))
+        return g
+
+    def _record(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        g = self._group_for(name)
+        count = g.calls.get(name, 0)
+        g.calls[name] = count + 1
+        key = name if count == 0 else f"{name}#{count}"
+        flatten = name.split(":")[0] in self._flatten
+        for observer in self.point_observers:
+            observer(key, tensor)
+        if self._capture is not None:
+            self._capture.points.append(CapturedPoint(key, tensor, flatten))
+            return tensor
+        if self.mode == "dfa":
+            if g.ties or g.after_ties:  # an output was tied before this point: was the point computed from it?
+                for delivery in _deliveries_upstream_of(tensor):
+                    delivery.feeds_point = True
+            g.points.append((key, tensor, flatten))
+            g.untied += 1
+            self.report.points_recorded += 1
+            if not g.soft and self.layouts.pending and sequence_shaped(tensor.shape, flatten):
+                g.soft = True  # from here on, this forward's points stay connected for a layout probe
+            if g.soft:
+                cut = _SoftCut.apply(self.layouts, tensor)
+                g.cuts[id(cut)] = tensor
+                g.copies.append(cut)  # kept alive, so that no other tensor takes its id in this forward
+                return cut
+        return tensor.detach()
+
+    def _carries(self, tensor: torch.Tensor | None) -> bool:
+        """The tensor carries gradient from something other than a soft cut (in a layout-probe forward, a value
+        computed only from cut points carries none, as after an ordinary cut)."""
+        if not _carries_grad(tensor):
+            return False
+        g = self._group
+        return g is None or not g.soft or _grad_beyond_soft_cuts(tensor)
+
+    def _on_block_input(self, block: Block, args: tuple, kwargs: dict) -> Any:
+        if not self._active() or _frozen(block):
+            return None
+        tensor, rebuild = _split_input(args, kwargs)
+        if not self._carries(tensor):
+            return None
+        return rebuild(self._record(block.name + ":in", tensor))
+
+    def _on_block_output(self, block: Block, output: Any) -> Any:
+        if not self._active() or _frozen(block):
+            return None
+        tensor, rebuild = _split_main(output)
+        if not self._carries(tensor):
+            return None
+        return rebuild(self._record(block.name, tensor))
+
+    def _on_head_input(self, name: str, args: tuple, kwargs: dict) -> Any:
+        """``cut_head_input``: the output module's input becomes the point ``"<output>:in"`` (detached downstream)."""
+        if not self._active():
+            return None
+        tensor, rebuild = _split_input(args, kwargs)
+        if not self._carries(tensor):
+            return None
+        return rebuild(self._record(name + ":in", tensor))
+
+    def _on_output(self, name: str, output: Any, auto: bool = False) -> Any:
+        if auto and (self._capture is not None or not self._active()):
+            return None  # a candidate is not the discovered output: it does not end a capture or a forward
+        if self._capture is not None and self._active():
+            tensor, _ = _split_main(output)
+            if tensor is not None:
+                self._capture.outputs.append(tensor)
+            self._group = None
+            return None
+        if not self._active() or self.mode != "dfa":
+            self._group = None
+            return None
+        tensor, rebuild = _split_main(output)
+        g = self._group
+        # A frozen output module (a fixed readout) still gets tied: the points carry the gradient, and the
+        # error reaches the delivery even though the output itself needs none.
+        if g is None or g.state.closed or not g.points:
+            return None
+        if tensor is None or not tensor.is_floating_point():
+            if not auto:
+                self.report.untied_outputs.append(type(output).__name__ if tensor is None else f"{tensor.dtype} tensor")
+            return None
+        if auto and not tensor.requires_grad:
+            return None  # a candidate whose output carries no gradient cannot be where the loss reads the error
+        calls = g.outputs.get(name, 0)
+        g.outputs[name] = calls + 1
+        source = name if calls == 0 else f"{name}#{calls}"
+        tensors = [t for _, t, _ in g.points]
+        metas = [PointMeta(k, t.shape, t.dtype, f, self._norm_of(k, f)) for k, t, f in g.points]
+        delivery = _Delivery(self, metas, source)
+        module = self._modules.get(name)
+        delivery.frozen = module is not None and not any(p.requires_grad for p in module.parameters())
+        if len(g.outputs) > 1 or calls:  # another output was tied in this forward: was it computed from it?
+            delivery.upstream = _deliveries_upstream_of(tensor)
+        if g.soft:
+            delivery.probe = (tensor, tensors)
+        if self._true_ids is None:  # until a backward delivered: which parameters lie between cuts and output
+            delivery.reached = _parameters_reached(tensor)
+        delivery.forward = g.state
+        g.untied = 0
+        g.ties.append(delivery)
+        self._consumers_complete = True
+        self.report.outputs_tied += 1
+        return rebuild(_DeliverFeedback.apply(delivery, tensor, *tensors))
+
+    def _on_norm_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Norm-aware feedback: a normalisation reading a point recorded in this forward makes it that point's
+        consumer (the point's feedback will pass through its Jacobian). Checked until the first delivery."""
+        if self._consumers_complete and self._capture is None:
+            return None
+        if not torch.is_grad_enabled() or _in_backward():
+            return None
+        tensor, _ = _split_input(args, kwargs)
+        if tensor is None or not tensor.is_floating_point():
+            return None
+        g = self._group
+        if g is not None and g.cuts:  # a layout-probe forward: the point itself, not its copy (or an alias of the
+            # copy, such as FSDP2's pre-forward hook passes on)
+            tensor = next((g.cuts[id(c)] for c in g.copies if _same_memory(c, tensor)), tensor)
+        recorded = (
+            [(p.key, p.tensor, p.flatten) for p in self._capture.points] if self._capture is not None else self._pending
+        )
+        for key, point, _ in reversed(recorded):
+            if point.data_ptr() != tensor.data_ptr() or point.shape != tensor.shape:
+                continue
+            # (a flattened point, such as a patch embedding's output, keeps its own shape: the norm's Jacobian
+            # applies to it position by position, as the norm does)
+            if id(module) not in self._norm_kinds:
+                self._norm_kinds[id(module)] = probe_normalisation(module, tensor)
+            spec = self._norm_kinds[id(module)]
+            if spec is not None:
+                self._consumers.setdefault(key.split("#")[0], spec)
+                if id(module) in self._inside_blocks:
+                    self._point_norms.add(id(module))
+            break
+        return None
+
+    def _on_norm_output(self, name: str, module: nn.Module, output: Any) -> Any:
+        """``norm_points``: the output of a norm inside a block that reads a point is a point too."""
+        if id(module) not in self._point_norms:
+            return None
+        tensor, rebuild = _split_main(output)
+        if self.mode == "dfa" and torch.is_grad_enabled() and _in_backward() and _carries_grad(tensor):
+            # an activation checkpoint's recomputation inside the block: cut as in the forward (a layout-probe
+            # forward's soft cut, else a detach), so that the recomputed graph saves what the forward saved (the
+            # point's feedback was delivered already)
+            g = self._group
+            return rebuild(_SoftCut.apply(self.layouts, tensor) if g is not None and g.soft else tensor.detach())
+        if not self._active() or not self._carries(tensor):
+            return None
+        return rebuild(self._record(name, tensor))
+
+    def _norm_of(self, key: str, flatten: bool) -> NormSpec | None:
+        """The Jacobian that shapes point ``key``'s feedback, or ``None``."""
+        mode = self.norm_feedback
+        if mode == "layernorm":
+            return NormSpec("layer", 1e-5, -1 if flatten else 1)
+        if mode == "off":
+            return None
+        return self._consumers.get(key.split("#")[0])
+
+    def _on_output_input(self, name: str, args: tuple, kwargs: dict) -> Any:
+        tensor, rebuild = _split_input(args, kwargs)
+        if tensor is None:
+            return None
+        g = self._group
+        if g is not None and g.cuts:  # a layout-probe forward: the point itself, not its copy (or an alias of the
+            # copy, such as FSDP2's pre-forward hook passes on)
+            tensor = next((g.cuts[id(c)] for c in g.copies if _same_memory(c, tensor)), tensor)
+        if self._active() and self.mode == "dfa" and g is not None and (not tensor.requires_grad or g.soft):
+            # The head reads the last block's output directly: that block gets the true error at the head's
+            # input (it is where the error is read), the other points get its projection.
+            for i in range(len(g.points) - 1, -1, -1):
+                original = g.points[i][1]
+                if original.data_ptr() == tensor.data_ptr() and original.shape == tensor.shape:
+                    del g.points[i]
+                    g.untied = min(g.untied, len(g.points))
+                    tensor = original
+                    break
+        tied = self._on_output(name, tensor)
+        return None if tied is None else rebuild(tied)
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride())
+
+
+def _has_conv(block: Block) -> bool:
+    mods: Sequence[nn.Module] = block.members or (block.entry,)
+    return any(isinstance(m, nn.modules.conv._ConvNd) for mod in mods for m in mod.modules())
