@@ -113,7 +113,8 @@ def only_norms_before(root: nn.Module, target: Target) -> bool:
 
 
 def last_top_level_block(root: nn.Module, target: Target) -> str | None:
-    """Name of the top-level block registered last in ``root`` (the one whose output feeds the tail)."""
-    order = {n: i for i, (n, _) in enumerate(root.named_modules())}
-    tops = [b.name for b in target.blocks if b.top_level]
-    return max(tops, key=lambda n: order.get(n, -1)) if tops else None
+    """Name of the top-level block registered last in ``root`` (the one whose output feeds the tail), found by
+    identity (a wrapped model's modules have other names)."""
+    position = {id(m): i for i, m in enumerate(root.modules())}
+    tops = [b for b in target.blocks if b.top_level]
+    return max(tops, key=lambda b: position.get(id(b.exit), -1)).name if tops else None

@@ -61,17 +61,18 @@ def role_of(engine: Any, parameter: nn.Parameter) -> str:
 
 
 def params_after_blocks(root: nn.Module, target: Target) -> set[int]:
-    """``id`` of the parameters registered after the last block and outside every block (the tail)."""
+    """``id`` of the parameters registered after the last block and outside every block (the tail). Blocks are
+    found in ``root`` by identity, not by name, so a wrapped model (FSDP, activation checkpointing: other names,
+    the same modules) has the same tail."""
     if not target.blocks:
         return set()
-    names = [n for n, _ in root.named_modules()]
-    order = {n: i for i, n in enumerate(names)}
-    last = max(order.get(b.name, -1) for b in target.blocks)
-    # everything registered after the last block's subtree, and not inside any block
+    position = {id(m): i for i, m in enumerate(root.modules())}
+    last = max(position.get(id(m), -1) for b in target.blocks for m in (b.exit, b.entry))
+    inside = {id(m) for b in target.blocks for m in b.exit.modules()}
     block_ids = target.block_param_ids()
     after: set[int] = set()
-    for name, module in root.named_modules():
-        if order[name] <= last or any(name == b.name or name.startswith(b.name + ".") for b in target.blocks):
+    for module in root.modules():
+        if position[id(module)] <= last or id(module) in inside:
             continue
         for p in module.parameters(recurse=False):
             if id(p) not in block_ids:

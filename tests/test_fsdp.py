@@ -33,9 +33,6 @@ sys.path.insert(0, str(ROOT / "tests" / "scripts"))
 import fsdp_engine  # noqa: E402
 
 ENGINE_CONFIGS = ["mlp_fsdp2", "mlp_fsdp2_resume", "llama_fsdp2_resume", "llama_fsdp2_ckpt", "mlp_fsdp1", "llama_fsdp1"]
-# FSDP1 (``FullyShardedDataParallel``, what Lightning's FSDPStrategy runs) on the Llama: the final norm, between the
-# last block and the head, gets another gradient than in one process from the first step on (the MLP matches)
-FSDP1_LLAMA = pytest.mark.xfail(reason="FSDP1: the final norm's gradient differs from one process", strict=True)
 
 
 def _run(script: str, out: Path, *args: str) -> subprocess.CompletedProcess:
@@ -59,9 +56,7 @@ def _max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> f
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-@pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=FSDP1_LLAMA) if n == "llama_fsdp1" else n for n in ENGINE_CONFIGS]
-)
+@pytest.mark.parametrize("name", ENGINE_CONFIGS)
 def test_engine_under_fsdp_equals_one_process(engine_run: Path, name: str) -> None:
     sharded = torch.load(engine_run / f"{name}.pt")
     single = fsdp_engine.train(name.replace("_resume", ""))  # one process, whole batches, never interrupted
