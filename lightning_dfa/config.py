@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from .discovery import BlockSpec
-from .feedback import DISTRIBUTIONS
+from .projectors import Projector
+from .projectors.random import DISTRIBUTIONS
 
 MODES = ("dfa", "shallow", "bp")
 RECIPES = ("auto", "paper")
@@ -105,6 +106,12 @@ class DFAConfig:
             steps (see :meth:`FeedbackBank.sketch`). Used where the error is wider than ``4 d`` (elsewhere the
             dense projection is as cheap). Cannot be combined with ``topk``. ``None`` (recipe ``"auto"``): on unless
             ``topk`` is set.
+        projector: what computes the raw feedback ``B e`` from the error: a
+            :class:`~lightning_dfa.projectors.Projector` (``Dense``, ``Sketch``, ``TopK``, the simulated
+            ``Optical`` co-processor, the ``Ternarized``/``Quantized``/``Noisy`` wrappers of any of them, or your
+            own subclass), copied by each engine and saved with the feedback. ``None`` (default): the one that
+            ``sketch`` and ``topk`` stand for (``Sketch()``, ``TopK(k)``, else ``Dense()``). Cannot be combined
+            with ``sketch=True`` or ``topk``. See ``docs/projectors.md``.
         feedback_transform: ``None`` or a callable ``(point_key, feedback) -> feedback`` (same shape) applied to
             every point's feedback before ``norm_jacobian``: a fixed, parameter-free operator that the model knows
             lies between the point and the output, e.g. a graph's normalised adjacency for graph convolutions
@@ -128,6 +135,7 @@ class DFAConfig:
     norm_points: bool | None = None
     topk: int | None = None
     sketch: bool | None = None
+    projector: Projector | None = None
     feedback_transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None
 
     def merged_with(self, options: dict[str, Any], origin: str = "options") -> DFAConfig:
@@ -204,6 +212,17 @@ class DFAConfig:
                 raise ValueError(f"DFA: topk must be None or a positive integer such as 64, got {self.topk!r}.")
         if self.sketch and self.topk is not None:
             raise ValueError("DFA: choose one cheaper projection: sketch=True or topk=k, not both.")
+        if self.projector is not None:
+            if not isinstance(self.projector, Projector):
+                raise TypeError(
+                    "DFA: projector must be None or a lightning_dfa.projectors.Projector (such as "
+                    f"lightning_dfa.projectors.Dense()), got {_shown(self.projector)}."
+                )
+            if self.sketch or self.topk is not None:
+                raise ValueError(
+                    f"DFA: projector={self.projector!r} decides the projection: leave sketch and topk unset "
+                    "(use projectors.Sketch() or projectors.TopK(k) instead)."
+                )
         if self.feedback_transform is not None and not callable(self.feedback_transform):
             raise TypeError(f"DFA: feedback_transform must be callable, got {type(self.feedback_transform).__name__}.")
 

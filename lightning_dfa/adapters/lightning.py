@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
 
+from ..projectors import Projector
 from .core import DFACallbackMixin, DFADDPMixin, DFASingleDeviceMixin, DFAStrategyMixin, make_config
 
 Blocks = Optional[Union[str, list[str]]]
@@ -49,6 +50,7 @@ class DFAStrategy(DFASingleDeviceMixin, DFAStrategyMixin, SingleDeviceStrategy):
         norm_points: Optional[bool] = None,
         topk: Optional[int] = None,
         sketch: Optional[bool] = None,
+        projector: Optional[Projector] = None,
         feedback_transform: Optional[Callable[[str, torch.Tensor], torch.Tensor]] = None,
         verbose: bool = True,
         device: Optional[Union[str, torch.device]] = None,
@@ -89,6 +91,7 @@ class DFADDPStrategy(DFADDPMixin, DFAStrategyMixin, DDPStrategy):
         norm_points: Optional[bool] = None,
         topk: Optional[int] = None,
         sketch: Optional[bool] = None,
+        projector: Optional[Projector] = None,
         feedback_transform: Optional[Callable[[str, torch.Tensor], torch.Tensor]] = None,
         verbose: bool = True,
         **kwargs: Any,
@@ -125,6 +128,7 @@ class DFA(DFACallbackMixin, Callback):
         norm_points: Optional[bool] = None,
         topk: Optional[int] = None,
         sketch: Optional[bool] = None,
+        projector: Optional[Projector] = None,
         feedback_transform: Optional[Callable[[str, torch.Tensor], torch.Tensor]] = None,
         verbose: bool = True,
     ) -> None:
