@@ -92,12 +92,14 @@ class DFAConfig:
             GPT-2's ``ln_1``, Llama's ``input_layernorm``) is a feedback point too, so what reads it (the
             attention's QKV projection) never computes its input gradient, and the norm's own parameters learn from
             that point's feedback. ``None`` (recipe ``"auto"``): on in ``mode="dfa"``.
-        topk: ``None`` (default: dense projection ``e @ B``) or ``k``: project only the ``k`` largest-magnitude
+        topk: ``None`` (default: dense projection ``e @ B``) or ``k`` (the shortcut of
+            ``projector=projectors.TopK(k)``): project only the ``k`` largest-magnitude
             entries of each row (token) of the error, a gather of ``k`` rows of ``B`` per token instead of a GEMM
             over the whole output width. For softmax + cross-entropy ``e = softmax - onehot`` is dominated by the
             target entry and a few likely tokens, and a random projection of the dropped diffuse remainder is
             small. Used only where the error is wider than ``k``; costs ``k / width`` of the dense projection.
-        sketch: a structured random feedback matrix for wide errors (``False`` by default), exact (not an
+        sketch: a structured random feedback matrix for wide errors (the shortcut of
+            ``projector=projectors.Sketch()``), exact (not an
             approximation of some dense ``B``: it *is* the feedback): output index ``v = i * g + j`` gets the row
             ``sum_c A[c, i] G_c[j] / 2`` (``c < 4``), so the projection is ONE pass over the error (four signed
             sums over the outputs of each residue class ``j``) and a small GEMM (``[4 g, d]``,

@@ -355,7 +355,7 @@ class FeedbackEngine:
 
         Example:
             >>> FeedbackEngine().projector, FeedbackEngine(recipe="paper").projector
-            (Sketch(distribution=None), Dense(distribution=None))
+            (Sketch(min_ratio=4, distribution=None), Dense(distribution=None))
         """
         return self._projector_for("")
 

@@ -512,6 +512,11 @@ class Sketch(Dense):
     Errors no wider than ``4 d`` use the dense matrix (there it is as cheap). What the ``sketch`` option and the
     ``"auto"`` recipe use.
 
+    Args:
+        min_ratio: errors no wider than ``min_ratio`` times the feedback width use the dense matrix (default 4);
+            ``0``: the structured matrix for every error.
+        distribution: of the matrix ``G``, as :class:`Dense`'s.
+
     Example:
         >>> p = Sketch()
         >>> p.setup(seed=0)
@@ -519,9 +524,15 @@ class Sketch(Dense):
         (torch.Size([3, 16]), 0)
     """
 
+    def __init__(self, min_ratio: float = SKETCH_MIN_RATIO, distribution: str | None = None) -> None:
+        if isinstance(min_ratio, bool) or not isinstance(min_ratio, (int, float)) or not min_ratio >= 0:
+            raise ValueError(f"DFA: Sketch(min_ratio={min_ratio!r}) must be a number >= 0 (default 4).")
+        super().__init__(distribution)
+        self.min_ratio = min_ratio
+
     def project(self, error: torch.Tensor, width: int) -> torch.Tensor:
         k = error.shape[-1]
-        if not uses_sketch(k, width):
+        if k <= self.min_ratio * width:
             return super().project(error, width)
         g, a, big = self.bank.sketch(k, width, error.device, error.dtype, source=self._source)
         # with each row of the error viewed as E[i, j] (v = i * g + j), ONE batched product over a view of the
