@@ -44,15 +44,17 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 ARMS: dict[str, tuple[str, Callable[[], Projector] | None]] = {
     "dense": ("`Dense()`: the dense uniform matrix", Dense),
     "sketch": ("`Sketch(min_ratio=0)`: the structured matrix, also for a narrow error", lambda: Sketch(0)),
-    "ternary": ("`Ternarized(Dense(), threshold=0.1)`", lambda: Ternarized(Dense(), 0.1)),
-    "optical-8bit": ("`Optical(bits=8)`: ternary input, holographic read-out, 8-bit camera", lambda: Optical(bits=8)),
+    "ternary": ("`Ternarized(Dense(), threshold=0.5)`", lambda: Ternarized(Dense(), 0.5)),
+    "optical-8bit": ("`Optical(bits=8)`: ternary input (threshold 0.5), holography, 8-bit camera", lambda: Optical(8)),
     "optical-6bit": ("`Optical(bits=6)`", lambda: Optical(bits=6)),
     "optical-4bit": ("`Optical(bits=4)`", lambda: Optical(bits=4)),
     "noise-20db": ("`Noisy(Dense(), snr_db=20)`", lambda: Noisy(Dense(), 20.0)),
     "noise-10db": ("`Noisy(Dense(), snr_db=10)`", lambda: Noisy(Dense(), 10.0)),
     "noise-0db": ("`Noisy(Dense(), snr_db=0)`", lambda: Noisy(Dense(), 0.0)),
-    "ternary-0.5": ("`Ternarized(Dense(), threshold=0.5)`", lambda: Ternarized(Dense(), 0.5)),
-    "optical-8bit-0.5": ("`Optical(bits=8, threshold=0.5)`", lambda: Optical(bits=8, threshold=0.5)),
+    "ternary-0.1": ("`Ternarized(Dense(), threshold=0.1)`", lambda: Ternarized(Dense(), 0.1)),
+    "optical-8bit-0.1": ("`Optical(bits=8, threshold=0.1)`", lambda: Optical(bits=8, threshold=0.1)),
+    "optical-6bit-0.1": ("`Optical(bits=6, threshold=0.1)`", lambda: Optical(bits=6, threshold=0.1)),
+    "optical-4bit-0.1": ("`Optical(bits=4, threshold=0.1)`", lambda: Optical(bits=4, threshold=0.1)),
     "shallow": ('`mode="shallow"`: no feedback (reference)', None),
     "bp": ("backprop (reference)", None),
 }
@@ -68,13 +70,15 @@ class StepTimer(pl.Callback):
 
     def __init__(self) -> None:
         self.times: list[float] = []
-        self._t = 0.0
+        self.cpu: list[float] = []
+        self._t = self._c = 0.0
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        self._t = time.perf_counter()
+        self._t, self._c = time.perf_counter(), time.process_time()
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.times.append(time.perf_counter() - self._t)
+        self.cpu.append(time.process_time() - self._c)
 
 
 def _strategy(arm: str, seed: int) -> Any:
@@ -90,7 +94,7 @@ def _strategy(arm: str, seed: int) -> Any:
 def _fit(model: Any, data: Any, arm: str, seed: int, every: int, trainer_options: dict[str, Any]) -> dict[str, Any]:
     monitor = AlignmentMonitor(every_n_steps=every, plot=False)
     timer = StepTimer()
-    callbacks: list[pl.Callback] = [timer] if arm == "bp" else [monitor, timer]
+    callbacks: list[pl.Callback] = [timer] if arm == "bp" or every <= 0 else [monitor, timer]
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=1,
@@ -115,13 +119,14 @@ def _fit(model: Any, data: Any, arm: str, seed: int, every: int, trainer_options
         "steps": int(trainer.global_step),
         "wall_s": round(wall, 1),
         "step_ms": round(1000 * statistics.median(timer.times[5:] or timer.times), 2),
+        "step_cpu_ms": round(1000 * statistics.median(timer.cpu[5:] or timer.cpu), 2),
         "alignment": history,
         "last_point": last_point,
         "alignment_last": history[-1]["points"][last_point] if history else None,
     }
 
 
-def run_mlp(arm: str, seed: int, quick: bool) -> dict[str, Any]:
+def run_mlp(arm: str, seed: int, quick: bool, timing_steps: int = 0) -> dict[str, Any]:
     from examples.data.images import ImageDataModule
     from examples.images import ImageClassifier
 
@@ -137,6 +142,8 @@ def run_mlp(arm: str, seed: int, quick: bool) -> dict[str, Any]:
         num_classes=data.num_classes, **small,
     )  # fmt: skip
     options = {"max_steps": 6, "max_epochs": 1} if quick else {"max_epochs": MLP_EPOCHS}
+    if timing_steps:
+        return _fit(model, data, arm, seed, every=0, trainer_options={"max_steps": timing_steps})
     row = _fit(model, data, arm, seed, every=2 if quick else 143, trainer_options=options)
     results = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False).test(
         model, datamodule=data, verbose=False
@@ -148,7 +155,7 @@ def run_mlp(arm: str, seed: int, quick: bool) -> dict[str, Any]:
     return row
 
 
-def run_lm(arm: str, seed: int, quick: bool) -> dict[str, Any]:
+def run_lm(arm: str, seed: int, quick: bool, timing_steps: int = 0) -> dict[str, Any]:
     from examples.language_model import LN2, AustenDataModule, CharGPT
 
     data = AustenDataModule(
@@ -160,6 +167,8 @@ def run_lm(arm: str, seed: int, quick: bool) -> dict[str, Any]:
     size = {"n_layer": 2, "n_embd": 32, "n_head": 2, "block_size": 32} if quick else {}
     pl.seed_everything(seed, verbose=False)
     model = CharGPT(**{"n_layer": 4, "n_embd": 128, "n_head": 4, "block_size": 64, **size}, lr=2e-3, lr_decay="cosine")
+    if timing_steps:
+        return _fit(model, data, arm, seed, every=0, trainer_options={"max_steps": timing_steps})
     row = _fit(model, data, arm, seed, every=2 if quick else 333, trainer_options={"max_steps": steps})
     row.update(
         metric="test bits/char",
@@ -181,13 +190,36 @@ def run(domain: str, arm: str, seed: int, quick: bool, out: Path) -> dict[str, A
     return row
 
 
+def timing(domain: str, arms: list[str], seed: int, rounds: int, steps: int, out: Path) -> dict[str, Any]:
+    """Step time of each arm, interleaved: ``rounds`` rounds over the arms, ``steps`` training steps each (no
+    alignment probe), the median per-step CPU time of the process (robust to other jobs on the machine) per round.
+    Written to ``<out>/<domain>_timing.json``; the page reports each arm's median over rounds against dense's."""
+    torch.set_num_threads(1)
+    runner = run_mlp if domain == "mlp" else run_lm
+    record: dict[str, Any] = {"domain": domain, "rounds": rounds, "steps": steps, "cpu_ms": {}, "wall_ms": {}}
+    for _ in range(rounds):
+        for arm in arms:
+            row = runner(arm, seed, False, timing_steps=steps)
+            record["cpu_ms"].setdefault(arm, []).append(row["step_cpu_ms"])
+            record["wall_ms"].setdefault(arm, []).append(row["step_ms"])
+            print(f"[projectors] timing {domain} {arm}: {row['step_cpu_ms']} ms CPU per step", flush=True)
+    record["run"] = {"date": time.strftime("%Y-%m-%d %H:%M"), "torch_threads": torch.get_num_threads()}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{domain}_timing.json").write_text(json.dumps(record, indent=1))
+    return record
+
+
 # ---------------------------------------------------------------------------------------------- the page
 def load(folder: Path) -> dict[str, dict[str, dict[str, Any]]]:
     rows: dict[str, dict[str, dict[str, Any]]] = {}
     for path in sorted(folder.glob("*.json")):
         row = json.loads(path.read_text())
-        rows.setdefault(row["domain"], {})[row["arm"]] = row
-    return rows
+        if path.stem.endswith("_timing"):
+            for arm, values in row["cpu_ms"].items():
+                rows.setdefault(row["domain"], {}).setdefault(arm, {})["timing_cpu_ms"] = statistics.median(values)
+            continue
+        rows.setdefault(row["domain"], {}).setdefault(row["arm"], {}).update(row)
+    return {d: {a: r for a, r in arms.items() if "value" in r} for d, arms in rows.items()}  # timed, not trained
 
 
 def plot(rows: dict[str, dict[str, dict[str, Any]]], path: Path) -> None:
@@ -233,7 +265,10 @@ def table(domain_rows: dict[str, dict[str, Any]]) -> list[str]:
         if row is None:
             continue
         align = "-" if row.get("alignment_last") is None else f"{row['alignment_last']:.3f}"
-        speed = f"{row['step_ms'] / dense['step_ms']:.2f}x" if dense else f"{row['step_ms']} ms"
+        if dense and "timing_cpu_ms" in row and "timing_cpu_ms" in dense:
+            speed = f"{row['timing_cpu_ms'] / dense['timing_cpu_ms']:.2f}x"
+        else:
+            speed = "-"
         lines.append(f"| {arm} | {row['projector']} | {row['value']:.3f} | {align} | {speed} |")
     return lines
 
@@ -256,9 +291,9 @@ def render(folder: Path, findings: str = "") -> str:
         "[`benchmarks/projectors.py`](../benchmarks/projectors.py); one JSON file per arm in",
         "[`benchmarks/results/projectors/`](../benchmarks/results/projectors/). Alignment: the cosine between the",
         "delivered signal and the backprop gradient at the last feedback point, per sample (MLP) or token (LM),",
-        "averaged, at the last measurement (`AlignmentMonitor`). Step time: median wall time of a training step",
-        "against the dense arm's, one torch thread on a heavily shared 2-core AMD EPYC CPU (differences under about",
-        "20 % are noise there).",
+        "averaged, at the last measurement (`AlignmentMonitor`). Step time: CPU time of a training step (one torch",
+        "thread, a 2-core AMD EPYC CPU shared with other jobs) against the dense arm's, from a separate interleaved",
+        "pass (`--timing`: rounds over the arms, 30 steps each, median per round, then median over rounds).",
         "",
     ]
     for domain in DOMAINS:
@@ -280,13 +315,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="seconds per arm: tiny data and model (smoke run)")
     parser.add_argument("--out", default=str(RESULTS), help="folder of the per-arm JSON files")
     parser.add_argument("--render", action="store_true", help="write docs/projectors.md from the stored files")
+    parser.add_argument(
+        "--timing",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="instead of training runs: interleaved step timing, ROUNDS rounds over --arms",
+    )
+    parser.add_argument("--timing-steps", type=int, default=30, help="training steps per arm and round")
     parser.add_argument("--findings", default=None, help="a markdown file appended to the page")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", message=".*(does not have many workers|LeafSpec|tensorboardX).*")
     for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
     out = Path(args.out)
-    if args.domain:
+    if args.domain and args.timing:
+        timing(args.domain, args.arms.split(","), args.seed, args.timing, args.timing_steps, out)
+    elif args.domain:
         for arm in args.arms.split(","):
             if arm not in ARMS:
                 parser.error(f"unknown arm {arm!r}; choose from {list(ARMS)}")

@@ -290,3 +290,15 @@ def test_grad_recorder_sees_the_same_gradients_for_an_explicit_dense_and_the_def
         grads.append(recorder.grads)
     for a, b in zip(*grads):
         assert all(torch.equal(a[k], b[k]) for k in a if a[k] is not None)
+
+
+def test_every_dfa_form_takes_a_projector() -> None:
+    forms = [lightning_dfa.DFA, lightning_dfa.DFAStrategy, lightning_dfa.DFADDPStrategy]
+    forms += [lightning_dfa.lightning.DFA, lightning_dfa.lightning.DFAStrategy]
+    for form in forms:
+        projector = Optical(bits=4)
+        assert form(projector=projector, verbose=False).dfa.config.projector is projector
+    model = Classifier(mlp(), lr=0.1)
+    callback = lightning_dfa.DFA(projector=Quantized(Sketch(0), bits=3), verbose=False)
+    trainer(max_steps=4, callbacks=[callback]).fit(model, loader())
+    assert isinstance(callback.dfa_engine.projector, Quantized) and model.losses[-1] < model.losses[0]

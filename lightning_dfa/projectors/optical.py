@@ -43,7 +43,9 @@ class Optical(Projector):
     Args:
         bits: camera bit depth (``None``: ideal read-out).
         encoding: ``"ternary"`` (default) or ``"binary"``.
-        threshold: for the ternary encoding, the fraction of each row's largest magnitude below which an entry is 0.
+        threshold: for the ternary encoding, the fraction of each row's largest magnitude below which an entry is 0
+            (default 0.5: with a low threshold, the many small positive entries of a softmax error outweigh its one
+            negative entry once all are +-1, and learning breaks down; see ``docs/projectors.md``).
         snr_db: read noise of each intensity frame, in dB (``None``: none).
 
     Example:
@@ -59,7 +61,7 @@ class Optical(Projector):
     """
 
     def __init__(
-        self, bits: int | None = 8, encoding: str = "ternary", threshold: float = 0.1, snr_db: float | None = None
+        self, bits: int | None = 8, encoding: str = "ternary", threshold: float = 0.5, snr_db: float | None = None
     ) -> None:
         if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 24):
             raise ValueError(f"DFA: Optical bits must be None (ideal camera) or an integer from 1 to 24, got {bits!r}.")

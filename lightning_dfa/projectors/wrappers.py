@@ -49,7 +49,7 @@ class Ternarized(Wrapper):
         torch.Size([4, 16])
     """
 
-    def __init__(self, inner: Projector, threshold: float = 0.1) -> None:
+    def __init__(self, inner: Projector, threshold: float = 0.5) -> None:
         super().__init__(inner)
         self.threshold = _checked_level("Ternarized threshold", threshold, 0.0, 1.0)
 
