@@ -52,7 +52,7 @@ class Optical(Projector):
         >>> opu = Optical(bits=8)
         >>> opu.setup(seed=0)
         >>> e = torch.randn(32, 10)
-        >>> ideal = Optical(bits=None, threshold=0.0)
+        >>> ideal = Optical(bits=None)  # the same encoding, an ideal camera
         >>> ideal.setup(seed=0)
         >>> fb, exact = opu.project(e, 64), ideal.project(e, 64)
         >>> cos = torch.nn.functional.cosine_similarity(fb, exact, dim=-1).mean()
