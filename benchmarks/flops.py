@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from lightning_dfa.feedback import uses_sketch
+from lightning_dfa.projectors.bank import uses_sketch
 
 
 def _blocks_have(options: dict[str, Any] | None, suffix: str) -> bool:

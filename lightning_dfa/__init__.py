@@ -20,7 +20,8 @@ from .alignment import AlignmentMonitor
 from .config import MODES, DFAConfig
 from .discovery import Block, Target, discover
 from .engine import FeedbackEngine
-from .feedback import DISTRIBUTIONS, FeedbackBank
+from .projectors import Projector
+from .projectors.bank import DISTRIBUTIONS, FeedbackBank
 from .registry import register_micro_points
 
 __version__ = "0.1.0"
@@ -35,6 +36,7 @@ __all__ = [
     "DFAStrategy",
     "DISTRIBUTIONS",
     "MODES",
+    "Projector",
     "Block",
     "FeedbackBank",
     "FeedbackEngine",

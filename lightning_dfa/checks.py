@@ -11,7 +11,7 @@ from torch import nn
 
 from .blocks import _frozen
 from .config import _SAVED_OPTIONS, DFAConfig
-from .feedback import check_bank_state
+from .projectors.bank import check_bank_state
 
 
 def check_state(state: Any) -> None:
@@ -28,6 +28,15 @@ def check_state(state: Any) -> None:
         ValueError: DFA: the checkpoint's feedback state is damaged: ...scale must be a finite, non-zero number...
     """
     check_bank_state(state)
+    saved = state.get("projector")
+    if saved is not None and not (
+        isinstance(saved, dict) and isinstance(saved.get("class"), str) and isinstance(saved.get("outputs"), dict)
+    ):
+        raise ValueError(
+            "DFA: the checkpoint's feedback state is damaged: its projector entry is not {'class': name, 'outputs': "
+            "{output: state}}. Resume from another checkpoint, or start a new fit from the weights alone "
+            "(Model.load_from_checkpoint(path), then fit without ckpt_path)."
+        )
     options = {name: state[name] for name in _SAVED_OPTIONS if name in state}
     try:
         DFAConfig(**options)

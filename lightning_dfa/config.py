@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 from .blocks import BlockSpec
-from .feedback import DISTRIBUTIONS
+from .projectors import Projector
+from .projectors.bank import DISTRIBUTIONS
+from .projectors.base import class_name
 
 MODES = ("dfa", "shallow", "bp")
 RECIPES = ("auto", "paper")
@@ -92,12 +94,14 @@ class DFAConfig:
             GPT-2's ``ln_1``, Llama's ``input_layernorm``) is a feedback point too, so what reads it (the
             attention's QKV projection) never computes its input gradient, and the norm's own parameters learn from
             that point's feedback. ``None`` (recipe ``"auto"``): on in ``mode="dfa"``.
-        topk: ``None`` (default: dense projection ``e @ B``) or ``k``: project only the ``k`` largest-magnitude
+        topk: ``None`` (default: dense projection ``e @ B``) or ``k`` (the shortcut of
+            ``projector=projectors.TopK(k)``): project only the ``k`` largest-magnitude
             entries of each row (token) of the error, a gather of ``k`` rows of ``B`` per token instead of a GEMM
             over the whole output width. For softmax + cross-entropy ``e = softmax - onehot`` is dominated by the
             target entry and a few likely tokens, and a random projection of the dropped diffuse remainder is
             small. Used only where the error is wider than ``k``; costs ``k / width`` of the dense projection.
-        sketch: a structured random feedback matrix for wide errors (``False`` by default), exact (not an
+        sketch: a structured random feedback matrix for wide errors (the shortcut of
+            ``projector=projectors.Sketch()``), exact (not an
             approximation of some dense ``B``: it *is* the feedback): output index ``v = i * g + j`` gets the row
             ``sum_c A[c, i] G_c[j] / 2`` (``c < 4``), so the projection is ONE pass over the error (four signed
             sums over the outputs of each residue class ``j``) and a small GEMM (``[4 g, d]``,
@@ -106,6 +110,12 @@ class DFAConfig:
             steps (see :meth:`FeedbackBank.sketch`). Used where the error is wider than ``4 d`` (elsewhere the
             dense projection is as cheap). Cannot be combined with ``topk``. ``None`` (recipe ``"auto"``): on unless
             ``topk`` is set.
+        projector: what computes the raw feedback ``B e`` from the error: a
+            :class:`~lightning_dfa.projectors.Projector` (``Dense``, ``Sketch``, ``TopK``, the simulated
+            ``Optical`` co-processor, the ``Ternarized``/``Quantized``/``Noisy`` wrappers of any of them, or your
+            own subclass), copied by each engine and saved with the feedback. ``None`` (default): the one that
+            ``sketch`` and ``topk`` stand for (``Sketch()``, ``TopK(k)``, else ``Dense()``). Cannot be combined
+            with ``sketch=True`` or ``topk``. See ``docs/projectors.md``.
         feedback_transform: ``None`` or a callable ``(point_key, feedback) -> feedback`` (same shape) applied to
             every point's feedback before ``norm_jacobian``: a fixed, parameter-free operator that the model knows
             lies between the point and the output, e.g. a graph's normalised adjacency for graph convolutions
@@ -129,6 +139,7 @@ class DFAConfig:
     norm_points: bool | None = None
     topk: int | None = None
     sketch: bool | None = None
+    projector: Projector | None = None
     feedback_transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None
 
     def merged_with(self, options: dict[str, Any], origin: str = "options") -> DFAConfig:
@@ -205,6 +216,17 @@ class DFAConfig:
                 raise ValueError(f"DFA: topk must be None or a positive integer such as 64, got {self.topk!r}.")
         if self.sketch and self.topk is not None:
             raise ValueError("DFA: choose one cheaper projection: sketch=True or topk=k, not both.")
+        if self.projector is not None:
+            if not isinstance(self.projector, Projector):
+                raise TypeError(
+                    "DFA: projector must be None or a lightning_dfa.projectors.Projector (such as "
+                    f"lightning_dfa.projectors.Dense()), got {_shown(self.projector)}."
+                )
+            if self.sketch or self.topk is not None:
+                raise ValueError(
+                    f"DFA: projector={self.projector!r} decides the projection: leave sketch and topk unset "
+                    "(use projectors.Sketch() or projectors.TopK(k) instead)."
+                )
         if self.feedback_transform is not None and not callable(self.feedback_transform):
             raise TypeError(f"DFA: feedback_transform must be callable, got {type(self.feedback_transform).__name__}.")
 
@@ -268,7 +290,18 @@ def _checked_blocks(blocks: Any) -> Any:
 
 def reconcile(config: DFAConfig, saved: dict[str, Any]) -> None:
     """Compare a checkpoint's saved options with ``config`` (changed in place): refuse a different
-    :data:`RESUME_REFUSES` option, take a different :data:`RESUME_KEEPS` option from the checkpoint and say so."""
+    :data:`RESUME_REFUSES` option, take a different :data:`RESUME_KEEPS` option from the checkpoint and say so.
+    ``saved["projector"]`` is the class name of the checkpoint's ``projector=`` object (``None``: the options')."""
+    given = class_name(config.projector) if config.projector is not None else None
+    if saved.get("projector") != given:
+        default = "None (the one the options stand for)"
+        raise RuntimeError(
+            f"DFA: the checkpoint's feedback was computed by projector {saved.get('projector') or default}, "
+            f"but this run gives {given or default}. The projector decides the feedback, so "
+            "the saved one cannot continue under another; resume with the same projector= (its state is in the "
+            "checkpoint), or start a new fit from the weights alone (Model.load_from_checkpoint(path), then fit "
+            "without ckpt_path)."
+        )
     for name in RESUME_REFUSES:
         if name not in saved:
             continue

@@ -37,6 +37,7 @@ Everything after the last block (final norm, pooler, head) receives its true gra
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -54,10 +55,13 @@ from .delivery import (
     _Delivery,
     _Group,
 )
-from .feedback import FeedbackBank, uses_sketch
 from .hooks import ForwardHooks
-from .layout import Layouts, PointMeta, laid_out, prefix
+from .layout import Layouts, PointMeta, error_rows, laid_on
 from .norms import NormSpec, norm_vjp
+from .projectors import Dense, Projector, Sketch, TopK
+from .projectors.bank import FeedbackBank
+from .projectors.base import class_name, mix, project_rows
+from .projectors.random import default_distribution
 from .recipe import recipe_notes
 from .roles import parameter_roles, role_of
 
@@ -117,6 +121,10 @@ class FeedbackEngine(ForwardHooks):
         self._inside_blocks: set[int] = set()  # id() of every module inside a top-level block
         self._point_norms: set[int] = set()  # norm_points: id() of the norms inside blocks that read a point
         self._cut = bool(self.config.chosen("cut_head_input"))
+        # the projectors in force, per output ("" the primary one), built from the options at first use
+        self._projectors: dict[str, Projector] = {}
+        self._projectors_for: tuple | None = None  # what they were built from (rebuilt when it changes)
+        self._projector_states: dict[str, dict[str, Any]] = {}  # a loaded checkpoint's, until each is built
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -159,9 +167,53 @@ class FeedbackEngine(ForwardHooks):
 
     @property
     def sketch(self) -> bool:
-        """``sketch`` in force: as set, or the recipe's choice (``"auto"``: on unless ``topk`` is set)."""
+        """``sketch`` in force: as set, or the recipe's choice (``"auto"``: on unless ``topk`` or ``projector`` is
+        set); with ``projector=``, whether it is a :class:`~lightning_dfa.projectors.Sketch`."""
+        if self.config.projector is not None:
+            return isinstance(self.config.projector, Sketch)
         chosen = self.config.chosen("sketch")
         return self.config.topk is None if chosen is None else chosen
+
+    @property
+    def projector(self) -> Projector:
+        """The projector of the primary output's error: a copy of the ``projector`` option, or the one the
+        ``sketch`` and ``topk`` options stand for (:class:`~lightning_dfa.projectors.Sketch`,
+        :class:`~lightning_dfa.projectors.TopK`, else :class:`~lightning_dfa.projectors.Dense`).
+
+        Example:
+            >>> FeedbackEngine().projector, FeedbackEngine(recipe="paper").projector
+            (Sketch(min_ratio=4, distribution=None), Dense(distribution=None))
+        """
+        return self._projector_for("")
+
+    def _projector_for(
+        self, source: str, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> Projector:
+        """The projector of output ``source``, built and set up at first use (with the error's device and dtype).
+        Projectors built from the options share the engine's :class:`FeedbackBank` (saved as it always was); a
+        ``projector=`` object is copied, so one object can configure several runs."""
+        cfg = self.config
+        basis = (id(cfg.projector),) if cfg.projector is not None else (self.sketch, cfg.topk, id(self.bank))
+        if basis != self._projectors_for:
+            self._projectors, self._projectors_for = {}, basis
+        projector = self._projectors.get(source)
+        if projector is not None:
+            return projector
+        if source:
+            projector = self._projector_for("", device, dtype).for_output(source)
+        elif cfg.projector is not None:
+            projector = copy.deepcopy(cfg.projector)
+            default_distribution(projector, cfg.distribution)
+        else:
+            projector = TopK(cfg.topk) if cfg.topk is not None else (Sketch() if self.sketch else Dense())
+            projector._share(self.bank)
+        seed = cfg.seed if not source else mix(cfg.seed, "output", source) & 0x7FFFFFFF
+        projector.setup(seed, device, dtype)
+        state = self._projector_states.pop(source, None)
+        if state is not None:
+            projector.load_state_dict(state)
+        self._projectors[source] = projector
+        return projector
 
     @property
     def norm_points(self) -> bool:
@@ -301,44 +353,6 @@ class FeedbackEngine(ForwardHooks):
             out[i] = fb
         return out
 
-    def _projection(self, source: torch.Tensor, k: int, width: int, key: str = "") -> torch.Tensor:
-        """``source @ B.T`` over the last dimension (error width ``k``, ``B`` of shape ``[width, k]``): one dense
-        GEMM, or (option ``topk``) a weighted gather of the columns of ``B`` at each row's ``topk`` largest-magnitude
-        entries, with every dropped entry replaced by the dropped entries' mean ``c``:
-        ``sum_kept (e_j - c) B_j + c * sum_all B_j``. Exact when the dropped entries are equal (a flat softmax
-        tail); dropping the tail outright would bias every token's feedback the same way (``e`` of softmax +
-        cross-entropy sums to zero, so the tail's mass is the kept entries' deficit)."""
-        if self.sketch and uses_sketch(k, width):
-            return self._sketch_projection(source, k, width, key)
-        topk = self.config.topk
-        if topk is None or topk >= k:
-            return source @ self.bank.matrix(k, width, source.device, source.dtype, source=key).t()
-        rows = source.reshape(-1, k)
-        index, kept = _largest_entries(rows, topk)
-        # [k, width], contiguous
-        table = self.bank.matrix(k, width, source.device, source.dtype, transposed=True, source=key)
-        tail = ((rows.sum(-1) - kept.sum(-1)) / (k - topk)).unsqueeze(-1)  # mean of the dropped entries
-        out = nn.functional.embedding_bag(index, table, per_sample_weights=kept - tail, mode="sum")
-        out.addcmul_(tail * k, self.bank.mean_column(k, width, source.device, source.dtype, source=key))
-        return out.reshape(*source.shape[:-1], width)
-
-    def _sketch_projection(self, source: torch.Tensor, k: int, width: int, key: str = "") -> torch.Tensor:
-        """``source @ B.T`` for the ``sketch`` option's structured ``B`` (see :meth:`FeedbackBank.sketch`), without
-        forming ``B``: with each row of the error viewed as ``E[i, j]`` (``v = i * g + j``), ONE batched product
-        over a view of the error (no copy) gives ``Y[c, j] = sum_i A[c, i] E[i, j]`` (a pass over the error with
-        4 multiply-adds per entry), then ``Y @ G`` (``[4 g, d]``). The last, partial group (``k`` not a multiple
-        of ``g``) is added separately."""
-        g, a, big = self.bank.sketch(k, width, source.device, source.dtype, source=key)
-        rows = source.reshape(-1, k)
-        n, c = rows.shape[0], a.shape[0]
-        full, rest = divmod(k, g)
-        grid = rows[:, : full * g].unflatten(1, (full, g))  # [n, full, g], a view
-        y = torch.bmm(a[:, :full].unsqueeze(0).expand(n, c, full), grid)  # [n, c, g]
-        if rest:
-            y[:, :, :rest].add_(a[:, full].view(1, c, 1) * rows[:, full * g :].unsqueeze(1))
-        out = y.reshape(n, c * g) @ big
-        return out.reshape(*source.shape[:-1], width)
-
     def feedback_for(
         self,
         error: torch.Tensor,
@@ -346,12 +360,14 @@ class FeedbackEngine(ForwardHooks):
         activations: Sequence[torch.Tensor | None] | None = None,
         source: str = "",
     ) -> list[torch.Tensor]:
-        """``scale/sqrt(d) * B_k e`` for each point, with one projection per (alignment, error width).
+        """The DFA rule: ``scale / sqrt(d) * B e`` for each point of width ``d``, where ``B e`` is the projector's
+        (ONE call per alignment and error width, to the widest point's width; narrower points take its first
+        ``d`` columns), then laid out on the point, ``feedback_transform``, and norm-aware feedback.
 
         ``points`` are the metadata the engine records (or :class:`CapturedPoint` from :meth:`capture`). Where
         norm-aware feedback shapes a point, its activation is needed: ``activations`` or the captured tensor.
         ``source`` names the output the error was read at (``""``: the primary output); every output has its own
-        feedback matrices.
+        projector (its own feedback matrices).
         """
         if activations is None:
             activations = [p.tensor if isinstance(p, CapturedPoint) else None for p in points]
@@ -369,42 +385,23 @@ class FeedbackEngine(ForwardHooks):
         for p, (kind, k, d) in zip(points, aligned):
             self.bank.check_point(p.key if not source else f"{p.key}@{source}", k, d)
             widest[(kind, k)] = max(widest.get((kind, k), 0), d)
+        projector = self._projector_for(source, error.device, error.dtype)
+        scale, distinct = self.config.scale, self.config.distinct
         projections = {}
         for (kind, k), width in widest.items():
-            if kind == "token":
-                rows = error
-            elif kind == "broadcast":
-                rows = error.reshape(-1, k)
-            elif kind == "mean":
-                rows = error.mean(dim=1)
-            else:
-                rows = error.reshape(error.shape[0], -1)
-            projected = self._projection(rows, k, width, source)
-            uniform_width = all(d == width for (kd, kk, d) in aligned if (kd, kk) == (kind, k))
-            if uniform_width and not self.config.distinct:
-                projected.mul_(self.config.scale / math.sqrt(width))
-            projections[(kind, k)] = (projected, uniform_width)
+            projected = project_rows(projector, error_rows(error, kind, k), width)
+            # scaled once here when every point of this error width takes the whole projection
+            shared = not distinct and all(d == width for (kd, kk, d) in aligned if (kd, kk) == (kind, k))
+            projections[(kind, k)] = (projected * (scale / math.sqrt(width)) if shared else projected, shared)
         out = []
         for p, (kind, k, d) in zip(points, aligned):
-            projected, prescaled = projections[(kind, k)]
+            projected, scaled = projections[(kind, k)]
             fb = projected if projected.shape[-1] == d else projected[..., :d]
-            if self.config.distinct:
-                signs = self.bank.signs(p.key, d, fb.device, fb.dtype)
-                fb = fb * (signs * (self.config.scale / math.sqrt(d)))
-            elif not prescaled:
-                fb = fb * (self.config.scale / math.sqrt(d))
-            shape = laid_out(p)
-            if kind == "broadcast":
-                j = prefix(error.shape, shape)
-                assert j is not None
-                fb = fb.reshape(*shape[:j], *([1] * (len(shape) - 1 - j)), d).expand(shape)
-            elif kind == "mean":
-                fb = fb.unsqueeze(1).expand(shape)
-            elif fb.shape != shape:  # "flatten", or "token" with the positions flattened on one side
-                fb = fb.reshape(shape)
-            if p.layout == "swapped":
-                fb = fb.transpose(0, 1)
-            out.append(fb if fb.dtype == p.dtype else fb.to(p.dtype))
+            if distinct:
+                fb = fb * (self.bank.signs(p.key, d, fb.device, fb.dtype) * (scale / math.sqrt(d)))
+            elif not scaled:
+                fb = fb * (scale / math.sqrt(d))
+            out.append(laid_on(fb, p, kind, error.shape))
         transform = self.config.feedback_transform
         if transform is not None:
             out = [checked_transform(transform, p.key, fb) for p, fb in zip(points, out)]
@@ -453,6 +450,9 @@ class FeedbackEngine(ForwardHooks):
         for name in _SAVED_OPTIONS:
             if name not in state:
                 state[name] = getattr(self.config, name)
+        if self.config.projector is not None:  # one built from the options keeps its matrices in the bank
+            outputs = {**self._projector_states, **{k: p.state_dict() for k, p in self._projectors.items()}}
+            state["projector"] = {"class": class_name(self.config.projector), "outputs": outputs}
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -476,11 +476,14 @@ class FeedbackEngine(ForwardHooks):
         """
         check_state(state)
         options = {name: state[name] for name in _SAVED_OPTIONS if name in state}
+        options["projector"] = state["projector"]["class"] if "projector" in state else None
         if self.attached:
             reconcile(self.config, options)
         else:
             self._saved_options = options
         self.bank.load_state_dict(state)
+        self._projectors, self._projectors_for = {}, None
+        self._projector_states = dict(state["projector"]["outputs"]) if "projector" in state else {}
 
     # ------------------------------------------------------------------ reporting
 
@@ -503,29 +506,3 @@ class FeedbackEngine(ForwardHooks):
         from .summary import format_summary
 
         return format_summary(self, shapes)
-
-
-def _largest_entries(rows: torch.Tensor, n: int, block: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Column indices and values of the ``n`` largest-magnitude entries of each row of ``rows`` (any order).
-
-    Exact (ties aside) and cheap for wide rows: the ``n`` largest entries all lie in the ``n`` blocks of ``block``
-    columns whose largest magnitudes are largest, so a top-``n`` over the blocks' maxima (two contiguous passes)
-    and a top-``n`` over those blocks' ``n * block`` entries replace a top-``n`` over the whole row (and its
-    ``abs`` copy). Narrow rows use a plain ``topk``.
-    """
-    width = rows.shape[-1]
-    if width < 4 * n * block:
-        index = rows.abs().topk(n, dim=-1, sorted=False).indices
-        return index, rows.gather(-1, index)
-    full = width // block
-    view = rows[:, : full * block].unflatten(-1, (full, block))
-    score = torch.maximum(view.amax(-1), view.amin(-1).neg())  # [R, full]: largest magnitude per block
-    if full * block < width:
-        score = torch.cat([score, rows[:, full * block :].abs().amax(-1, keepdim=True)], dim=-1)
-    blocks = score.topk(n, dim=-1, sorted=False).indices  # [R, n]
-    cols = (blocks.unsqueeze(-1) * block + torch.arange(block, device=rows.device)).flatten(1)  # [R, n * block]
-    inside = cols < width
-    cols = torch.where(inside, cols, width - 1)
-    values = torch.where(inside, rows.gather(-1, cols), 0)  # columns past the end count as zeros
-    pick = values.abs().topk(n, dim=-1, sorted=False).indices
-    return cols.gather(-1, pick), values.gather(-1, pick)

@@ -219,3 +219,31 @@ def layout_from_dependence(grad: torch.Tensor | None, shape: torch.Size, kind: s
     if b > 10 * a:
         return "swapped"
     return None
+
+
+def error_rows(error: torch.Tensor, kind: str, k: int) -> torch.Tensor:
+    """The error as the rows a point of alignment ``kind`` is fed from (``[..., k]``)."""
+    if kind == "token":
+        return error
+    if kind == "broadcast":
+        return error.reshape(-1, k)
+    if kind == "mean":
+        return error.mean(dim=1)
+    return error.reshape(error.shape[0], -1)
+
+
+def laid_on(fb: torch.Tensor, point: PointMeta, kind: str, error: torch.Size) -> torch.Tensor:
+    """A point's feedback (``[..., d]``, in the error's order of positions) in the point's own shape and dtype."""
+    shape = laid_out(point)
+    d = fb.shape[-1]
+    if kind == "broadcast":
+        j = prefix(error, shape)
+        assert j is not None
+        fb = fb.reshape(*shape[:j], *([1] * (len(shape) - 1 - j)), d).expand(shape)
+    elif kind == "mean":
+        fb = fb.unsqueeze(1).expand(shape)
+    elif fb.shape != shape:  # "flatten", or "token" with the positions flattened on one side
+        fb = fb.reshape(shape)
+    if point.layout == "swapped":
+        fb = fb.transpose(0, 1)
+    return fb if fb.dtype == point.dtype else fb.to(point.dtype)

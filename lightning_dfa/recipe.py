@@ -10,8 +10,8 @@ from torch import nn
 
 from .blocks import Target
 from .config import RECIPE_OPTIONS
-from .feedback import uses_sketch
 from .norms import _may_normalise
+from .projectors.bank import uses_sketch
 from .roles import params_after_blocks
 
 
@@ -83,7 +83,9 @@ def recipe_notes(engine: Any) -> list[str]:
         )
     widths = list(engine.bank.widths.values())
     wide = any(uses_sketch(k, d) for k, d in widths)
-    if engine.sketch:
+    if cfg.projector is not None:
+        lines.append(f"projector: {cfg.projector!r} (as set)")
+    elif engine.sketch:
         lines.append(
             "sketch: structured projection for errors wider than 4x the point"
             + ("" if not widths else (" (in use)" if wide else " (not needed: the error is narrow)"))

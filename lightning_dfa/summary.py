@@ -28,6 +28,8 @@ def _options_in_force(engine: Any) -> str:
             continue
         value = getattr(cfg, name)
         parts.append(f"{name}={'auto' if value is None and name != 'topk' else value}")
+    if getattr(cfg, "projector", None) is not None:
+        parts.append(f"projector={cfg.projector!r}")
     transform = getattr(cfg, "feedback_transform", None)
     if transform is not None:
         parts.append(f"feedback_transform={getattr(transform, '__name__', type(transform).__name__)}")

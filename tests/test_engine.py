@@ -11,7 +11,7 @@ from conftest import hooks_of, mlp
 from torch import nn
 
 from lightning_dfa import DFAConfig, FeedbackBank, FeedbackEngine
-from lightning_dfa.feedback import draw
+from lightning_dfa.projectors.bank import draw
 
 
 def _ce_step(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_dfa import DFAConfig, FeedbackEngine
 from lightning_dfa.engine import PointMeta
-from lightning_dfa.feedback import FeedbackBank
+from lightning_dfa.projectors.bank import FeedbackBank
 
 V, D, LAYERS, T, B = 64, 16, 2, 8, 2
 
@@ -250,7 +250,7 @@ def test_sketch_trains_through_the_trainer_and_resumes_identically(tmp_path) -> 
 
 def test_blocked_selection_finds_the_exact_top_entries() -> None:
     """Wide rows use a two-stage (blocks, then entries) selection: the same set as a plain top-k."""
-    from lightning_dfa.engine import _largest_entries
+    from lightning_dfa.projectors.random import _largest_entries
 
     torch.manual_seed(0)
     for width in (1000, 1027):  # a whole number of blocks, and a ragged last block
@@ -335,7 +335,7 @@ def test_sketch_holds_no_memory_and_resumes_identically() -> None:
 
 
 def test_hashed_feedback_is_a_pure_function_of_seed_and_position() -> None:
-    from lightning_dfa.feedback import hashed_matrix, hashed_uniform
+    from lightning_dfa.projectors.bank import hashed_matrix, hashed_uniform
 
     x = hashed_uniform(100_000, key=3)
     assert torch.equal(x[:777], hashed_uniform(777, key=3))

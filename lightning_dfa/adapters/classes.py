@@ -15,6 +15,7 @@ from typing import Any, Optional, Union
 
 import torch
 
+from ..projectors import Projector
 from .core import (
     DFACallbackMixin,
     DFADDPMixin,
@@ -83,6 +84,7 @@ def define(flavour: Flavour) -> SimpleNamespace:
             norm_points: Optional[bool] = None,
             topk: Optional[int] = None,
             sketch: Optional[bool] = None,
+            projector: Optional[Projector] = None,
             feedback_transform: Transform = None,
             verbose: bool = True,
             device: Optional[Union[str, torch.device]] = None,
@@ -123,6 +125,7 @@ def define(flavour: Flavour) -> SimpleNamespace:
             norm_points: Optional[bool] = None,
             topk: Optional[int] = None,
             sketch: Optional[bool] = None,
+            projector: Optional[Projector] = None,
             feedback_transform: Transform = None,
             verbose: bool = True,
             **kwargs: Any,
@@ -163,6 +166,7 @@ def define(flavour: Flavour) -> SimpleNamespace:
             norm_points: Optional[bool] = None,
             topk: Optional[int] = None,
             sketch: Optional[bool] = None,
+            projector: Optional[Projector] = None,
             feedback_transform: Transform = None,
             verbose: bool = True,
             checkpoint_blocks: bool = False,
@@ -205,6 +209,7 @@ def define(flavour: Flavour) -> SimpleNamespace:
             norm_points: Optional[bool] = None,
             topk: Optional[int] = None,
             sketch: Optional[bool] = None,
+            projector: Optional[Projector] = None,
             feedback_transform: Transform = None,
             verbose: bool = True,
             checkpoint_blocks: bool = False,
@@ -249,6 +254,7 @@ def define(flavour: Flavour) -> SimpleNamespace:
             norm_points: Optional[bool] = None,
             topk: Optional[int] = None,
             sketch: Optional[bool] = None,
+            projector: Optional[Projector] = None,
             feedback_transform: Transform = None,
             verbose: bool = True,
         ) -> None:

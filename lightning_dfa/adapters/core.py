@@ -16,7 +16,7 @@ from ..blocks import Target
 from ..checks import check_state, refuse_reentrant_checkpointing
 from ..config import DFAConfig
 from ..engine import FeedbackEngine
-from ..feedback import uses_sketch
+from ..projectors.bank import uses_sketch
 from ..summary import mostly_backprop
 
 #: where the DFA strategy and the DFA callback both store the feedback state in a Lightning checkpoint
@@ -201,7 +201,7 @@ def speed_hint(engine: FeedbackEngine) -> str | None:
     """A one-line tip when the error is much wider than the points (a vocabulary) and the options that make the
     DFA step cheaper than a backprop step there are off; ``None`` otherwise."""
     widths = list(engine.bank.widths.values())
-    if not widths or engine.mode != "dfa":
+    if not widths or engine.mode != "dfa" or engine.config.projector is not None:
         return None
     k, d = max(w[0] for w in widths), max(w[1] for w in widths)
     cfg = engine.config

@@ -1,4 +1,5 @@
-"""Fixed random feedback matrices, drawn from a private generator.
+"""Random feedback matrices (drawn from a private generator, or hashed from the seed) kept in a
+:class:`FeedbackBank` (the state a checkpoint saves); the projectors built on them are in :mod:`.random`.
 
 The matrices never touch the global RNG: each one is drawn from its own ``torch.Generator`` seeded from the
 user's seed and the matrix's shape, in fixed chunks of rows, so that
@@ -18,20 +19,19 @@ of each token's feedback then equals ``scale * ||e||`` whatever the width; ``"un
 from __future__ import annotations
 
 import math
-import zlib
 from typing import Any
 
 import torch
 
+from .base import mix as _mix
+
 DISTRIBUTIONS = ("uniform", "gaussian", "rademacher")
+
+
 _CHUNK_ROWS = 64
+
+
 _STATE_VERSION = 1
-
-
-def _mix(*parts: int | str) -> int:
-    """A stable 63-bit seed from integers and strings (Python's ``hash`` is salted per process)."""
-    text = "/".join(str(p) for p in parts).encode()
-    return (zlib.crc32(text) << 31 ^ zlib.crc32(text[::-1])) & ((1 << 63) - 1)
 
 
 def draw(shape: tuple[int, int], distribution: str, seed: int, *parts: int | str) -> torch.Tensor:
@@ -66,7 +66,11 @@ def draw(shape: tuple[int, int], distribution: str, seed: int, *parts: int | str
 
 
 _M32 = 0xFFFFFFFF
+
+
 SKETCH_RANK = 4  # the sketch option: the outputs of one residue class share a random subspace of this dimension
+
+
 #: the ``sketch`` projection replaces the dense one only for errors wider than this many times the feedback width
 SKETCH_MIN_RATIO = 4
 
@@ -104,6 +108,36 @@ def hashed_uniform(n: int, key: int, device: torch.device | str = "cpu", stream:
     idx = torch.arange(n, dtype=torch.int64, device=device)
     x = _hash32((_mul32(idx, 0x9E3779B1) + key + 0x6A09E667 + stream * 0x632BE5AB) & _M32)
     return (x >> 8).to(torch.float32) * 2.0**-23 - 1.0
+
+
+def keyed_normal(rows: torch.Tensor, width: int, key: int) -> torch.Tensor:
+    """``[n, width]`` standard normal float32 values, a pure function of (``key``, each row's 32-bit key in
+    ``rows`` (int64 ``[n]``), column): exact integer hashing, so every process and device draws the same values for
+    the same keys, without a generator to carry along.
+
+    Example:
+        >>> a = keyed_normal(torch.tensor([5, 9]), 4, key=1)
+        >>> bool(torch.equal(a[1], keyed_normal(torch.tensor([9]), 4, key=1)[0])), a.shape
+        (True, torch.Size([2, 4]))
+    """
+    cols = _mul32(torch.arange(width, dtype=torch.int64, device=rows.device), 0x85EBCA6B)
+
+    def uniform(stream: int) -> torch.Tensor:  # on [-1, 1), as hashed_uniform
+        base = _hash32((_mul32(rows & _M32, 0x9E3779B1) + (key & _M32) + stream * 0x632BE5AB) & _M32)
+        x = _hash32((base.unsqueeze(-1) + cols + 0x6A09E667) & _M32)
+        return (x >> 8).to(torch.float32) * 2.0**-23 - 1.0
+
+    r = (-2.0 * torch.log1p(-(uniform(0) + 1.0) / 2)).sqrt()
+    return r * torch.cos(torch.pi * (uniform(1) + 1.0))
+
+
+def row_keys(codes: torch.Tensor, salt: int) -> torch.Tensor:
+    """A 32-bit key of each row of an integer tensor ``[n, k]`` with small non-negative entries (a hash of its
+    contents): rows with the same entries get the same key on every process, whatever their position in a batch.
+    """
+    k = codes.shape[-1]
+    weights = _hash32((_mul32(torch.arange(k, dtype=torch.int64, device=codes.device), 0x27D4EB2F) + salt) & _M32)
+    return _hash32((codes.to(torch.int64) * weights).sum(-1) & _M32)
 
 
 def hashed_matrix(
