@@ -251,38 +251,6 @@ class FeedbackEngine(ForwardHooks):
             self.detach()  # a failure half-way leaves no hook behind
             raise
 
-    @property
-    def roles_measured(self) -> bool:
-        """Whether :meth:`parameter_roles` comes from the forward's data flow (after a first delivery) rather than
-        from the order in which the modules are registered."""
-        return self._true_ids is not None
-
-    def output_modules(self) -> list[tuple[str, nn.Module]]:
-        """The output modules: those whose error reached the blocks in the backwards so far (the loss decides, see
-        :meth:`_output_candidates`), or the discovered ones before any backward.
-
-        Example:
-            >>> class TwoHeads(nn.Module):
-            ...     def __init__(self):
-            ...         super().__init__()
-            ...         self.body = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh())
-            ...         self.a, self.b = nn.Linear(8, 3), nn.Linear(8, 1)
-            ...     def forward(self, x):
-            ...         h = self.body(x)
-            ...         return self.a(h), self.b(h)
-            >>> net, engine = TwoHeads(), FeedbackEngine()
-            >>> _ = engine.attach(net)
-            >>> [n for n, _ in engine.output_modules()]
-            ['a']
-            >>> a, b = net(torch.randn(5, 4))
-            >>> (a.sum() + b.sum()).backward()
-            >>> sorted(n for n, _ in engine.output_modules())
-            ['a', 'b']
-        """
-        if self._sources:
-            return list(self._sources.items())
-        return list(self.target.outputs) if self.target is not None else []
-
     def _delivered(self, delivery: _Delivery) -> None:
         base = delivery.source.split("#")[0]
         if base in self._modules:
@@ -296,32 +264,6 @@ class FeedbackEngine(ForwardHooks):
             handle.remove()
         self._handles = []
         self._group = None
-
-    @contextlib.contextmanager
-    def capture(self) -> Iterator[Capture]:
-        """Run forwards as plain backprop (no cut, no delivery) while recording the feedback points and outputs.
-
-        For instruments such as the alignment monitor: inside the context a forward keeps the full backprop
-        graph, and the returned :class:`Capture` holds each point's tensor (still attached to the graph) and
-        each output tensor, so ``torch.autograd.grad`` can give the true gradients there, and
-        :meth:`feedback_for` the DFA signal for the same error.
-
-        Example:
-            >>> net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))
-            >>> engine = FeedbackEngine()
-            >>> _ = engine.attach(net)
-            >>> with engine.capture() as cap:
-            ...     y = net(torch.randn(4, 3))
-            >>> [p.key for p in cap.points], len(cap.outputs)
-            (['1'], 1)
-        """
-        cap = Capture()
-        previous, self._capture = self._capture, cap
-        try:
-            yield cap
-        finally:
-            self._capture = previous
-            self._group = None
 
     # ------------------------------------------------------------------ backward
 

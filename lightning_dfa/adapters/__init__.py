@@ -1,5 +1,6 @@
 """Thin Lightning adapters over :class:`lightning_dfa.engine.FeedbackEngine`.
 
-``core`` holds the flavour-agnostic logic as mixins; ``pytorch_lightning`` and ``lightning`` define the
-concrete classes for the two Lightning packages (each has its own classes and strategy registry).
+``core`` (and ``sharded`` for FSDP) holds the logic as mixins that import no Lightning package; ``classes`` writes
+the strategies and the callback once, and ``pytorch_lightning`` and ``lightning`` build them for each package
+(each has its own classes and strategy registry).
 """

@@ -16,15 +16,8 @@ from typing import Any, Optional, Union
 import torch
 
 from ..projectors import Projector
-from .core import (
-    DFACallbackMixin,
-    DFADDPMixin,
-    DFAFSDPMixin,
-    DFAModelParallelMixin,
-    DFASingleDeviceMixin,
-    DFAStrategyMixin,
-    make_config,
-)
+from .core import DFACallbackMixin, DFADDPMixin, DFASingleDeviceMixin, DFAStrategyMixin, make_config
+from .sharded import DFAFSDPMixin, DFAModelParallelMixin
 
 Blocks = Optional[Union[str, list[str]]]
 Outputs = Optional[Union[str, list[str]]]
