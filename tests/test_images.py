@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import trainer
+from conftest import Said, trainer
 
 from examples.data import debian
 from examples.data import images as data_images
@@ -144,7 +144,7 @@ def test_dfa_beats_shallow_on_digits(arch: str, dfa_max: float) -> None:
     assert errors["bp"] < dfa_max, errors
 
 
-def test_cli_fit_prints_test_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_fit_prints_test_error(tmp_path: Path, capsys: pytest.CaptureFixture[str], said: Said) -> None:
     main(
         [
             "fit", "--data.dataset=digits", "--model.arch=cnn", "--model.channels=[4,8]", "--model.fc=16",
@@ -156,4 +156,4 @@ def test_cli_fit_prints_test_error(tmp_path: Path, capsys: pytest.CaptureFixture
     out = capsys.readouterr().out
     last = out.strip().splitlines()[-1]
     assert last.startswith("test error:") and "360 test images of scikit-learn's 8x8 digits" in last
-    assert "feedback" in out.lower()  # the DFA summary: the run really used the DFA strategy
+    assert "feedback" in said.text().lower()  # the DFA summary: the run really used the DFA strategy

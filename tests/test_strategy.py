@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import copy
-import logging
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import Classifier, GradRecorder, hooks_of, loader, mlp, trainer
+from conftest import Classifier, GradRecorder, Said, hooks_of, loader, mlp, trainer
 from torch import nn
 
 from lightning_dfa import DFA, DFAStrategy
@@ -241,34 +239,7 @@ def test_single_device_strategy_refuses_several_devices() -> None:
         pl.Trainer(strategy="dfa", accelerator="cpu", devices=2)
 
 
-class _Said(logging.Handler):
-    """Collects what is said through Lightning's ``rank_zero_info`` (the logger of Lightning's own messages)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-    def text(self) -> str:
-        return "\n".join(self.lines)
-
-
-@pytest.fixture
-def said() -> Iterator[_Said]:
-    from lightning_utilities.core import rank_zero
-
-    logger = rank_zero.log  # the logger both Lightning packages' rank_zero_info write to
-    handler, level = _Said(), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield handler
-    logger.removeHandler(handler)
-    logger.setLevel(level)
-
-
-def test_summary_table_is_shown(said: _Said) -> None:
+def test_summary_table_is_shown(said: Said) -> None:
     trainer(strategy="dfa", max_steps=2).fit(Classifier(mlp()), loader())
     out = said.text()
     for text in ("Feedback point", "net.1", "net.5", "[16, 16]", "Output (error read here", "net.6", "seed 0"):
@@ -348,7 +319,7 @@ def test_lightning_package_classes_are_exported() -> None:
     assert strategy.dfa_engine.config.seed == 3 and monitor.latest is not None
 
 
-def test_summary_at_fit_start_has_shapes_from_example_input(said: _Said) -> None:
+def test_summary_at_fit_start_has_shapes_from_example_input(said: Said) -> None:
     said_before_training: list[str] = []
 
     class WithExample(Classifier):
