@@ -122,6 +122,12 @@ def store(seed: int = 0, names: Sequence[str] = tuple(ARMS)) -> Path:
     rows = [r for r in record["rows"] if (r["table"], r["arm"]) not in keys]
     gpt2 = [r for r in rows if r["table"] == TABLES["gpt2"]]
     bp_gpt2 = next((r for r in gpt2 if r["arm"] == "bp"), None)
+    for row in gpt2:  # the stored GPT-2 rows get the same columns
+        uses = {"bp": ARMS["bp-llama"][2], "dfa": ARMS["dfa-gpt2"][2]}.get(row["arm"])
+        if uses and bp_gpt2 is not None:
+            ratio = "-" if row["arm"] == "bp" else round(row["value"] / bp_gpt2["value"], 3)
+            time_ratio = round((row["wall_s"] / row["steps"]) / (bp_gpt2["wall_s"] / bp_gpt2["steps"]), 2)
+            row["extra"] = {"what it uses": uses, "DFA/BP loss ratio": ratio, "step time vs backprop": time_ratio}
     for row in new:  # the GPT-2 variants are compared with the stored GPT-2 backprop run
         if row["table"] == TABLES["gpt2"] and bp_gpt2 is not None:
             loss = row["value"] / bp_gpt2["value"]  # bits/char ratio = loss ratio
