@@ -25,7 +25,6 @@ matrix.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -76,9 +75,8 @@ class LearnedFeedback:
         rms = h.detach().float().pow(2).mean(-1, keepdim=True).add_(1e-12).rsqrt_()
         g = (h.detach().float() * rms).t() @ error.float()
         self._pending[key] = self._pending[key] + g if key in self._pending else g
-        norm = float(b.norm())
-        factor = self.norms[key] / norm if norm > 0 else 1.0
-        return (error @ b.to(error.dtype).t()) * factor
+        factor = self.norms[key] / b.norm().clamp_min(1e-30)  # a tensor: no device synchronisation
+        return (error @ b.to(error.dtype).t()) * factor.to(error.dtype)
 
     def step(self) -> None:
         """Apply the update of every point that received feedback since the last call (averaged over processes)."""
@@ -94,10 +92,8 @@ class LearnedFeedback:
                 self._pending[k] = part.view_as(self._pending[k])
         for k in keys:
             g = self._pending[k]
-            gn = float(g.norm())
-            if gn > 0 and math.isfinite(gn):
-                b = self.matrices[k]
-                b.mul_(1 - self.decay).add_(g, alpha=-self.decay * self.norms[k] / gn)
+            step = g * (-self.decay * self.norms[k] / g.norm().clamp_min(1e-30))  # tensors: no synchronisation
+            self.matrices[k].mul_(1 - self.decay).add_(step)
         self._pending = {}
 
     # ------------------------------------------------------------------ state
