@@ -21,6 +21,9 @@ The update is applied when the backward closes (:meth:`FeedbackEngine.end_backwa
 callback call after every backward): each backward updates ``B_p`` once, with the ``G_p`` of its own error. Points
 whose error is broadcast over positions or averaged (``"broadcast"`` and ``"mean"`` alignments) keep the fixed
 matrix.
+
+Measured: on the character-level language model it learns more slowly than the fixed matrix
+(``docs/results_language_model.md``, "Leads that did not help"); it is off by default.
 """
 
 from __future__ import annotations
