@@ -149,7 +149,7 @@ def store(seed: int = 0, names: Sequence[str] = tuple(ARMS)) -> Path:
     return RESULTS
 
 
-MACHINE = "a 2-core CPU (AMD EPYC), shared with other jobs (load average 7 to 13), 1 torch thread, nice 10"
+MACHINE = "a 2-core CPU (AMD EPYC), shared with other jobs (load average 4 to 13), 1 torch thread, nice 10"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
