@@ -18,7 +18,7 @@ NOTE = (
     "parameters, untied vocabulary projection), trained on five of Jane Austen's novels (Debian package "
     "`r-cran-janeaustenr`), batch 32, AdamW lr 2e-3 with a cosine decay to zero, "
     f"{STEPS} steps per arm, seed 0: the arms of `python -m examples.demo --steps {STEPS} --lr-decay cosine` (DFA "
-    "= the default flag, `Trainer(strategy=\"dfa\")`: on this model, norm-aware feedback at each point that feeds a "
+    '= the default flag, `Trainer(strategy="dfa")`: on this model, norm-aware feedback at each point that feeds a '
     "LayerNorm and the blocks' first norms as points). Metric: bits per character on the first 50,000 characters of "
     "Persuasion (held out); the curve is bits/char on its first 20,000 characters. The n-gram references, fitted "
     "on the same split and scored on the same characters: unigram 4.453, bigram 3.565, trigram 2.914 bits/char."
@@ -80,10 +80,10 @@ gated MLP; no biases). No run separates them.
 - GrAPE-style forward-gradient corrections: not tried (they add forward-mode passes, and their backprop anchor steps
   are weight transport).
 - Micro placement: not run on the Llama model (on GPT-2, 300 steps, it did worse than macro: table below).
-- Two seeds, wider models, longer budgets: not run. The larger-scale check (the winning recipe at 20,000 steps, or a
+- A second seed, a shallow arm on the Llama model, wider models, longer budgets: not run. The larger-scale check (the winning recipe at 20,000 steps, or a
   word-level model on the whole Austen corpus) needs a GPU, and none was available for it: a known gap.
 
-**What the numbers show.** The default flag reaches 2.70 bits/char after 5000 steps (2.6955; a second run of the
+**What the numbers show (GPT-2).** The default flag reaches 2.70 bits/char after 5000 steps (2.6955; a second run of the
 same arm with 2 torch threads instead of 1, whose floating-point sums differ, gave 2.674), below the trigram
 reference (2.91), 0.97 ahead of the shallow baseline (flat since step 1000) and 0.70 behind backprop. The earlier
 recipe row (a parameter-free LayerNorm Jacobian at every point, asked for with `norm_jacobian=True`) is kept for
