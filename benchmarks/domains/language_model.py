@@ -36,17 +36,26 @@ seed, batch and optimizer with a Llama-style model of the same size (`CharGPT(ar
 | arm | what the blocks' updates use | bits/char | DFA/BP loss ratio | step time vs backprop |
 |---|---|---|---|---|
 | Llama, backprop | the transposed forward weights (weight transport) | 2.020 | - | 1.00 |
-| Llama, DFA, the default flag | a fixed random `B`; norm-aware feedback at the points that feed an RMSNorm; no weight transport, no extra forward | **2.165** | **1.072** | 0.84 |
-| Llama, DFA + learned feedback (`feedback_learning="kolen_pollack"`) | per-point `B_p` learned from the point's own activation and the error it already receives; no weight transport, no extra forward | stopped (see below) | - | about 1.1 x the default flag's (to step 1000, side by side) |
-| GPT-2, backprop (stored run) | weight transport | 2.00 | - | 1.00 |
-| GPT-2, DFA, the default flag (stored run) | as the Llama row | 2.70 | 1.35 | 0.47 (another load) |
-| the DFA paper (WikiText-103) | a fixed random `B` | - | 1.16 | - |
+| Llama, DFA, the default flag | fixed random `B`, norm-aware feedback | **2.165** | **1.072** | 0.84 |
+| Llama, DFA + `feedback_learning="kolen_pollack"` | learned per-point `B_p` | stopped (below) | - | about 1.1 x DFA's |
+| GPT-2, backprop (stored run) | weight transport | 1.996 | - | 1.00 |
+| GPT-2, DFA, the default flag (stored run) | fixed random `B`, norm-aware feedback | 2.696 | 1.35 | 0.47 (other load) |
+| the DFA paper (WikiText-103, macro) | fixed random `B` | - | 1.16 | - |
 
-The Llama model with the default flag reaches a DFA/backprop loss ratio of **1.072**, within the paper's 1.16, with no weight transport (GPT-2: 1.35). Backprop on the Llama model (2.020) is within 1.2 % of the best backprop result at this budget (GPT-2's 1.996; the ratio counts only within 2 %), so the ratio is not won by a weaker backprop. The three Llama arms ran side by side on the same shared machine
+No DFA row uses weight transport or an extra forward pass. The default flag's blocks learn from `B e` (a fixed random
+`B`) passed through the Jacobian of the RMSNorm or LayerNorm that reads each point, at the point's own activation;
+the learned-feedback row's `B_p` learns from the point's own activation and the error it already receives.
+
+The Llama model with the default flag reaches a DFA/backprop loss ratio of **1.072**, within the paper's 1.16, with
+no weight transport (GPT-2: 1.35). Backprop on the Llama model (2.020) is within 1.2 % of the best backprop result
+at this budget (GPT-2's 1.996; the ratio counts only within 2 %), so the ratio is not won by a weaker backprop. The
+Llama arms ran side by side on the same shared machine
 (a 2-core AMD EPYC CPU, 1 torch thread each, load average 4 to 13), so their step times compare with each other
 and not with the stored GPT-2 rows: on this small model (a 97-character output) a DFA step costs about what a
 backprop step costs. The curves (bits/char on the first 20,000 characters of Persuasion, every 500 steps) are in
-the Llama plot above; the DFA/backprop ratio along them: step 500: 1.05, step 1000: 1.12, step 1500: 1.13, step 2000: 1.13, step 2500: 1.12, step 3000: 1.12, step 3500: 1.11, step 4000: 1.10, step 4500: 1.09, step 5000: 1.09. Runs, dates and commands: the `runs` list of
+the Llama plot above; the DFA/backprop ratio along them: step 500: 1.05, step 1000: 1.12, step 1500: 1.13, step
+2000: 1.13, step 2500: 1.12, step 3000: 1.12, step 3500: 1.11, step 4000: 1.10, step 4500: 1.09, step 5000: 1.09.
+Runs, dates and commands: the `runs` list of
 [`results/language_model.json`](results/language_model.json) and the raw results in
 [`benchmarks/results/lm_gap/`](../benchmarks/results/lm_gap/) (`python -m benchmarks.lm_gap --run NAME`, then
 `--store`).
@@ -80,7 +89,8 @@ gated MLP; no biases). No run separates them.
 - GrAPE-style forward-gradient corrections: not tried (they add forward-mode passes, and their backprop anchor steps
   are weight transport).
 - Micro placement: not run on the Llama model (on GPT-2, 300 steps, it did worse than macro: table below).
-- A second seed, a shallow arm on the Llama model, wider models, longer budgets: not run. The larger-scale check (the winning recipe at 20,000 steps, or a
+- A second seed, a shallow arm on the Llama model, wider models, longer budgets: not run. The larger-scale check
+(the winning recipe at 20,000 steps, or a
   word-level model on the whole Austen corpus) needs a GPU, and none was available for it: a known gap.
 
 **What the numbers show (GPT-2).** The default flag reaches 2.70 bits/char after 5000 steps (2.6955; a second run of the
