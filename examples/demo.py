@@ -51,6 +51,7 @@ ARMS: dict[str, dict[str, Any]] = {
     "shallow": {"mode": "shallow"},
 }
 
+_ARCH_NAMES = {"gpt2": "GPT-2", "llama": "Llama"}
 _MODEL_KEYS = set(inspect.signature(CharGPT.__init__).parameters) - {"self"}
 
 
@@ -238,8 +239,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--source", default="auto",
                    help="text source: auto (Debian package, else a synthetic text, said in the output), debian, "
                         "gutenberg (online) or synthetic")  # fmt: skip
-    p.add_argument("--n-layer", type=int, default=4, help="GPT-2 layers (default 4)")
-    p.add_argument("--n-embd", type=int, default=128, help="GPT-2 width (default 128)")
+    p.add_argument("--n-layer", type=int, default=4, help="layers (default 4)")
+    p.add_argument("--n-embd", type=int, default=128, help="width (default 128)")
     p.add_argument("--n-head", type=int, default=4, help="attention heads (default 4)")
     p.add_argument("--block-size", type=int, default=64, help="context in characters (default 64)")
     p.add_argument("--batch-size", type=int, default=32, help="windows per batch (default 32)")
@@ -275,6 +276,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         logging.getLogger(logger_name).setLevel(logging.WARNING)  # no "GPU available" lines per arm
     arms = [parse_arm(a) for a in (args.arm or list(ARMS))]
 
+    models = ", ".join(sorted({_ARCH_NAMES.get(opts.get("arch", "gpt2"), "?") for _, opts in arms}))
     start = time.perf_counter()
     dm = AustenDataModule(
         source=args.source, block_size=args.block_size, batch_size=args.batch_size, test_chars=args.test_chars,
@@ -284,7 +286,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     dm.texts["curve"], dm.ids["curve"] = dm.texts["test"][: args.curve_chars], dm.ids["test"][: args.curve_chars]
     refs = dm.references()
     print(
-        f"Data: {len(dm.texts['train']):,} training characters; test: {dm.describe()}. Model: GPT-2, "
+        f"Data: {len(dm.texts['train']):,} training characters; test: {dm.describe()}. Model: {models}, "
         f"{args.n_layer} layers, d {args.n_embd}, context {args.block_size}; {args.steps} steps per arm, "
         f"{torch.get_num_threads()} torch thread(s).",
         flush=True,
@@ -299,8 +301,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             print(f"  sample, {r['arm']:>10}: {first[:100]!r}")
     decay = "" if args.lr_decay == "none" else " with cosine decay"
     print(
-        f"\nModel: GPT-2, {args.n_layer} layers, d {args.n_embd}, context {args.block_size}, batch {args.batch_size}, "
-        f"AdamW lr {args.lr}{decay}; {torch.get_num_threads()} torch thread(s); total {total:.0f} s.\n"
+        f"\nModel: {models}, {args.n_layer} layers, d {args.n_embd}, context {args.block_size}, "
+        f"batch {args.batch_size}, AdamW lr {args.lr}{decay}; {torch.get_num_threads()} torch "
+        f"thread(s); total {total:.0f} s.\n"
     )
     print(format_table(results, refs, dm.describe()))
     if args.json:

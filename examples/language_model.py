@@ -1,4 +1,4 @@
-"""Character-level GPT-2 on Jane Austen's novels: an ordinary LightningModule + LightningDataModule.
+"""Character-level GPT-2 (or Llama) on Jane Austen's novels: an ordinary LightningModule + LightningDataModule.
 
 Nothing here knows about DFA: the training method is chosen by the Trainer's strategy only::
 
@@ -13,7 +13,8 @@ Other DFA options: ``--trainer.strategy=lightning_dfa.DFAStrategy --trainer.stra
 trains the three arms side by side.
 
 The model is a Hugging Face GPT-2 built from a config (no pretrained weights, untied vocabulary projection as
-in the DFA paper), over a fixed 97-character alphabet. Data: the five other novels for training (their last
+in the DFA paper), over a fixed 97-character alphabet; ``--model.arch=llama`` builds a Llama-style model of about
+the same size instead (RMSNorm, rotary positions, SwiGLU). Data: the five other novels for training (their last
 ``val_fraction`` for validation) and Persuasion as the test set, from the Debian package ``r-cran-janeaustenr``
 (see :mod:`examples.data.austen`). At the end of ``fit`` the :class:`AustenReport` callback evaluates bits per
 character on Persuasion, prints them next to the unigram/bigram/trigram references computed on the same
@@ -175,11 +176,25 @@ class AustenDataModule(pl.LightningDataModule):
         return self._eval_loader("test")
 
 
+#: The architectures :class:`CharGPT` builds.
+ARCHS = ("gpt2", "llama")
+
+
 class CharGPT(pl.LightningModule):
-    """A character-level Hugging Face GPT-2 built from a config (random init); plain cross-entropy training.
+    """A character-level Hugging Face GPT-2 or Llama built from a config (random init); plain cross-entropy training.
+
+    ``arch="gpt2"`` (default): ``GPT2LMHeadModel`` (LayerNorm, learned absolute positions, GELU MLP, biases).
+    ``arch="llama"``: ``LlamaForCausalLM`` (RMSNorm, rotary positions, SwiGLU MLP, no biases) of about the same
+    parameter count: the SwiGLU's three matrices of width ``intermediate_size`` (default ``8 n_embd / 3`` rounded
+    up to a multiple of 8) hold what GPT-2's two matrices of width ``4 n_embd`` hold.
+
+    Example:
+        >>> m = CharGPT(arch="llama", n_layer=1, n_embd=32, n_head=2, block_size=16)
+        >>> type(m.model).__name__, tuple(m(encode("Anne")[None]).shape)
+        ('LlamaForCausalLM', (1, 4, 97))
 
     Args:
-        n_layer, n_embd, n_head: GPT-2 size.
+        n_layer, n_embd, n_head: model size (layers, width, attention heads).
         block_size: context length (``n_positions``).
         dropout: residual, embedding and attention dropout.
         lr: Adam(W) learning rate (after a linear warm-up of ``warmup_steps``: constant, or see ``lr_decay``).
@@ -189,6 +204,8 @@ class CharGPT(pl.LightningModule):
         tie_embeddings: tie the vocabulary projection to the input embedding (the DFA paper used untied).
         lr_decay: ``"none"`` (default) or ``"cosine"``: a cosine decay to zero over the Trainer's budget
             (``trainer.estimated_stepping_batches``, i.e. ``max_steps`` or ``max_epochs``).
+        arch: ``"gpt2"`` (default) or ``"llama"``.
+        intermediate_size: the Llama MLP's width (``None``: ``8 n_embd / 3`` rounded up to a multiple of 8).
     """
 
     def __init__(
@@ -205,11 +222,18 @@ class CharGPT(pl.LightningModule):
         warmup_steps: int = 0,
         tie_embeddings: bool = False,
         lr_decay: str = "none",
+        arch: str = "gpt2",
+        intermediate_size: Optional[int] = None,
     ) -> None:
         super().__init__()
         if lr_decay not in ("none", "cosine"):
             raise ValueError(f"CharGPT: lr_decay must be 'none' or 'cosine', got {lr_decay!r}.")
+        if arch not in ARCHS:
+            raise ValueError(f"CharGPT: arch must be one of {ARCHS}, got {arch!r}.")
         self.save_hyperparameters()
+        if arch == "llama":
+            self.model = _llama(n_layer, n_embd, n_head, block_size, dropout, tie_embeddings, intermediate_size)
+            return
         from transformers import GPT2Config, GPT2LMHeadModel
 
         config = GPT2Config(
@@ -300,6 +324,35 @@ class CharGPT(pl.LightningModule):
             ids = torch.cat([ids, nxt.to(self.device)[None]], dim=1)
         self.train(was_training)
         return decode(ids[0, len(prompt or "\n") :])
+
+
+def _llama(
+    n_layer: int,
+    n_embd: int,
+    n_head: int,
+    block_size: int,
+    dropout: float,
+    tie_embeddings: bool,
+    intermediate_size: Optional[int],
+) -> nn.Module:
+    """A character-level ``LlamaForCausalLM`` from a config (see :class:`CharGPT`)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=n_embd,
+        intermediate_size=intermediate_size or -(-8 * n_embd // 3 // 8) * 8,
+        num_hidden_layers=n_layer,
+        num_attention_heads=n_head,
+        num_key_value_heads=n_head,
+        max_position_embeddings=block_size,
+        attention_dropout=dropout,
+        tie_word_embeddings=tie_embeddings,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=None,
+    )
+    return LlamaForCausalLM(config)
 
 
 class AustenReport(pl.Callback):

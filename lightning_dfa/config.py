@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .blocks import BlockSpec
+from .learned import RULES as LEARNING_RULES
 from .projectors import Projector
 from .projectors.bank import DISTRIBUTIONS
 from .projectors.base import class_name
@@ -122,6 +123,11 @@ class DFAConfig:
             (``A^T B e``: the error of the labelled nodes reaches their neighbours, as backprop's aggregation would
             carry it, without transporting any learned weight). Usually returned by the LightningModule's
             ``configure_dfa()``, since it needs the batch's graph; see ``examples/graphs.py``.
+        feedback_learning: ``None`` (default: fixed feedback matrices) or ``"kolen_pollack"``: every point gets its
+            own feedback matrix, drawn as the fixed one, that learns from the point's activation and the error it
+            receives (direct Kolen-Pollack with decay; no weight transport): see :mod:`lightning_dfa.learned`.
+        feedback_decay: the decay of ``feedback_learning`` (``0 < decay < 1``): the learned matrices average the
+            update's direction over about ``1 / decay`` steps.
     """
 
     mode: str = "dfa"
@@ -141,6 +147,8 @@ class DFAConfig:
     sketch: bool | None = None
     projector: Projector | None = None
     feedback_transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None
+    feedback_learning: str | None = None
+    feedback_decay: float = 0.01
 
     def merged_with(self, options: dict[str, Any], origin: str = "options") -> DFAConfig:
         """A copy where ``options`` fill the fields still at their default (explicit settings win).
@@ -227,6 +235,14 @@ class DFAConfig:
                     f"DFA: projector={self.projector!r} decides the projection: leave sketch and topk unset "
                     "(use projectors.Sketch() or projectors.TopK(k) instead)."
                 )
+        if self.feedback_learning is not None and self.feedback_learning not in LEARNING_RULES:
+            raise ValueError(
+                f"DFA: feedback_learning must be None or one of {LEARNING_RULES}, got {_shown(self.feedback_learning)}."
+            )
+        decay = self.feedback_decay
+        if isinstance(decay, bool) or not isinstance(decay, numbers.Real) or not 0 < float(decay) < 1:
+            raise ValueError(f"DFA: feedback_decay must be a number between 0 and 1 such as 0.01, got {_shown(decay)}.")
+        self.feedback_decay = float(decay)
         if self.feedback_transform is not None and not callable(self.feedback_transform):
             raise TypeError(f"DFA: feedback_transform must be callable, got {type(self.feedback_transform).__name__}.")
 

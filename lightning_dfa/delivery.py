@@ -92,7 +92,8 @@ class _DeliverFeedback(torch.autograd.Function):
     def forward(ctx: Any, delivery: _Delivery, output: torch.Tensor, *points: torch.Tensor) -> torch.Tensor:
         ctx.delivery = delivery
         # norm-aware feedback needs the activations of the points it shapes (their consumer norm keeps them too)
-        ctx.norm_index = [i for i, meta in enumerate(delivery.points) if meta.norm is not None]
+        learned = delivery.engine.learned is not None  # learned feedback reads every point's activation
+        ctx.norm_index = [i for i, meta in enumerate(delivery.points) if meta.norm is not None or learned]
         ctx.save_for_backward(*[points[i] for i in ctx.norm_index])
         return output.detach()
 

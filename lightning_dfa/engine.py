@@ -57,6 +57,7 @@ from .delivery import (
 )
 from .hooks import ForwardHooks
 from .layout import Layouts, PointMeta, error_rows, laid_on
+from .learned import LearnedFeedback
 from .norms import NormSpec, norm_vjp
 from .projectors import Dense, Projector, Sketch, TopK
 from .projectors.bank import FeedbackBank
@@ -66,6 +67,10 @@ from .recipe import recipe_notes
 from .roles import parameter_roles, role_of
 
 __all__ = ["BackwardReport", "Capture", "CapturedPoint", "FeedbackEngine", "PointMeta", "check_state"]
+
+
+#: the alignments whose points get learned feedback matrices (``feedback_learning``); the others keep the fixed one
+_LEARNABLE = ("token", "flatten")
 
 
 # ---------------------------------------------------------------------------------------------- engine
@@ -125,6 +130,8 @@ class FeedbackEngine(ForwardHooks):
         self._projectors: dict[str, Projector] = {}
         self._projectors_for: tuple | None = None  # what they were built from (rebuilt when it changes)
         self._projector_states: dict[str, dict[str, Any]] = {}  # a loaded checkpoint's, until each is built
+        rule = self.config.feedback_learning
+        self.learned = None if rule is None else LearnedFeedback(rule, self.config.feedback_decay)
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -326,7 +333,8 @@ class FeedbackEngine(ForwardHooks):
         widest: dict[tuple[str, int], int] = {}
         for p, (kind, k, d) in zip(points, aligned):
             self.bank.check_point(p.key if not source else f"{p.key}@{source}", k, d)
-            widest[(kind, k)] = max(widest.get((kind, k), 0), d)
+            if self.learned is None or kind not in _LEARNABLE:
+                widest[(kind, k)] = max(widest.get((kind, k), 0), d)
         projector = self._projector_for(source, error.device, error.dtype)
         scale, distinct = self.config.scale, self.config.distinct
         projections = {}
@@ -336,7 +344,10 @@ class FeedbackEngine(ForwardHooks):
             shared = not distinct and all(d == width for (kd, kk, d) in aligned if (kd, kk) == (kind, k))
             projections[(kind, k)] = (projected * (scale / math.sqrt(width)) if shared else projected, shared)
         out = []
-        for p, (kind, k, d) in zip(points, aligned):
+        for p, (kind, k, d), h in zip(points, aligned, activations):
+            if self.learned is not None and kind in _LEARNABLE:
+                out.append(self._learned_feedback(error, p, kind, k, d, h, source))
+                continue
             projected, scaled = projections[(kind, k)]
             fb = projected if projected.shape[-1] == d else projected[..., :d]
             if distinct:
@@ -351,6 +362,21 @@ class FeedbackEngine(ForwardHooks):
             fb if p.norm is None else norm_vjp(h.detach(), fb, p.norm) for h, fb, p in zip(activations, out, points)
         ]
 
+    def _learned_feedback(
+        self, error: torch.Tensor, p: PointMeta, kind: str, k: int, d: int, h: torch.Tensor | None, source: str
+    ) -> torch.Tensor:
+        """The ``feedback_learning`` option's feedback of one point (see :mod:`lightning_dfa.learned`)."""
+        assert self.learned is not None and h is not None
+        h = h.transpose(0, 1) if p.layout == "swapped" else h
+        rows, hs = (error.reshape(-1, k), h.reshape(-1, d)) if kind == "token" else (error.flatten(1), h.flatten(1))
+
+        def initial() -> torch.Tensor:  # the dense fixed matrix, whatever projector the other points use
+            return self.bank.matrix(k, d, torch.device("cpu"), torch.float32, source=source)
+
+        key = p.key if not source else f"{p.key}@{source}"
+        fb = self.learned.feedback(key, rows, hs, initial).mul_(self.config.scale / math.sqrt(d))
+        return laid_on(fb, p, kind, error.shape)
+
     def end_backward(self) -> BackwardReport:
         """Close a backward: check that feedback fired (``mode="dfa"``) and reset the counters.
 
@@ -359,6 +385,8 @@ class FeedbackEngine(ForwardHooks):
         """
         report, self.report = self.report, BackwardReport()
         self._group = None
+        if self.learned is not None:
+            self.learned.step()
         if self.mode == "dfa" and self.attached and report.deliveries == 0:
             raise RuntimeError(explain_silence(self, report))
         return report
@@ -395,6 +423,8 @@ class FeedbackEngine(ForwardHooks):
         if self.config.projector is not None:  # one built from the options keeps its matrices in the bank
             outputs = {**self._projector_states, **{k: p.state_dict() for k, p in self._projectors.items()}}
             state["projector"] = {"class": class_name(self.config.projector), "outputs": outputs}
+        if self.learned is not None:
+            state["learned_feedback"] = self.learned.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -426,6 +456,8 @@ class FeedbackEngine(ForwardHooks):
         self.bank.load_state_dict(state)
         self._projectors, self._projectors_for = {}, None
         self._projector_states = dict(state["projector"]["outputs"]) if "projector" in state else {}
+        if self.learned is not None and "learned_feedback" in state:
+            self.learned.load_state_dict(state["learned_feedback"])
 
     # ------------------------------------------------------------------ reporting
 

@@ -60,7 +60,8 @@ def reference(name: str) -> tuple[dict[str, torch.Tensor], list[str]]:
     """One process, ``DFAStrategy``, on the data of both processes."""
     cfg = ddp_train.config(name)
     callbacks = [lightning_dfa.DFA(verbose=False)] if cfg["callback"] else []
-    strategy: Any = "auto" if cfg["callback"] else lightning_dfa.DFAStrategy(verbose=False)
+    options = {k: v for k, v in cfg["ddp"].items() if k.startswith("feedback_")}  # DFA options (the rest: DDP's)
+    strategy: Any = "auto" if cfg["callback"] else lightning_dfa.DFAStrategy(verbose=False, **options)
     rank = -1 if cfg["split"] else None
     model, _ = ddp_train.train(
         strategy, cfg["automatic"], callbacks, 1, rank, cfg["returns"], accumulate=cfg["accumulate"]
@@ -93,6 +94,8 @@ def test_ddp_matches_one_process_and_feedback_is_identical(
     # feedback identical in every process by construction: the same matrices; on the same batch, the same signal
     # at every step (and the same as one process); on different batches the errors, hence the signals, differ
     assert ranks[0]["matrices"] and ranks[0]["matrices"] == ranks[1]["matrices"]
+    assert ranks[0]["learned"] == ranks[1]["learned"]  # learned feedback matrices: the same update in every process
+    assert bool(ranks[0]["learned"]) == ("feedback_learning" in cfg["ddp"])
     deliveries = ddp_train.STEPS // cfg["accumulate"] * cfg["accumulate"]  # one per micro-batch
     assert len(ranks[0]["feedback"]) == len(ranks[1]["feedback"]) == deliveries
     weights, feedback = reference(name)

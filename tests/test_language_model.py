@@ -186,6 +186,40 @@ def test_cli_fit_runs_with_dfa_strategy(
     assert last.startswith("Test: ") and "bits/char" in last and "SYNTHETIC" in last  # the metric and the data, last
 
 
+def test_llama_arch_is_the_size_of_gpt2_and_trains_through_the_cli(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sizes = {a: sum(p.numel() for p in CharGPT(arch=a).parameters()) for a in ("gpt2", "llama")}
+    assert abs(sizes["llama"] / sizes["gpt2"] - 1) < 0.03  # 0.82 M each (816,512 against 826,368)
+    with pytest.raises(ValueError, match="arch"):
+        CharGPT(arch="bert")
+    monkeypatch.chdir(tmp_path)
+    cli = main(
+        [
+            "fit",
+            "--data.source=synthetic",
+            "--data.block_size=16",
+            "--data.batch_size=4",
+            "--data.test_chars=400",
+            "--model.arch=llama",
+            "--model.n_layer=1",
+            "--model.n_embd=16",
+            "--model.n_head=2",
+            "--trainer.max_steps=2",
+            "--trainer.val_check_interval=2",
+            "--trainer.limit_val_batches=1",
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.strategy=lightning_dfa.DFAStrategy",
+            "--trainer.strategy.feedback_learning=kolen_pollack",
+            "--trainer.strategy.verbose=false",
+        ]
+    )
+    assert type(cli.model.model).__name__ == "LlamaForCausalLM" and cli.trainer.global_step == 2
+    engine = cli.trainer.strategy.dfa.engine
+    assert {"model.model.layers.0:in", "model.model.layers.0.input_layernorm"} <= set(engine.learned.matrices)
+
+
 def test_fallback_to_the_synthetic_text_is_said(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def unavailable(cache_dir=None):  # noqa: ANN001, ANN202
         raise austen.DataUnavailable("no package manager here")

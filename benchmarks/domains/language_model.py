@@ -8,7 +8,7 @@ from typing import Any
 
 from benchmarks.quality import ARMS
 
-TITLE = "Character-level GPT-2 on Jane Austen's novels"
+TITLE = "Character-level GPT-2 and Llama on Jane Austen's novels"
 
 #: Optimizer steps per arm (cosine decay to zero): long enough for DFA to pass the trigram reference.
 STEPS = 5000
@@ -18,14 +18,82 @@ NOTE = (
     "parameters, untied vocabulary projection), trained on five of Jane Austen's novels (Debian package "
     "`r-cran-janeaustenr`), batch 32, AdamW lr 2e-3 with a cosine decay to zero, "
     f"{STEPS} steps per arm, seed 0: the arms of `python -m examples.demo --steps {STEPS} --lr-decay cosine` (DFA "
-    "= the default flag, `Trainer(strategy=\"dfa\")`: on this model, norm-aware feedback at each point that feeds a "
+    '= the default flag, `Trainer(strategy="dfa")`: on this model, norm-aware feedback at each point that feeds a '
     "LayerNorm and the blocks' first norms as points). Metric: bits per character on the first 50,000 characters of "
     "Persuasion (held out); the curve is bits/char on its first 20,000 characters. The n-gram references, fitted "
     "on the same split and scored on the same characters: unigram 4.453, bigram 3.565, trigram 2.914 bits/char."
 )
 
 FINDINGS = """\
-**What the numbers show.** The default flag reaches 2.70 bits/char after 5000 steps (2.6955; a second run of the
+**Closing the gap to the DFA paper's ratio.** The paper's Transformer reaches a DFA/backprop loss ratio of
+ln 52 / ln 29.8 = 1.16 (word-level perplexity on WikiText-103, 6 layers, d 512, macro placement). The demo's GPT-2
+with the default flag reaches 1.35 (2.70 against 2.00 bits/char). The same data, budget (5000 steps, cosine decay),
+seed, batch and optimizer with a Llama-style model of the same size (`CharGPT(arch="llama")`, on the command line
+`--model.arch=llama`: Hugging Face `LlamaForCausalLM` from a config, RMSNorm, rotary positions, SwiGLU MLP of width
+344, no biases, untied head; 816,512 parameters against GPT-2's 826,368) and the default flag, unchanged
+(`Trainer(strategy="dfa")`), test bits/char on the first 50,000 characters of Persuasion, one seed:
+
+| arm | what the blocks' updates use | bits/char | DFA/BP loss ratio | step time vs backprop |
+|---|---|---|---|---|
+| Llama, backprop | the transposed forward weights (weight transport) | 2.020 | - | 1.00 |
+| Llama, DFA, the default flag | fixed random `B`, norm-aware feedback | **2.165** | **1.072** | 0.84 |
+| Llama, DFA + `feedback_learning="kolen_pollack"` | learned per-point `B_p` | stopped (below) | - | about 1.1 x DFA's |
+| GPT-2, backprop (stored run) | weight transport | 1.996 | - | 1.00 |
+| GPT-2, DFA, the default flag (stored run) | fixed random `B`, norm-aware feedback | 2.696 | 1.35 | 0.47 (other load) |
+| the DFA paper (WikiText-103, macro) | fixed random `B` | - | 1.16 | - |
+
+No DFA row uses weight transport or an extra forward pass. The default flag's blocks learn from `B e` (a fixed random
+`B`) passed through the Jacobian of the RMSNorm or LayerNorm that reads each point, at the point's own activation;
+the learned-feedback row's `B_p` learns from the point's own activation and the error it already receives.
+
+The Llama model with the default flag reaches a DFA/backprop loss ratio of **1.072**, within the paper's 1.16, with
+no weight transport (GPT-2: 1.35). Backprop on the Llama model (2.020) is within 1.2 % of the best backprop result
+at this budget (GPT-2's 1.996; the ratio counts only within 2 %), so the ratio is not won by a weaker backprop. The
+Llama arms ran side by side on the same shared machine
+(a 2-core AMD EPYC CPU, 1 torch thread each, load average 4 to 13), so their step times compare with each other
+and not with the stored GPT-2 rows: on this small model (a 97-character output) a DFA step costs about what a
+backprop step costs. The curves (bits/char on the first 20,000 characters of Persuasion, every 500 steps) are in
+the Llama plot above; the DFA/backprop ratio along them: step 500: 1.05, step 1000: 1.12, step 1500: 1.13, step
+2000: 1.13, step 2500: 1.12, step 3000: 1.12, step 3500: 1.11, step 4000: 1.10, step 4500: 1.09, step 5000: 1.09.
+Runs, dates and commands: the `runs` list of
+[`results/language_model.json`](results/language_model.json) and the raw results in
+[`benchmarks/results/lm_gap/`](../benchmarks/results/lm_gap/) (`python -m benchmarks.lm_gap --run NAME`, then
+`--store`).
+
+What we do not know: which of the Llama model's differences does it (rotary instead of learned absolute positions,
+which in GPT-2 learn only through the feedback at the first block's input; RMSNorm without mean subtraction; the
+gated MLP; no biases). No run separates them.
+
+**Leads that did not help, or were not tried** (same 5000-step schedule and seed, the curve's bits/char on the first
+20,000 characters of Persuasion; stopped early to leave the machine to the runs above; their curves:
+[`benchmarks/results/lm_gap/stopped_runs.json`](../benchmarks/results/lm_gap/stopped_runs.json)):
+
+| arm | step 500 | step 1000 |
+|---|---|---|
+| Llama, DFA, the default flag | 2.683 | 2.605 |
+| the same + `feedback_learning="kolen_pollack"`, `feedback_decay=0.01` | 3.040 | 2.977 |
+| the same + `feedback_learning="kolen_pollack"`, `feedback_decay=0.001` | 2.706 | 2.672 |
+
+- Learned feedback (direct Kolen-Pollack, `lightning_dfa.learned`): each point's `B_p` follows the update a direct
+  linear readout from the point to the output would get (its activation times the error, with decay). It is correct
+  as a rule (on a tiny MLP the head-input point's `B_p` lines up with the head's weight: cosine 0.90, against 0.48
+  for the fixed matrix the head aligned to; `tests/test_learned_feedback.py`), but on the language model it slows
+  learning: with decay 0.01 (a 100-step memory) it trails the fixed matrix by 0.36-0.37 bits/char at steps 500
+  and 1000; with decay 0.001 it stays close to the fixed matrix and does not beat it. A plausible reason: a
+  block's residual-stream output is not read linearly by the head, so the readout that `B_p` learns is not the
+  true gradient's map, and a moving `B_p` undoes the alignment of the forward weights to it that DFA relies on.
+  The option stays (off by default) for models whose points the output reads nearly linearly.
+- Per-block learning-rate or feedback scaling: not tried. Under Adam(W) a per-block scale of the feedback cancels
+  (Adam divides by the gradient's running RMS), so only a per-block learning rate could change anything, and that
+  needs the optimizer's parameter groups, which the strategy does not own.
+- GrAPE-style forward-gradient corrections: not tried (they add forward-mode passes, and their backprop anchor steps
+  are weight transport).
+- Micro placement: not run on the Llama model (on GPT-2, 300 steps, it did worse than macro: table below).
+- A second seed, a shallow arm on the Llama model, wider models, longer budgets: not run. The larger-scale check
+(the winning recipe at 20,000 steps, or a
+  word-level model on the whole Austen corpus) needs a GPU, and none was available for it: a known gap.
+
+**What the numbers show (GPT-2).** The default flag reaches 2.70 bits/char after 5000 steps (2.6955; a second run of the
 same arm with 2 torch threads instead of 1, whose floating-point sums differ, gave 2.674), below the trigram
 reference (2.91), 0.97 ahead of the shallow baseline (flat since step 1000) and 0.70 behind backprop. The earlier
 recipe row (a parameter-free LayerNorm Jacobian at every point, asked for with `norm_jacobian=True`) is kept for

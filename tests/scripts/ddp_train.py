@@ -57,6 +57,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "split_manual_static": {"split": True, "automatic": False, "ddp": {"static_graph": True}},
     "split_callback": {"split": True, "strategy": "ddp", "callback": True},
     "split_accumulate": {"split": True, "accumulate": 2},
+    # learned feedback: the processes average their updates of the feedback matrices (one all-reduce per backward)
+    "split_learned": {"split": True, "ddp": {"feedback_learning": "kolen_pollack", "feedback_decay": 0.3}},
     # Lightning's fork launcher, the strategy by its registered name (a separate invocation of this script)
     "fork_split": {"strategy": "dfa_ddp_fork", "split": True},
     "fork_callback_split": {"strategy": "ddp_fork", "callback": True, "split": True},
@@ -130,6 +132,9 @@ class MLP(pl.LightningModule):
             "weights": {k: v.detach().clone() for k, v in self.state_dict().items()},
             "feedback": self.feedback_hashes,
             "matrices": [digest(m) for _, m in sorted(engine.bank._matrices.items())] if engine else [],
+            "learned": [digest(m) for _, m in sorted(engine.learned.matrices.items())]
+            if engine and engine.learned
+            else [],
             "world_size": self.trainer.world_size,
             "strategy": type(self.trainer.strategy).__name__,
         }
