@@ -1,7 +1,7 @@
 """Sharded training with DFA: the discovered blocks as FSDP units, activation checkpointing per block.
 
 DFA's blocks are FSDP's natural wrap units: no gradient travels between blocks, so a block's backward needs only
-its own parameters and its feedback. The helpers here build FSDP1's auto-wrap policy and apply FSDP2's
+its own parameters and its feedback. The functions here build FSDP1's auto-wrap policy and apply FSDP2's
 ``fully_shard`` from a :class:`~lightning_dfa.discovery.Target`, and map a target found on the plain model to the
 wrappers that sharding and checkpointing put around its modules (so the engine's hooks sit outside them).
 
