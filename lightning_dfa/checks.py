@@ -115,3 +115,25 @@ def explain_silence(engine: Any, report: Any) -> str:
         "the layers after the last block. Pass output= naming the module whose output the loss is computed "
         "from (and blocks= if needed), or use mode='shallow' if that is what you want."
     )
+
+
+def check_loss(engine: Any, loss: torch.Tensor) -> None:
+    """Refuse a loss that cannot carry the error back to the output module."""
+    if engine.mode != "bp" and isinstance(loss, torch.Tensor) and not loss.requires_grad:
+        out = output_names(engine)
+        if engine._pending:
+            # points recorded (and detached) after the last call of the output module: the loss was computed
+            # from a block's output, which DFA cuts from what follows
+            last = engine._pending[-1][0].split("#")[0].split(":")[0]
+            raise RuntimeError(
+                f"DFA: the loss does not require grad: it was computed downstream of block {last!r}, whose output "
+                f"DFA detaches, so it does not depend on the output module {out}. Compute the loss from that "
+                "module's output (logits, predictions), or pass output= naming the module it is computed from; "
+                "if blocks= names that module (or a module containing it), remove it from blocks=: the output "
+                "must lie after the last block."
+            )
+        raise RuntimeError(
+            f"DFA: the loss does not require grad, so it does not depend on the output module {out} "
+            f"(mode={engine.mode!r} detaches everything else). Compute the loss from that module's output "
+            "(logits, predictions), or pass output= naming the module it is computed from."
+        )

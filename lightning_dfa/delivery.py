@@ -1,6 +1,12 @@
 """The autograd side of DFA: the Function that ties a forward's feedback points to an output and hands each point
 its projected error in the backward, the soft cut of a layout-probe forward, and the records they share with the
-engine. Nothing here knows of Lightning."""
+engine. Nothing here knows of Lightning.
+
+Several outputs (heads, losses; ``output=[...]``, or one output module called several times): every output call
+ties all the points of its forward recorded before it, each through its own delivery with its own fixed
+matrices, so each point receives ``sum_j B_j e_j``; autograd runs only the deliveries the loss depends on, and
+an output whose error reached it through a later output (``head2(head1(h))``) passes it on without delivering.
+"""
 
 from __future__ import annotations
 

@@ -16,10 +16,6 @@ How it works (design "b" of ``lightning-notes.md``):
 Everything after the last block (final norm, pooler, head) receives its true gradient. Under ``no_grad`` /
 ``inference_mode`` the hooks do nothing, so validation and prediction are bit-identical to the plain model.
 
-* Several outputs (heads, losses; ``output=[...]``, or one output module called several times): every output call
-  ties all the points of its forward recorded before it, each through its own delivery with its own fixed
-  matrices, so each point receives ``sum_j B_j e_j``; autograd runs only the deliveries the loss depends on, and
-  an output whose error reached it through a later output (``head2(head1(h))``) passes it on without delivering.
 * Outputs found from the forward: unless ``output=`` names them, every layer outside the blocks is tied as well
   when it runs after points; the backward keeps as error sources only those the loss reads directly (not through
   another tied layer, and not feeding a later block), so the error is read at the layer the loss is computed from
@@ -27,11 +23,7 @@ Everything after the last block (final norm, pooler, head) receives its true gra
   to a trainable one upstream (a frozen discriminator is part of the generator's loss).
 * The delivered output is a detached alias of the output (same memory, not a view): user code may modify it in
   place wherever plain PyTorch allows it.
-* Layouts: a point's positions are lined up with the error's by the data flow, not by coincident sizes. The first
-  forward after ``attach`` that records a sequence-shaped point (``[T, B, d]`` or ``[B, T, d]``) cuts its points
-  with :class:`_SoftCut` (still connected, blocked in the training backward), and the delivery probes, with one
-  vector-Jacobian product, which of each point's first two dimensions the output's batch items depend on. That
-  first step costs about one backprop step more; its gradients are those of any other DFA step.
+* Layouts: see :mod:`lightning_dfa.layout`; several outputs: see :mod:`lightning_dfa.delivery`.
 """
 
 from __future__ import annotations
@@ -46,7 +38,7 @@ import torch
 from torch import nn
 
 from .blocks import Target
-from .checks import check_state, checked_transform, explain_silence, output_names
+from .checks import check_loss, check_state, checked_transform, explain_silence
 from .config import _SAVED_OPTIONS, DFAConfig, reconcile
 from .delivery import (
     BackwardReport,
@@ -392,25 +384,8 @@ class FeedbackEngine(ForwardHooks):
         return report
 
     def check_loss(self, loss: torch.Tensor) -> None:
-        """Refuse a loss that cannot carry the error back to the output module."""
-        if self.mode != "bp" and isinstance(loss, torch.Tensor) and not loss.requires_grad:
-            out = output_names(self)
-            if self._pending:
-                # points recorded (and detached) after the last call of the output module: the loss was computed
-                # from a block's output, which DFA cuts from what follows
-                last = self._pending[-1][0].split("#")[0].split(":")[0]
-                raise RuntimeError(
-                    f"DFA: the loss does not require grad: it was computed downstream of block {last!r}, whose output "
-                    f"DFA detaches, so it does not depend on the output module {out}. Compute the loss from that "
-                    "module's output (logits, predictions), or pass output= naming the module it is computed from; "
-                    "if blocks= names that module (or a module containing it), remove it from blocks=: the output "
-                    "must lie after the last block."
-                )
-            raise RuntimeError(
-                f"DFA: the loss does not require grad, so it does not depend on the output module {out} "
-                f"(mode={self.mode!r} detaches everything else). Compute the loss from that module's output "
-                "(logits, predictions), or pass output= naming the module it is computed from."
-            )
+        """Refuse a loss that cannot carry the error back to the output module (see :func:`checks.check_loss`)."""
+        check_loss(self, loss)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

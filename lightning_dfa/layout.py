@@ -1,5 +1,12 @@
 """Lining feedback points up with an output's error: position by position, per item, or flattened, and which way
-round a sequence-shaped point's first two dimensions go (found from the data flow, not from coincident sizes)."""
+round a sequence-shaped point's first two dimensions go (found from the data flow, not from coincident sizes).
+
+A point's positions are lined up with the error's by the data flow, not by coincident sizes. The first
+forward after ``attach`` that records a sequence-shaped point (``[T, B, d]`` or ``[B, T, d]``) cuts its points
+with :class:`_SoftCut` (still connected, blocked in the training backward), and the delivery probes, with one
+vector-Jacobian product, which of each point's first two dimensions the output's batch items depend on. That
+first step costs about one backprop step more; its gradients are those of any other DFA step.
+"""
 
 from __future__ import annotations
 
