@@ -1,4 +1,4 @@
-"""Alignment telemetry (issue 4): the monitor measures DFA against backprop without changing training."""
+"""Alignment telemetry: the monitor measures DFA against backprop without changing training."""
 
 from __future__ import annotations
 

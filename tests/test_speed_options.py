@@ -1,4 +1,4 @@
-"""The speed options of the engine (issue 7): ``cut_head_input``, ``topk``, the cached feedback matrix.
+"""The speed options of the engine: ``cut_head_input``, ``topk``, the cached feedback matrix.
 
 Correctness only (tiny, seeded, CPU): speed and memory are measured by ``python -m benchmarks.speed``, never here.
 """
