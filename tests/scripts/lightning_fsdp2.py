@@ -97,3 +97,6 @@ if __name__ == "__main__":
         meta = torch.load(out / f"{kind}.ckpt" / "meta.pt", weights_only=False)
         runs = {"straight": straight, "resumed": resumed, "callback": callback}
         torch.save({**runs, "dfa": meta.get("dfa")}, out / f"{kind}.pt")
+    if torch.distributed.is_initialized():  # leave no gloo thread running at interpreter exit
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
