@@ -280,9 +280,7 @@ class ForwardHooks:
         if tensor is None or not tensor.is_floating_point():
             return None
         g = self._group
-        if g is not None and g.cuts:  # a layout-probe forward: the point itself, not its copy (or an alias of the
-            # copy, such as FSDP2's pre-forward hook passes on)
-            tensor = next((g.cuts[id(c)] for c in g.copies if _same_memory(c, tensor)), tensor)
+        tensor = _uncut(g, tensor)
         recorded = (
             [(p.key, p.tensor, p.flatten) for p in self._capture.points] if self._capture is not None else self._pending
         )
@@ -330,9 +328,7 @@ class ForwardHooks:
         if tensor is None:
             return None
         g = self._group
-        if g is not None and g.cuts:  # a layout-probe forward: the point itself, not its copy (or an alias of the
-            # copy, such as FSDP2's pre-forward hook passes on)
-            tensor = next((g.cuts[id(c)] for c in g.copies if _same_memory(c, tensor)), tensor)
+        tensor = _uncut(g, tensor)
         if self._active() and self.mode == "dfa" and g is not None and (not tensor.requires_grad or g.soft):
             # The head reads the last block's output directly: that block gets the true error at the head's
             # input (it is where the error is read), the other points get its projection.
@@ -405,6 +401,14 @@ class ForwardHooks:
         """Whether :meth:`parameter_roles` comes from the forward's data flow (after a first delivery) rather than
         from the order in which the modules are registered."""
         return self._true_ids is not None
+
+
+def _uncut(g: _Group | None, tensor: torch.Tensor) -> torch.Tensor:
+    """In a layout-probe forward: the point itself for its soft cut's copy (or an alias of the copy, such as FSDP2's
+    pre-forward hook passes on); any other tensor as it is."""
+    if g is None or not g.cuts:
+        return tensor
+    return next((g.cuts[id(c)] for c in g.copies if _same_memory(c, tensor)), tensor)
 
 
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
