@@ -21,14 +21,22 @@ from .projectors.base import class_name
 MODES = ("dfa", "shallow", "bp")
 RECIPES = ("auto", "paper")
 #: the options that the recipe decides when they are left at ``None``
-RECIPE_OPTIONS = ("norm_jacobian", "cut_head_input", "norm_points", "sketch")
+RECIPE_OPTIONS = ("norm_jacobian", "cut_head_input", "norm_points", "cut_token_embedding", "sketch")
 
 #: options saved with the feedback whose new value on resume gives way to the checkpoint's (with a warning): they
 #: set the feedback's values, which the checkpoint holds
 RESUME_KEEPS = ("seed", "distribution", "scale", "distinct", "norm_jacobian", "sketch", "topk")
 #: options saved with the feedback whose new value on resume is refused: they decide how training runs or which
 #: tensors receive feedback and where the error is read
-RESUME_REFUSES = ("mode", "placement", "error_at", "recipe", "cut_head_input", "norm_points")
+RESUME_REFUSES = (
+    "mode",
+    "placement",
+    "error_at",
+    "recipe",
+    "cut_head_input",
+    "norm_points",
+    "cut_token_embedding",
+)
 _SAVED_OPTIONS = RESUME_REFUSES + RESUME_KEEPS
 #: options where ``None`` means "chosen from the model": on resume, ``None`` takes the saved choice
 _AUTO_OPTIONS = RECIPE_OPTIONS
@@ -39,6 +47,7 @@ _DECIDES = {
     "recipe": "the choices left to the recipe (which tensors are feedback points, how feedback is shaped)",
     "cut_head_input": "whether the output module's input is a feedback point",
     "norm_points": "whether the outputs of norms that read a point are feedback points",
+    "cut_token_embedding": "whether the token embedding receives feedback",
 }
 
 
@@ -73,7 +82,8 @@ class DFAConfig:
             only, the DFA paper's language-model setting: the projected error is then ``d``-dimensional).
         recipe: ``"auto"`` (default: the best DFA measured, chosen from the model's structure) or ``"paper"``
             (the plain DFA of Launay et al. 2020: every option below off unless set). ``"auto"`` decides each of
-            ``norm_jacobian``, ``cut_head_input`` and ``sketch`` that is left at ``None``; the fit-start summary and
+            ``norm_jacobian``, ``cut_head_input``, ``norm_points``, ``cut_token_embedding`` and ``sketch`` that is
+            left at ``None``; the fit-start summary and
             :meth:`FeedbackEngine.recipe_notes` say what was chosen and why.
         norm_jacobian: norm-aware feedback. ``None`` (default, recipe ``"auto"``): at each point whose consumer is a
             LayerNorm or RMSNorm (a pre-LN Transformer's block outputs), the feedback passes through the Jacobian of
@@ -95,6 +105,15 @@ class DFAConfig:
             GPT-2's ``ln_1``, Llama's ``input_layernorm``) is a feedback point too, so what reads it (the
             attention's QKV projection) never computes its input gradient, and the norm's own parameters learn from
             that point's feedback. ``None`` (recipe ``"auto"``): on in ``mode="dfa"``.
+        cut_token_embedding: the token embedding (a lookup table over the vocabulary that the output predicts:
+            GPT-2's ``wte``, Llama's ``embed_tokens``, BERT's word embeddings) and the lookup tables registered
+            beside it (learned positions, token types) receive no feedback. Untied from the head, they keep their
+            initial values, a fixed random code of each token and position (their parameters are
+            ``requires_grad=False`` while attached, so DDP leaves them out); a table tied to the head learns from the
+            output's true gradient only, like every other weight of the output module. Trained by ``B e``, a lookup
+            table drifts towards a code of what follows each token and loses the token's identity: on the demo
+            language model the cut takes DFA from 3.31 to 2.67 bits/char at 1000 steps
+            (``docs/results_language_model.md``). ``None`` (recipe ``"auto"``): on in ``mode="dfa"``.
         topk: ``None`` (default: dense projection ``e @ B``) or ``k`` (the shortcut of
             ``projector=projectors.TopK(k)``): project only the ``k`` largest-magnitude
             entries of each row (token) of the error, a gather of ``k`` rows of ``B`` per token instead of a GEMM
@@ -143,6 +162,7 @@ class DFAConfig:
     norm_jacobian: bool | None = None
     cut_head_input: bool | None = None
     norm_points: bool | None = None
+    cut_token_embedding: bool | None = None
     topk: int | None = None
     sketch: bool | None = None
     projector: Projector | None = None

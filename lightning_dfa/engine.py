@@ -117,6 +117,8 @@ class FeedbackEngine(ForwardHooks):
         self._consumers_complete = False
         self._inside_blocks: set[int] = set()  # id() of every module inside a top-level block
         self._point_norms: set[int] = set()  # norm_points: id() of the norms inside blocks that read a point
+        self._token_embeddings: list[tuple[str, nn.Module, bool]] = []  # cut_token_embedding: (name, module, tied)
+        self._frozen: list[nn.Parameter] = []  # cut_token_embedding: set to requires_grad=False while attached
         self._cut = bool(self.config.chosen("cut_head_input"))
         # the projectors in force, per output ("" the primary one), built from the options at first use
         self._projectors: dict[str, Projector] = {}
@@ -221,6 +223,12 @@ class FeedbackEngine(ForwardHooks):
         return self.mode == "dfa" if chosen is None else chosen
 
     @property
+    def cut_token_embedding(self) -> bool:
+        """``cut_token_embedding`` in force: as set, or the recipe's choice (``"auto"``: on in ``mode="dfa"``)."""
+        chosen = self.config.chosen("cut_token_embedding")
+        return self.mode == "dfa" if chosen is None else chosen
+
+    @property
     def norm_feedback(self) -> str:
         """Norm-aware feedback in force: ``"consumer"`` (the Jacobian of the norm that consumes each point, where one
         does: ``norm_jacobian=None`` with the ``"auto"`` recipe), ``"layernorm"`` (``norm_jacobian=True``: at every
@@ -263,6 +271,9 @@ class FeedbackEngine(ForwardHooks):
             handle.remove()
         self._handles = []
         self._group = None
+        for p in self._frozen:
+            p.requires_grad_(True)
+        self._frozen = []
 
     # ------------------------------------------------------------------ backward
 

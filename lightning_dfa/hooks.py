@@ -36,6 +36,7 @@ from .points import carries_grad as _carries_grad
 from .points import split_input as _split_input
 from .points import split_main as _split_main
 from .recipe import chooses_cut, last_top_level_block
+from .roles import token_embeddings
 
 
 class ForwardHooks:
@@ -104,6 +105,16 @@ class ForwardHooks:
             self._handles.append(
                 module.register_forward_hook(_Hook(lambda m, a, o, n=name: self._on_output(n, o, auto=True)))
             )
+        self._token_embeddings = (
+            token_embeddings(root, target) if self.mode == "dfa" and self.cut_token_embedding else []
+        )
+        for _, module, tied in self._token_embeddings:
+            # its output is detached in the forwards; untied, it is also frozen (DDP, set up after, leaves it out)
+            self._handles.append(module.register_forward_hook(_Hook(lambda m, a, o: self._on_token_embedding(o))))
+            for p in [] if tied else module.parameters(recurse=False):
+                if p.requires_grad:
+                    p.requires_grad_(False)
+                    self._frozen.append(p)
         if self.mode == "dfa" and (self.norm_feedback == "consumer" or self.norm_points):
             self._inside_blocks = {id(m) for b in target.blocks if b.top_level for m in b.entry.modules()}
             for name, module in root.named_modules():
@@ -313,6 +324,17 @@ class ForwardHooks:
         if not self._active() or not self._carries(tensor):
             return None
         return rebuild(self._record(name, tensor))
+
+    def _on_token_embedding(self, output: Any) -> Any:
+        """``cut_token_embedding``: a token embedding's output is detached in DFA's forwards (tied to the output
+        module, its weights then learn from the output's true gradient only). Not while :meth:`capture` records a
+        plain backprop forward."""
+        if self.mode != "dfa" or self._capture is not None or not torch.is_grad_enabled():
+            return None
+        tensor, rebuild = _split_main(output)
+        if tensor is None or not tensor.requires_grad:
+            return None
+        return rebuild(tensor.detach())
 
     def _norm_of(self, key: str, flatten: bool) -> NormSpec | None:
         """The Jacobian that shapes point ``key``'s feedback, or ``None``."""

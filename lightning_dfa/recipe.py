@@ -73,6 +73,13 @@ def recipe_notes(engine: Any) -> list[str]:
     if engine.norm_points:
         found = f" ({len(engine._point_norms)} found)" if engine._consumers_complete else ""
         lines.append(f"norm_points: on: norms inside blocks that read a point are points too{found}")
+    if engine.cut_token_embedding:
+        parts = [f"{n} ({'tied: learns from the output only' if tied else 'kept at its initial values'})"
+                 for n, _, tied in engine._token_embeddings]  # fmt: skip
+        lines.append(
+            "cut_token_embedding: on: "
+            + ("the token embedding gets no feedback: " + ", ".join(parts) if parts else "no token embedding found")
+        )
     if engine._cut:
         why = "as set" if cfg.cut_head_input else "the output module widens (more outputs than inputs)"
         lines.append(f"cut_head_input: on ({why}): its input gradient is never computed; its input is the last point")

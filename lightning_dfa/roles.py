@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from .blocks import Target
+from .discovery import _find_hf_model
 
 
 def parameter_roles(engine: Any, root: nn.Module | None = None) -> dict[str, int]:
@@ -78,3 +80,78 @@ def params_after_blocks(root: nn.Module, target: Target) -> set[int]:
             if id(p) not in block_ids:
                 after.add(id(p))
     return after
+
+
+def _output_width(module: nn.Module) -> int | None:
+    """Features an output module produces: a Linear's ``out_features``, else the rows of its last 2-D weight."""
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    weights = [m.weight for m in module.modules() if isinstance(getattr(m, "weight", None), torch.Tensor)]
+    weights = [w for w in weights if w.dim() == 2]
+    return weights[-1].shape[0] if weights else None
+
+
+def token_embeddings(root: nn.Module, target: Target) -> list[tuple[str, nn.Module, bool]]:
+    """The token embeddings of a model (the ``cut_token_embedding`` option): ``(name, module, tied)`` for each
+    module other than the output modules (and those holding them) that is a lookup table over the vocabulary an
+    output predicts (an ``nn.Embedding`` with as many rows as the output has features), or whose trainable weights
+    all belong to an output module (``tied``: an input embedding tied to the head), and the ``nn.Embedding``
+    lookup tables registered beside one (learned positions, token types). In a Hugging Face model, the table is
+    ``get_input_embeddings()``, and only where ``get_output_embeddings()`` (a vocabulary head) is an output.
+
+    Example:
+        >>> class Tiny(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.emb, self.pos = nn.Embedding(10, 8), nn.Embedding(4, 8)
+        ...         self.block = nn.Linear(8, 8)
+        ...         self.head = nn.Linear(8, 10, bias=False)
+        >>> from lightning_dfa import FeedbackEngine
+        >>> net = Tiny()
+        >>> target = FeedbackEngine(blocks=["block"], output="head", recipe="paper").attach(net)
+        >>> [(name, tied) for name, _, tied in token_embeddings(net, target)]
+        [('emb', False), ('pos', False)]
+        >>> net.head.weight = net.emb.weight
+        >>> [(name, tied) for name, _, tied in token_embeddings(net, target)]
+        [('emb', True), ('pos', False)]
+    """
+    outputs = {id(p) for _, m in target.outputs for p in m.parameters() if p.requires_grad}
+    widths = {_output_width(m) for _, m in target.outputs} - {None}
+    heads = {id(m) for _, m in target.outputs}
+    inside = {id(m) for _, o in target.outputs for m in o.modules()}
+    hf = _find_hf_model(root)
+    tables: set[int] | None = None
+    if hf is not None:  # a Hugging Face model says which are its token embedding and its vocabulary head
+        get_in, get_out = (getattr(hf[1], n, None) for n in ("get_input_embeddings", "get_output_embeddings"))
+        try:
+            vocab_head, table = get_out() if callable(get_out) else None, get_in() if callable(get_in) else None
+        except (NotImplementedError, AttributeError):
+            vocab_head, table = None, None
+        if vocab_head is None or table is None or id(vocab_head) not in inside:
+            return []
+        tables = {id(table)}
+    found = []
+    for name, module in root.named_modules():
+        if tables is not None and id(module) not in tables:
+            continue
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        # not an output module, a module inside one, nor one holding one
+        if not own or id(module) in inside or any(id(m) in heads for m in module.modules()):
+            continue
+        if all(id(p) in outputs for p in own):
+            found.append((name, module, True))
+        elif isinstance(module, nn.Embedding) and module.num_embeddings in widths:
+            found.append((name, module, False))
+    # the lookup tables beside a token embedding (learned positions, token types) go with it
+    parents = {name.rpartition(".")[0] for name, _, _ in found}
+    taken = {id(m) for _, m, _ in found}
+    for name, module in root.named_modules():
+        if (
+            isinstance(module, nn.Embedding)
+            and id(module) not in taken
+            and name.rpartition(".")[0] in parents
+            and any(p.requires_grad for p in module.parameters(recurse=False))
+            and not any(id(p) in outputs for p in module.parameters(recurse=False))
+        ):
+            found.append((name, module, False))
+    return found

@@ -16,7 +16,16 @@ def _count(n: int) -> str:
     return str(n)
 
 
-_OPTIONS = ("recipe", "error_at", "norm_jacobian", "cut_head_input", "norm_points", "sketch", "topk")
+_OPTIONS = (
+    "recipe",
+    "error_at",
+    "norm_jacobian",
+    "cut_head_input",
+    "norm_points",
+    "cut_token_embedding",
+    "sketch",
+    "topk",
+)
 
 
 def _options_in_force(engine: Any) -> str:

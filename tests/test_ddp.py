@@ -172,3 +172,30 @@ def test_strategy_and_attached_model_pickle_for_spawn() -> None:
     assert copy.net[0].weight.grad is not None  # plain backprop reaches the first layer: nothing was cut
     with torch.no_grad():
         torch.testing.assert_close(out, model(x))
+
+
+@pytest.mark.parametrize("flavour", ["strategy", "callback"])
+def test_ddp_leaves_the_untrained_token_embedding_out(tmp_path: Path, flavour: str) -> None:
+    """The default cuts the token embedding from the feedback (``requires_grad=False`` while attached): both
+    Lightning flavours attach before DDP wraps the model, so DDP does not wait for its gradient; both processes end
+    with the weights of one process trained on the same batches, and the embeddings at their initial values."""
+    import ddp_lm
+
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT", "NODE_RANK")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    script = str(ROOT / "tests" / "scripts" / "ddp_lm.py")
+    done = subprocess.run(
+        [sys.executable, script, str(tmp_path), flavour], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    single = ddp_lm.train(lightning_dfa.DFAStrategy(verbose=False), [], 1)
+    for rank in (0, 1):
+        saved = torch.load(tmp_path / f"{flavour}.rank{rank}.pt")
+        final, initial = saved["final"], saved["initial"]
+        for table in ("transformer.wte.weight", "transformer.wpe.weight"):  # the token and position embeddings
+            assert torch.equal(final[table], initial[table]), table
+        assert not torch.equal(final["transformer.h.0.mlp.c_fc.weight"], initial["transformer.h.0.mlp.c_fc.weight"])
+        for key, value in single.model.state_dict().items():
+            torch.testing.assert_close(final[key], value, atol=1e-5, rtol=1e-5, msg=key)
+    assert all(p.requires_grad for p in single.parameters())  # given back after the fit

@@ -467,10 +467,10 @@ def tiny_gpt2(tie: bool = True, checkpointing: dict | None = None, **kwargs: Any
 TOKENS = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(0))
 
 
-def gpt2_grads(model: nn.Module, placement: str = "macro", steps: int = 2) -> dict[str, torch.Tensor]:
+def gpt2_grads(model: nn.Module, placement: str = "macro", steps: int = 2, **options: Any) -> dict[str, torch.Tensor]:
     """Gradients accumulated over ``steps`` backward passes with the plain engine (no ``end_backward`` between
     them, so a point recorded by a checkpoint's recomputation would leak into the next step)."""
-    engine = FeedbackEngine(seed=0, placement=placement)
+    engine = FeedbackEngine(seed=0, placement=placement, **options)
     engine.attach(model)
     for _ in range(steps):
         with warnings.catch_warnings():
@@ -536,16 +536,23 @@ def test_hf_reentrant_checkpointing_switched_on_after_setup_is_refused_before_th
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
-def test_tied_embeddings_get_feedback_and_the_head_gradient() -> None:
+def test_tied_embeddings_get_the_head_gradient_and_feedback_only_when_asked() -> None:
     tied = tiny_gpt2(tie=True)
     untied = tiny_gpt2(tie=False)
     untied.load_state_dict(tied.state_dict(), strict=False)
     with torch.no_grad():
         untied.lm_head.weight.copy_(tied.transformer.wte.weight)
     assert tied.lm_head.weight is tied.transformer.wte.weight
+    # the default (cut_token_embedding): the shared matrix learns from the head's true gradient alone
     g_tied = gpt2_grads(tied, steps=1)
     g_untied = gpt2_grads(untied, steps=1)
-    # the shared matrix receives both: the feedback of the point "h.0:in" (embedding) and the head's true gradient
+    assert "transformer.wte.weight" not in g_untied  # untied, it keeps its initial values
+    torch.testing.assert_close(g_tied["transformer.wte.weight"], g_untied["lm_head.weight"], atol=1e-6, rtol=1e-5)
+    # cut_token_embedding=False: it receives both, the feedback of the point "h.0:in" and the head's true gradient
+    tied.zero_grad()
+    untied.zero_grad()
+    g_tied = gpt2_grads(tied, steps=1, cut_token_embedding=False)
+    g_untied = gpt2_grads(untied, steps=1, cut_token_embedding=False)
     both = g_untied["transformer.wte.weight"] + g_untied["lm_head.weight"]
     torch.testing.assert_close(g_tied["transformer.wte.weight"], both, atol=1e-6, rtol=1e-5)
     assert g_untied["transformer.wte.weight"].abs().sum() > 0 and g_untied["lm_head.weight"].abs().sum() > 0

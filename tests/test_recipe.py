@@ -54,9 +54,10 @@ def _lm_step(model: nn.Module, engine: FeedbackEngine, seed: int = 0) -> dict[st
 
 def test_config_defaults_leave_the_choices_to_the_recipe() -> None:
     cfg = DFAConfig()
-    assert (cfg.recipe, cfg.norm_jacobian, cfg.cut_head_input, cfg.norm_points, cfg.sketch) == ("auto",) + (None,) * 4
+    recipe = ("norm_jacobian", "cut_head_input", "norm_points", "cut_token_embedding", "sketch")
+    assert (cfg.recipe, *(getattr(cfg, n) for n in recipe)) == ("auto",) + (None,) * 5
     paper = DFAConfig(recipe="paper")
-    assert [paper.chosen(n) for n in ("norm_jacobian", "cut_head_input", "norm_points", "sketch")] == [False] * 4
+    assert [paper.chosen(n) for n in recipe] == [False] * 5
     assert DFAConfig(recipe="paper", sketch=True).chosen("sketch") is True  # every option stays overridable
     with pytest.raises(ValueError, match="recipe must be one of"):
         DFAConfig(recipe="best")
@@ -73,21 +74,70 @@ def test_default_on_a_pre_norm_transformer(build, kind: str) -> None:
     engine = FeedbackEngine()
     engine.attach(model)
     assert engine.norm_feedback == "consumer" and engine.cut_head_input and engine.sketch and engine.norm_points
+    assert engine.cut_token_embedding
     _lm_step(model, engine)
     keys = [p.key for p in engine.last_points]
-    # the embeddings' point and the first block's output feed the next block's first norm, whose output is a
-    # point too (norm_points); the last block's output is not cut: the head's input is the last point
+    # the embeddings get no feedback (cut_token_embedding), so the first block's input is no point; the first
+    # block's output feeds the next block's first norm, whose output is a point too (norm_points); the last
+    # block's output is not cut: the head's input is the last point
     assert keys[-1].endswith(":in") and keys[-1].startswith("lm_head")
+    assert not [k for k in keys[:-1] if k.endswith(":in")], keys
     blocks = [n for n, m in model.named_modules() if n.endswith(".0") or n.endswith(".1")]
     first_norms = [n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in ("ln_1", "input_layernorm")]
-    assert [k for k in keys if k in first_norms] == first_norms
+    assert [k for k in keys if k in first_norms] == first_norms[1:]
     normed = [p for p in engine.last_points if p.norm is not None]
-    assert {p.key for p in normed} == {blocks[0] + ":in", blocks[0]}, keys
+    assert {p.key for p in normed} == {blocks[0]}, keys
     assert {p.norm.kind for p in normed} == {kind}
     notes = "\n".join(engine.recipe_notes())
-    assert "norm-aware feedback: 2 points feed a norm" in notes and "cut_head_input: on" in notes
-    assert "norm_points: on" in notes and "(2 found)" in notes
+    assert "norm-aware feedback: 1 points feed a norm" in notes and "cut_head_input: on" in notes
+    assert "norm_points: on" in notes and "(1 found)" in notes and "cut_token_embedding: on" in notes
     engine.detach()
+
+
+def test_an_untied_token_embedding_keeps_its_initial_values() -> None:
+    torch.manual_seed(0)
+    model = _llama()  # embed_tokens is not tied to lm_head
+    table = model.model.embed_tokens.weight
+    engine = FeedbackEngine()
+    engine.attach(model)
+    grads = _lm_step(model, engine)
+    assert "model.embed_tokens.weight" not in grads and not table.requires_grad
+    assert engine.role_of(table) == "none" and engine.parameter_roles()["none"] == table.numel()
+    assert "model.embed_tokens (kept at its initial values)" in "\n".join(engine.recipe_notes())
+    engine.detach()
+    assert table.requires_grad  # given back when detached
+    for options in ({"recipe": "paper"}, {"cut_token_embedding": False}):  # feedback reaches it again
+        engine = FeedbackEngine(**options)
+        engine.attach(model)
+        grads = _lm_step(model, engine)
+        engine.detach()
+        assert grads["model.embed_tokens.weight"].abs().sum() > 0, options
+
+
+def test_a_tied_token_embedding_learns_from_the_head_alone() -> None:
+    torch.manual_seed(0)
+    model = _gpt2()  # wte is tied to lm_head; wpe (learned positions) lies beside it
+    assert model.lm_head.weight is model.transformer.wte.weight
+    engine = FeedbackEngine()
+    engine.attach(model)
+    grads = _lm_step(model, engine)
+    notes = "\n".join(engine.recipe_notes())
+    engine.detach()
+    assert "transformer.wpe.weight" not in grads  # kept at its initial values
+    assert "transformer.wte (tied: learns from the output only)" in notes and "transformer.wpe (kept" in notes
+    # the reference: the head's true gradient alone (backprop with everything before the head detached)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, VOCAB, (2, 9), generator=g)
+    model.zero_grad()
+    hidden = model.transformer(input_ids=ids[:, :-1]).last_hidden_state.detach()
+    nn.functional.cross_entropy(model.lm_head(hidden).reshape(-1, VOCAB), ids[:, 1:].reshape(-1)).backward()
+    head = model.lm_head.weight.grad.clone()
+    torch.testing.assert_close(grads["transformer.wte.weight"], head)
+    engine = FeedbackEngine(cut_token_embedding=False)
+    engine.attach(model)
+    plain = _lm_step(model, engine)
+    engine.detach()
+    assert not torch.allclose(plain["transformer.wte.weight"], head)  # the head's gradient + the feedback
 
 
 def test_norm_aware_feedback_is_the_consumers_jacobian_of_the_plain_feedback() -> None:
@@ -138,6 +188,7 @@ def test_paper_recipe_is_plain_dfa_on_a_transformer() -> None:
     model = _gpt2()
     got = []
     off = {"norm_jacobian": False, "cut_head_input": False, "norm_points": False, "sketch": False}
+    off["cut_token_embedding"] = False
     for options in ({"recipe": "paper"}, off):
         engine = FeedbackEngine(seed=1, **options)
         engine.attach(model)

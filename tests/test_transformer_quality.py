@@ -280,12 +280,13 @@ def test_the_chain_needs_two_symbols_of_context() -> None:
 
 
 # Required share of the gap (seed 0). Measured with the default (DFA_OPTIONS = {}) at seeds 0 / 1 (the paper's plain
-# DFA, recipe="paper", in brackets): GPT-2 47% / 49% (-22% / -9%), Llama 87% / 89% (-61% / -55%), BERT 63% / 72%
-# (the same: no point of this post-LN model feeds a norm, and its head does not widen), ViT 102% / 90% (15% / 79%).
+# DFA, recipe="paper", in brackets): GPT-2 96% / 94% (-22% / -9%), Llama 91% / 90% (-61% / -55%), BERT 106% / 100%
+# (63% / 72%), ViT 102% / 90% (15% / 79%). Without cut_token_embedding (the embeddings trained by feedback) the
+# default closed GPT-2 47% / 49%, Llama 87% / 89%, BERT 63% / 72%; the ViT has no token embedding.
 # With a table whose 3 successors of a pair are drawn from all 32 symbols (no one-symbol structure), backprop
 # reaches only 2.2 (GPT-2) and 1.7 (Llama) nats in 400 steps, and the earlier recipe (norm_jacobian=True and the
 # cut head input) closed 15% / 12% on GPT-2, 75% / 78% on Llama.
-REQUIRED = {"gpt2": 0.25, "llama": 0.80, "bert": 0.25, "vit": 0.60}
+REQUIRED = {"gpt2": 0.75, "llama": 0.80, "bert": 0.75, "vit": 0.60}
 
 
 @pytest.mark.parametrize("name", list(TASKS))

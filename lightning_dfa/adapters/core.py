@@ -240,7 +240,10 @@ class DFAStrategyMixin:
     @override
     def setup(self, trainer: Any) -> None:
         super().setup(trainer)  # type: ignore[misc]
-        engine = self.dfa.attach(self.lightning_module, trainer, self._dfa_target())  # type: ignore[attr-defined]
+        module = self.lightning_module  # type: ignore[attr-defined]
+        engine = self.dfa.engine
+        if engine is None or not engine.attached or engine.root is not module:  # (DDP attached before wrapping)
+            engine = self.dfa.attach(module, trainer, self._dfa_target())
         check_ddp_mode(engine, self, callback=False)
 
     def _dfa_target(self) -> Target | None:
@@ -335,6 +338,10 @@ class DFACallbackMixin:
                 "Trainer(strategy=<any>, callbacks=[DFA()])."
             )
         check_strategy(trainer.strategy, self._dfa_supported_strategies)
+        if stage == "fit" and hasattr(trainer.strategy, "configure_ddp"):
+            # attached before DDP wraps the model: the parameters DFA leaves untrained (cut_token_embedding) are
+            # then requires_grad=False, and DDP does not wait for their gradients
+            self.dfa.attach(pl_module, trainer)
 
     @property
     def dfa_engine(self) -> FeedbackEngine | None:
@@ -347,7 +354,9 @@ class DFACallbackMixin:
 
     @override
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        engine = self.dfa.attach(pl_module, trainer)
+        engine = self.dfa.engine
+        if engine is None or not engine.attached or engine.root is not pl_module:  # (DDP: attached in setup)
+            engine = self.dfa.attach(pl_module, trainer)
         check_ddp_mode(engine, trainer.strategy, callback=True)
 
     @override
@@ -409,7 +418,14 @@ class DFASingleDeviceMixin:
 
 
 class DFADDPMixin:
-    """Registers the DFA names of Lightning's DDP start methods (and never re-registers ``"ddp"``)."""
+    """Registers the DFA names of Lightning's DDP start methods (and never re-registers ``"ddp"``); attaches
+    before DDP wraps the model, so that the parameters DFA leaves untrained are not in DDP's reducer."""
+
+    @override
+    def configure_ddp(self) -> None:
+        module = self.lightning_module  # type: ignore[attr-defined]
+        self.dfa.attach(module, module.trainer, self._dfa_target())  # type: ignore[attr-defined]
+        super().configure_ddp()  # type: ignore[misc]
 
     @override
     @classmethod

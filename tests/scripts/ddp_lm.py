@@ -1,0 +1,66 @@
+"""Train a tiny untied GPT-2 with DFA over DDP (CPU, gloo, 2 processes); used by ``tests/test_ddp.py``.
+
+``python tests/scripts/ddp_lm.py OUT_DIR FLAVOUR`` (``strategy``: ``Trainer(strategy="dfa_ddp")``; ``callback``:
+``Trainer(strategy="ddp", callbacks=[DFA()])``) starts rank 0; Lightning's ``popen`` launcher starts rank 1. The
+token embedding gets no feedback (``cut_token_embedding``): DDP must not wait for its gradient. Each process
+writes ``OUT_DIR/<flavour>.rank<r>.pt`` with its initial and final weights.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import lightning_dfa  # noqa: E402
+
+STEPS = 3
+
+
+class TinyLM(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import GPT2Config, GPT2LMHeadModel
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        torch.manual_seed(0)
+        config = GPT2Config(vocab_size=20, n_embd=16, n_layer=2, n_head=2, n_positions=8, tie_word_embeddings=False,
+                            bos_token_id=0, eos_token_id=0)  # fmt: skip
+        self.model = GPT2LMHeadModel(config)
+        self.initial = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        (ids,) = batch
+        return self.model(input_ids=ids, labels=ids).loss
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.1)  # (Adam would magnify float noise in near-zero gradients)
+
+
+def train(strategy: Any, callbacks: list, devices: int) -> TinyLM:
+    model = TinyLM()
+    ids = torch.randint(0, 20, (4 * STEPS, 8), generator=torch.Generator().manual_seed(1))
+    trainer = pl.Trainer(strategy=strategy, accelerator="cpu", devices=devices, max_steps=STEPS, callbacks=callbacks,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, use_distributed_sampler=False)  # fmt: skip
+    trainer.fit(model, DataLoader(TensorDataset(ids), batch_size=4))
+    return model
+
+
+def main(out: Path, flavour: str) -> None:
+    if flavour == "strategy":
+        model = train("dfa_ddp", [], 2)
+    else:
+        model = train("ddp", [lightning_dfa.DFA(verbose=False)], 2)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    torch.save({"initial": model.initial, "final": model.model.state_dict()}, out / f"{flavour}.rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2])
