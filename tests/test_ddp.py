@@ -196,6 +196,8 @@ def test_ddp_leaves_the_untrained_token_embedding_out(tmp_path: Path, flavour: s
         for table in ("transformer.wte.weight", "transformer.wpe.weight"):  # the token and position embeddings
             assert torch.equal(final[table], initial[table]), table
         assert not torch.equal(final["transformer.h.0.mlp.c_fc.weight"], initial["transformer.h.0.mlp.c_fc.weight"])
+        other = torch.load(tmp_path / f"{flavour}.rank{1 - rank}.pt")["final"]
         for key, value in single.model.state_dict().items():
-            torch.testing.assert_close(final[key], value, atol=1e-5, rtol=1e-5, msg=key)
+            assert torch.equal(final[key], other[key]), key  # the processes stay in step
+            torch.testing.assert_close(final[key], value, atol=1e-3, rtol=1e-3, msg=key)  # (thread counts differ)
     assert all(p.requires_grad for p in single.parameters())  # given back after the fit
