@@ -340,6 +340,8 @@ def reconcile(config: DFAConfig, saved: dict[str, Any]) -> None:
         )
     for name in RESUME_REFUSES:
         if name not in saved:
+            if name in _AUTO_OPTIONS and getattr(config, name) is None and "mode" in saved:
+                setattr(config, name, False)  # written before the option existed, when it was off
             continue
         if name in _AUTO_OPTIONS and getattr(config, name) is None:  # "choose for me": the saved choice
             setattr(config, name, saved[name])

@@ -111,10 +111,10 @@ class ForwardHooks:
         for _, module, tied in self._token_embeddings:
             # its output is detached in the forwards; untied, it is also frozen (DDP, set up after, leaves it out)
             self._handles.append(module.register_forward_hook(_Hook(lambda m, a, o: self._on_token_embedding(o))))
-            for p in [] if tied else module.parameters(recurse=False):
-                if p.requires_grad:
-                    p.requires_grad_(False)
-                    self._frozen.append(p)
+            if not tied:
+                self._frozen += [p for p in module.parameters(recurse=False) if p.requires_grad]
+        for p in self._frozen:
+            p.requires_grad_(False)
         if self.mode == "dfa" and (self.norm_feedback == "consumer" or self.norm_points):
             self._inside_blocks = {id(m) for b in target.blocks if b.top_level for m in b.entry.modules()}
             for name, module in root.named_modules():

@@ -333,3 +333,43 @@ def test_default_recipe_trains_other_architectures(name: str) -> None:
     kinds = {p.norm.kind for p in engine.last_points if p.norm is not None}
     assert kinds == ({kind} if kind else set()), kinds
     engine.detach()
+
+
+def test_resume_keeps_the_token_embedding_rule_the_checkpoint_was_written_with() -> None:
+    torch.manual_seed(0)
+    model = _llama()
+    table = model.model.embed_tokens.weight
+    written = FeedbackEngine(cut_token_embedding=False)
+    written.attach(model)
+    _lm_step(model, written)
+    state = written.state_dict()
+    written.detach()
+    older = {k: v for k, v in state.items() if k != "cut_token_embedding"}  # written before the option existed
+    for saved in (state, older):
+        resumed = FeedbackEngine()  # the default would cut the table
+        resumed.load_state_dict(saved)
+        resumed.attach(model)
+        assert resumed.config.cut_token_embedding is False and table.requires_grad
+        assert _lm_step(model, resumed)["model.embed_tokens.weight"].abs().sum() > 0
+        resumed.detach()
+
+
+def test_a_checkpoint_read_after_attaching_decides_the_hooks() -> None:
+    """The DDP flavours attach before DDP wraps the model, before a resumed checkpoint is read: reading it attaches
+    again, so that its options decide which tables are cut."""
+    from lightning_dfa.adapters.core import DFAFit
+
+    torch.manual_seed(0)
+    model = _llama()
+    table = model.model.embed_tokens.weight
+    written = FeedbackEngine(cut_token_embedding=False)
+    written.attach(model)
+    state = written.state_dict()
+    written.detach()
+    fit = DFAFit(DFAConfig(), verbose=False)
+    fit.attach(model)
+    assert not table.requires_grad  # the default cut, before the checkpoint is read
+    fit.load_checkpoint({"dfa": state})
+    assert fit.engine is not None and fit.engine.attached and fit.engine.config.cut_token_embedding is False
+    assert table.requires_grad
+    fit.detach()

@@ -104,10 +104,14 @@ class DFAFit:
         self._summary_shown = False
         self._checked = False
         self._backprop_checked = False
+        self._attached_with: tuple[nn.Module, Any, Target | None] | None = None
 
-    def attach(self, module: nn.Module, trainer: Any = None, target: Target | None = None) -> FeedbackEngine:
+    def attach(
+        self, module: nn.Module, trainer: Any = None, target: Target | None = None, summary: bool = True
+    ) -> FeedbackEngine:
         if self.engine is not None and self.engine.attached:
             self.engine.detach()
+        self._attached_with = (module, trainer, target)
         fitting = str(getattr(getattr(getattr(trainer, "state", None), "fn", None), "value", "fit")) == "fit"
         engine = FeedbackEngine(DFAConfig(**vars(self.config)))
         state, self.pending_state = self.pending_state, None
@@ -127,9 +131,25 @@ class DFAFit:
         self._summary_shown = False
         self._checked = False
         self._backprop_checked = False
-        if self.verbose and fitting:
+        if self.verbose and fitting and summary:
             self._summary_shown = self._show_summary(module, trainer)
         return self.engine
+
+    def ensure_attached(self, module: nn.Module, trainer: Any = None, target: Target | None = None) -> FeedbackEngine:
+        """The engine attached to ``module``: attached now unless it already is (the DDP flavours attach before
+        DDP wraps the model, earlier than the other strategies)."""
+        engine = self.engine
+        if engine is not None and engine.attached and engine.root is module:
+            return engine
+        return self.attach(module, trainer, target)
+
+    def _reattach(self) -> None:
+        """Attached before the checkpoint was read (the DDP flavours attach before DDP wraps the model; FSDP reads
+        it after set-up): attach again, so that the checkpoint's options decide the hooks (which tables are cut,
+        which norms are points), as when it is read first."""
+        if self.engine is not None and self.engine.attached and self._attached_with is not None:
+            module, trainer, target = self._attached_with
+            self.attach(module, trainer, target, summary=False)
 
     def _show_summary(self, module: nn.Module, trainer: Any) -> bool:
         """Print the table at fit start; True if it had the points' shapes (from ``example_input_array``)."""
@@ -184,16 +204,16 @@ class DFAFit:
         """Take the feedback state of a Lightning checkpoint being resumed (see :func:`feedback_state`)."""
         state = feedback_state(checkpoint)
         self._resumed_without_state = state is None
+        if state is None:
+            self._reattach()  # (its warning)
         self.load_state_dict(state)
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         if not state:
             return
         check_state(state)  # a damaged state is refused when the checkpoint is read, before set-up
-        if self.engine is not None and self.engine.attached:
-            self.engine.load_state_dict(state)
-        else:
-            self.pending_state = state
+        self.pending_state = state
+        self._reattach()
 
 
 def speed_hint(engine: FeedbackEngine) -> str | None:
@@ -240,10 +260,7 @@ class DFAStrategyMixin:
     @override
     def setup(self, trainer: Any) -> None:
         super().setup(trainer)  # type: ignore[misc]
-        module = self.lightning_module  # type: ignore[attr-defined]
-        engine = self.dfa.engine
-        if engine is None or not engine.attached or engine.root is not module:  # (DDP attached before wrapping)
-            engine = self.dfa.attach(module, trainer, self._dfa_target())
+        engine = self.dfa.ensure_attached(self.lightning_module, trainer, self._dfa_target())  # type: ignore[attr-defined]
         check_ddp_mode(engine, self, callback=False)
 
     def _dfa_target(self) -> Target | None:
@@ -338,7 +355,7 @@ class DFACallbackMixin:
                 "Trainer(strategy=<any>, callbacks=[DFA()])."
             )
         check_strategy(trainer.strategy, self._dfa_supported_strategies)
-        if stage == "fit" and hasattr(trainer.strategy, "configure_ddp"):
+        if stage == "fit" and hasattr(trainer.strategy, "configure_ddp"):  # Lightning's DDP strategies
             # attached before DDP wraps the model: the parameters DFA leaves untrained (cut_token_embedding) are
             # then requires_grad=False, and DDP does not wait for their gradients
             self.dfa.attach(pl_module, trainer)
@@ -354,9 +371,7 @@ class DFACallbackMixin:
 
     @override
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        engine = self.dfa.engine
-        if engine is None or not engine.attached or engine.root is not pl_module:  # (DDP: attached in setup)
-            engine = self.dfa.attach(pl_module, trainer)
+        engine = self.dfa.ensure_attached(pl_module, trainer)  # (under DDP: attached in setup already)
         check_ddp_mode(engine, trainer.strategy, callback=True)
 
     @override
