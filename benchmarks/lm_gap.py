@@ -37,7 +37,14 @@ ARMS: dict[str, tuple[str, str, str]] = {
     "dfa-llama": (
         "arch=llama",
         "llama",
-        f"the default flag: a fixed random B, norm-aware feedback at the points that feed a norm; {_TRANSPORT_FREE}",
+        "the default flag: a fixed random B, norm-aware feedback at the points that feed a norm, no feedback into "
+        f"the token embedding; {_TRANSPORT_FREE}",
+    ),
+    "dfa-llama-embeddings": (
+        "arch=llama,cut_token_embedding=false",
+        "llama",
+        "the default flag with cut_token_embedding=False (the token embedding trained by feedback); "
+        + _TRANSPORT_FREE,
     ),
     "kp-llama": (
         "arch=llama,feedback_learning=kolen_pollack",
@@ -50,7 +57,11 @@ ARMS: dict[str, tuple[str, str, str]] = {
         "llama",
         f"the default flag with placement='micro' (also after attention and the MLP activation); {_TRANSPORT_FREE}",
     ),
-    "dfa-gpt2": ("mode=dfa", "gpt2", f"the default flag (fixed random B, norm-aware feedback); {_TRANSPORT_FREE}"),
+    "dfa-gpt2": (
+        "mode=dfa",
+        "gpt2",
+        f"the default flag (fixed random B, norm-aware feedback, no feedback into the embeddings); {_TRANSPORT_FREE}",
+    ),
     "kp-gpt2": (
         "feedback_learning=kolen_pollack",
         "gpt2",
@@ -62,6 +73,7 @@ TABLES = {"gpt2": "Character-level GPT-2, Persuasion", "llama": "Character-level
 ROW_NAMES = {
     "bp-llama": "bp",
     "dfa-llama": "dfa",
+    "dfa-llama-embeddings": "dfa, embeddings trained by feedback (cut_token_embedding=False)",
     "kp-llama": "dfa, learned feedback (Kolen-Pollack)",
     "micro-llama": "dfa, micro placement",
     "kp-gpt2": "dfa, learned feedback (Kolen-Pollack)",
@@ -87,7 +99,8 @@ def run(name: str, steps: int, seed: int) -> Path:
     record = json.loads(path.read_text())
     record["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(start))
     record["command"] = f"python -m benchmarks.lm_gap --run {name} --steps {steps} --seed {seed}"
-    path.write_text(json.dumps(record, indent=1) + "\n")
+    root = str(Path(__file__).resolve().parent.parent) + "/"  # paths in the record relative to the repository
+    path.write_text(json.dumps(record, indent=1).replace(root, "") + "\n")
     return path
 
 
