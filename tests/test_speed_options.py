@@ -351,6 +351,46 @@ def test_hashed_feedback_is_a_pure_function_of_seed_and_position() -> None:
     assert hashed_uniform(3, key=0).tolist() == [-0.03389155864715576, -0.5231430530548096, -0.47083723545074463]
 
 
+def test_the_in_place_hash_gives_the_values_of_the_plain_formula() -> None:
+    """The hash runs in place (it is recomputed at every backward); its values are those of the plain formula."""
+    from lightning_dfa.projectors.bank import hashed_matrix, hashed_uniform, keyed_normal, row_keys
+
+    m32 = 0xFFFFFFFF
+
+    def mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+        return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & m32
+
+    def hash32(x: torch.Tensor) -> torch.Tensor:
+        x = mul32(x ^ (x >> 16), 0x7FEB352D)
+        x = mul32(x ^ (x >> 15), 0x846CA68B)
+        return x ^ (x >> 16)
+
+    def uniform(n: int, key: int, stream: int = 0) -> torch.Tensor:
+        x = hash32((mul32(torch.arange(n), 0x9E3779B1) + key + 0x6A09E667 + stream * 0x632BE5AB) & m32)
+        return (x >> 8).to(torch.float32) * 2.0**-23 - 1.0
+
+    for n, key, stream in ((70_001, 123_456_789, 0), (1000, -3, 1), (17, 2**40 + 5, 1)):
+        assert torch.equal(hashed_uniform(n, key, stream=stream), uniform(n, key, stream))
+    u, v = uniform(300 * 7, 9), uniform(300 * 7, 9, 1)
+    gaussian = (-2.0 * torch.log1p(-(u + 1.0) / 2)).sqrt() * torch.cos(torch.pi * (v + 1.0))
+    assert torch.equal(hashed_matrix(7, 300, "gaussian", 9, torch.device("cpu"), torch.float32), gaussian.view(7, 300))
+    assert torch.equal(
+        hashed_matrix(7, 300, "uniform", 9, torch.device("cpu"), torch.float32, 0.5), u.view(7, 300) * 0.5
+    )
+    rows = torch.tensor([5, 9, 2**33 + 1, -4])
+    cols = mul32(torch.arange(6), 0x85EBCA6B)
+
+    def keyed(stream: int) -> torch.Tensor:
+        base = hash32((mul32(rows & m32, 0x9E3779B1) + 11 + stream * 0x632BE5AB) & m32)
+        return (hash32((base.unsqueeze(-1) + cols + 0x6A09E667) & m32) >> 8).to(torch.float32) * 2.0**-23 - 1.0
+
+    normal = (-2.0 * torch.log1p(-(keyed(0) + 1.0) / 2)).sqrt() * torch.cos(torch.pi * (keyed(1) + 1.0))
+    assert torch.equal(keyed_normal(rows, 6, key=11), normal)
+    codes = torch.randint(0, 50, (20, 7), generator=torch.Generator().manual_seed(0))
+    weights = hash32((mul32(torch.arange(7), 0x27D4EB2F) + 99) & m32)
+    assert torch.equal(row_keys(codes, salt=99), hash32((codes * weights).sum(-1) & m32))
+
+
 def test_sketch_trains_a_gpt2_with_every_parameter_getting_a_gradient() -> None:
     vocab = 8 * D
     model = _gpt2(vocab=vocab)

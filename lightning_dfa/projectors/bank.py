@@ -81,18 +81,24 @@ def uses_sketch(k: int, width: int) -> bool:
     return k > SKETCH_MIN_RATIO * width
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """``x * c mod 2**32`` for int64 ``x < 2**32`` without int64 overflow (16-bit halves of ``c``)."""
-    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+def _mul32(x: torch.Tensor, c: int, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """``x * c mod 2**32`` for int64 ``x < 2**32`` without int64 overflow (16-bit halves of ``c``), IN PLACE:
+    ``x`` is overwritten and returned (callers pass a tensor of their own); ``scratch``, of ``x``'s shape, saves
+    an allocation."""
+    high = torch.mul(x, c >> 16, out=scratch) if scratch is not None else x * (c >> 16)
+    return x.mul_(c & 0xFFFF).add_(high.bitwise_and_(0xFFFF).bitwise_left_shift_(16)).bitwise_and_(_M32)
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:
-    """The ``lowbias32`` integer hash (C. Wellons) of int64 tensors holding 32-bit values."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
+    """The ``lowbias32`` integer hash (C. Wellons) of int64 tensors holding 32-bit values, IN PLACE (one scratch
+    tensor instead of a new tensor per step of the hash: the feedback matrices of the ``sketch`` option are
+    hashed at every backward)."""
+    scratch = torch.empty_like(x)
+    x.bitwise_xor_(torch.bitwise_right_shift(x, 16, out=scratch))
+    _mul32(x, 0x7FEB352D, scratch)
+    x.bitwise_xor_(torch.bitwise_right_shift(x, 15, out=scratch))
+    _mul32(x, 0x846CA68B, scratch)
+    return x.bitwise_xor_(torch.bitwise_right_shift(x, 16, out=scratch))
 
 
 def hashed_uniform(n: int, key: int, device: torch.device | str = "cpu", stream: int = 0) -> torch.Tensor:
@@ -105,9 +111,9 @@ def hashed_uniform(n: int, key: int, device: torch.device | str = "cpu", stream:
         >>> bool(x.min() >= -1 and x.max() < 1), bool(torch.equal(x[:10], hashed_uniform(10, key=7)))
         (True, True)
     """
-    idx = torch.arange(n, dtype=torch.int64, device=device)
-    x = _hash32((_mul32(idx, 0x9E3779B1) + key + 0x6A09E667 + stream * 0x632BE5AB) & _M32)
-    return (x >> 8).to(torch.float32) * 2.0**-23 - 1.0
+    x = _mul32(torch.arange(n, dtype=torch.int64, device=device), 0x9E3779B1)
+    x = _hash32(x.add_(key + 0x6A09E667 + stream * 0x632BE5AB).bitwise_and_(_M32))
+    return x.bitwise_right_shift_(8).to(torch.float32).mul_(2.0**-23).sub_(1.0)
 
 
 def keyed_normal(rows: torch.Tensor, width: int, key: int) -> torch.Tensor:
@@ -152,9 +158,10 @@ def hashed_matrix(
     elif distribution == "rademacher":
         out = torch.where(u < 0, -1.0, 1.0)
     else:
-        r = (-2.0 * torch.log1p(-(u + 1.0) / 2)).sqrt()  # 1 - U in (0, 1]: no log(0)
-        out = r * torch.cos(torch.pi * (hashed_uniform(n, key, device, stream=1) + 1.0))
-    return (out * scale).to(dtype).view(rows, cols)
+        # in place (computed at every backward by the sketch option): sqrt(-2 log(1 - U)), 1 - U in (0, 1]
+        out = u.add_(1.0).div_(2).neg_().log1p_().mul_(-2.0).sqrt_()
+        out.mul_(hashed_uniform(n, key, device, stream=1).add_(1.0).mul_(torch.pi).cos_())
+    return (out.mul_(scale) if scale != 1.0 else out).to(dtype).view(rows, cols)
 
 
 def _matrix_id(k: int, source: str) -> int | str:
