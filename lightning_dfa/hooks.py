@@ -112,7 +112,8 @@ class ForwardHooks:
             # its output is detached in the forwards; untied, it is also frozen (DDP, set up after, leaves it out)
             self._handles.append(module.register_forward_hook(_Hook(lambda m, a, o: self._on_token_embedding(o))))
             if not tied:
-                self._frozen += [p for p in module.parameters(recurse=False) if p.requires_grad]
+                frozen = {id(p) for p in self._frozen}  # (modules sharing one table: each parameter once)
+                self._frozen += [p for p in module.parameters(recurse=False) if p.requires_grad and id(p) not in frozen]
         for p in self._frozen:
             p.requires_grad_(False)
         if self.mode == "dfa" and (self.norm_feedback == "consumer" or self.norm_points):

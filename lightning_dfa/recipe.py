@@ -84,10 +84,13 @@ def recipe_notes(engine: Any) -> list[str]:
         why = "as set" if cfg.cut_head_input else "the output module widens (more outputs than inputs)"
         lines.append(f"cut_head_input: on ({why}): its input gradient is never computed; its input is the last point")
     elif engine.target is not None and not engine.target.head_input_point and cfg.error_at == "output":
-        lines.append(
-            "cut_head_input: off"
-            + (" (as set)" if cfg.cut_head_input is not None else " (the output module does not widen)")
-        )
+        if cfg.cut_head_input is not None:
+            why = "as set"
+        elif not widens(engine.target.output):
+            why = "the output module does not widen"
+        else:  # BERT's head transform: measured to cost learning with the cut
+            why = "layers other than norms lie between the last block and the output module"
+        lines.append(f"cut_head_input: off ({why})")
     widths = list(engine.bank.widths.values())
     wide = any(uses_sketch(k, d) for k, d in widths)
     if cfg.projector is not None:

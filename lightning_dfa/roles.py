@@ -97,7 +97,8 @@ def token_embeddings(root: nn.Module, target: Target) -> list[tuple[str, nn.Modu
     output predicts (an ``nn.Embedding`` with as many rows as the output has features), or whose trainable weights
     all belong to an output module (``tied``: an input embedding tied to the head), and the ``nn.Embedding``
     lookup tables registered beside one (learned positions, token types). In a Hugging Face model, the table is
-    ``get_input_embeddings()``, and only where ``get_output_embeddings()`` (a vocabulary head) is an output.
+    ``get_input_embeddings()`` and the modules sharing its weights, and only where ``get_output_embeddings()`` (a
+    vocabulary head) is an output.
 
     Example:
         >>> class Tiny(nn.Module):
@@ -129,7 +130,10 @@ def token_embeddings(root: nn.Module, target: Target) -> list[tuple[str, nn.Modu
             vocab_head, table = None, None
         if vocab_head is None or table is None or id(vocab_head) not in inside:
             return []
-        tables = {id(table)}
+        # and the modules that share its weights (BART's encoder and decoder embed with their own modules around
+        # the model's ``shared`` weight, which is never called itself)
+        weights = {id(p) for p in table.parameters(recurse=False)}
+        tables = {id(m) for m in root.modules() if weights and {id(p) for p in m.parameters(recurse=False)} == weights}
     found = []
     for name, module in root.named_modules():
         if tables is not None and id(module) not in tables:

@@ -140,6 +140,62 @@ def test_a_tied_token_embedding_learns_from_the_head_alone() -> None:
     assert not torch.allclose(plain["transformer.wte.weight"], head)  # the head's gradient + the feedback
 
 
+@pytest.mark.parametrize(
+    ("head", "why"),
+    [
+        (hf.BertForMaskedLM, "layers other than norms lie between the last block and the output module"),
+        (hf.BertForSequenceClassification, "the output module does not widen"),
+    ],
+)
+def test_the_summary_says_why_the_head_input_is_not_cut(head: type, why: str) -> None:
+    cfg = hf.BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=16)  # fmt: skip
+    engine = FeedbackEngine()
+    engine.attach(head(cfg))
+    assert not engine.cut_head_input
+    assert f"cut_head_input: off ({why})" in engine.recipe_notes()
+
+
+def test_the_cut_reaches_the_modules_that_share_the_token_table() -> None:
+    """BART embeds with the encoder's and the decoder's own modules around the model's ``shared`` weight (never
+    called itself): both are cut, and the learned positions beside each keep their initial values."""
+    torch.manual_seed(0)
+    cfg = hf.BartConfig(vocab_size=VOCAB, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
+                        dropout=0.0)  # fmt: skip
+    model = hf.BartForConditionalGeneration(cfg)
+    encoder, decoder = model.model.encoder, model.model.decoder
+    assert encoder.embed_tokens is not model.model.shared and encoder.embed_tokens.weight is model.lm_head.weight
+    ids = torch.randint(2, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
+
+    def table_gradient(engine: FeedbackEngine) -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        engine.attach(model)
+        model(input_ids=ids, labels=ids).loss.backward()
+        engine.end_backward()
+        positions = encoder.embed_positions.weight.grad, decoder.embed_positions.weight.grad
+        assert all(g is None for g in positions) == engine.cut_token_embedding  # kept at their initial values
+        grad = model.lm_head.weight.grad.clone()
+        engine.detach()
+        return grad
+
+    engine = FeedbackEngine()
+    cut = table_gradient(engine)
+    notes = "\n".join(engine.recipe_notes())
+    for name in ("model.encoder.embed_tokens (tied", "model.decoder.embed_tokens (tied", "embed_positions (kept"):
+        assert name in notes
+    assert encoder.embed_positions.weight.requires_grad  # given back on detach
+    # the head's true gradient alone: everything before the head detached
+    model.zero_grad(set_to_none=True)
+    out = model.model(input_ids=ids, decoder_input_ids=hf.models.bart.modeling_bart.shift_tokens_right(
+        ids, cfg.pad_token_id, cfg.decoder_start_token_id))  # fmt: skip
+    logits = model.lm_head(out.last_hidden_state.detach()) + model.final_logits_bias
+    nn.functional.cross_entropy(logits.reshape(-1, VOCAB), ids.reshape(-1)).backward()
+    torch.testing.assert_close(cut, model.lm_head.weight.grad)
+    plain = table_gradient(FeedbackEngine(cut_token_embedding=False))
+    assert not torch.allclose(plain, cut)
+
+
 def test_norm_aware_feedback_is_the_consumers_jacobian_of_the_plain_feedback() -> None:
     torch.manual_seed(0)
     model = _llama()
