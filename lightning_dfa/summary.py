@@ -136,18 +136,21 @@ def format_summary(engine: Any, shapes: Mapping[str, Sequence[int]] | None = Non
 
 def mostly_backprop(engine: Any) -> str | None:
     """A warning when, in ``mode="dfa"`` with blocks found, more than half of the trainable parameters are trained
-    by their true gradient (everything between the last feedback point and the output is backprop); ``None``
-    otherwise."""
+    by backprop between the last feedback point and the output modules; ``None`` otherwise. The output modules'
+    own parameters (always trained by their true gradient: a language model's vocabulary head may hold most of
+    the model) do not count towards the half."""
     if engine.mode != "dfa" or engine.target is None or not engine.target.blocks:
         return None
     roles = engine.parameter_roles()
     trained = roles["feedback"] + roles["true gradient"]
-    if not trained or roles["true gradient"] <= 0.5 * trained:
+    own = {id(p): p.numel() for _, m in engine.output_modules() for p in m.parameters() if p.requires_grad}
+    between = roles["true gradient"] - sum(own.values())
+    if not trained or between <= 0.5 * trained:
         return None
     names = ", ".join(n for n, _ in engine.output_modules())
     return (
-        f"WARNING: {100 * roles['true gradient'] / trained:.0f}% of the trainable parameters are trained by their "
-        f"true gradient (backprop between the last feedback point and the output {names}), not by feedback. "
+        f"WARNING: {100 * between / trained:.0f}% of the trainable parameters are trained by backprop between the "
+        f"last feedback point and the output {names} (their true gradient), not by feedback. "
         "Name the blocks and the output: DFAStrategy(blocks=[...], output=...) or configure_dfa()."
     )
 

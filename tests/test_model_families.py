@@ -374,6 +374,23 @@ def test_mostly_backprop_is_reported_loudly() -> None:
     assert "WARNING" in summary and "measured in the first backward" in summary
 
 
+def test_a_vocabulary_head_holding_most_parameters_is_no_reason_to_warn() -> None:
+    """The output module is always trained by its true gradient: a language model whose head (tied to the token
+    embedding) holds most parameters is no mis-placed feedback."""
+    import transformers as hf
+
+    cfg = hf.GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=8, vocab_size=4000)
+    model = hf.GPT2LMHeadModel(cfg)
+    engine = FeedbackEngine()
+    engine.attach(model)
+    ids = torch.randint(0, 4000, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    engine.end_backward()
+    summary = engine.summary()
+    assert "Share of trainable params trained by their true gradient: 9" in summary  # the head: 64000 of ~68000
+    assert "WARNING" not in summary
+
+
 def test_the_warning_is_raised_in_fit_and_the_bp_arm_never_refuses() -> None:
     import pytorch_lightning as pl
     from conftest import Classifier, loader, trainer
@@ -382,7 +399,7 @@ def test_the_warning_is_raised_in_fit_and_the_bp_arm_never_refuses() -> None:
 
     net = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 64), nn.ReLU(),
                         nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3))  # fmt: skip
-    with pytest.warns(UserWarning, match="trained by their true gradient"):
+    with pytest.warns(UserWarning, match="trained by backprop between the last feedback point"):
         trainer(strategy=DFAStrategy(blocks=["net.1", "net.3"], output="net.8"), max_steps=1).fit(
             Classifier(net), loader()
         )
