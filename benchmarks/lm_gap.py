@@ -43,8 +43,7 @@ ARMS: dict[str, tuple[str, str, str]] = {
     "dfa-llama-embeddings": (
         "arch=llama,cut_token_embedding=false",
         "llama",
-        "the default flag with cut_token_embedding=False (the token embedding trained by feedback); "
-        + _TRANSPORT_FREE,
+        "the default flag with cut_token_embedding=False (the token embedding trained by feedback); " + _TRANSPORT_FREE,
     ),
     "kp-llama": (
         "arch=llama,feedback_learning=kolen_pollack",

@@ -32,7 +32,8 @@ class TinyLM(pl.LightningModule):
         torch.manual_seed(0)
         # no dropout: no random draws to line up across processes
         config = GPT2Config(vocab_size=20, n_embd=16, n_layer=2, n_head=2, n_positions=8, tie_word_embeddings=False,
-                            bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+                            bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
+                            attn_pdrop=0.0)  # fmt: skip
         self.model = GPT2LMHeadModel(config)
         self.initial = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
