@@ -118,6 +118,7 @@ class FeedbackEngine(ForwardHooks):
         self._inside_blocks: set[int] = set()  # id() of every module inside a top-level block
         self._point_norms: set[int] = set()  # norm_points: id() of the norms inside blocks that read a point
         self._token_embeddings: list[tuple[str, nn.Module, bool]] = []  # cut_token_embedding: (name, module, tied)
+        self._tied_kept: list[str] = []  # cut_token_embedding: tables tied to the output behind a head transform
         self._frozen: list[nn.Parameter] = []  # cut_token_embedding: set to requires_grad=False while attached
         self._cut = bool(self.config.chosen("cut_head_input"))
         # the projectors in force, per output ("" the primary one), built from the options at first use

@@ -35,7 +35,7 @@ from .norms import NormSpec, _may_normalise, probe_normalisation
 from .points import carries_grad as _carries_grad
 from .points import split_input as _split_input
 from .points import split_main as _split_main
-from .recipe import chooses_cut, last_top_level_block
+from .recipe import chooses_cut, last_top_level_block, only_norms_before
 from .roles import token_embeddings
 
 
@@ -105,9 +105,13 @@ class ForwardHooks:
             self._handles.append(
                 module.register_forward_hook(_Hook(lambda m, a, o, n=name: self._on_output(n, o, auto=True)))
             )
-        self._token_embeddings = (
-            token_embeddings(root, target) if self.mode == "dfa" and self.cut_token_embedding else []
-        )
+        # a table tied to the output is cut only where norms alone lie between the last block and the output (a
+        # language model's head); behind a head transform (BERT's masked-LM head) the cut was measured to cost
+        # learning
+        transform = not only_norms_before(root, target)
+        cutting = self.mode == "dfa" and self.cut_token_embedding
+        self._token_embeddings = token_embeddings(root, target, tied=not transform) if cutting else []
+        self._tied_kept = [n for n, _, tied in token_embeddings(root, target) if tied] if cutting and transform else []
         for _, module, tied in self._token_embeddings:
             # its output is detached in the forwards; untied, it is also frozen (DDP, set up after, leaves it out)
             self._handles.append(module.register_forward_hook(_Hook(lambda m, a, o: self._on_token_embedding(o))))

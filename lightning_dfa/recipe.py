@@ -76,10 +76,16 @@ def recipe_notes(engine: Any) -> list[str]:
     if engine.cut_token_embedding:
         parts = [f"{n} ({'tied: learns from the output only' if tied else 'kept at its initial values'})"
                  for n, _, tied in engine._token_embeddings]  # fmt: skip
-        lines.append(
-            "cut_token_embedding: on: "
-            + ("the token embedding gets no feedback: " + ", ".join(parts) if parts else "no token embedding found")
-        )
+        if parts:
+            what = "the token embedding gets no feedback: " + ", ".join(parts)
+        elif engine._tied_kept:
+            what = (
+                f"not applied: the token embedding ({', '.join(engine._tied_kept)}) is tied to the output, which a "
+                "head transform separates from the blocks (the cut was measured to cost learning there)"
+            )
+        else:
+            what = "no token embedding found"
+        lines.append(f"cut_token_embedding: on: {what}")
     if engine._cut:
         why = "as set" if cfg.cut_head_input else "the output module widens (more outputs than inputs)"
         lines.append(f"cut_head_input: on ({why}): its input gradient is never computed; its input is the last point")

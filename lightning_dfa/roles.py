@@ -91,14 +91,15 @@ def _output_width(module: nn.Module) -> int | None:
     return weights[-1].shape[0] if weights else None
 
 
-def token_embeddings(root: nn.Module, target: Target) -> list[tuple[str, nn.Module, bool]]:
+def token_embeddings(root: nn.Module, target: Target, tied: bool = True) -> list[tuple[str, nn.Module, bool]]:
     """The token embeddings of a model (the ``cut_token_embedding`` option): ``(name, module, tied)`` for each
     module other than the output modules (and those holding them) that is a lookup table over the vocabulary an
     output predicts (an ``nn.Embedding`` with as many rows as the output has features), or whose trainable weights
     all belong to an output module (``tied``: an input embedding tied to the head), and the ``nn.Embedding``
     lookup tables registered beside one (learned positions, token types). In a Hugging Face model, the table is
     ``get_input_embeddings()`` and the modules sharing its weights, and only where ``get_output_embeddings()`` (a
-    vocabulary head) is an output.
+    vocabulary head) is an output. ``tied=False`` leaves out the tables tied to an output (and the tables beside
+    them).
 
     Example:
         >>> class Tiny(nn.Module):
@@ -143,7 +144,8 @@ def token_embeddings(root: nn.Module, target: Target) -> list[tuple[str, nn.Modu
         if not own or id(module) in inside or any(id(m) in heads for m in module.modules()):
             continue
         if all(id(p) in outputs for p in own):
-            found.append((name, module, True))
+            if tied:
+                found.append((name, module, True))
         elif isinstance(module, nn.Embedding) and module.num_embeddings in widths:
             found.append((name, module, False))
     # the lookup tables beside a token embedding (learned positions, token types) go with it

@@ -156,6 +156,45 @@ def test_the_summary_says_why_the_head_input_is_not_cut(head: type, why: str) ->
     assert f"cut_head_input: off ({why})" in engine.recipe_notes()
 
 
+def test_a_tied_table_behind_a_head_transform_is_not_cut() -> None:
+    """BERT's masked-LM head (dense, activation, LayerNorm, then the decoder tied to the word embeddings): cutting
+    the tied table was measured to cost learning there, so the plain rule feeds it; untied, it is cut."""
+    torch.manual_seed(0)
+    cfg = hf.BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=16, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)  # fmt: skip
+    model = hf.BertForMaskedLM(cfg)
+    embeddings = model.bert.embeddings
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+
+    def grads(engine: FeedbackEngine) -> dict[str, torch.Tensor | None]:
+        model.zero_grad(set_to_none=True)
+        engine.attach(model)
+        model(input_ids=ids, labels=ids).loss.backward()
+        engine.end_backward()
+        engine.detach()
+        return {
+            "words": embeddings.word_embeddings.weight.grad,
+            "positions": embeddings.position_embeddings.weight.grad,
+        }
+
+    engine = FeedbackEngine()
+    auto = grads(engine)
+    assert "cut_token_embedding: on: not applied: the token embedding (bert.embeddings.word_embeddings) is tied" in (
+        "\n".join(engine.recipe_notes())
+    )
+    plain = grads(FeedbackEngine(cut_token_embedding=False))
+    assert auto["positions"] is not None and torch.equal(auto["positions"], plain["positions"])
+    torch.testing.assert_close(auto["words"], plain["words"])
+    untied = hf.BertForMaskedLM(hf.BertConfig(**{**cfg.to_dict(), "tie_word_embeddings": False}))
+    engine = FeedbackEngine()
+    engine.attach(untied)
+    assert [n for n, _, _ in engine._token_embeddings][:2] == [
+        "bert.embeddings.word_embeddings",
+        "bert.embeddings.position_embeddings",
+    ]
+
+
 def test_the_cut_reaches_the_modules_that_share_the_token_table() -> None:
     """BART embeds with the encoder's and the decoder's own modules around the model's ``shared`` weight (never
     called itself): both are cut, and the learned positions beside each keep their initial values."""

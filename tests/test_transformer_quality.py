@@ -17,8 +17,10 @@ Tasks (synthetic, drawn from seeded generators, no downloads):
   symbol before it allows 3 of those. Over a sequence, the best predictor's mean loss is 1.15 nats, the best from
   one symbol of context 1.94 and the best from none 3.38 (:func:`context_losses`): going below 1.94 needs
   attention to two symbols;
-* masked LM (BERT; sequences of 8 symbols, batch 128): the same chain, 15% of the symbols (at least one per
-  sequence) replaced by a mask symbol, loss on the masked ones, which are predictable from their neighbours;
+* the same with Gemma (Hugging Face's defaults: the head tied to the token embedding);
+* masked LM (BERT untied, RoBERTa tied; sequences of 8 symbols, batch 128): the same chain, 15% of the symbols
+  (at least one per sequence) replaced by a mask symbol, loss on the masked ones, which are predictable from their
+  neighbours;
 * image classification (ViT; 16x16 images, 4x4 patches, batch 64): two 2x2 marks, each bright or dark, in two
   random patches, under Gaussian noise; the label says whether both marks have the same sign. This is an XOR
   across patches: no linear readout of the patches (nor of their sum) computes it, so the blocks must gather the
@@ -26,8 +28,8 @@ Tasks (synthetic, drawn from seeded generators, no downloads):
 
 Sizes: 2 blocks of width 64, 4 heads, MLP width 128; AdamW (lr 3e-3 for the language models, 1e-3 for the ViT),
 400 steps. The measured shares are noted above :data:`REQUIRED`. ``python tests/test_transformer_quality.py
-gpt2,llama,bert,vit 0,1`` prints every arm (also the paper's plain DFA, ``recipe="paper"``) with its wall and CPU
-time.
+gpt2,llama,bert,gemma,roberta,vit 0,1`` prints every arm (also the paper's plain DFA, ``recipe="paper"``) with its
+wall and CPU time.
 """
 
 from __future__ import annotations
@@ -152,6 +154,23 @@ def bert(seq: int) -> nn.Module:
     return hf.BertForMaskedLM(cfg)
 
 
+def gemma(seq: int) -> nn.Module:  # the Hugging Face defaults: the head tied to the token embedding
+    cfg = hf.GemmaConfig(
+        num_hidden_layers=LAYERS, hidden_size=D, intermediate_size=FFN, num_attention_heads=HEADS,
+        num_key_value_heads=HEADS, head_dim=D // HEADS, vocab_size=VOCAB, max_position_embeddings=seq,
+    )  # fmt: skip
+    return hf.GemmaForCausalLM(cfg)
+
+
+def roberta(seq: int) -> nn.Module:  # tied, as by default; positions start after the padding id
+    cfg = hf.RobertaConfig(
+        num_hidden_layers=LAYERS, hidden_size=D, intermediate_size=FFN, num_attention_heads=HEADS,
+        vocab_size=VOCAB + 2, pad_token_id=VOCAB + 1, max_position_embeddings=VOCAB + seq + 4, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    return hf.RobertaForMaskedLM(cfg)
+
+
 def vit(seq: int = 0) -> nn.Module:
     cfg = hf.ViTConfig(
         image_size=16, patch_size=4, num_channels=1, num_hidden_layers=LAYERS, hidden_size=D, intermediate_size=FFN,
@@ -189,6 +208,8 @@ TASKS: dict[str, Task] = {
     "gpt2": Task(gpt2, lm_loss, "lm", seq=32, batch=32, lr=3e-3),
     "llama": Task(llama, lm_loss, "lm", seq=32, batch=32, lr=3e-3),
     "bert": Task(bert, mlm_loss, "mlm", seq=8, batch=128, lr=3e-3),
+    "gemma": Task(gemma, lm_loss, "lm", seq=32, batch=32, lr=3e-3),
+    "roberta": Task(roberta, mlm_loss, "mlm", seq=8, batch=128, lr=3e-3),
     "vit": Task(vit, cls_loss, "marks", seq=0, batch=64, lr=1e-3),
 }
 
@@ -286,7 +307,11 @@ def test_the_chain_needs_two_symbols_of_context() -> None:
 # With a table whose 3 successors of a pair are drawn from all 32 symbols (no one-symbol structure), backprop
 # reaches only 2.2 (GPT-2) and 1.7 (Llama) nats in 400 steps, and the earlier recipe (norm_jacobian=True and the
 # cut head input) closed 15% / 12% on GPT-2, 75% / 78% on Llama.
-REQUIRED = {"gpt2": 0.75, "llama": 0.80, "bert": 0.75, "vit": 0.60}
+# Two models with Hugging Face's default tied head: Gemma (causal, its own RMSNorm and GeGLU) 96% / 96% (24% / 31%);
+# RoBERTa (masked LM) 72% / 144% (the same: behind its head transform the tied table is not cut, and its post-LN
+# blocks feed no norm, so the default is the paper's rule; backprop is unstable at seed 1). With the tied table cut
+# RoBERTa reached 2.71 / 2.94 nats instead of 2.47 / 2.37.
+REQUIRED = {"gpt2": 0.75, "llama": 0.80, "bert": 0.75, "gemma": 0.80, "roberta": 0.60, "vit": 0.60}
 
 
 @pytest.mark.parametrize("name", list(TASKS))
