@@ -1,0 +1,444 @@
+"""Tiny Hugging Face Transformers trained by backprop, DFA and the shallow baseline: the share of the shallow ->
+backprop gap DFA closes at equal steps.
+
+Every model is trained three times from the same seeded initialisation, on the same batches in the same order, with
+the same optimizer (AdamW) and number of steps, by a plain PyTorch loop with a :class:`FeedbackEngine` attached:
+
+* ``bp``: plain backprop (the control);
+* ``dfa``: the DFA recipe under test (:data:`DFA_OPTIONS`);
+* ``shallow``: the blocks and everything before them get no gradient (only what follows the last block learns).
+
+The measure is ``closed = (loss_shallow - loss_dfa) / (loss_shallow - loss_bp)`` on held-out data: 0 means the
+feedback taught the blocks nothing, 1 means DFA matched backprop.
+
+Tasks (synthetic, drawn from seeded generators, no downloads):
+
+* causal LM (GPT-2, Llama; sequences of 32 symbols, batch 32): next-symbol prediction on an order-2 Markov chain
+  over 32 symbols with a fixed random sparse transition table: each symbol has 8 possible successors and the
+  symbol before it allows 3 of those. Over a sequence, the best predictor's mean loss is 1.15 nats, the best from
+  one symbol of context 1.94 and the best from none 3.38 (:func:`context_losses`): going below 1.94 needs
+  attention to two symbols;
+* the same with Gemma (Hugging Face's defaults: the head tied to the token embedding);
+* masked LM (BERT untied, RoBERTa tied; sequences of 8 symbols, batch 128): the same chain, 15% of the symbols
+  (at least one per sequence) replaced by a mask symbol, loss on the masked ones, which are predictable from their
+  neighbours;
+* image classification (ViT; 16x16 images, 4x4 patches, batch 64): two 2x2 marks, each bright or dark, in two
+  random patches, under Gaussian noise; the label says whether both marks have the same sign. This is an XOR
+  across patches: no linear readout of the patches (nor of their sum) computes it, so the blocks must gather the
+  two patches and combine them nonlinearly (the shallow arm stays at chance, log 2 nats).
+
+Sizes: 2 blocks of width 64, 4 heads, MLP width 128; AdamW (lr 3e-3 for the language models, 1e-3 for the ViT),
+400 steps.
+
+The test suite (``tests/test_transformer_quality.py``) requires a share on GPT-2, Llama, BERT, Gemma, RoBERTa and
+ViT. :data:`MORE` holds further architectures, each built from a small config with its library defaults (tied heads
+included), run by the command line::
+
+    python -m benchmarks.tiny_transformers --models all --seeds 0,1   # every arm, JSON in benchmarks/results
+    python -m benchmarks.tiny_transformers --render                  # the table of docs/architectures.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers as hf
+from torch import nn
+
+from lightning_dfa import FeedbackEngine
+
+warnings.filterwarnings("ignore", module="transformers")
+
+# The DFA recipe under test, passed to the dfa arm's FeedbackEngine; ``{}`` tests the library's default.
+DFA_OPTIONS: dict = {}
+
+VOCAB, SUCCESSORS, FANOUT = 32, 8, 3
+STEPS, TEST = 400, 1024
+D, LAYERS, HEADS, FFN = 64, 2, 4, 128
+
+
+# ---------------------------------------------------------------------------------------------- data
+def markov_table(seed: int = 0) -> torch.Tensor:
+    """``[VOCAB, VOCAB, VOCAB]`` next-symbol probabilities ``P(c | a, b)`` of an order-2 chain.
+
+    Each previous symbol ``b`` has ``SUCCESSORS`` possible successors, and the symbol before it, ``a``, allows
+    ``FANOUT`` of them: one symbol of context narrows the next symbol down to ``SUCCESSORS``, two symbols to
+    ``FANOUT`` (random weights in ``[0.5, 1.5)``, normalised).
+    """
+    g = torch.Generator().manual_seed(1000 + seed)
+    successors = torch.rand(VOCAB, VOCAB, generator=g).argsort(-1)[:, :SUCCESSORS]  # [b, SUCCESSORS]
+    pick = torch.rand(VOCAB, VOCAB, SUCCESSORS, generator=g).argsort(-1)[..., :FANOUT]  # [a, b, FANOUT]
+    nxt = successors.expand(VOCAB, VOCAB, SUCCESSORS).gather(-1, pick)
+    weights = torch.rand(VOCAB, VOCAB, FANOUT, generator=g) + 0.5
+    return torch.zeros(VOCAB, VOCAB, VOCAB).scatter_(-1, nxt, weights / weights.sum(-1, keepdim=True))
+
+
+def markov_sequences(table: torch.Tensor, n: int, seq: int, g: torch.Generator) -> torch.Tensor:
+    """``n`` sequences of ``seq`` symbols drawn from the chain (two uniform start symbols)."""
+    ids = torch.empty(n, seq, dtype=torch.long)
+    ids[:, :2] = torch.randint(0, VOCAB, (n, 2), generator=g)
+    for t in range(2, seq):
+        ids[:, t] = torch.multinomial(table[ids[:, t - 2], ids[:, t - 1]], 1, generator=g).squeeze(1)
+    return ids
+
+
+def context_losses(seq: int, table: torch.Tensor | None = None) -> dict[str, float]:
+    """Exact expected next-symbol losses (nats, mean over the ``seq - 1`` predictions of a sequence) of the best
+    predictors that see no symbol (``unigram``), the last symbol (``one``) or the last two (``two``: optimal)."""
+    table = markov_table() if table is None else table
+    pair = torch.full((VOCAB, VOCAB), 1.0 / VOCAB**2, dtype=torch.float64)  # P(x[t-1], x[t])
+    t64 = table.double()
+
+    def entropy(p: torch.Tensor) -> torch.Tensor:
+        return -(p * p.clamp_min(1e-300).log()).sum(-1)
+
+    totals = {"unigram": math.log(VOCAB), "one": math.log(VOCAB), "two": math.log(VOCAB)}  # x[1] is uniform
+    for _ in range(2, seq):
+        joint = pair.unsqueeze(-1) * t64  # P(x[t-1], x[t], x[t+1])
+        last = joint.sum(0)  # P(x[t], x[t+1])
+        marg = last.sum(0)
+        totals["unigram"] += float(entropy(marg))
+        totals["one"] += float((last.sum(-1) * entropy(last / last.sum(-1, keepdim=True).clamp_min(1e-300))).sum())
+        totals["two"] += float((pair * entropy(t64)).sum())
+        pair = last
+    return {k: v / (seq - 1) for k, v in totals.items()}
+
+
+def masked(ids: torch.Tensor, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """Replace 15% of the symbols (at least one per sequence) by the mask symbol ``VOCAB``; labels only there."""
+    mask = torch.rand(ids.shape, generator=g) < 0.15
+    mask[torch.arange(len(ids)), torch.randint(0, ids.shape[1], (len(ids),), generator=g)] = True
+    return {"input_ids": ids.masked_fill(mask, VOCAB), "labels": ids.masked_fill(~mask, -100)}
+
+
+def marks(n: int, g: torch.Generator, noise: float = 0.5) -> dict[str, torch.Tensor]:
+    """16x16 images with two 2x2 marks, each bright (+2) or dark (-2), centred in two distinct 4x4 cells, plus
+    Gaussian noise. Label 1 if both marks have the same sign, else 0."""
+    cells = torch.rand(n, 16, generator=g).argsort(-1)[:, :2]
+    sign = torch.randint(0, 2, (n, 2), generator=g)
+    images = noise * torch.randn(n, 1, 16, 16, generator=g)
+    idx = torch.arange(n)
+    for m in range(2):
+        top, left, value = 4 * (cells[:, m] // 4) + 1, 4 * (cells[:, m] % 4) + 1, 4.0 * sign[:, m] - 2.0
+        for dy in range(2):
+            for dx in range(2):
+                images[idx, 0, top + dy, left + dx] += value
+    return {"pixel_values": images, "labels": (sign[:, 0] == sign[:, 1]).long()}
+
+
+# ---------------------------------------------------------------------------------------------- models
+def gpt2(seq: int) -> nn.Module:
+    cfg = hf.GPT2Config(
+        n_layer=LAYERS, n_embd=D, n_head=HEADS, n_inner=FFN, n_positions=seq, vocab_size=VOCAB, bos_token_id=0,
+        eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=False,
+    )  # fmt: skip
+    return hf.GPT2LMHeadModel(cfg)
+
+
+def llama(seq: int) -> nn.Module:
+    cfg = hf.LlamaConfig(
+        num_hidden_layers=LAYERS, hidden_size=D, intermediate_size=FFN, num_attention_heads=HEADS,
+        num_key_value_heads=HEADS, vocab_size=VOCAB, max_position_embeddings=seq, tie_word_embeddings=False,
+    )  # fmt: skip
+    return hf.LlamaForCausalLM(cfg)
+
+
+def bert(seq: int) -> nn.Module:
+    # symbol VOCAB is the mask; VOCAB + 1, never used, is the padding id (no real symbol gets a frozen embedding)
+    cfg = hf.BertConfig(
+        num_hidden_layers=LAYERS, hidden_size=D, intermediate_size=FFN, num_attention_heads=HEADS,
+        vocab_size=VOCAB + 2, pad_token_id=VOCAB + 1, max_position_embeddings=seq, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, tie_word_embeddings=False,
+    )  # fmt: skip
+    return hf.BertForMaskedLM(cfg)
+
+
+def gemma(seq: int) -> nn.Module:  # the Hugging Face defaults: the head tied to the token embedding
+    cfg = hf.GemmaConfig(
+        num_hidden_layers=LAYERS, hidden_size=D, intermediate_size=FFN, num_attention_heads=HEADS,
+        num_key_value_heads=HEADS, head_dim=D // HEADS, vocab_size=VOCAB, max_position_embeddings=seq,
+    )  # fmt: skip
+    return hf.GemmaForCausalLM(cfg)
+
+
+def roberta(seq: int) -> nn.Module:  # tied, as by default; positions start after the padding id
+    cfg = hf.RobertaConfig(
+        num_hidden_layers=LAYERS, hidden_size=D, intermediate_size=FFN, num_attention_heads=HEADS,
+        vocab_size=VOCAB + 2, pad_token_id=VOCAB + 1, max_position_embeddings=VOCAB + seq + 4, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    return hf.RobertaForMaskedLM(cfg)
+
+
+def vit(seq: int = 0) -> nn.Module:
+    cfg = hf.ViTConfig(
+        image_size=16, patch_size=4, num_channels=1, num_hidden_layers=LAYERS, hidden_size=D, intermediate_size=FFN,
+        num_attention_heads=HEADS, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    return hf.ViTForImageClassification(cfg)
+
+
+def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    ids = batch["input_ids"]
+    logits = model(input_ids=ids).logits
+    return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+
+
+def mlm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    logits = model(input_ids=batch["input_ids"]).logits
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1))
+
+
+def cls_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return nn.functional.cross_entropy(model(pixel_values=batch["pixel_values"]).logits, batch["labels"])
+
+
+@dataclass
+class Task:
+    build: Callable[[int], nn.Module]
+    loss: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+    data: str  # "lm", "mlm" or "marks"
+    seq: int  # symbols per sequence (unused for images)
+    batch: int
+    lr: float
+
+
+TASKS: dict[str, Task] = {
+    "gpt2": Task(gpt2, lm_loss, "lm", seq=32, batch=32, lr=3e-3),
+    "llama": Task(llama, lm_loss, "lm", seq=32, batch=32, lr=3e-3),
+    "bert": Task(bert, mlm_loss, "mlm", seq=8, batch=128, lr=3e-3),
+    "gemma": Task(gemma, lm_loss, "lm", seq=32, batch=32, lr=3e-3),
+    "roberta": Task(roberta, mlm_loss, "mlm", seq=8, batch=128, lr=3e-3),
+    "vit": Task(vit, cls_loss, "marks", seq=0, batch=64, lr=1e-3),
+}
+
+
+def batches(task: Task, seed: int, n: int, count: int) -> list[dict[str, torch.Tensor]]:
+    """``count`` batches of ``n`` examples drawn from a generator seeded with ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    if task.data == "marks":
+        return [marks(n, g) for _ in range(count)]
+    table = markov_table()
+    out = []
+    for _ in range(count):
+        ids = markov_sequences(table, n, task.seq, g)
+        out.append(masked(ids, g) if task.data == "mlm" else {"input_ids": ids})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- training
+def train(name: str, mode: str, options: dict[str, Any] | None = None, seed: int = 0, steps: int = STEPS) -> float:
+    """Train ``TASKS[name]`` for ``steps`` AdamW steps in ``mode`` and return the held-out loss (nats)."""
+    task = ALL[name]
+    torch.manual_seed(seed)
+    model = task.build(task.seq)
+    engine = FeedbackEngine(mode=mode, **(options or {}))
+    engine.attach(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=task.lr)
+    model.train()
+    for batch in batches(task, 2 * seed + 100, task.batch, steps):
+        optimizer.zero_grad(set_to_none=True)
+        task.loss(model, batch).backward()
+        engine.end_backward()
+        optimizer.step()
+    engine.detach()
+    model.eval()
+    with torch.no_grad():
+        test = batches(task, 2 * seed + 101, TEST, 1)[0]
+        return task.loss(model, test).item()
+
+
+def closed_share(bp: float, dfa: float, shallow: float) -> float:
+    """The share of the shallow -> backprop gap that DFA closes."""
+    return (shallow - dfa) / (shallow - bp)
+
+
+def arms(name: str, seed: int = 0, **kw: Any) -> dict[str, float]:
+    """Held-out loss of the ``bp``, ``dfa`` (:data:`DFA_OPTIONS`) and ``shallow`` arms."""
+    return {
+        "bp": train(name, "bp", seed=seed, **kw),
+        "dfa": train(name, "dfa", DFA_OPTIONS, seed=seed, **kw),
+        "shallow": train(name, "shallow", seed=seed, **kw),
+    }
+
+
+def _common(seq: int) -> dict[str, Any]:
+    return dict(num_hidden_layers=LAYERS, hidden_size=D, intermediate_size=FFN, num_attention_heads=HEADS,
+                vocab_size=VOCAB, max_position_embeddings=max(seq, 8))  # fmt: skip
+
+
+_NO_DROP = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+_MLM_VOCAB = dict(vocab_size=VOCAB + 2, pad_token_id=VOCAB + 1)  # the mask symbol, and an unused padding id
+
+#: Further architectures (library defaults, tied heads included; no dropout), beside :data:`TASKS`.
+MORE: dict[str, Task] = {
+    name: Task(build, {"lm": lm_loss, "mlm": mlm_loss, "marks": cls_loss}[data], data, *shape)
+    for name, build, data, shape in (
+        ("gpt_neox", lambda s: hf.GPTNeoXForCausalLM(hf.GPTNeoXConfig(**_common(s), hidden_dropout=0.0,
+                                                                       attention_dropout=0.0)), "lm", (32, 32, 3e-3)),
+        ("qwen2", lambda s: hf.Qwen2ForCausalLM(hf.Qwen2Config(**_common(s), num_key_value_heads=HEADS)), "lm",
+         (32, 32, 3e-3)),
+        ("olmo2", lambda s: hf.Olmo2ForCausalLM(hf.Olmo2Config(**_common(s), num_key_value_heads=HEADS,
+                                                               pad_token_id=0)), "lm", (32, 32, 3e-3)),
+        ("phi", lambda s: hf.PhiForCausalLM(hf.PhiConfig(**_common(s), resid_pdrop=0.0, embd_pdrop=0.0)), "lm",
+         (32, 32, 3e-3)),
+        ("bloom", lambda s: hf.BloomForCausalLM(hf.BloomConfig(vocab_size=VOCAB, hidden_size=D, n_layer=LAYERS,
+                                                               n_head=HEADS, hidden_dropout=0.0,
+                                                               attention_dropout=0.0)), "lm", (32, 32, 3e-3)),
+        ("opt", lambda s: hf.OPTForCausalLM(hf.OPTConfig(vocab_size=VOCAB, hidden_size=D, ffn_dim=FFN,
+                                                         num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                                                         word_embed_proj_dim=D, max_position_embeddings=s,
+                                                         dropout=0.0, attention_dropout=0.0)), "lm", (32, 32, 3e-3)),
+        ("falcon", lambda s: hf.FalconForCausalLM(hf.FalconConfig(vocab_size=VOCAB, hidden_size=D,
+                                                                  num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                                                                  hidden_dropout=0.0, attention_dropout=0.0)), "lm",
+         (32, 32, 3e-3)),
+        ("xglm", lambda s: hf.XGLMForCausalLM(hf.XGLMConfig(vocab_size=VOCAB, d_model=D, ffn_dim=FFN,
+                                                            num_layers=LAYERS, attention_heads=HEADS,
+                                                            max_position_embeddings=s, dropout=0.0,
+                                                            attention_dropout=0.0, activation_dropout=0.0)), "lm",
+         (32, 32, 3e-3)),
+        ("mpt", lambda s: hf.MptForCausalLM(hf.MptConfig(vocab_size=VOCAB, d_model=D, n_layers=LAYERS, n_heads=HEADS,
+                                                         max_seq_len=s, expansion_ratio=FFN // D)), "lm",
+         (32, 32, 3e-3)),
+        ("distilbert", lambda s: hf.DistilBertForMaskedLM(hf.DistilBertConfig(**_MLM_VOCAB, dim=D, hidden_dim=FFN,
+                                                                              n_layers=LAYERS, n_heads=HEADS,
+                                                                              max_position_embeddings=s, dropout=0.0,
+                                                                              attention_dropout=0.0)), "mlm",
+         (8, 128, 3e-3)),
+        ("electra", lambda s: hf.ElectraForMaskedLM(hf.ElectraConfig(**{**_common(s), **_MLM_VOCAB}, embedding_size=D,
+                                                                     **_NO_DROP)), "mlm", (8, 128, 3e-3)),
+        ("deberta_v2", lambda s: hf.DebertaV2ForMaskedLM(hf.DebertaV2Config(**{**_common(s), **_MLM_VOCAB},
+                                                                            **_NO_DROP)), "mlm", (8, 128, 3e-3)),
+        ("deit", lambda s: hf.DeiTForImageClassification(hf.DeiTConfig(image_size=16, patch_size=4, num_channels=1,
+                                                                       num_hidden_layers=LAYERS, hidden_size=D,
+                                                                       intermediate_size=FFN,
+                                                                       num_attention_heads=HEADS, num_labels=2,
+                                                                       **_NO_DROP)), "marks", (0, 64, 1e-3)),
+    )
+}  # fmt: skip
+ALL: dict[str, Task] = {**TASKS, **MORE}
+RESULTS = Path(__file__).resolve().parent / "results" / "tiny_transformers.json"
+DOC = Path(__file__).resolve().parents[1] / "docs" / "architectures.md"
+
+
+def measure(names: list[str], seeds: list[int], **kw: Any) -> list[dict[str, Any]]:
+    """Train every arm (``bp``, ``dfa``, ``shallow`` and the paper's plain DFA) per model and seed; print and return
+    one record per run, with the test losses, the shares of the gap and the wall and CPU times."""
+    records = []
+    for name in names:
+        task = ALL[name]
+        model = task.build(task.seq)
+        for seed in seeds:
+            loss, wall, cpu = {}, {}, {}
+            for arm, mode, opts in (
+                ("bp", "bp", {}),
+                ("dfa", "dfa", DFA_OPTIONS),
+                ("shallow", "shallow", {}),
+                ("paper", "dfa", {"recipe": "paper"}),
+            ):
+                t0, c0 = time.perf_counter(), time.process_time()
+                loss[arm] = train(name, mode, opts, seed=seed, **kw)
+                wall[arm], cpu[arm] = time.perf_counter() - t0, time.process_time() - c0
+            share = closed_share(loss["bp"], loss["dfa"], loss["shallow"])
+            plain = closed_share(loss["bp"], loss["paper"], loss["shallow"])
+            print(
+                f"{name:10s} seed {seed}: " + " ".join(f"{k} {v:.3f}" for k, v in loss.items())
+                + f" | closed {share:.0%} plain {plain:.0%}"
+                + " | wall s " + " ".join(f"{k} {v:.1f}" for k, v in wall.items())
+                + " | cpu s " + " ".join(f"{k} {v:.1f}" for k, v in cpu.items()),
+                flush=True,
+            )  # fmt: skip
+            records.append({
+                "model": name, "class": type(model).__name__, "task": task.data, "seed": seed,
+                "tied_head": bool(getattr(model.config, "tie_word_embeddings", False)) and task.data != "marks",
+                "test_loss": loss, "closed": share, "closed_paper": plain, "wall_s": wall, "cpu_s": cpu,
+            })  # fmt: skip
+    return records
+
+
+_TASK_TEXT = {"lm": "causal LM", "mlm": "masked LM", "marks": "image XOR"}
+
+
+def render(records: list[dict[str, Any]], machine: dict[str, Any]) -> str:
+    """The markdown table of ``docs/architectures.md`` from the stored records."""
+    by_model: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        by_model.setdefault(r["model"], []).append(r)
+    lines = [
+        "| model (Hugging Face class) | task | head tied | seeds | backprop | default flag | shallow "
+        "| gap closed by the default flag | by the paper's plain DFA |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, rs in by_model.items():
+
+        def mean(f: Callable[[dict[str, Any]], float], rs: list[dict[str, Any]] = rs) -> float:
+            return sum(f(r) for r in rs) / len(rs)
+
+        share = " / ".join(f"{r['closed']:.0%}" for r in rs)
+        plain = " / ".join(f"{r['closed_paper']:.0%}" for r in rs)
+        lines.append(
+            f"| {name} (`{rs[0]['class']}`) | {_TASK_TEXT[rs[0]['task']]} | {'yes' if rs[0]['tied_head'] else 'no'} | "
+            f"{', '.join(str(r['seed']) for r in rs)} | {mean(lambda r: r['test_loss']['bp']):.3f} | "
+            f"{mean(lambda r: r['test_loss']['dfa']):.3f} | {mean(lambda r: r['test_loss']['shallow']):.3f} | "
+            f"**{share}** | {plain} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_doc(path: Path = DOC, results: Path = RESULTS) -> None:
+    """Replace the table between the markers of ``path`` with the one rendered from ``results``."""
+    data = json.loads(results.read_text())
+    text = path.read_text()
+    start, end = "<!-- table: start -->\n", "<!-- table: end -->"
+    head, rest = text.split(start)
+    _, tail = rest.split(end)
+    path.write_text(head + start + render(data["records"], data["machine"]) + end + tail)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.tiny_transformers",
+        description="Backprop, the default DFA flag, the shallow baseline and the paper's plain DFA on tiny Hugging "
+        "Face Transformers (held-out loss after equal steps; the share of the shallow -> backprop gap closed).",
+        epilog="examples:\n  python -m benchmarks.tiny_transformers --models gpt2,llama --seeds 0\n"
+        "  python -m benchmarks.tiny_transformers --models all --seeds 0,1\n"
+        "  python -m benchmarks.tiny_transformers --render",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--models", default="all", help=f"comma-separated, or 'all': {', '.join(ALL)}")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
+    parser.add_argument("--steps", type=int, default=STEPS, help=f"optimizer steps per arm (default: {STEPS})")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="JSON file of the records (default: %(default)s)")
+    parser.add_argument("--render", action="store_true", help="only rewrite the table of docs/architectures.md")
+    args = parser.parse_args(argv)
+    if args.render:
+        write_doc(results=args.out)
+        print(f"updated the table of {DOC}")
+        return
+    torch.set_num_threads(args.threads)
+    names = list(ALL) if args.models == "all" else args.models.split(",")
+    unknown = [n for n in names if n not in ALL]
+    if unknown:
+        parser.error(f"unknown models {unknown}; choose from {list(ALL)}")
+    from benchmarks.speed.machine import machine as describe
+
+    machine = {**describe(torch.device("cpu")), "transformers": hf.__version__, "steps": args.steps}
+    records = measure(names, [int(s) for s in args.seeds.split(",")], steps=args.steps)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"machine": machine, "records": records}, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""The default flag on many Hugging Face architectures, each built from a tiny config with its library defaults (tied
+heads, learned or sinusoidal positions, pre- or post-norm blocks, mixtures of experts, encoder-decoders, vision).
+
+For each: the engine finds blocks and an output, one backward delivers feedback, every trainable parameter gets a
+finite gradient, most parameters inside the blocks get a gradient other than backprop's (no silent backprop), and
+the token-embedding rule is what the summary says. What they learn is measured by
+:mod:`benchmarks.tiny_transformers` (``docs/architectures.md``)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import transformers as hf
+from torch import nn
+
+from lightning_dfa import FeedbackEngine
+
+warnings.filterwarnings("ignore", module="transformers")
+V = 97
+L = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+         max_position_embeddings=64)  # fmt: skip
+
+
+def c(config: type, **kw: Any) -> Any:
+    return config(**{**L, **kw})
+
+
+MODELS: dict[str, Callable[[], nn.Module]] = {
+    "qwen3": lambda: hf.Qwen3ForCausalLM(c(hf.Qwen3Config, num_key_value_heads=1, head_dim=16)),
+    "gemma2": lambda: hf.Gemma2ForCausalLM(c(hf.Gemma2Config, num_key_value_heads=1, head_dim=16)),
+    "gemma3": lambda: hf.Gemma3ForCausalLM(c(hf.Gemma3TextConfig, num_key_value_heads=1, head_dim=16)),
+    "mixtral": lambda: hf.MixtralForCausalLM(
+        c(hf.MixtralConfig, num_key_value_heads=1, num_local_experts=2, num_experts_per_tok=1)
+    ),
+    "phi3": lambda: hf.Phi3ForCausalLM(c(hf.Phi3Config, num_key_value_heads=1, pad_token_id=0)),
+    "stablelm": lambda: hf.StableLmForCausalLM(c(hf.StableLmConfig, num_key_value_heads=1)),
+    "olmo2": lambda: hf.Olmo2ForCausalLM(c(hf.Olmo2Config, num_key_value_heads=1, pad_token_id=0)),
+    "cohere": lambda: hf.CohereForCausalLM(c(hf.CohereConfig, num_key_value_heads=1, pad_token_id=0)),
+    "gpt_neox": lambda: hf.GPTNeoXForCausalLM(c(hf.GPTNeoXConfig)),
+    "gptj": lambda: hf.GPTJForCausalLM(hf.GPTJConfig(vocab_size=V, n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                                                     rotary_dim=8)),
+    "gpt_neo": lambda: hf.GPTNeoForCausalLM(hf.GPTNeoConfig(vocab_size=V, hidden_size=32, num_layers=2, num_heads=2,
+                                                            attention_types=[[["global", "local"], 1]],
+                                                            max_position_embeddings=64)),
+    "gpt_bigcode": lambda: hf.GPTBigCodeForCausalLM(hf.GPTBigCodeConfig(vocab_size=V, n_embd=32, n_layer=2, n_head=2,
+                                                                        n_positions=64)),
+    "bloom": lambda: hf.BloomForCausalLM(hf.BloomConfig(vocab_size=V, hidden_size=32, n_layer=2, n_head=2)),
+    "falcon": lambda: hf.FalconForCausalLM(hf.FalconConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2,
+                                                           num_attention_heads=2)),
+    "mpt": lambda: hf.MptForCausalLM(hf.MptConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=2, max_seq_len=64)),
+    "biogpt": lambda: hf.BioGptForCausalLM(c(hf.BioGptConfig)),
+    "roberta": lambda: hf.RobertaForMaskedLM(c(hf.RobertaConfig, pad_token_id=1)),
+    "electra": lambda: hf.ElectraForMaskedLM(c(hf.ElectraConfig, embedding_size=16)),
+    "deberta_v2": lambda: hf.DebertaV2ForMaskedLM(c(hf.DebertaV2Config)),
+    "modernbert": lambda: hf.ModernBertForMaskedLM(hf.ModernBertConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)),
+    "llama_cls": lambda: hf.LlamaForSequenceClassification(
+        c(hf.LlamaConfig, num_key_value_heads=1, num_labels=3, pad_token_id=0)
+    ),
+    "bart": lambda: hf.BartForConditionalGeneration(hf.BartConfig(
+        vocab_size=V, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64)),
+    "pegasus": lambda: hf.PegasusForConditionalGeneration(hf.PegasusConfig(
+        vocab_size=V, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64)),
+    "whisper": lambda: hf.WhisperForConditionalGeneration(hf.WhisperConfig(
+        vocab_size=V, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=8, max_source_positions=16,
+        max_target_positions=32, decoder_start_token_id=1, pad_token_id=0)),
+    "swin": lambda: hf.SwinForImageClassification(hf.SwinConfig(
+        image_size=16, patch_size=2, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=2, num_labels=3)),
+    "convnext": lambda: hf.ConvNextForImageClassification(hf.ConvNextConfig(
+        image_size=16, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3, layer_scale_init_value=1.0)),
+}  # fmt: skip
+
+
+def _inputs(name: str) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, V, (2, 9), generator=g)
+    if name in ("swin", "convnext"):
+        return {"pixel_values": torch.randn(2, 3, 16, 16, generator=g), "labels": torch.tensor([0, 2])}
+    if name == "whisper":
+        return {"input_features": torch.randn(2, 8, 32, generator=g), "labels": ids}
+    if name.endswith("_cls"):
+        return {"input_ids": ids, "labels": torch.tensor([0, 2])}
+    return {"input_ids": ids, "labels": ids}
+
+
+def _gradients(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    model(**batch).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_the_default_flag_feeds_every_architecture(name: str) -> None:
+    torch.manual_seed(0)
+    model = MODELS[name]()
+    batch = _inputs(name)
+    bp = _gradients(model, batch)
+    engine = FeedbackEngine()
+    target = engine.attach(model)
+    dfa = _gradients(model, batch)
+    report = engine.end_backward()
+    notes = "\n".join(engine.recipe_notes())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    engine.detach()
+    assert report.deliveries == 1 and report.points_recorded >= 2 and target.blocks
+    assert trainable <= set(dfa), sorted(trainable - set(dfa))  # every trainable parameter learns...
+    assert all(g.isfinite().all() for g in dfa.values())
+    blocks = {n for n in trainable if any(n.startswith(b.name + ".") for b in target.blocks)}
+    differ = {n for n in blocks if not torch.allclose(dfa[n], bp[n], rtol=1e-3, atol=1e-8)}
+    assert len(differ) > len(blocks) / 2, sorted(blocks - differ)  # ...and the blocks by feedback, not by backprop
+    for table, _, tied in engine._token_embeddings:  # named in the summary; untied, kept at its initial values
+        assert table in notes
+        if not tied:
+            assert not [n for n in dfa if n.startswith(table + ".")], table
