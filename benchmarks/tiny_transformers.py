@@ -283,6 +283,10 @@ _MLM_VOCAB = dict(vocab_size=VOCAB + 2, pad_token_id=VOCAB + 1)  # the mask symb
 MORE: dict[str, Task] = {
     name: Task(build, {"lm": lm_loss, "mlm": mlm_loss, "marks": cls_loss}[data], data, *shape)
     for name, build, data, shape in (
+        ("gpt2_tied", lambda s: hf.GPT2LMHeadModel(hf.GPT2Config(n_layer=LAYERS, n_embd=D, n_head=HEADS, n_inner=FFN,
+                                                                 n_positions=s, vocab_size=VOCAB, bos_token_id=0,
+                                                                 eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
+                                                                 attn_pdrop=0.0)), "lm", (32, 32, 3e-3)),
         ("gpt_neox", lambda s: hf.GPTNeoXForCausalLM(hf.GPTNeoXConfig(**_common(s), hidden_dropout=0.0,
                                                                        attention_dropout=0.0)), "lm", (32, 32, 3e-3)),
         ("qwen2", lambda s: hf.Qwen2ForCausalLM(hf.Qwen2Config(**_common(s), num_key_value_heads=HEADS)), "lm",
