@@ -22,6 +22,8 @@ Tasks (synthetic, drawn from seeded generators, no downloads):
 * masked LM (BERT untied, RoBERTa tied; sequences of 8 symbols, batch 128): the same chain, 15% of the symbols
   (at least one per sequence) replaced by a mask symbol, loss on the masked ones, which are predictable from their
   neighbours;
+* reversal (BART, T5; sequences of 16 symbols of the chain, batch 32, lr 1e-3): an encoder-decoder writes its input
+  backwards, so the decoder must read the encoder through cross-attention;
 * image classification (ViT; 16x16 images, 4x4 patches, batch 64): two 2x2 marks, each bright or dark, in two
   random patches, under Gaussian noise; the label says whether both marks have the same sign. This is an XOR
   across patches: no linear readout of the patches (nor of their sum) computes it, so the blocks must gather the
@@ -198,6 +200,12 @@ def mlm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1))
 
 
+def reverse_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """An encoder-decoder writes its input backwards (sequences of the chain): the decoder must read the encoder."""
+    ids = batch["input_ids"]
+    return model(input_ids=ids, labels=ids.flip(1)).loss
+
+
 def cls_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return nn.functional.cross_entropy(model(pixel_values=batch["pixel_values"]).logits, batch["labels"])
 
@@ -281,7 +289,7 @@ _MLM_VOCAB = dict(vocab_size=VOCAB + 2, pad_token_id=VOCAB + 1)  # the mask symb
 
 #: Further architectures (library defaults, tied heads included; no dropout), beside :data:`TASKS`.
 MORE: dict[str, Task] = {
-    name: Task(build, {"lm": lm_loss, "mlm": mlm_loss, "marks": cls_loss}[data], data, *shape)
+    name: Task(build, {"lm": lm_loss, "mlm": mlm_loss, "reverse": reverse_loss, "marks": cls_loss}[data], data, *shape)
     for name, build, data, shape in (
         ("gpt2_tied", lambda s: hf.GPT2LMHeadModel(hf.GPT2Config(n_layer=LAYERS, n_embd=D, n_head=HEADS, n_inner=FFN,
                                                                  n_positions=s, vocab_size=VOCAB, bos_token_id=0,
@@ -323,6 +331,15 @@ MORE: dict[str, Task] = {
                                                                      **_NO_DROP)), "mlm", (8, 128, 3e-3)),
         ("deberta_v2", lambda s: hf.DebertaV2ForMaskedLM(hf.DebertaV2Config(**{**_common(s), **_MLM_VOCAB},
                                                                             **_NO_DROP)), "mlm", (8, 128, 3e-3)),
+        ("bart", lambda s: hf.BartForConditionalGeneration(hf.BartConfig(
+            vocab_size=VOCAB + 3, d_model=D, encoder_layers=LAYERS, decoder_layers=LAYERS,
+            encoder_attention_heads=HEADS, decoder_attention_heads=HEADS, encoder_ffn_dim=FFN, decoder_ffn_dim=FFN,
+            max_position_embeddings=2 * s, dropout=0.0, pad_token_id=VOCAB, bos_token_id=VOCAB + 1,
+            eos_token_id=VOCAB + 2, decoder_start_token_id=VOCAB + 1, forced_eos_token_id=None)), "reverse",
+         (16, 32, 1e-3)),
+        ("t5", lambda s: hf.T5ForConditionalGeneration(hf.T5Config(
+            vocab_size=VOCAB, d_model=D, d_ff=FFN, d_kv=D // HEADS, num_layers=LAYERS, num_heads=HEADS,
+            decoder_start_token_id=0, pad_token_id=0, dropout_rate=0.0)), "reverse", (16, 32, 1e-3)),
         ("deit", lambda s: hf.DeiTForImageClassification(hf.DeiTConfig(image_size=16, patch_size=4, num_channels=1,
                                                                        num_hidden_layers=LAYERS, hidden_size=D,
                                                                        intermediate_size=FFN,
@@ -370,7 +387,7 @@ def measure(names: list[str], seeds: list[int], **kw: Any) -> list[dict[str, Any
     return records
 
 
-_TASK_TEXT = {"lm": "causal LM", "mlm": "masked LM", "marks": "image XOR"}
+_TASK_TEXT = {"lm": "causal LM", "mlm": "masked LM", "reverse": "reversal", "marks": "image XOR"}
 
 
 def render(records: list[dict[str, Any]], machine: dict[str, Any]) -> str:

@@ -260,6 +260,7 @@ class FeedbackEngine(ForwardHooks):
             raise
 
     def _delivered(self, delivery: _Delivery) -> None:
+        self._consumers_complete = True
         base = delivery.source.split("#")[0]
         if base in self._modules:
             self._sources.setdefault(base, self._modules[base])

@@ -281,7 +281,9 @@ class ForwardHooks:
         delivery.forward = g.state
         g.untied = 0
         g.ties.append(delivery)
-        self._consumers_complete = True
+        # the consumers are known once the output is tied; a candidate output tied on the way (an encoder's final
+        # norm, which the decoder reads) does not end the search: the blocks after it have consumers too
+        self._consumers_complete = self._consumers_complete or not auto
         self.report.outputs_tied += 1
         return rebuild(_DeliverFeedback.apply(delivery, tensor, *tensors))
 

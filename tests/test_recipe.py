@@ -195,6 +195,24 @@ def test_a_tied_table_behind_a_head_transform_is_not_cut() -> None:
     ]
 
 
+def test_the_decoder_points_of_an_encoder_decoder_find_their_norms() -> None:
+    """T5: the encoder's final norm is a candidate output, tied on the way to the decoder; the decoder's blocks read
+    their inputs through norms too, and their points must get norm-aware feedback as the encoder's do."""
+    torch.manual_seed(0)
+    cfg = hf.T5Config(vocab_size=VOCAB, d_model=16, d_ff=32, d_kv=8, num_layers=2, num_heads=2,
+                      decoder_start_token_id=0, dropout_rate=0.0)  # fmt: skip
+    model = hf.T5ForConditionalGeneration(cfg)
+    engine = FeedbackEngine()
+    engine.attach(model)
+    ids = torch.randint(1, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    engine.end_backward()
+    normed = {p.key for p in engine.last_points if p.norm is not None}
+    engine.detach()
+    assert {"encoder.block.0", "decoder.block.0"} <= normed, normed
+    assert all(p.norm.kind == "rms" for p in engine.last_points if p.norm is not None)
+
+
 def test_the_cut_reaches_the_modules_that_share_the_token_table() -> None:
     """BART embeds with the encoder's and the decoder's own modules around the model's ``shared`` weight (never
     called itself): both are cut, and the learned positions beside each keep their initial values."""
