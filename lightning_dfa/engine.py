@@ -118,6 +118,7 @@ class FeedbackEngine(ForwardHooks):
         self._inside_blocks: set[int] = set()  # id() of every module inside a top-level block
         self._point_norms: set[int] = set()  # norm_points: id() of the norms inside blocks that read a point
         self._token_embeddings: list[tuple[str, nn.Module, bool]] = []  # cut_token_embedding: (name, module, tied)
+        self._encoder_names: set[str] = set()  # modules inside an encoder-decoder's encoder (fed the mean error)
         self._tied_kept: list[str] = []  # cut_token_embedding: tables tied to the output behind a head transform
         self._frozen: list[nn.Parameter] = []  # cut_token_embedding: set to requires_grad=False while attached
         self._cut = bool(self.config.chosen("cut_head_input"))
@@ -326,7 +327,14 @@ class FeedbackEngine(ForwardHooks):
         if activations is None:
             activations = [p.tensor if isinstance(p, CapturedPoint) else None for p in points]
         points = [
-            PointMeta(p.key, p.tensor.shape, p.tensor.dtype, p.flatten, self._norm_of(p.key, p.flatten))
+            PointMeta(
+                p.key,
+                p.tensor.shape,
+                p.tensor.dtype,
+                p.flatten,
+                self._norm_of(p.key, p.flatten),
+                encoder=self._in_encoder(p.key),
+            )
             if isinstance(p, CapturedPoint)
             else p
             for p in points

@@ -36,7 +36,7 @@ from .points import carries_grad as _carries_grad
 from .points import split_input as _split_input
 from .points import split_main as _split_main
 from .recipe import chooses_cut, last_top_level_block, only_norms_before
-from .roles import token_embeddings
+from .roles import encoder_modules, token_embeddings
 
 
 class ForwardHooks:
@@ -84,6 +84,7 @@ class ForwardHooks:
                 self._handles.append(
                     block.exit.register_forward_hook(_Hook(lambda m, a, o, b=block: self._on_block_output(b, o)))
                 )
+        self._encoder_names = encoder_modules(root, target)
         self._modules = {name: module for name, module in target.outputs}
         self._candidates = self._output_candidates(root, target)
         for name, module in target.outputs:
@@ -268,7 +269,9 @@ class ForwardHooks:
         g.outputs[name] = calls + 1
         source = name if calls == 0 else f"{name}#{calls}"
         tensors = [t for _, t, _ in g.points]
-        metas = [PointMeta(k, t.shape, t.dtype, f, self._norm_of(k, f)) for k, t, f in g.points]
+        metas = [
+            PointMeta(k, t.shape, t.dtype, f, self._norm_of(k, f), encoder=self._in_encoder(k)) for k, t, f in g.points
+        ]
         delivery = _Delivery(self, metas, source)
         module = self._modules.get(name)
         delivery.frozen = module is not None and not any(p.requires_grad for p in module.parameters())
@@ -342,6 +345,10 @@ class ForwardHooks:
         if tensor is None or not tensor.requires_grad:
             return None
         return rebuild(tensor.detach())
+
+    def _in_encoder(self, key: str) -> bool:
+        """Point ``key`` lies in an encoder-decoder's encoder (its positions are not the output's)."""
+        return key.split("#")[0].split(":")[0] in self._encoder_names
 
     def _norm_of(self, key: str, flatten: bool) -> NormSpec | None:
         """The Jacobian that shapes point ``key``'s feedback, or ``None``."""

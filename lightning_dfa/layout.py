@@ -36,6 +36,9 @@ class PointMeta:
     #: how the point's first two dimensions relate to the error's positions: ``"same"`` (lined up in order) or
     #: ``"swapped"`` (a sequence-first ``[positions, batch, ...]`` point for a batch-first error, or the reverse)
     layout: str = "same"
+    #: the point lies in an encoder-decoder's encoder: its positions are not the error's (the decoder's), even where
+    #: the lengths agree, so it is fed the error's mean over positions (:func:`lightning_dfa.roles.encoder_modules`)
+    encoder: bool = False
 
 
 class Layouts:
@@ -64,6 +67,8 @@ class Layouts:
                 f"{list(point.shape)}{swapped}: their first (batch) dimensions differ. Choose an output= whose "
                 "output has the blocks' batch/positions dimensions, or other blocks=."
             )
+        if kind == "token" and point.encoder and len(error) == 3 and len(shape) == 3:
+            kind = "mean"  # an encoder's position i is not the decoder's position i, whatever the lengths
         if kind in ("token", "broadcast", "mean"):
             return kind, error[-1], shape[-1]
         return kind, math.prod(error[1:]), math.prod(shape[1:])

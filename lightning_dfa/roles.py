@@ -161,3 +161,38 @@ def token_embeddings(root: nn.Module, target: Target, tied: bool = True) -> list
         ):
             found.append((name, module, False))
     return found
+
+
+def encoder_modules(root: nn.Module, target: Target) -> set[str]:
+    """Names (in ``root``) of the modules inside the encoder of an encoder-decoder whose encoder and decoder both
+    hold blocks: a Hugging Face model's ``get_encoder()`` beside its ``get_decoder()``, or an
+    ``nn.TransformerEncoder`` beside an ``nn.TransformerDecoder``. Their positions are not the output's (the
+    decoder's), so their feedback is the error's mean over the output's positions, whatever the lengths.
+
+    Example:
+        >>> net = nn.Transformer(d_model=8, nhead=2, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=16)
+        >>> from lightning_dfa import FeedbackEngine
+        >>> target = FeedbackEngine(blocks=["encoder.layers.*", "decoder.layers.*"], output="decoder.norm").attach(net)
+        >>> sorted(n for n in encoder_modules(net, target) if n.count(".") < 3)
+        ['encoder', 'encoder.layers', 'encoder.layers.0', 'encoder.norm']
+    """
+    pairs: list[tuple[nn.Module, nn.Module]] = []
+    hf = _find_hf_model(root)
+    if hf is not None:
+        get_enc, get_dec = (getattr(hf[1], n, None) for n in ("get_encoder", "get_decoder"))
+        try:
+            enc, dec = (get_enc() if callable(get_enc) else None), (get_dec() if callable(get_dec) else None)
+        except (AttributeError, NotImplementedError, TypeError):
+            enc, dec = None, None
+        if isinstance(enc, nn.Module) and isinstance(dec, nn.Module) and enc is not dec and enc is not hf[1]:
+            pairs.append((enc, dec))
+    encoders = [m for m in root.modules() if isinstance(m, nn.TransformerEncoder)]
+    decoders = [m for m in root.modules() if isinstance(m, nn.TransformerDecoder)]
+    pairs += [(e, d) for e in encoders for d in decoders]
+    blocks = [b.entry for b in target.blocks]
+    for enc, dec in pairs:
+        inside_enc = {id(m) for m in enc.modules()}
+        inside_dec = {id(m) for m in dec.modules()}
+        if any(id(b) in inside_enc for b in blocks) and any(id(b) in inside_dec for b in blocks):
+            return {name for name, m in root.named_modules() if id(m) in inside_enc}
+    return set()

@@ -213,6 +213,32 @@ def test_the_decoder_points_of_an_encoder_decoder_find_their_norms() -> None:
     assert all(p.norm.kind == "rms" for p in engine.last_points if p.norm is not None)
 
 
+@pytest.mark.parametrize("target_length", [6, 4])
+def test_an_encoders_points_get_the_mean_error_whatever_the_lengths(target_length: int) -> None:
+    """An encoder's position i is not the decoder's position i: its points are fed the error's mean over the
+    decoder's positions, also where the source and the target happen to be equally long."""
+    torch.manual_seed(0)
+    cfg = hf.BartConfig(vocab_size=VOCAB, d_model=16, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
+                        dropout=0.0)  # fmt: skip
+    model = hf.BartForConditionalGeneration(cfg)
+    engine = FeedbackEngine()
+    seen: dict[str, torch.Tensor] = {}
+    engine.feedback_observers.append(lambda e, points, fbs: seen.update({p.key: f for p, f in zip(points, fbs)}))
+    engine.attach(model)
+    g = torch.Generator().manual_seed(0)
+    ids, labels = torch.randint(3, VOCAB, (2, 6), generator=g), torch.randint(3, VOCAB, (2, target_length), generator=g)
+    model(input_ids=ids, labels=labels).loss.backward()
+    engine.end_backward()
+    engine.detach()
+    encoder = [k for k in seen if k.startswith("model.encoder.")]
+    decoder = [k for k in seen if k.startswith("model.decoder.")]
+    assert encoder and decoder, list(seen)
+    for k in encoder:  # the same feedback at every position of an item
+        torch.testing.assert_close(seen[k], seen[k][:, :1].expand_as(seen[k]))
+    assert not torch.allclose(seen[decoder[0]][:, 0], seen[decoder[0]][:, 1])  # the decoder's: position by position
+
+
 def test_the_cut_reaches_the_modules_that_share_the_token_table() -> None:
     """BART embeds with the encoder's and the decoder's own modules around the model's ``shared`` weight (never
     called itself): both are cut, and the learned positions beside each keep their initial values."""
