@@ -193,6 +193,8 @@ def encoder_modules(root: nn.Module, target: Target) -> set[str]:
     for enc, dec in pairs:
         inside_enc = {id(m) for m in enc.modules()}
         inside_dec = {id(m) for m in dec.modules()}
+        if id(enc) in inside_dec or id(dec) in inside_enc:  # one holds the other (an encoder-only model's fallbacks)
+            continue
         if any(id(b) in inside_enc for b in blocks) and any(id(b) in inside_dec for b in blocks):
             return {name for name, m in root.named_modules() if id(m) in inside_enc}
     return set()

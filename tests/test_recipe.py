@@ -239,6 +239,18 @@ def test_an_encoders_points_get_the_mean_error_whatever_the_lengths(target_lengt
     assert not torch.allclose(seen[decoder[0]][:, 0], seen[decoder[0]][:, 1])  # the decoder's: position by position
 
 
+def test_encoder_only_models_have_no_encoder_points() -> None:
+    """BERT's generic ``get_decoder()`` returns the model that holds its encoder: no encoder-decoder, so its points
+    keep the error position by position."""
+    from lightning_dfa.roles import encoder_modules
+
+    cfg = hf.BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=16)  # fmt: skip
+    model = hf.BertForMaskedLM(cfg)
+    engine = FeedbackEngine()
+    assert encoder_modules(model, engine.attach(model)) == set()
+
+
 def test_the_cut_reaches_the_modules_that_share_the_token_table() -> None:
     """BART embeds with the encoder's and the decoder's own modules around the model's ``shared`` weight (never
     called itself): both are cut, and the learned positions beside each keep their initial values."""
