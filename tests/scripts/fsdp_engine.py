@@ -171,6 +171,7 @@ def worker(rank: int, world: int, out: str, port: int, names: list[str]) -> None
             if rank == 0:
                 torch.save(state, Path(out) / f"{name}.pt")
                 (Path(out) / f"{name}.warnings.json").write_text(json.dumps(views))
+        dist.barrier()  # both ranks are done with the group before it goes: no gloo thread left mid-exchange
     finally:
         dist.destroy_process_group()
 
