@@ -51,3 +51,21 @@ def test_dfa_closes_the_gap_between_shallow_and_backprop(name: str) -> None:
     assert share >= REQUIRED[name], (round(share, 3), loss)
     if TASKS[name].data == "lm":  # DFA trained the blocks to use two symbols of context
         assert loss["dfa"] < context_losses(TASKS[name].seq)["one"], loss
+
+
+def test_the_architectures_page_is_rendered_from_the_stored_results(tmp_path) -> None:
+    """``python -m benchmarks.tiny_transformers --render``: one row per model of the stored JSON, between the
+    page's markers, the text around them kept."""
+    import json
+
+    from benchmarks.tiny_transformers import DOC, RESULTS, write_doc
+
+    page = tmp_path / "architectures.md"
+    page.write_text("intro\n<!-- table: start -->\nold\n<!-- table: end -->\noutro\n")
+    write_doc(page, RESULTS)
+    text = page.read_text()
+    models = {r["model"] for r in json.loads(RESULTS.read_text())["records"]}
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "`" in line]
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text
+    assert len(rows) == len(models) and all(f"| {m} (" in text for m in models)
+    assert DOC.read_text().count("<!-- table: start -->") == 1
