@@ -326,19 +326,7 @@ class FeedbackEngine(ForwardHooks):
         """
         if activations is None:
             activations = [p.tensor if isinstance(p, CapturedPoint) else None for p in points]
-        points = [
-            PointMeta(
-                p.key,
-                p.tensor.shape,
-                p.tensor.dtype,
-                p.flatten,
-                self._norm_of(p.key, p.flatten),
-                encoder=self._in_encoder(p.key),
-            )
-            if isinstance(p, CapturedPoint)
-            else p
-            for p in points
-        ]
+        points = [self._point_meta(p.key, p.tensor, p.flatten) if isinstance(p, CapturedPoint) else p for p in points]
         if any(p.norm is not None and h is None for p, h in zip(points, activations)):
             raise ValueError("DFA: norm-aware feedback needs the points' activations (pass activations=).")
         output = source or (self.target.output_name if self.target else "?")

@@ -269,9 +269,7 @@ class ForwardHooks:
         g.outputs[name] = calls + 1
         source = name if calls == 0 else f"{name}#{calls}"
         tensors = [t for _, t, _ in g.points]
-        metas = [
-            PointMeta(k, t.shape, t.dtype, f, self._norm_of(k, f), encoder=self._in_encoder(k)) for k, t, f in g.points
-        ]
+        metas = [self._point_meta(k, t, f) for k, t, f in g.points]
         delivery = _Delivery(self, metas, source)
         module = self._modules.get(name)
         delivery.frozen = module is not None and not any(p.requires_grad for p in module.parameters())
@@ -346,9 +344,11 @@ class ForwardHooks:
             return None
         return rebuild(tensor.detach())
 
-    def _in_encoder(self, key: str) -> bool:
-        """Point ``key`` lies in an encoder-decoder's encoder (its positions are not the output's)."""
-        return key.split("#")[0].split(":")[0] in self._encoder_names
+    def _point_meta(self, key: str, tensor: torch.Tensor, flatten: bool) -> PointMeta:
+        """What the backward needs of a point: its shape and dtype, the norm that shapes its feedback, and whether
+        it lies in an encoder-decoder's encoder (its positions are not the output's)."""
+        encoder = key.split("#")[0].split(":")[0] in self._encoder_names
+        return PointMeta(key, tensor.shape, tensor.dtype, flatten, self._norm_of(key, flatten), encoder=encoder)
 
     def _norm_of(self, key: str, flatten: bool) -> NormSpec | None:
         """The Jacobian that shapes point ``key``'s feedback, or ``None``."""

@@ -12,9 +12,15 @@ import math
 import pytest
 import torch
 
-from benchmarks.tiny_transformers import TASKS, arms, closed_share, context_losses, markov_sequences, markov_table
-
-VOCAB = 32
+from benchmarks.tiny_transformers import (
+    TASKS,
+    VOCAB,
+    arms,
+    closed_share,
+    context_losses,
+    markov_sequences,
+    markov_table,
+)
 
 
 # ---------------------------------------------------------------------------------------------- tests
