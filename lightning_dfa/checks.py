@@ -3,6 +3,7 @@ that changes shapes, reentrant gradient checkpointing, and a backward in which n
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +36,13 @@ def check_state(state: Any) -> None:
         raise ValueError(
             "DFA: the checkpoint's feedback state is damaged: its projector entry is not {'class': name, 'outputs': "
             "{output: state}}. Resume from another checkpoint, or start a new fit from the weights alone "
+            "(Model.load_from_checkpoint(path), then fit without ckpt_path)."
+        )
+    faint = state.get("faint_token_tables", [])
+    if not isinstance(faint, list) or not all(isinstance(line, str) for line in faint):
+        raise ValueError(
+            "DFA: the checkpoint's feedback state is damaged: its faint_token_tables entry is not a list of "
+            "strings. Resume from another checkpoint, or start a new fit from the weights alone "
             "(Model.load_from_checkpoint(path), then fit without ckpt_path)."
         )
     options = {name: state[name] for name in _SAVED_OPTIONS if name in state}
@@ -93,6 +101,17 @@ def explain_silence(engine: Any, report: Any) -> str:
             "from noise, since a frozen network cannot align with DFA's fixed random feedback. Train them with "
             "backprop (strategy='auto'), use an adapter inside the blocks (LoRA, IA3, ...) or unfreeze the "
             "blocks; use mode='shallow' if only the layers after the blocks should learn."
+        )
+    if report.points_recorded == 0 and report.blocks_called == 0 and engine.target and engine.target.blocks:
+        first = engine.target.blocks[0]
+        inner = [n for n, c in first.exit.named_children() if any(True for _ in c.parameters())]
+        pattern = re.sub(r"\.\d+$", ".*", first.name) + (f".{inner[-1]}" if inner else ".<layer>")
+        return (
+            f"DFA: no feedback reached the blocks in this backward: no block was called in this step's forward "
+            f"(blocks: {names[:6]}...). Code that calls block.forward(...) directly, rather than block(...), "
+            "bypasses PyTorch's module hooks, so DFA never sees the blocks run. Pass blocks= naming modules inside "
+            f"them that are called, e.g. blocks=[{pattern!r}], or use mode='shallow' if only the layers after the "
+            "blocks should learn."
         )
     if report.points_recorded == 0:
         why = f"no block ran with gradients enabled in this step's forward (blocks: {names[:6]}...)."

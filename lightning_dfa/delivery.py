@@ -173,6 +173,8 @@ class BackwardReport:
     """Counters of one backward: what the forward(s) recorded and what the backward delivered."""
 
     points_recorded: int = 0
+    #: calls of a block module in the forward(s) (with or without gradient): none when the model bypasses them
+    blocks_called: int = 0
     outputs_tied: int = 0
     deliveries: int = 0
     #: types of the values the output module returned after the blocks that held no floating-point tensor to tie

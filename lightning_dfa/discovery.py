@@ -89,8 +89,9 @@ def _hf_target(root: nn.Module, placement: str) -> Target | None:
     ]
     inner = _nested([n for n, _ in blocks_found])
     blocks_found = [(n, m) for n, m in blocks_found if n not in inner]
-    if not blocks_found:  # no _no_split_modules (e.g. ALBERT): its list of repeated layers, even a shared one
-        layers = _module_list_target(hf, min_len=1)
+    if not blocks_found:  # no _no_split_modules (e.g. ALBERT): its list of repeated layers, even a shared one;
+        # every stack of Transformer layers of an encoder-decoder (Marian, Blenderbot, LED, FSMT), not only the largest
+        layers = _module_list_target(hf, min_len=1, composite=True) or _module_list_target(hf, min_len=1)
         if layers is None:
             return None
         join_ = (prefix + ".") if prefix else ""

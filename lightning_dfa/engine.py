@@ -119,6 +119,9 @@ class FeedbackEngine(ForwardHooks):
         self._point_norms: set[int] = set()  # norm_points: id() of the norms inside blocks that read a point
         self._token_embeddings: list[tuple[str, nn.Module, bool]] = []  # cut_token_embedding: (name, module, tied)
         self._encoder_names: set[str] = set()  # modules inside an encoder-decoder's encoder (fed the mean error)
+        #: cut_token_embedding="auto": why the token table is not cut (faint beside fixed positions), once decided
+        self._faint: list[str] | None = None
+        self._saved_faint: list[str] | None = None  # that decision, from a checkpoint
         self._tied_kept: list[str] = []  # cut_token_embedding: tables tied to the output behind a head transform
         self._frozen: list[nn.Parameter] = []  # cut_token_embedding: set to requires_grad=False while attached
         self._cut = bool(self.config.chosen("cut_head_input"))
@@ -409,6 +412,9 @@ class FeedbackEngine(ForwardHooks):
             state["projector"] = {"class": class_name(self.config.projector), "outputs": outputs}
         if self.learned is not None:
             state["learned_feedback"] = self.learned.state_dict()
+        faint = self._faint if self._faint is not None else self._saved_faint
+        if faint is not None:
+            state["faint_token_tables"] = list(faint)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -438,6 +444,7 @@ class FeedbackEngine(ForwardHooks):
         else:
             self._saved_options = options
         self.bank.load_state_dict(state)
+        self._saved_faint = list(state["faint_token_tables"]) if "faint_token_tables" in state else None
         self._projectors, self._projectors_for = {}, None
         self._projector_states = dict(state["projector"]["outputs"]) if "projector" in state else {}
         if self.learned is not None and "learned_feedback" in state:

@@ -36,7 +36,7 @@ from .points import carries_grad as _carries_grad
 from .points import split_input as _split_input
 from .points import split_main as _split_main
 from .recipe import chooses_cut, last_top_level_block, only_norms_before
-from .roles import encoder_modules, token_embeddings
+from .roles import encoder_modules, faint_token_tables, token_embeddings
 
 
 class ForwardHooks:
@@ -111,6 +111,12 @@ class ForwardHooks:
         # learning
         transform = not only_norms_before(root, target)
         cutting = self.mode == "dfa" and self.cut_token_embedding
+        self._faint = None
+        if cutting and self.config.chosen("cut_token_embedding") is None:
+            # decided once, at the first attach of a run (a checkpoint keeps it): the token table grows in training
+            saved = self._saved_faint
+            self._faint = list(saved) if saved is not None else faint_token_tables(root, token_embeddings(root, target))
+            cutting = not self._faint
         self._token_embeddings = token_embeddings(root, target, tied=not transform) if cutting else []
         self._tied_kept = [n for n, _, tied in token_embeddings(root, target) if tied] if cutting and transform else []
         for _, module, tied in self._token_embeddings:
@@ -225,7 +231,10 @@ class ForwardHooks:
         return rebuild(self._record(block.name + ":in", tensor))
 
     def _on_block_output(self, block: Block, output: Any) -> Any:
-        if not self._active() or _frozen(block):
+        if not self._active():
+            return None
+        self.report.blocks_called += 1
+        if _frozen(block):
             return None
         tensor, rebuild = _split_main(output)
         if not self._carries(tensor):

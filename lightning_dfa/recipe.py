@@ -78,6 +78,11 @@ def recipe_notes(engine: Any) -> list[str]:
                  for n, _, tied in engine._token_embeddings]  # fmt: skip
         if parts:
             what = "the token embedding gets no feedback: " + ", ".join(parts)
+        elif engine._faint:
+            what = (
+                f"not applied: {'; '.join(engine._faint)}: cut, it would learn from the output only and the blocks "
+                "could hardly tell the tokens apart (measured to cost learning)"
+            )
         elif engine._tied_kept:
             what = (
                 f"not applied: the token embedding ({', '.join(engine._tied_kept)}) is tied to the output, which a "

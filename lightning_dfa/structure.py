@@ -74,6 +74,12 @@ def _is_feature_extractor(seq: nn.Sequential) -> bool:
     return sum(_has_params(c) for c in children) >= 2 and not _has_params(children[-1])
 
 
+def _callable(module: nn.Module) -> bool:
+    """A module with a ``forward`` of its own (not a container such as ``nn.ModuleList``, which is never called, so
+    forward hooks on it never fire)."""
+    return type(module).forward is not nn.Module.forward
+
+
 def _composite(module: nn.Module) -> bool:
     """A module made of submodules that holds parameters (a block, not a single layer)."""
     return any(True for _ in module.children()) and _has_params(module)
@@ -251,13 +257,10 @@ def _module_after(root: nn.Module, name: str, order: dict[str, int]) -> tuple[st
 def _module_list_target(root: nn.Module, min_len: int = 2, composite: bool = False) -> Target | None:
     best = None
     for name, mlist in root.named_modules():
-        if not isinstance(mlist, nn.ModuleList) or len(mlist) < min_len:
+        if not _is_layer_list(mlist, min_len) or (composite and not all(_composite(m) for m in mlist)):
             continue
-        if composite and not all(_composite(m) for m in mlist):
-            continue
-        kinds = {type(m) for m in mlist}
         size = sum(p.numel() for p in mlist.parameters())
-        if len(kinds) == 1 and size > 0 and (best is None or size > best[2]):
+        if size > 0 and (best is None or size > best[2]):
             best = (name, mlist, size)
     if best is None:
         return None
@@ -268,10 +271,8 @@ def _module_list_target(root: nn.Module, min_len: int = 2, composite: bool = Fal
         # largest (the encoder would otherwise learn only through the decoder's cross-attention)
         for other, olist in root.named_modules():
             if (
-                isinstance(olist, nn.ModuleList)
+                _is_layer_list(olist, min_len)
                 and other != name
-                and len(olist) >= min_len
-                and len({type(m) for m in olist}) == 1
                 and _is_transformer_stack(olist)
                 and not any(other.startswith(n + ".") or n.startswith(other + ".") for n, _ in lists)
             ):
@@ -283,6 +284,17 @@ def _module_list_target(root: nn.Module, min_len: int = 2, composite: bool = Fal
     if leaf is None:
         return None
     return Target(blocks, leaf[0], leaf[1], "module_list")
+
+
+def _is_layer_list(mlist: nn.Module, min_len: int) -> bool:
+    """An ``nn.ModuleList`` of at least ``min_len`` layers of one class that are called (a list of lists, as
+    Funnel's blocks of layers, is never called: its inner lists hold the layers)."""
+    return (
+        isinstance(mlist, nn.ModuleList)
+        and len(mlist) >= min_len
+        and len({type(m) for m in mlist}) == 1
+        and all(_callable(m) for m in mlist)
+    )
 
 
 def _is_transformer_stack(mlist: nn.ModuleList) -> bool:

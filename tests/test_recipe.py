@@ -524,3 +524,67 @@ def test_a_checkpoint_read_after_attaching_decides_the_hooks() -> None:
     assert fit.engine is not None and fit.engine.attached and fit.engine.config.cut_token_embedding is False
     assert table.requires_grad
     fit.detach()
+
+
+def _marian() -> nn.Module:
+    """Marian: fixed sinusoidal positions (RMS about 0.7) beside a tied token table drawn at RMS 0.02."""
+    cfg = hf.MarianConfig(vocab_size=VOCAB, decoder_vocab_size=VOCAB, d_model=16, encoder_layers=1, decoder_layers=1,
+                          encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+                          max_position_embeddings=32, dropout=0.0, pad_token_id=0,
+                          decoder_start_token_id=0)  # fmt: skip
+    return hf.MarianMTModel(cfg)
+
+
+def _token_table_gradient(model: nn.Module, engine: FeedbackEngine) -> torch.Tensor:
+    ids = torch.randint(2, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
+    model.zero_grad(set_to_none=True)
+    engine.attach(model)
+    model(input_ids=ids, labels=ids).loss.backward()
+    engine.end_backward()
+    grad = model.get_input_embeddings().weight.grad.clone()
+    engine.detach()
+    return grad
+
+
+def test_a_faint_token_table_beside_fixed_positions_is_not_cut_and_a_checkpoint_keeps_that() -> None:
+    """Cut, a token table at RMS 0.02 beside fixed sinusoids learns from the output only and the blocks cannot tell
+    the tokens apart (tiny Marian and Pegasus on reversal: no learning at all, against about a third of backprop's
+    gain uncut). The default leaves it uncut and says why; the decision is made once, so a resumed run whose table
+    has grown in training keeps it."""
+    torch.manual_seed(0)
+    model = _marian()
+    engine = FeedbackEngine()
+    auto = _token_table_gradient(model, engine)
+    torch.testing.assert_close(auto, _token_table_gradient(model, FeedbackEngine(cut_token_embedding=False)))
+    assert not torch.allclose(auto, _token_table_gradient(model, FeedbackEngine(cut_token_embedding=True)))
+    note = next(line for line in engine.recipe_notes() if line.startswith("cut_token_embedding"))
+    assert "not applied" in note and "model.encoder.embed_positions" in note and "faint" in note
+    state = engine.state_dict()
+    assert state["faint_token_tables"] == engine._faint and engine._faint
+    with torch.no_grad():  # the table as training could leave it: no longer faint
+        model.get_input_embeddings().weight.mul_(100.0)
+    fresh = FeedbackEngine()
+    cut_now = _token_table_gradient(model, fresh)
+    assert not fresh._faint  # decided afresh, the cut would apply now ...
+    resumed = FeedbackEngine()
+    resumed.load_state_dict(state)
+    kept = _token_table_gradient(model, resumed)  # ... but the run keeps its decision
+    assert resumed._faint == state["faint_token_tables"]
+    assert not torch.allclose(kept, cut_now)
+    torch.testing.assert_close(kept, _token_table_gradient(model, FeedbackEngine(cut_token_embedding=False)))
+    with pytest.raises(ValueError, match="faint_token_tables"):
+        FeedbackEngine().load_state_dict({**state, "faint_token_tables": "yes"})
+
+
+def test_scaled_or_learned_token_signals_keep_the_cut() -> None:
+    """M2M100 scales its token table by sqrt(d) beside its sinusoids, BART learns its positions: both keep the cut
+    (measured equal or better with it)."""
+    torch.manual_seed(0)
+    common = dict(vocab_size=VOCAB, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                  decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
+                  dropout=0.0)  # fmt: skip
+    for model in (hf.M2M100ForConditionalGeneration(hf.M2M100Config(**common)),
+                  hf.BartForConditionalGeneration(hf.BartConfig(**common))):  # fmt: skip
+        engine = FeedbackEngine()
+        _token_table_gradient(model, engine)
+        assert engine._faint == [] and any("embed_tokens (tied" in line for line in engine.recipe_notes())

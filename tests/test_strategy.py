@@ -11,7 +11,7 @@ import torch
 from conftest import Classifier, GradRecorder, Said, hooks_of, loader, mlp, trainer
 from torch import nn
 
-from lightning_dfa import DFA, DFAStrategy
+from lightning_dfa import DFA, DFAStrategy, FeedbackEngine
 
 
 class ActivationRecorder(pl.Callback):
@@ -332,3 +332,32 @@ def test_summary_at_fit_start_has_shapes_from_example_input(said: Said) -> None:
     before = said_before_training[0]
     assert "Feedback point" in before and "[5, 16]" in before  # shown at fit start, before the first step
     assert "at the first step" not in said.text()
+
+
+def test_blocks_bypassed_by_a_direct_forward_call_are_named_with_what_to_pass() -> None:
+    """SqueezeBERT's encoder calls ``layer.forward(...)``, which skips PyTorch's module hooks: the error says so and
+    names modules inside the blocks to pass as ``blocks=``; with them, the model trains."""
+    import re
+
+    import transformers as hf
+
+    torch.manual_seed(0)
+    cfg = hf.SqueezeBertConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                               num_attention_heads=2, embedding_size=16, max_position_embeddings=16)  # fmt: skip
+    net = hf.SqueezeBertForMaskedLM(cfg)
+    ids = torch.randint(3, 40, (2, 6), generator=torch.Generator().manual_seed(0))
+    engine = FeedbackEngine()
+    engine.attach(net)
+    net(input_ids=ids, labels=ids).loss.backward()
+    with pytest.raises(RuntimeError, match=r"no block was called.*block\.forward\(\.\.\.\) directly") as err:
+        engine.end_backward()
+    engine.detach()
+    suggested = re.search(r"blocks=\['([^']+)'\]", str(err.value)).group(1)
+    assert suggested == "transformer.encoder.layers.*.output"
+    engine = FeedbackEngine(blocks=[suggested])
+    engine.attach(net)
+    net.zero_grad(set_to_none=True)
+    net(input_ids=ids, labels=ids).loss.backward()
+    assert engine.end_backward().deliveries == 1
+    assert net.transformer.encoder.layers[0].attention.query.weight.grad is not None
+    engine.detach()
