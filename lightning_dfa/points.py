@@ -10,13 +10,24 @@ import torch
 
 
 def split_main(value: Any) -> tuple[torch.Tensor | None, Callable[[torch.Tensor], Any] | None]:
-    """The main tensor of a module's output (a tensor, the first item of a tuple/list/ModelOutput) and a rebuild."""
+    """The main tensor of a module's output (a tensor, the first item of a tuple/list/ModelOutput, also nested, as
+    PVTv2's ``((hidden,), height, width)``) and a function that rebuilds the value around a replacement.
+
+    Example:
+        >>> value = ((torch.zeros(2), "attention"), 3, 4)
+        >>> main, rebuild = split_main(value)
+        >>> main.shape, rebuild(torch.ones(2))[0][0].tolist(), rebuild(torch.ones(2))[1:]
+        (torch.Size([2]), [1.0, 1.0], (3, 4))
+    """
     if isinstance(value, torch.Tensor):
         return value, lambda t: t
-    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+    if isinstance(value, (tuple, list)) and value:
+        main, inner = split_main(value[0])
+        if main is None or inner is None:
+            return None, None
         if isinstance(value, tuple) and hasattr(value, "_fields"):  # namedtuple
-            return value[0], lambda t: type(value)(t, *value[1:])
-        return value[0], lambda t: type(value)([t, *value[1:]])
+            return main, lambda t: type(value)(inner(t), *value[1:])
+        return main, lambda t: type(value)([inner(t), *value[1:]])
     if hasattr(value, "to_tuple") and hasattr(value, "keys"):  # transformers.ModelOutput
         keys = list(value.keys())
         if keys and isinstance(value[keys[0]], torch.Tensor):

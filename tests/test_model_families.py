@@ -492,6 +492,27 @@ def test_a_list_of_lists_of_layers_gives_the_layers_as_blocks() -> None:
     ]  # fmt: skip
 
 
+def test_blocks_returning_a_nested_tuple_get_their_feedback() -> None:
+    """PVTv2's stages return ``((hidden,), height, width)``: the hidden states are the point (before, no stage had
+    one, and the last stage learned by backprop from the head)."""
+    import transformers as hf
+
+    torch.manual_seed(0)
+    cfg = hf.PvtV2Config(image_size=32, hidden_sizes=[8, 16, 16, 32], depths=[1, 1, 1, 1],
+                         num_attention_heads=[1, 1, 2, 2], num_labels=3)  # fmt: skip
+    net = hf.PvtV2ForImageClassification(cfg)
+    x, y = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 0])
+    engine = check_true_dfa(net, lambda n: n(pixel_values=x, labels=y).loss)
+    assert engine.report.points_recorded == 0  # (reset by end_backward)
+    net.zero_grad()
+    engine.attach(net)
+    net(pixel_values=x, labels=y).loss.backward()
+    assert engine.end_backward().points_recorded >= len(engine.target.blocks) == 4
+    roles = engine.parameter_roles()
+    assert roles["true gradient"] == sum(p.numel() for p in net.classifier.parameters())
+    engine.detach()
+
+
 class Generator(nn.Module):  # Lightning's basic GAN example, smaller
     def __init__(self, latent: int = 8, out: int = 12) -> None:
         super().__init__()
