@@ -249,6 +249,26 @@ def _discover(root: nn.Module, blocks: BlockSpec, output: str | None, placement:
     return target
 
 
+def single_trainable_layer(root: nn.Module) -> tuple[str, nn.Module] | None:
+    """The one module holding trainable parameters of its own, when there is only one (Lightning's
+    ``BoringModel``, a logistic regression): a model with no hidden layer, where DFA has nowhere to send feedback.
+
+    Example:
+        >>> single_trainable_layer(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)))[0]
+        '1'
+        >>> single_trainable_layer(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))) is None
+        True
+    """
+    holders = [(n, m) for n, m in root.named_modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+    if len(holders) != 1:
+        return None
+    name, module = holders[0]
+    # a layer (Linear, Conv, ...: a leaf with a weight and perhaps a bias), not parameters used in the model's own
+    # code, where two raw weights are two layers
+    leaf = module is not root and not any(True for _ in module.children())
+    return (name, module) if leaf and len(list(module.parameters(recurse=False))) <= 2 else None
+
+
 def _micro_from_structure(root: nn.Module, output: str | None) -> Target:
     """``placement="micro"`` outside Hugging Face: the Transformer blocks of a ModuleList or of stages (timm's
     ``blocks = nn.Sequential(Block, ...)``), each with the inner points :func:`infer_micro_points` finds."""

@@ -391,7 +391,7 @@ class FeedbackEngine(ForwardHooks):
         self._group = None
         if self.learned is not None:
             self.learned.step()
-        if self.mode == "dfa" and self.attached and report.deliveries == 0:
+        if self.mode == "dfa" and self.attached and report.deliveries == 0 and self.target and self.target.blocks:
             raise RuntimeError(explain_silence(self, report))
         return report
 

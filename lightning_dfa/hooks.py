@@ -7,6 +7,7 @@ engine's ``__init__`` sets it up) and knows nothing of Lightning."""
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -29,7 +30,7 @@ from .delivery import (
     _parameters_reached,
     _SoftCut,
 )
-from .discovery import discover
+from .discovery import discover, single_trainable_layer
 from .layout import Layouts, PointMeta, sequence_shaped
 from .norms import NormSpec, _may_normalise, probe_normalisation
 from .points import carries_grad as _carries_grad
@@ -47,10 +48,21 @@ class ForwardHooks:
             try:
                 target = discover(root, self.config.blocks, self.config.output, self.config.placement)
             except ValueError:
-                if self.mode != "bp":
+                layer = single_trainable_layer(root)
+                if self.mode == "bp":
+                    # the control arm is plain backprop: it needs no blocks, so it never refuses a model
+                    target = Target([], type(root).__name__, root, "none (mode='bp' is plain backprop)")
+                elif layer is not None:
+                    warnings.warn(
+                        f"DFA: {type(root).__name__} has a single trainable layer ({layer[0] or 'the model itself'}), "
+                        "so there is no hidden layer to send feedback to: it learns from its true gradient, exactly "
+                        f"as with backprop (mode={self.mode!r} changes nothing for this model).",
+                        UserWarning,
+                        stacklevel=4,
+                    )
+                    target = Target([], layer[0], layer[1], "none (a single trainable layer: nothing to feed back to)")
+                else:
                     raise
-                # the control arm is plain backprop: it needs no blocks, so it never refuses a model
-                target = Target([], type(root).__name__, root, "none (mode='bp' is plain backprop)")
             if configured and target.source == "explicit":
                 target.source = "configure_dfa"
         refuse_reentrant_checkpointing(root)

@@ -361,3 +361,21 @@ def test_blocks_bypassed_by_a_direct_forward_call_are_named_with_what_to_pass() 
     assert engine.end_backward().deliveries == 1
     assert net.transformer.encoder.layers[0].attention.query.weight.grad is not None
     engine.detach()
+
+
+def test_a_single_layer_model_trains_as_with_backprop_and_says_why() -> None:
+    """Lightning's ``BoringModel`` (one Linear layer) has no hidden layer to send feedback to: the flag trains it
+    with its true gradient, exactly as backprop does, and a warning says so (before: "found no blocks")."""
+    from pytorch_lightning.demos.boring_classes import BoringModel
+
+    def fit(strategy: Any) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = BoringModel()
+        trainer(strategy=strategy, max_steps=5).fit(model)
+        return model.layer.weight.detach().clone()
+
+    with pytest.warns(UserWarning, match=r"single trainable layer \(layer\).*exactly as with backprop"):
+        dfa = fit("dfa")
+    torch.testing.assert_close(dfa, fit("auto"), rtol=0, atol=0)
+    torch.manual_seed(0)
+    assert not torch.equal(dfa, BoringModel().layer.weight.detach())  # it trained
