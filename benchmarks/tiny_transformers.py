@@ -284,6 +284,14 @@ def _common(seq: int) -> dict[str, Any]:
                 vocab_size=VOCAB, max_position_embeddings=max(seq, 8))  # fmt: skip
 
 
+def _reversal_config(seq: int) -> dict[str, Any]:
+    """The BART-family settings of the reversal task (three special symbols after the chain's: pad, start, end)."""
+    return dict(vocab_size=VOCAB + 3, d_model=D, encoder_layers=LAYERS, decoder_layers=LAYERS,
+                encoder_attention_heads=HEADS, decoder_attention_heads=HEADS, encoder_ffn_dim=FFN, decoder_ffn_dim=FFN,
+                max_position_embeddings=2 * seq, dropout=0.0, pad_token_id=VOCAB, bos_token_id=VOCAB + 1,
+                eos_token_id=VOCAB + 2, decoder_start_token_id=VOCAB + 1, forced_eos_token_id=None)  # fmt: skip
+
+
 _NO_DROP = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 _MLM_VOCAB = dict(vocab_size=VOCAB + 2, pad_token_id=VOCAB + 1)  # the mask symbol, and an unused padding id
 
@@ -331,12 +339,14 @@ MORE: dict[str, Task] = {
                                                                      **_NO_DROP)), "mlm", (8, 128, 3e-3)),
         ("deberta_v2", lambda s: hf.DebertaV2ForMaskedLM(hf.DebertaV2Config(**{**_common(s), **_MLM_VOCAB},
                                                                             **_NO_DROP)), "mlm", (8, 128, 3e-3)),
-        ("bart", lambda s: hf.BartForConditionalGeneration(hf.BartConfig(
-            vocab_size=VOCAB + 3, d_model=D, encoder_layers=LAYERS, decoder_layers=LAYERS,
-            encoder_attention_heads=HEADS, decoder_attention_heads=HEADS, encoder_ffn_dim=FFN, decoder_ffn_dim=FFN,
-            max_position_embeddings=2 * s, dropout=0.0, pad_token_id=VOCAB, bos_token_id=VOCAB + 1,
-            eos_token_id=VOCAB + 2, decoder_start_token_id=VOCAB + 1, forced_eos_token_id=None)), "reverse",
+        ("bart", lambda s: hf.BartForConditionalGeneration(hf.BartConfig(**_reversal_config(s))), "reverse",
          (16, 32, 1e-3)),
+        ("marian", lambda s: hf.MarianMTModel(hf.MarianConfig(**_reversal_config(s), decoder_vocab_size=VOCAB + 3)),
+         "reverse", (16, 32, 1e-3)),
+        ("pegasus", lambda s: hf.PegasusForConditionalGeneration(hf.PegasusConfig(**_reversal_config(s))), "reverse",
+         (16, 32, 1e-3)),
+        ("blenderbot_small", lambda s: hf.BlenderbotSmallForConditionalGeneration(hf.BlenderbotSmallConfig(
+            **_reversal_config(s))), "reverse", (16, 32, 1e-3)),
         ("t5", lambda s: hf.T5ForConditionalGeneration(hf.T5Config(
             vocab_size=VOCAB, d_model=D, d_ff=FFN, d_kv=D // HEADS, num_layers=LAYERS, num_heads=HEADS,
             decoder_start_token_id=0, pad_token_id=0, dropout_rate=0.0)), "reverse", (16, 32, 1e-3)),
@@ -426,6 +436,26 @@ def write_doc(path: Path = DOC, results: Path = RESULTS) -> None:
     path.write_text(head + start + render(data["records"], data["machine"]) + end + tail)
 
 
+def merged(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``old``'s records with ``new``'s replacing those of the same model and seed, in :data:`ALL`'s order; the
+    machine of each run is kept under ``"runs"`` (the first run's also stays under ``"machine"``).
+
+    Example:
+        >>> a = {"machine": {"date": "1"}, "records": [{"model": "llama", "seed": 0}, {"model": "gpt2", "seed": 0}]}
+        >>> b = {"machine": {"date": "2"}, "records": [{"model": "llama", "seed": 0, "new": True}]}
+        >>> m = merged(a, b)
+        >>> [(r["model"], "new" in r) for r in m["records"]], [r["machine"]["date"] for r in m["runs"]]
+        ([('gpt2', False), ('llama', True)], ['1', '2'])
+    """
+    fresh = {(r["model"], r["seed"]) for r in new["records"]}
+    records = [r for r in old["records"] if (r["model"], r["seed"]) not in fresh] + new["records"]
+    order = {name: i for i, name in enumerate(ALL)}
+    records.sort(key=lambda r: (order.get(r["model"], len(order)), r["seed"]))
+    runs = old.get("runs") or [{"machine": old["machine"], "models": sorted({r["model"] for r in old["records"]})}]
+    runs = runs + [{"machine": new["machine"], "models": sorted({r["model"] for r in new["records"]})}]
+    return {"machine": old["machine"], "runs": runs, "records": records}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.tiny_transformers",
@@ -433,6 +463,7 @@ def main(argv: list[str] | None = None) -> None:
         "Face Transformers (held-out loss after equal steps; the share of the shallow -> backprop gap closed).",
         epilog="examples:\n  python -m benchmarks.tiny_transformers --models gpt2,llama --seeds 0\n"
         "  python -m benchmarks.tiny_transformers --models all --seeds 0,1\n"
+        "  python -m benchmarks.tiny_transformers --models marian,pegasus --seeds 0,1 --merge\n"
         "  python -m benchmarks.tiny_transformers --render",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -441,6 +472,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=STEPS, help=f"optimizer steps per arm (default: {STEPS})")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON file of the records (default: %(default)s)")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the other models' records in --out (a run of these models replaces only their own)",
+    )
     parser.add_argument("--render", action="store_true", help="only rewrite the table of docs/architectures.md")
     args = parser.parse_args(argv)
     if args.render:
@@ -456,8 +492,11 @@ def main(argv: list[str] | None = None) -> None:
 
     machine = {**describe(torch.device("cpu")), "transformers": hf.__version__, "steps": args.steps}
     records = measure(names, [int(s) for s in args.seeds.split(",")], steps=args.steps)
+    data = {"machine": machine, "records": records}
+    if args.merge and args.out.exists():
+        data = merged(json.loads(args.out.read_text()), data)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": machine, "records": records}, indent=1))
+    args.out.write_text(json.dumps(data, indent=1))
     print(f"wrote {args.out}")
 
 

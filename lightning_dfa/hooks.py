@@ -123,11 +123,16 @@ class ForwardHooks:
         # learning
         transform = not only_norms_before(root, target)
         cutting = self.mode == "dfa" and self.cut_token_embedding
-        self._faint = None
+        # decided once, at the first attach of a run, and kept (attached again to the same model, or resumed from a
+        # checkpoint): the token table grows in training, and the rule must not change course half-way
+        earlier, self._faint = (self._faint if same else None), None
         if cutting and self.config.chosen("cut_token_embedding") is None:
-            # decided once, at the first attach of a run (a checkpoint keeps it): the token table grows in training
-            saved = self._saved_faint
-            self._faint = list(saved) if saved is not None else faint_token_tables(root, token_embeddings(root, target))
+            if self._saved_faint is not None:
+                self._faint = list(self._saved_faint)
+            elif earlier is not None:
+                self._faint = earlier
+            else:
+                self._faint = faint_token_tables(root, token_embeddings(root, target))
             cutting = not self._faint
         self._token_embeddings = token_embeddings(root, target, tied=not transform) if cutting else []
         self._tied_kept = [n for n, _, tied in token_embeddings(root, target) if tied] if cutting and transform else []

@@ -563,15 +563,18 @@ def test_a_faint_token_table_beside_fixed_positions_is_not_cut_and_a_checkpoint_
     assert state["faint_token_tables"] == engine._faint and engine._faint
     with torch.no_grad():  # the table as training could leave it: no longer faint
         model.get_input_embeddings().weight.mul_(100.0)
+    again = _token_table_gradient(model, engine)  # the same engine attached again keeps its decision ...
+    assert engine._faint == state["faint_token_tables"]
     fresh = FeedbackEngine()
     cut_now = _token_table_gradient(model, fresh)
-    assert not fresh._faint  # decided afresh, the cut would apply now ...
+    assert not fresh._faint  # ... decided afresh, the cut would apply now ...
     resumed = FeedbackEngine()
     resumed.load_state_dict(state)
     kept = _token_table_gradient(model, resumed)  # ... but the run keeps its decision
     assert resumed._faint == state["faint_token_tables"]
     assert not torch.allclose(kept, cut_now)
     torch.testing.assert_close(kept, _token_table_gradient(model, FeedbackEngine(cut_token_embedding=False)))
+    torch.testing.assert_close(again, kept)
     with pytest.raises(ValueError, match="faint_token_tables"):
         FeedbackEngine().load_state_dict({**state, "faint_token_tables": "yes"})
 
