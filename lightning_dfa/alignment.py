@@ -189,7 +189,9 @@ class AlignmentMonitorMixin:
         self._real_points: list[tuple[str, torch.Tensor]] = []
         self._real_weights: dict[int, torch.Tensor] = {}
         self._handles: list[Any] = []
-        self._real_seen: set[int] = set()
+        # the measured step's point tensors, kept until its backward: the engine keeps none, and a freed tensor's id
+        # could be taken by the next point's
+        self._real_seen: dict[int, torch.Tensor] = {}
         self._real_capture: Any = None
         self._step = -1
 
@@ -321,7 +323,7 @@ class AlignmentMonitorMixin:
         """Engine point observer during the measured step: hook the point's graph-attached tensor (read-only)."""
         if not tensor.requires_grad or id(tensor) in self._real_seen:
             return
-        self._real_seen.add(id(tensor))
+        self._real_seen[id(tensor)] = tensor
 
         def hook(grad: torch.Tensor) -> None:
             self._real_points.append((key, grad.detach().clone()))

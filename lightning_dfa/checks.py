@@ -143,7 +143,7 @@ def check_loss(engine: Any, loss: torch.Tensor) -> None:
         if engine._pending:
             # points recorded (and detached) after the last call of the output module: the loss was computed
             # from a block's output, which DFA cuts from what follows
-            last = engine._pending[-1][0].split("#")[0].split(":")[0]
+            last = engine._pending[-1].key.split("#")[0].split(":")[0]
             raise RuntimeError(
                 f"DFA: the loss does not require grad: it was computed downstream of block {last!r}, whose output "
                 f"DFA detaches, so it does not depend on the output module {out}. Compute the loss from that "

@@ -64,11 +64,13 @@ class _Delivery:
     backward needs to know about the other outputs (no tensors are kept, except during a layout probe)."""
 
     __slots__ = ("engine", "points", "source", "upstream", "downstream_ran", "probe", "feeds_point", "frozen")
-    __slots__ += ("reached", "forward")
+    __slots__ += ("reached", "forward", "slots")
 
-    def __init__(self, engine: Any, points: list[PointMeta], source: str) -> None:
+    def __init__(self, engine: Any, points: list[PointMeta], source: str, slots: list[_Slot] | None = None) -> None:
         self.engine = engine
         self.points = points
+        #: where each point's feedback goes (its edge hands it on)
+        self.slots = slots if slots is not None else [_Slot() for _ in points]
         self.source = source
         #: a block's input was computed from this output: it lies before a block, so it is no error source
         self.feeds_point = False
@@ -95,19 +97,25 @@ class _DeliverFeedback(torch.autograd.Function):
     exactly where plain PyTorch allows it; a view returned by a custom Function cannot be modified in place."""
 
     @staticmethod
-    def forward(ctx: Any, delivery: _Delivery, output: torch.Tensor, *points: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx: Any,
+        delivery: _Delivery,
+        activations: list[torch.Tensor | None],
+        output: torch.Tensor,
+        *edges: torch.Tensor,
+    ) -> torch.Tensor:
         ctx.delivery = delivery
-        # norm-aware feedback needs the activations of the points it shapes (their consumer norm keeps them too)
-        learned = delivery.engine.learned is not None  # learned feedback reads every point's activation
-        ctx.norm_index = [i for i, meta in enumerate(delivery.points) if meta.norm is not None or learned]
-        ctx.save_for_backward(*[points[i] for i in ctx.norm_index])
+        # norm-aware feedback needs the activations of the points it shapes (their consumer norm keeps them too);
+        # learned feedback reads every point's
+        ctx.norm_index = [i for i, a in enumerate(activations) if a is not None]
+        ctx.save_for_backward(*[activations[i] for i in ctx.norm_index])
         return output.detach()
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, error: torch.Tensor) -> tuple:
         delivery: _Delivery = ctx.delivery
-        needs = ctx.needs_input_grad[2:]
+        needs = ctx.needs_input_grad[3:]
         if delivery.forward is not None and not delivery.forward.closed:
             delivery.forward.closed = True  # a later call of an output starts from new points
             delivery.engine._release(delivery.forward)
@@ -120,13 +128,16 @@ class _DeliverFeedback(torch.autograd.Function):
         if delivery.downstream_ran or delivery.feeds_point or defer:
             # not an error source: this output's error came through a later output, or it lies before a block
             delivery.probe = None
-            return (None, error, *[None for _ in needs])
+            return (None, None, error, *[None for _ in needs])
         delivery.engine._delivered(delivery)
         activations: list[torch.Tensor | None] = [None] * len(delivery.points)
         for i, tensor in zip(ctx.norm_index, ctx.saved_tensors):
             activations[i] = tensor
         feedback = delivery.engine._project(error, delivery.points, activations, delivery)
-        return (None, error, *[f if n else None for f, n in zip(feedback, needs)])
+        for slot, fb, need in zip(delivery.slots, feedback, needs):
+            if fb is not None and need:
+                slot.add(fb)
+        return (None, None, error, *[error.new_empty(0) if n else None for n in needs])
 
 
 class _SoftCut(torch.autograd.Function):
@@ -152,11 +163,81 @@ class _ForwardState:
         self.closed = False
 
 
+class _Slot:
+    """Where the deliveries of one backward leave a point's feedback (summed) for the point's edge to pass on."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value: torch.Tensor | None = None
+
+    def add(self, feedback: torch.Tensor) -> None:
+        self.value = feedback if self.value is None else self.value + feedback
+
+
+class _PointEdge(torch.autograd.Function):
+    """A 0-element tensor computed from a point: the point's place in the graph without its values. The deliveries
+    take it as an input, put the point's feedback in its slot, and its backward hands that feedback to the point.
+    So the engine keeps no activation alive between a block's call and the backward: as with backprop, a block's
+    output is freed once the layers that read it are done with it (unless they keep it for their own backward)."""
+
+    @staticmethod
+    def forward(ctx: Any, slot: _Slot, tensor: torch.Tensor) -> torch.Tensor:
+        ctx.slot = slot
+        ctx.set_materialize_grads(False)
+        return tensor.new_empty(0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, _: torch.Tensor | None) -> tuple:
+        feedback, ctx.slot.value = ctx.slot.value, None
+        return None, feedback
+
+
+class _Reattach(torch.autograd.Function):
+    """The value of a point, connected again to the point's graph through its edge (the output module reading the
+    last block's output directly: that block gets the true error at the output's input)."""
+
+    @staticmethod
+    def forward(ctx: Any, slot: _Slot, edge: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        ctx.slot = slot
+        return value.detach()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        ctx.slot.add(grad)
+        return None, grad.new_empty(0), None
+
+
+class _Point:
+    """A feedback point of one forward: its key, layout flag, shape and dtype, and its edge into the graph. Its
+    values are kept only where needed: the activation where norm-aware (or learned) feedback reads it, the tensor
+    itself while the first forwards still search for the norms that read each point and in a layout probe."""
+
+    __slots__ = ("key", "flatten", "shape", "dtype", "ptr", "slot", "edge", "activation", "tensor", "alias")
+
+    def __init__(self, key: str, tensor: torch.Tensor, flatten: bool, keep: bool, hold: bool) -> None:
+        self.key, self.flatten = key, flatten
+        self.shape, self.dtype, self.ptr = tensor.shape, tensor.dtype, tensor.data_ptr()
+        self.slot = _Slot()
+        self.edge = _PointEdge.apply(self.slot, tensor)
+        self.activation = tensor.detach() if keep else None
+        self.tensor = tensor if hold else None
+        self.alias: Callable[[], torch.Tensor | None] = lambda: None  # the value the network reads (a weak ref)
+
+    def reads(self, tensor: torch.Tensor) -> bool:
+        """``tensor`` holds this point's values (the cut value the network reads, or the point itself)."""
+        if tensor.data_ptr() != self.ptr or tensor.shape != self.shape:
+            return False
+        return self.tensor is not None or self.alias() is not None  # (not another tensor at a freed address)
+
+
 @dataclass
 class _Group:
     """The points of one forward, tied to every output called after them in that forward."""
 
-    points: list[tuple[str, torch.Tensor, bool]] = field(default_factory=list)
+    points: list[_Point] = field(default_factory=list)
     calls: dict[str, int] = field(default_factory=dict)
     outputs: dict[str, int] = field(default_factory=dict)
     untied: int = 0  # points recorded since the last tie

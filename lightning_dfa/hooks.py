@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -28,6 +29,8 @@ from .delivery import (
     _Hook,
     _in_backward,
     _parameters_reached,
+    _Point,
+    _Reattach,
     _SoftCut,
 )
 from .discovery import discover, single_trainable_layer
@@ -189,7 +192,7 @@ class ForwardHooks:
             g.points, g.cuts, g.copies, g.ties, g.untied = [], {}, [], [], 0
 
     @property
-    def _pending(self) -> list[tuple[str, torch.Tensor, bool]]:
+    def _pending(self) -> list[_Point]:
         """The points recorded since the last output call (not tied to any output yet)."""
         g = self._group
         return [] if g is None or not g.untied else g.points[-g.untied :]
@@ -219,16 +222,23 @@ class ForwardHooks:
             if g.ties or g.after_ties:  # an output was tied before this point: was the point computed from it?
                 for delivery in _deliveries_upstream_of(tensor):
                     delivery.feeds_point = True
-            g.points.append((key, tensor, flatten))
-            g.untied += 1
-            self.report.points_recorded += 1
             if not g.soft and self.layouts.pending and sequence_shaped(tensor.shape, flatten):
                 g.soft = True  # from here on, this forward's points stay connected for a layout probe
+            # the values are kept where the backward reads them (norm-aware or learned feedback), and the tensor
+            # while the norms that read each point are still searched for, or for a layout probe
+            keep = self.learned is not None or self._norm_of(key, flatten) is not None
+            point = _Point(key, tensor, flatten, keep, hold=g.soft or not self._consumers_complete)
+            g.points.append(point)
+            g.untied += 1
+            self.report.points_recorded += 1
             if g.soft:
                 cut = _SoftCut.apply(self.layouts, tensor)
                 g.cuts[id(cut)] = tensor
                 g.copies.append(cut)  # kept alive, so that no other tensor takes its id in this forward
                 return cut
+            cut = tensor.detach()
+            point.alias = weakref.ref(cut)
+            return cut
         return tensor.detach()
 
     def _carries(self, tensor: torch.Tensor | None) -> bool:
@@ -294,15 +304,17 @@ class ForwardHooks:
         calls = g.outputs.get(name, 0)
         g.outputs[name] = calls + 1
         source = name if calls == 0 else f"{name}#{calls}"
-        tensors = [t for _, t, _ in g.points]
-        metas = [self._point_meta(k, t, f) for k, t, f in g.points]
-        delivery = _Delivery(self, metas, source)
+        points = list(g.points)
+        metas = [self._point_meta(p.key, p, p.flatten) for p in points]
+        delivery = _Delivery(self, metas, source, [p.slot for p in points])
+        learned = self.learned is not None
+        activations = [_activation(p) if m.norm is not None or learned else None for p, m in zip(points, metas)]
         module = self._modules.get(name)
         delivery.frozen = module is not None and not any(p.requires_grad for p in module.parameters())
         if len(g.outputs) > 1 or calls:  # another output was tied in this forward: was it computed from it?
             delivery.upstream = _deliveries_upstream_of(tensor)
         if g.soft:
-            delivery.probe = (tensor, tensors)
+            delivery.probe = (tensor, [p.tensor for p in points])
         if self._true_ids is None:  # until a backward delivered: which parameters lie between cuts and output
             delivery.reached = _parameters_reached(tensor)
         delivery.forward = g.state
@@ -312,7 +324,7 @@ class ForwardHooks:
         # norm, which the decoder reads) does not end the search: the blocks after it have consumers too
         self._consumers_complete = self._consumers_complete or not auto
         self.report.outputs_tied += 1
-        return rebuild(_DeliverFeedback.apply(delivery, tensor, *tensors))
+        return rebuild(_DeliverFeedback.apply(delivery, activations, tensor, *[p.edge for p in points]))
 
     def _on_norm_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Norm-aware feedback: a normalisation reading a point recorded in this forward makes it that point's
@@ -326,12 +338,16 @@ class ForwardHooks:
             return None
         g = self._group
         tensor = _uncut(g, tensor)
-        recorded = (
-            [(p.key, p.tensor, p.flatten) for p in self._capture.points] if self._capture is not None else self._pending
-        )
-        for key, point, _ in reversed(recorded):
-            if point.data_ptr() != tensor.data_ptr() or point.shape != tensor.shape:
+        if self._capture is not None:
+            recorded = [(p.key, p.tensor.data_ptr() == tensor.data_ptr() and p.tensor.shape == tensor.shape, None)
+                        for p in self._capture.points]  # fmt: skip
+        else:
+            recorded = [(p.key, p.reads(tensor), p) for p in self._pending]
+        for key, reads, point in reversed(recorded):
+            if not reads:
                 continue
+            if point is not None and point.activation is None:
+                point.activation = tensor.detach()  # what norm-aware feedback will read (the norm keeps it too)
             # (a flattened point, such as a patch embedding's output, keeps its own shape: the norm's Jacobian
             # applies to it position by position, as the norm does)
             if id(module) not in self._norm_kinds:
@@ -395,11 +411,11 @@ class ForwardHooks:
             # The head reads the last block's output directly: that block gets the true error at the head's
             # input (it is where the error is read), the other points get its projection.
             for i in range(len(g.points) - 1, -1, -1):
-                original = g.points[i][1]
-                if original.data_ptr() == tensor.data_ptr() and original.shape == tensor.shape:
+                point = g.points[i]
+                if point.reads(tensor):
                     del g.points[i]
                     g.untied = min(g.untied, len(g.points))
-                    tensor = original
+                    tensor = _Reattach.apply(point.slot, point.edge, tensor)
                     break
         tied = self._on_output(name, tensor)
         return None if tied is None else rebuild(tied)
@@ -471,6 +487,18 @@ def _uncut(g: _Group | None, tensor: torch.Tensor) -> torch.Tensor:
     if g is None or not g.cuts:
         return tensor
     return next((g.cuts[id(c)] for c in g.copies if _same_memory(c, tensor)), tensor)
+
+
+def _activation(point: _Point) -> torch.Tensor:
+    """The values norm-aware (or learned) feedback reads at ``point``."""
+    if point.activation is not None:
+        return point.activation
+    if point.tensor is not None:
+        return point.tensor.detach()
+    raise RuntimeError(
+        f"DFA: the activation of point {point.key!r} was not kept for its norm-aware feedback (the norm reading it "
+        "was found after the point was recorded). Please report this with the model; norm_jacobian=False avoids it."
+    )
 
 
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
