@@ -226,5 +226,10 @@ def _module_order(root: nn.Module) -> dict[str, int]:
 def _frozen(block: Block) -> bool:
     """A block whose parameters are all frozen: no feedback point (it cannot learn; for a step in which a network
     is frozen, such as the discriminator in a generator's step, it is part of the loss)."""
-    params = block.parameters()
-    return bool(params) and not any(p.requires_grad for p in params)
+    seen = False
+    for m in block.members or (block.entry,):
+        for p in m.parameters():
+            if p.requires_grad:
+                return False  # (checked at every call of a block: stop at its first trainable parameter)
+            seen = True
+    return seen
