@@ -6,6 +6,10 @@ Several outputs (heads, losses; ``output=[...]``, or one output module called se
 ties all the points of its forward recorded before it, each through its own delivery with its own fixed
 matrices, so each point receives ``sum_j B_j e_j``; autograd runs only the deliveries the loss depends on, and
 an output whose error reached it through a later output (``head2(head1(h))``) passes it on without delivering.
+
+A point is tied by its *edge* (:class:`_PointEdge`, a 0-element tensor computed from it), not by its values: the
+deliveries leave its feedback in its slot and the edge's backward hands the sum to the point, so the engine keeps
+no activation alive that the network itself would have freed.
 """
 
 from __future__ import annotations
@@ -66,11 +70,11 @@ class _Delivery:
     __slots__ = ("engine", "points", "source", "upstream", "downstream_ran", "probe", "feeds_point", "frozen")
     __slots__ += ("reached", "forward", "slots")
 
-    def __init__(self, engine: Any, points: list[PointMeta], source: str, slots: list[_Slot] | None = None) -> None:
+    def __init__(self, engine: Any, points: list[PointMeta], source: str, slots: list[_Slot]) -> None:
         self.engine = engine
         self.points = points
-        #: where each point's feedback goes (its edge hands it on)
-        self.slots = slots if slots is not None else [_Slot() for _ in points]
+        #: where each point's feedback goes (the point's edge hands it on)
+        self.slots = slots
         self.source = source
         #: a block's input was computed from this output: it lies before a block, so it is no error source
         self.feeds_point = False
