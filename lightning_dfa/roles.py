@@ -187,10 +187,12 @@ def faint_token_tables(root: nn.Module, tables: list[tuple[str, nn.Module, bool]
         ['the token table emb (RMS 0.02) is faint beside the fixed position table pos (RMS 0.5)']
     """
     modules = dict(root.named_modules())
+    # the token tables themselves, not the learned positions or token types beside them (fewer rows)
+    rows = max((m.num_embeddings for _, m, _ in tables if isinstance(m, nn.Embedding)), default=0)
     reasons = []
     for name, module, tied in tables:
         weight = getattr(module, "weight", None)
-        if not (tied or isinstance(module, nn.Embedding)) or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not (tied or weight.shape[0] == rows):
             continue
         parent_name = name.rpartition(".")[0]
         parent = modules.get(parent_name)
