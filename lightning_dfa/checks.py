@@ -114,7 +114,11 @@ def explain_silence(engine: Any, report: Any) -> str:
             "blocks should learn."
         )
     if report.points_recorded == 0:
-        why = f"no block ran with gradients enabled in this step's forward (blocks: {names[:6]}...)."
+        why = (
+            f"no block ran with gradients enabled in this step's forward (blocks: {names[:6]}...): under "
+            "torch.no_grad(), or inside torch.utils.checkpoint.checkpoint(..., use_reentrant=True), whose forward "
+            "runs without gradients (use use_reentrant=False)."
+        )
     elif report.outputs_tied == 0 and report.untied_outputs:
         kinds = sorted(set(report.untied_outputs))
         why = (

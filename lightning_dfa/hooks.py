@@ -249,30 +249,49 @@ class ForwardHooks:
         g = self._group
         return g is None or not g.soft or _grad_beyond_soft_cuts(tensor)
 
-    def _on_block_input(self, block: Block, args: tuple, kwargs: dict) -> Any:
-        if not self._active() or _frozen(block):
+    def _recomputed(self, tensor: torch.Tensor | None, key: str) -> torch.Tensor | None:
+        """Inside an activation checkpoint's recomputation (a module called in the backward with gradients on): the
+        cut of the forward at point ``key``, a layout-probe forward's soft cut or a detach, without recording the point
+        again (its feedback was delivered already), so that the recomputed graph saves what the forward saved.
+        ``None`` otherwise, and where the forward recorded no such point (a reentrant checkpoint's forward, run
+        without gradients: its recomputation must stay connected)."""
+        if self.mode != "dfa" or not torch.is_grad_enabled() or not _in_backward() or not _carries_grad(tensor):
             return None
+        g = self._group
+        if g is None or key not in g.calls:
+            return None
+        return _SoftCut.apply(self.layouts, tensor) if g.soft else tensor.detach()
+
+    def _count_call(self) -> None:
+        if self.mode == "dfa" and not _in_backward():  # (with or without gradients: said when none reached a block)
+            self.report.blocks_called += 1
+
+    def _on_block_input(self, block: Block, args: tuple, kwargs: dict) -> Any:
+        self._count_call()
         tensor, rebuild = _split_input(args, kwargs)
+        if not self._active() or _frozen(block):
+            cut = None if _frozen(block) else self._recomputed(tensor, block.name + ":in")
+            return None if cut is None else rebuild(cut)
         if not self._carries(tensor):
             return None
         return rebuild(self._record(block.name + ":in", tensor))
 
     def _on_block_output(self, block: Block, output: Any) -> Any:
-        if not self._active():
-            return None
-        self.report.blocks_called += 1
-        if _frozen(block):
-            return None
+        self._count_call()
         tensor, rebuild = _split_main(output)
+        if not self._active() or _frozen(block):
+            cut = None if _frozen(block) else self._recomputed(tensor, block.name)
+            return None if cut is None else rebuild(cut)
         if not self._carries(tensor):
             return None
         return rebuild(self._record(block.name, tensor))
 
     def _on_head_input(self, name: str, args: tuple, kwargs: dict) -> Any:
         """``cut_head_input``: the output module's input becomes the point ``"<output>:in"`` (detached downstream)."""
-        if not self._active():
-            return None
         tensor, rebuild = _split_input(args, kwargs)
+        if not self._active():
+            cut = self._recomputed(tensor, name + ":in")
+            return None if cut is None else rebuild(cut)
         if not self._carries(tensor):
             return None
         return rebuild(self._record(name + ":in", tensor))
@@ -365,12 +384,9 @@ class ForwardHooks:
         if id(module) not in self._point_norms:
             return None
         tensor, rebuild = _split_main(output)
-        if self.mode == "dfa" and torch.is_grad_enabled() and _in_backward() and _carries_grad(tensor):
-            # an activation checkpoint's recomputation inside the block: cut as in the forward (a layout-probe
-            # forward's soft cut, else a detach), so that the recomputed graph saves what the forward saved (the
-            # point's feedback was delivered already)
-            g = self._group
-            return rebuild(_SoftCut.apply(self.layouts, tensor) if g is not None and g.soft else tensor.detach())
+        cut = self._recomputed(tensor, name)  # an activation checkpoint's recomputation inside the block
+        if cut is not None:
+            return rebuild(cut)
         if not self._active() or not self._carries(tensor):
             return None
         return rebuild(self._record(name, tensor))

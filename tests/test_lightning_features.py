@@ -712,3 +712,60 @@ def test_compatibility_table_names_existing_tests() -> None:
                 assert all(part in source + scripts for part in param.strip("[]").split("-")), f"{name}{param}"
         for extra in re.findall(r"`\[([\w.-]+)\]`", row):  # further ids of the same test: `[auto_unused]`
             assert all(part in source + scripts for part in extra.split("-")), extra
+
+
+@pytest.mark.parametrize("region", ["each block", "two blocks"])
+def test_torch_checkpointing_of_plain_blocks_gives_the_same_dfa_gradients(region: str) -> None:
+    """``torch.utils.checkpoint`` (non-reentrant) around blocks of a plain model, the first block's input a point
+    too: the recomputation cuts where the forward cut, so the gradients equal those without checkpointing (before,
+    it recomputed uncut and torch refused: "Recomputed values ... have different metadata"). Reentrant
+    checkpointing runs the forward without gradients: refused with what to use instead."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(16, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + torch.tanh(self.fc(x))
+
+    class Net(nn.Module):
+        def __init__(self, mode: str | None) -> None:
+            super().__init__()
+            self.mode = mode
+            self.inp, self.out = nn.Linear(6, 16), nn.Linear(16, 3)
+            self.blocks = nn.ModuleList([Block() for _ in range(4)])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.inp(x)
+            if self.mode is None:
+                for b in self.blocks:
+                    h = b(h)
+            elif region == "each block":
+                for b in self.blocks:
+                    h = checkpoint(b, h, use_reentrant=self.mode == "reentrant")
+            else:
+                pairs = [nn.Sequential(*self.blocks[i : i + 2]) for i in (0, 2)]
+                for pair in pairs:
+                    h = checkpoint(pair, h, use_reentrant=self.mode == "reentrant")
+            return self.out(h)
+
+    x, y = torch.randn(8, 6, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+
+    def grads(mode: str | None) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        net = Net(mode)
+        engine = FeedbackEngine(blocks="blocks.*", output="out")
+        engine.attach(net)
+        for _ in range(2):  # the first forward, which searches norms and holds points, and a later one
+            net.zero_grad()
+            nn.functional.cross_entropy(net(x), y).backward()
+            engine.end_backward()
+        engine.detach()
+        return [p.grad.clone() for p in net.parameters()]
+
+    for plain, checkpointed in zip(grads(None), grads("non-reentrant")):
+        torch.testing.assert_close(checkpointed, plain)
+    with pytest.raises(RuntimeError, match="use_reentrant=True"):
+        grads("reentrant")
