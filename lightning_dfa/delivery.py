@@ -258,7 +258,7 @@ class BackwardReport:
     """Counters of one backward: what the forward(s) recorded and what the backward delivered."""
 
     points_recorded: int = 0
-    #: calls of a block module in the forward(s) (with or without gradient): none when the model bypasses them
+    #: hooks of block modules that fired in the forward(s), with or without gradient (0: the model bypasses them)
     blocks_called: int = 0
     outputs_tied: int = 0
     deliveries: int = 0

@@ -126,6 +126,7 @@ class ForwardHooks:
         # learning
         transform = not only_norms_before(root, target)
         cutting = self.mode == "dfa" and self.cut_token_embedding
+        tables = token_embeddings(root, target) if cutting else []
         # decided once, at the first attach of a run, and kept (attached again to the same model, or resumed from a
         # checkpoint): the token table grows in training, and the rule must not change course half-way
         earlier, self._faint = (self._faint if same else None), None
@@ -135,10 +136,10 @@ class ForwardHooks:
             elif earlier is not None:
                 self._faint = earlier
             else:
-                self._faint = faint_token_tables(root, token_embeddings(root, target))
+                self._faint = faint_token_tables(root, tables)
             cutting = not self._faint
         self._token_embeddings = token_embeddings(root, target, tied=not transform) if cutting else []
-        self._tied_kept = [n for n, _, tied in token_embeddings(root, target) if tied] if cutting and transform else []
+        self._tied_kept = [n for n, _, tied in tables if tied] if cutting and transform else []
         for _, module, tied in self._token_embeddings:
             # its output is detached in the forwards; untied, it is also frozen (DDP, set up after, leaves it out)
             self._handles.append(module.register_forward_hook(_Hook(lambda m, a, o: self._on_token_embedding(o))))
@@ -266,35 +267,31 @@ class ForwardHooks:
         if self.mode == "dfa" and not _in_backward():  # (with or without gradients: said when none reached a block)
             self.report.blocks_called += 1
 
+    def _at_point(self, key: str, tensor: torch.Tensor | None, rebuild: Any, block: Block | None = None) -> Any:
+        """The value a module hook hands on at point ``key``: in a training forward the point's cut (recorded), in an
+        activation checkpoint's recomputation the same cut again, else nothing (``None``: the value unchanged).
+        A frozen ``block`` records no point (so its recomputation is not cut either)."""
+        if not self._active():
+            cut = self._recomputed(tensor, key)
+            return None if cut is None else rebuild(cut)
+        if (block is not None and _frozen(block)) or not self._carries(tensor):
+            return None
+        return rebuild(self._record(key, tensor))
+
     def _on_block_input(self, block: Block, args: tuple, kwargs: dict) -> Any:
         self._count_call()
         tensor, rebuild = _split_input(args, kwargs)
-        if not self._active() or _frozen(block):
-            cut = None if _frozen(block) else self._recomputed(tensor, block.name + ":in")
-            return None if cut is None else rebuild(cut)
-        if not self._carries(tensor):
-            return None
-        return rebuild(self._record(block.name + ":in", tensor))
+        return self._at_point(block.name + ":in", tensor, rebuild, block)
 
     def _on_block_output(self, block: Block, output: Any) -> Any:
         self._count_call()
         tensor, rebuild = _split_main(output)
-        if not self._active() or _frozen(block):
-            cut = None if _frozen(block) else self._recomputed(tensor, block.name)
-            return None if cut is None else rebuild(cut)
-        if not self._carries(tensor):
-            return None
-        return rebuild(self._record(block.name, tensor))
+        return self._at_point(block.name, tensor, rebuild, block)
 
     def _on_head_input(self, name: str, args: tuple, kwargs: dict) -> Any:
         """``cut_head_input``: the output module's input becomes the point ``"<output>:in"`` (detached downstream)."""
         tensor, rebuild = _split_input(args, kwargs)
-        if not self._active():
-            cut = self._recomputed(tensor, name + ":in")
-            return None if cut is None else rebuild(cut)
-        if not self._carries(tensor):
-            return None
-        return rebuild(self._record(name + ":in", tensor))
+        return self._at_point(name + ":in", tensor, rebuild)
 
     def _on_output(self, name: str, output: Any, auto: bool = False) -> Any:
         if auto and (self._capture is not None or not self._active()):
@@ -384,12 +381,7 @@ class ForwardHooks:
         if id(module) not in self._point_norms:
             return None
         tensor, rebuild = _split_main(output)
-        cut = self._recomputed(tensor, name)  # an activation checkpoint's recomputation inside the block
-        if cut is not None:
-            return rebuild(cut)
-        if not self._active() or not self._carries(tensor):
-            return None
-        return rebuild(self._record(name, tensor))
+        return self._at_point(name, tensor, rebuild)
 
     def _on_token_embedding(self, output: Any) -> Any:
         """``cut_token_embedding``: a token embedding's output is detached in DFA's forwards (tied to the output
