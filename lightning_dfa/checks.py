@@ -12,7 +12,7 @@ from torch import nn
 
 from .blocks import _frozen
 from .config import _SAVED_OPTIONS, DFAConfig
-from .projectors.bank import check_bank_state
+from .projectors.bank import _damaged, check_bank_state
 
 
 def check_state(state: Any) -> None:
@@ -33,18 +33,10 @@ def check_state(state: Any) -> None:
     if saved is not None and not (
         isinstance(saved, dict) and isinstance(saved.get("class"), str) and isinstance(saved.get("outputs"), dict)
     ):
-        raise ValueError(
-            "DFA: the checkpoint's feedback state is damaged: its projector entry is not {'class': name, 'outputs': "
-            "{output: state}}. Resume from another checkpoint, or start a new fit from the weights alone "
-            "(Model.load_from_checkpoint(path), then fit without ckpt_path)."
-        )
+        raise _damaged("its projector entry is not {'class': name, 'outputs': {output: state}}")
     faint = state.get("faint_token_tables", [])
     if not isinstance(faint, list) or not all(isinstance(line, str) for line in faint):
-        raise ValueError(
-            "DFA: the checkpoint's feedback state is damaged: its faint_token_tables entry is not a list of "
-            "strings. Resume from another checkpoint, or start a new fit from the weights alone "
-            "(Model.load_from_checkpoint(path), then fit without ckpt_path)."
-        )
+        raise _damaged("its faint_token_tables entry is not a list of strings")
     options = {name: state[name] for name in _SAVED_OPTIONS if name in state}
     try:
         DFAConfig(**options)
