@@ -22,7 +22,7 @@ from .discovery import Block, Target, discover
 from .engine import FeedbackEngine
 from .projectors import Projector
 from .projectors.bank import DISTRIBUTIONS, FeedbackBank
-from .registry import register_micro_points
+from .registry import register_blocks, register_micro_points
 
 __version__ = "0.1.0"
 
@@ -42,6 +42,7 @@ __all__ = [
     "FeedbackEngine",
     "Target",
     "discover",
+    "register_blocks",
     "register_micro_points",
 ]
 

@@ -6,7 +6,9 @@ Discovery order (the first that applies wins):
 2. a ``configure_dfa()`` method on the root module (the LightningModule) returning the same options
    (merged by :meth:`lightning_dfa.DFAConfig.merged_with` in :meth:`lightning_dfa.FeedbackEngine.attach`);
 3. a Hugging Face ``PreTrainedModel`` inside the root: blocks are the modules whose class is listed in the
-   model's ``_no_split_modules``; the output is ``get_output_embeddings()`` or the task head;
+   model's ``_no_split_modules`` (or in :data:`lightning_dfa.registry.BLOCK_CLASSES` for its ``model_type``; an
+   attention module listed there stands for the layer holding it); the output is ``get_output_embeddings()`` or
+   the task head;
 4. the model's repeated blocks (:func:`repeated_blocks`): a ``ModuleList`` of composite blocks of one class (all
    Transformer stacks of an encoder-decoder), stages of residual blocks (ResNet's ``layer1``, one-block stages
    too), or composite attributes of one module sharing a class (a UNet's ``down1``, ``up1``...); the output is the
@@ -51,8 +53,16 @@ from .blocks import (
     infer_micro_points,
     match_modules,
 )
-from .registry import MICRO_POINTS, micro_points
-from .structure import _layer_inputs_target, _module_list_target, _sequential_target, _stages_target, _structure_target
+from .registry import BLOCK_CLASSES, MICRO_POINTS, micro_points
+from .structure import (
+    _composite,
+    _is_layer_list,
+    _layer_inputs_target,
+    _module_list_target,
+    _sequential_target,
+    _stages_target,
+    _structure_target,
+)
 
 __all__ = ["Block", "BlockSpec", "Target", "discover", "infer_micro_points", "match_modules"]
 
@@ -76,19 +86,40 @@ def _named_in(cls: type, names: set[str]) -> bool:
     )
 
 
+def _attention_to_layers(root: nn.Module, found: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """Blocks named by ``_no_split_modules`` that are attention modules inside the layers of a layer list
+    (Longformer's ``LongformerSelfAttention``, LUKE's ``LukeAttention``) are replaced by the layer holding them: an
+    attention module is part of a Transformer layer, and with points at the attention alone the layers' MLPs learned
+    by backprop through every later layer."""
+    layers = [  # the elements of every list of layers (one class, each holding parameters in submodules)
+        f"{name}.{i}" if name else str(i)
+        for name, mlist in root.named_modules()
+        if _is_layer_list(mlist, 1) and all(_composite(m) for m in mlist)
+        for i in range(len(mlist))
+    ]
+    out: dict[str, nn.Module] = {}
+    for n, m in found:
+        holders = [layer for layer in layers if n.startswith(layer + ".")]
+        if "attention" in type(m).__name__.lower() and holders:
+            n = max(holders, key=len)
+            m = root.get_submodule(n)
+        out.setdefault(n, m)
+    return list(out.items())
+
+
 def _hf_target(root: nn.Module, placement: str) -> Target | None:
     found = _find_hf_model(root)
     if found is None:
         return None
     prefix, hf = found
-    classes: set[str] = set()
-    for module in hf.modules():
+    classes: set[str] = set(BLOCK_CLASSES.get(getattr(getattr(hf, "config", None), "model_type", None), ()))
+    for module in hf.modules() if not classes else ():
         classes.update(getattr(module, "_no_split_modules", None) or [])
     blocks_found = [  # by the class or a base of it (FSDP2's fully_shard subclasses each sharded module)
         (n, m) for n, m in root.named_modules() if n.startswith(prefix) and _named_in(type(m), classes)
     ]
     inner = _nested([n for n, _ in blocks_found])
-    blocks_found = [(n, m) for n, m in blocks_found if n not in inner]
+    blocks_found = _attention_to_layers(root, [(n, m) for n, m in blocks_found if n not in inner])
     if not blocks_found:  # no _no_split_modules (e.g. ALBERT): its list of repeated layers, even a shared one;
         # every stack of Transformer layers of an encoder-decoder (Marian, Blenderbot, LED, FSMT), not only the largest
         layers = _module_list_target(hf, min_len=1, composite=True) or _module_list_target(hf, min_len=1)

@@ -1,7 +1,11 @@
-"""Known architectures: where the paper's "micro" feedback points lie inside a Transformer block.
+"""Known architectures: which modules are the blocks, and where the paper's "micro" feedback points lie inside a
+Transformer block.
 
-Macro placement (one feedback point per block) needs no entry here: Hugging Face models list their blocks in
-``_no_split_modules``. Micro placement adds points inside each block: after the attention sub-block and after
+Macro placement (one feedback point per block) needs no entry for most models: Hugging Face models list their
+blocks in ``_no_split_modules``. Where that list names the parts of a residual unit rather than the unit (Hugging
+Face's ResNet lists its convolution layers and shortcuts), :data:`BLOCK_CLASSES` names the units: a point inside a
+residual unit would feed its branch and its skip path apart. Add an architecture with :func:`register_blocks`.
+Micro placement adds points inside each block: after the attention sub-block and after
 the MLP's hidden activation. Keys are Hugging Face ``config.model_type`` values; values are submodule paths
 relative to one block. Add an architecture with :func:`register_micro_points`. An architecture not listed here gets
 the points :func:`lightning_dfa.discovery.infer_micro_points` finds in each block (the outermost ``*attn*`` /
@@ -14,6 +18,12 @@ Example:
 
 from __future__ import annotations
 
+#: Block classes per Hugging Face ``config.model_type``, used instead of the model's ``_no_split_modules``.
+BLOCK_CLASSES: dict[str, tuple[str, ...]] = {
+    "resnet": ("ResNetBasicLayer", "ResNetBottleNeckLayer"),
+    "rt_detr_resnet": ("RTDetrResNetBasicLayer", "RTDetrResNetBottleNeckLayer"),
+}
+
 MICRO_POINTS: dict[str, tuple[str, ...]] = {
     "gpt2": ("attn", "mlp.act"),
     "gpt_neo": ("attn", "mlp.act"),
@@ -23,6 +33,18 @@ MICRO_POINTS: dict[str, tuple[str, ...]] = {
     "bert": ("attention", "intermediate"),
     "roberta": ("attention", "intermediate"),
 }
+
+
+def register_blocks(model_type: str, classes: tuple[str, ...]) -> None:
+    """Declare the block classes of a Hugging Face architecture (class names, as in ``_no_split_modules``): each
+    module of one of these classes gets one feedback point.
+
+    Example:
+        >>> BLOCK_CLASSES["resnet"]
+        ('ResNetBasicLayer', 'ResNetBottleNeckLayer')
+        >>> register_blocks("my_resnet", ("MyResidualLayer",))
+    """
+    BLOCK_CLASSES[model_type] = tuple(classes)
 
 
 def register_micro_points(model_type: str, points: tuple[str, ...]) -> None:
