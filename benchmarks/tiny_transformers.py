@@ -355,6 +355,21 @@ MORE: dict[str, Task] = {
                                                                        intermediate_size=FFN,
                                                                        num_attention_heads=HEADS, num_labels=2,
                                                                        **_NO_DROP)), "marks", (0, 64, 1e-3)),
+        ("beit", lambda s: hf.BeitForImageClassification(hf.BeitConfig(image_size=16, patch_size=4, num_channels=1,
+                                                                       num_hidden_layers=LAYERS, hidden_size=D,
+                                                                       intermediate_size=FFN,
+                                                                       num_attention_heads=HEADS, num_labels=2,
+                                                                       **_NO_DROP)), "marks", (0, 64, 1e-3)),
+        ("dinov2", lambda s: hf.Dinov2ForImageClassification(hf.Dinov2Config(image_size=16, patch_size=4,
+                                                                             num_channels=1, num_hidden_layers=LAYERS,
+                                                                             hidden_size=D, mlp_ratio=FFN // D,
+                                                                             num_attention_heads=HEADS, num_labels=2,
+                                                                             **_NO_DROP)), "marks", (0, 64, 1e-3)),
+        # a convolutional network: 2 stages of 2 residual layers, widths 32 and 64
+        ("resnet", lambda s: hf.ResNetForImageClassification(hf.ResNetConfig(num_channels=1, num_labels=2,
+                                                                             embedding_size=32, hidden_sizes=[32, 64],
+                                                                             depths=[2, 2], layer_type="basic")),
+         "marks", (0, 64, 1e-3)),
     )
 }  # fmt: skip
 ALL: dict[str, Task] = {**TASKS, **MORE}
