@@ -112,9 +112,10 @@ def _hf_target(root: nn.Module, placement: str) -> Target | None:
     if found is None:
         return None
     prefix, hf = found
-    classes: set[str] = set(BLOCK_CLASSES.get(getattr(getattr(hf, "config", None), "model_type", None), ()))
-    for module in hf.modules() if not classes else ():
-        classes.update(getattr(module, "_no_split_modules", None) or [])
+    classes = set(BLOCK_CLASSES.get(getattr(getattr(hf, "config", None), "model_type", None), ()))
+    if not classes:
+        for module in hf.modules():
+            classes.update(getattr(module, "_no_split_modules", None) or [])
     blocks_found = [  # by the class or a base of it (FSDP2's fully_shard subclasses each sharded module)
         (n, m) for n, m in root.named_modules() if n.startswith(prefix) and _named_in(type(m), classes)
     ]
