@@ -34,9 +34,10 @@ def check_state(state: Any) -> None:
         isinstance(saved, dict) and isinstance(saved.get("class"), str) and isinstance(saved.get("outputs"), dict)
     ):
         raise _damaged("its projector entry is not {'class': name, 'outputs': {output: state}}")
-    faint = state.get("faint_token_tables", [])
-    if not isinstance(faint, list) or not all(isinstance(line, str) for line in faint):
-        raise _damaged("its faint_token_tables entry is not a list of strings")
+    for key in ("faint_token_tables", "blocks"):
+        names = state.get(key, [])
+        if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+            raise _damaged(f"its {key} entry is not a list of strings")
     options = {name: state[name] for name in _SAVED_OPTIONS if name in state}
     try:
         DFAConfig(**options)

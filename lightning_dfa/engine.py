@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -57,6 +58,7 @@ from .projectors.base import class_name, mix, project_rows
 from .projectors.random import default_distribution
 from .recipe import recipe_notes
 from .roles import parameter_roles, role_of
+from .sharding import _WRAPPED
 
 __all__ = ["BackwardReport", "Capture", "CapturedPoint", "FeedbackEngine", "PointMeta", "check_state"]
 
@@ -122,6 +124,7 @@ class FeedbackEngine(ForwardHooks):
         #: cut_token_embedding="auto": why the token table is not cut (faint beside fixed positions), once decided
         self._faint: list[str] | None = None
         self._saved_faint: list[str] | None = None  # that decision, from a checkpoint
+        self._saved_blocks: list[str] | None = None  # the blocks a loaded checkpoint was trained with
         self._tied_kept: list[str] = []  # cut_token_embedding: tables tied to the output behind a head transform
         self._frozen: list[nn.Parameter] = []  # cut_token_embedding: set to requires_grad=False while attached
         self._cut = bool(self.config.chosen("cut_head_input"))
@@ -258,10 +261,33 @@ class FeedbackEngine(ForwardHooks):
         if (self.bank.seed, self.bank.distribution) != (self.config.seed, self.config.distribution):
             self.bank = FeedbackBank(self.config.seed, self.config.distribution)
         try:
-            return self._install(root, target, configured=callable(hook))
+            found = self._install(root, target, configured=callable(hook))
         except BaseException:
             self.detach()  # a failure half-way leaves no hook behind
             raise
+        self._compare_blocks()
+        return found
+
+    def _compare_blocks(self) -> None:
+        """Warn once when the blocks found now are not those a loaded checkpoint was trained with (a model changed
+        since, or a version of the library that finds other blocks): the feedback then goes to other points than in
+        the run being resumed."""
+        saved, self._saved_blocks = self._saved_blocks, None
+        now = [b.name for b in self.target.blocks] if self.target is not None else []
+        if saved is None or [_unwrapped(n) for n in saved] == [_unwrapped(n) for n in now]:
+            return
+
+        def listed(names: list[str]) -> str:
+            return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "") or "none"
+
+        warnings.warn(
+            f"DFA: the checkpoint was trained with other blocks than those found now (only in the checkpoint: "
+            f"{listed([n for n in saved if n not in now])}; only now: {listed([n for n in now if n not in saved])}). "
+            "Training goes on with the blocks found now (the checkpoint's are listed in its state, under "
+            "'blocks'); pass blocks= to choose them.",
+            UserWarning,
+            stacklevel=3,
+        )
 
     def _delivered(self, delivery: _Delivery) -> None:
         self._consumers_complete = True
@@ -415,6 +441,9 @@ class FeedbackEngine(ForwardHooks):
         faint = self._faint if self._faint is not None else self._saved_faint
         if faint is not None:
             state["faint_token_tables"] = list(faint)
+        blocks = [b.name for b in self.target.blocks] if self.target is not None else self._saved_blocks
+        if blocks is not None:
+            state["blocks"] = list(blocks)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -445,6 +474,9 @@ class FeedbackEngine(ForwardHooks):
             self._saved_options = options
         self.bank.load_state_dict(state)
         self._saved_faint = list(state["faint_token_tables"]) if "faint_token_tables" in state else None
+        self._saved_blocks = list(state["blocks"]) if "blocks" in state else None
+        if self.attached:
+            self._compare_blocks()
         self._projectors, self._projectors_for = {}, None
         self._projector_states = dict(state["projector"]["outputs"]) if "projector" in state else {}
         if self.learned is not None and "learned_feedback" in state:
@@ -471,3 +503,13 @@ class FeedbackEngine(ForwardHooks):
         from .summary import format_summary
 
         return format_summary(self, shapes)
+
+
+#: name parts a wrapper adds around the module it wraps (torch.compile, FSDP1, activation checkpointing)
+_WRAPPER_PARTS = {*_WRAPPED, "_orig_mod"}
+
+
+def _unwrapped(name: str) -> str:
+    """A module name without its wrappers' parts (``"net._orig_mod.1"`` -> ``"net.1"``): a checkpoint written from a
+    compiled or sharded model names the same blocks as the plain model."""
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_PARTS)

@@ -324,6 +324,18 @@ def test_checkpoint_of_one_form_resumes_in_the_other(saved: dict[str, Any], writ
     assert all(torch.equal(v, reference[k]) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("form", FORMS)
+def test_resume_with_other_blocks_than_the_checkpoints_says_which(saved: dict[str, Any], form: str) -> None:
+    """The checkpoint lists the blocks it was trained with; resumed where other blocks are found (a changed model,
+    other ``blocks=``, or a library version that finds other blocks), a warning names the difference."""
+    assert torch.load(saved[form], weights_only=False)["dfa"]["blocks"] == ["net.1", "net.3", "net.5"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit_epochs(2, form, ckpt=saved[form], blocks=["net.1", "net.3"])
+    said = [str(w.message) for w in caught if "other blocks than those found now" in str(w.message)]
+    assert len(said) == 1 and "only in the checkpoint: net.5; only now: none" in said[0], said
+
+
 KEPT = [
     ("seed", 99, 0),
     ("distribution", "gaussian", "uniform"),
@@ -462,6 +474,8 @@ def _corrupt(state: dict[str, Any], how: str) -> Any:
         state["scale"] = float("nan")
     elif how == "not_a_dict":
         return [1, 2, 3]
+    elif how == "blocks":
+        state["blocks"] = "net.1"
     return state
 
 
@@ -474,6 +488,7 @@ CORRUPTIONS = {
     "signs": "not a vector of \\+-1",
     "scale": "scale must be a finite, non-zero number",
     "not_a_dict": "it is a list, not a dict",
+    "blocks": "its blocks entry is not a list of strings",
 }
 
 
