@@ -3,13 +3,15 @@ Transformer block.
 
 Macro placement (one feedback point per block) needs no entry for most models: Hugging Face models list their
 blocks in ``_no_split_modules``. Where that list names the parts of a residual unit rather than the unit (Hugging
-Face's ResNet lists its convolution layers and shortcuts), :data:`BLOCK_CLASSES` names the units: a point inside a
-residual unit would feed its branch and its skip path apart. Add an architecture with :func:`register_blocks`.
-Micro placement adds points inside each block: after the attention sub-block and after
-the MLP's hidden activation. Keys are Hugging Face ``config.model_type`` values; values are submodule paths
-relative to one block. Add an architecture with :func:`register_micro_points`. An architecture not listed here gets
-the points :func:`lightning_dfa.discovery.infer_micro_points` finds in each block (the outermost ``*attn*`` /
-``*attention*`` submodule and the first activation module outside it); an entry here overrides that.
+Face's ResNet lists its convolution layers and shortcuts) or no unit at all (BiT lists its embeddings only),
+:data:`BLOCK_CLASSES` names the units: a point inside a residual unit would feed its branch and its skip path apart.
+Add an architecture with :func:`register_blocks`.
+
+Micro placement adds points inside each block: after the attention sub-block and after the MLP's hidden activation.
+Keys are Hugging Face ``config.model_type`` values; values are submodule paths relative to one block. Add an
+architecture with :func:`register_micro_points`. An architecture not listed here gets the points
+:func:`lightning_dfa.discovery.infer_micro_points` finds in each block (the outermost ``*attn*`` / ``*attention*``
+submodule and the first activation module outside it); an entry here overrides that.
 
 Example:
     >>> micro_points("gpt2")
@@ -22,6 +24,7 @@ from __future__ import annotations
 BLOCK_CLASSES: dict[str, tuple[str, ...]] = {
     "resnet": ("ResNetBasicLayer", "ResNetBottleNeckLayer"),
     "rt_detr_resnet": ("RTDetrResNetBasicLayer", "RTDetrResNetBottleNeckLayer"),
+    "bit": ("BitPreActivationBottleneckLayer", "BitBottleneckLayer"),
 }
 
 MICRO_POINTS: dict[str, tuple[str, ...]] = {

@@ -514,6 +514,21 @@ def test_hugging_face_resnet_blocks_are_its_residual_layers(layer_type: str) -> 
     assert {type(b.exit).__name__ for b in engine.target.blocks} <= set(BLOCK_CLASSES["resnet"])
 
 
+def test_hugging_face_bit_blocks_are_its_residual_layers() -> None:
+    """BiT's ``_no_split_modules`` names only its embeddings: with them as the only block, 98 % of the parameters
+    learned by backprop (and the summary warned). The registry names its residual layers."""
+    import transformers as hf
+
+    torch.manual_seed(0)
+    cfg = hf.BitConfig(num_channels=1, num_labels=2, embedding_size=16, hidden_sizes=[32, 64], depths=[1, 1],
+                       layer_type="preactivation", num_groups=8)  # fmt: skip
+    net = hf.BitForImageClassification(cfg)
+    assert set(net._no_split_modules) == {"BitEmbeddings"}
+    x, y = torch.randn(4, 1, 16, 16), torch.tensor([0, 1, 1, 0])
+    engine = check_true_dfa(net, lambda n: n(pixel_values=x, labels=y).loss)
+    assert [b.name for b in engine.target.blocks] == ["bit.encoder.stages.0.layers.0", "bit.encoder.stages.1.layers.0"]
+
+
 def test_a_list_of_lists_of_layers_gives_the_layers_as_blocks() -> None:
     """Funnel keeps its encoder's layers in a list of lists, never called itself: its layers are the blocks (before,
     the lists were, their hooks never fired, and no feedback reached the blocks)."""
