@@ -7,8 +7,8 @@ Discovery order (the first that applies wins):
    (merged by :meth:`lightning_dfa.DFAConfig.merged_with` in :meth:`lightning_dfa.FeedbackEngine.attach`);
 3. a Hugging Face ``PreTrainedModel`` inside the root: blocks are the modules whose class is listed in the
    model's ``_no_split_modules`` (or in :data:`lightning_dfa.registry.BLOCK_CLASSES` for its ``model_type``; an
-   attention module listed there stands for the layer holding it); the output is ``get_output_embeddings()`` or
-   the task head;
+   attention module listed there stands for the layer holding it, and a larger stack of layers none of them
+   touches adds its layers); the output is ``get_output_embeddings()`` or the task head;
 4. the model's repeated blocks (:func:`repeated_blocks`): a ``ModuleList`` of composite blocks of one class (all
    Transformer stacks of an encoder-decoder), stages of residual blocks (ResNet's ``layer1``, one-block stages
    too), or composite attributes of one module sharing a class (a UNet's ``down1``, ``up1``...); the output is the
@@ -107,6 +107,29 @@ def _attention_to_layers(root: nn.Module, found: list[tuple[str, nn.Module]]) ->
     return list(out.items())
 
 
+def _with_unlisted_layers(
+    root: nn.Module, prefix: str, hf: nn.Module, found: list[tuple[str, nn.Module]]
+) -> list[tuple[str, nn.Module]]:
+    """The listed blocks, plus the layers of the model's stack of layers where no listed block lies in that stack
+    or holds it, and the stack holds more parameters than the listed blocks (a list naming only the embeddings):
+    with the listed blocks alone, the whole stack would learn by backprop."""
+    stack = _module_list_target(hf, min_len=1, composite=True)
+    if stack is None:
+        return found
+    join = (prefix + ".") if prefix else ""
+    layers = [(join + b.name, b.entry) for b in stack.blocks]
+    if any(n == s or n.startswith(s + ".") or s.startswith(n + ".") for n, _ in found for s, _ in layers):
+        return found
+
+    def size(modules: list[tuple[str, nn.Module]]) -> int:
+        return sum(p.numel() for _, m in modules for p in m.parameters())
+
+    if size(layers) <= size(found):
+        return found
+    order = _module_order(root)
+    return sorted(found + layers, key=lambda x: order[x[0]])
+
+
 def _hf_target(root: nn.Module, placement: str) -> Target | None:
     found = _find_hf_model(root)
     if found is None:
@@ -121,6 +144,8 @@ def _hf_target(root: nn.Module, placement: str) -> Target | None:
     ]
     inner = _nested([n for n, _ in blocks_found])
     blocks_found = _attention_to_layers(root, [(n, m) for n, m in blocks_found if n not in inner])
+    if blocks_found:
+        blocks_found = _with_unlisted_layers(root, prefix, hf, blocks_found)
     if not blocks_found:  # no _no_split_modules (e.g. ALBERT): its list of repeated layers, even a shared one;
         # every stack of Transformer layers of an encoder-decoder (Marian, Blenderbot, LED, FSMT), not only the largest
         layers = _module_list_target(hf, min_len=1, composite=True) or _module_list_target(hf, min_len=1)

@@ -529,6 +529,23 @@ def test_hugging_face_bit_blocks_are_its_residual_layers() -> None:
     assert [b.name for b in engine.target.blocks] == ["bit.encoder.stages.0.layers.0", "bit.encoder.stages.1.layers.0"]
 
 
+def test_a_stack_of_layers_no_listed_block_touches_is_fed_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without its registry entry, BiT's ``_no_split_modules`` (its embeddings only) leaves its stack of stages to
+    backprop; the stack's layers become blocks too, as for a model that lists nothing."""
+    import transformers as hf
+
+    from lightning_dfa.registry import BLOCK_CLASSES
+
+    monkeypatch.delitem(BLOCK_CLASSES, "bit")
+    torch.manual_seed(0)
+    cfg = hf.BitConfig(num_channels=1, num_labels=2, embedding_size=16, hidden_sizes=[32, 64], depths=[1, 1],
+                       layer_type="preactivation", num_groups=8)  # fmt: skip
+    net = hf.BitForImageClassification(cfg)
+    x, y = torch.randn(4, 1, 16, 16), torch.tensor([0, 1, 1, 0])
+    engine = check_true_dfa(net, lambda n: n(pixel_values=x, labels=y).loss)
+    assert [b.name for b in engine.target.blocks] == ["bit.embedder", "bit.encoder.stages.0", "bit.encoder.stages.1"]
+
+
 def test_a_list_of_lists_of_layers_gives_the_layers_as_blocks() -> None:
     """Funnel keeps its encoder's layers in a list of lists, never called itself: its layers are the blocks (before,
     the lists were, their hooks never fired, and no feedback reached the blocks)."""
