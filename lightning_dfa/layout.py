@@ -59,6 +59,15 @@ class Layouts:
         widths. Raises with the point and output named when they cannot line up."""
         shape = laid_out(point)
         kind = fit(error, shape, point.flatten)
+        if kind is None and len(error) == 2 and len(shape) == 2 and error[0] < shape[0] and not point.flatten:
+            raise RuntimeError(
+                f"DFA: the error at the output module {output!r} has one row per item ({list(error)}), and feedback "
+                f"point {point.key!r} one row per element of the items ({list(shape)}): a pooling over a ragged "
+                "batch lies between them (a graph's nodes pooled by torch_geometric's global_mean_pool), so the "
+                "feedback cannot tell which rows belong to which item. Apply the output module to the rows before "
+                "the pooling, so that its error has their rows: a Linear head commutes with mean and sum pooling "
+                "(global_mean_pool(head(x), batch) computes what head(global_mean_pool(x, batch)) does)."
+            )
         if kind is None:
             swapped = "" if point.layout == "swapped" else " (its first two dimensions swapped do not fit either)"
             raise RuntimeError(

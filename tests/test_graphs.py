@@ -161,3 +161,71 @@ def test_dfa_feedback_is_propagated_through_the_graph() -> None:
     adjacency = torch.zeros(d.num_nodes, d.num_nodes).index_put_((dst, src), w, accumulate=True)
     torch.testing.assert_close(signals[True], adjacency.t() @ signals[False])
     assert "feedback_transform" not in GraphNet(propagate_feedback=False).configure_dfa()
+
+
+class _GIN(torch.nn.Module):
+    """A graph classifier: GIN layers over the nodes, a mean over each graph's nodes, a Linear head (before the
+    pooling with ``head_first``: the same function)."""
+
+    def __init__(self, head_first: bool) -> None:
+        from torch import nn
+        from torch_geometric.nn import GINConv
+
+        super().__init__()
+        self.convs = nn.ModuleList(
+            GINConv(nn.Sequential(nn.Linear(8 if i == 0 else 16, 16), nn.ReLU(), nn.Linear(16, 16))) for i in range(2)
+        )
+        self.head, self.head_first = nn.Linear(16, 2), head_first
+
+    def forward(self, x: torch.Tensor, edge_index: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        from torch_geometric.nn import global_mean_pool
+
+        for conv in self.convs:
+            x = torch.relu(conv(x, edge_index))
+        return global_mean_pool(self.head(x), batch) if self.head_first else self.head(global_mean_pool(x, batch))
+
+
+def _graphs(n: int = 32, size: int = 8) -> tuple[torch.Tensor, ...]:
+    """``n`` random graphs of ``size`` nodes; label: the sign of the mean product of two node features."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n * size, 8, generator=g)
+    edges = torch.cat([torch.randint(0, size, (2, 3 * size), generator=g) + size * i for i in range(n)], 1)
+    batch = torch.arange(n * size) // size
+    y = ((x[:, 0] * x[:, 1]).view(n, size).mean(1) > 0).long()
+    return x, edges, batch, y
+
+
+def test_a_graph_level_head_after_pooling_names_the_head_first_form_which_trains() -> None:
+    """Graph classification: the error has one row per graph, the node points one row per node. Read after the
+    pooling, the error cannot be lined up with the nodes, and the message says to apply the head before the pooling
+    (the same function for a Linear head and mean pooling); in that form each node gets its graph's error, and DFA
+    learns what shallow cannot."""
+    x, edges, batch, y = _graphs()
+    torch.manual_seed(0)
+    after = _GIN(head_first=False)
+    engine = FeedbackEngine()
+    engine.attach(after)
+    with pytest.raises(RuntimeError, match=r"one row per item.*Apply the output module to the rows before the pooling"):
+        torch.nn.functional.cross_entropy(after(x, edges, batch), y).backward()
+    engine.detach()
+
+    first = _GIN(head_first=True)
+    first.load_state_dict(after.state_dict())
+    torch.testing.assert_close(first(x, edges, batch), after(x, edges, batch))  # the same function
+    losses = {}
+    for mode in ("dfa", "shallow"):
+        torch.manual_seed(0)
+        net = _GIN(head_first=True)
+        engine = FeedbackEngine(mode=mode)
+        engine.attach(net)
+        opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+        for _ in range(100):
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(net(x, edges, batch), y)
+            loss.backward()
+            report = engine.end_backward()
+            opt.step()
+        losses[mode] = float(loss)
+        if mode == "dfa":
+            assert report.deliveries == 1 and [b.name for b in engine.target.blocks] == ["convs.0", "convs.1"]
+    assert losses["dfa"] < 0.5 * losses["shallow"], losses
