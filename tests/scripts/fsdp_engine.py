@@ -174,6 +174,11 @@ def worker(rank: int, world: int, out: str, port: int, names: list[str]) -> None
         dist.barrier()  # both ranks are done with the group before it goes: no gloo thread left mid-exchange
     finally:
         dist.destroy_process_group()
+    # done and written: leave without the interpreter's teardown, where a gloo thread still being destroyed has
+    # (rarely) aborted the process with "terminate called without an active exception" after all work was done
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
