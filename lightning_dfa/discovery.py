@@ -86,11 +86,17 @@ def _named_in(cls: type, names: set[str]) -> bool:
     )
 
 
+def _is_attention(module: nn.Module) -> bool:
+    return "attention" in type(module).__name__.lower()
+
+
 def _attention_to_layers(root: nn.Module, found: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
     """Blocks named by ``_no_split_modules`` that are attention modules inside the layers of a layer list
     (Longformer's ``LongformerSelfAttention``, LUKE's ``LukeAttention``) are replaced by the layer holding them: an
     attention module is part of a Transformer layer, and with points at the attention alone the layers' MLPs learned
     by backprop through every later layer."""
+    if not any(_is_attention(m) for _, m in found):
+        return found
     layers = [  # the elements of every list of layers (one class, each holding parameters in submodules)
         f"{name}.{i}" if name else str(i)
         for name, mlist in root.named_modules()
@@ -100,7 +106,7 @@ def _attention_to_layers(root: nn.Module, found: list[tuple[str, nn.Module]]) ->
     out: dict[str, nn.Module] = {}
     for n, m in found:
         holders = [layer for layer in layers if n.startswith(layer + ".")]
-        if "attention" in type(m).__name__.lower() and holders:
+        if _is_attention(m) and holders:
             n = max(holders, key=len)
             m = root.get_submodule(n)
         out.setdefault(n, m)

@@ -272,9 +272,12 @@ class FeedbackEngine(ForwardHooks):
         """Warn once when the blocks found now are not those a loaded checkpoint was trained with (a model changed
         since, or a version of the library that finds other blocks): the feedback then goes to other points than in
         the run being resumed."""
-        saved, self._saved_blocks = self._saved_blocks, None
-        now = [b.name for b in self.target.blocks] if self.target is not None else []
-        if saved is None or [_unwrapped(n) for n in saved] == [_unwrapped(n) for n in now]:
+        saved_names, self._saved_blocks = self._saved_blocks, None
+        if saved_names is None:
+            return
+        saved = [_unwrapped(n) for n in saved_names]
+        now = [_unwrapped(b.name) for b in self.target.blocks] if self.target is not None else []
+        if saved == now:
             return
 
         def listed(names: list[str]) -> str:
