@@ -14,7 +14,7 @@ no activation alive that the network itself would have freed.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -266,61 +266,63 @@ class BackwardReport:
     untied_outputs: list[str] = field(default_factory=list)
 
 
+def _walk(tensor: torch.Tensor, expand: Callable[[Any], tuple], limit: int | None = None) -> Iterator[Any]:
+    """The nodes of ``tensor``'s autograd graph, each once, depth first: ``expand(node)`` gives the nodes to visit
+    after it (``()`` stops there); at most ``limit`` nodes.
+
+    The visited nodes are kept (a set of the node objects, not of their ``id``): the Python object of a graph node
+    lives only while something holds it, so the ``id`` of a node visited and let go can come back as another node's,
+    which a set of ids would then skip. That happened on Python 3.12, where a layout-probe forward then lost every
+    point after a block's first norm."""
+    stack = [tensor.grad_fn]
+    seen: set[Any] = set()
+    while stack and (limit is None or len(seen) < limit):
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        yield node
+        stack.extend(n for n, _ in expand(node))
+
+
+def _next_functions(node: Any) -> tuple:
+    return () if isinstance(node, _SoftCut._backward_cls) else node.next_functions
+
+
 def _grad_beyond_soft_cuts(tensor: torch.Tensor) -> bool:
     """In a layout-probe forward: the tensor requires grad through something other than a soft cut (a parameter,
     an input that requires grad), as it would after an ordinary cut (``detach``)."""
-    stack = [tensor.grad_fn]
-    seen: set[int] = set()
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen or isinstance(node, _SoftCut._backward_cls):
-            continue
-        seen.add(id(node))
+    for node in _walk(tensor, _next_functions):
         if not node.next_functions and type(node).__name__ == "AccumulateGrad":
             return True
-        stack.extend(n for n, _ in node.next_functions)
     return tensor.grad_fn is None  # a leaf that requires grad
 
 
 def _parameters_reached(tensor: torch.Tensor, limit: int = 100_000) -> set[int]:
     """``id`` of the parameters ``tensor`` was computed from without crossing a cut or a delivery's points: those
     that an output delivering there trains by their true gradient."""
+
+    def expand(node: Any) -> tuple:
+        if isinstance(node, _DeliverFeedback._backward_cls):
+            return node.next_functions[:1]  # the output it ties, not its points
+        return _next_functions(node)
+
     found: set[int] = set()
-    stack = [tensor.grad_fn]
-    seen: set[int] = set()
-    while stack and len(seen) < limit:
-        node = stack.pop()
-        if node is None or id(node) in seen or isinstance(node, _SoftCut._backward_cls):
-            continue
-        seen.add(id(node))
+    for node in _walk(tensor, expand, limit):
         variable = getattr(node, "variable", None)
         if isinstance(variable, torch.Tensor):
             found.add(id(variable))
-        nexts = node.next_functions
-        if isinstance(node, _DeliverFeedback._backward_cls):
-            nexts = nexts[:1]  # the output it ties, not its points
-        stack.extend(n for n, _ in nexts)
     return found
 
 
 def _deliveries_upstream_of(tensor: torch.Tensor, limit: int = 4096) -> list[_Delivery]:
     """The deliveries of earlier output calls whose (tied) outputs ``tensor`` was computed from, found by a walk
     of its graph back to the cuts (the tail after the blocks: a few nodes)."""
-    found: list[_Delivery] = []
-    stack = [tensor.grad_fn]
-    seen: set[int] = set()
-    while stack and len(seen) < limit:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        if isinstance(node, _DeliverFeedback._backward_cls):
-            found.append(node.delivery)
-            continue
-        if isinstance(node, _SoftCut._backward_cls):
-            continue
-        stack.extend(n for n, _ in node.next_functions)
-    return found
+
+    def expand(node: Any) -> tuple:
+        return () if isinstance(node, _DeliverFeedback._backward_cls) else _next_functions(node)
+
+    return [n.delivery for n in _walk(tensor, expand, limit) if isinstance(n, _DeliverFeedback._backward_cls)]
 
 
 def _in_backward() -> bool:

@@ -307,3 +307,52 @@ def test_the_engine_keeps_no_point_alive_once_the_network_is_done_with_it() -> N
     for g1, g2 in zip(grads[0], grads[2]):
         torch.testing.assert_close(g1, g2, rtol=0, atol=0)  # same batch, same weights: the same feedback
     assert all(g.abs().sum() > 0 for g in grads[2])
+
+
+def _node_ids_collide(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every autograd node object gets one and the same ``id`` in :mod:`lightning_dfa.delivery`: the worst case of
+    what CPython does to the node objects a graph walk lets go of (their ``id`` comes back as other nodes')."""
+    import builtins
+
+    from lightning_dfa import delivery
+
+    def node_id(obj: object) -> int:
+        return 0 if isinstance(obj, torch.autograd.graph.Node) else builtins.id(obj)
+
+    monkeypatch.setattr(delivery, "id", node_id, raising=False)
+
+
+def test_graph_walks_do_not_rely_on_the_ids_of_nodes_let_go(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_dfa.delivery import _grad_beyond_soft_cuts, _parameters_reached, _SoftCut
+    from lightning_dfa.layout import Layouts
+
+    _node_ids_collide(monkeypatch)
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 4)
+    cut = _SoftCut.apply(Layouts(), torch.randn(2, 4, requires_grad=True))
+    out = cut + lin(cut).view(2, 4)  # a residual block after a soft cut, as in a layout-probe forward
+    assert _grad_beyond_soft_cuts(out)
+    assert _parameters_reached(out) == {id(lin.weight), id(lin.bias)}
+    assert not _grad_beyond_soft_cuts(cut * 2)
+
+
+def test_a_probe_forward_finds_every_norm_point_of_a_deep_pre_norm_transformer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first forward of a batch of sequences probes the layouts; its points after a block's first norm were
+    lost where node ids came back (Python 3.12), and with them the norm-aware feedback of every later block."""
+    import transformers as hf
+
+    _node_ids_collide(monkeypatch)
+    torch.manual_seed(0)
+    cfg = hf.GPT2Config(vocab_size=97, n_embd=32, n_layer=4, n_head=2, n_positions=16, bos_token_id=0, eos_token_id=0)
+    model = hf.GPT2LMHeadModel(cfg)
+    engine = FeedbackEngine()
+    engine.attach(model)
+    ids = torch.randint(0, 97, (4, 12))
+    F.cross_entropy(model(input_ids=ids).logits.flatten(0, 1), ids.flatten()).backward()
+    engine.end_backward()
+    keys = [p.key for p in engine.last_points]
+    blocks = [f"transformer.h.{i}" for i in range(3)]  # the last block's point moves to the head's input
+    norms = [f"transformer.h.{i}.ln_1" for i in range(1, 4)]
+    assert sorted(keys) == sorted([*blocks, *norms, "lm_head:in"]), keys
+    assert sorted(p.key for p in engine.last_points if p.norm is not None) == blocks
+    engine.detach()
