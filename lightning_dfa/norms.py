@@ -25,8 +25,9 @@ class NormSpec:
 
 
 def norm_vjp(h: torch.Tensor, v: torch.Tensor, norm: NormSpec) -> torch.Tensor:
-    """``v`` times the Jacobian of the parameter-free normalisation ``norm`` at ``h`` (``J^T v``: fused kernels,
-    computed in float32 for half-precision inputs).
+    """``v`` times the Jacobian of the parameter-free normalisation ``norm`` at ``h`` (``J^T v``), in ``v``'s dtype:
+    LayerNorm's fused kernels (which accumulate in float32 for half-precision inputs), RMSNorm's three reductions
+    in float32 where ``h`` or ``v`` is in half precision.
 
     Example:
         >>> h, v = torch.randn(2, 3, 8, dtype=torch.double), torch.randn(2, 3, 8, dtype=torch.double)
@@ -37,16 +38,19 @@ def norm_vjp(h: torch.Tensor, v: torch.Tensor, norm: NormSpec) -> torch.Tensor:
     """
     dims = h.dim() - 1 if norm.dims < 0 else norm.dims
     shape = list(h.shape[h.dim() - dims :])
-    low = h.dtype in (torch.float16, torch.bfloat16)
-    hf, vf = (h.float(), v.float()) if low else (h, v)
     if norm.kind == "layer":
-        _, mean, rstd = torch.native_layer_norm(hf, shape, None, None, norm.eps)
-        out = torch.ops.aten.native_layer_norm_backward(vf, hf, shape, mean, rstd, None, None, [True, False, False])[0]
-    else:
-        reduce = tuple(range(h.dim() - dims, h.dim()))
-        rrms = torch.rsqrt(hf.square().mean(reduce, keepdim=True) + norm.eps)
-        hv = (hf * vf).mean(reduce, keepdim=True)
-        out = torch.addcmul(vf * rrms, hf, hv * rrms.pow(3), value=-1)
+        # the fused kernels accumulate in float32 for half-precision inputs (no float32 copies of h and v needed)
+        common = torch.promote_types(h.dtype, v.dtype)
+        hl, vl = h.to(common), v.to(common)
+        _, mean, rstd = torch.native_layer_norm(hl, shape, None, None, norm.eps)
+        out = torch.ops.aten.native_layer_norm_backward(vl, hl, shape, mean, rstd, None, None, [True, False, False])
+        return out[0].to(v.dtype)
+    low = h.dtype in (torch.float16, torch.bfloat16) or v.dtype in (torch.float16, torch.bfloat16)
+    hf, vf = (h.float(), v.float()) if low else (h, v)
+    reduce = tuple(range(h.dim() - dims, h.dim()))
+    rrms = torch.rsqrt(hf.square().mean(reduce, keepdim=True) + norm.eps)
+    hv = (hf * vf).mean(reduce, keepdim=True)
+    out = torch.addcmul(vf * rrms, hf, hv * rrms.pow(3), value=-1)
     return out.to(v.dtype) if low else out
 
 

@@ -387,6 +387,10 @@ def test_norm_vjp_matches_autograd_in_half_precision(kind: str) -> None:
     got = norm_vjp(h, v, NormSpec(kind, 1e-5))
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), ref, rtol=2e-2, atol=2e-2)
+    # a float32 activation (a residual stream under autocast) with half-precision feedback: the feedback's dtype
+    mixed = norm_vjp(h.float(), v, NormSpec(kind, 1e-5))
+    assert mixed.dtype == torch.bfloat16
+    torch.testing.assert_close(mixed.float(), ref, rtol=2e-2, atol=2e-2)
 
 
 def test_reattaching_to_the_same_model_keeps_what_the_forwards_found() -> None:

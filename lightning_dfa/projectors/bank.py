@@ -91,8 +91,7 @@ def _mul32(x: torch.Tensor, c: int, scratch: torch.Tensor | None = None) -> torc
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:
     """The ``lowbias32`` integer hash (C. Wellons) of int64 tensors holding 32-bit values, IN PLACE (one scratch
-    tensor instead of a new tensor per step of the hash: the feedback matrices of the ``sketch`` option are
-    hashed at every backward)."""
+    tensor instead of a new tensor per step of the hash)."""
     scratch = torch.empty_like(x)
     x.bitwise_xor_(torch.bitwise_right_shift(x, 16, out=scratch))
     _mul32(x, 0x7FEB352D, scratch)
@@ -158,7 +157,7 @@ def hashed_matrix(
     elif distribution == "rademacher":
         out = torch.where(u < 0, -1.0, 1.0)
     else:
-        # in place (computed at every backward by the sketch option): sqrt(-2 log(1 - U)), 1 - U in (0, 1]
+        # in place: sqrt(-2 log(1 - U)), 1 - U in (0, 1]
         out = u.add_(1.0).div_(2).neg_().log1p_().mul_(-2.0).sqrt_()
         out.mul_(hashed_uniform(n, key, device, stream=1).add_(1.0).mul_(torch.pi).cos_())
     return (out.mul_(scale) if scale != 1.0 else out).to(dtype).view(rows, cols)
@@ -271,11 +270,14 @@ class FeedbackBank:
         ``g = max(ceil(sqrt(k)), ceil(width / 4))`` (capped at ``k``) is fixed when first used. The returned ``G``
         carries the 1/2.
 
-        Nothing is stored: the entries are a pure function of (seed, ``k``, position), computed by an integer
-        hash on ``device`` at each call (:func:`hashed_uniform`, ``4 (m + g) width`` values), so the sketch adds no
-        persistent memory, needs no host-to-device copy, and is the same on every device, process and PyTorch
-        version (bit for bit for the uniform and Rademacher distributions' ``G``; the Gaussian values' Box-Muller
-        transform to float rounding). The group size ``g`` is saved in :meth:`state_dict`.
+        Nothing is saved: the entries are a pure function of (seed, ``k``, position), computed by an integer hash
+        on ``device`` (:func:`hashed_uniform`, ``4 (m + g) width`` values: 2.8 MB in float32 for GPT-2 small's
+        vocabulary and width, against 154 MB for the dense matrix), so checkpoints carry no matrix, no host-to-device
+        copy is made, and the values are the same on every device, process and PyTorch version (bit for bit for the
+        uniform and Rademacher distributions' ``G``; the Gaussian values' Box-Muller transform to float rounding).
+        On an accelerator they are computed once per dtype and cached (the hash is about a hundred small kernels,
+        whose launches cost more there than the memory); on the CPU at each call (about 1.3 ms at a 50257-word
+        vocabulary, and no memory held between steps). The group size ``g`` is saved in :meth:`state_dict`.
 
         Example:
             >>> bank = FeedbackBank(seed=0, distribution="gaussian")
@@ -300,10 +302,17 @@ class FeedbackBank:
             g = min(k, max(math.isqrt(k - 1) + 1, -(-width // SKETCH_RANK)))
             self._sketch_groups[mid] = g
         m = -(-k // g)
-        key = (self.seed, self.distribution, "sketch", k) + ((source,) if source else ())
-        a = hashed_matrix(SKETCH_RANK, m, "gaussian", _mix(*key, "A"), device, dtype)
-        # stored as [width, 4 g] rows so that a wider point keeps the narrower one's values
-        g_t = hashed_matrix(width, SKETCH_RANK * g, self.distribution, _mix(*key, "G"), device, dtype, 0.5)
+        cache_key = (("sketch", mid), width, device, dtype)
+        cached = self._cache.get(cache_key)
+        if cached is None:
+            key = (self.seed, self.distribution, "sketch", k) + ((source,) if source else ())
+            a = hashed_matrix(SKETCH_RANK, m, "gaussian", _mix(*key, "A"), device, dtype)
+            # stored as [width, 4 g] rows so that a wider point keeps the narrower one's values
+            g_t = hashed_matrix(width, SKETCH_RANK * g, self.distribution, _mix(*key, "G"), device, dtype, 0.5)
+            cached = torch.cat([a.flatten(), g_t.flatten()])
+            if torch.device(device).type != "cpu":
+                self._cache[cache_key] = cached
+        a, g_t = cached[: SKETCH_RANK * m].view(SKETCH_RANK, m), cached[SKETCH_RANK * m :].view(width, SKETCH_RANK * g)
         return g, a, g_t.t()
 
     def sketch_matrix(self, k: int, width: int) -> torch.Tensor:

@@ -83,7 +83,8 @@ class Sketch(Dense):
     dense ``B`` (it *is* the feedback). Output index ``v = i * g + j`` gets the row ``sum_c A[c, i] G_c[j] / 2``
     (``c < 4``), so the projection is one pass over the error and a small ``[4 g, d]`` GEMM
     (``g = max(sqrt(k), d / 4)``): for a 50257-word vocabulary about 1/30 of the dense GEMM. Its entries are an
-    integer hash of (seed, position) computed on the fly (:meth:`FeedbackBank.sketch`): no memory between steps.
+    integer hash of (seed, position) computed on the device (:meth:`FeedbackBank.sketch`): checkpoints carry no
+    matrix.
     Errors no wider than ``4 d`` use the dense matrix (there it is as cheap). What the ``sketch`` option and the
     ``"auto"`` recipe use.
 
