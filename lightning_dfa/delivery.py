@@ -271,9 +271,9 @@ def _walk(tensor: torch.Tensor, expand: Callable[[Any], tuple], limit: int | Non
     after it (``()`` stops there); at most ``limit`` nodes.
 
     The visited nodes are kept (a set of the node objects, not of their ``id``): the Python object of a graph node
-    lives only while something holds it, so the ``id`` of a node visited and let go can come back as another node's,
-    which a set of ids would then skip. That happened on Python 3.12, where a layout-probe forward then lost every
-    point after a block's first norm."""
+    lives only while something holds it (torch 2.11; 2.13 keeps it as long as the graph), so the ``id`` of a node
+    visited and let go can come back as another node's, which a set of ids would then skip: a layout-probe forward
+    then lost every point after a block's first norm."""
     stack = [tensor.grad_fn]
     seen: set[Any] = set()
     while stack and (limit is None or len(seen) < limit):

@@ -338,7 +338,7 @@ def test_graph_walks_do_not_rely_on_the_ids_of_nodes_let_go(monkeypatch: pytest.
 
 def test_a_probe_forward_finds_every_norm_point_of_a_deep_pre_norm_transformer(monkeypatch: pytest.MonkeyPatch) -> None:
     """The first forward of a batch of sequences probes the layouts; its points after a block's first norm were
-    lost where node ids came back (Python 3.12), and with them the norm-aware feedback of every later block."""
+    lost where node ids came back (torch 2.11), and with them the norm-aware feedback of every later block."""
     import transformers as hf
 
     _node_ids_collide(monkeypatch)
