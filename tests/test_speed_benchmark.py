@@ -75,3 +75,21 @@ def test_flop_account() -> None:
     assert big / gpt2_macs(50257, 256, 6, 128, 8, None)["total"] < 0.8
     assert mlp_macs([4, 8, 8, 2], 3, {})["total"] < mlp_macs([4, 8, 8, 2], 3, None)["total"]
     assert gcn_macs(10, 20, 5, 8, 3, 2, {})["total"] < gcn_macs(10, 20, 5, 8, 3, 2, None)["total"]
+
+
+def test_gpu_breakdown_smoke_run_on_the_cpu(tmp_path: Path) -> None:
+    """The GPU breakdown script runs end to end (on the CPU, a tiny GPT-2) and its first-stage variants compute
+    what the engine's projection computes."""
+    from benchmarks.gpu_breakdown import main as breakdown
+
+    breakdown(["--device", "cpu", "--model", "gpt2-tiny", "--precision", "32", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "gpu_breakdown_gpt2-tiny_32.json").read_text())
+    assert set(result["kernels"]) == {"bp", "dfa"} and result["kernels"]["dfa"]["wall_ms"] > 0
+    assert result["engine"]["projection"] > 0 and result["engine"]["error_bytes"] > 0
+    stages = {k: v for k, v in result["sketch_first_stage"].items() if isinstance(v, dict)}
+    assert "bmm (current)" in stages
+    for name, row in stages.items():
+        assert "error" not in row, (name, row)
+        if not name.startswith("other layout"):
+            assert row["rel_err"] < 1e-5, (name, row)
+
