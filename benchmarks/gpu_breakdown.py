@@ -222,7 +222,7 @@ def first_stage_variants(bench: Bench, dtype: torch.dtype) -> dict[str, Any]:
         "pad + one GEMM": padded_gemm,
         "conv1d": conv,
     }
-    tri = _triton_first_stage()
+    tri = _triton_first_stage() if error.is_cuda else None  # (Triton compiles for a GPU only)
     if tri is not None:
         variants["triton kernel"] = lambda: tri(error, a, g)
     # the other layout (v = r m + s): one contiguous [n g, m] @ [m, 4] GEMM (a different matrix, for scale)
