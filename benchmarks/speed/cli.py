@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
             cr = ratio_text(r["cpu_ratio"]) if "cpu_ratio" in r else "-"
             print(
                 f"  {r['arm']:24s} wall {r['wall_s'][1]:.3f}s ratio {wr} cpu {cr} limit {r['limit']:.3f} "
-                f"counted {r['counted_ratio']:.3f} peak {mib(r['peak_bytes'])} MiB ({r['peak_ratio']:.3f})",
+                f"counted {r['counted_ratio']:.3f} peak {mib(r['peak_bytes'])} MiB ({r['peak_ratio']:.3f})"
+                + (f" issued in {r['issue_s'][1]:.3f}s" if "issue_s" in r else ""),
                 flush=True,
             )
         results["cases"].append(res)

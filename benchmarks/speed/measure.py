@@ -9,7 +9,8 @@
   reported ratio is the median of these per-round ratios, with its 25-75 % range.
 * CPU: wall time (``time.perf_counter``) and process CPU time (``time.process_time``, all threads of this
   process: with one thread the step's own compute, insensitive to other processes waiting for the core).
-  CUDA: CUDA events around the step.
+  CUDA: CUDA events around the step, and the host seconds to issue it (``issue_s``, up to the last kernel queued:
+  near the wall time, the host bounds the step, and the engine's Python costs as much as its kernels).
 * Peak memory, CPU: one extra step per arm under ``torch.profiler`` with ``profile_memory=True``; every
   allocation and free of the CPU allocator is a raw ``[memory]`` event with its signed size; the running sum
   of the events in time order gives the step's peak above the bytes live at its start; we add the bytes of
@@ -53,6 +54,8 @@ class Arm:
         self.engine = None if options is None else FeedbackEngine(seed=0, **options)
         self.wall: list[float] = []
         self.cpu: list[float] = []
+        #: CUDA: host seconds to issue the step (until the last kernel is queued); near ``wall``, the host bounds it
+        self.issue: list[float] = []
 
     @contextlib.contextmanager
     def attached(self, model: nn.Module) -> Iterator[None]:
@@ -107,10 +110,11 @@ class Bench:
             _sync(self.dev)
             if self.dev.type == "cuda":
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                c0 = time.process_time()
+                c0, h0 = time.process_time(), time.perf_counter()
                 start.record()
                 self.step(arm)
                 end.record()
+                arm.issue.append(time.perf_counter() - h0)
                 torch.cuda.synchronize(self.dev)
                 return start.elapsed_time(end) / 1e3, time.process_time() - c0
             w0, c0 = time.perf_counter(), time.process_time()
@@ -258,6 +262,7 @@ def run_case(
             "options": dict(arm.options or {}),
             "wall_s": _quantiles(arm.wall),
             "cpu_s": _quantiles(arm.cpu),
+            **({"issue_s": _quantiles(arm.issue[-len(arm.wall) :])} if arm.issue else {}),
             "peak_bytes": peak,
             "peak_ratio": peak / bp_peak,
             "macs": macs,
