@@ -31,6 +31,7 @@ import torch
 
 from benchmarks.speed.cases import ladder
 from benchmarks.speed.measure import Arm, Bench
+from lightning_dfa.projectors.random import sketch_first_stage
 
 
 def _events_time(fn: Callable[[], Any], repeats: int = 20, warmup: int = 3) -> float:
@@ -123,11 +124,9 @@ def engine_parts(bench: Bench, arm: Arm, dtype: torch.dtype) -> dict[str, float]
         out["projection"] = _events_time(lambda: projector.project(error, width))
         out["sketch matrices (hash)"] = _events_time(lambda: bank.sketch(k, width, dev, dtype, source=src))
         gg, a, big = bank.sketch(k, width, dev, dtype, source=src)
-        full = k // gg
-        grid = error[:, : full * gg].unflatten(1, (full, gg))
-        out["first stage (bmm)"] = _events_time(lambda: torch.bmm(a[:, :full].unsqueeze(0).expand(n, 4, full), grid))
-        y = torch.bmm(a[:, :full].unsqueeze(0).expand(n, 4, full), grid)
-        out["second stage (GEMM)"] = _events_time(lambda: y.reshape(n, -1) @ big)
+        out["first stage (bmm)"] = _events_time(lambda: sketch_first_stage(error, a, gg))
+        y = sketch_first_stage(error, a, gg).flatten(1)
+        out["second stage (GEMM)"] = _events_time(lambda: y @ big)
         fb = torch.randn(n, width, device=dev, generator=g).to(dtype)
         normed = [(h, p) for h, p in zip(acts, points) if p.norm is not None]
         out[f"norm_vjp x {len(normed)}"] = _events_time(
@@ -190,11 +189,7 @@ def first_stage_variants(bench: Bench, dtype: torch.dtype) -> dict[str, Any]:
     a = torch.randn(4, m, device=dev, generator=gen).to(dtype)
 
     def current() -> torch.Tensor:
-        grid = error[:, : full * g].unflatten(1, (full, g))
-        y = torch.bmm(a[:, :full].unsqueeze(0).expand(n, 4, full), grid)
-        if rest:
-            y[:, :, :rest].add_(a[:, full].view(1, 4, 1) * error[:, full * g :].unsqueeze(1))
-        return y
+        return sketch_first_stage(error, a, g)
 
     def transposed() -> torch.Tensor:
         grid = error[:, : full * g].unflatten(1, (full, g))

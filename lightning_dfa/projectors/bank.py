@@ -301,18 +301,15 @@ class FeedbackBank:
                 )
             g = min(k, max(math.isqrt(k - 1) + 1, -(-width // SKETCH_RANK)))
             self._sketch_groups[mid] = g
-        m = -(-k // g)
-        cache_key = (("sketch", mid), width, device, dtype)
-        cached = self._cache.get(cache_key)
-        if cached is None:
+        cache_a, cache_g = (("sketch", mid), width, device, dtype, "A"), (("sketch", mid), width, device, dtype, "G")
+        a, g_t = self._cache.get(cache_a), self._cache.get(cache_g)
+        if a is None or g_t is None:
             key = (self.seed, self.distribution, "sketch", k) + ((source,) if source else ())
-            a = hashed_matrix(SKETCH_RANK, m, "gaussian", _mix(*key, "A"), device, dtype)
+            a = hashed_matrix(SKETCH_RANK, -(-k // g), "gaussian", _mix(*key, "A"), device, dtype)
             # stored as [width, 4 g] rows so that a wider point keeps the narrower one's values
             g_t = hashed_matrix(width, SKETCH_RANK * g, self.distribution, _mix(*key, "G"), device, dtype, 0.5)
-            cached = torch.cat([a.flatten(), g_t.flatten()])
             if torch.device(device).type != "cpu":
-                self._cache[cache_key] = cached
-        a, g_t = cached[: SKETCH_RANK * m].view(SKETCH_RANK, m), cached[SKETCH_RANK * m :].view(width, SKETCH_RANK * g)
+                self._cache[cache_a], self._cache[cache_g] = a, g_t
         return g, a, g_t.t()
 
     def sketch_matrix(self, k: int, width: int) -> torch.Tensor:

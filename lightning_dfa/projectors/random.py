@@ -111,16 +111,21 @@ class Sketch(Dense):
         if k <= self.min_ratio * width:
             return super().project(error, width)
         g, a, big = self.bank.sketch(k, width, error.device, error.dtype, source=self._source)
-        # with each row of the error viewed as E[i, j] (v = i * g + j), ONE batched product over a view of the
-        # error (no copy) gives Y[c, j] = sum_i A[c, i] E[i, j], then Y @ G; the last, partial group (k not a
-        # multiple of g) is added separately
-        n, c = error.shape[0], a.shape[0]
-        full, rest = divmod(k, g)
-        grid = error[:, : full * g].unflatten(1, (full, g))  # [n, full, g], a view
-        y = torch.bmm(a[:, :full].unsqueeze(0).expand(n, c, full), grid)  # [n, c, g]
-        if rest:
-            y[:, :, :rest].add_(a[:, full].view(1, c, 1) * error[:, full * g :].unsqueeze(1))
-        return y.reshape(n, c * g) @ big
+        return sketch_first_stage(error, a, g).flatten(1) @ big
+
+
+def sketch_first_stage(error: torch.Tensor, a: torch.Tensor, g: int) -> torch.Tensor:
+    """The first stage of :class:`Sketch`'s projection, ``Y[n, c, j] = sum_i A[c, i] E[n, i g + j]`` (``[n, c, g]``):
+    with each row of the error viewed as ``E[i, j]`` (``v = i g + j``), ONE batched product over a view of the error
+    (no copy); the last, partial group (``k`` not a multiple of ``g``) is added separately."""
+    n, k = error.shape
+    c = a.shape[0]
+    full, rest = divmod(k, g)
+    grid = error[:, : full * g].unflatten(1, (full, g))  # [n, full, g], a view
+    y = torch.bmm(a[:, :full].unsqueeze(0).expand(n, c, full), grid)  # [n, c, g]
+    if rest:
+        y[:, :, :rest].add_(a[:, full].view(1, c, 1) * error[:, full * g :].unsqueeze(1))
+    return y
 
 
 class TopK(Dense):
