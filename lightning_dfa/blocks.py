@@ -4,7 +4,7 @@ modules by name, glob pattern or class."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -217,6 +217,27 @@ def _last_param_leaf(root: nn.Module, exclude: Iterable[str]) -> tuple[str, nn.M
         if any(True for _ in module.parameters(recurse=False)) and not any(True for _ in module.children()):
             last = (name, module)
     return last
+
+
+def owned_modules(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``root.named_modules()`` without the containers that only gather modules registered earlier under other
+    names (``self.backbone = self.net[:-1]``, ``nn.ModuleList(self.layers[:2])``): views of the model, whose
+    children ``named_modules`` lists once, under their first names.
+
+    Example:
+        >>> net = nn.Module()
+        >>> net.body = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 1))
+        >>> net.backbone = net.body[:2]
+        >>> [n for n, _ in owned_modules(net)]
+        ['', 'body', 'body.0', 'body.1', 'body.2']
+    """
+    modules = list(root.named_modules())
+    names = {n for n, _ in modules}
+    for name, module in modules:
+        children = [f"{name}.{n}" if name else n for n, _ in module.named_children()]
+        if children and not any(c in names for c in children):
+            continue  # every child is listed under another name: a view, not a part
+        yield name, module
 
 
 def _module_order(root: nn.Module) -> dict[str, int]:

@@ -82,6 +82,19 @@ def output_names(engine: Any) -> str:
     return repr(names[0]) if len(names) == 1 else f"(any of {names})"
 
 
+def only_layers_after_frozen_blocks(engine: Any, report: Any) -> bool:
+    """Every block was called frozen and no gradient entered one: only the layers after the blocks train in this
+    step, by their own gradient (as with backprop), and DFA has nothing to do."""
+    blocks = engine.target.blocks if engine.target else []
+    return (
+        bool(blocks)
+        and report.points_recorded == 0
+        and report.blocks_called > 0
+        and report.frozen_blocks_fed == 0
+        and all(_frozen(b) for b in blocks)
+    )
+
+
 def explain_silence(engine: Any, report: Any) -> str:
     """Why no feedback reached the blocks in a backward, and what to do."""
     out = output_names(engine)
@@ -89,11 +102,11 @@ def explain_silence(engine: Any, report: Any) -> str:
     if report.points_recorded == 0 and engine.target and all(_frozen(b) for b in engine.target.blocks):
         return (
             f"DFA: no feedback reached the blocks in this backward: every block is frozen (no parameter inside "
-            f"{names[:3]}... requires grad), so DFA has nothing to train there; trainable parameters outside the "
-            "blocks (a prompt or prefix, as PEFT's prompt tuning, p-tuning and prefix tuning train) would learn "
-            "from noise, since a frozen network cannot align with DFA's fixed random feedback. Train them with "
-            "backprop (strategy='auto'), use an adapter inside the blocks (LoRA, IA3, ...) or unfreeze the "
-            "blocks; use mode='shallow' if only the layers after the blocks should learn."
+            f"{names[:3]}... requires grad), so DFA has nothing to train there, but trainable parameters before "
+            "them feed the blocks (a prompt or prefix, as PEFT's prompt tuning, p-tuning and prefix tuning train): "
+            "they would learn from noise, since a frozen network cannot align with DFA's fixed random feedback. "
+            "Train them with backprop (strategy='auto'), use an adapter inside the blocks (LoRA, IA3, ...) or "
+            "unfreeze the blocks; freeze what lies before the blocks if only the layers after them should learn."
         )
     if report.points_recorded == 0 and report.blocks_called == 0 and engine.target and engine.target.blocks:
         first = engine.target.blocks[0]

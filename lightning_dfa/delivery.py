@@ -260,6 +260,8 @@ class BackwardReport:
     points_recorded: int = 0
     #: hooks of block modules that fired in the forward(s), with or without gradient (0: the model bypasses them)
     blocks_called: int = 0
+    #: points of frozen blocks whose tensor carried gradient (something trainable lies upstream of a frozen block)
+    frozen_blocks_fed: int = 0
     outputs_tied: int = 0
     deliveries: int = 0
     #: types of the values the output module returned after the blocks that held no floating-point tensor to tie

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from .blocks import Target
-from .checks import check_loss, check_state, checked_transform, explain_silence
+from .checks import check_loss, check_state, checked_transform, explain_silence, only_layers_after_frozen_blocks
 from .config import _SAVED_OPTIONS, DFAConfig, reconcile
 from .delivery import (
     BackwardReport,
@@ -413,6 +413,10 @@ class FeedbackEngine(ForwardHooks):
     def end_backward(self) -> BackwardReport:
         """Close a backward: check that feedback fired (``mode="dfa"``) and reset the counters.
 
+        A backward in which every block is frozen and nothing before them trains (the first epochs of Lightning's
+        ``BackboneFinetuning``, a linear probe) trains the layers after the blocks by their own gradient, as
+        backprop does; it needs no feedback and is not refused.
+
         Raises:
             RuntimeError: in ``mode="dfa"``, if no feedback reached the blocks in this backward, with the reason.
         """
@@ -421,7 +425,8 @@ class FeedbackEngine(ForwardHooks):
         if self.learned is not None:
             self.learned.step()
         if self.mode == "dfa" and self.attached and report.deliveries == 0 and self.target and self.target.blocks:
-            raise RuntimeError(explain_silence(self, report))
+            if not only_layers_after_frozen_blocks(self, report):
+                raise RuntimeError(explain_silence(self, report))
         return report
 
     def check_loss(self, loss: torch.Tensor) -> None:

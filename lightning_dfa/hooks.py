@@ -274,7 +274,11 @@ class ForwardHooks:
         if not self._active():
             cut = self._recomputed(tensor, key)
             return None if cut is None else rebuild(cut)
-        if (block is not None and _frozen(block)) or not self._carries(tensor):
+        if block is not None and _frozen(block):
+            if _carries_grad(tensor):  # something trainable upstream would learn through frozen blocks
+                self.report.frozen_blocks_fed += 1
+            return None
+        if not self._carries(tensor):
             return None
         return rebuild(self._record(key, tensor))
 

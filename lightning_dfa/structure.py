@@ -20,6 +20,7 @@ from .blocks import (
     _last_param_leaf,
     _module_order,
     infer_micro_points,
+    owned_modules,
 )
 
 
@@ -100,7 +101,7 @@ def _is_stage(seq: nn.Module) -> bool:
 def _one_block_stages(root: nn.Module) -> list[tuple[str, nn.Module]]:
     """Sequentials of ONE composite block, when two or more hold blocks of the same class (timm's ``resnet10t``:
     ``layer1`` ... ``layer4`` each ``Sequential(BasicBlock)``)."""
-    single = [(n, m) for n, m in root.named_modules() if isinstance(m, nn.Sequential) and len(m) == 1]
+    single = [(n, m) for n, m in owned_modules(root) if isinstance(m, nn.Sequential) and len(m) == 1]
     single = [(n, m) for n, m in single if _composite(m[0])]
     kinds = [type(m[0]) for _, m in single]
     return [(n, m) for n, m in single if kinds.count(type(m[0])) >= 2]
@@ -122,7 +123,7 @@ def repeated_blocks(root: nn.Module) -> list[tuple[str, nn.Module]]:
         ['blocks']
     """
     found = []
-    for name, module in root.named_modules():
+    for name, module in owned_modules(root):
         if isinstance(module, (nn.ModuleList, nn.Sequential)):
             children = list(module.children())
             if len(children) >= 2 and len({type(c) for c in children}) == 1 and all(_composite(c) for c in children):
@@ -138,7 +139,7 @@ def _inside(name: str, containers: Sequence[str]) -> bool:
 def _stages_target(root: nn.Module) -> Target | None:
     """Rule 4a: stages of repeated composite blocks (ResNet's ``layer1`` ... ``layer4``). Every block of every
     stage is a block, and the output is the last parametric layer registered outside the stages (``fc``)."""
-    stages = [(n, m) for n, m in root.named_modules() if _is_stage(m)] + _one_block_stages(root)
+    stages = [(n, m) for n, m in owned_modules(root) if _is_stage(m)] + _one_block_stages(root)
     stages = [(n, m) for n, m in stages if not any(n.startswith(o + ".") for o, _ in stages)]
     stages.sort(key=lambda x: _module_order(root)[x[0]])
     if not stages:
@@ -165,7 +166,7 @@ def _sequential_target(root: nn.Module, exclude: Sequence[str] = ()) -> Target |
     repeated = [n for n, _ in repeated_blocks(root)]
     sequentials = [
         (n, m)
-        for n, m in root.named_modules()
+        for n, m in owned_modules(root)
         if isinstance(m, nn.Sequential) and not _inside(n, repeated) and not _inside(n + ".", exclude)
     ]
     sequentials = [(n, m) for n, m in sequentials if n not in repeated]
@@ -244,7 +245,7 @@ def _module_after(root: nn.Module, name: str, order: dict[str, int]) -> tuple[st
     """The first module registered after ``name`` (outside it) that holds parameters, outermost first."""
     if not name:
         return None  # the root itself: nothing lies after it
-    for other, module in root.named_modules():
+    for other, module in owned_modules(root):
         if order[other] <= order[name] or other.startswith(name + ".") or not _has_params(module):
             continue
         if any(True for _ in module.children()) and not isinstance(module, nn.Sequential):
@@ -256,7 +257,7 @@ def _module_after(root: nn.Module, name: str, order: dict[str, int]) -> tuple[st
 # --------------------------------------------------------------------------- ModuleList
 def _module_list_target(root: nn.Module, min_len: int = 2, composite: bool = False) -> Target | None:
     best = None
-    for name, mlist in root.named_modules():
+    for name, mlist in owned_modules(root):
         if not _is_layer_list(mlist, min_len) or (composite and not all(_composite(m) for m in mlist)):
             continue
         size = sum(p.numel() for p in mlist.parameters())
@@ -269,7 +270,7 @@ def _module_list_target(root: nn.Module, min_len: int = 2, composite: bool = Fal
     if composite and _is_transformer_stack(mlist):
         # an encoder-decoder (``nn.Transformer``): every stack of Transformer layers holds blocks, not only the
         # largest (the encoder would otherwise learn only through the decoder's cross-attention)
-        for other, olist in root.named_modules():
+        for other, olist in owned_modules(root):
             if (
                 _is_layer_list(olist, min_len)
                 and other != name
@@ -309,7 +310,7 @@ def _attribute_blocks_target(root: nn.Module) -> Target | None:
     ``outc``): where two or more of a module's composite children share a class, every composite child registered
     before the one holding its last parametric layer is a block, and that layer is the output."""
     best = None
-    for name, parent in root.named_modules():
+    for name, parent in owned_modules(root):
         if isinstance(parent, (nn.ModuleList, nn.Sequential, nn.ModuleDict)):
             continue
         kids = [(n, c) for n, c in parent.named_children() if _composite(c)]
@@ -365,7 +366,7 @@ def _layer_inputs_target(root: nn.Module) -> Target | None:
     ids), and the last layer is the output, its input a point too. A layer's feedback thus arrives after the
     activation ``forward`` applies to the previous layer's output, as the DFA rule ``(B e) * f'(a)`` needs.
     """
-    layers = [(n, m) for n, m in root.named_modules() if n and isinstance(m, _POINT_LAYER_TYPES)]
+    layers = [(n, m) for n, m in owned_modules(root) if n and isinstance(m, _POINT_LAYER_TYPES)]
     layers = [(n, m) for n, m in layers if not any(n.startswith(o + ".") for o, _ in layers)]  # MHA's out_proj
     if len(layers) < 2:
         return None

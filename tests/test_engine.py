@@ -305,3 +305,47 @@ def test_feedback_transform_is_applied_and_checked() -> None:
         wrong.feedback_for(error, cap.points)
     with pytest.raises(TypeError, match="callable"):
         FeedbackEngine(feedback_transform=3)
+
+
+def test_views_of_the_layers_under_other_names_change_no_blocks() -> None:
+    """``self.backbone = self.net[:-1]`` or ``nn.ModuleList(self.layers[:2])`` re-register modules under a second
+    name: the blocks, the output and the gradients are those of the model without the views."""
+
+    class Stack(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.layers = nn.ModuleList(nn.Sequential(nn.Linear(6, 6), nn.Tanh()) for _ in range(3))
+            self.head = nn.Linear(6, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for layer in self.layers:
+                x = layer(x)
+            return self.head(x)
+
+    plain_mlp, viewed_mlp = mlp(), mlp()
+    viewed_mlp.load_state_dict(plain_mlp.state_dict())
+    holder = nn.Module()
+    holder.net = viewed_mlp
+    holder.backbone = viewed_mlp[:-1]
+    holder.forward = viewed_mlp.forward  # type: ignore[method-assign]
+    plain_stack, viewed_stack = Stack(), Stack()
+    viewed_stack.first = nn.ModuleList(viewed_stack.layers[:2])
+    x, y = torch.randn(4, 6), torch.randint(0, 3, (4,))
+    for plain, viewed, prefix in ((plain_mlp, holder, "net."), (plain_stack, viewed_stack, "")):
+        found = {}
+        for name, model in (("plain", plain), ("viewed", viewed)):
+            engine = FeedbackEngine(seed=0)
+            target = engine.attach(model)
+            _ce_step(model, x, y)
+            engine.end_backward()
+            found[name] = (
+                [b.name for b in target.blocks],
+                target.output_name,
+                {n: p.grad.clone() for n, p in model.named_parameters()},
+            )
+            engine.detach()
+        assert found["viewed"][0] == [prefix + n for n in found["plain"][0]]
+        assert found["viewed"][1] == prefix + found["plain"][1]
+        for n, g in found["plain"][2].items():
+            torch.testing.assert_close(found["viewed"][2][prefix + n], g, rtol=0, atol=0)

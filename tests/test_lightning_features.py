@@ -579,6 +579,108 @@ def test_torch_compiled_modules_train_as_eager() -> None:
     assert_weights_equal(eager, whole)
 
 
+class WithBackbone(Net):
+    """``Net`` with the ``backbone`` attribute Lightning's ``BackboneFinetuning`` freezes and later unfreezes."""
+
+    def __init__(self) -> None:
+        super().__init__(lr=0.2)
+        self.backbone = self.net[:-1]  # the same modules: every layer before the head
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+
+
+def test_backbone_finetuning_trains_the_head_alone_then_the_backbone_by_feedback(said: Any) -> None:
+    from pytorch_lightning.callbacks import BackboneFinetuning
+
+    def run(strategy: Any, epochs: int) -> WithBackbone:
+        model = WithBackbone()
+        tune = BackboneFinetuning(unfreeze_backbone_at_epoch=1, backbone_initial_ratio_lr=1.0, verbose=False)
+        fit(model, loader(4), strategy=strategy, max_epochs=epochs, callbacks=[tune])
+        return model
+
+    start = WithBackbone().state_dict()
+    dfa, bp = run(DFAStrategy(), 1), run("auto", 1)
+    # the first epoch trains the head alone, by its own gradient: the same update as backprop, nothing refused
+    assert_weights_equal(dfa, bp)
+    for name in ("net.0.weight", "net.2.weight"):
+        torch.testing.assert_close(dfa.state_dict()[name], start[name], rtol=0, atol=0)
+    assert not torch.equal(dfa.state_dict()["net.4.weight"], start["net.4.weight"])
+    assert said.text().count("every block is frozen in this step") == 1
+
+    dfa, bp = run(DFAStrategy(verbose=False), 3), run("auto", 3)
+    assert not torch.equal(dfa.state_dict()["net.0.weight"], start["net.0.weight"])  # unfrozen: it learns
+    # ... by feedback, not by its true gradient
+    assert (dfa.state_dict()["net.0.weight"] - bp.state_dict()["net.0.weight"]).abs().max() > 1e-3
+    assert dfa.grads[-1].keys() == bp.grads[-1].keys()
+
+
+def _callbacks(name: str, tmp_path: Path) -> tuple[list[Any], dict[str, Any]]:
+    """Callbacks and Trainer flags of one common Lightning feature, for the test below."""
+    from pytorch_lightning import callbacks as cb
+
+    return {
+        "swa": ([cb.StochasticWeightAveraging(swa_lrs=0.05, swa_epoch_start=1)], {"max_epochs": 3}),
+        "early_stopping": (
+            [cb.EarlyStopping("train_loss", patience=0, check_on_train_epoch_end=True)],
+            {"max_epochs": 9},
+        ),
+        "accumulation_scheduler": ([cb.GradientAccumulationScheduler({0: 1, 1: 2})], {"max_epochs": 2}),
+        "pruning": ([cb.ModelPruning("l1_unstructured", amount=0.2, verbose=0)], {"max_epochs": 2}),
+        "lr_finder": ([cb.LearningRateFinder(num_training_steps=8)], {"max_epochs": 1, "default_root_dir": tmp_path}),
+        "detect_anomaly": ([], {"max_epochs": 1, "detect_anomaly": True}),
+        "fast_dev_run": ([], {"fast_dev_run": 2}),
+        "overfit_batches": ([], {"max_epochs": 2, "overfit_batches": 2}),
+        "profiler": ([], {"max_epochs": 1, "profiler": "simple", "default_root_dir": tmp_path}),
+        "timer": ([cb.Timer(duration="00:00:10:00")], {"max_epochs": 1}),
+    }[name]
+
+
+class Logged(Net):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        self.log("train_loss", loss, on_epoch=True)
+        return loss
+
+
+class CountFeedback(pl.Callback):
+    """Counts the backwards in which the strategy's engine delivered feedback (an observer of the engine)."""
+
+    def __init__(self) -> None:
+        self.deliveries = 0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        engine = trainer.strategy.dfa_engine
+        if self.count not in engine.feedback_observers:
+            engine.feedback_observers.append(self.count)
+
+    def count(self, error: torch.Tensor, points: Any, feedback: Any) -> None:
+        self.deliveries += 1
+
+
+FEATURES = ["swa", "early_stopping", "accumulation_scheduler", "pruning", "lr_finder", "detect_anomaly",
+            "fast_dev_run", "overfit_batches", "profiler", "timer"]  # fmt: skip
+
+
+@pytest.mark.parametrize("feature", FEATURES)
+def test_common_callbacks_and_trainer_flags_train_by_feedback(feature: str, tmp_path: Path) -> None:
+    """Each feature runs under ``strategy="dfa"``, feedback reaches the blocks at every optimizer step, and the
+    hidden layer ends where backprop's does not (it learned by feedback)."""
+    callbacks, flags = _callbacks(feature, tmp_path)
+    counter = CountFeedback()
+    dfa = Logged(lr=0.2)
+    start = dfa.net[0].weight.detach().clone()
+    fit(dfa, loader(4), callbacks=[*callbacks, counter], **flags)
+    assert counter.deliveries >= 2 and len(dfa.grads) >= 1
+    assert not torch.equal(dfa.net[0].weight, start)
+    callbacks, flags = _callbacks(feature, tmp_path / "bp")
+    bp = Logged(lr=0.2)
+    fit(bp, loader(4), strategy="auto", callbacks=callbacks, **flags)
+    # the hidden layer's first update differs from backprop's (feedback); the head's is its true gradient in both
+    torch.testing.assert_close(dfa.grads[0]["net.4.weight"], bp.grads[0]["net.4.weight"])
+    assert not torch.allclose(dfa.grads[0]["net.0.weight"], bp.grads[0]["net.0.weight"], atol=1e-6)
+
+
 def test_frozen_parameters_stay_and_the_rest_trains_as_without_freezing() -> None:
     free, frozen = Net(), Net()
     frozen.net[0].requires_grad_(False)
@@ -589,11 +691,29 @@ def test_frozen_parameters_stay_and_the_rest_trains_as_without_freezing() -> Non
     for name, g in frozen.grads[0].items():
         torch.testing.assert_close(g, free.grads[0][name])  # DFA: block 0's gradient feeds nobody else
     assert "net.2.weight" in frozen.grads[0] and "net.0.weight" not in frozen.grads[0]
-    allfrozen = Net()
-    for layer in (allfrozen.net[0], allfrozen.net[2]):
+    # every block frozen: the head alone trains, by its own gradient, as with backprop
+    allfrozen, reference = Net(), Net()
+    for model in (allfrozen, reference):
+        for layer in (model.net[0], model.net[2]):
+            layer.requires_grad_(False)
+    fit(allfrozen, loader(2), max_steps=2)
+    fit(reference, loader(2), strategy="auto", max_steps=2)
+    assert_weights_equal(allfrozen, reference)
+
+    class Scaled(Net):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(6))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x * self.scale)
+
+    # ... but a trainable parameter before them would learn through the frozen blocks: refused
+    fed = Scaled()
+    for layer in (fed.net[0], fed.net[2]):
         layer.requires_grad_(False)
-    with pytest.raises(RuntimeError, match="no feedback reached the blocks.*shallow"):
-        fit(allfrozen, loader(1), max_steps=1)
+    with pytest.raises(RuntimeError, match="every block is frozen.*trainable parameters before them"):
+        fit(fed, loader(1), max_steps=1)
 
 
 def test_dropout_feedback_goes_through_the_forward_mask() -> None:

@@ -92,4 +92,3 @@ def test_gpu_breakdown_smoke_run_on_the_cpu(tmp_path: Path) -> None:
         assert "error" not in row, (name, row)
         if not name.startswith("other layout"):
             assert row["rel_err"] < 1e-5, (name, row)
-

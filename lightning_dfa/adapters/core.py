@@ -12,7 +12,7 @@ from torch import nn
 from typing_extensions import override
 
 from ..blocks import Target
-from ..checks import check_state, refuse_reentrant_checkpointing
+from ..checks import check_state, only_layers_after_frozen_blocks, refuse_reentrant_checkpointing
 from ..config import DFAConfig
 from ..engine import FeedbackEngine
 from ..projectors.bank import uses_sketch
@@ -104,6 +104,7 @@ class DFAFit:
         self._summary_shown = False
         self._checked = False
         self._backprop_checked = False
+        self._frozen_said = False
         self._attached_with: tuple[nn.Module, Any, Target | None] | None = None
 
     def attach(
@@ -180,7 +181,19 @@ class DFAFit:
     def after_backward(self, trainer: Any) -> None:
         if self.engine is None or self.engine.target is None:
             return
-        self.engine.end_backward()
+        report = self.engine.end_backward()
+        if (
+            self.verbose
+            and not self._frozen_said
+            and self.engine.mode == "dfa"
+            and report.deliveries == 0
+            and only_layers_after_frozen_blocks(self.engine, report)
+        ):
+            self._frozen_said = True
+            self.info(
+                "DFA: every block is frozen in this step, so only the layers after them train, by their own "
+                "gradient (as with backprop); feedback starts at the first step with a trainable block."
+            )
         if not self._backprop_checked and self.engine.roles_measured:
             self._backprop_checked = True
             warning = mostly_backprop(self.engine)
