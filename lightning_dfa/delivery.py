@@ -248,6 +248,9 @@ class _Group:
     soft: bool = False  # a layout-probe forward: points are cut by _SoftCut
     cuts: dict[int, torch.Tensor] = field(default_factory=dict)  # id(soft cut's copy) -> the point
     copies: list[torch.Tensor] = field(default_factory=list)  # the copies themselves: their ids stay theirs
+    #: id(recorded tensor) -> (the tensor, its version, its cut), weakly: a second layer reading the same tensor
+    #: gets the same cut, not a second point (one hidden layer, one feedback)
+    readers: dict[int, tuple[Any, int, Any]] = field(default_factory=dict)
     ties: list[_Delivery] = field(default_factory=list)
     state: _ForwardState = field(default_factory=_ForwardState)
     after_ties: bool = False  # the forward before this one tied outputs (that may feed this one's points)

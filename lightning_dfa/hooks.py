@@ -212,6 +212,10 @@ class ForwardHooks:
         g = self._group_for(name)
         count = g.calls.get(name, 0)
         g.calls[name] = count + 1
+        if self._capture is None and self.mode == "dfa":
+            again = self._recorded_cut(g, tensor)
+            if again is not None:
+                return again
         key = name if count == 0 else f"{name}#{count}"
         flatten = name.split(":")[0] in self._flatten
         for observer in self.point_observers:
@@ -236,11 +240,22 @@ class ForwardHooks:
                 cut = _SoftCut.apply(self.layouts, tensor)
                 g.cuts[id(cut)] = tensor
                 g.copies.append(cut)  # kept alive, so that no other tensor takes its id in this forward
-                return cut
-            cut = tensor.detach()
-            point.alias = weakref.ref(cut)
+            else:
+                cut = tensor.detach()
+                point.alias = weakref.ref(cut)
+            g.readers[id(tensor)] = (weakref.ref(tensor), tensor._version, weakref.ref(cut))
             return cut
         return tensor.detach()
+
+    @staticmethod
+    def _recorded_cut(g: _Group, tensor: torch.Tensor) -> torch.Tensor | None:
+        """The cut of ``tensor`` where this forward recorded it already as a point (unchanged since) and a second
+        layer reads it (a VAE's ``h`` read by both ``fc_mu`` and ``fc_logvar``): one hidden layer, one feedback."""
+        seen = g.readers.get(id(tensor))
+        if seen is None or seen[0]() is not tensor or seen[1] != tensor._version:
+            return None
+        cut = seen[2]()
+        return cut if cut is not None else tensor.detach()
 
     def _carries(self, tensor: torch.Tensor | None) -> bool:
         """The tensor carries gradient from something other than a soft cut (in a layout-probe forward, a value

@@ -22,11 +22,12 @@ def parameter_roles(engine: Any, root: nn.Module | None = None) -> dict[str, int
     out_ids = {id(p) for _, m in engine.output_modules() for p in m.parameters()}
     roles = {"feedback": 0, "true gradient": 0, "none": 0}
     seen: set[int] = set()
+    kept = _kept_tables(engine)
     for p in root.parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
-        if not p.requires_grad:
+        if not p.requires_grad or id(p) in kept:
             roles["none"] += p.numel()
         elif engine.mode == "bp" or id(p) in out_ids or (id(p) in after and not cut):
             roles["true gradient"] += p.numel()
@@ -51,7 +52,7 @@ def role_of(engine: Any, parameter: nn.Parameter) -> str:
     """
     if engine.root is None or engine.target is None:
         raise RuntimeError("DFA: attach() the engine first.")
-    if not parameter.requires_grad:
+    if not parameter.requires_grad or id(parameter) in _kept_tables(engine):
         return "none"
     if engine.mode == "bp" or any(parameter is p for _, m in engine.output_modules() for p in m.parameters()):
         return "true gradient"
@@ -60,6 +61,14 @@ def role_of(engine: Any, parameter: nn.Parameter) -> str:
     if id(parameter) in after and (measured or not engine._cut):
         return "true gradient"
     return "none" if engine.mode == "shallow" else "feedback"
+
+
+def _kept_tables(engine: Any) -> set[int]:
+    """``id`` of the untied token tables ``cut_token_embedding`` keeps at their initial values: frozen while the
+    engine is attached, and counted as not trained after it let go (``requires_grad`` restored)."""
+    if engine.mode != "dfa":
+        return set()
+    return {id(p) for _, module, tied in engine._token_embeddings if not tied for p in module.parameters(recurse=False)}
 
 
 def params_after_blocks(root: nn.Module, target: Target) -> set[int]:

@@ -273,3 +273,35 @@ def test_micro_placement_outside_hugging_face_finds_the_inner_points() -> None:
     torch.testing.assert_close(micro["head.weight"], macro["head.weight"])  # the output's true gradient
     with pytest.raises(ValueError, match="found no blocks with an attention submodule"):
         FeedbackEngine(placement="micro").attach(TinyResNet())
+
+
+class TwoReaders(nn.Module):
+    """``h`` feeds two layers (a VAE's ``fc_mu`` and ``fc_logvar``): one hidden layer, so one feedback point."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.mu, self.logvar, self.out = nn.Linear(6, 16), nn.Linear(16, 8), nn.Linear(16, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.l1(x))
+        return self.out(torch.tanh(self.mu(h) + self.logvar(h)))
+
+
+def test_a_tensor_read_by_two_layers_gets_its_feedback_once() -> None:
+    torch.manual_seed(0)
+    net = TwoReaders()
+    engine = FeedbackEngine(seed=0)
+    engine.attach(net)
+    seen: list[tuple[list[str], list[torch.Tensor]]] = []
+    engine.feedback_observers.append(lambda e, points, fbs: seen.append(([p.key for p in points], fbs)))
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+    F.cross_entropy(net(x), y).backward()
+    engine.end_backward()
+    engine.detach()
+    keys, feedback = seen[-1]
+    assert keys == ["mu:in", "out:in"]  # not a second point "logvar:in" on the same tensor
+    twin = copy.deepcopy(net)
+    h = torch.tanh(twin.l1(x))
+    (expected,) = torch.autograd.grad(h, twin.l1.weight, feedback[0].reshape(h.shape))
+    torch.testing.assert_close(net.l1.weight.grad, expected)  # the feedback once, not twice
+    assert net.logvar.weight.grad is not None and net.mu.weight.grad is not None

@@ -106,6 +106,7 @@ def test_an_untied_token_embedding_keeps_its_initial_values() -> None:
     assert "model.embed_tokens (kept at its initial values)" in "\n".join(engine.recipe_notes())
     engine.detach()
     assert table.requires_grad  # given back when detached
+    assert engine.role_of(table) == "none" and engine.parameter_roles()["none"] == table.numel()  # (what it did)
     for options in ({"recipe": "paper"}, {"cut_token_embedding": False}):  # feedback reaches it again
         engine = FeedbackEngine(**options)
         engine.attach(model)
