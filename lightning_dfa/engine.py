@@ -371,7 +371,7 @@ class FeedbackEngine(ForwardHooks):
         projector = self._projector_for(source, error.device, error.dtype)
         scale, distinct = self.config.scale, self.config.distinct
         projections = {}
-        for (kind, k), width in widest.items():
+        for (kind, k), width in sorted(widest.items(), key=lambda item: -item[1]):  # widest first (see Sketch)
             projected = project_rows(projector, error_rows(error, kind, k), width)
             # scaled once here when every point of this error width takes the whole projection
             shared = not distinct and all(d == width for (kd, kk, d) in aligned if (kd, kk) == (kind, k))

@@ -460,3 +460,26 @@ def test_speed_tip_for_wide_errors_names_the_missing_options() -> None:
     assert tip(200, recipe="paper", cut_head_input=True, sketch=True) is None
     assert tip(200) is None  # the default recipe chooses both for a widening head
     assert tip(200, recipe="paper", mode="shallow") is None
+
+
+def test_points_of_two_layouts_share_one_matrix_kind_per_error_width() -> None:
+    """A row point 64 wide and a per-position point 16 wide, one 100-wide error (a pyramid vision Transformer's
+    stages before a classifier): dense for the first, so for the second too (its first 16 rows), fresh or
+    resumed; no sketch beside it."""
+    torch.manual_seed(0)
+    error = torch.randn(3, 100)
+    points = [  # the narrow one first: the engine projects the widest first
+        PointMeta("tokens", torch.Size([3, 4, 16]), torch.float32, False),
+        PointMeta("wide", torch.Size([3, 64]), torch.float32, False),
+    ]
+    state = None
+    for _ in range(2):  # a fresh run, then one resumed from its feedback state
+        engine = FeedbackEngine(seed=0)
+        if state is not None:
+            engine.load_state_dict(state)
+        tokens, wide = engine.feedback_for(error, points)
+        dense = engine.bank.matrix(100, 64, torch.device("cpu"), torch.float32)
+        torch.testing.assert_close(wide, error @ dense.t() / 8)
+        torch.testing.assert_close(tokens, (error @ dense[:16].t() / 4).unsqueeze(1).expand(3, 4, 16))
+        assert engine.bank.dense_rows(100) == 64 and not engine.bank._sketch_groups
+        state = engine.state_dict()

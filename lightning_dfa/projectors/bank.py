@@ -202,6 +202,11 @@ class FeedbackBank:
         self.widths: dict[str, list[int]] = {}  # point key -> [error width k, point width d]
 
     # ------------------------------------------------------------------ matrices
+    def dense_rows(self, k: int, source: str = "") -> int:
+        """Rows of the dense matrix of error width ``k`` held (``0``: none): the widest point that read it."""
+        stored = self._matrices.get(_matrix_id(k, source))
+        return 0 if stored is None else stored.shape[0]
+
     def matrix(
         self,
         k: int,

@@ -85,8 +85,8 @@ class Sketch(Dense):
     (``g = max(sqrt(k), d / 4)``): for a 50257-word vocabulary about 1/30 of the dense GEMM. Its entries are an
     integer hash of (seed, position) computed on the device (:meth:`FeedbackBank.sketch`): checkpoints carry no
     matrix.
-    Errors no wider than ``4 d`` use the dense matrix (there it is as cheap). What the ``sketch`` option and the
-    ``"auto"`` recipe use.
+    Errors no wider than ``4 d`` use the dense matrix (there it is as cheap), also for the narrower points of other
+    layouts with the same error width. What the ``sketch`` option and the ``"auto"`` recipe use.
 
     Args:
         min_ratio: errors no wider than ``min_ratio`` times the feedback width use the dense matrix (default 4);
@@ -108,7 +108,9 @@ class Sketch(Dense):
 
     def project(self, error: torch.Tensor, width: int) -> torch.Tensor:
         k = error.shape[-1]
-        if k <= self.min_ratio * width:
+        # dense wherever a point of this error width is wide enough for it (the engine projects the widest point
+        # first): narrower points of other layouts read the same matrix (a pyramid's stages)
+        if k <= self.min_ratio * max(width, self.bank.dense_rows(k, self._source)):
             return super().project(error, width)
         g, a, big = self.bank.sketch(k, width, error.device, error.dtype, source=self._source)
         return sketch_first_stage(error, a, g).flatten(1) @ big
