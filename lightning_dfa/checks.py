@@ -123,7 +123,8 @@ def explain_silence(engine: Any, report: Any) -> str:
         why = (
             f"no block ran with gradients enabled in this step's forward (blocks: {names[:6]}...): under "
             "torch.no_grad(), or inside torch.utils.checkpoint.checkpoint(..., use_reentrant=True), whose forward "
-            "runs without gradients (use use_reentrant=False)."
+            "runs without gradients (use use_reentrant=False), or in reversible layers (Reformer's, RevNet's), "
+            "which run their blocks without gradients and rebuild them in the backward: DFA cannot train those."
         )
     elif report.outputs_tied == 0 and report.untied_outputs:
         kinds = sorted(set(report.untied_outputs))

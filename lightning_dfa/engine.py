@@ -127,6 +127,7 @@ class FeedbackEngine(ForwardHooks):
         self._saved_blocks: list[str] | None = None  # the blocks a loaded checkpoint was trained with
         self._tied_kept: list[str] = []  # cut_token_embedding: tables tied to the output behind a head transform
         self._frozen: list[nn.Parameter] = []  # cut_token_embedding: set to requires_grad=False while attached
+        self._kept: set[int] = set()  # their ids, kept after detach (they were not trained)
         self._cut = bool(self.config.chosen("cut_head_input"))
         # the projectors in force, per output ("" the primary one), built from the options at first use
         self._projectors: dict[str, Projector] = {}

@@ -140,12 +140,16 @@ class ForwardHooks:
             cutting = not self._faint
         self._token_embeddings = token_embeddings(root, target, tied=not transform) if cutting else []
         self._tied_kept = [n for n, _, tied in tables if tied] if cutting and transform else []
-        for _, module, tied in self._token_embeddings:
-            # its output is detached in the forwards; untied, it is also frozen (DDP, set up after, leaves it out)
+        heads = {id(p) for _, m in target.outputs for p in m.parameters()}
+        for _, module, _ in self._token_embeddings:
+            # its output is detached in the forwards; what it holds apart from weights tied to an output (the table
+            # untied; a norm inside it) is also frozen (DDP, set up after, leaves it out)
             self._handles.append(module.register_forward_hook(_Hook(lambda m, a, o: self._on_token_embedding(o))))
-            if not tied:
-                frozen = {id(p) for p in self._frozen}  # (modules sharing one table: each parameter once)
-                self._frozen += [p for p in module.parameters(recurse=False) if p.requires_grad and id(p) not in frozen]
+            frozen = {id(p) for p in self._frozen}  # (modules sharing one table: each parameter once)
+            self._frozen += [
+                p for p in module.parameters() if p.requires_grad and id(p) not in frozen and id(p) not in heads
+            ]
+        self._kept = {id(p) for p in self._frozen}
         for p in self._frozen:
             p.requires_grad_(False)
         if self.mode == "dfa" and (self.norm_feedback == "consumer" or self.norm_points):

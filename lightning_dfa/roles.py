@@ -64,11 +64,9 @@ def role_of(engine: Any, parameter: nn.Parameter) -> str:
 
 
 def _kept_tables(engine: Any) -> set[int]:
-    """``id`` of the untied token tables ``cut_token_embedding`` keeps at their initial values: frozen while the
-    engine is attached, and counted as not trained after it let go (``requires_grad`` restored)."""
-    if engine.mode != "dfa":
-        return set()
-    return {id(p) for _, module, tied in engine._token_embeddings if not tied for p in module.parameters(recurse=False)}
+    """``id`` of the parameters ``cut_token_embedding`` keeps at their initial values (an untied table, a norm
+    inside a table): frozen while the engine is attached, and counted as not trained after it let go."""
+    return engine._kept if engine.mode == "dfa" else set()
 
 
 def params_after_blocks(root: nn.Module, target: Target) -> set[int]:

@@ -94,6 +94,32 @@ def test_default_on_a_pre_norm_transformer(build, kind: str) -> None:
     engine.detach()
 
 
+class NormedEmbedding(nn.Embedding):
+    """A token table with a norm inside it (as some Hugging Face models have)."""
+
+    def __init__(self, n: int, d: int) -> None:
+        super().__init__(n, d)
+        self.embed_norm = nn.LayerNorm(d)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_norm(super().forward(ids))
+
+
+def test_what_a_kept_token_table_holds_is_kept_too() -> None:
+    torch.manual_seed(0)
+    model = _llama()
+    model.model.embed_tokens = NormedEmbedding(VOCAB, 32)
+    norm = model.model.embed_tokens.embed_norm.weight
+    engine = FeedbackEngine()
+    engine.attach(model)
+    grads = _lm_step(model, engine)
+    # the table's output is cut, so nothing inside it gets feedback: frozen, and counted so, not left unfed
+    assert not any(n.startswith("model.embed_tokens.") for n in grads) and not norm.requires_grad
+    assert engine.role_of(norm) == "none"
+    engine.detach()
+    assert norm.requires_grad and engine.role_of(norm) == "none"
+
+
 def test_an_untied_token_embedding_keeps_its_initial_values() -> None:
     torch.manual_seed(0)
     model = _llama()  # embed_tokens is not tied to lm_head
