@@ -298,6 +298,15 @@ def _discover(root: nn.Module, blocks: BlockSpec, output: str | None, placement:
         if target is None and placement == "micro":
             return _micro_from_structure(root, output)
         target = target or _structure_target(root) or _layer_inputs_target(root)
+        bare = [n for n, _ in root.named_parameters(recurse=False)][:4]
+        if target is None and bare and not any(True for m in root.children() for _ in m.parameters()):
+            raise ValueError(
+                f"DFA: found no blocks in {type(root).__name__}: its weights are bare parameters ({bare}) with no "
+                "layer modules holding them, and DFA places its feedback at the modules a forward calls (the blocks) "
+                "and reads the error at one (the output). Hold each layer's weights in a module (nn.Linear, or a "
+                "small nn.Module of your own) so that blocks= and output= can name them, or train this model with "
+                "backprop (strategy='auto')."
+            )
         if target is None:
             raise ValueError(
                 f"DFA: found no blocks in {type(root).__name__}. Searched for: a configure_dfa() method, a Hugging "

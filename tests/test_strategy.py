@@ -182,7 +182,7 @@ def test_no_blocks_is_a_clear_error() -> None:
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    with pytest.raises(ValueError, match="found no blocks.*blocks="):
+    with pytest.raises(ValueError, match=r"found no blocks.*bare parameters.*\['w1', 'w2'\].*strategy='auto'"):
         trainer(strategy="dfa").fit(Functional(), loader())
 
 
