@@ -3,6 +3,8 @@ output (sequence-first), several outputs and losses."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -213,6 +215,42 @@ def test_two_heads_two_losses_each_loss_reaches_the_blocks() -> None:
     (F.cross_entropy(logits, y) + F.mse_loss(values, t)).backward()
     for name in ("classify.weight", "regress.weight"):
         torch.testing.assert_close(both[name], net.get_parameter(name).grad)
+
+
+class DeepSupervision(nn.Module):
+    """An auxiliary classifier on a middle layer (Inception's, deep supervision): ``aux`` reads ``stage1``'s output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stage1 = nn.Sequential(nn.Linear(6, 16), nn.Tanh())
+        self.stage2 = nn.Sequential(nn.Linear(16, 16), nn.Tanh())
+        self.aux, self.fc = nn.Linear(16, 3), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.stage1(x)
+        return self.fc(self.stage2(h)), self.aux(h)
+
+
+def test_a_head_on_a_middle_layer_feeds_the_blocks_when_named() -> None:
+    """Named (``output=["fc", "aux"]`` with ``blocks=``), the auxiliary loss reaches ``stage1`` through its own
+    feedback; found by default, ``aux`` is a hidden layer and its loss term trains ``aux`` alone (docs say so)."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+
+    def stage1_grad(aux_weight: float, **options: Any) -> torch.Tensor:
+        torch.manual_seed(0)
+        net = DeepSupervision()
+        engine = FeedbackEngine(seed=0, **options)
+        engine.attach(net)
+        out, aux = net(x)
+        (F.cross_entropy(out, y) + aux_weight * F.cross_entropy(aux, y)).backward()
+        engine.end_backward()
+        engine.detach()
+        return net.stage1[0].weight.grad
+
+    named = dict(blocks=["stage1", "stage2"], output=["fc", "aux"])
+    assert not torch.allclose(stage1_grad(0.3, **named), stage1_grad(0.0, **named))
+    torch.testing.assert_close(stage1_grad(0.3), stage1_grad(0.0), rtol=0, atol=0)
 
 
 def test_heads_of_equal_width_have_their_own_feedback() -> None:
