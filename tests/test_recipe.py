@@ -118,6 +118,18 @@ def test_what_a_kept_token_table_holds_is_kept_too() -> None:
     assert engine.role_of(norm) == "none"
     engine.detach()
     assert norm.requires_grad and engine.role_of(norm) == "none"
+    # the table's weight tied to the head (the table then holds more than tied weights): the head still learns
+    torch.manual_seed(0)
+    tied = _llama()
+    tied.model.embed_tokens = NormedEmbedding(VOCAB, 32)
+    tied.lm_head.weight = tied.model.embed_tokens.weight
+    engine = FeedbackEngine()
+    engine.attach(tied)
+    _lm_step(tied, engine)
+    assert tied.lm_head.weight.grad is not None and tied.lm_head.weight.requires_grad
+    assert not tied.model.embed_tokens.embed_norm.weight.requires_grad
+    assert engine.role_of(tied.lm_head.weight) == "true gradient"
+    engine.detach()
 
 
 def test_an_untied_token_embedding_keeps_its_initial_values() -> None:
