@@ -320,6 +320,17 @@ def _parameters_reached(tensor: torch.Tensor, limit: int = 100_000) -> set[int]:
     return found
 
 
+def _nodes_before_outputs(tensor: torch.Tensor, limit: int = 100_000) -> set[Any]:
+    """The graph nodes ``tensor`` (a loss) reaches without crossing an output's delivery: what the loss reads
+    directly, not through an output module's error."""
+
+    def expand(node: Any) -> tuple:
+        stop = isinstance(node, (_DeliverFeedback._backward_cls, _SoftCut._backward_cls))  # an output, a (probe) cut
+        return () if stop else _next_functions(node)
+
+    return set(_walk(tensor, expand, limit))
+
+
 def _deliveries_upstream_of(tensor: torch.Tensor, limit: int = 4096) -> list[_Delivery]:
     """The deliveries of earlier output calls whose (tied) outputs ``tensor`` was computed from, found by a walk
     of its graph back to the cuts (the tail after the blocks: a few nodes)."""

@@ -28,6 +28,7 @@ Everything after the last block (final norm, pooler, head) receives its true gra
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import math
@@ -47,6 +48,7 @@ from .delivery import (
     CapturedPoint,
     _Delivery,
     _Group,
+    _nodes_before_outputs,
 )
 from .hooks import ForwardHooks
 from .layout import Layouts, PointMeta, error_rows, laid_on
@@ -102,6 +104,11 @@ class FeedbackEngine(ForwardHooks):
         # output candidates found from the forward, the outputs seen delivering, and the parameters measured to
         # be trained by their true gradient (after the cuts, before a delivering output)
         self._candidates: list[tuple[str, nn.Module]] = []
+        # the blocks' outputs of the first training forwards (weakly), until the first loss is checked for terms that
+        # read one directly (loss_readers)
+        self._block_outputs: collections.deque[tuple[str, Any]] | None = None
+        self._reader_handles: list[Any] = []
+        self._readers_checked = False
         self._sources: dict[str, nn.Module] = {}
         self._true_ids: set[int] | None = None
         self.report = BackwardReport()
@@ -423,12 +430,44 @@ class FeedbackEngine(ForwardHooks):
         """
         report, self.report = self.report, BackwardReport()
         self._group = None
+        if self._block_outputs:
+            self._block_outputs.clear()
         if self.learned is not None:
             self.learned.step()
         if self.mode == "dfa" and self.attached and report.deliveries == 0 and self.target and self.target.blocks:
             if not only_layers_after_frozen_blocks(self, report):
                 raise RuntimeError(explain_silence(self, report))
         return report
+
+    def loss_readers(self, loss: torch.Tensor) -> list[str]:
+        """The blocks whose output ``loss`` reads directly, not only through an output module (a head on a middle
+        layer, a VAE's KL term on its mean and variance layers): such a term trains those layers by their true
+        gradient but feeds nothing back to the layers before them. Checked once per model, at the first loss of a
+        training forward (``[]`` at later calls); the Lightning adapters warn with the names.
+
+        Example:
+            >>> class Aux(nn.Module):  # an auxiliary classifier on the middle layer
+            ...     def __init__(self):
+            ...         super().__init__()
+            ...         self.a, self.b, self.aux, self.out = (nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2),
+            ...                                                nn.Linear(8, 2))
+            ...     def forward(self, x):
+            ...         h = torch.tanh(self.a(x))
+            ...         return self.out(torch.tanh(self.b(h))), self.aux(h)
+            >>> net, engine = Aux(), FeedbackEngine()
+            >>> _ = engine.attach(net)
+            >>> out, aux = net(torch.randn(3, 4))
+            >>> engine.loss_readers(out.sum() + aux.sum())
+            ['aux']
+        """
+        outputs = self._block_outputs
+        if not outputs or self.mode != "dfa" or not isinstance(loss, torch.Tensor) or loss.grad_fn is None:
+            return []
+        self._block_outputs, self._readers_checked = None, True
+        for handle in self._reader_handles:
+            handle.remove()
+        reached = _nodes_before_outputs(loss)
+        return list(dict.fromkeys(name for name, node in outputs if node in reached))
 
     def check_loss(self, loss: torch.Tensor) -> None:
         """Refuse a loss that cannot carry the error back to the output module (see :func:`checks.check_loss`)."""

@@ -6,6 +6,7 @@ engine's ``__init__`` sets it up) and knows nothing of Lightning."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import warnings
 import weakref
@@ -99,6 +100,17 @@ class ForwardHooks:
                 self._handles.append(
                     block.exit.register_forward_hook(_Hook(lambda m, a, o, b=block: self._on_block_output(b, o)))
                 )
+        if not same:
+            self._readers_checked = False
+        self._block_outputs, self._reader_handles = None, []
+        if self.mode == "dfa" and not self._readers_checked:  # until the first loss is checked (loss_readers)
+            self._block_outputs = collections.deque(maxlen=4 * len(target.blocks))
+            for block in target.blocks:
+                if block.output_point and block.name != uncut:
+                    continue  # its output is cut: the loss cannot read it
+                handle = block.exit.register_forward_hook(_Hook(lambda m, a, o, b=block: self._on_block_exit(b, o)))
+                self._reader_handles.append(handle)
+                self._handles.append(handle)
         self._encoder_names = encoder_modules(root, target)
         self._modules = {name: module for name, module in target.outputs}
         self._candidates = self._output_candidates(root, target)
@@ -310,6 +322,17 @@ class ForwardHooks:
         self._count_call()
         tensor, rebuild = _split_main(output)
         return self._at_point(block.name, tensor, rebuild, block)
+
+    def _on_block_exit(self, block: Block, output: Any) -> None:
+        """Keep the graph node of a block's output in a training forward, for :meth:`FeedbackEngine.loss_readers`
+        (the latest few, dropped at each ``end_backward``: nothing is held beyond what the graph holds)."""
+        outputs = self._block_outputs
+        if outputs is None or not self._active():
+            return None
+        tensor, _ = _split_main(output)
+        if _carries_grad(tensor) and tensor.grad_fn is not None:
+            outputs.append((block.name, tensor.grad_fn))
+        return None
 
     def _on_head_input(self, name: str, args: tuple, kwargs: dict) -> Any:
         """``cut_head_input``: the output module's input becomes the point ``"<output>:in"`` (detached downstream)."""

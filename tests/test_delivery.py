@@ -3,6 +3,7 @@ output (sequence-first), several outputs and losses."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import pytest
@@ -251,6 +252,42 @@ def test_a_head_on_a_middle_layer_feeds_the_blocks_when_named() -> None:
     named = dict(blocks=["stage1", "stage2"], output=["fc", "aux"])
     assert not torch.allclose(stage1_grad(0.3, **named), stage1_grad(0.0, **named))
     torch.testing.assert_close(stage1_grad(0.3), stage1_grad(0.0), rtol=0, atol=0)
+
+
+def test_a_loss_that_reads_a_hidden_layer_directly_is_named_once() -> None:
+    """Under the strategy, a loss term on a middle layer's head (found as a hidden layer) is warned about once,
+    naming the head and the remedy; named as an output, nothing is said."""
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_dfa import DFAStrategy
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = DeepSupervision()
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            out, aux = self.net(batch[0])
+            return F.cross_entropy(out, batch[1]) + 0.3 * F.cross_entropy(aux, batch[1])
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    g = torch.Generator().manual_seed(1)
+    data = DataLoader(TensorDataset(torch.randn(24, 6, generator=g), torch.randint(0, 3, (24,), generator=g)), 8)
+    flags = dict(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                 enable_model_summary=False, accelerator="cpu", devices=1)  # fmt: skip
+    said = r"reads the output of \['net.aux'\] directly.*output=\['net.fc', 'net.aux'\]"
+    with pytest.warns(UserWarning, match=said) as seen:
+        pl.Trainer(strategy=DFAStrategy(verbose=False), **flags).fit(Module(), data)
+    assert sum("reads the output of" in str(w.message) for w in seen) == 1
+    named = DFAStrategy(verbose=False, blocks=["net.stage1", "net.stage2"], output=["net.fc", "net.aux"])
+    with warnings.catch_warnings(record=True) as quiet:
+        warnings.simplefilter("always")
+        pl.Trainer(strategy=named, **flags).fit(Module(), data)
+    assert not [w for w in quiet if "reads the output of" in str(w.message)]
 
 
 def test_heads_of_equal_width_have_their_own_feedback() -> None:

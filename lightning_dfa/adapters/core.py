@@ -170,13 +170,24 @@ class DFAFit:
         if self.engine is not None:
             self.engine.detach()
 
-    def before_backward(self, loss: Any) -> None:
+    def before_backward(self, loss: Any, trainer: Any = None) -> None:
         if self.engine is not None and self.engine.attached and isinstance(loss, torch.Tensor):
             if not self._checked and self.engine.root is not None:
                 # checkpointing switched on after set-up (on_fit_start, on_train_start) is caught here
                 refuse_reentrant_checkpointing(self.engine.root)
                 self._checked = True
             self.engine.check_loss(loss)
+            readers = self.engine.loss_readers(loss)
+            if readers and getattr(trainer, "is_global_zero", True):
+                outputs = [n for n, _ in self.engine.output_modules()]
+                warnings.warn(
+                    f"DFA: the loss reads the output of {readers} directly, not only through the output module "
+                    f"{outputs}: that term trains them by their true gradient but feeds nothing back to the layers "
+                    f"before them. If they are heads (an auxiliary classifier), name them as outputs, "
+                    f"output={outputs + readers}, with blocks= naming the blocks without them; a loss term on hidden "
+                    "layers (a VAE's KL term) is not fed back by DFA.",
+                    stacklevel=2,
+                )
 
     def after_backward(self, trainer: Any) -> None:
         if self.engine is None or self.engine.target is None:
@@ -281,7 +292,7 @@ class DFAStrategyMixin:
 
     @override
     def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
-        self.dfa.before_backward(closure_loss)
+        self.dfa.before_backward(closure_loss, getattr(self.lightning_module, "_trainer", None))  # type: ignore[attr-defined]
         out = super().backward(closure_loss, optimizer, *args, **kwargs)  # type: ignore[misc]
         self.dfa.after_backward(getattr(self.lightning_module, "_trainer", None))  # type: ignore[attr-defined]
         return out
@@ -389,7 +400,7 @@ class DFACallbackMixin:
 
     @override
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
-        self.dfa.before_backward(loss)
+        self.dfa.before_backward(loss, trainer)
 
     @override
     def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
