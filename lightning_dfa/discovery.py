@@ -298,8 +298,9 @@ def _discover(root: nn.Module, blocks: BlockSpec, output: str | None, placement:
         if target is None and placement == "micro":
             return _micro_from_structure(root, output)
         target = target or _structure_target(root) or _layer_inputs_target(root)
-        bare = [n for n, _ in root.named_parameters(recurse=False)][:4]
-        if target is None and bare and not any(True for m in root.children() for _ in m.parameters()):
+        holders = [m for m in root.modules() if any(True for _ in m.parameters(recurse=False))]
+        bare = [n for n, _ in root.named_parameters()][:4]
+        if target is None and holders and all(m is root or isinstance(m, _PARAMETER_LISTS) for m in holders):
             raise ValueError(
                 f"DFA: found no blocks in {type(root).__name__}: its weights are bare parameters ({bare}) with no "
                 "layer modules holding them, and DFA places its feedback at the modules a forward calls (the blocks) "
@@ -321,6 +322,9 @@ def _discover(root: nn.Module, blocks: BlockSpec, output: str | None, placement:
     return target
 
 
+_PARAMETER_LISTS = (nn.ParameterList, nn.ParameterDict)
+
+
 def single_trainable_layer(root: nn.Module) -> tuple[str, nn.Module] | None:
     """The one module holding trainable parameters of its own, when there is only one (Lightning's
     ``BoringModel``, a logistic regression): a model with no hidden layer, where DFA has nowhere to send feedback.
@@ -337,7 +341,7 @@ def single_trainable_layer(root: nn.Module) -> tuple[str, nn.Module] | None:
     name, module = holders[0]
     # a layer (Linear, Conv, ...: a leaf with a weight and perhaps a bias), not parameters used in the model's own
     # code, where two raw weights are two layers
-    leaf = module is not root and not any(True for _ in module.children())
+    leaf = module is not root and not any(True for _ in module.children()) and not isinstance(module, _PARAMETER_LISTS)
     return (name, module) if leaf and len(list(module.parameters(recurse=False))) <= 2 else None
 
 

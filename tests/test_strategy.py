@@ -185,6 +185,19 @@ def test_no_blocks_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match=r"found no blocks.*bare parameters.*\['w1', 'w2'\].*strategy='auto'"):
         trainer(strategy="dfa").fit(Functional(), loader())
 
+    class Listed(Functional):  # the weights in an nn.ParameterList, as research code often keeps them
+        def __init__(self) -> None:
+            super().__init__()
+            del self.w1, self.w2
+            self.ws = nn.ParameterList([nn.Parameter(torch.randn(6, 8)), nn.Parameter(torch.randn(8, 3))])
+
+        def training_step(self, batch: Any, i: int) -> torch.Tensor:
+            x, y = batch
+            return nn.functional.cross_entropy(torch.tanh(x @ self.ws[0]) @ self.ws[1], y)
+
+    with pytest.raises(ValueError, match=r"bare parameters \(\['ws.0', 'ws.1'\]\).*strategy='auto'"):
+        trainer(strategy="dfa").fit(Listed(), loader())
+
 
 def test_loss_that_does_not_depend_on_the_output_is_a_clear_error() -> None:
     class HiddenLoss(Classifier):
