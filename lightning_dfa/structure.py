@@ -4,7 +4,7 @@ are the points (rules 4 to 6 of :func:`lightning_dfa.discovery.discover`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from torch import nn
 
@@ -171,7 +171,9 @@ def _sequential_target(root: nn.Module, exclude: Sequence[str] = ()) -> Target |
     ]
     sequentials = [(n, m) for n, m in sequentials if n not in repeated]
     best = None
-    for name, seq in sorted(sequentials, key=lambda x: -sum(p.numel() for p in x[1].parameters())):
+    # the largest chain that trains first: a frozen network beside it (a distillation's teacher) is not the model
+    ranked = sorted(sequentials, key=lambda x: (not _trainable(x[1]), -sum(p.numel() for p in x[1].parameters())))
+    for name, seq in ranked:
         grouped = sequential_groups(seq, name)
         if grouped is not None or _is_feature_extractor(seq):
             best = (name, seq, grouped)
@@ -179,9 +181,11 @@ def _sequential_target(root: nn.Module, exclude: Sequence[str] = ()) -> Target |
     if best is None:
         return None
     name, seq, grouped = best
+    # with a trainable chain chosen, frozen networks of several layers are left out (neither its output nor blocks)
+    aside = {n for n, m in sequentials if _trainable(seq) and _frozen_network(m)}
     blocks: list[Block] = []
     out_name = grouped[1] if grouped is not None else None
-    after = _module_after(root, name, order)
+    after = _module_after(root, name, order, skip=aside)
     network, other = _network_of(root, name), _network_of(root, after[0]) if after is not None else None
     if grouped is not None and network is not None and other is not None and network != other:
         # two networks of their own (a GAN's generator and discriminator): each chain ends in its own output (the
@@ -211,7 +215,7 @@ def _sequential_target(root: nn.Module, exclude: Sequence[str] = ()) -> Target |
     first = min(order[b.name] for b in blocks)
     for other, mod in sequentials:
         nested = other.startswith(name + ".") or name.startswith(other + ".") or other == name
-        if nested or order[other] > first or not _has_params(mod):
+        if nested or order[other] > first or not _has_params(mod) or other in aside:
             continue
         if any(other.startswith(o + ".") for o, m in sequentials if o != other and _has_params(m)):
             continue
@@ -220,6 +224,15 @@ def _sequential_target(root: nn.Module, exclude: Sequence[str] = ()) -> Target |
             blocks = extra[0] + blocks
     blocks.sort(key=lambda b: order[b.name])
     return Target(blocks, out_name, root.get_submodule(out_name), "sequential")
+
+
+def _trainable(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+def _frozen_network(module: nn.Module) -> bool:
+    """A frozen chain of two or more parametric layers (a distillation's teacher), not a frozen readout layer."""
+    return not _trainable(module) and sum(1 for c in module.children() if _has_params(c)) >= 2
 
 
 def _network_of(root: nn.Module, name: str) -> str | None:
@@ -241,12 +254,17 @@ def _is_layer(found: tuple[str, nn.Module] | None) -> bool:
     return found is not None and not isinstance(found[1], (nn.Embedding, nn.EmbeddingBag))
 
 
-def _module_after(root: nn.Module, name: str, order: dict[str, int]) -> tuple[str, nn.Module] | None:
-    """The first module registered after ``name`` (outside it) that holds parameters, outermost first."""
+def _module_after(
+    root: nn.Module, name: str, order: dict[str, int], skip: Collection[str] = ()
+) -> tuple[str, nn.Module] | None:
+    """The first module registered after ``name`` (outside it and outside the modules named in ``skip``) that holds
+    parameters, outermost first."""
     if not name:
         return None  # the root itself: nothing lies after it
     for other, module in owned_modules(root):
         if order[other] <= order[name] or other.startswith(name + ".") or not _has_params(module):
+            continue
+        if any(other == s or other.startswith(s + ".") for s in skip):
             continue
         if any(True for _ in module.children()) and not isinstance(module, nn.Sequential):
             continue  # a container: look inside it for the layer

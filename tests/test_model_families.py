@@ -763,3 +763,29 @@ def test_bart_roles_follow_the_data_flow() -> None:
     engine = check_true_dfa(model, lambda m: m(input_ids=ids, labels=ids).loss)
     assert engine.roles_measured and engine.role_of(norm) == "feedback"  # it lies before the decoder's blocks
     assert engine.role_of(model.lm_head.weight) == "true gradient"
+
+
+@pytest.mark.parametrize("order", [("student", "teacher"), ("teacher", "student")])
+def test_a_frozen_teacher_beside_the_student_is_neither_blocks_nor_the_output(order: tuple[str, str]) -> None:
+    """Distillation: a frozen teacher network (larger than the student, registered before or after it) is left
+    out; the student's chain is the model, its last layer the output, its hidden groups the blocks."""
+    torch.manual_seed(0)
+    net = nn.Module()
+    nets = {
+        "student": nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)),
+        "teacher": nn.Sequential(nn.Linear(20, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 4)),
+    }
+    nets["teacher"].requires_grad_(False)
+    for name in order:
+        setattr(net, name, nets[name])
+    engine = FeedbackEngine()
+    target = engine.attach(net)
+    assert [b.name for b in target.blocks] == ["student.1", "student.3"] and target.output_name == "student.4"
+    x, y = torch.randn(8, 20), torch.randint(0, 4, (8,))
+    with torch.no_grad():
+        soft = F.softmax(net.teacher(x), -1)
+    out = net.student(x)
+    (F.cross_entropy(out, y) + F.kl_div(F.log_softmax(out, -1), soft, reduction="batchmean")).backward()
+    assert engine.end_backward().deliveries == 1
+    assert all(p.grad is None for p in net.teacher.parameters())
+    engine.detach()
