@@ -181,8 +181,9 @@ def _sequential_target(root: nn.Module, exclude: Sequence[str] = ()) -> Target |
     if best is None:
         return None
     name, seq, grouped = best
-    # with a trainable chain chosen, frozen networks of several layers are left out (neither its output nor blocks)
-    aside = {n for n, m in sequentials if _trainable(seq) and _frozen_network(m)}
+    # with a trainable chain chosen, a frozen twin of it (same input and output widths: a distillation's teacher, a
+    # target network) is left out, neither its output nor blocks; a frozen backbone that feeds it is not a twin
+    aside = {n for n, m in sequentials if _trainable(seq) and _frozen_network(m) and _twins(m, seq)}
     blocks: list[Block] = []
     out_name = grouped[1] if grouped is not None else None
     after = _module_after(root, name, order, skip=aside)
@@ -233,6 +234,18 @@ def _trainable(module: nn.Module) -> bool:
 def _frozen_network(module: nn.Module) -> bool:
     """A frozen chain of two or more parametric layers (a distillation's teacher), not a frozen readout layer."""
     return not _trainable(module) and sum(1 for c in module.children() if _has_params(c)) >= 2
+
+
+def _twins(a: nn.Module, b: nn.Module) -> bool:
+    """Two chains that read inputs of one width and produce outputs of one width (their first layers' input and
+    their last layers' output widths, from the weights of the layers that hold one)."""
+
+    def ends(m: nn.Module) -> tuple[int, int] | None:
+        weights = [c.weight for c in m.modules() if isinstance(getattr(c, "weight", None), nn.Parameter)]
+        weights = [w for w in weights if w.dim() >= 2]
+        return (weights[0].shape[1], weights[-1].shape[0]) if weights else None
+
+    return ends(a) is not None and ends(a) == ends(b)
 
 
 def _network_of(root: nn.Module, name: str) -> str | None:

@@ -789,3 +789,16 @@ def test_a_frozen_teacher_beside_the_student_is_neither_blocks_nor_the_output(or
     assert engine.end_backward().deliveries == 1
     assert all(p.grad is None for p in net.teacher.parameters())
     engine.detach()
+
+
+def test_a_frozen_backbone_that_feeds_the_head_stays_blocks() -> None:
+    """Frozen at set-up (``BackboneFinetuning`` freezes in its ``setup``) and unfrozen later: the backbone's groups are
+    blocks, so that it learns by feedback once unfrozen, as the teacher above does not."""
+    torch.manual_seed(0)
+    net = nn.Module()
+    net.backbone = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU())
+    net.classifier = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4))
+    net.backbone.requires_grad_(False)
+    target = FeedbackEngine().attach(net)
+    assert [b.name for b in target.blocks] == ["backbone.1", "backbone.3", "classifier.1"]
+    assert target.output_name == "classifier.2"
