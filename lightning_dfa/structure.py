@@ -170,17 +170,18 @@ def _sequential_target(root: nn.Module, exclude: Sequence[str] = ()) -> Target |
         if isinstance(m, nn.Sequential) and not _inside(n, repeated) and not _inside(n + ".", exclude)
     ]
     sequentials = [(n, m) for n, m in sequentials if n not in repeated]
-    best = None
-    # the largest chain that trains first: a frozen network beside it (a distillation's teacher) is not the model
-    ranked = sorted(sequentials, key=lambda x: (not _trainable(x[1]), -sum(p.numel() for p in x[1].parameters())))
-    for name, seq in ranked:
+    chains = []
+    for name, seq in sorted(sequentials, key=lambda x: -sum(p.numel() for p in x[1].parameters())):
         grouped = sequential_groups(seq, name)
         if grouped is not None or _is_feature_extractor(seq):
-            best = (name, seq, grouped)
-            break
-    if best is None:
+            chains.append((name, seq, grouped))
+    if not chains:
         return None
-    name, seq, grouped = best
+    name, seq, grouped = chains[0]  # the largest
+    # a frozen twin of a trainable chain (a distillation's teacher, a target network) is not the model: that chain is
+    twin = next((c for c in chains if _frozen_network(seq) and _trainable(c[1]) and _twins(seq, c[1])), None)
+    if twin is not None:
+        name, seq, grouped = twin
     # with a trainable chain chosen, a frozen twin of it (same input and output widths: a distillation's teacher, a
     # target network) is left out, neither its output nor blocks; a frozen backbone that feeds it is not a twin
     aside = {n for n, m in sequentials if _trainable(seq) and _frozen_network(m) and _twins(m, seq)}
