@@ -320,25 +320,22 @@ def _parameters_reached(tensor: torch.Tensor, limit: int = 100_000) -> set[int]:
     return found
 
 
+def _up_to_outputs(node: Any) -> tuple:
+    """A walk's next nodes, stopping at an output's delivery (and, as every walk, at a probe's soft cut)."""
+    return () if isinstance(node, _DeliverFeedback._backward_cls) else _next_functions(node)
+
+
 def _nodes_before_outputs(tensor: torch.Tensor, limit: int = 100_000) -> set[Any]:
     """The graph nodes ``tensor`` (a loss) reaches without crossing an output's delivery: what the loss reads
     directly, not through an output module's error."""
-
-    def expand(node: Any) -> tuple:
-        stop = isinstance(node, (_DeliverFeedback._backward_cls, _SoftCut._backward_cls))  # an output, a (probe) cut
-        return () if stop else _next_functions(node)
-
-    return set(_walk(tensor, expand, limit))
+    return set(_walk(tensor, _up_to_outputs, limit))
 
 
 def _deliveries_upstream_of(tensor: torch.Tensor, limit: int = 4096) -> list[_Delivery]:
     """The deliveries of earlier output calls whose (tied) outputs ``tensor`` was computed from, found by a walk
     of its graph back to the cuts (the tail after the blocks: a few nodes)."""
-
-    def expand(node: Any) -> tuple:
-        return () if isinstance(node, _DeliverFeedback._backward_cls) else _next_functions(node)
-
-    return [n.delivery for n in _walk(tensor, expand, limit) if isinstance(n, _DeliverFeedback._backward_cls)]
+    nodes = _walk(tensor, _up_to_outputs, limit)
+    return [n.delivery for n in nodes if isinstance(n, _DeliverFeedback._backward_cls)]
 
 
 def _in_backward() -> bool:

@@ -298,9 +298,8 @@ def _discover(root: nn.Module, blocks: BlockSpec, output: str | None, placement:
         if target is None and placement == "micro":
             return _micro_from_structure(root, output)
         target = target or _structure_target(root) or _layer_inputs_target(root)
-        holders = [m for m in root.modules() if any(True for _ in m.parameters(recurse=False))]
-        bare = [n for n, _ in root.named_parameters()][:4]
-        if target is None and holders and all(m is root or isinstance(m, _PARAMETER_LISTS) for m in holders):
+        if target is None and _bare_parameters_only(root):
+            bare = [n for n, _ in root.named_parameters()][:4]
             raise ValueError(
                 f"DFA: found no blocks in {type(root).__name__}: its weights are bare parameters ({bare}) with no "
                 "layer modules holding them, and DFA places its feedback at the modules a forward calls (the blocks) "
@@ -323,6 +322,12 @@ def _discover(root: nn.Module, blocks: BlockSpec, output: str | None, placement:
 
 
 _PARAMETER_LISTS = (nn.ParameterList, nn.ParameterDict)
+
+
+def _bare_parameters_only(root: nn.Module) -> bool:
+    """The model holds parameters, all of them its own or in parameter lists: no layer module holds any."""
+    holders = [m for m in root.modules() if any(True for _ in m.parameters(recurse=False))]
+    return bool(holders) and all(m is root or isinstance(m, _PARAMETER_LISTS) for m in holders)
 
 
 def single_trainable_layer(root: nn.Module) -> tuple[str, nn.Module] | None:

@@ -104,8 +104,8 @@ class FeedbackEngine(ForwardHooks):
         # output candidates found from the forward, the outputs seen delivering, and the parameters measured to
         # be trained by their true gradient (after the cuts, before a delivering output)
         self._candidates: list[tuple[str, nn.Module]] = []
-        # the blocks' outputs of the first training forwards (weakly), until the first loss is checked for terms that
-        # read one directly (loss_readers)
+        # the graph nodes of the blocks' outputs in the latest training forward (dropped at each end_backward), until
+        # the first loss is checked for terms that read one directly (loss_readers)
         self._block_outputs: collections.deque[tuple[str, Any]] | None = None
         self._reader_handles: list[Any] = []
         self._readers_checked = False

@@ -178,13 +178,13 @@ def _sequential_target(root: nn.Module, exclude: Sequence[str] = ()) -> Target |
     if not chains:
         return None
     name, seq, grouped = chains[0]  # the largest
-    # a frozen twin of a trainable chain (a distillation's teacher, a target network) is not the model: that chain is
+    # a frozen twin of a trainable chain (same input and output widths: a distillation's teacher, a target network)
+    # is not the model: that chain is, and its frozen twins are neither its output nor blocks (a frozen backbone
+    # that feeds it is no twin)
     twin = next((c for c in chains if _frozen_network(seq) and _trainable(c[1]) and _twins(seq, c[1])), None)
     if twin is not None:
         name, seq, grouped = twin
-    # with a trainable chain chosen, a frozen twin of it (same input and output widths: a distillation's teacher, a
-    # target network) is left out, neither its output nor blocks; a frozen backbone that feeds it is not a twin
-    aside = {n for n, m in sequentials if _trainable(seq) and _frozen_network(m) and _twins(m, seq)}
+    aside = {n for n, m in sequentials if _frozen_network(m) and _twins(m, seq)} if _trainable(seq) else set()
     blocks: list[Block] = []
     out_name = grouped[1] if grouped is not None else None
     after = _module_after(root, name, order, skip=aside)
