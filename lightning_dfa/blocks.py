@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Union
 
 from torch import nn
@@ -143,6 +143,14 @@ class Target:
     def block_param_ids(self) -> set[int]:
         """``id`` of every parameter inside a block."""
         return {id(p) for b in self.blocks for p in b.parameters()}
+
+    def with_blocks_as_outputs(self, names: Sequence[str]) -> Target:
+        """This target with the blocks named in ``names`` moved to the outputs (after those it has): heads on middle
+        layers (:meth:`FeedbackEngine.add_outputs`). Names that are no block are left alone."""
+        known = {name for name, _ in self.outputs}
+        added = [(b.name, b.exit) for b in self.blocks if b.name in names and b.name not in known]
+        blocks = [b for b in self.blocks if b.name not in names]
+        return replace(self, blocks=blocks, extra_outputs=[*self.extra_outputs, *added])
 
 
 def _compile_pattern(pattern: str) -> re.Pattern[str]:

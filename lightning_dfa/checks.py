@@ -34,7 +34,7 @@ def check_state(state: Any) -> None:
         isinstance(saved, dict) and isinstance(saved.get("class"), str) and isinstance(saved.get("outputs"), dict)
     ):
         raise _damaged("its projector entry is not {'class': name, 'outputs': {output: state}}")
-    for key in ("faint_token_tables", "blocks"):
+    for key in ("faint_token_tables", "blocks", "heads"):
         names = state.get(key, [])
         if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
             raise _damaged(f"its {key} entry is not a list of strings")
@@ -74,6 +74,39 @@ def refuse_reentrant_checkpointing(root: nn.Module) -> None:
                     "without gradients and so hides the blocks from DFA. Enable it as "
                     "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})."
                 )
+
+
+def scripted(module: nn.Module) -> bool:
+    """Whether ``module`` is TorchScript (it runs no Python hooks)."""
+    return isinstance(module, torch.jit.ScriptModule)
+
+
+def refuse_torchscript(root: nn.Module, target: Any = None) -> None:
+    """Refuse a model whose blocks or output DFA would have to hook inside TorchScript (``torch.jit.script`` or
+    ``trace``): a scripted module runs no Python hooks. ``target=None``: before discovery (the root, and the
+    trainable scripted modules that would hide layers from it); else the blocks and outputs found.
+
+    Raises:
+        ValueError: naming the scripted modules and what to do.
+    """
+    if target is None:
+        if scripted(root):
+            names = [f"{getattr(root, 'original_name', type(root).__name__)} (the model)"]
+        else:
+            trainable = [(n, m) for n, m in root.named_modules() if any(p.requires_grad for p in m.parameters())]
+            names = [n for n, m in trainable if scripted(m)]
+            names = [n for n in names if not any(n.startswith(o + ".") for o in names)]  # the outermost only
+    else:
+        hooked = [(b.name, m) for b in target.blocks for m in (b.entry, b.exit)] + list(target.outputs)
+        names = list(dict.fromkeys(n for n, m in hooked if scripted(m)))
+    if names:
+        it = "it" if len(names) == 1 else "them"
+        raise ValueError(
+            f"DFA: {', '.join(names)} {'is' if len(names) == 1 else 'are'} TorchScript (torch.jit.script or trace), "
+            f"which runs no Python hooks, so DFA can neither place feedback in {it} nor read the error at {it}. Train "
+            "the eager nn.Module and script it afterwards (for deployment), or train this model with backprop "
+            "(strategy='auto')."
+        )
 
 
 def output_names(engine: Any) -> str:

@@ -279,7 +279,12 @@ def _walk(tensor: torch.Tensor, expand: Callable[[Any], tuple], limit: int | Non
     lives only while something holds it (torch 2.11; 2.13 keeps it as long as the graph), so the ``id`` of a node
     visited and let go can come back as another node's, which a set of ids would then skip: a layout-probe forward
     then lost every point after a block's first norm."""
-    stack = [tensor.grad_fn]
+    return _walk_nodes([tensor.grad_fn], expand, limit)
+
+
+def _walk_nodes(nodes: list[Any], expand: Callable[[Any], tuple], limit: int | None = None) -> Iterator[Any]:
+    """:func:`_walk` from the graph nodes ``nodes``."""
+    stack = list(nodes)
     seen: set[Any] = set()
     while stack and (limit is None or len(seen) < limit):
         node = stack.pop()
@@ -329,6 +334,13 @@ def _nodes_before_outputs(tensor: torch.Tensor, limit: int = 100_000) -> set[Any
     """The graph nodes ``tensor`` (a loss) reaches without crossing an output's delivery: what the loss reads
     directly, not through an output module's error."""
     return set(_walk(tensor, _up_to_outputs, limit))
+
+
+def _nodes_behind_outputs(tensor: torch.Tensor, limit: int = 1_000_000) -> set[Any]:
+    """The graph nodes ``tensor`` (a loss) reaches through an output's delivery: what the outputs, and the feedback
+    points tied to them, were computed from."""
+    deliveries = [n for n in _walk(tensor, _next_functions, limit) if isinstance(n, _DeliverFeedback._backward_cls)]
+    return set(_walk_nodes([n for d in deliveries for n, _ in d.next_functions], _next_functions, limit))
 
 
 def _deliveries_upstream_of(tensor: torch.Tensor, limit: int = 4096) -> list[_Delivery]:

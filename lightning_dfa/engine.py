@@ -49,6 +49,7 @@ from .delivery import (
     _Delivery,
     _Group,
     _nodes_before_outputs,
+    _nodes_behind_outputs,
 )
 from .hooks import ForwardHooks
 from .layout import Layouts, PointMeta, error_rows, laid_on
@@ -132,6 +133,10 @@ class FeedbackEngine(ForwardHooks):
         self._faint: list[str] | None = None
         self._saved_faint: list[str] | None = None  # that decision, from a checkpoint
         self._saved_blocks: list[str] | None = None  # the blocks a loaded checkpoint was trained with
+        #: the blocks the latest loss read directly and nothing else read (heads on middle layers; loss_readers)
+        self.loss_heads: list[str] = []
+        self._heads: list[str] = []  # blocks made outputs (add_outputs), while attached to this model
+        self._saved_heads: list[str] | None = None  # those of a loaded checkpoint
         self._tied_kept: list[str] = []  # cut_token_embedding: tables tied to the output behind a head transform
         self._frozen: list[nn.Parameter] = []  # cut_token_embedding: set to requires_grad=False while attached
         self._kept: set[int] = set()  # their ids, kept after detach (they were not trained)
@@ -268,6 +273,9 @@ class FeedbackEngine(ForwardHooks):
             reconcile(self.config, saved)
         if (self.bank.seed, self.bank.distribution) != (self.config.seed, self.config.distribution):
             self.bank = FeedbackBank(self.config.seed, self.config.distribution)
+        if root is not self.root:  # heads found on another model; a loaded checkpoint's apply to this one
+            self._heads = self._saved_heads or []
+        self._saved_heads = None
         try:
             found = self._install(root, target, configured=callable(hook))
         except BaseException:
@@ -443,7 +451,11 @@ class FeedbackEngine(ForwardHooks):
         """The blocks whose output ``loss`` reads directly, not only through an output module (a head on a middle
         layer, a VAE's KL term on its mean and variance layers): such a term trains those layers by their true
         gradient but feeds nothing back to the layers before them. Checked once per model, at the first loss of a
-        training forward (``[]`` at later calls); the Lightning adapters warn with the names.
+        training forward (``[]`` at later calls).
+
+        Those that nothing but the loss reads (no output and no feedback point was computed from them: an auxiliary
+        classifier) are heads, listed in :attr:`loss_heads`; :meth:`add_outputs` makes them outputs, as the
+        Lightning adapters do after the first step. The adapters warn with the names of the others.
 
         Example:
             >>> class Aux(nn.Module):  # an auxiliary classifier on the middle layer
@@ -457,9 +469,10 @@ class FeedbackEngine(ForwardHooks):
             >>> net, engine = Aux(), FeedbackEngine()
             >>> _ = engine.attach(net)
             >>> out, aux = net(torch.randn(3, 4))
-            >>> engine.loss_readers(out.sum() + aux.sum())
-            ['aux']
+            >>> engine.loss_readers(out.sum() + aux.sum()), engine.loss_heads
+            (['aux'], ['aux'])
         """
+        self.loss_heads = []
         outputs = self._block_outputs
         if not outputs or self.mode != "dfa" or not isinstance(loss, torch.Tensor) or loss.grad_fn is None:
             return []
@@ -467,7 +480,38 @@ class FeedbackEngine(ForwardHooks):
         for handle in self._reader_handles:
             handle.remove()
         reached = _nodes_before_outputs(loss)
-        return list(dict.fromkeys(name for name, node in outputs if node in reached))
+        readers = list(dict.fromkeys(name for name, node in outputs if node in reached))
+        if readers:
+            fed = _nodes_behind_outputs(loss)
+            self.loss_heads = list(dict.fromkeys(n for n, node in outputs if n in readers and node not in fed))
+        return readers
+
+    def add_outputs(self, names: Sequence[str]) -> Target:
+        """Make the blocks ``names`` output modules too: heads on middle layers that the loss reads directly (an
+        auxiliary classifier, deep supervision; :attr:`loss_heads`). Attached again with those blocks left out of
+        the blocks and added to the outputs, each an error source with its own feedback matrices, from the next
+        forward on; kept when attached again to this model, and saved in :meth:`state_dict`. Call between steps.
+
+        Example:
+            >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+            >>> engine = FeedbackEngine()
+            >>> [b.name for b in engine.attach(net).blocks]
+            ['1', '3']
+            >>> target = engine.add_outputs(["3"])
+            >>> [b.name for b in target.blocks], [name for name, _ in target.outputs]
+            (['1'], ['4', '3'])
+        """
+        if self.target is None or self.root is None:
+            raise RuntimeError("DFA: attach() the engine first.")
+        blocks = {b.name: b for b in self.target.blocks}
+        unknown = [n for n in names if n not in blocks]
+        if unknown:
+            raise ValueError(f"DFA: add_outputs({list(names)}): {unknown} are not blocks ({list(blocks)}).")
+        self._heads = list(dict.fromkeys([*self._heads, *names]))
+        checked = self._readers_checked
+        target = self.attach(self.root, self.target.with_blocks_as_outputs(self._heads))
+        self._readers_checked = checked
+        return target
 
     def check_loss(self, loss: torch.Tensor) -> None:
         """Refuse a loss that cannot carry the error back to the output module (see :func:`checks.check_loss`)."""
@@ -492,6 +536,9 @@ class FeedbackEngine(ForwardHooks):
         blocks = [b.name for b in self.target.blocks] if self.target is not None else self._saved_blocks
         if blocks is not None:
             state["blocks"] = list(blocks)
+        heads = self._heads or self._saved_heads
+        if heads:
+            state["heads"] = list(heads)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -523,6 +570,7 @@ class FeedbackEngine(ForwardHooks):
         self.bank.load_state_dict(state)
         self._saved_faint = list(state["faint_token_tables"]) if "faint_token_tables" in state else None
         self._saved_blocks = list(state["blocks"]) if "blocks" in state else None
+        self._saved_heads = list(state["heads"]) if "heads" in state else None
         if self.attached:
             self._compare_blocks()
         self._projectors, self._projectors_for = {}, None

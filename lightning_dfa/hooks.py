@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .blocks import Block, Target, _frozen, _has_params
-from .checks import refuse_reentrant_checkpointing
+from .checks import refuse_reentrant_checkpointing, refuse_torchscript, scripted
 from .delivery import (
     Capture,
     CapturedPoint,
@@ -52,6 +52,8 @@ class ForwardHooks:
             try:
                 target = discover(root, self.config.blocks, self.config.output, self.config.placement)
             except ValueError:
+                if self.mode != "bp":
+                    refuse_torchscript(root)  # what hid the layers, rather than "found no blocks"
                 layer = single_trainable_layer(root)
                 if self.mode == "bp":
                     # the control arm is plain backprop: it needs no blocks, so it never refuses a model
@@ -69,7 +71,11 @@ class ForwardHooks:
                     raise
             if configured and target.source == "explicit":
                 target.source = "configure_dfa"
+        if any(b.name in self._heads for b in target.blocks):  # heads on middle layers, made outputs (add_outputs)
+            target = target.with_blocks_as_outputs(self._heads)
         refuse_reentrant_checkpointing(root)
+        if self.mode != "bp":
+            refuse_torchscript(root, target)
         # attached again to the same model with the same blocks and outputs (a fit after a fit, a benchmark that
         # attaches around each step): what the forwards taught the engine (layouts, norms, the true-gradient
         # region) still holds; another model starts afresh
@@ -151,6 +157,7 @@ class ForwardHooks:
                 self._faint = faint_token_tables(root, tables)
             cutting = not self._faint
         self._token_embeddings = token_embeddings(root, target, tied=not transform) if cutting else []
+        self._token_embeddings = [t for t in self._token_embeddings if not scripted(t[1])]  # no hooks run there
         self._tied_kept = [n for n, _, tied in tables if tied] if cutting and transform else []
         heads = {id(p) for _, m in target.outputs for p in m.parameters()}
         for _, module, _ in self._token_embeddings:
@@ -167,7 +174,7 @@ class ForwardHooks:
         if self.mode == "dfa" and (self.norm_feedback == "consumer" or self.norm_points):
             self._inside_blocks = {id(m) for b in target.blocks if b.top_level for m in b.entry.modules()}
             for name, module in root.named_modules():
-                if not _may_normalise(module):
+                if not _may_normalise(module) or scripted(module):
                     continue
                 self._handles.append(
                     module.register_forward_pre_hook(
@@ -194,7 +201,9 @@ class ForwardHooks:
         outputs = {id(m) for _, m in target.outputs}
         found = []
         for name, module in root.named_modules():
-            if not name or id(module) in outputs or not any(True for _ in module.parameters(recurse=False)):
+            if not name or id(module) in outputs or scripted(module):
+                continue
+            if not any(True for _ in module.parameters(recurse=False)):
                 continue
             if any(_has_params(c) for c in module.children()) or any(id(p) in taken for p in module.parameters()):
                 continue

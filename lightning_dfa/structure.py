@@ -188,6 +188,8 @@ def _sequential_target(root: nn.Module, exclude: Sequence[str] = ()) -> Target |
     blocks: list[Block] = []
     out_name = grouped[1] if grouped is not None else None
     after = _module_after(root, name, order, skip=aside)
+    if after is None and _is_feature_extractor(seq):
+        after = _head_before(root, name, seq, order, aside)
     network, other = _network_of(root, name), _network_of(root, after[0]) if after is not None else None
     if grouped is not None and network is not None and other is not None and network != other:
         # two networks of their own (a GAN's generator and discriminator): each chain ends in its own output (the
@@ -219,6 +221,8 @@ def _sequential_target(root: nn.Module, exclude: Sequence[str] = ()) -> Target |
         nested = other.startswith(name + ".") or name.startswith(other + ".") or other == name
         if nested or order[other] > first or not _has_params(mod) or other in aside:
             continue
+        if after is not None and (other == after[0] or other.startswith(after[0] + ".")):
+            continue  # the head, registered before the chain
         if any(other.startswith(o + ".") for o, m in sequentials if o != other and _has_params(m)):
             continue
         extra = sequential_groups(mod, other, whole=True)
@@ -237,16 +241,43 @@ def _frozen_network(module: nn.Module) -> bool:
     return not _trainable(module) and sum(1 for c in module.children() if _has_params(c)) >= 2
 
 
+def _ends(m: nn.Module) -> tuple[int, int] | None:
+    """A chain's input and output widths: its first layer's input and its last layer's output width, from the
+    weights of the layers that hold one (``None`` without such a layer)."""
+    weights = [c.weight for c in m.modules() if isinstance(getattr(c, "weight", None), nn.Parameter)]
+    weights = [w for w in weights if w.dim() >= 2]
+    return (weights[0].shape[1], weights[-1].shape[0]) if weights else None
+
+
 def _twins(a: nn.Module, b: nn.Module) -> bool:
-    """Two chains that read inputs of one width and produce outputs of one width (their first layers' input and
-    their last layers' output widths, from the weights of the layers that hold one)."""
+    """Two chains that read inputs of one width and produce outputs of one width."""
+    return _ends(a) is not None and _ends(a) == _ends(b)
 
-    def ends(m: nn.Module) -> tuple[int, int] | None:
-        weights = [c.weight for c in m.modules() if isinstance(getattr(c, "weight", None), nn.Parameter)]
-        weights = [w for w in weights if w.dim() >= 2]
-        return (weights[0].shape[1], weights[-1].shape[0]) if weights else None
 
-    return ends(a) is not None and ends(a) == ends(b)
+def _head_before(
+    root: nn.Module, name: str, seq: nn.Module, order: dict[str, int], skip: Collection[str] = ()
+) -> tuple[str, nn.Module] | None:
+    """The head of a feature extractor ``name`` that has nothing registered after it (``self.head`` assigned before
+    ``self.backbone``): the one module registered before it that reads its output (its input width is the chain's
+    output width) and does not feed it (its output width is not the chain's input width), outermost first;
+    ``None`` when there is none or more than one."""
+    ends = _ends(seq)
+    if ends is None:
+        return None
+    found: list[tuple[str, nn.Module]] = []
+    seen: list[str] = []  # the outermost modules looked at: never the layers inside them
+    for other, module in owned_modules(root):
+        if order[other] >= order[name] or name.startswith(other + ".") or not _has_params(module):
+            continue
+        if any(other == s or other.startswith(s + ".") for s in (*skip, *seen)):
+            continue
+        if any(True for _ in module.children()) and not isinstance(module, nn.Sequential):
+            continue  # a container: look inside it for the layer
+        seen.append(other)
+        widths = _ends(module)
+        if widths is not None and widths[0] == ends[1] and widths[1] != ends[0]:
+            found.append((other, module))
+    return found[0] if len(found) == 1 else None
 
 
 def _network_of(root: nn.Module, name: str) -> str | None:

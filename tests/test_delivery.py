@@ -234,7 +234,8 @@ class DeepSupervision(nn.Module):
 
 def test_a_head_on_a_middle_layer_feeds_the_blocks_when_named() -> None:
     """Named (``output=["fc", "aux"]`` with ``blocks=``), the auxiliary loss reaches ``stage1`` through its own
-    feedback; found by default, ``aux`` is a hidden layer and its loss term trains ``aux`` alone (docs say so)."""
+    feedback; found by default, ``aux`` is a hidden layer and its loss term trains ``aux`` alone until it is made an
+    output (:meth:`FeedbackEngine.add_outputs`, which the Lightning adapters call after the first step)."""
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
 
@@ -254,23 +255,80 @@ def test_a_head_on_a_middle_layer_feeds_the_blocks_when_named() -> None:
     torch.testing.assert_close(stage1_grad(0.3), stage1_grad(0.0), rtol=0, atol=0)
 
 
-def test_a_loss_that_reads_a_hidden_layer_directly_is_named_once() -> None:
-    """Under the strategy, a loss term on a middle layer's head (found as a hidden layer) is warned about once,
-    naming the head and the remedy; named as an output, nothing is said."""
+def test_heads_found_by_the_loss_become_outputs_and_resume_from_the_state() -> None:
+    """``loss_readers`` lists the heads (read by the loss, by nothing else); ``add_outputs`` makes them outputs with
+    matrices of their own; the state keeps them (and the second output's matrices, keyed ``width@output``), so an
+    engine loaded from it attaches with the same outputs and gives the same gradients."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+    torch.manual_seed(0)
+    net = DeepSupervision()
+
+    def step(engine: FeedbackEngine) -> dict[str, torch.Tensor]:
+        net.zero_grad()
+        out, aux = net(x)
+        loss = F.cross_entropy(out, y) + 0.3 * F.cross_entropy(aux, y)
+        engine.loss_readers(loss)
+        loss.backward()
+        engine.end_backward()
+        return {n: p.grad.clone() for n, p in net.named_parameters()}
+
+    engine = FeedbackEngine(seed=0)
+    engine.attach(net)
+    step(engine)
+    assert engine.loss_heads == ["aux"]
+    target = engine.add_outputs(engine.loss_heads)
+    assert [b.name for b in target.blocks] == ["stage1.0", "stage2.0"]
+    assert [n for n, _ in target.outputs] == ["fc", "aux"]
+    grads = step(engine)
+    state = engine.state_dict()
+    assert state["heads"] == ["aux"] and "3@aux" in state["matrices"]
+    engine.detach()
+    resumed = FeedbackEngine(seed=0)
+    resumed.load_state_dict(state)
+    assert [n for n, _ in resumed.attach(net).outputs] == ["fc", "aux"]
+    for name, grad in step(resumed).items():
+        torch.testing.assert_close(grad, grads[name], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"\['nope'\] are not blocks"):
+        resumed.add_outputs(["nope"])
+
+
+class HiddenTerm(nn.Module):
+    """A loss term on a hidden layer that later layers read too (a VAE's KL term on its mean): not a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.mean, self.b, self.fc = nn.Linear(6, 16), nn.Linear(16, 8), nn.Linear(8, 16), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = self.mean(torch.tanh(self.a(x)))
+        return self.fc(torch.tanh(self.b(mean))), mean
+
+
+def test_a_head_on_a_middle_layer_becomes_an_output_after_the_first_step_and_a_hidden_term_is_warned() -> None:
+    """Under the strategy, a loss term on a middle layer's head (found as a hidden layer: nothing else reads it)
+    trains the head alone at the first step, then the head is an output and its error reaches the blocks before
+    it; saved in the checkpoint. A term on a hidden layer that later layers read is warned about once, naming the
+    remedy; named as outputs, nothing is said."""
     import pytorch_lightning as pl
     from torch.utils.data import DataLoader, TensorDataset
 
     from lightning_dfa import DFAStrategy
 
     class Module(pl.LightningModule):
-        def __init__(self) -> None:
+        def __init__(self, net: nn.Module, weight: float) -> None:
             super().__init__()
             torch.manual_seed(0)
-            self.net = DeepSupervision()
+            self.net, self.weight, self.grads = net, weight, []
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            out, aux = self.net(batch[0])
-            return F.cross_entropy(out, batch[1]) + 0.3 * F.cross_entropy(aux, batch[1])
+            out, extra = self.net(batch[0])
+            term = F.cross_entropy(extra, batch[1]) if extra.shape[-1] == 3 else extra.pow(2).mean()
+            return F.cross_entropy(out, batch[1]) + self.weight * term
+
+        def on_before_optimizer_step(self, optimizer: Any) -> None:
+            first = next(self.net.parameters())
+            self.grads.append(first.grad.clone())
 
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.SGD(self.parameters(), lr=0.1)
@@ -279,15 +337,30 @@ def test_a_loss_that_reads_a_hidden_layer_directly_is_named_once() -> None:
     data = DataLoader(TensorDataset(torch.randn(24, 6, generator=g), torch.randint(0, 3, (24,), generator=g)), 8)
     flags = dict(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                  enable_model_summary=False, accelerator="cpu", devices=1)  # fmt: skip
-    said = r"reads the output of \['net.aux'\] directly.*output=\['net.fc', 'net.aux'\]"
-    with pytest.warns(UserWarning, match=said) as seen:
-        pl.Trainer(strategy=DFAStrategy(verbose=False), **flags).fit(Module(), data)
-    assert sum("reads the output of" in str(w.message) for w in seen) == 1
-    named = DFAStrategy(verbose=False, blocks=["net.stage1", "net.stage2"], output=["net.fc", "net.aux"])
-    with warnings.catch_warnings(record=True) as quiet:
-        warnings.simplefilter("always")
-        pl.Trainer(strategy=named, **flags).fit(Module(), data)
-    assert not [w for w in quiet if "reads the output of" in str(w.message)]
+
+    def fit(net_class: type, weight: float, **options: Any) -> tuple[Module, pl.Trainer, list]:
+        torch.manual_seed(0)
+        module = Module(net_class(), weight)
+        trainer = pl.Trainer(strategy=DFAStrategy(verbose=False, **options), **flags)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            trainer.fit(module, data)
+        return module, trainer, [str(w.message) for w in seen if "reads the output of" in str(w.message)]
+
+    with_aux, trainer, said = fit(DeepSupervision, 0.3)
+    without_aux, _, _ = fit(DeepSupervision, 0.0)
+    assert not said
+    engine = trainer.strategy.dfa_engine
+    assert [n for n, _ in engine.target.outputs] == ["net.fc", "net.aux"]
+    assert "net.aux" not in [b.name for b in engine.target.blocks]
+    assert engine.state_dict()["heads"] == ["net.aux"]
+    torch.testing.assert_close(with_aux.grads[0], without_aux.grads[0], rtol=0, atol=0)  # the first step: aux alone
+    assert not torch.allclose(with_aux.grads[1], without_aux.grads[1])  # then its error reaches stage1
+
+    _, _, said = fit(HiddenTerm, 0.3)
+    assert len(said) == 1 and "['net.mean'] directly" in said[0] and "output=['net.fc', 'net.mean']" in said[0]
+    _, _, said = fit(HiddenTerm, 0.3, blocks=["net.a", "net.b"], output=["net.fc", "net.mean"])
+    assert not said
 
 
 def test_heads_of_equal_width_have_their_own_feedback() -> None:

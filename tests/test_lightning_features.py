@@ -498,6 +498,44 @@ def test_hf_reentrant_checkpointing_is_refused() -> None:
         FeedbackEngine().attach(model)
 
 
+def test_torchscript_blocks_or_output_are_refused_by_name_and_frozen_scripted_parts_are_not() -> None:
+    torch.manual_seed(0)
+
+    def chain() -> nn.Sequential:
+        return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh())
+
+    class Net(nn.Module):
+        def __init__(self, body: nn.Module, head: nn.Module) -> None:
+            super().__init__()
+            self.body, self.head = body, head
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.body(x))
+
+    scripted = Net(torch.jit.script(chain()), nn.Linear(8, 3))
+    with pytest.raises(ValueError, match=r"DFA: body is TorchScript .*Train the eager nn.Module"):
+        FeedbackEngine().attach(scripted)  # discovery found nothing: the message says why
+    with pytest.raises(ValueError, match=r"body.0, body.2 are TorchScript"):
+        FeedbackEngine(blocks=["body.0", "body.2"], output="head").attach(scripted)
+    with pytest.raises(ValueError, match=r"Sequential \(the model\) is TorchScript"):
+        FeedbackEngine().attach(torch.jit.script(nn.Sequential(chain(), nn.Linear(8, 3))))
+    with pytest.raises(ValueError, match=r"head is TorchScript"):
+        FeedbackEngine(blocks=["body.0", "body.2"], output="head").attach(
+            Net(chain(), torch.jit.script(nn.Linear(8, 3)))
+        )
+    # plain backprop (the control arm) needs no hooks
+    FeedbackEngine(mode="bp").attach(scripted)
+    # a frozen scripted feature extractor (torch.jit.load's) before eager layers is no obstacle
+    features = torch.jit.script(nn.Linear(4, 4)).eval()
+    for p in features.parameters():
+        p.requires_grad_(False)
+    net = Net(features, nn.Sequential(chain(), nn.Linear(8, 3)))
+    engine = FeedbackEngine()
+    engine.attach(net)
+    nn.functional.cross_entropy(net(torch.randn(5, 4)), torch.tensor([0, 1, 2, 0, 1])).backward()
+    assert engine.end_backward().deliveries == 1
+
+
 class HFModule(pl.LightningModule):
     def __init__(self, checkpointing: dict | None) -> None:
         super().__init__()

@@ -802,3 +802,51 @@ def test_a_frozen_backbone_that_feeds_the_head_stays_blocks() -> None:
     target = FeedbackEngine().attach(net)
     assert [b.name for b in target.blocks] == ["backbone.1", "backbone.3", "classifier.1"]
     assert target.output_name == "classifier.2"
+
+
+@pytest.mark.parametrize("head_kind", ["sequential", "linear"])
+@pytest.mark.parametrize("order", [("backbone", "head"), ("head", "backbone")])
+def test_a_head_registered_before_its_backbone_is_still_the_head(order: tuple[str, str], head_kind: str) -> None:
+    """``self.head`` assigned before ``self.backbone`` (the forward calls the backbone first): the head is found by
+    the widths it reads, so its last layer is the output whatever the order of registration."""
+    torch.manual_seed(0)
+    parts = {
+        "backbone": nn.Sequential(
+            nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 40), nn.ReLU()
+        ),
+        "head": nn.Sequential(nn.Linear(40, 16), nn.ReLU(), nn.Linear(16, 4))
+        if head_kind == "sequential"
+        else nn.Linear(40, 4),
+    }
+
+    class Net(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.backbone(x))
+
+    net = Net()
+    for name in order:
+        setattr(net, name, parts[name])
+    engine = FeedbackEngine()
+    target = engine.attach(net)
+    head_blocks = ["head.1"] if head_kind == "sequential" else []
+    assert sorted(b.name for b in target.blocks) == sorted(["backbone.1", "backbone.3", "backbone.5", *head_blocks])
+    assert target.output_name == ("head.2" if head_kind == "sequential" else "head")
+    F.cross_entropy(net(torch.randn(8, 20)), torch.randint(0, 4, (8,))).backward()
+    assert engine.end_backward().deliveries == 1
+    assert [p.key for p in engine.last_points] == ["backbone.1", "backbone.3", "backbone.5", *head_blocks]
+
+
+def test_an_autoencoder_reads_its_error_at_the_decoder() -> None:
+    """The decoder (ending in a Sigmoid, registered last) reads the encoder's output: the encoder, whose input width
+    is the decoder's output width but whose output feeds the decoder, is not taken for a head of the decoder."""
+    torch.manual_seed(0)
+    net = nn.Module()
+    net.encoder = nn.Sequential(nn.Linear(30, 16), nn.ReLU(), nn.Linear(16, 4))
+    net.decoder = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 30), nn.Sigmoid())
+    engine = FeedbackEngine()
+    target = engine.attach(net)
+    assert target.output_name == "decoder.2"
+    x = torch.rand(8, 30)
+    F.mse_loss(net.decoder(net.encoder(x)), x).backward()
+    assert engine.end_backward().deliveries == 1
+    assert [p.key for p in engine.last_points] == ["encoder.1", "encoder.2", "decoder.2:in"]

@@ -105,6 +105,7 @@ class DFAFit:
         self._checked = False
         self._backprop_checked = False
         self._frozen_said = False
+        self._heads: list[str] = []  # found at this step's loss, made outputs after its backward
         self._attached_with: tuple[nn.Module, Any, Target | None] | None = None
 
     def attach(
@@ -178,14 +179,16 @@ class DFAFit:
                 self._checked = True
             self.engine.check_loss(loss)
             readers = self.engine.loss_readers(loss)
-            if readers and getattr(trainer, "is_global_zero", True):
+            self._heads = list(self.engine.loss_heads)  # made outputs after this backward
+            hidden = [name for name in readers if name not in self._heads]
+            if hidden and getattr(trainer, "is_global_zero", True):
                 outputs = [n for n, _ in self.engine.output_modules()]
                 warnings.warn(
-                    f"DFA: the loss reads the output of {readers} directly, not only through the output module "
-                    f"{outputs}: that term trains them by their true gradient but feeds nothing back to the layers "
-                    f"before them. If they are heads (an auxiliary classifier), name them as outputs, "
-                    f"output={outputs + readers}, with blocks= naming the blocks without them; a loss term on hidden "
-                    "layers (a VAE's KL term) is not fed back by DFA.",
+                    f"DFA: the loss reads the output of {hidden} directly, not only through the output module "
+                    f"{outputs}, and later layers read it too: that term trains them by their true gradient but "
+                    f"feeds nothing back to the layers before them (a loss term on hidden layers, such as a VAE's KL "
+                    f"term, is not fed back by DFA). If they are heads, name them as outputs, "
+                    f"output={outputs + hidden}, with blocks= naming the blocks without them.",
                     stacklevel=2,
                 )
 
@@ -193,6 +196,18 @@ class DFAFit:
         if self.engine is None or self.engine.target is None:
             return
         report = self.engine.end_backward()
+        heads, self._heads = self._heads, []
+        if heads:
+            # heads on middle layers (an auxiliary classifier): their loss term trained them alone in this step;
+            # from the next forward their error is fed back too, as the output's
+            self.engine.add_outputs(heads)
+            if self.verbose:
+                self.info(
+                    f"DFA: the loss reads {heads} directly and nothing else reads them: they are heads (an auxiliary "
+                    "classifier), made outputs from the next step on, so their error is fed back to the blocks "
+                    f"before them (blocks={[b.name for b in self.engine.target.blocks]}, "
+                    f"output={[n for n, _ in self.engine.target.outputs]} do it from the first step)."
+                )
         if (
             self.verbose
             and not self._frozen_said

@@ -169,6 +169,14 @@ def _matrix_id(k: int, source: str) -> int | str:
     return k if not source else f"{k}@{source}"
 
 
+def _error_width(key: Any) -> int | None:
+    """The error width of a matrices key (:func:`_matrix_id`: ``k`` or ``"k@output"``), ``None`` if it is neither."""
+    if _is_int(key):
+        return key if key >= 1 else None
+    width = key.split("@", 1)[0] if isinstance(key, str) and "@" in key else ""
+    return int(width) if width.isdigit() and int(width) >= 1 else None
+
+
 def _load_id(key: int | str) -> int | str:
     return int(key) if isinstance(key, int) or str(key).isdigit() else str(key)
 
@@ -443,20 +451,22 @@ def check_bank_state(state: Any) -> None:
     for key in ("matrices", "signs", "widths", "sketch_groups"):
         if not isinstance(state.get(key, {}), dict):
             raise _damaged(f"{key} is a {type(state[key]).__name__}, not a dict")
-    for k, m in state["matrices"].items():
-        if not _is_int(k) or k < 1:
-            raise _damaged(f"a feedback matrix is keyed {k!r}, not an error width")
+    for key, m in state["matrices"].items():
+        k = _error_width(key)
+        if k is None:
+            raise _damaged(f"a feedback matrix is keyed {key!r}, not an error width (or 'width@output')")
         if not isinstance(m, torch.Tensor) or not m.is_floating_point() or m.dim() != 2 or m.shape[1] != k:
             got = list(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__
-            raise _damaged(f"the feedback matrix of error width {k} is {got}, not a [rows, {k}] float tensor")
+            raise _damaged(f"the feedback matrix of error width {key} is {got}, not a [rows, {k}] float tensor")
         if not bool(torch.isfinite(m).all()):
-            raise _damaged(f"the feedback matrix of error width {k} holds NaN or infinite values")
+            raise _damaged(f"the feedback matrix of error width {key} holds NaN or infinite values")
     for point, s in state["signs"].items():
         if not isinstance(s, torch.Tensor) or s.dim() != 1 or not bool((s.abs() == 1).all()):
             raise _damaged(f"the signs of point {point!r} are not a vector of +-1")
-    for k, g in state.get("sketch_groups", {}).items():
-        if not (_is_int(k) and _is_int(g) and 1 <= g <= k):
-            raise _damaged(f"the sketch group of error width {k!r} is {g!r}")
+    for key, g in state.get("sketch_groups", {}).items():
+        k = _error_width(key)
+        if not (k is not None and _is_int(g) and 1 <= g <= k):
+            raise _damaged(f"the sketch group of error width {key!r} is {g!r}")
     for point, w in state["widths"].items():
         if not (isinstance(w, (list, tuple)) and len(w) == 2 and all(_is_int(v) and v >= 1 for v in w)):
             raise _damaged(f"the widths of point {point!r} are {w!r}, not [error width, point width]")
