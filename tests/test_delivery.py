@@ -504,3 +504,43 @@ def test_a_probe_forward_finds_every_norm_point_of_a_deep_pre_norm_transformer(m
     assert sorted(keys) == sorted([*blocks, *norms, "lm_head:in"]), keys
     assert sorted(p.key for p in engine.last_points if p.norm is not None) == blocks
     engine.detach()
+
+
+def test_a_fit_with_a_middle_head_resumed_from_a_checkpoint_equals_the_uninterrupted_fit(tmp_path: Any) -> None:
+    """Two outputs with dense matrices (the head found at the first step) through ``ckpt_path``: the checkpoint
+    keeps the head an output and its matrices, so the resumed fit (under another global seed) is bit-identical."""
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = DeepSupervision()
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            out, aux = self.net(batch[0])
+            return F.cross_entropy(out, batch[1]) + 0.3 * F.cross_entropy(aux, batch[1])
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.Adam(self.parameters(), lr=0.01)
+
+    g = torch.Generator().manual_seed(1)
+    data = DataLoader(TensorDataset(torch.randn(24, 6, generator=g), torch.randint(0, 3, (24,), generator=g)), 8)
+
+    def fit(epochs: int, seed: int = 0, ckpt: str | None = None) -> Module:
+        torch.manual_seed(seed)
+        module = Module()
+        trainer = pl.Trainer(strategy="dfa", max_epochs=epochs, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
+                             default_root_dir=tmp_path)  # fmt: skip
+        trainer.fit(module, data, ckpt_path=ckpt)
+        if ckpt is None:
+            trainer.save_checkpoint(tmp_path / f"e{epochs}.ckpt")
+        return module
+
+    full = fit(3)
+    fit(1)
+    assert torch.load(tmp_path / "e1.ckpt", weights_only=False)["dfa"]["heads"] == ["net.aux"]
+    resumed = fit(3, seed=1234, ckpt=str(tmp_path / "e1.ckpt"))
+    for a, b in zip(full.parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
