@@ -14,7 +14,7 @@ no activation alive that the network itself would have freed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -341,6 +341,44 @@ def _nodes_behind_outputs(tensor: torch.Tensor, limit: int = 1_000_000) -> set[A
     points tied to them, were computed from."""
     deliveries = [n for n in _walk(tensor, _next_functions, limit) if isinstance(n, _DeliverFeedback._backward_cls)]
     return set(_walk_nodes([n for d in deliveries for n, _ in d.next_functions], _next_functions, limit))
+
+
+def _blocks_crossed(
+    tensor: torch.Tensor,
+    block_outputs: Sequence[tuple[str, Any]],
+    param_blocks: dict[int, set[str]],
+    limit: int = 1_000_000,
+) -> list[tuple[str, str]]:
+    """``(reader, block)`` for each block whose parameters the backward of ``tensor`` (a loss) reaches after the
+    output node of another block, ``reader``, on a path that crosses no feedback point or output: gradient travels
+    from one block into another through an input DFA does not cut (an RNN decoder's initial state, a skip
+    connection). ``param_blocks`` maps ``id`` of a parameter to the blocks holding it. Each walk starts afresh at the
+    loss, at each output's delivery and at each point's edge."""
+    owner_of: dict[Any, str] = {}
+    for name, node in block_outputs:
+        owner_of.setdefault(node, name)
+    crossed: dict[tuple[str, str], None] = {}
+    stack: list[tuple[Any, str | None]] = [(tensor.grad_fn, None)]
+    seen: set[tuple[Any, str | None]] = set()
+    while stack and len(seen) < limit:
+        node, owner = stack.pop()
+        if node is None or (node, owner) in seen:
+            continue
+        seen.add((node, owner))
+        if isinstance(node, (_DeliverFeedback._backward_cls, _PointEdge._backward_cls)):
+            owner = None  # a new error starts here: the output's, or a point's feedback
+        name = owner_of.get(node)
+        if name is not None:
+            if owner is not None and owner != name:
+                crossed[(owner, name)] = None
+            owner = name
+        variable = getattr(node, "variable", None)  # AccumulateGrad: a parameter's gradient lands here
+        if owner is not None and isinstance(variable, torch.Tensor):
+            holders = param_blocks.get(id(variable), set())
+            if holders and owner not in holders:
+                crossed.update(((owner, name), None) for name in sorted(holders))
+        stack.extend((n, owner) for n, _ in _next_functions(node))
+    return list(crossed)
 
 
 def _deliveries_upstream_of(tensor: torch.Tensor, limit: int = 4096) -> list[_Delivery]:

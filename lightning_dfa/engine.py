@@ -46,6 +46,7 @@ from .delivery import (
     BackwardReport,
     Capture,
     CapturedPoint,
+    _blocks_crossed,
     _Delivery,
     _Group,
     _nodes_before_outputs,
@@ -135,6 +136,8 @@ class FeedbackEngine(ForwardHooks):
         self._saved_blocks: list[str] | None = None  # the blocks a loaded checkpoint was trained with
         #: the blocks the latest loss read directly and nothing else read (heads on middle layers; loss_readers)
         self.loss_heads: list[str] = []
+        #: ``(reader, block)``: the backward of ``reader`` reaches ``block`` through an uncut input (loss_readers)
+        self.blocks_crossed: list[tuple[str, str]] = []
         self._heads: list[str] = []  # blocks made outputs (add_outputs), while attached to this model
         self._saved_heads: list[str] | None = None  # those of a loaded checkpoint
         self._tied_kept: list[str] = []  # cut_token_embedding: tables tied to the output behind a head transform
@@ -457,6 +460,10 @@ class FeedbackEngine(ForwardHooks):
         classifier) are heads, listed in :attr:`loss_heads`; :meth:`add_outputs` makes them outputs, as the
         Lightning adapters do after the first step. The adapters warn with the names of the others.
 
+        The same check lists in :attr:`blocks_crossed` each ``(reader, block)`` where the backward of ``reader``
+        continues into ``block`` through an input DFA does not cut (an RNN decoder's initial state, a skip
+        connection): ``block`` then learns by backprop through ``reader`` too. The adapters warn with the names.
+
         Example:
             >>> class Aux(nn.Module):  # an auxiliary classifier on the middle layer
             ...     def __init__(self):
@@ -472,7 +479,7 @@ class FeedbackEngine(ForwardHooks):
             >>> engine.loss_readers(out.sum() + aux.sum()), engine.loss_heads
             (['aux'], ['aux'])
         """
-        self.loss_heads = []
+        self.loss_heads, self.blocks_crossed = [], []
         outputs = self._block_outputs
         if not outputs or self.mode != "dfa" or not isinstance(loss, torch.Tensor) or loss.grad_fn is None:
             return []
@@ -481,6 +488,11 @@ class FeedbackEngine(ForwardHooks):
             handle.remove()
         reached = _nodes_before_outputs(loss)
         readers = list(dict.fromkeys(name for name, node in outputs if node in reached))
+        holders: dict[int, set[str]] = {}
+        for block in self.target.blocks if self.target is not None else []:
+            for p in block.parameters():
+                holders.setdefault(id(p), set()).add(block.name)
+        self.blocks_crossed = _blocks_crossed(loss, list(outputs), holders)
         if readers:
             fed = _nodes_behind_outputs(loss)
             self.loss_heads = list(dict.fromkeys(n for n, node in outputs if n in readers and node not in fed))

@@ -4,6 +4,7 @@ output (sequence-first), several outputs and losses."""
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -544,3 +545,92 @@ def test_a_fit_with_a_middle_head_resumed_from_a_checkpoint_equals_the_uninterru
     resumed = fit(3, seed=1234, ckpt=str(tmp_path / "e1.ckpt"))
     for a, b in zip(full.parameters(), resumed.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+class RecurrentSeq2Seq(nn.Module):
+    """An LSTM encoder whose final state starts an LSTM decoder (a classic sequence-to-sequence model)."""
+
+    def __init__(self, vocab: int = 12, width: int = 16) -> None:
+        super().__init__()
+        self.src, self.tgt = nn.Embedding(vocab, width), nn.Embedding(vocab, width)
+        self.encoder, self.decoder = nn.LSTM(width, width, batch_first=True), nn.LSTM(width, width, batch_first=True)
+        self.out = nn.Linear(width, vocab)
+
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        _, state = self.encoder(self.src(src))
+        return self.out(self.decoder(self.tgt(tgt), state)[0])
+
+
+class BilinearSkip(nn.Module):
+    """A skip connection into a layer's second input (``nn.Bilinear(h2, h1)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.merge, self.out = (
+            nn.Linear(6, 16),
+            nn.Linear(16, 16),
+            nn.Bilinear(16, 16, 16),
+            nn.Linear(16, 3),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h1 = torch.tanh(self.a(x))
+        return self.out(torch.tanh(self.merge(torch.tanh(self.b(h1)), h1)))
+
+
+def test_gradient_that_crosses_from_block_to_block_through_an_uncut_input_is_found() -> None:
+    """The decoder's backward reaches the encoder through the state it starts from, the merge's through the skip
+    into its second input: those blocks learn by backprop through the reader. Points at the blocks' outputs
+    (``blocks=``) cut the skip; a plain chain crosses nothing."""
+    torch.manual_seed(0)
+
+    def crossed(net: nn.Module, loss: Callable[[nn.Module], torch.Tensor], **options: Any) -> list[tuple[str, str]]:
+        engine = FeedbackEngine(**options)
+        engine.attach(net)
+        value = loss(net)
+        engine.loss_readers(value)
+        value.backward()
+        engine.end_backward()
+        engine.detach()
+        return engine.blocks_crossed
+
+    src, tgt = torch.randint(0, 12, (4, 7)), torch.randint(0, 12, (4, 5))
+    seq2seq = RecurrentSeq2Seq()
+    assert crossed(seq2seq, lambda n: F.cross_entropy(n(src, tgt).flatten(0, 1), tgt.flatten())) == [
+        ("decoder", "encoder")
+    ]
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    skip = BilinearSkip()
+    assert crossed(skip, lambda n: F.cross_entropy(n(x), y)) == [("merge", "a")]
+    assert crossed(skip, lambda n: F.cross_entropy(n(x), y), blocks=["a", "b", "merge"], output="out") == []
+    chain = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+    assert crossed(chain, lambda n: F.cross_entropy(n(x), y)) == []
+    assert crossed(DeepSupervision(), lambda n: F.cross_entropy(n(x)[0], y) + F.cross_entropy(n(x)[1], y)) == []
+
+
+def test_the_strategy_warns_once_when_gradient_crosses_between_blocks() -> None:
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_dfa import DFAStrategy
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = BilinearSkip()
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return F.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    g = torch.Generator().manual_seed(1)
+    data = DataLoader(TensorDataset(torch.randn(24, 6, generator=g), torch.randint(0, 3, (24,), generator=g)), 8)
+    flags = dict(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                 enable_model_summary=False, accelerator="cpu", devices=1)  # fmt: skip
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        pl.Trainer(strategy=DFAStrategy(verbose=False), **flags).fit(Module(), data)
+    said = [str(w.message) for w in seen if "crosses from block to block" in str(w.message)]
+    assert len(said) == 1 and "'net.merge' into 'net.a'" in said[0] and "blocks=" in said[0]

@@ -180,6 +180,17 @@ class DFAFit:
             self.engine.check_loss(loss)
             readers = self.engine.loss_readers(loss)
             self._heads = list(self.engine.loss_heads)  # made outputs after this backward
+            crossed = self.engine.blocks_crossed
+            if crossed and getattr(trainer, "is_global_zero", True):
+                pairs = ", ".join(f"{reader!r} into {block!r}" for reader, block in crossed)
+                warnings.warn(
+                    f"DFA: the backward crosses from block to block ({pairs}) through an input DFA does not cut "
+                    "(it cuts each block's first input and its output point): an RNN's initial state, a skip "
+                    "connection, an attention's keys. Those blocks learn by backprop through the reading block as "
+                    "well as by feedback. A point at such a block's output (blocks= naming it, so that its output "
+                    "is cut) keeps them apart.",
+                    stacklevel=2,
+                )
             hidden = [name for name in readers if name not in self._heads]
             if hidden and getattr(trainer, "is_global_zero", True):
                 outputs = [n for n, _ in self.engine.output_modules()]
