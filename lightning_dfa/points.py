@@ -44,12 +44,19 @@ INPUT_KWARGS = ("hidden_states", "x", "input", "inputs", "inputs_embeds", "h")
 
 
 def split_input(args: tuple, kwargs: dict) -> tuple[torch.Tensor | None, Callable | None]:
-    if args and isinstance(args[0], torch.Tensor):
-        return args[0], lambda t: ((t, *args[1:]), kwargs)
-    for key in INPUT_KWARGS:
-        if isinstance(kwargs.get(key), torch.Tensor):
-            return kwargs[key], lambda t, key=key: (args, {**kwargs, key: t})
-    return None, None
+    """A module call's main input tensor (the first argument, or the first of :data:`INPUT_KWARGS`) and a function
+    that gives the call's ``(args, kwargs)`` with it replaced, wherever the call passes that same tensor (self-
+    attention's ``attn(h, h, h)``: the query, keys and values are one input)."""
+    main = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    if main is None:
+        main = next((kwargs[k] for k in INPUT_KWARGS if isinstance(kwargs.get(k), torch.Tensor)), None)
+    if main is None:
+        return None, None
+
+    def rebuild(t: torch.Tensor) -> tuple[tuple, dict]:
+        return tuple(t if a is main else a for a in args), {k: t if v is main else v for k, v in kwargs.items()}
+
+    return main, rebuild
 
 
 def carries_grad(t: torch.Tensor | None) -> bool:

@@ -634,3 +634,36 @@ def test_the_strategy_warns_once_when_gradient_crosses_between_blocks() -> None:
         pl.Trainer(strategy=DFAStrategy(verbose=False), **flags).fit(Module(), data)
     said = [str(w.message) for w in seen if "crosses from block to block" in str(w.message)]
     assert len(said) == 1 and "'net.merge' into 'net.a'" in said[0] and "blocks=" in said[0]
+
+
+def test_self_attention_reading_one_tensor_three_times_is_cut_at_all_three() -> None:
+    """``attn(h, h, h)`` in a net whose layers' inputs are the points: the keys and values are the same input as the
+    query, so the backward of the attention does not reach the layer before it through them."""
+
+    class Net(nn.Module):
+        def __init__(self, detach_kv: bool) -> None:
+            super().__init__()
+            self.detach_kv = detach_kv
+            self.inp, self.attn = nn.Linear(8, 16), nn.MultiheadAttention(16, 2, batch_first=True)
+            self.ff, self.out = nn.Linear(16, 16), nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.tanh(self.inp(x))
+            kv = h.detach() if self.detach_kv else h
+            a, _ = self.attn(h, kv, kv)
+            return self.out(torch.tanh(self.ff(a + h)).mean(1))
+
+    x, y = torch.randn(4, 5, 8), torch.randint(0, 3, (4,))
+    grads = []
+    for detach_kv in (False, True):
+        torch.manual_seed(0)
+        net = Net(detach_kv)
+        engine = FeedbackEngine(seed=0)
+        assert engine.attach(net).source == "layer_inputs"
+        loss = F.cross_entropy(net(x), y)
+        engine.loss_readers(loss)
+        loss.backward()
+        engine.end_backward()
+        assert engine.blocks_crossed == []
+        grads.append(net.inp.weight.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
