@@ -294,6 +294,19 @@ def test_heads_found_by_the_loss_become_outputs_and_resume_from_the_state() -> N
         resumed.add_outputs(["nope"])
 
 
+#: a short, quiet Lightning run on the CPU
+TRAINER_FLAGS: dict[str, Any] = dict(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                                     enable_model_summary=False, accelerator="cpu", devices=1)  # fmt: skip
+
+
+def _batches_of_six_features() -> Any:
+    """Three batches of 8: 6 features, 3 classes (seeded)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    g = torch.Generator().manual_seed(1)
+    return DataLoader(TensorDataset(torch.randn(24, 6, generator=g), torch.randint(0, 3, (24,), generator=g)), 8)
+
+
 class HiddenTerm(nn.Module):
     """A loss term on a hidden layer that later layers read too (a VAE's KL term on its mean): not a head."""
 
@@ -312,7 +325,6 @@ def test_a_head_on_a_middle_layer_becomes_an_output_after_the_first_step_and_a_h
     it; saved in the checkpoint. A term on a hidden layer that later layers read is warned about once, naming the
     remedy; named as outputs, nothing is said."""
     import pytorch_lightning as pl
-    from torch.utils.data import DataLoader, TensorDataset
 
     from lightning_dfa import DFAStrategy
 
@@ -334,10 +346,7 @@ def test_a_head_on_a_middle_layer_becomes_an_output_after_the_first_step_and_a_h
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    g = torch.Generator().manual_seed(1)
-    data = DataLoader(TensorDataset(torch.randn(24, 6, generator=g), torch.randint(0, 3, (24,), generator=g)), 8)
-    flags = dict(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                 enable_model_summary=False, accelerator="cpu", devices=1)  # fmt: skip
+    data, flags = _batches_of_six_features(), dict(TRAINER_FLAGS)
 
     def fit(net_class: type, weight: float, **options: Any) -> tuple[Module, pl.Trainer, list]:
         torch.manual_seed(0)
@@ -511,7 +520,6 @@ def test_a_fit_with_a_middle_head_resumed_from_a_checkpoint_equals_the_uninterru
     """Two outputs with dense matrices (the head found at the first step) through ``ckpt_path``: the checkpoint
     keeps the head an output and its matrices, so the resumed fit (under another global seed) is bit-identical."""
     import pytorch_lightning as pl
-    from torch.utils.data import DataLoader, TensorDataset
 
     class Module(pl.LightningModule):
         def __init__(self) -> None:
@@ -525,8 +533,7 @@ def test_a_fit_with_a_middle_head_resumed_from_a_checkpoint_equals_the_uninterru
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.Adam(self.parameters(), lr=0.01)
 
-    g = torch.Generator().manual_seed(1)
-    data = DataLoader(TensorDataset(torch.randn(24, 6, generator=g), torch.randint(0, 3, (24,), generator=g)), 8)
+    data = _batches_of_six_features()
 
     def fit(epochs: int, seed: int = 0, ckpt: str | None = None) -> Module:
         torch.manual_seed(seed)
@@ -610,7 +617,6 @@ def test_gradient_that_crosses_from_block_to_block_through_an_uncut_input_is_fou
 
 def test_the_strategy_warns_once_when_gradient_crosses_between_blocks() -> None:
     import pytorch_lightning as pl
-    from torch.utils.data import DataLoader, TensorDataset
 
     from lightning_dfa import DFAStrategy
 
@@ -625,10 +631,7 @@ def test_the_strategy_warns_once_when_gradient_crosses_between_blocks() -> None:
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    g = torch.Generator().manual_seed(1)
-    data = DataLoader(TensorDataset(torch.randn(24, 6, generator=g), torch.randint(0, 3, (24,), generator=g)), 8)
-    flags = dict(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                 enable_model_summary=False, accelerator="cpu", devices=1)  # fmt: skip
+    data, flags = _batches_of_six_features(), dict(TRAINER_FLAGS)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         pl.Trainer(strategy=DFAStrategy(verbose=False), **flags).fit(Module(), data)
