@@ -346,18 +346,28 @@ def _nodes_behind_outputs(tensor: torch.Tensor, limit: int = 1_000_000) -> set[A
 def _blocks_crossed(
     tensor: torch.Tensor,
     block_outputs: Sequence[tuple[str, Any]],
-    param_blocks: dict[int, set[str]],
+    block_params: dict[str, list[torch.Tensor]],
     limit: int = 1_000_000,
 ) -> list[tuple[str, str]]:
-    """``(reader, block)`` for each block whose parameters the backward of ``tensor`` (a loss) reaches after the
-    output node of another block, ``reader``, on a path that crosses no feedback point or output: gradient travels
-    from one block into another through an input DFA does not cut (an RNN decoder's initial state, a skip
-    connection). ``param_blocks`` maps ``id`` of a parameter to the blocks holding it. Each walk starts afresh at the
-    loss, at each output's delivery and at each point's edge."""
+    """``(reader, block)`` for each block whose output node, or most of whose parameters, the backward of ``tensor``
+    (a loss) reaches after the output node or the output point of another block, ``reader``, on a path that crosses
+    no other feedback point or output: gradient travels from one block into another through an input DFA does not
+    cut (an RNN decoder's initial state, a skip connection). Not a side tensor that one block computes for the others
+    from a few parameters of its own (T5's relative position bias). ``block_outputs`` are the output nodes of the
+    blocks without an output point, ``block_params`` each block's trainable parameters. Each walk starts afresh at
+    the loss, at each output's delivery and at each point's edge (owned by its block where it is a block's output
+    point)."""
     owner_of: dict[Any, str] = {}
     for name, node in block_outputs:
         owner_of.setdefault(node, name)
+    holders: dict[int, set[str]] = {}
+    for name, params in block_params.items():
+        for p in params:
+            holders.setdefault(id(p), set()).add(name)
+    blocks = sorted(block_params, key=len, reverse=True)
+    point_block: dict[int, str | None] = {}  # id of a point's slot -> the block whose output point it is
     crossed: dict[tuple[str, str], None] = {}
+    reached: dict[tuple[str, str], dict[int, int]] = {}  # (reader, block) -> the block's parameters reached
     stack: list[tuple[Any, str | None]] = [(tensor.grad_fn, None)]
     seen: set[tuple[Any, str | None]] = set()
     while stack and len(seen) < limit:
@@ -365,8 +375,14 @@ def _blocks_crossed(
         if node is None or (node, owner) in seen:
             continue
         seen.add((node, owner))
-        if isinstance(node, (_DeliverFeedback._backward_cls, _PointEdge._backward_cls)):
-            owner = None  # a new error starts here: the output's, or a point's feedback
+        if isinstance(node, _DeliverFeedback._backward_cls):
+            owner = None  # the output's error starts here
+            for meta, slot in zip(node.delivery.points, node.delivery.slots):
+                key = meta.key.split("#")[0]
+                inside = (b for b in blocks if key == b or key.startswith(b + "."))
+                point_block[id(slot)] = None if ":" in key else next(inside, None)
+        elif isinstance(node, _PointEdge._backward_cls):
+            owner = point_block.get(id(node.slot))  # a point's feedback starts here
         name = owner_of.get(node)
         if name is not None:
             if owner is not None and owner != name:
@@ -374,10 +390,12 @@ def _blocks_crossed(
             owner = name
         variable = getattr(node, "variable", None)  # AccumulateGrad: a parameter's gradient lands here
         if owner is not None and isinstance(variable, torch.Tensor):
-            holders = param_blocks.get(id(variable), set())
-            if holders and owner not in holders:
-                crossed.update(((owner, name), None) for name in sorted(holders))
+            for name in holders.get(id(variable), set()) - {owner}:
+                reached.setdefault((owner, name), {})[id(variable)] = variable.numel()
         stack.extend((n, owner) for n, _ in _next_functions(node))
+    for (owner, name), params in reached.items():
+        if 2 * sum(params.values()) >= sum(p.numel() for p in block_params[name]):
+            crossed[(owner, name)] = None
     return list(crossed)
 
 

@@ -481,18 +481,15 @@ class FeedbackEngine(ForwardHooks):
         """
         self.loss_heads, self.blocks_crossed = [], []
         outputs = self._block_outputs
-        if not outputs or self.mode != "dfa" or not isinstance(loss, torch.Tensor) or loss.grad_fn is None:
+        if outputs is None or self.mode != "dfa" or not isinstance(loss, torch.Tensor) or loss.grad_fn is None:
             return []
         self._block_outputs, self._readers_checked = None, True
         for handle in self._reader_handles:
             handle.remove()
         reached = _nodes_before_outputs(loss)
         readers = list(dict.fromkeys(name for name, node in outputs if node in reached))
-        holders: dict[int, set[str]] = {}
-        for block in self.target.blocks if self.target is not None else []:
-            for p in block.parameters():
-                holders.setdefault(id(p), set()).add(block.name)
-        self.blocks_crossed = _blocks_crossed(loss, list(outputs), holders)
+        params = {b.name: [p for p in b.parameters() if p.requires_grad] for b in self.target.blocks}
+        self.blocks_crossed = _blocks_crossed(loss, list(outputs), params)
         if readers:
             fed = _nodes_behind_outputs(loss)
             self.loss_heads = list(dict.fromkeys(n for n, node in outputs if n in readers and node not in fed))
