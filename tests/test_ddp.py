@@ -64,7 +64,7 @@ def reference(name: str) -> tuple[dict[str, torch.Tensor], list[str]]:
     strategy: Any = "auto" if cfg["callback"] else lightning_dfa.DFAStrategy(verbose=False, **options)
     rank = -1 if cfg["split"] else None
     model, _ = ddp_train.train(
-        strategy, cfg["automatic"], callbacks, 1, rank, cfg["returns"], accumulate=cfg["accumulate"]
+        strategy, cfg["automatic"], callbacks, 1, rank, cfg["returns"], accumulate=cfg["accumulate"], aux=cfg["aux"]
     )
     return model.state_dict(), model.feedback_hashes
 
@@ -97,13 +97,14 @@ def test_ddp_matches_one_process_and_feedback_is_identical(
     assert ranks[0]["learned"] == ranks[1]["learned"]  # learned feedback matrices: the same update in every process
     assert bool(ranks[0]["learned"]) == ("feedback_learning" in cfg["ddp"])
     deliveries = ddp_train.STEPS // cfg["accumulate"] * cfg["accumulate"]  # one per micro-batch
+    deliveries += ddp_train.STEPS - 1 if cfg["aux"] else 0  # and the auxiliary head's, from the second step
     assert len(ranks[0]["feedback"]) == len(ranks[1]["feedback"]) == deliveries
     weights, feedback = reference(name)
     if cfg["split"]:
         assert all(a != b for a, b in zip(*(r["feedback"] for r in ranks)))
     else:
         assert ranks[0]["feedback"] == ranks[1]["feedback"] == feedback
-    initial = ddp_train.MLP().state_dict()
+    initial = ddp_train.MLP(aux=cfg["aux"]).state_dict()
     for key, value in weights.items():
         assert not torch.equal(value, initial[key])  # it trained
         for r in ranks:

@@ -31,7 +31,8 @@ BATCH = 8
 # strategy: "dfa_ddp" (DFADDPStrategy), "ddp" (Lightning's own) or a registered name; ddp: keyword arguments of
 # the strategy; automatic: automatic optimization; callback: add the DFA callback; split: rank r trains on the
 # r-th half of each batch of 2 * BATCH (otherwise every rank gets the same batch of BATCH); returns:
-# training_step returns the loss; accumulate: accumulate_grad_batches (non-final micro-batches run under no_sync).
+# training_step returns the loss; accumulate: accumulate_grad_batches (non-final micro-batches run under no_sync);
+# aux: the layers are attributes and an auxiliary head reads the first one (made an output after the first step).
 DEFAULTS: dict[str, Any] = {
     "strategy": "dfa_ddp",
     "ddp": {},
@@ -40,6 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "split": False,
     "returns": True,
     "accumulate": 1,
+    "aux": False,
 }
 CONFIGS: dict[str, dict[str, Any]] = {
     "auto_default": {},
@@ -59,6 +61,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "split_accumulate": {"split": True, "accumulate": 2},
     # learned feedback: the processes average their updates of the feedback matrices (one all-reduce per backward)
     "split_learned": {"split": True, "ddp": {"feedback_learning": "kolen_pollack", "feedback_decay": 0.3}},
+    # a head on the middle layer, found at the first loss and made an output: every process attaches again
+    "split_aux": {"split": True, "aux": True},
+    "split_aux_static": {"split": True, "aux": True, "ddp": {"static_graph": True}},
     # Lightning's fork launcher, the strategy by its registered name (a separate invocation of this script)
     "fork_split": {"strategy": "dfa_ddp_fork", "split": True},
     "fork_callback_split": {"strategy": "ddp_fork", "callback": True, "split": True},
@@ -86,11 +91,19 @@ class MLP(pl.LightningModule):
     """
 
     def __init__(
-        self, automatic: bool = True, returns: bool = True, rank: int | str | None = None, record: str = ""
+        self,
+        automatic: bool = True,
+        returns: bool = True,
+        rank: int | str | None = None,
+        record: str = "",
+        aux: bool = False,
     ) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+        if aux:  # the same layers as attributes, and a head on the first one
+            self.l1, self.l2, self.aux, self.out = self.net[0], self.net[2], nn.Linear(16, 3), self.net[4]
+            del self.net
         self.automatic_optimization = automatic
         self.returns = returns
         self.rank = rank
@@ -99,6 +112,13 @@ class MLP(pl.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if not hasattr(self, "aux"):
+            return nn.functional.cross_entropy(self(x), y)
+        h = torch.tanh(self.l1(x))
+        out = self.out(torch.tanh(self.l2(h)))
+        return nn.functional.cross_entropy(out, y) + 0.3 * nn.functional.cross_entropy(self.aux(h), y)
 
     def train_dataloader(self) -> DataLoader:
         return data(self.global_rank if self.rank == "half" else self.rank)
@@ -112,8 +132,7 @@ class MLP(pl.LightningModule):
         self.feedback_hashes.append(digest(torch.cat([f.flatten() for f in feedback])))
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
-        x, y = batch
-        loss = nn.functional.cross_entropy(self(x), y)
+        loss = self.loss(*batch)
         if not self.automatic_optimization:
             opt = self.optimizers()
             opt.zero_grad()
@@ -131,7 +150,9 @@ class MLP(pl.LightningModule):
         record = {
             "weights": {k: v.detach().clone() for k, v in self.state_dict().items()},
             "feedback": self.feedback_hashes,
-            "matrices": [digest(m) for _, m in sorted(engine.bank._matrices.items())] if engine else [],
+            "matrices": [digest(m) for _, m in sorted(engine.bank._matrices.items(), key=lambda kv: str(kv[0]))]
+            if engine
+            else [],
             "learned": [digest(m) for _, m in sorted(engine.learned.matrices.items())]
             if engine and engine.learned
             else [],
@@ -171,10 +192,11 @@ def train(
     returns: bool = True,
     record: str = "",
     accumulate: int = 1,
+    aux: bool = False,
 ) -> tuple[MLP, pl.Trainer]:
     """Fit the MLP on the ``STEPS`` batches of :func:`data` (``rank`` as in :class:`MLP`), one optimizer step per
     ``accumulate`` batches."""
-    model = MLP(automatic, returns, rank, record)
+    model = MLP(automatic, returns, rank, record, aux)
     trainer = pl.Trainer(
         strategy=strategy,
         accelerator="cpu",
@@ -205,7 +227,15 @@ def main(out: Path, names: list[str]) -> None:
         callbacks = [lightning_dfa.DFA(verbose=False)] if cfg["callback"] else []
         rank = "half" if cfg["split"] else None
         _, trainer = train(
-            strategy, cfg["automatic"], callbacks, 2, rank, cfg["returns"], str(out / name), cfg["accumulate"]
+            strategy,
+            cfg["automatic"],
+            callbacks,
+            2,
+            rank,
+            cfg["returns"],
+            str(out / name),
+            cfg["accumulate"],
+            cfg["aux"],
         )
         launched = getattr(getattr(trainer.strategy, "_launcher", None), "procs", [])
         procs = procs or [p for p in launched if isinstance(p, subprocess.Popen)]
