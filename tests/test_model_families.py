@@ -850,3 +850,28 @@ def test_an_autoencoder_reads_its_error_at_the_decoder() -> None:
     F.mse_loss(net.decoder(net.encoder(x)), x).backward()
     assert engine.end_backward().deliveries == 1
     assert [p.key for p in engine.last_points] == ["encoder.1", "encoder.2", "decoder.2:in"]
+
+
+def test_a_gan_whose_discriminator_is_registered_first_trains_both_steps() -> None:
+    """Two Sequentials, the discriminator assigned before the generator: the discriminator reads the generator's
+    output width, so it is the generator's head (before: the generator's last layer was taken as the output and the
+    generator step's loss did not require grad)."""
+    torch.manual_seed(0)
+    gan = nn.Module()
+    gan.discriminator = nn.Sequential(nn.Linear(20, 32), nn.LeakyReLU(0.2), nn.Linear(32, 1), nn.Sigmoid())
+    gan.generator = nn.Sequential(
+        nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 20), nn.Tanh()
+    )
+    engine = FeedbackEngine()
+    assert engine.attach(gan).output_name == "discriminator.2"
+    x, z = torch.rand(16, 20) * 2 - 1, torch.randn(16, 8)
+    gan.discriminator.requires_grad_(False)  # the generator's step (as toggle_optimizer does)
+    fake = gan.generator(z)
+    F.binary_cross_entropy(gan.discriminator(fake), torch.ones(16, 1)).backward()
+    assert engine.end_backward().deliveries == 1
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gan.generator.parameters())
+    gan.discriminator.requires_grad_(True)  # the discriminator's step
+    real, made = gan.discriminator(x), gan.discriminator(fake.detach())
+    (F.binary_cross_entropy(real, torch.ones(16, 1)) + F.binary_cross_entropy(made, torch.zeros(16, 1))).backward()
+    engine.end_backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gan.discriminator.parameters())
