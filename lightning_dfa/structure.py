@@ -259,11 +259,13 @@ def _head_before(
 ) -> tuple[str, nn.Module] | None:
     """The head of a feature extractor ``name`` that has nothing registered after it (``self.head`` assigned before
     ``self.backbone``): the one module registered before it that reads its output (its input width is the chain's
-    output width) and does not feed it (its output width is not the chain's input width), outermost first;
-    ``None`` when there is none or more than one."""
+    output width, or a multiple of it after a convolution: flattened) and does not feed it (its output width is not
+    the chain's input width), outermost first; ``None`` when there is none or more than one."""
     ends = _ends(seq)
     if ends is None:
         return None
+    weights = [c.weight for c in seq.modules() if isinstance(getattr(c, "weight", None), nn.Parameter)]
+    spatial = weights[-1].dim() > 2  # a convolution: flattened after it, it gives a multiple of its channels
     found: list[tuple[str, nn.Module]] = []
     seen: list[str] = []  # the outermost modules looked at: never the layers inside them
     for other, module in owned_modules(root):
@@ -275,7 +277,8 @@ def _head_before(
             continue  # a container: look inside it for the layer
         seen.append(other)
         widths = _ends(module)
-        if widths is not None and widths[0] == ends[1] and widths[1] != ends[0]:
+        reads = widths is not None and (widths[0] == ends[1] or (spatial and widths[0] % ends[1] == 0))
+        if reads and widths is not None and widths[1] != ends[0]:
             found.append((other, module))
     return found[0] if len(found) == 1 else None
 

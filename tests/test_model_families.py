@@ -875,3 +875,29 @@ def test_a_gan_whose_discriminator_is_registered_first_trains_both_steps() -> No
     (F.binary_cross_entropy(real, torch.ones(16, 1)) + F.binary_cross_entropy(made, torch.zeros(16, 1))).backward()
     engine.end_backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gan.discriminator.parameters())
+
+
+@pytest.mark.parametrize("order", [("features", "fc"), ("fc", "features")])
+def test_a_linear_head_registered_before_conv_features_it_reads_flattened_is_the_output(order: tuple[str, str]) -> None:
+    """``fc`` reads the convolutional features flattened (a multiple of their channels): the head whatever the order
+    of registration, so the last convolution is a block, not a layer trained by its true gradient."""
+    torch.manual_seed(0)
+    parts = {
+        "fc": nn.Linear(16 * 4 * 4, 10),
+        "features": nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                  nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten()),
+    }  # fmt: skip
+
+    class Net(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.features(x))
+
+    net = Net()
+    for name in order:
+        setattr(net, name, parts[name])
+    engine = FeedbackEngine()
+    target = engine.attach(net)
+    assert [b.name for b in target.blocks] == ["features.2", "features.5"] and target.output_name == "fc"
+    F.cross_entropy(net(torch.randn(4, 1, 16, 16)), torch.randint(0, 10, (4,))).backward()
+    assert engine.end_backward().deliveries == 1
+    assert engine.parameter_roles()["feedback"] == sum(p.numel() for p in parts["features"].parameters())
