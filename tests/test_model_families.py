@@ -901,3 +901,57 @@ def test_a_linear_head_registered_before_conv_features_it_reads_flattened_is_the
     F.cross_entropy(net(torch.randn(4, 1, 16, 16)), torch.randint(0, 10, (4,))).backward()
     assert engine.end_backward().deliveries == 1
     assert engine.parameter_roles()["feedback"] == sum(p.numel() for p in parts["features"].parameters())
+
+
+class NanoLayerNorm(nn.Module):  # nanoGPT's LayerNorm: an optional bias, applied with F.layer_norm
+    def __init__(self, d: int, bias: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.bias = nn.Parameter(torch.zeros(d)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class NanoBlock(GPTBlock):
+    def __init__(self, d: int, bias: bool) -> None:
+        super().__init__(d)
+        self.ln_1, self.ln_2 = NanoLayerNorm(d, bias), NanoLayerNorm(d, bias)
+
+
+class NanoGPT(nn.Module):  # nanoGPT's layout: a ModuleDict "transformer", the token table tied to the head
+    def __init__(self, bias: bool, vocab: int = 48, d: int = 16, layers: int = 3, context: int = 8) -> None:
+        super().__init__()
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(vocab, d), wpe=nn.Embedding(context, d),
+            h=nn.ModuleList([NanoBlock(d, bias) for _ in range(layers)]), ln_f=NanoLayerNorm(d, bias),
+        ))  # fmt: skip
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.transformer.wte(ids) + self.transformer.wpe(torch.arange(ids.shape[1]))
+        for block in self.transformer.h:
+            x = block(x)
+        return self.lm_head(self.transformer.ln_f(x))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_nanogpt_gets_the_default_recipe_with_its_own_layer_norm(bias: bool) -> None:
+    """nanoGPT's own LayerNorm class (``F.layer_norm``, with or without a bias) is found as a norm: the points that
+    feed one get norm-aware feedback, each block's first norm is a point, the tied token table is cut and the head's
+    input is the last point (the vocabulary head widens)."""
+    torch.manual_seed(0)
+    gpt = NanoGPT(bias)
+    engine = FeedbackEngine()
+    assert [b.name for b in engine.attach(gpt).blocks] == ["transformer.h.0", "transformer.h.1", "transformer.h.2"]
+    ids = torch.randint(0, 48, (4, 8))
+    _token_loss(ids)(gpt).backward()
+    assert engine.end_backward().deliveries == 1
+    keys = [p.key for p in engine.last_points]
+    assert keys == ["transformer.h.0", "transformer.h.1.ln_1", "transformer.h.1", "transformer.h.2.ln_1", "lm_head:in"]
+    norm_aware = [p.key for p in engine.last_points if p.norm is not None]
+    assert norm_aware == ["transformer.h.0", "transformer.h.1"]  # the block outputs the next block's norms read
+    notes = "; ".join(engine.recipe_notes())
+    assert "transformer.wte (tied: learns from the output only)" in notes
+    assert "cut_head_input: on" in notes
