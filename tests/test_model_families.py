@@ -955,3 +955,30 @@ def test_nanogpt_gets_the_default_recipe_with_its_own_layer_norm(bias: bool) -> 
     notes = "; ".join(engine.recipe_notes())
     assert "transformer.wte (tied: learns from the output only)" in notes
     assert "cut_head_input: on" in notes
+
+
+def test_lightnings_demo_transformer_gets_feedback_in_both_stacks() -> None:
+    """``pytorch_lightning.demos.Transformer`` (an ``nn.Transformer`` encoder-decoder language model): every encoder
+    and decoder layer is a block and learns by feedback; the output layer by its true gradient."""
+    from pytorch_lightning.demos.transformer import Transformer
+
+    torch.manual_seed(0)
+    net = Transformer(vocab_size=24, ninp=16, nhead=2, nhid=32, nlayers=2, dropout=0.0)
+    ids = torch.randint(0, 24, (4, 9))
+    engine = check_true_dfa(net, lambda n: F.nll_loss(n(ids[:, :-1], ids[:, 1:]), ids[:, 1:].flatten()))
+    blocks = [b.name for b in engine.target.blocks]
+    assert blocks == [f"transformer.{s}.layers.{i}" for s in ("encoder", "decoder") for i in (0, 1)]
+    assert [n for n, _ in engine.output_modules()] == ["decoder"]
+
+
+def test_lightnings_demo_lstm_gets_feedback_at_its_recurrent_layers() -> None:
+    """``pytorch_lightning.demos.SimpleLSTM`` (embedding, a stacked LSTM carried state, a linear decoder): the LSTM
+    learns by feedback at its output; the decoder by its true gradient."""
+    from pytorch_lightning.demos.lstm import SimpleLSTM
+
+    torch.manual_seed(0)
+    net = SimpleLSTM(vocab_size=24, ninp=16, nhid=16, nlayers=2, dropout=0.0)
+    ids, state = torch.randint(0, 24, (4, 9)), net.init_hidden(4)
+    engine = check_true_dfa(net, lambda n: F.nll_loss(n(ids[:, :-1], state)[0], ids[:, 1:].flatten()))
+    assert "rnn" in [b.name for b in engine.target.blocks]
+    assert [n for n, _ in engine.output_modules()] == ["decoder"]
