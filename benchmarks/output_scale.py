@@ -17,7 +17,6 @@ steps; its loss is the test loss on 1024 held-out samples. One seed.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.speed.machine import machine
+from benchmarks.speed.machine import write_cpu_rows
 from lightning_dfa import FeedbackEngine
 
 RESULTS = Path(__file__).parent / "results" / "output_scale.json"
@@ -138,10 +137,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             rows.append({"model": "tanh_mlp", "scale": scale, "mode": mode, "steps": 600,
                          "loss": round(train_mlp(mode, scale), 3)})  # fmt: skip
             print(rows[-1], flush=True)
-    result = {"machine": {**machine(torch.device("cpu")), "seconds": round(time.time() - start, 1)}, "rows": rows}
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
-    return result
+    return write_cpu_rows(args.out, rows, start)
 
 
 if __name__ == "__main__":

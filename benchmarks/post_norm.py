@@ -15,7 +15,6 @@ linear head. AdamW, lr 3e-3, batch 32, 300 steps; the loss is the mean training 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.speed.machine import machine
+from benchmarks.speed.machine import write_cpu_rows
 from lightning_dfa import FeedbackEngine
 
 RESULTS = Path(__file__).parent / "results" / "post_norm.json"
@@ -89,10 +88,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 row.update({mode: train(mode, norm_first, input_norm, seed) for mode in ("bp", "dfa", "shallow")})
                 rows.append(row)
                 print(row, flush=True)
-    result = {"machine": {**machine(torch.device("cpu")), "seconds": round(time.time() - start, 1)}, "rows": rows}
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
-    return result
+    return write_cpu_rows(args.out, rows, start)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["KEEP_MALLOC_ENV", "machine", "malloc_setting", "reexec_with_kept_malloc"]
+__all__ = ["KEEP_MALLOC_ENV", "machine", "malloc_setting", "reexec_with_kept_malloc", "write_cpu_rows"]
 
 #: glibc ``malloc`` settings of ``--malloc keep``: never return freed blocks to the OS (no mmap, no trimming).
 KEEP_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
@@ -72,3 +72,13 @@ def machine(dev: torch.device) -> dict[str, Any]:
     if dev.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(dev)
     return info
+
+
+def write_cpu_rows(out: Path, rows: list[dict[str, Any]], started: float) -> dict[str, Any]:
+    """Write ``{"machine": ..., "rows": rows}`` to ``out`` (a CPU run that began at ``started``, ``time.time()``)."""
+    import json
+
+    result = {"machine": {**machine(torch.device("cpu")), "seconds": round(time.time() - started, 1)}, "rows": rows}
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+    return result
