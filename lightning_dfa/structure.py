@@ -4,7 +4,7 @@ are the points (rules 4 to 6 of :func:`lightning_dfa.discovery.discover`)."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 
 from torch import nn
 
@@ -241,11 +241,17 @@ def _frozen_network(module: nn.Module) -> bool:
     return not _trainable(module) and sum(1 for c in module.children() if _has_params(c)) >= 2
 
 
+def _layer_weights(m: nn.Module) -> list[nn.Parameter]:
+    """The weights of the layers in ``m`` that map a width to another (Linear, Conv: 2 or more dimensions; not a
+    norm's scale), in registration order."""
+    weights = [c.weight for c in m.modules() if isinstance(getattr(c, "weight", None), nn.Parameter)]
+    return [w for w in weights if w.dim() >= 2]
+
+
 def _ends(m: nn.Module) -> tuple[int, int] | None:
     """A chain's input and output widths: its first layer's input and its last layer's output width, from the
     weights of the layers that hold one (``None`` without such a layer)."""
-    weights = [c.weight for c in m.modules() if isinstance(getattr(c, "weight", None), nn.Parameter)]
-    weights = [w for w in weights if w.dim() >= 2]
+    weights = _layer_weights(m)
     return (weights[0].shape[1], weights[-1].shape[0]) if weights else None
 
 
@@ -264,18 +270,9 @@ def _head_before(
     ends = _ends(seq)
     if ends is None:
         return None
-    weights = [c.weight for c in seq.modules() if isinstance(getattr(c, "weight", None), nn.Parameter)]
-    spatial = weights[-1].dim() > 2  # a convolution: flattened after it, it gives a multiple of its channels
-    found: list[tuple[str, nn.Module]] = []
-    seen: list[str] = []  # the outermost modules looked at: never the layers inside them
-    for other, module in owned_modules(root):
-        if order[other] >= order[name] or name.startswith(other + ".") or not _has_params(module):
-            continue
-        if any(other == s or other.startswith(s + ".") for s in (*skip, *seen)):
-            continue
-        if any(True for _ in module.children()) and not isinstance(module, nn.Sequential):
-            continue  # a container: look inside it for the layer
-        seen.append(other)
+    spatial = _layer_weights(seq)[-1].dim() > 2  # a convolution: flattened after it, a multiple of its channels
+    found = []
+    for other, module in _outer_modules(root, name, order, skip, before=True):
         widths = _ends(module)
         reads = widths is not None and (widths[0] == ends[1] or (spatial and widths[0] % ends[1] == 0))
         if reads and widths is not None and widths[1] != ends[0]:
@@ -309,15 +306,27 @@ def _module_after(
     parameters, outermost first."""
     if not name:
         return None  # the root itself: nothing lies after it
+    return next(_outer_modules(root, name, order, skip, before=False), None)
+
+
+def _outer_modules(
+    root: nn.Module, name: str, order: dict[str, int], skip: Collection[str], before: bool
+) -> Iterator[tuple[str, nn.Module]]:
+    """The modules registered before (or after) ``name``, outside it and outside the modules named in ``skip``,
+    that hold parameters: layers and Sequentials, outermost first, never one inside a module already given (a
+    container that is neither is looked into)."""
+    given: list[str] = []
     for other, module in owned_modules(root):
-        if order[other] <= order[name] or other.startswith(name + ".") or not _has_params(module):
+        if (order[other] >= order[name]) if before else (order[other] <= order[name]):
             continue
-        if any(other == s or other.startswith(s + ".") for s in skip):
+        if other.startswith(name + ".") or name.startswith(other + ".") or not _has_params(module):
+            continue
+        if any(other == s or other.startswith(s + ".") for s in (*skip, *given)):
             continue
         if any(True for _ in module.children()) and not isinstance(module, nn.Sequential):
             continue  # a container: look inside it for the layer
-        return other, module
-    return None
+        given.append(other)
+        yield other, module
 
 
 # --------------------------------------------------------------------------- ModuleList

@@ -877,16 +877,21 @@ def test_a_gan_whose_discriminator_is_registered_first_trains_both_steps() -> No
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gan.discriminator.parameters())
 
 
+@pytest.mark.parametrize("batch_norm", [False, True])
 @pytest.mark.parametrize("order", [("features", "fc"), ("fc", "features")])
-def test_a_linear_head_registered_before_conv_features_it_reads_flattened_is_the_output(order: tuple[str, str]) -> None:
-    """``fc`` reads the convolutional features flattened (a multiple of their channels): the head whatever the order
-    of registration, so the last convolution is a block, not a layer trained by its true gradient."""
+def test_a_linear_head_registered_before_conv_features_it_reads_flattened_is_the_output(
+    order: tuple[str, str], batch_norm: bool
+) -> None:
+    """``fc`` reads the convolutional features flattened (a multiple of their channels; a BatchNorm's scale after
+    the last convolution is no layer): the head whatever the order of registration, so the last convolution is a
+    block, not a layer trained by its true gradient."""
     torch.manual_seed(0)
-    parts = {
-        "fc": nn.Linear(16 * 4 * 4, 10),
-        "features": nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                                  nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten()),
-    }  # fmt: skip
+
+    def stage(cin: int, cout: int) -> list[nn.Module]:
+        norm = [nn.BatchNorm2d(cout)] if batch_norm else []
+        return [nn.Conv2d(cin, cout, 3, padding=1), *norm, nn.ReLU(), nn.MaxPool2d(2)]
+
+    parts = {"fc": nn.Linear(16 * 4 * 4, 10), "features": nn.Sequential(*stage(1, 8), *stage(8, 16), nn.Flatten())}
 
     class Net(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -897,7 +902,8 @@ def test_a_linear_head_registered_before_conv_features_it_reads_flattened_is_the
         setattr(net, name, parts[name])
     engine = FeedbackEngine()
     target = engine.attach(net)
-    assert [b.name for b in target.blocks] == ["features.2", "features.5"] and target.output_name == "fc"
+    blocks = ["features.3", "features.7"] if batch_norm else ["features.2", "features.5"]
+    assert [b.name for b in target.blocks] == blocks and target.output_name == "fc"
     F.cross_entropy(net(torch.randn(4, 1, 16, 16)), torch.randint(0, 10, (4,))).backward()
     assert engine.end_backward().deliveries == 1
     assert engine.parameter_roles()["feedback"] == sum(p.numel() for p in parts["features"].parameters())
