@@ -181,7 +181,8 @@ class DFAFit:
             readers = self.engine.loss_readers(loss)
             self._heads = list(self.engine.loss_heads)  # made outputs after this backward
             crossed = self.engine.blocks_crossed
-            if crossed and getattr(trainer, "is_global_zero", True):
+            loud = getattr(trainer, "is_global_zero", True)  # warnings from one process
+            if crossed and loud:
                 pairs = ", ".join(f"{reader!r} into {block!r}" for reader, block in crossed)
                 warnings.warn(
                     f"DFA: the backward crosses from block to block ({pairs}) through an input DFA does not cut "
@@ -192,7 +193,7 @@ class DFAFit:
                     stacklevel=2,
                 )
             hidden = [name for name in readers if name not in self._heads]
-            if hidden and getattr(trainer, "is_global_zero", True):
+            if hidden and loud:
                 outputs = [n for n, _ in self.engine.output_modules()]
                 warnings.warn(
                     f"DFA: the loss reads the output of {hidden} directly, not only through the output module "
