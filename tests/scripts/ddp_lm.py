@@ -46,22 +46,33 @@ class TinyLM(pl.LightningModule):
 
 
 def train(strategy: Any, callbacks: list, devices: int) -> TinyLM:
+    model, _ = fit(strategy, callbacks, devices)
+    return model
+
+
+def fit(strategy: Any, callbacks: list, devices: int) -> tuple[TinyLM, pl.Trainer]:
     model = TinyLM()
     ids = torch.randint(0, 20, (4 * STEPS, 8), generator=torch.Generator().manual_seed(1))
     trainer = pl.Trainer(strategy=strategy, accelerator="cpu", devices=devices, max_steps=STEPS, callbacks=callbacks,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, use_distributed_sampler=False)  # fmt: skip
     trainer.fit(model, DataLoader(TensorDataset(ids), batch_size=4))
-    return model
+    return model, trainer
 
 
 def main(out: Path, flavour: str) -> None:
     if flavour == "strategy":
-        model = train("dfa_ddp", [], 2)
+        model, trainer = fit("dfa_ddp", [], 2)
     else:
-        model = train("ddp", [lightning_dfa.DFA(verbose=False)], 2)
+        model, trainer = fit("ddp", [lightning_dfa.DFA(verbose=False)], 2)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     torch.save({"initial": model.initial, "final": model.model.state_dict()}, out / f"{flavour}.rank{rank}.pt")
+    # rank 0 launched the other process: wait for it to write its weights, then close the process group before the
+    # interpreter exits, as PyTorch asks of a script (without it, gloo's threads can abort the exit)
+    for proc in getattr(getattr(trainer.strategy, "_launcher", None), "procs", []):
+        proc.wait()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
