@@ -53,7 +53,7 @@ from .delivery import (
     _nodes_behind_outputs,
 )
 from .hooks import ForwardHooks
-from .layout import Layouts, PointMeta, error_rows, laid_on
+from .layout import Layouts, PointMeta, error_rows, laid_on, laid_out
 from .learned import LearnedFeedback
 from .norms import NormSpec, norm_vjp
 from .projectors import Dense, Projector, Sketch, TopK
@@ -130,6 +130,10 @@ class FeedbackEngine(ForwardHooks):
         self._point_norms: set[int] = set()  # norm_points: id() of the norms inside blocks that read a point
         self._token_embeddings: list[tuple[str, nn.Module, bool]] = []  # cut_token_embedding: (name, module, tied)
         self._encoder_names: set[str] = set()  # modules inside an encoder-decoder's encoder (fed the mean error)
+        #: graph node of a recurrent block's final state in this step's forward -> (block, state shape, batch_first)
+        self._states: dict[Any, tuple[str, torch.Size, bool]] = {}
+        #: points that are recurrent states handed from block to block -> where the error's items lie
+        self._state_keys: dict[str, str] = {}
         #: cut_token_embedding="auto": why the token table is not cut (faint beside fixed positions), once decided
         self._faint: list[str] | None = None
         self._saved_faint: list[str] | None = None  # that decision, from a checkpoint
@@ -325,6 +329,7 @@ class FeedbackEngine(ForwardHooks):
             handle.remove()
         self._handles = []
         self._group = None
+        self._states.clear()
         for p in self._frozen:
             p.requires_grad_(True)
         self._frozen = []
@@ -383,6 +388,7 @@ class FeedbackEngine(ForwardHooks):
         output = source or (self.target.output_name if self.target else "?")
         aligned = [self.layouts.align(error.shape, p, output) for p in points]
         widest: dict[tuple[str, int], int] = {}
+        items = {(kind, k): laid_out(p)[0] for p, (kind, k, _) in zip(points, aligned) if p.state is not None}
         for p, (kind, k, d) in zip(points, aligned):
             self.bank.check_point(p.key if not source else f"{p.key}@{source}", k, d)
             if self.learned is None or kind not in _LEARNABLE:
@@ -391,7 +397,7 @@ class FeedbackEngine(ForwardHooks):
         scale, distinct = self.config.scale, self.config.distinct
         projections = {}
         for (kind, k), width in sorted(widest.items(), key=lambda item: -item[1]):  # widest first (see Sketch)
-            projected = project_rows(projector, error_rows(error, kind, k), width)
+            projected = project_rows(projector, error_rows(error, kind, k, items.get((kind, k), 0)), width)
             # scaled once here when every point of this error width takes the whole projection
             shared = not distinct and all(d == width for (kd, kk, d) in aligned if (kd, kk) == (kind, k))
             projections[(kind, k)] = (projected * (scale / math.sqrt(width)) if shared else projected, shared)
@@ -441,6 +447,7 @@ class FeedbackEngine(ForwardHooks):
         """
         report, self.report = self.report, BackwardReport()
         self._group = None
+        self._states.clear()
         if self._block_outputs:
             self._block_outputs.clear()
         if self.learned is not None:

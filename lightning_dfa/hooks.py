@@ -29,10 +29,12 @@ from .delivery import (
     _Group,
     _Hook,
     _in_backward,
+    _next_functions,
     _parameters_reached,
     _Point,
     _Reattach,
     _SoftCut,
+    _walk,
 )
 from .discovery import discover, single_trainable_layer
 from .layout import Layouts, PointMeta, sequence_shaped
@@ -105,6 +107,10 @@ class ForwardHooks:
             if block.output_point and block.name != uncut:  # cut_head_input: the point moves to the head's input
                 self._handles.append(
                     block.exit.register_forward_hook(_Hook(lambda m, a, o, b=block: self._on_block_output(b, o)))
+                )
+            if isinstance(block.exit, nn.RNNBase) and self.mode == "dfa":
+                self._handles.append(
+                    block.exit.register_forward_hook(_Hook(lambda m, a, o, b=block: self._on_recurrent_output(b, o)))
                 )
         if not same:
             self._readers_checked = False
@@ -325,7 +331,70 @@ class ForwardHooks:
     def _on_block_input(self, block: Block, args: tuple, kwargs: dict) -> Any:
         self._count_call()
         tensor, rebuild = _split_input(args, kwargs)
-        return self._at_point(block.name + ":in", tensor, rebuild, block)
+        value = self._at_point(block.name + ":in", tensor, rebuild, block)
+        if self.mode != "dfa" or self._capture is not None or not self._active() or _frozen(block):
+            return value
+        side = self._cut_side_inputs(block, *(value if value is not None else (args, kwargs)), main=tensor)
+        return side if side is not None else value
+
+    def _cut_side_inputs(self, block: Block, args: tuple, kwargs: dict, main: torch.Tensor | None) -> Any:
+        """The call's other inputs cut where they would carry the backward into another block, or ``None`` (none
+        would): a tensor this forward recorded already as a point (a skip into a second input, ``nn.Bilinear(h2,
+        h1)``) gets that point's cut; a recurrent block's final state (an encoder LSTM's ``(h, c)`` that starts a
+        decoder) becomes a point of its own (:meth:`_state_point`)."""
+        changed = False
+
+        def visit(value: Any, depth: int = 0) -> Any:
+            nonlocal changed
+            if isinstance(value, torch.Tensor):
+                if value is main or not _carries_grad(value) or (self._group and id(value) in self._group.cuts):
+                    return value
+                cut = self._side_cut(block, value)
+                changed = changed or cut is not value
+                return cut
+            if depth < 2 and type(value) in (tuple, list):  # an LSTM's (h, c)
+                return type(value)(visit(v, depth + 1) for v in value)
+            return value
+
+        args, kwargs = tuple(visit(a) for a in args), {k: visit(v) for k, v in kwargs.items()}
+        return (args, kwargs) if changed else None
+
+    def _side_cut(self, block: Block, tensor: torch.Tensor) -> torch.Tensor:
+        g = self._group
+        if g is not None and not g.state.closed:
+            again = self._recorded_cut(g, tensor)
+            if again is not None:
+                return again
+        producer = self._states.get(tensor.grad_fn)
+        if producer is not None and producer[1] == tensor.shape and producer[0] != block.name:
+            return self._state_point(producer[0], tensor, producer[2])
+        if producer is None and isinstance(block.exit, nn.RNNBase) and tensor.dim() == 3 and self._states:
+            # a recurrent block's initial state computed from another's final state (a bidirectional encoder's
+            # directions summed or concatenated): in the reader's own [layers, batch, d] layout
+            for node in _walk(tensor, _next_functions, limit=64):
+                found = self._states.get(node)
+                if found is not None and found[0] != block.name:
+                    return self._state_point(found[0], tensor, bool(getattr(block.exit, "batch_first", False)))
+        return tensor  # (the same recurrent block called again keeps its state: backprop through time)
+
+    def _state_point(self, name: str, state: torch.Tensor, batch_first: bool) -> torch.Tensor:
+        """Recurrent block ``name``'s final state (``[layers, batch, d]``), read by another block: recorded as the
+        point ``"<name>:state"`` (``#1`` for an LSTM's cell state), batch first, and handed on cut. Its feedback is
+        the mean of each item's error over its positions (:func:`lightning_dfa.layout.state_fit`)."""
+        key = f"{name}:state"
+        self._state_keys[key] = "first" if batch_first else "second"
+        return self._record(key, state.transpose(0, 1)).transpose(0, 1)
+
+    def _on_recurrent_output(self, block: Block, output: Any) -> None:
+        """Note the graph nodes of a recurrent block's final state in a training forward (``nn.LSTM``'s ``(h, c)``,
+        ``nn.GRU``'s ``h``), so that a block that reads them cuts them (:meth:`_side_cut`)."""
+        if not self._active() or self._capture is not None or not isinstance(output, tuple) or len(output) != 2:
+            return None
+        state, batch_first = output[1], bool(getattr(block.exit, "batch_first", False))
+        for tensor in state if isinstance(state, tuple) else (state,):
+            if isinstance(tensor, torch.Tensor) and _carries_grad(tensor) and tensor.grad_fn is not None:
+                self._states[tensor.grad_fn] = (block.name, tensor.shape, batch_first)
+        return None
 
     def _on_block_output(self, block: Block, output: Any) -> Any:
         self._count_call()
@@ -453,7 +522,10 @@ class ForwardHooks:
         """What the backward needs of a point: its shape and dtype, the norm that shapes its feedback, and whether
         it lies in an encoder-decoder's encoder (its positions are not the output's)."""
         encoder = key.split("#")[0].split(":")[0] in self._encoder_names
-        return PointMeta(key, tensor.shape, tensor.dtype, flatten, self._norm_of(key, flatten), encoder=encoder)
+        state = self._state_keys.get(key.split("#")[0])
+        return PointMeta(
+            key, tensor.shape, tensor.dtype, flatten, self._norm_of(key, flatten), encoder=encoder, state=state
+        )
 
     def _norm_of(self, key: str, flatten: bool) -> NormSpec | None:
         """The Jacobian that shapes point ``key``'s feedback, or ``None``."""

@@ -39,6 +39,11 @@ class PointMeta:
     #: the point lies in an encoder-decoder's encoder: its positions are not the error's (the decoder's), even where
     #: the lengths agree, so it is fed the error's mean over positions (:func:`lightning_dfa.roles.encoder_modules`)
     encoder: bool = False
+    #: the point is a recurrent layer's final state handed to another block (an encoder LSTM's ``(h, c)`` that starts
+    #: its decoder), recorded batch first (``[batch, layers, d]``): ONE row per item, fed the error's mean over that
+    #: item's positions. ``"first"`` or ``"second"``: the error dimension of the items where both could be (the
+    #: recurrent layer's ``batch_first``)
+    state: str | None = None
 
 
 class Layouts:
@@ -58,6 +63,8 @@ class Layouts:
         """``(kind, k, d)``: how the point lines up with the error (see :func:`fit`), the error's and the point's
         widths. Raises with the point and output named when they cannot line up."""
         shape = laid_out(point)
+        if point.state is not None:
+            return state_fit(error, shape, point, output)
         kind = fit(error, shape, point.flatten)
         if kind is None and len(error) == 2 and len(shape) == 2 and error[0] < shape[0] and not point.flatten:
             raise RuntimeError(
@@ -92,7 +99,7 @@ class Layouts:
         probe has seen a point, it gets no feedback from such an output rather than a possibly transposed one."""
         source = delivery.source.split("#")[0] if delivery is not None else ""  # every call of a module alike
         out: list[PointMeta | None] = list(points)
-        check = [i for i, p in enumerate(points) if p.layout == "same" and swappable(error, p)]
+        check = [i for i, p in enumerate(points) if p.layout == "same" and p.state is None and swappable(error, p)]
         todo = [i for i in check if (points[i].key.split("#")[0], source) not in self.relations]
         if todo and delivery is not None and delivery.probe is not None:
             self.probe(error, delivery, todo)
@@ -157,6 +164,32 @@ class Layouts:
                         "outputs keep the batch items apart, or another output=."
                     )
                 self.relations[(p.key.split("#")[0], delivery.source.split("#")[0])] = relation
+
+
+#: the alignments of a recurrent state point other than ``"broadcast"``: the mean of each item's error rows
+STATE_KINDS = ("mean", "mean_first", "mean_rows", "mean_rows_first")
+
+
+def state_fit(error: torch.Size, shape: torch.Size, point: PointMeta, output: str) -> tuple[str, int, int]:
+    """How a recurrent state point (``[batch, layers, d]``, :attr:`PointMeta.state`) lines up with the error: per
+    item (``"broadcast"``) for one error row per item, else the mean over the item's positions, the error's items
+    along its first dimension (``"mean"``) or its second (``"mean_first"``, a sequence-first error)."""
+    items = shape[0]
+    if len(error) == 2 and error[0] == items:
+        return "broadcast", error[-1], shape[-1]
+    if len(error) == 2 and error[0] % items == 0:  # the items' positions flattened to rows, in the layer's order
+        return ("mean_rows" if point.state == "first" else "mean_rows_first"), error[-1], shape[-1]
+    if len(error) == 3:
+        along = [i for i in (0, 1) if error[i] == items]
+        if len(along) == 2:
+            along = [0 if point.state == "first" else 1]
+        if along:
+            return ("mean" if along[0] == 0 else "mean_first"), error[-1], shape[-1]
+    raise RuntimeError(
+        f"DFA: cannot line up the error of shape {list(error)} (gradient at the output module {output!r}) with the "
+        f"recurrent state {point.key!r} ({items} items): no dimension of the error has one entry per item. Choose "
+        "an output= whose output has the batch dimension, or blocks= that do not hand the state from block to block."
+    )
 
 
 def swapped(shape: torch.Size) -> torch.Size:
@@ -242,14 +275,22 @@ def layout_from_dependence(grad: torch.Tensor | None, shape: torch.Size, kind: s
     return None
 
 
-def error_rows(error: torch.Tensor, kind: str, k: int) -> torch.Tensor:
-    """The error as the rows a point of alignment ``kind`` is fed from (``[..., k]``)."""
+def error_rows(error: torch.Tensor, kind: str, k: int, items: int = 0) -> torch.Tensor:
+    """The error as the rows a point of alignment ``kind`` is fed from (``[..., k]``); ``items``: the batch size of
+    a recurrent state point's alignments (``"mean_rows"``: rows flattened item by item, ``"mean_rows_first"``:
+    position by position)."""
+    if kind == "mean_rows":
+        return error.reshape(items, -1, k).mean(dim=1)
+    if kind == "mean_rows_first":
+        return error.reshape(-1, items, k).mean(dim=0)
     if kind == "token":
         return error
     if kind == "broadcast":
         return error.reshape(-1, k)
     if kind == "mean":
         return error.mean(dim=1)
+    if kind == "mean_first":
+        return error.mean(dim=0)
     return error.reshape(error.shape[0], -1)
 
 
@@ -261,7 +302,7 @@ def laid_on(fb: torch.Tensor, point: PointMeta, kind: str, error: torch.Size) ->
         j = prefix(error, shape)
         assert j is not None
         fb = fb.reshape(*shape[:j], *([1] * (len(shape) - 1 - j)), d).expand(shape)
-    elif kind == "mean":
+    elif kind in STATE_KINDS:
         fb = fb.unsqueeze(1).expand(shape)
     elif fb.shape != shape:  # "flatten", or "token" with the positions flattened on one side
         fb = fb.reshape(shape)

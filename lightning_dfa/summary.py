@@ -70,8 +70,11 @@ def format_summary(engine: Any, shapes: Mapping[str, Sequence[int]] | None = Non
     assert engine.target is not None
     cfg = engine.config
     seen = {key.split("#")[0]: meta for key, meta in engine.bank.widths.items()}
-    if shapes is None:
-        shapes = {m.key.split("#")[0]: list(m.shape) for m in engine.last_points}
+    if shapes is None:  # (a recurrent state is recorded batch first: shown in its own [layers, batch, d] order)
+        shapes = {
+            m.key.split("#")[0]: [m.shape[1], m.shape[0], *m.shape[2:]] if m.state else list(m.shape)
+            for m in engine.last_points
+        }
     shapes = {k.split("#")[0]: list(v) for k, v in shapes.items()}
     known = bool(seen or shapes)
     rows = []
@@ -84,12 +87,14 @@ def format_summary(engine: Any, shapes: Mapping[str, Sequence[int]] | None = Non
         if not block.output_point:
             if not first or input_is_point:
                 rows.append((name_in, f"input of {type(block.entry).__name__}", seen.get(name_in)))
-            first = False
-            continue
-        if block.top_level and first and input_is_point:
-            rows.append((name_in, "block input", seen.get(name_in)))
+        else:
+            if block.top_level and first and input_is_point:
+                rows.append((name_in, "block input", seen.get(name_in)))
+            rows.append((block.name, type(block.exit).__name__, seen.get(block.name)))
         first = False
-        rows.append((block.name, type(block.exit).__name__, seen.get(block.name)))
+        state = f"{block.name}:state"  # a recurrent block's final state, read by another block
+        if state in seen or state in shapes:
+            rows.append((state, f"final state of {type(block.exit).__name__}", seen.get(state)))
     if engine.head_input_is_point:
         head_in = f"{engine.target.output_name}:in"
         rows.append((head_in, f"input of {type(engine.target.output).__name__} (output)", seen.get(head_in)))

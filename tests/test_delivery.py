@@ -555,17 +555,48 @@ def test_a_fit_with_a_middle_head_resumed_from_a_checkpoint_equals_the_uninterru
 
 
 class RecurrentSeq2Seq(nn.Module):
-    """An LSTM encoder whose final state starts an LSTM decoder (a classic sequence-to-sequence model)."""
+    """An encoder RNN whose final state starts a decoder RNN (a classic sequence-to-sequence model). ``bridge``:
+    a bidirectional encoder whose two directions are summed into the decoder's state; ``flat``: the head reads the
+    decoder's outputs flattened to rows."""
 
-    def __init__(self, vocab: int = 12, width: int = 16) -> None:
+    def __init__(
+        self, cell: str = "LSTM", layers: int = 1, batch_first: bool = True, bridge: bool = False, flat: bool = False
+    ) -> None:
         super().__init__()
+        vocab, width, rnn = 12, 16, getattr(nn, cell)
+        self.batch_first, self.bridge, self.flat = batch_first, bridge, flat
         self.src, self.tgt = nn.Embedding(vocab, width), nn.Embedding(vocab, width)
-        self.encoder, self.decoder = nn.LSTM(width, width, batch_first=True), nn.LSTM(width, width, batch_first=True)
+        self.encoder = rnn(width, width, layers, batch_first=batch_first, bidirectional=bridge)
+        self.decoder = rnn(width, width, layers, batch_first=batch_first)
         self.out = nn.Linear(width, vocab)
 
-    def forward(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    def encode(self, src: torch.Tensor) -> Any:
+        """The encoder's final state, as the decoder starts from it."""
+        src = src if self.batch_first else src.t()
         _, state = self.encoder(self.src(src))
-        return self.out(self.decoder(self.tgt(tgt), state)[0])
+        if self.bridge:  # [layers * 2, batch, d] -> [layers, batch, d]
+            both = state if isinstance(state, tuple) else (state,)
+            both = tuple(s.view(-1, 2, *s.shape[1:]).sum(1) for s in both)
+            state = both if isinstance(state, tuple) else both[0]
+        return state
+
+    def decode(self, tgt: torch.Tensor, state: Any) -> torch.Tensor:
+        tgt = tgt if self.batch_first else tgt.t()
+        hidden = self.decoder(self.tgt(tgt), state)[0]
+        return self.out(hidden.reshape(-1, hidden.shape[-1])) if self.flat else self.out(hidden)
+
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor, detach: bool = False) -> torch.Tensor:
+        state = self.encode(src)
+        if detach:
+            state = tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
+        return self.decode(tgt, state)
+
+
+def _seq2seq_loss(net: RecurrentSeq2Seq, logits: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    if not net.flat and not net.batch_first:
+        logits = logits.transpose(0, 1)
+    target = tgt if net.batch_first or not net.flat else tgt.t()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.flatten())
 
 
 class BilinearSkip(nn.Module):
@@ -585,10 +616,36 @@ class BilinearSkip(nn.Module):
         return self.out(torch.tanh(self.merge(torch.tanh(self.b(h1)), h1)))
 
 
+class GlobalTokens(nn.Module):
+    """Layers that pass a second, global state beside the hidden one, read by the next layer as a keyword
+    (PegasusX's global tokens)."""
+
+    class Layer(nn.Module):
+        def __init__(self, width: int) -> None:
+            super().__init__()
+            self.local, self.glob = nn.Linear(width, width), nn.Linear(width, width)
+
+        def forward(self, h: torch.Tensor, g: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            g = torch.tanh(self.glob(h) if g is None else self.glob(h) + g)
+            return torch.tanh(self.local(h) + g), g
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.out = nn.Linear(6, 16), nn.Linear(16, 3)
+        self.layers = nn.ModuleList([self.Layer(16), self.Layer(16)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, g = torch.tanh(self.inp(x)), None
+        for layer in self.layers:
+            h, g = layer(h, g=g)
+        return self.out(h)
+
+
 def test_gradient_that_crosses_from_block_to_block_through_an_uncut_input_is_found() -> None:
-    """The decoder's backward reaches the encoder through the state it starts from, the merge's through the skip
-    into its second input: those blocks learn by backprop through the reader. Points at the blocks' outputs
-    (``blocks=``) cut the skip; a plain chain crosses nothing."""
+    """A layer's global state read by the next layer beside its hidden state carries that layer's backward into the
+    one before: found. What DFA cuts crosses nothing: a skip into a second input of a layer-input net (the skip is
+    a point already, and the reader gets its cut), a recurrent encoder's state handed to its decoder (a point of its
+    own), a plain chain, heads on middle layers."""
     torch.manual_seed(0)
 
     def crossed(net: nn.Module, loss: Callable[[nn.Module], torch.Tensor], **options: Any) -> list[tuple[str, str]]:
@@ -601,18 +658,94 @@ def test_gradient_that_crosses_from_block_to_block_through_an_uncut_input_is_fou
         engine.detach()
         return engine.blocks_crossed
 
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    assert crossed(GlobalTokens(), lambda n: F.cross_entropy(n(x), y)) == [("layers.1", "layers.0")]
+    skip = BilinearSkip()
+    assert crossed(skip, lambda n: F.cross_entropy(n(x), y)) == []
+    assert crossed(skip, lambda n: F.cross_entropy(n(x), y), blocks=["a", "b", "merge"], output="out") == []
     src, tgt = torch.randint(0, 12, (4, 7)), torch.randint(0, 12, (4, 5))
     seq2seq = RecurrentSeq2Seq()
-    assert crossed(seq2seq, lambda n: F.cross_entropy(n(src, tgt).flatten(0, 1), tgt.flatten())) == [
-        ("decoder", "encoder")
-    ]
-    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
-    skip = BilinearSkip()
-    assert crossed(skip, lambda n: F.cross_entropy(n(x), y)) == [("merge", "a")]
-    assert crossed(skip, lambda n: F.cross_entropy(n(x), y), blocks=["a", "b", "merge"], output="out") == []
+    assert crossed(seq2seq, lambda n: F.cross_entropy(n(src, tgt).flatten(0, 1), tgt.flatten())) == []
     chain = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
     assert crossed(chain, lambda n: F.cross_entropy(n(x), y)) == []
     assert crossed(DeepSupervision(), lambda n: F.cross_entropy(n(x)[0], y) + F.cross_entropy(n(x)[1], y)) == []
+
+
+def test_a_skip_into_a_second_input_gets_the_cut_of_its_point() -> None:
+    """``merge(b(h1), h1)`` in a layer-input net: ``h1`` is ``b``'s input point, so ``merge`` reads its cut. The
+    first layer then learns from its feedback alone: as with the skip detached by hand."""
+
+    class Detached(BilinearSkip):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h1 = torch.tanh(self.a(x))
+            return self.out(torch.tanh(self.merge(torch.tanh(self.b(h1)), h1.detach())))
+
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    torch.manual_seed(0)
+    net = BilinearSkip()
+    by_hand = Detached()
+    by_hand.load_state_dict(net.state_dict())
+    got = _grads(net, lambda n: F.cross_entropy(n(x), y))
+    want = _grads(by_hand, lambda n: F.cross_entropy(n(x), y))
+    for name, grad in want.items():
+        torch.testing.assert_close(got[name], grad, msg=name)
+    with torch.no_grad():
+        plain = BilinearSkip()
+        plain.load_state_dict(net.state_dict())
+    plain.zero_grad()
+    F.cross_entropy(plain(x), y).backward()
+    assert not torch.allclose(got["a.weight"], plain.a.weight.grad)  # not backprop
+
+
+@pytest.mark.parametrize(
+    "cell, layers, batch_first, bridge, flat",
+    [
+        ("LSTM", 1, True, False, False),
+        ("GRU", 2, False, False, False),  # a sequence-first error, two layers of state
+        ("LSTM", 2, True, True, False),  # a bidirectional encoder's directions summed: the decoder's state
+        ("GRU", 1, True, False, True),  # the head reads the outputs flattened to rows
+        ("LSTM", 1, False, False, True),
+    ],
+)
+def test_a_recurrent_state_handed_to_another_block_is_a_feedback_point(
+    cell: str, layers: int, batch_first: bool, bridge: bool, flat: bool
+) -> None:
+    """The encoder's final state that starts the decoder is the point ``encoder:state`` (and ``#1``, an LSTM's cell
+    state): no backward crosses into the encoder, which learns from the feedback ``B mean_t(e)`` of each item's
+    error averaged over its positions, at every layer of the state; the decoder learns as with the state detached."""
+    torch.manual_seed(0)
+    batch, steps = 4, 5
+    net = RecurrentSeq2Seq(cell, layers, batch_first, bridge, flat)
+    src, tgt = torch.randint(0, 12, (batch, 7)), torch.randint(0, 12, (batch, steps))
+    engine = FeedbackEngine(seed=3)
+    engine.attach(net)
+    loss = _seq2seq_loss(net, net(src, tgt), tgt)
+    engine.loss_readers(loss)
+    loss.backward()
+    engine.end_backward()
+    engine.detach()
+    assert engine.blocks_crossed == []
+    states = [p for p in engine.last_points if p.state is not None]
+    assert [p.key for p in states] == ["encoder:state", "encoder:state#1"][: 2 if cell == "LSTM" else 1]
+    got = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+    # the decoder and head learn as with the state detached by hand
+    by_hand = _grads(net, lambda n: _seq2seq_loss(n, n(src, tgt, detach=True), tgt), seed=3)
+    for name, grad in by_hand.items():
+        if name.startswith(("decoder.", "out.")):
+            torch.testing.assert_close(got[name], grad, msg=name)
+    # the encoder: the error at the output, averaged per item over its positions, projected by the bank's matrix
+    state = net.encode(src)
+    logits = net(src, tgt, detach=True)
+    error = torch.autograd.grad(_seq2seq_loss(net, logits, tgt), logits)[0]
+    if flat:
+        error = error.view(batch, steps, -1) if batch_first else error.view(steps, batch, -1)
+    rows = error.mean(dim=1 if batch_first else 0)  # [batch, vocabulary]
+    width = 16
+    feedback = rows @ engine.bank.matrix(12, width, torch.device("cpu"), torch.float32).t() / width**0.5
+    parts = state if isinstance(state, tuple) else (state,)
+    want = torch.autograd.grad(parts, list(net.encoder.parameters()), [feedback.expand_as(s) for s in parts])
+    for (name, _), grad in zip(net.encoder.named_parameters(), want):
+        torch.testing.assert_close(got[f"encoder.{name}"], grad, msg=name)
 
 
 def test_the_strategy_warns_once_when_gradient_crosses_between_blocks() -> None:
@@ -623,7 +756,7 @@ def test_the_strategy_warns_once_when_gradient_crosses_between_blocks() -> None:
     class Module(pl.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.net = BilinearSkip()
+            self.net = GlobalTokens()
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             return F.cross_entropy(self.net(batch[0]), batch[1])
@@ -636,7 +769,7 @@ def test_the_strategy_warns_once_when_gradient_crosses_between_blocks() -> None:
         warnings.simplefilter("always")
         pl.Trainer(strategy=DFAStrategy(verbose=False), **flags).fit(Module(), data)
     said = [str(w.message) for w in seen if "crosses from block to block" in str(w.message)]
-    assert len(said) == 1 and "'net.merge' into 'net.a'" in said[0] and "blocks=" in said[0]
+    assert len(said) == 1 and "'net.layers.1' into 'net.layers.0'" in said[0] and "blocks=" in said[0]
 
 
 def test_self_attention_reading_one_tensor_three_times_is_cut_at_all_three() -> None:
