@@ -748,6 +748,51 @@ def test_a_recurrent_state_handed_to_another_block_is_a_feedback_point(
         torch.testing.assert_close(got[f"encoder.{name}"], grad, msg=name)
 
 
+def test_a_seq2seq_fit_with_the_state_as_point_warns_nothing_and_resumes_bit_identically(tmp_path: Any) -> None:
+    """Under the strategy a recurrent encoder-decoder crosses nothing (no warning), the summary lists the state
+    point, and a fit resumed through ``ckpt_path`` (under another global seed) equals the uninterrupted one."""
+    import pytorch_lightning as pl
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = RecurrentSeq2Seq()
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            src, tgt = batch
+            return F.cross_entropy(self.net(src, tgt).flatten(0, 1), tgt.flatten())
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.Adam(self.parameters(), lr=0.01)
+
+    g = torch.Generator().manual_seed(0)
+    pairs = torch.utils.data.TensorDataset(
+        torch.randint(0, 12, (16, 7), generator=g), torch.randint(0, 12, (16, 5), generator=g)
+    )
+    data = torch.utils.data.DataLoader(pairs, batch_size=4)
+
+    def fit(epochs: int, seed: int = 0, ckpt: str | None = None) -> tuple[Module, pl.Trainer]:
+        torch.manual_seed(seed)
+        module = Module()
+        trainer = pl.Trainer(strategy="dfa", max_epochs=epochs, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
+                             default_root_dir=tmp_path)  # fmt: skip
+        trainer.fit(module, data, ckpt_path=ckpt)
+        if ckpt is None:
+            trainer.save_checkpoint(tmp_path / f"e{epochs}.ckpt")
+        return module, trainer
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        full, trainer = fit(3)
+    assert not [w for w in seen if "crosses from block to block" in str(w.message)]
+    assert "net.encoder:state" in trainer.strategy.dfa_engine.summary()
+    fit(1)
+    resumed, _ = fit(3, seed=1234, ckpt=str(tmp_path / "e1.ckpt"))
+    for a, b in zip(full.parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_the_strategy_warns_once_when_gradient_crosses_between_blocks() -> None:
     import pytorch_lightning as pl
 
