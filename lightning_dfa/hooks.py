@@ -368,22 +368,27 @@ class ForwardHooks:
         producer = self._states.get(tensor.grad_fn)
         if producer is not None and producer[1] == tensor.shape and producer[0] != block.name:
             return self._state_point(producer[0], tensor, producer[2])
-        if producer is None and isinstance(block.exit, nn.RNNBase) and tensor.dim() == 3 and self._states:
+        reader = block.exit
+        cell = isinstance(reader, nn.RNNCellBase) and tensor.dim() == 2  # an LSTMCell's hx: [batch, d]
+        if producer is None and self._states and (cell or (isinstance(reader, nn.RNNBase) and tensor.dim() == 3)):
             # a recurrent block's initial state computed from another's final state (a bidirectional encoder's
-            # directions summed or concatenated): in the reader's own [layers, batch, d] layout
+            # directions summed, the top layer's state for a decoder cell): in the reader's own layout
             for node in _walk(tensor, _next_functions, limit=64):
                 found = self._states.get(node)
                 if found is not None and found[0] != block.name:
-                    return self._state_point(found[0], tensor, bool(getattr(block.exit, "batch_first", False)))
+                    batch_first = True if cell else bool(getattr(reader, "batch_first", False))
+                    return self._state_point(found[0], tensor.unsqueeze(0) if cell else tensor, batch_first, cell)
         return tensor  # (the same recurrent block called again keeps its state: backprop through time)
 
-    def _state_point(self, name: str, state: torch.Tensor, batch_first: bool) -> torch.Tensor:
+    def _state_point(self, name: str, state: torch.Tensor, batch_first: bool, cell: bool = False) -> torch.Tensor:
         """Recurrent block ``name``'s final state (``[layers, batch, d]``), read by another block: recorded as the
-        point ``"<name>:state"`` (``#1`` for an LSTM's cell state), batch first, and handed on cut. Its feedback is
-        the mean of each item's error over its positions (:func:`lightning_dfa.layout.state_fit`)."""
+        point ``"<name>:state"`` (``#1`` for an LSTM's cell state), batch first, and handed on cut (``cell``: as
+        ``[batch, d]``, for a recurrent cell). Its feedback is the mean of each item's error over its positions
+        (:func:`lightning_dfa.layout.state_fit`)."""
         key = f"{name}:state"
         self._state_keys[key] = "first" if batch_first else "second"
-        return self._record(key, state.transpose(0, 1)).transpose(0, 1)
+        cut = self._record(key, state.transpose(0, 1)).transpose(0, 1)
+        return cut.squeeze(0) if cell else cut
 
     def _on_recurrent_output(self, block: Block, output: Any) -> None:
         """Note the graph nodes of a recurrent block's final state in a training forward (``nn.LSTM``'s ``(h, c)``,

@@ -431,11 +431,20 @@ def _structure_target(root: nn.Module) -> Target | None:
 
 
 # --------------------------------------------------------------------------- layers as attributes
-_POINT_LAYER_TYPES = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd, nn.RNNBase, nn.MultiheadAttention, nn.Embedding)
+_POINT_LAYER_TYPES = (
+    nn.Linear,
+    nn.Bilinear,
+    nn.modules.conv._ConvNd,
+    nn.RNNBase,
+    nn.RNNCellBase,
+    nn.MultiheadAttention,
+    nn.Embedding,
+)
 
 
 def _layer_inputs_target(root: nn.Module) -> Target | None:
-    """Rule 6: the parametric layers (Linear, Conv, RNN, attention, Embedding; not norms) in registration order.
+    """Rule 6: the parametric layers (Linear, Conv, RNN and RNN cell, attention, Embedding; not norms) in
+    registration order.
 
     Each layer's input is a feedback point (recorded only when it carries gradient, so never the data or token
     ids), and the last layer is the output, its input a point too. A layer's feedback thus arrives after the

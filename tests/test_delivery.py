@@ -557,32 +557,48 @@ def test_a_fit_with_a_middle_head_resumed_from_a_checkpoint_equals_the_uninterru
 class RecurrentSeq2Seq(nn.Module):
     """An encoder RNN whose final state starts a decoder RNN (a classic sequence-to-sequence model). ``bridge``:
     a bidirectional encoder whose two directions are summed into the decoder's state; ``flat``: the head reads the
-    decoder's outputs flattened to rows."""
+    decoder's outputs flattened to rows; ``stepped``: the decoder is a recurrent cell (``nn.LSTMCell``) stepped in
+    a loop from the encoder's top-layer state."""
 
     def __init__(
-        self, cell: str = "LSTM", layers: int = 1, batch_first: bool = True, bridge: bool = False, flat: bool = False
+        self,
+        cell: str = "LSTM",
+        layers: int = 1,
+        batch_first: bool = True,
+        bridge: bool = False,
+        flat: bool = False,
+        stepped: bool = False,
     ) -> None:
         super().__init__()
         vocab, width, rnn = 12, 16, getattr(nn, cell)
-        self.batch_first, self.bridge, self.flat = batch_first, bridge, flat
+        self.batch_first, self.bridge, self.flat, self.stepped = batch_first, bridge, flat, stepped
         self.src, self.tgt = nn.Embedding(vocab, width), nn.Embedding(vocab, width)
         self.encoder = rnn(width, width, layers, batch_first=batch_first, bidirectional=bridge)
-        self.decoder = rnn(width, width, layers, batch_first=batch_first)
+        self.decoder = (
+            getattr(nn, f"{cell}Cell")(width, width) if stepped else rnn(width, width, layers, batch_first=batch_first)
+        )
         self.out = nn.Linear(width, vocab)
 
     def encode(self, src: torch.Tensor) -> Any:
         """The encoder's final state, as the decoder starts from it."""
         src = src if self.batch_first else src.t()
         _, state = self.encoder(self.src(src))
-        if self.bridge:  # [layers * 2, batch, d] -> [layers, batch, d]
+        if self.bridge or self.stepped:  # [layers * 2, batch, d] -> [layers, batch, d]; the top layer, [batch, d]
             both = state if isinstance(state, tuple) else (state,)
-            both = tuple(s.view(-1, 2, *s.shape[1:]).sum(1) for s in both)
+            both = tuple(s[-1] if self.stepped else s.view(-1, 2, *s.shape[1:]).sum(1) for s in both)
             state = both if isinstance(state, tuple) else both[0]
         return state
 
     def decode(self, tgt: torch.Tensor, state: Any) -> torch.Tensor:
         tgt = tgt if self.batch_first else tgt.t()
-        hidden = self.decoder(self.tgt(tgt), state)[0]
+        if self.stepped:  # batch first
+            steps = []
+            for x in self.tgt(tgt).unbind(1):
+                state = self.decoder(x, state)
+                steps.append(state[0] if isinstance(state, tuple) else state)
+            hidden = torch.stack(steps, 1)
+        else:
+            hidden = self.decoder(self.tgt(tgt), state)[0]
         return self.out(hidden.reshape(-1, hidden.shape[-1])) if self.flat else self.out(hidden)
 
     def forward(self, src: torch.Tensor, tgt: torch.Tensor, detach: bool = False) -> torch.Tensor:
@@ -705,17 +721,20 @@ def test_a_skip_into_a_second_input_gets_the_cut_of_its_point() -> None:
         ("LSTM", 2, True, True, False),  # a bidirectional encoder's directions summed: the decoder's state
         ("GRU", 1, True, False, True),  # the head reads the outputs flattened to rows
         ("LSTM", 1, False, False, True),
+        ("LSTM", 2, True, False, "stepped"),  # a decoder cell stepped from the encoder's top-layer state
+        ("GRU", 1, True, False, "stepped"),
     ],
 )
 def test_a_recurrent_state_handed_to_another_block_is_a_feedback_point(
-    cell: str, layers: int, batch_first: bool, bridge: bool, flat: bool
+    cell: str, layers: int, batch_first: bool, bridge: bool, flat: bool | str
 ) -> None:
     """The encoder's final state that starts the decoder is the point ``encoder:state`` (and ``#1``, an LSTM's cell
     state): no backward crosses into the encoder, which learns from the feedback ``B mean_t(e)`` of each item's
     error averaged over its positions, at every layer of the state; the decoder learns as with the state detached."""
     torch.manual_seed(0)
     batch, steps = 4, 5
-    net = RecurrentSeq2Seq(cell, layers, batch_first, bridge, flat)
+    stepped, flat = flat == "stepped", flat is True
+    net = RecurrentSeq2Seq(cell, layers, batch_first, bridge, flat, stepped)
     src, tgt = torch.randint(0, 12, (batch, 7)), torch.randint(0, 12, (batch, steps))
     engine = FeedbackEngine(seed=3)
     engine.attach(net)
@@ -746,6 +765,30 @@ def test_a_recurrent_state_handed_to_another_block_is_a_feedback_point(
     want = torch.autograd.grad(parts, list(net.encoder.parameters()), [feedback.expand_as(s) for s in parts])
     for (name, _), grad in zip(net.encoder.named_parameters(), want):
         torch.testing.assert_close(got[f"encoder.{name}"], grad, msg=name)
+
+
+@pytest.mark.parametrize("cell, layers, batch_first", [("LSTM", 2, True), ("GRU", 2, False)])
+def test_a_decoder_under_activation_checkpointing_reads_the_state_point_alike(
+    cell: str, layers: int, batch_first: bool
+) -> None:
+    """The state point is recorded in the decoder's call; under non-reentrant activation checkpointing the
+    recomputed call saves what the forward saved, so the gradients equal those without checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(RecurrentSeq2Seq):
+        def decode(self, tgt: torch.Tensor, state: Any) -> torch.Tensor:
+            tgt = tgt if self.batch_first else tgt.t()
+            return self.out(checkpoint(self.decoder, self.tgt(tgt), state, use_reentrant=False)[0])
+
+    torch.manual_seed(0)
+    plain, checkpointed = RecurrentSeq2Seq(cell, layers, batch_first), Checkpointed(cell, layers, batch_first)
+    checkpointed.load_state_dict(plain.state_dict())
+    src, tgt = torch.randint(0, 12, (4, 7)), torch.randint(0, 12, (4, 5))
+    want = _grads(plain, lambda n: _seq2seq_loss(n, n(src, tgt), tgt))
+    got = _grads(checkpointed, lambda n: _seq2seq_loss(n, n(src, tgt), tgt))
+    for name, grad in want.items():
+        torch.testing.assert_close(got[name], grad, msg=name)
+    assert want["encoder.weight_hh_l0"].abs().sum() > 0
 
 
 def test_a_seq2seq_fit_with_the_state_as_point_warns_nothing_and_resumes_bit_identically(tmp_path: Any) -> None:
