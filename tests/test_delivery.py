@@ -534,24 +534,30 @@ def test_a_fit_with_a_middle_head_resumed_from_a_checkpoint_equals_the_uninterru
             return torch.optim.Adam(self.parameters(), lr=0.01)
 
     data = _batches_of_six_features()
-
-    def fit(epochs: int, seed: int = 0, ckpt: str | None = None) -> Module:
-        torch.manual_seed(seed)
-        module = Module()
-        trainer = pl.Trainer(strategy="dfa", max_epochs=epochs, logger=False, enable_checkpointing=False,
-                             enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
-                             default_root_dir=tmp_path)  # fmt: skip
-        trainer.fit(module, data, ckpt_path=ckpt)
-        if ckpt is None:
-            trainer.save_checkpoint(tmp_path / f"e{epochs}.ckpt")
-        return module
-
-    full = fit(3)
-    fit(1)
+    full, _ = _dfa_fit(Module, data, tmp_path, epochs=3)
+    _dfa_fit(Module, data, tmp_path, epochs=1)
     assert torch.load(tmp_path / "e1.ckpt", weights_only=False)["dfa"]["heads"] == ["net.aux"]
-    resumed = fit(3, seed=1234, ckpt=str(tmp_path / "e1.ckpt"))
+    resumed, _ = _dfa_fit(Module, data, tmp_path, epochs=3, seed=1234, ckpt=str(tmp_path / "e1.ckpt"))
     for a, b in zip(full.parameters(), resumed.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _dfa_fit(
+    make: Callable[[], Any], data: Any, tmp_path: Any, epochs: int, seed: int = 0, ckpt: str | None = None
+) -> tuple[Any, Any]:
+    """``(module, trainer)``: ``make()`` fitted with ``strategy="dfa"`` for ``epochs`` under the global seed
+    ``seed``, resumed from ``ckpt`` if given; a fresh fit saves ``e<epochs>.ckpt`` in ``tmp_path``."""
+    import pytorch_lightning as pl
+
+    torch.manual_seed(seed)
+    module = make()
+    trainer = pl.Trainer(strategy="dfa", max_epochs=epochs, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
+                         default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(module, data, ckpt_path=ckpt)
+    if ckpt is None:
+        trainer.save_checkpoint(tmp_path / f"e{epochs}.ckpt")
+    return module, trainer
 
 
 class RecurrentSeq2Seq(nn.Module):
@@ -813,25 +819,13 @@ def test_a_seq2seq_fit_with_the_state_as_point_warns_nothing_and_resumes_bit_ide
         torch.randint(0, 12, (16, 7), generator=g), torch.randint(0, 12, (16, 5), generator=g)
     )
     data = torch.utils.data.DataLoader(pairs, batch_size=4)
-
-    def fit(epochs: int, seed: int = 0, ckpt: str | None = None) -> tuple[Module, pl.Trainer]:
-        torch.manual_seed(seed)
-        module = Module()
-        trainer = pl.Trainer(strategy="dfa", max_epochs=epochs, logger=False, enable_checkpointing=False,
-                             enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
-                             default_root_dir=tmp_path)  # fmt: skip
-        trainer.fit(module, data, ckpt_path=ckpt)
-        if ckpt is None:
-            trainer.save_checkpoint(tmp_path / f"e{epochs}.ckpt")
-        return module, trainer
-
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        full, trainer = fit(3)
+        full, trainer = _dfa_fit(Module, data, tmp_path, epochs=3)
     assert not [w for w in seen if "crosses from block to block" in str(w.message)]
     assert "net.encoder:state" in trainer.strategy.dfa_engine.summary()
-    fit(1)
-    resumed, _ = fit(3, seed=1234, ckpt=str(tmp_path / "e1.ckpt"))
+    _dfa_fit(Module, data, tmp_path, epochs=1)
+    resumed, _ = _dfa_fit(Module, data, tmp_path, epochs=3, seed=1234, ckpt=str(tmp_path / "e1.ckpt"))
     for a, b in zip(full.parameters(), resumed.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
