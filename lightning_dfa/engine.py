@@ -130,9 +130,10 @@ class FeedbackEngine(ForwardHooks):
         self._point_norms: set[int] = set()  # norm_points: id() of the norms inside blocks that read a point
         self._token_embeddings: list[tuple[str, nn.Module, bool]] = []  # cut_token_embedding: (name, module, tied)
         self._encoder_names: set[str] = set()  # modules inside an encoder-decoder's encoder (fed the mean error)
-        #: graph node of a recurrent block's final state in this step's forward -> (block, state shape, batch_first)
-        self._states: dict[Any, tuple[str, torch.Size, bool]] = {}
-        #: points that are recurrent states handed from block to block -> where the error's items lie
+        #: graph node of a recurrent block's output sequence or final state in this step's forward -> what it gave
+        self._recurrent: dict[Any, list[Any]] = {}
+        #: points that are a recurrent block's outputs read by another block beside its main input -> where the
+        #: error's items lie ("first" or "second" dimension, where both could be)
         self._state_keys: dict[str, str] = {}
         #: cut_token_embedding="auto": why the token table is not cut (faint beside fixed positions), once decided
         self._faint: list[str] | None = None
@@ -329,7 +330,7 @@ class FeedbackEngine(ForwardHooks):
             handle.remove()
         self._handles = []
         self._group = None
-        self._states.clear()
+        self._recurrent.clear()
         for p in self._frozen:
             p.requires_grad_(True)
         self._frozen = []
@@ -447,7 +448,7 @@ class FeedbackEngine(ForwardHooks):
         """
         report, self.report = self.report, BackwardReport()
         self._group = None
-        self._states.clear()
+        self._recurrent.clear()
         if self._block_outputs:
             self._block_outputs.clear()
         if self.learned is not None:

@@ -11,7 +11,7 @@ import contextlib
 import warnings
 import weakref
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -365,40 +365,51 @@ class ForwardHooks:
             again = self._recorded_cut(g, tensor)
             if again is not None:
                 return again
-        producer = self._states.get(tensor.grad_fn)
-        if producer is not None and producer[1] == tensor.shape and producer[0] != block.name:
-            return self._state_point(producer[0], tensor, producer[2])
+        for produced in self._recurrent.get(tensor.grad_fn, ()):
+            if produced.shape == tensor.shape and produced.block != block.name:
+                return self._recurrent_point(produced, tensor)
         reader = block.exit
         cell = isinstance(reader, nn.RNNCellBase) and tensor.dim() == 2  # an LSTMCell's hx: [batch, d]
-        if producer is None and self._states and (cell or (isinstance(reader, nn.RNNBase) and tensor.dim() == 3)):
+        if self._recurrent and (cell or (isinstance(reader, nn.RNNBase) and tensor.dim() == 3)):
             # a recurrent block's initial state computed from another's final state (a bidirectional encoder's
             # directions summed, the top layer's state for a decoder cell): in the reader's own layout
             for node in _walk(tensor, _next_functions, limit=64):
-                found = self._states.get(node)
-                if found is not None and found[0] != block.name:
+                found = [p for p in self._recurrent.get(node, ()) if p.what == "state" and p.block != block.name]
+                if found:
                     batch_first = True if cell else bool(getattr(reader, "batch_first", False))
-                    return self._state_point(found[0], tensor.unsqueeze(0) if cell else tensor, batch_first, cell)
+                    state = _Produced(found[0].block, "state", tensor.shape, batch_first)
+                    cut = self._recurrent_point(state, tensor.unsqueeze(0) if cell else tensor)
+                    return cut.squeeze(0) if cell else cut
         return tensor  # (the same recurrent block called again keeps its state: backprop through time)
 
-    def _state_point(self, name: str, state: torch.Tensor, batch_first: bool, cell: bool = False) -> torch.Tensor:
-        """Recurrent block ``name``'s final state (``[layers, batch, d]``), read by another block: recorded as the
-        point ``"<name>:state"`` (``#1`` for an LSTM's cell state), batch first, and handed on cut (``cell``: as
-        ``[batch, d]``, for a recurrent cell). Its feedback is the mean of each item's error over its positions
-        (:func:`lightning_dfa.layout.state_fit`)."""
-        key = f"{name}:state"
-        self._state_keys[key] = "first" if batch_first else "second"
-        cut = self._record(key, state.transpose(0, 1)).transpose(0, 1)
-        return cut.squeeze(0) if cell else cut
+    def _recurrent_point(self, produced: _Produced, tensor: torch.Tensor) -> torch.Tensor:
+        """A recurrent block's final state (``[layers, batch, d]``) or output sequence, read by another block beside
+        its main input: recorded as the point ``"<block>:state"`` (``#1`` for an LSTM's cell state) or
+        ``"<block>:out"`` (an attention's keys and values), batch first, and handed on cut. Its feedback is the mean
+        of each item's error over the item's positions (:func:`lightning_dfa.layout.state_fit`): the positions of
+        an encoder are not its decoder's."""
+        key = f"{produced.block}:{produced.what}"
+        self._state_keys[key] = "first" if produced.batch_first else "second"
+        if produced.batch_first and produced.what == "out":
+            return self._record(key, tensor)
+        cut = self._record(key, tensor.transpose(0, 1)).transpose(0, 1)
+        g = self._group
+        if g is not None:  # read again (an attention's keys and values): the same cut, one point
+            g.readers[id(tensor)] = (weakref.ref(tensor), tensor._version, weakref.ref(cut))
+        return cut
 
     def _on_recurrent_output(self, block: Block, output: Any) -> None:
-        """Note the graph nodes of a recurrent block's final state in a training forward (``nn.LSTM``'s ``(h, c)``,
-        ``nn.GRU``'s ``h``), so that a block that reads them cuts them (:meth:`_side_cut`)."""
+        """Note the graph nodes of a recurrent block's outputs in a training forward (its output sequence, and its
+        final state: ``nn.LSTM``'s ``(h, c)``, ``nn.GRU``'s ``h``), so that another block that reads them beside its
+        main input cuts them (:meth:`_side_cut`)."""
         if not self._active() or self._capture is not None or not isinstance(output, tuple) or len(output) != 2:
             return None
-        state, batch_first = output[1], bool(getattr(block.exit, "batch_first", False))
-        for tensor in state if isinstance(state, tuple) else (state,):
+        batch_first = bool(getattr(block.exit, "batch_first", False))
+        state = output[1] if isinstance(output[1], tuple) else (output[1],)
+        for what, tensor in [("out", output[0])] + [("state", t) for t in state]:
             if isinstance(tensor, torch.Tensor) and _carries_grad(tensor) and tensor.grad_fn is not None:
-                self._states[tensor.grad_fn] = (block.name, tensor.shape, batch_first)
+                produced = _Produced(block.name, what, tensor.shape, batch_first)
+                self._recurrent.setdefault(tensor.grad_fn, []).append(produced)
         return None
 
     def _on_block_output(self, block: Block, output: Any) -> Any:
@@ -619,6 +630,16 @@ class ForwardHooks:
         """Whether :meth:`parameter_roles` comes from the forward's data flow (after a first delivery) rather than
         from the order in which the modules are registered."""
         return self._true_ids is not None
+
+
+class _Produced(NamedTuple):
+    """An output of a recurrent block in this step's forward: ``what`` is ``"out"`` (the output sequence) or
+    ``"state"`` (a final state tensor)."""
+
+    block: str
+    what: str
+    shape: torch.Size
+    batch_first: bool
 
 
 def _uncut(g: _Group | None, tensor: torch.Tensor) -> torch.Tensor:

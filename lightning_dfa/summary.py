@@ -59,6 +59,14 @@ def _trainable_before(root: object, entry: object) -> bool:
     return False
 
 
+def _own_order(point: Any) -> list[int]:
+    """A point's shape as the model holds it: a recurrent block's state (``[layers, batch, d]``) and a sequence-first
+    output are recorded batch first."""
+    shape = list(point.shape)
+    swap = point.state is not None and (point.key.split("#")[0].endswith(":state") or point.state == "second")
+    return [shape[1], shape[0], *shape[2:]] if swap else shape
+
+
 def format_summary(engine: Any, shapes: Mapping[str, Sequence[int]] | None = None) -> str:
     """Render ``engine``'s feedback points, output, options and parameter roles as a plain-text table.
 
@@ -70,11 +78,8 @@ def format_summary(engine: Any, shapes: Mapping[str, Sequence[int]] | None = Non
     assert engine.target is not None
     cfg = engine.config
     seen = {key.split("#")[0]: meta for key, meta in engine.bank.widths.items()}
-    if shapes is None:  # (a recurrent state is recorded batch first: shown in its own [layers, batch, d] order)
-        shapes = {
-            m.key.split("#")[0]: [m.shape[1], m.shape[0], *m.shape[2:]] if m.state else list(m.shape)
-            for m in engine.last_points
-        }
+    if shapes is None:  # (a recurrent block's state or sequence-first output is recorded batch first: shown as is)
+        shapes = {m.key.split("#")[0]: _own_order(m) for m in engine.last_points}
     shapes = {k.split("#")[0]: list(v) for k, v in shapes.items()}
     known = bool(seen or shapes)
     rows = []
@@ -92,9 +97,10 @@ def format_summary(engine: Any, shapes: Mapping[str, Sequence[int]] | None = Non
                 rows.append((name_in, "block input", seen.get(name_in)))
             rows.append((block.name, type(block.exit).__name__, seen.get(block.name)))
         first = False
-        state = f"{block.name}:state"  # a recurrent block's final state, read by another block
-        if state in seen or state in shapes:
-            rows.append((state, f"final state of {type(block.exit).__name__}", seen.get(state)))
+        for what, kind in (("out", "output sequence of"), ("state", "final state of")):  # read by another block
+            key = f"{block.name}:{what}"
+            if key in seen or key in shapes:
+                rows.append((key, f"{kind} {type(block.exit).__name__}", seen.get(key)))
     if engine.head_input_is_point:
         head_in = f"{engine.target.output_name}:in"
         rows.append((head_in, f"input of {type(engine.target.output).__name__} (output)", seen.get(head_in)))

@@ -773,6 +773,71 @@ def test_a_recurrent_state_handed_to_another_block_is_a_feedback_point(
         torch.testing.assert_close(got[f"encoder.{name}"], grad, msg=name)
 
 
+class AttentionSeq2Seq(nn.Module):
+    """An LSTM encoder-decoder whose decoder attends to the encoder's outputs (``nn.MultiheadAttention`` with the
+    decoder's outputs as queries and the encoder's as keys and values)."""
+
+    def __init__(self, batch_first: bool = True, vocab: int = 12, width: int = 16) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+        self.src, self.tgt = nn.Embedding(vocab, width), nn.Embedding(vocab, width)
+        self.encoder = nn.LSTM(width, width, batch_first=batch_first)
+        self.decoder = nn.LSTM(width, width, batch_first=batch_first)
+        self.attn = nn.MultiheadAttention(width, 2, batch_first=batch_first)
+        self.out = nn.Linear(2 * width, vocab)
+
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor, detach: bool = False) -> torch.Tensor:
+        src, tgt = (src, tgt) if self.batch_first else (src.t(), tgt.t())
+        memory, state = self.encoder(self.src(src))
+        if detach:
+            memory, state = memory.detach(), tuple(s.detach() for s in state)
+        hidden, _ = self.decoder(self.tgt(tgt), state)
+        context, _ = self.attn(hidden, memory, memory)
+        logits = self.out(torch.cat([hidden, context], -1))
+        return logits if self.batch_first else logits.transpose(0, 1)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_an_attention_over_a_recurrent_encoders_outputs_reads_them_as_a_point(batch_first: bool) -> None:
+    """The encoder's output sequence, read by an attention as keys and values, is the point ``encoder:out`` (and
+    its final state ``encoder:state``): no backward crosses into the encoder, which learns from each item's error
+    averaged over its positions at every output position and at its state; the rest as with both detached."""
+    torch.manual_seed(0)
+    net = AttentionSeq2Seq(batch_first)
+    src, tgt = torch.randint(0, 12, (4, 7)), torch.randint(0, 12, (4, 5))
+
+    def loss(n: nn.Module, detach: bool = False) -> torch.Tensor:
+        return F.cross_entropy(n(src, tgt, detach).flatten(0, 1), tgt.flatten())
+
+    engine = FeedbackEngine(seed=3)
+    engine.attach(net)
+    value = loss(net)
+    engine.loss_readers(value)
+    value.backward()
+    engine.end_backward()
+    engine.detach()
+    assert engine.blocks_crossed == []
+    keys = [p.key for p in engine.last_points]
+    assert {"encoder:out", "encoder:state", "encoder:state#1"} <= set(keys)
+    assert "encoder:out#1" not in keys  # the keys and values are one tensor: one point
+    assert "encoder:out" in engine.summary()
+    got = {n: torch.zeros_like(p) if p.grad is None else p.grad.clone() for n, p in net.named_parameters()}
+    by_hand = _grads(net, lambda n: loss(n, detach=True), seed=3)
+    for name, grad in by_hand.items():
+        if not name.startswith("encoder."):
+            torch.testing.assert_close(got[name], grad, msg=name)
+    logits = net(src, tgt, detach=True)
+    rows = torch.autograd.grad(F.cross_entropy(logits.flatten(0, 1), tgt.flatten()), logits)[0].mean(dim=1)
+    feedback = rows @ engine.bank.matrix(12, 16, torch.device("cpu"), torch.float32).t() / 4.0  # [batch, 16]
+    memory, (h, c) = net.encoder(net.src(src if batch_first else src.t()))
+    at_memory = feedback.unsqueeze(1) if batch_first else feedback.unsqueeze(0)
+    want = torch.autograd.grad(
+        [memory, h, c], list(net.encoder.parameters()), [at_memory.expand_as(memory), *[feedback.expand_as(h)] * 2]
+    )
+    for (name, _), grad in zip(net.encoder.named_parameters(), want):
+        torch.testing.assert_close(got[f"encoder.{name}"], grad, msg=name)
+
+
 @pytest.mark.parametrize("cell, layers, batch_first", [("LSTM", 2, True), ("GRU", 2, False)])
 def test_a_decoder_under_activation_checkpointing_reads_the_state_point_alike(
     cell: str, layers: int, batch_first: bool

@@ -186,10 +186,11 @@ class DFAFit:
                 pairs = ", ".join(f"{reader!r} into {block!r}" for reader, block in crossed)
                 warnings.warn(
                     f"DFA: the backward crosses from block to block ({pairs}) through an input DFA does not cut "
-                    "(it cuts each block's first input and its output point, a recurrent block's final state and a "
-                    "point read again): a second state passed beside the hidden one, a tensor computed from a block's "
-                    "internals. Those blocks learn by backprop through the reading block as well as by feedback. A "
-                    "point at such a block's output (blocks= naming it, so that its output is cut) keeps them apart.",
+                    "(it cuts each block's first input and its output point, a recurrent block's outputs and a point "
+                    "read beside the first input): a second state passed beside the hidden one, a tensor computed "
+                    "from a block's internals. Those blocks learn by backprop through the reading block as well as "
+                    "by feedback. A point at such a block's output (blocks= naming it, so that its output is cut) "
+                    "keeps them apart.",
                     stacklevel=2,
                 )
             hidden = [name for name in readers if name not in self._heads]
