@@ -1,13 +1,15 @@
 """A recurrent encoder-decoder trained by backprop, the default flag and the shallow baseline: the encoder's final
-state, which starts the decoder, is the encoder's feedback point.
+state, which starts the decoder, is the encoder's feedback point (and its outputs, where the decoder attends to them).
 
 ::
 
     python -m benchmarks.recurrent_state         # about half a minute on one CPU thread -> results/recurrent_state.json
 
 Task: reverse a sequence of 6 tokens (8 symbols); the decoder reads the reversed sequence shifted by one (teacher
-forcing) and starts from the encoder's final state, which is the only path from the source to the output. Embedding
-and state width 64, one layer; an LSTM (state ``(h, c)``) and a GRU (state ``h``). Adam, lr 3e-3, batch 32, 600
+forcing) and starts from the encoder's final state (without attention the only path from the source to the output).
+Embedding
+and state width 64, one layer; an LSTM (state ``(h, c)``), a GRU (state ``h``), and an LSTM whose decoder also
+attends to the encoder's outputs (then those outputs are a feedback point too). Adam, lr 3e-3, batch 32, 600
 steps over 4096 training sequences; test loss and per-token accuracy on 1024 held-out sequences. Two seeds. The
 shallow baseline trains the output layer alone.
 """
@@ -32,18 +34,23 @@ VOCAB, LENGTH, BOS = 10, 6, 1
 
 
 class Seq2Seq(nn.Module):
-    """An encoder RNN whose final state starts a decoder RNN."""
+    """An encoder RNN whose final state starts a decoder RNN; ``attention``: the decoder's outputs also attend to
+    the encoder's (``nn.MultiheadAttention``, 4 heads), and the head reads both."""
 
-    def __init__(self, cell: str, width: int = 64) -> None:
+    def __init__(self, cell: str, attention: bool = False, width: int = 64) -> None:
         super().__init__()
         rnn = getattr(nn, cell)
         self.src, self.tgt = nn.Embedding(VOCAB, width), nn.Embedding(VOCAB, width)
         self.encoder, self.decoder = rnn(width, width, batch_first=True), rnn(width, width, batch_first=True)
-        self.out = nn.Linear(width, VOCAB)
+        self.attn = nn.MultiheadAttention(width, 4, batch_first=True) if attention else None
+        self.out = nn.Linear(2 * width if attention else width, VOCAB)
 
     def forward(self, src: torch.Tensor, shifted: torch.Tensor) -> torch.Tensor:
-        _, state = self.encoder(self.src(src))
-        return self.out(self.decoder(self.tgt(shifted), state)[0])
+        memory, state = self.encoder(self.src(src))
+        hidden = self.decoder(self.tgt(shifted), state)[0]
+        if self.attn is not None:
+            hidden = torch.cat([hidden, self.attn(hidden, memory, memory)[0]], dim=-1)
+        return self.out(hidden)
 
 
 def reversal(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -55,9 +62,9 @@ def reversal(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return src, shifted, target
 
 
-def train(cell: str, mode: str, seed: int, steps: int = 600) -> dict[str, float]:
+def train(cell: str, mode: str, seed: int, attention: bool = False, steps: int = 600) -> dict[str, Any]:
     torch.manual_seed(seed)
-    model = Seq2Seq(cell)
+    model = Seq2Seq(cell, attention)
     engine = FeedbackEngine(seed=seed, mode=mode)
     engine.attach(model)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -89,10 +96,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(1)
     start = time.time()
     rows: list[dict[str, Any]] = []
-    for cell in ("LSTM", "GRU"):
+    for cell, attention in (("LSTM", False), ("GRU", False), ("LSTM", True)):
         for seed in (0, 1):
             for mode in MODES:
-                rows.append({"cell": cell, "seed": seed, "mode": mode, "steps": 600, **train(cell, mode, seed)})
+                result = train(cell, mode, seed, attention)
+                rows.append({"cell": cell, "attention": attention, "seed": seed, "mode": mode, "steps": 600, **result})
                 print(rows[-1], flush=True)
     return write_cpu_rows(args.out, rows, start)
 
