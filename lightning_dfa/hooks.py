@@ -390,7 +390,7 @@ class ForwardHooks:
         an encoder are not its decoder's."""
         key = f"{produced.block}:{produced.what}"
         self._state_keys[key] = "first" if produced.batch_first else "second"
-        if produced.batch_first and produced.what == "out":
+        if produced.batch_first and produced.what.startswith("out"):
             return self._record(key, tensor)
         cut = self._record(key, tensor.transpose(0, 1)).transpose(0, 1)
         g = self._group
@@ -415,7 +415,26 @@ class ForwardHooks:
     def _on_block_output(self, block: Block, output: Any) -> Any:
         self._count_call()
         tensor, rebuild = _split_main(output)
-        return self._at_point(block.name, tensor, rebuild, block)
+        cut = self._at_point(block.name, tensor, rebuild, block)
+        if cut is not None and isinstance(output, tuple) and not isinstance(block.exit, nn.RNNBase):
+            self._note_second_outputs(block, output, tensor)
+        return cut
+
+    def _note_second_outputs(self, block: Block, output: tuple, main: torch.Tensor) -> None:
+        """Note a block's other outputs that are activations like its main one (the same batch and width: a second
+        stream of hidden states, PegasusX's global tokens), so that a block reading them beside its main input cuts
+        them (:meth:`_side_cut`). Side tensors of another shape (T5's relative position bias) are not noted."""
+        for i, tensor in enumerate(output[1:], start=1):
+            if (
+                isinstance(tensor, torch.Tensor)
+                and _carries_grad(tensor)
+                and tensor.grad_fn is not None
+                and tensor.dim() == main.dim() >= 2
+                and tensor.shape[0] == main.shape[0]
+                and tensor.shape[-1] == main.shape[-1]
+            ):
+                produced = _Produced(block.name, f"out{i}", tensor.shape, True)
+                self._recurrent.setdefault(tensor.grad_fn, []).append(produced)
 
     def _on_block_exit(self, block: Block, output: Any) -> None:
         """Keep the graph node of a block's output in a training forward, for :meth:`FeedbackEngine.loss_readers`

@@ -171,12 +171,13 @@ STATE_KINDS = ("mean", "mean_first", "mean_rows", "mean_rows_first")
 
 
 def state_fit(error: torch.Size, shape: torch.Size, point: PointMeta, output: str) -> tuple[str, int, int]:
-    """How a recurrent state point (``[batch, layers, d]``, :attr:`PointMeta.state`) lines up with the error: per
-    item (``"broadcast"``) for one error row per item, else the mean over the item's positions, the error's items
-    along its first dimension (``"mean"``) or its second (``"mean_first"``, a sequence-first error)."""
+    """How a point of :attr:`PointMeta.state` (a recurrent state ``[batch, layers, d]``, another block's second
+    output ``[batch, ..., d]``) lines up with the error: per item (``"token"`` or ``"broadcast"``) for one error
+    row per item, else the mean over the item's positions, the error's items along its first dimension (``"mean"``)
+    or its second (``"mean_first"``, a sequence-first error)."""
     items = shape[0]
     if len(error) == 2 and error[0] == items:
-        return "broadcast", error[-1], shape[-1]
+        return ("token" if len(shape) == 2 else "broadcast"), error[-1], shape[-1]
     if len(error) == 2 and error[0] % items == 0:  # the items' positions flattened to rows, in the layer's order
         return ("mean_rows" if point.state == "first" else "mean_rows_first"), error[-1], shape[-1]
     if len(error) == 3:
@@ -303,7 +304,7 @@ def laid_on(fb: torch.Tensor, point: PointMeta, kind: str, error: torch.Size) ->
         assert j is not None
         fb = fb.reshape(*shape[:j], *([1] * (len(shape) - 1 - j)), d).expand(shape)
     elif kind in STATE_KINDS:
-        fb = fb.unsqueeze(1).expand(shape)
+        fb = fb if len(shape) == 2 else fb.unsqueeze(1).expand(shape)
     elif fb.shape != shape:  # "flatten", or "token" with the positions flattened on one side
         fb = fb.reshape(shape)
     if point.layout == "swapped":

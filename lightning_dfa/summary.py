@@ -97,10 +97,10 @@ def format_summary(engine: Any, shapes: Mapping[str, Sequence[int]] | None = Non
                 rows.append((name_in, "block input", seen.get(name_in)))
             rows.append((block.name, type(block.exit).__name__, seen.get(block.name)))
         first = False
-        for what, kind in (("out", "output sequence of"), ("state", "final state of")):  # read by another block
-            key = f"{block.name}:{what}"
-            if key in seen or key in shapes:
-                rows.append((key, f"{kind} {type(block.exit).__name__}", seen.get(key)))
+        for key in sorted({k for k in [*seen, *shapes] if k.startswith(f"{block.name}:") and k != name_in}):
+            what = key[len(block.name) + 1 :]  # an output read by another block beside its main input
+            kind = {"out": "output sequence", "state": "final state"}.get(what, f"output {what[3:]}")
+            rows.append((key, f"{kind} of {type(block.exit).__name__}", seen.get(key)))
     if engine.head_input_is_point:
         head_in = f"{engine.target.output_name}:in"
         rows.append((head_in, f"input of {type(engine.target.output).__name__} (output)", seen.get(head_in)))

@@ -639,35 +639,37 @@ class BilinearSkip(nn.Module):
 
 
 class GlobalTokens(nn.Module):
-    """Layers that pass a second, global state beside the hidden one, read by the next layer as a keyword
-    (PegasusX's global tokens)."""
+    """Layers that pass a second state beside the hidden one, read by the next layer as a keyword: a stream of the
+    hidden width (PegasusX's global tokens), or (``side=4``) a narrower slice of the layer's output."""
 
     class Layer(nn.Module):
-        def __init__(self, width: int) -> None:
+        def __init__(self, width: int, side: int) -> None:
             super().__init__()
-            self.local, self.glob = nn.Linear(width, width), nn.Linear(width, width)
+            self.local, self.glob, self.read = nn.Linear(width, width), nn.Linear(width, side), nn.Linear(side, width)
 
         def forward(self, h: torch.Tensor, g: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
             g = torch.tanh(self.glob(h) if g is None else self.glob(h) + g)
-            return torch.tanh(self.local(h) + g), g
+            out = torch.tanh(self.local(h) + self.read(g))
+            return out, g if g.shape == out.shape else out[..., : g.shape[-1]]
 
-    def __init__(self) -> None:
+    def __init__(self, side: int = 16) -> None:
         super().__init__()
         self.inp, self.out = nn.Linear(6, 16), nn.Linear(16, 3)
-        self.layers = nn.ModuleList([self.Layer(16), self.Layer(16)])
+        self.layers = nn.ModuleList([self.Layer(16, side), self.Layer(16, side)])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, detach: bool = False) -> torch.Tensor:
         h, g = torch.tanh(self.inp(x)), None
         for layer in self.layers:
             h, g = layer(h, g=g)
+            g = g.detach() if detach else g
         return self.out(h)
 
 
 def test_gradient_that_crosses_from_block_to_block_through_an_uncut_input_is_found() -> None:
-    """A layer's global state read by the next layer beside its hidden state carries that layer's backward into the
-    one before: found. What DFA cuts crosses nothing: a skip into a second input of a layer-input net (the skip is
-    a point already, and the reader gets its cut), a recurrent encoder's state handed to its decoder (a point of its
-    own), a plain chain, heads on middle layers."""
+    """A layer's narrower summary read by the next layer beside its hidden state carries that layer's backward into
+    the one before: found. What DFA cuts crosses nothing: a second stream of hidden states (a point of its own), a
+    skip into a second input of a layer-input net (the skip is a point already, and the reader gets its cut), a
+    recurrent encoder's state handed to its decoder (a point of its own), a plain chain, heads on middle layers."""
     torch.manual_seed(0)
 
     def crossed(net: nn.Module, loss: Callable[[nn.Module], torch.Tensor], **options: Any) -> list[tuple[str, str]]:
@@ -681,7 +683,8 @@ def test_gradient_that_crosses_from_block_to_block_through_an_uncut_input_is_fou
         return engine.blocks_crossed
 
     x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
-    assert crossed(GlobalTokens(), lambda n: F.cross_entropy(n(x), y)) == [("layers.1", "layers.0")]
+    assert crossed(GlobalTokens(side=4), lambda n: F.cross_entropy(n(x), y)) == [("layers.1", "layers.0")]
+    assert crossed(GlobalTokens(), lambda n: F.cross_entropy(n(x), y)) == []
     skip = BilinearSkip()
     assert crossed(skip, lambda n: F.cross_entropy(n(x), y)) == []
     assert crossed(skip, lambda n: F.cross_entropy(n(x), y), blocks=["a", "b", "merge"], output="out") == []
@@ -691,6 +694,36 @@ def test_gradient_that_crosses_from_block_to_block_through_an_uncut_input_is_fou
     chain = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
     assert crossed(chain, lambda n: F.cross_entropy(n(x), y)) == []
     assert crossed(DeepSupervision(), lambda n: F.cross_entropy(n(x)[0], y) + F.cross_entropy(n(x)[1], y)) == []
+
+
+def test_a_second_stream_of_hidden_states_read_by_the_next_layer_is_a_point() -> None:
+    """A layer's second output of the hidden shape, read by the next layer beside its hidden state (PegasusX's global
+    tokens), is the point ``layers.0:out1``: the first layer learns from the feedback at both of its outputs, the
+    second as with that stream detached by hand."""
+    torch.manual_seed(0)
+    net = GlobalTokens()
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    engine = FeedbackEngine(seed=3)
+    engine.attach(net)
+    loss = F.cross_entropy(net(x), y)
+    engine.loss_readers(loss)
+    loss.backward()
+    engine.end_backward()
+    engine.detach()
+    assert engine.blocks_crossed == [] and "layers.0:out1" in [p.key for p in engine.last_points]
+    assert "layers.0:out1" in engine.summary()
+    got = {n: p.grad.clone() for n, p in net.named_parameters()}
+    by_hand = _grads(net, lambda n: F.cross_entropy(n(x, detach=True), y), seed=3)
+    for name in ("layers.1.local.weight", "layers.1.glob.weight", "layers.1.read.weight", "out.weight"):
+        torch.testing.assert_close(got[name], by_hand[name], msg=name)
+    logits = net(x, detach=True)
+    error = torch.autograd.grad(F.cross_entropy(logits, y), logits)[0]
+    feedback = error @ engine.bank.matrix(3, 16, torch.device("cpu"), torch.float32).t() / 4.0
+    h, g = net.layers[0](torch.tanh(net.inp(x)).detach())
+    layer = list(net.layers[0].parameters())
+    want = torch.autograd.grad([h, g], layer, [feedback, feedback])
+    for (name, _), grad in zip(net.layers[0].named_parameters(), want):
+        torch.testing.assert_close(got[f"layers.0.{name}"], grad, msg=name)
 
 
 def test_a_skip_into_a_second_input_gets_the_cut_of_its_point() -> None:
@@ -903,7 +936,7 @@ def test_the_strategy_warns_once_when_gradient_crosses_between_blocks() -> None:
     class Module(pl.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.net = GlobalTokens()
+            self.net = GlobalTokens(side=4)
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             return F.cross_entropy(self.net(batch[0]), batch[1])
