@@ -130,8 +130,9 @@ class FeedbackEngine(ForwardHooks):
         self._point_norms: set[int] = set()  # norm_points: id() of the norms inside blocks that read a point
         self._token_embeddings: list[tuple[str, nn.Module, bool]] = []  # cut_token_embedding: (name, module, tied)
         self._encoder_names: set[str] = set()  # modules inside an encoder-decoder's encoder (fed the mean error)
-        #: graph node of a recurrent block's output sequence or final state in this step's forward -> what it gave
-        self._recurrent: dict[Any, list[Any]] = {}
+        #: graph node of a block output that another block may read beside its main input, in this step's forward
+        #: (a recurrent block's output sequence and final state, a second stream of hidden states) -> what it is
+        self._side_outputs: dict[Any, list[Any]] = {}
         #: points that are a recurrent block's outputs read by another block beside its main input -> where the
         #: error's items lie ("first" or "second" dimension, where both could be)
         self._state_keys: dict[str, str] = {}
@@ -330,7 +331,7 @@ class FeedbackEngine(ForwardHooks):
             handle.remove()
         self._handles = []
         self._group = None
-        self._recurrent.clear()
+        self._side_outputs.clear()
         for p in self._frozen:
             p.requires_grad_(True)
         self._frozen = []
@@ -448,7 +449,7 @@ class FeedbackEngine(ForwardHooks):
         """
         report, self.report = self.report, BackwardReport()
         self._group = None
-        self._recurrent.clear()
+        self._side_outputs.clear()
         if self._block_outputs:
             self._block_outputs.clear()
         if self.learned is not None:

@@ -365,28 +365,29 @@ class ForwardHooks:
             again = self._recorded_cut(g, tensor)
             if again is not None:
                 return again
-        for produced in self._recurrent.get(tensor.grad_fn, ()):
+        for produced in self._side_outputs.get(tensor.grad_fn, ()):
             if produced.shape == tensor.shape and produced.block != block.name:
-                return self._recurrent_point(produced, tensor)
+                return self._side_point(produced, tensor)
         reader = block.exit
         cell = isinstance(reader, nn.RNNCellBase) and tensor.dim() == 2  # an LSTMCell's hx: [batch, d]
-        if self._recurrent and (cell or (isinstance(reader, nn.RNNBase) and tensor.dim() == 3)):
+        if self._side_outputs and (cell or (isinstance(reader, nn.RNNBase) and tensor.dim() == 3)):
             # a recurrent block's initial state computed from another's final state (a bidirectional encoder's
             # directions summed, the top layer's state for a decoder cell): in the reader's own layout
             for node in _walk(tensor, _next_functions, limit=64):
-                found = [p for p in self._recurrent.get(node, ()) if p.what == "state" and p.block != block.name]
+                found = [p for p in self._side_outputs.get(node, ()) if p.what == "state" and p.block != block.name]
                 if found:
                     batch_first = True if cell else bool(getattr(reader, "batch_first", False))
                     state = _Produced(found[0].block, "state", tensor.shape, batch_first)
-                    cut = self._recurrent_point(state, tensor.unsqueeze(0) if cell else tensor)
+                    cut = self._side_point(state, tensor.unsqueeze(0) if cell else tensor)
                     return cut.squeeze(0) if cell else cut
         return tensor  # (the same recurrent block called again keeps its state: backprop through time)
 
-    def _recurrent_point(self, produced: _Produced, tensor: torch.Tensor) -> torch.Tensor:
-        """A recurrent block's final state (``[layers, batch, d]``) or output sequence, read by another block beside
-        its main input: recorded as the point ``"<block>:state"`` (``#1`` for an LSTM's cell state) or
-        ``"<block>:out"`` (an attention's keys and values), batch first, and handed on cut. Its feedback is the mean
-        of each item's error over the item's positions (:func:`lightning_dfa.layout.state_fit`): the positions of
+    def _side_point(self, produced: _Produced, tensor: torch.Tensor) -> torch.Tensor:
+        """A block output read by another block beside its main input: a recurrent block's final state (``[layers,
+        batch, d]``) or output sequence, or a block's second stream of hidden states. Recorded as the point
+        ``"<block>:state"`` (``#1`` for an LSTM's cell state), ``"<block>:out"`` (an attention's keys and values)
+        or ``"<block>:out<i>"``, batch first, and handed on cut. Its feedback is each item's error, averaged over the
+        item's positions where the error has positions (:func:`lightning_dfa.layout.state_fit`): the positions of
         an encoder are not its decoder's."""
         key = f"{produced.block}:{produced.what}"
         self._state_keys[key] = "first" if produced.batch_first else "second"
@@ -409,7 +410,7 @@ class ForwardHooks:
         for what, tensor in [("out", output[0])] + [("state", t) for t in state]:
             if isinstance(tensor, torch.Tensor) and _carries_grad(tensor) and tensor.grad_fn is not None:
                 produced = _Produced(block.name, what, tensor.shape, batch_first)
-                self._recurrent.setdefault(tensor.grad_fn, []).append(produced)
+                self._side_outputs.setdefault(tensor.grad_fn, []).append(produced)
         return None
 
     def _on_block_output(self, block: Block, output: Any) -> Any:
@@ -434,7 +435,7 @@ class ForwardHooks:
                 and tensor.shape[-1] == main.shape[-1]
             ):
                 produced = _Produced(block.name, f"out{i}", tensor.shape, True)
-                self._recurrent.setdefault(tensor.grad_fn, []).append(produced)
+                self._side_outputs.setdefault(tensor.grad_fn, []).append(produced)
 
     def _on_block_exit(self, block: Block, output: Any) -> None:
         """Keep the graph node of a block's output in a training forward, for :meth:`FeedbackEngine.loss_readers`
@@ -652,8 +653,9 @@ class ForwardHooks:
 
 
 class _Produced(NamedTuple):
-    """An output of a recurrent block in this step's forward: ``what`` is ``"out"`` (the output sequence) or
-    ``"state"`` (a final state tensor)."""
+    """A block output in this step's forward that another block may read beside its main input: ``what`` is
+    ``"out"`` (a recurrent block's output sequence), ``"state"`` (its final state) or ``"out<i>"`` (a block's
+    ``i``-th output, a second stream of hidden states)."""
 
     block: str
     what: str
