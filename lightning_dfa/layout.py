@@ -166,15 +166,17 @@ class Layouts:
                 self.relations[(p.key.split("#")[0], delivery.source.split("#")[0])] = relation
 
 
-#: the alignments of a recurrent state point other than ``"broadcast"``: the mean of each item's error rows
-STATE_KINDS = ("mean", "mean_first", "mean_rows", "mean_rows_first")
+#: the alignments of a :attr:`PointMeta.state` point other than ``"token"`` and ``"broadcast"``: one row per item,
+#: the mean of its error rows (``"items"``: its whole error, flattened)
+STATE_KINDS = ("mean", "mean_first", "mean_rows", "mean_rows_first", "items")
 
 
 def state_fit(error: torch.Size, shape: torch.Size, point: PointMeta, output: str) -> tuple[str, int, int]:
     """How a point of :attr:`PointMeta.state` (a recurrent state ``[batch, layers, d]``, another block's second
     output ``[batch, ..., d]``) lines up with the error: per item (``"token"`` or ``"broadcast"``) for one error
     row per item, else the mean over the item's positions, the error's items along its first dimension (``"mean"``)
-    or its second (``"mean_first"``, a sequence-first error)."""
+    or its second (``"mean_first"``, a sequence-first error); any other error with one entry per item along its
+    first dimension (an image's) is flattened per item (``"items"``)."""
     items = shape[0]
     if len(error) == 2 and error[0] == items:
         return ("token" if len(shape) == 2 else "broadcast"), error[-1], shape[-1]
@@ -186,6 +188,8 @@ def state_fit(error: torch.Size, shape: torch.Size, point: PointMeta, output: st
             along = [0 if point.state == "first" else 1]
         if along:
             return ("mean" if along[0] == 0 else "mean_first"), error[-1], shape[-1]
+    if len(error) >= 2 and error[0] == items:  # another layout (an image [batch, channels, height, width]): per item
+        return "items", math.prod(error[1:]), shape[-1]
     raise RuntimeError(
         f"DFA: cannot line up the error of shape {list(error)} (gradient at the output module {output!r}) with the "
         f"recurrent state {point.key!r} ({items} items): no dimension of the error has one entry per item. Choose "

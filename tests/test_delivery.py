@@ -871,6 +871,35 @@ def test_an_attention_over_a_recurrent_encoders_outputs_reads_them_as_a_point(ba
         torch.testing.assert_close(got[f"encoder.{name}"], grad, msg=name)
 
 
+def test_a_recurrent_state_point_takes_an_error_of_another_layout_per_item() -> None:
+    """An encoder LSTM's state that starts a decoder whose last output a convolution turns into an image: the error
+    ``[batch, channels, height, width]`` has no positions to average, so each item's whole error is projected."""
+
+    class ToImage(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = nn.Linear(3, 16)
+            self.encoder, self.decoder = nn.LSTM(16, 16, batch_first=True), nn.LSTM(16, 16, batch_first=True)
+            self.out = nn.Conv2d(4, 3, 1)
+
+        def forward(self, x: torch.Tensor, y: torch.Tensor, detach: bool = False) -> torch.Tensor:
+            _, state = self.encoder(self.inp(x))
+            state = tuple(s.detach() for s in state) if detach else state
+            return self.out(self.decoder(self.inp(y), state)[0][:, -1].view(-1, 4, 2, 2))
+
+    torch.manual_seed(0)
+    net, x, y, target = ToImage(), torch.randn(5, 7, 3), torch.randn(5, 4, 3), torch.randn(5, 3, 2, 2)
+    got = _grads(net, lambda n: F.mse_loss(n(x, y), target), seed=3)
+    image = net(x, y, detach=True)
+    error = torch.autograd.grad(F.mse_loss(image, target), image)[0].flatten(1)  # [batch, 12]
+    bank = FeedbackEngine(seed=3).bank
+    feedback = error @ bank.matrix(12, 16, torch.device("cpu"), torch.float32).t() / 4.0
+    _, (h, c) = net.encoder(net.inp(x))
+    want = torch.autograd.grad([h, c], list(net.encoder.parameters()), [feedback.expand_as(h)] * 2)
+    for (name, _), grad in zip(net.encoder.named_parameters(), want):
+        torch.testing.assert_close(got[f"encoder.{name}"], grad, msg=name)
+
+
 @pytest.mark.parametrize("cell, layers, batch_first", [("LSTM", 2, True), ("GRU", 2, False)])
 def test_a_decoder_under_activation_checkpointing_reads_the_state_point_alike(
     cell: str, layers: int, batch_first: bool
