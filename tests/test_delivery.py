@@ -27,6 +27,20 @@ def _grads(net: nn.Module, step, seed: int = 3, **options) -> dict[str, torch.Te
     return {n: torch.zeros_like(p) if p.grad is None else p.grad.clone() for n, p in net.named_parameters()}
 
 
+def _checked_step(net: nn.Module, step: Callable[[nn.Module], torch.Tensor], **options: Any) -> FeedbackEngine:
+    """The engine, detached again, after one backward of ``step(net)`` whose loss it checked first
+    (:meth:`FeedbackEngine.loss_readers`, as the adapters do): its points, crossings and bank are those of that step,
+    and ``net`` keeps the gradients."""
+    engine = FeedbackEngine(**options)
+    engine.attach(net)
+    loss = step(net)
+    engine.loss_readers(loss)
+    loss.backward()
+    engine.end_backward()
+    engine.detach()
+    return engine
+
+
 @pytest.mark.parametrize("inplace", ["divide", "relu", "exp_"])
 def test_output_modified_in_place_gets_the_same_gradients(inplace: str) -> None:
     net, x, y = mlp(), torch.randn(8, 6), torch.randint(0, 3, (8,))
@@ -673,14 +687,7 @@ def test_gradient_that_crosses_from_block_to_block_through_an_uncut_input_is_fou
     torch.manual_seed(0)
 
     def crossed(net: nn.Module, loss: Callable[[nn.Module], torch.Tensor], **options: Any) -> list[tuple[str, str]]:
-        engine = FeedbackEngine(**options)
-        engine.attach(net)
-        value = loss(net)
-        engine.loss_readers(value)
-        value.backward()
-        engine.end_backward()
-        engine.detach()
-        return engine.blocks_crossed
+        return _checked_step(net, loss, **options).blocks_crossed
 
     x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
     assert crossed(GlobalTokens(side=4), lambda n: F.cross_entropy(n(x), y)) == [("layers.1", "layers.0")]
@@ -703,13 +710,7 @@ def test_a_second_stream_of_hidden_states_read_by_the_next_layer_is_a_point() ->
     torch.manual_seed(0)
     net = GlobalTokens()
     x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
-    engine = FeedbackEngine(seed=3)
-    engine.attach(net)
-    loss = F.cross_entropy(net(x), y)
-    engine.loss_readers(loss)
-    loss.backward()
-    engine.end_backward()
-    engine.detach()
+    engine = _checked_step(net, lambda n: F.cross_entropy(n(x), y), seed=3)
     assert engine.blocks_crossed == [] and "layers.0:out1" in [p.key for p in engine.last_points]
     assert "layers.0:out1" in engine.summary()
     got = {n: p.grad.clone() for n, p in net.named_parameters()}
@@ -775,13 +776,7 @@ def test_a_recurrent_state_handed_to_another_block_is_a_feedback_point(
     stepped, flat = flat == "stepped", flat is True
     net = RecurrentSeq2Seq(cell, layers, batch_first, bridge, flat, stepped)
     src, tgt = torch.randint(0, 12, (batch, 7)), torch.randint(0, 12, (batch, steps))
-    engine = FeedbackEngine(seed=3)
-    engine.attach(net)
-    loss = _seq2seq_loss(net, net(src, tgt), tgt)
-    engine.loss_readers(loss)
-    loss.backward()
-    engine.end_backward()
-    engine.detach()
+    engine = _checked_step(net, lambda n: _seq2seq_loss(n, n(src, tgt), tgt), seed=3)
     assert engine.blocks_crossed == []
     states = [p for p in engine.last_points if p.state is not None]
     assert [p.key for p in states] == ["encoder:state", "encoder:state#1"][: 2 if cell == "LSTM" else 1]
@@ -842,13 +837,7 @@ def test_an_attention_over_a_recurrent_encoders_outputs_reads_them_as_a_point(ba
     def loss(n: nn.Module, detach: bool = False) -> torch.Tensor:
         return F.cross_entropy(n(src, tgt, detach).flatten(0, 1), tgt.flatten())
 
-    engine = FeedbackEngine(seed=3)
-    engine.attach(net)
-    value = loss(net)
-    engine.loss_readers(value)
-    value.backward()
-    engine.end_backward()
-    engine.detach()
+    engine = _checked_step(net, loss, seed=3)
     assert engine.blocks_crossed == []
     keys = [p.key for p in engine.last_points]
     assert {"encoder:out", "encoder:state", "encoder:state#1"} <= set(keys)
@@ -1003,12 +992,7 @@ def test_self_attention_reading_one_tensor_three_times_is_cut_at_all_three() -> 
     for detach_kv in (False, True):
         torch.manual_seed(0)
         net = Net(detach_kv)
-        engine = FeedbackEngine(seed=0)
-        assert engine.attach(net).source == "layer_inputs"
-        loss = F.cross_entropy(net(x), y)
-        engine.loss_readers(loss)
-        loss.backward()
-        engine.end_backward()
-        assert engine.blocks_crossed == []
+        engine = _checked_step(net, lambda n: F.cross_entropy(n(x), y), seed=0)
+        assert engine.target.source == "layer_inputs" and engine.blocks_crossed == []
         grads.append(net.inp.weight.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
