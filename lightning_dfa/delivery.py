@@ -352,11 +352,11 @@ def _blocks_crossed(
     """``(reader, block)`` for each block whose output node, or most of whose parameters, the backward of ``tensor``
     (a loss) reaches after the output node or the output point of another block, ``reader``, on a path that crosses
     no other feedback point or output: gradient travels from one block into another through an input DFA does not
-    cut (an RNN decoder's initial state, a skip connection). Not a side tensor that one block computes for the others
-    from a few parameters of its own (T5's relative position bias). ``block_outputs`` are the output nodes of the
-    blocks without an output point, ``block_params`` each block's trainable parameters. Each walk starts afresh at
-    the loss, at each output's delivery and at each point's edge (owned by its block where it is a block's output
-    point)."""
+    cut (a slice of a block's output read by the next block beside its main input). Not a side tensor that one
+    block computes for the others from a few parameters of its own (T5's relative position bias). ``block_outputs``
+    are the output nodes of the blocks without an output point, ``block_params`` each block's trainable parameters.
+    Each walk starts afresh at the loss, at each output's delivery and at each point's edge (owned by its block
+    where it is a block's output point)."""
     owner_of: dict[Any, str] = {}
     for name, node in block_outputs:
         owner_of.setdefault(node, name)

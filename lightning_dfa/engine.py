@@ -133,8 +133,8 @@ class FeedbackEngine(ForwardHooks):
         #: graph node of a block output that another block may read beside its main input, in this step's forward
         #: (a recurrent block's output sequence and final state, a second stream of hidden states) -> what it is
         self._side_outputs: dict[Any, list[Any]] = {}
-        #: points that are a recurrent block's outputs read by another block beside its main input -> where the
-        #: error's items lie ("first" or "second" dimension, where both could be)
+        #: points that are side outputs read by another block beside its main input -> where the error's items lie
+        #: ("first" or "second" dimension, where both could be; :attr:`PointMeta.state`)
         self._state_keys: dict[str, str] = {}
         #: cut_token_embedding="auto": why the token table is not cut (faint beside fixed positions), once decided
         self._faint: list[str] | None = None
@@ -470,8 +470,9 @@ class FeedbackEngine(ForwardHooks):
         Lightning adapters do after the first step. The adapters warn with the names of the others.
 
         The same check lists in :attr:`blocks_crossed` each ``(reader, block)`` where the backward of ``reader``
-        continues into ``block`` through an input DFA does not cut (an RNN decoder's initial state, a skip
-        connection): ``block`` then learns by backprop through ``reader`` too. The adapters warn with the names.
+        continues into ``block`` through an input DFA does not cut (a slice of a block's output read by the next
+        block beside its main input): ``block`` then learns by backprop through ``reader`` too. The adapters warn
+        with the names.
 
         Example:
             >>> class Aux(nn.Module):  # an auxiliary classifier on the middle layer

@@ -408,10 +408,16 @@ class ForwardHooks:
         batch_first = bool(getattr(block.exit, "batch_first", False))
         state = output[1] if isinstance(output[1], tuple) else (output[1],)
         for what, tensor in [("out", output[0])] + [("state", t) for t in state]:
-            if isinstance(tensor, torch.Tensor) and _carries_grad(tensor) and tensor.grad_fn is not None:
-                produced = _Produced(block.name, what, tensor.shape, batch_first)
-                self._side_outputs.setdefault(tensor.grad_fn, []).append(produced)
+            self._note_side_output(block, what, tensor, batch_first)
         return None
+
+    def _note_side_output(self, block: Block, what: str, tensor: Any, batch_first: bool) -> None:
+        """Note ``tensor``'s graph node as ``block``'s side output ``what`` (:class:`_Produced`), if it carries
+        gradient."""
+        if isinstance(tensor, torch.Tensor) and _carries_grad(tensor) and tensor.grad_fn is not None:
+            self._side_outputs.setdefault(tensor.grad_fn, []).append(
+                _Produced(block.name, what, tensor.shape, batch_first)
+            )
 
     def _on_block_output(self, block: Block, output: Any) -> Any:
         self._count_call()
@@ -426,16 +432,9 @@ class ForwardHooks:
         stream of hidden states, PegasusX's global tokens), so that a block reading them beside its main input cuts
         them (:meth:`_side_cut`). Side tensors of another shape (T5's relative position bias) are not noted."""
         for i, tensor in enumerate(output[1:], start=1):
-            if (
-                isinstance(tensor, torch.Tensor)
-                and _carries_grad(tensor)
-                and tensor.grad_fn is not None
-                and tensor.dim() == main.dim() >= 2
-                and tensor.shape[0] == main.shape[0]
-                and tensor.shape[-1] == main.shape[-1]
-            ):
-                produced = _Produced(block.name, f"out{i}", tensor.shape, True)
-                self._side_outputs.setdefault(tensor.grad_fn, []).append(produced)
+            if isinstance(tensor, torch.Tensor) and tensor.dim() == main.dim() >= 2:
+                if tensor.shape[0] == main.shape[0] and tensor.shape[-1] == main.shape[-1]:
+                    self._note_side_output(block, f"out{i}", tensor, batch_first=True)
 
     def _on_block_exit(self, block: Block, output: Any) -> None:
         """Keep the graph node of a block's output in a training forward, for :meth:`FeedbackEngine.loss_readers`

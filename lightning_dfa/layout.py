@@ -39,10 +39,10 @@ class PointMeta:
     #: the point lies in an encoder-decoder's encoder: its positions are not the error's (the decoder's), even where
     #: the lengths agree, so it is fed the error's mean over positions (:func:`lightning_dfa.roles.encoder_modules`)
     encoder: bool = False
-    #: the point is a recurrent layer's final state handed to another block (an encoder LSTM's ``(h, c)`` that starts
-    #: its decoder), recorded batch first (``[batch, layers, d]``): ONE row per item, fed the error's mean over that
-    #: item's positions. ``"first"`` or ``"second"``: the error dimension of the items where both could be (the
-    #: recurrent layer's ``batch_first``)
+    #: the point is a block's side output read by another block beside its main input (an encoder LSTM's ``(h, c)``
+    #: that starts its decoder, its outputs as an attention's keys, a second stream of hidden states), recorded batch
+    #: first: ONE row per item, fed the error's mean over that item's positions (:func:`state_fit`). ``"first"`` or
+    #: ``"second"``: the error dimension of the items where both could be (the recurrent layer's ``batch_first``)
     state: str | None = None
 
 
