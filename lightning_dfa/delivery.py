@@ -343,6 +343,20 @@ def _nodes_behind_outputs(tensor: torch.Tensor, limit: int = 1_000_000) -> set[A
     return set(_walk_nodes([n for d in deliveries for n, _ in d.next_functions], _next_functions, limit))
 
 
+def _reaches_feedback(tensor: torch.Tensor, params: set[int], limit: int = 100_000) -> bool:
+    """``tensor`` (a loss) was computed through the engine's graph: one of its nodes is a delivery, a point's edge,
+    a probe's cut or a reattached point, or a parameter of ``params`` (the blocks' and outputs'). ``False``: a
+    backward of its own, such as a critic trained on detached outputs, in which DFA has nothing to deliver."""
+    ours = (_DeliverFeedback._backward_cls, _PointEdge._backward_cls, _SoftCut._backward_cls, _Reattach._backward_cls)
+    for node in _walk(tensor, lambda n: n.next_functions, limit):
+        if isinstance(node, ours):
+            return True
+        variable = getattr(node, "variable", None)
+        if isinstance(variable, torch.Tensor) and id(variable) in params:
+            return True
+    return False
+
+
 def _blocks_crossed(
     tensor: torch.Tensor,
     block_outputs: Sequence[tuple[str, Any]],

@@ -248,7 +248,8 @@ def discover(
         if any(b.name == name or b.name.startswith(name + ".") for b in target.blocks):
             raise ValueError(
                 f"DFA: the output module {name!r} is also a block (or contains one); the output must lie "
-                "after the last block. Pass output= naming the final layer (logits, predictions)."
+                "after the last block. Pass output= naming the final layer (logits, predictions), and blocks= naming "
+                "the hidden modules before it."
             )
         inside = [b.name for b in target.blocks if name.startswith(b.name + ".")]
         if inside:
@@ -317,8 +318,30 @@ def _discover(root: nn.Module, blocks: BlockSpec, output: str | None, placement:
                 "{'blocks': [...], 'output': '...'}."
             )
         if output is not None:
-            target = Target(target.blocks, output, _get_output(root, output), target.source, target.head_input_point)
+            target = Target(
+                _blocks_before(root, target.blocks, output),
+                output,
+                _get_output(root, output),
+                target.source,
+                target.head_input_point,
+            )
     return target
+
+
+def _blocks_before(root: nn.Module, blocks: list[Block], output: str) -> list[Block]:
+    """The found ``blocks`` without the ``output`` named by the user: where discovery took it for a block (a chain
+    of layers running on into a critic's registered after the model's head), the blocks before it, neither the
+    output, a module inside it or holding it, nor one registered after it. Unchanged when none would be left."""
+
+    def overlaps(name: str) -> bool:
+        return name == output or name.startswith(output + ".") or output.startswith(name + ".")
+
+    if not any(overlaps(b.name) for b in blocks):
+        return blocks
+    order = _module_order(root)
+    at = order.get(output, len(order))
+    kept = [b for b in blocks if not overlaps(b.name) and order.get(b.name, -1) < at]
+    return kept or blocks
 
 
 _PARAMETER_LISTS = (nn.ParameterList, nn.ParameterDict)

@@ -51,6 +51,7 @@ from .delivery import (
     _Group,
     _nodes_before_outputs,
     _nodes_behind_outputs,
+    _reaches_feedback,
 )
 from .hooks import ForwardHooks
 from .layout import Layouts, PointMeta, error_rows, laid_on, laid_out
@@ -116,6 +117,7 @@ class FeedbackEngine(ForwardHooks):
         self.report = BackwardReport()
         self.last_points: list[PointMeta] = []
         self._capture: Capture | None = None
+        self._inert = 0  # inside inert(): the hooks do nothing (evaluation loops)
         #: instruments: called as ``fn(error, points, feedback)`` after each delivery (the error, the points'
         #: :class:`PointMeta` and the feedback each received), e.g. to log or check the signal
         self.feedback_observers: list[Callable[[torch.Tensor, list[PointMeta], list[torch.Tensor]], None]] = []
@@ -437,15 +439,33 @@ class FeedbackEngine(ForwardHooks):
         fb = self.learned.feedback(key, rows, hs, initial).mul_(self.config.scale / math.sqrt(d))
         return laid_on(fb, p, kind, error.shape)
 
-    def end_backward(self) -> BackwardReport:
+    def end_backward(self, loss: torch.Tensor | None = None) -> BackwardReport:
         """Close a backward: check that feedback fired (``mode="dfa"``) and reset the counters.
 
         A backward in which every block is frozen and nothing before them trains (the first epochs of Lightning's
         ``BackboneFinetuning``, a linear probe) trains the layers after the blocks by their own gradient, as
-        backprop does; it needs no feedback and is not refused.
+        backprop does; it needs no feedback and is not refused. Nor is a backward of its own after the model's (a
+        critic trained on detached outputs by a second ``manual_backward``): with ``loss`` given, a backward that
+        called no block since the last one and whose loss reaches no block, output or feedback point.
+
+        Args:
+            loss: the tensor this backward started from (the Lightning adapters pass it), or ``None``.
 
         Raises:
             RuntimeError: in ``mode="dfa"``, if no feedback reached the blocks in this backward, with the reason.
+
+        Example:
+            >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+            >>> critic, engine = nn.Linear(2, 1), FeedbackEngine()
+            >>> _ = engine.attach(net)
+            >>> logits = net(torch.randn(3, 4))
+            >>> logits.sum().backward()
+            >>> engine.end_backward().deliveries
+            1
+            >>> critic_loss = critic(logits.detach()).sum()  # the critic's own backward: nothing to deliver
+            >>> critic_loss.backward()
+            >>> engine.end_backward(critic_loss).deliveries
+            0
         """
         report, self.report = self.report, BackwardReport()
         self._group = None
@@ -455,9 +475,16 @@ class FeedbackEngine(ForwardHooks):
         if self.learned is not None:
             self.learned.step()
         if self.mode == "dfa" and self.attached and report.deliveries == 0 and self.target and self.target.blocks:
-            if not only_layers_after_frozen_blocks(self, report):
+            if not only_layers_after_frozen_blocks(self, report) and not self._unrelated(loss, report):
                 raise RuntimeError(explain_silence(self, report))
         return report
+
+    def _unrelated(self, loss: torch.Tensor | None, report: BackwardReport) -> bool:
+        """A backward that did not start from the model's graph (see :meth:`end_backward`)."""
+        if not isinstance(loss, torch.Tensor) or report.blocks_called or report.points_recorded or self.target is None:
+            return False
+        params = self.target.block_param_ids() | {id(p) for _, m in self.target.outputs for p in m.parameters()}
+        return not _reaches_feedback(loss, params)
 
     def loss_readers(self, loss: torch.Tensor) -> list[str]:
         """The blocks whose output ``loss`` reads directly, not only through an output module (a head on a middle

@@ -230,7 +230,12 @@ class ForwardHooks:
         return [] if g is None or not g.untied else g.points[-g.untied :]
 
     def _active(self) -> bool:
-        return torch.is_grad_enabled() and (self.mode != "bp" or self._capture is not None) and not _in_backward()
+        return (
+            torch.is_grad_enabled()
+            and not self._inert
+            and (self.mode != "bp" or self._capture is not None)
+            and not _in_backward()
+        )
 
     def _group_for(self, name: str) -> _Group:
         """The current forward's group; a block recorded again after an output was tied starts a new forward."""
@@ -310,7 +315,8 @@ class ForwardHooks:
         return _SoftCut.apply(self.layouts, tensor) if g.soft else tensor.detach()
 
     def _count_call(self) -> None:
-        if self.mode == "dfa" and not _in_backward():  # (with or without gradients: said when none reached a block)
+        # with or without gradients (said when none reached a block), but not in an evaluation loop
+        if self.mode == "dfa" and not _in_backward() and not self._inert:
             self.report.blocks_called += 1
 
     def _at_point(self, key: str, tensor: torch.Tensor | None, rebuild: Any, block: Block | None = None) -> Any:
@@ -506,7 +512,7 @@ class ForwardHooks:
         consumer (the point's feedback will pass through its Jacobian). Checked until the first delivery."""
         if self._consumers_complete and self._capture is None:
             return None
-        if not torch.is_grad_enabled() or _in_backward():
+        if not torch.is_grad_enabled() or _in_backward() or self._inert:
             return None
         tensor, _ = _split_input(args, kwargs)
         if tensor is None or not tensor.is_floating_point():
@@ -546,7 +552,7 @@ class ForwardHooks:
         """``cut_token_embedding``: a token embedding's output is detached in DFA's forwards (tied to the output
         module, its weights then learn from the output's true gradient only). Not while :meth:`capture` records a
         plain backprop forward."""
-        if self.mode != "dfa" or self._capture is not None or not torch.is_grad_enabled():
+        if self.mode != "dfa" or self._capture is not None or not torch.is_grad_enabled() or self._inert:
             return None
         tensor, rebuild = _split_main(output)
         if tensor is None or not tensor.requires_grad:
@@ -615,6 +621,31 @@ class ForwardHooks:
             yield cap
         finally:
             self._capture = previous
+            self._group = None
+
+    @contextlib.contextmanager
+    def inert(self) -> Iterator[None]:
+        """Run forwards as the plain model, with gradients: no point, cut or delivery, so that gradients taken inside
+        (a saliency map, an input-gradient metric in a validation step under ``torch.enable_grad()``) are the true
+        derivatives. The Lightning adapters wrap validation, test and predict in it.
+
+        Example:
+            >>> from lightning_dfa import FeedbackEngine
+            >>> net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))
+            >>> engine = FeedbackEngine()
+            >>> _ = engine.attach(net)
+            >>> x = torch.randn(4, 3, requires_grad=True)
+            >>> with engine.inert():
+            ...     saliency = torch.autograd.grad(net(x).sum(), x)[0]
+            >>> engine.detach()
+            >>> torch.equal(saliency, torch.autograd.grad(net(x).sum(), x)[0])
+            True
+        """
+        self._inert += 1
+        try:
+            yield
+        finally:
+            self._inert -= 1
             self._group = None
 
     def output_modules(self) -> list[tuple[str, nn.Module]]:

@@ -349,3 +349,32 @@ def test_views_of_the_layers_under_other_names_change_no_blocks() -> None:
         assert found["viewed"][1] == prefix + found["plain"][1]
         for n, g in found["plain"][2].items():
             torch.testing.assert_close(found["viewed"][2][prefix + n], g, rtol=0, atol=0)
+
+
+def test_an_output_named_where_discovery_found_a_block_keeps_the_blocks_before_it() -> None:
+    """Two Sequentials, the model and a critic registered after it: discovery runs one chain through both and takes
+    the model's head for a block. ``output=`` naming the head keeps the blocks before it (not the head, not the
+    critic's), and the model trains by feedback; an output that no block overlaps leaves the blocks as found."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+            self.critic = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.encoder(x)
+
+    torch.manual_seed(0)
+    net = Net()
+    first = FeedbackEngine()
+    found = [b.name for b in first.attach(net).blocks]
+    first.detach()
+    assert "encoder.4" in found and "critic.1" in found
+    engine = FeedbackEngine(output="encoder.4")
+    target = engine.attach(net)
+    assert [b.name for b in target.blocks] == ["encoder.1", "encoder.3"] and target.output_name == "encoder.4"
+    nn.functional.cross_entropy(net(torch.randn(4, 6)), torch.tensor([0, 1, 2, 0])).backward()
+    assert engine.end_backward().deliveries == 1
+    engine.detach()
+    assert [b.name for b in FeedbackEngine(output="critic.2").attach(net).blocks] == found[:-1] + ["critic.1"]

@@ -4,6 +4,7 @@ update, or the same run without the feature), never against the code under test 
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import subprocess
@@ -286,6 +287,93 @@ class TwoForwards(Net):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
         return nn.functional.cross_entropy(self(x[:4]), y[:4]) + 2 * nn.functional.cross_entropy(self(x[4:]), y[4:])
+
+
+class WithCritic(Net):
+    """Manual optimization: the model's loss, then a critic trained on the detached logits by a second
+    ``manual_backward`` (it predicts the per-item loss), each with its own optimizer."""
+
+    def __init__(self) -> None:
+        super().__init__(automatic=False)
+        self.critic = nn.Linear(3, 1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        model, critic = self.optimizers()
+        logits = self(x)
+        model.zero_grad()
+        self.manual_backward(nn.functional.cross_entropy(logits, y))
+        self.on_before_optimizer_step(model)
+        model.step()
+        target = nn.functional.cross_entropy(logits.detach(), y, reduction="none")
+        critic.zero_grad()
+        self.manual_backward(nn.functional.mse_loss(self.critic(logits.detach()).squeeze(-1), target))
+        critic.step()
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [torch.optim.SGD(self.net.parameters(), lr=self.lr), torch.optim.SGD(self.critic.parameters(), lr=0.1)]
+
+
+def test_a_critics_own_backward_after_the_models_is_not_refused() -> None:
+    """A second ``manual_backward`` whose loss reaches no block, output or point (a critic on detached logits) is a
+    backward of its own: DFA lets it through, the critic learns by its true gradient, and the model's steps equal the
+    plain engine's."""
+    model = WithCritic()
+    critic = nn.Linear(3, 1)
+    critic.load_state_dict(model.critic.state_dict())
+    # the critic, registered after the head and as wide as its output, runs on from the model's layers: discovery
+    # takes it for the output, and net.4 for a block; output= names the head, and the blocks before it remain
+    fit(model, loader(3), strategy=DFAStrategy(output="net.4", verbose=False), max_steps=6)  # two steps per batch
+    assert_weights_equal(model.net, engine_reference(3, loader(3)).net)
+    assert not torch.equal(model.critic.weight, critic.weight)
+    # a bypassed block is still refused: a loss that reaches the blocks' parameters but called no block
+    engine = FeedbackEngine()
+    net = mlp()
+    engine.attach(net)
+    loss = nn.functional.linear(torch.randn(2, 6), net[0].weight).sum()
+    loss.backward()
+    with pytest.raises(RuntimeError, match="no block was called"):
+        engine.end_backward(loss)
+
+
+class Saliency(Net):
+    """Validation and predict steps that take the loss's gradient with respect to the input under
+    ``torch.enable_grad()`` (a saliency map), each beside the same gradient of a plain copy of the model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def _saliency(self, net: nn.Module, batch: Any) -> torch.Tensor:
+        x, y = batch
+        with torch.enable_grad():
+            x = x.clone().requires_grad_(True)
+            return torch.autograd.grad(nn.functional.cross_entropy(net(x), y), x)[0]
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.pairs.append((self._saliency(self, batch), self._saliency(copy.deepcopy(self.net), batch)))
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.validation_step(batch, batch_idx)
+        return self.pairs[-1][0]
+
+
+@pytest.mark.parametrize("form", ["strategy", "callback"])
+def test_gradients_taken_in_validation_and_predict_are_the_true_derivatives(form: str) -> None:
+    """In the sanity check, in validation between training steps and in predict, a gradient taken under
+    ``torch.enable_grad()`` is the plain model's: DFA's hooks do nothing outside the training steps. Training is
+    the same as without those validation steps."""
+    model = Saliency()
+    kw: dict[str, Any] = {"callbacks": [DFA(verbose=False)], "strategy": "auto"} if form == "callback" else {}
+    trainer = pl.Trainer(**{**QUIET, "inference_mode": False, "max_steps": 4, "val_check_interval": 2,
+                            "limit_val_batches": 1, "num_sanity_val_steps": 1, "strategy": DFAStrategy(verbose=False),
+                            **kw})  # fmt: skip
+    trainer.fit(model, loader(4), loader(1))
+    trainer.predict(model, loader(1))
+    assert len(model.pairs) == 4  # sanity check, two validations, predict
+    for dfa, plain in model.pairs:
+        torch.testing.assert_close(dfa, plain, rtol=0, atol=0)
+    assert_weights_equal(model.net, engine_reference(4, loader(4)).net)
 
 
 def test_several_forwards_before_one_backward_each_get_their_feedback() -> None:
@@ -811,9 +899,23 @@ def test_callback_with_unsupported_strategy_fails_before_training() -> None:
     assert model.losses == [] and torch.equal(model.net[0].weight, before)
 
 
-def test_dfa_strategy_refuses_several_devices() -> None:
+def test_dfa_strategy_refuses_several_devices_and_nodes() -> None:
     with pytest.raises(ValueError, match="dfa_ddp"):
         pl.Trainer(strategy="dfa", accelerator="cpu", devices=2)
+    with pytest.raises(ValueError, match="num_nodes=2"):
+        pl.Trainer(strategy="dfa", accelerator="cpu", devices=1, num_nodes=2)
+
+
+def test_one_strategy_instance_serves_two_trainers() -> None:
+    """As Lightning's own single-device strategy (given no accelerator flag, which the instance then carries): the
+    second Trainer trains as a fresh one does."""
+    strategy = DFAStrategy(verbose=False)
+    first, second = Net(), Net()
+    flags = {k: v for k, v in QUIET.items() if k not in ("accelerator", "devices")}
+    for model in (first, second):
+        pl.Trainer(strategy=strategy, max_steps=3, **flags).fit(model, loader(3))
+    assert_weights_equal(first, second)
+    assert_weights_equal(second, engine_reference(3, loader(3)))
 
 
 def test_adapters_take_every_option_and_the_two_flavours_stay_identical() -> None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -106,6 +107,8 @@ class DFAFit:
         self._backprop_checked = False
         self._frozen_said = False
         self._heads: list[str] = []  # found at this step's loss, made outputs after its backward
+        self._loss: torch.Tensor | None = None  # the loss of the backward under way
+        self._evaluation: contextlib.ExitStack | None = None  # the callback form's evaluation loop under way
         self._attached_with: tuple[nn.Module, Any, Target | None] | None = None
 
     def attach(
@@ -168,10 +171,33 @@ class DFAFit:
         return bool(shapes)
 
     def detach(self) -> None:
+        self.end_evaluation()
         if self.engine is not None:
             self.engine.detach()
 
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Validation, test and predict steps: the model runs as the plain model, also where the step takes gradients
+        (``torch.enable_grad()`` for a saliency map), so that those are the true derivatives."""
+        if self.engine is None:
+            yield
+            return
+        with self.engine.inert():
+            yield
+
+    def start_evaluation(self) -> None:
+        """An evaluation loop starts (the callback form's hooks): :meth:`evaluating` until :meth:`end_evaluation`."""
+        if self._evaluation is None:
+            self._evaluation = contextlib.ExitStack()
+            self._evaluation.enter_context(self.evaluating())
+
+    def end_evaluation(self) -> None:
+        evaluation, self._evaluation = self._evaluation, None
+        if evaluation is not None:
+            evaluation.close()
+
     def before_backward(self, loss: Any, trainer: Any = None) -> None:
+        self._loss = loss if isinstance(loss, torch.Tensor) else None  # for end_backward, until after_backward
         if self.engine is not None and self.engine.attached and isinstance(loss, torch.Tensor):
             if not self._checked and self.engine.root is not None:
                 # checkpointing switched on after set-up (on_fit_start, on_train_start) is caught here
@@ -208,7 +234,8 @@ class DFAFit:
     def after_backward(self, trainer: Any) -> None:
         if self.engine is None or self.engine.target is None:
             return
-        report = self.engine.end_backward()
+        loss, self._loss = self._loss, None
+        report = self.engine.end_backward(loss)
         heads, self._heads = self._heads, []
         if heads:
             # heads on middle layers (an auxiliary classifier): their loss term trained them alone in this step;
@@ -326,6 +353,21 @@ class DFAStrategyMixin:
         return out
 
     @override
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self.dfa.evaluating():
+            return super().validation_step(*args, **kwargs)  # type: ignore[misc]
+
+    @override
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self.dfa.evaluating():
+            return super().test_step(*args, **kwargs)  # type: ignore[misc]
+
+    @override
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self.dfa.evaluating():
+            return super().predict_step(*args, **kwargs)  # type: ignore[misc]
+
+    @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
         checkpoint[CHECKPOINT_KEY] = self.dfa.state_dict()
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)  # type: ignore[misc]
@@ -427,6 +469,30 @@ class DFACallbackMixin:
         check_ddp_mode(engine, trainer.strategy, callback=True)
 
     @override
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        self.dfa.start_evaluation()
+
+    @override
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        self.dfa.end_evaluation()
+
+    @override
+    def on_test_start(self, trainer: Any, pl_module: Any) -> None:
+        self.dfa.start_evaluation()
+
+    @override
+    def on_test_end(self, trainer: Any, pl_module: Any) -> None:
+        self.dfa.end_evaluation()
+
+    @override
+    def on_predict_start(self, trainer: Any, pl_module: Any) -> None:
+        self.dfa.start_evaluation()
+
+    @override
+    def on_predict_end(self, trainer: Any, pl_module: Any) -> None:
+        self.dfa.end_evaluation()
+
+    @override
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
         self.dfa.before_backward(loss, trainer)
 
@@ -462,7 +528,8 @@ class DFACallbackMixin:
 
 
 class DFASingleDeviceMixin:
-    """Takes the device from the Trainer (``accelerator``/``devices``) and refuses more than one."""
+    """Takes the device from the Trainer (``accelerator``/``devices``) and refuses more than one, or several nodes.
+    Only a ``device=`` given to the strategy is reported to the next Trainer (an instance may serve several)."""
 
     _dfa_devices: list[torch.device] | None
     _root_device: torch.device
@@ -479,9 +546,20 @@ class DFASingleDeviceMixin:
                 f"DFA: strategy 'dfa' runs on one device but the Trainer asks for {len(devices)} ({devices}). "
                 "Use Trainer(strategy='dfa_ddp', devices=...) for several devices."
             )
-        self._dfa_devices = list(devices) if devices else None
         if devices:
             self._root_device = devices[0]
+
+    @property
+    def num_nodes(self) -> int:
+        return 1
+
+    @num_nodes.setter
+    def num_nodes(self, nodes: int) -> None:
+        if nodes > 1:
+            raise ValueError(
+                f"DFA: strategy 'dfa' runs in one process but the Trainer asks for {nodes} nodes, which would train "
+                f"{nodes} unsynchronised copies. Use Trainer(strategy='dfa_ddp', num_nodes={nodes}) for several nodes."
+            )
 
 
 class DFADDPMixin:
