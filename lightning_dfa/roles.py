@@ -98,12 +98,23 @@ def _output_width(module: nn.Module) -> int | None:
     return weights[-1].shape[0] if weights else None
 
 
+def _output_in_width(module: nn.Module) -> int | None:
+    """Features an output module reads: a Linear's ``in_features``, else the columns of its last 2-D weight."""
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    weights = [m.weight for m in module.modules() if isinstance(getattr(m, "weight", None), torch.Tensor)]
+    weights = [w for w in weights if w.dim() == 2]
+    return weights[-1].shape[1] if weights else None
+
+
 def token_embeddings(root: nn.Module, target: Target, tied: bool = True) -> list[tuple[str, nn.Module, bool]]:
     """The token embeddings of a model (the ``cut_token_embedding`` option): ``(name, module, tied)`` for each
     module other than the output modules (and those holding them) that is a lookup table over the vocabulary an
-    output predicts (an ``nn.Embedding`` with as many rows as the output has features), or whose trainable weights
-    all belong to an output module (``tied``: an input embedding tied to the head), and the ``nn.Embedding``
-    lookup tables registered beside one (learned positions, token types). In a Hugging Face model, the table is
+    output predicts (an ``nn.Embedding`` with as many rows as the output has features and as many columns as it
+    reads: a categorical feature of a classifier that merely has as many values as there are classes is no
+    vocabulary), or whose trainable weights all belong to an output module (``tied``: an input embedding tied to the
+    head), and the ``nn.Embedding`` lookup tables of the same width registered beside one (learned positions, token
+    types). In a Hugging Face model, the table is
     ``get_input_embeddings()`` and the modules sharing its weights, and only where ``get_output_embeddings()`` (a
     vocabulary head) is an output. ``tied=False`` leaves out the tables tied to an output (and the tables beside
     them).
@@ -126,6 +137,8 @@ def token_embeddings(root: nn.Module, target: Target, tied: bool = True) -> list
     """
     outputs = {id(p) for _, m in target.outputs for p in m.parameters() if p.requires_grad}
     widths = {_output_width(m) for _, m in target.outputs} - {None}
+    # (vocabulary, width) of a table over what an output predicts: as wide as what the output reads
+    shapes = {(_output_width(m), _output_in_width(m)) for _, m in target.outputs}
     heads = {id(m) for _, m in target.outputs}
     inside = {id(m) for _, o in target.outputs for m in o.modules()}
     hf = _find_hf_model(root)
@@ -153,14 +166,21 @@ def token_embeddings(root: nn.Module, target: Target, tied: bool = True) -> list
         if all(id(p) in outputs for p in own):
             if tied:
                 found.append((name, module, True))
-        elif isinstance(module, nn.Embedding) and module.num_embeddings in widths:
+        elif isinstance(module, nn.Embedding) and (
+            module.num_embeddings in widths
+            if tables is not None
+            else (module.num_embeddings, module.embedding_dim) in shapes
+        ):
             found.append((name, module, False))
-    # the lookup tables beside a token embedding (learned positions, token types) go with it
+    # the lookup tables beside a token embedding (learned positions, token types, added to it: of its width) go
+    # with it
     parents = {name.rpartition(".")[0] for name, _, _ in found}
     taken = {id(m) for _, m, _ in found}
+    dims = {m.weight.shape[-1] for _, m, _ in found if isinstance(getattr(m, "weight", None), torch.Tensor)}
     for name, module in root.named_modules():
         if (
             isinstance(module, nn.Embedding)
+            and (hf is not None or module.embedding_dim in dims)
             and id(module) not in taken
             and name.rpartition(".")[0] in parents
             and any(p.requires_grad for p in module.parameters(recurse=False))

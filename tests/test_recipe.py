@@ -153,6 +153,55 @@ def test_an_untied_token_embedding_keeps_its_initial_values() -> None:
         assert grads["model.embed_tokens.weight"].abs().sum() > 0, options
 
 
+class CharLM(nn.Module):
+    """A hand-written language model: token and position tables (no Hugging Face), two Linear+Tanh layers."""
+
+    def __init__(self, vocab: int, d: int) -> None:
+        super().__init__()
+        self.tokens, self.positions = nn.Embedding(vocab, d), nn.Embedding(16, d)
+        self.layers = nn.Sequential(nn.Linear(d, d), nn.Tanh(), nn.Linear(d, d), nn.Tanh())
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layers(self.tokens(ids) + self.positions(torch.arange(ids.shape[1]))))
+
+
+class Tabular(nn.Module):
+    """A classifier of 4 classes over two categorical features, one of which has 4 values too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weekday, self.store = nn.Embedding(4, 8), nn.Embedding(50, 8)
+        self.layers = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh())
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, cat: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layers(torch.cat([self.weekday(cat[:, 0]), self.store(cat[:, 1])], 1)))
+
+
+def test_a_table_is_a_vocabulary_when_the_output_predicts_and_reads_its_shape() -> None:
+    """A hand-written language model's token table (as many rows as the output predicts, as wide as it reads) is
+    cut, with the position table beside it; a classifier's categorical feature that merely has as many values as
+    there are classes is not, nor the feature beside it: both learn by feedback."""
+    torch.manual_seed(0)
+    lm, ids = CharLM(12, 16), torch.randint(0, 12, (2, 6))
+    engine = FeedbackEngine()
+    engine.attach(lm)
+    nn.functional.cross_entropy(lm(ids).flatten(0, 1), ids.flatten()).backward()
+    engine.end_backward()
+    assert [n for n, _, _ in engine._token_embeddings] == ["tokens", "positions"]
+    assert lm.tokens.weight.grad is None and lm.positions.weight.grad is None
+    engine.detach()
+    model, cat = Tabular(), torch.stack([torch.randint(0, 4, (8,)), torch.randint(0, 50, (8,))], 1)
+    engine = FeedbackEngine()
+    engine.attach(model)
+    nn.functional.cross_entropy(model(cat), cat[:, 0]).backward()
+    engine.end_backward()
+    assert engine._token_embeddings == [] and "no token embedding found" in "\n".join(engine.recipe_notes())
+    assert model.weekday.weight.grad.abs().sum() > 0 and model.store.weight.grad.abs().sum() > 0
+    engine.detach()
+
+
 def test_a_tied_token_embedding_learns_from_the_head_alone() -> None:
     torch.manual_seed(0)
     model = _gpt2()  # wte is tied to lm_head; wpe (learned positions) lies beside it
