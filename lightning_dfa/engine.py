@@ -51,6 +51,7 @@ from .delivery import (
     _Group,
     _nodes_before_outputs,
     _nodes_behind_outputs,
+    _parameters_reached,
     _reaches_feedback,
 )
 from .hooks import ForwardHooks
@@ -118,6 +119,7 @@ class FeedbackEngine(ForwardHooks):
         self.last_points: list[PointMeta] = []
         self._capture: Capture | None = None
         self._inert = 0  # inside inert(): the hooks do nothing (evaluation loops)
+        self._loss_measured = False  # the roles completed from a loss (end_backward)
         #: instruments: called as ``fn(error, points, feedback)`` after each delivery (the error, the points'
         #: :class:`PointMeta` and the feedback each received), e.g. to log or check the signal
         self.feedback_observers: list[Callable[[torch.Tensor, list[PointMeta], list[torch.Tensor]], None]] = []
@@ -477,7 +479,24 @@ class FeedbackEngine(ForwardHooks):
         if self.mode == "dfa" and self.attached and report.deliveries == 0 and self.target and self.target.blocks:
             if not only_layers_after_frozen_blocks(self, report) and not self._unrelated(loss, report):
                 raise RuntimeError(explain_silence(self, report))
+        if isinstance(loss, torch.Tensor) and not self._loss_measured and (report.deliveries or self.mode == "shallow"):
+            self._measure_loss_terms(loss)
         return report
+
+    def _measure_loss_terms(self, loss: torch.Tensor) -> None:
+        """Complete the measured roles (:meth:`parameter_roles`) from the first loss: the parameters it reaches
+        without crossing an output's delivery (a learned temperature applied after the output module, a bias added
+        after it) learn by their true gradient; in ``mode="shallow"``, every parameter it reaches does (the layers
+        after the blocks, heads on middle layers, a block's weights shared with a layer called after the last cut)."""
+        self._loss_measured = True
+        if self.target is None:
+            return
+        if self.mode == "shallow":
+            self._true_ids = _parameters_reached(loss)
+            return
+        variables = (getattr(node, "variable", None) for node in _nodes_before_outputs(loss))
+        reached = {id(v) for v in variables if isinstance(v, torch.Tensor)} - self.target.block_param_ids()
+        self._true_ids = (self._true_ids or set()) | reached
 
     def _unrelated(self, loss: torch.Tensor | None, report: BackwardReport) -> bool:
         """A backward that did not start from the model's graph (see :meth:`end_backward`)."""

@@ -91,7 +91,7 @@ class ForwardHooks:
             self.layouts = Layouts()
             self._consumers, self._norm_kinds, self._point_norms = {}, {}, set()
             self._consumers_complete = False
-            self._sources, self._true_ids = {}, None
+            self._sources, self._true_ids, self._loss_measured = {}, None, False
         self.root, self.target = root, target
         self._flatten = {b.name for b in target.blocks if _has_conv(b)}
         self._cut = chooses_cut(self, root, target)

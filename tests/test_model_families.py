@@ -765,6 +765,48 @@ def test_bart_roles_follow_the_data_flow() -> None:
     assert engine.role_of(model.lm_head.weight) == "true gradient"
 
 
+class SharedBetween(nn.Module):
+    """Three blocks with one layer, registered after them, applied between them; a learned temperature applied
+    after the output module; an auxiliary head registered after the output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3)])
+        self.shared = nn.Linear(8, 8)
+        self.out, self.aux = nn.Linear(8, 3), nn.Linear(8, 3)
+        self.log_temperature = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        for i, block in enumerate(self.blocks):
+            x = block(x) if i == 0 else block(self.shared(x))
+        return self.out(x) * self.log_temperature.exp(), self.aux(x)
+
+
+@pytest.mark.parametrize("mode", ["dfa", "shallow"])
+def test_the_roles_measured_at_the_first_backward_follow_the_loss(mode: str) -> None:
+    """After the first backward the roles say what each parameter got: a temperature applied after the output
+    module learns by its true gradient; in shallow mode so do the heads and nothing before the last cut (the layer
+    shared between the blocks gets no gradient); in DFA mode that layer gets feedback."""
+    torch.manual_seed(0)
+    net = SharedBetween()
+    engine = FeedbackEngine(mode=mode, output=["out", "aux"])
+    engine.attach(net)
+    x, y = torch.randn(6, 8), torch.randint(0, 3, (6,))
+    out, aux = net(x)
+    loss = F.cross_entropy(out, y) + F.cross_entropy(aux, y)
+    loss.backward()
+    engine.end_backward(loss)
+    got = {n: ("true gradient" if p.grad is not None and p.grad.abs().sum() > 0 else "none") for n, p in
+           net.named_parameters()}  # fmt: skip
+    assert got["log_temperature"] == engine.role_of(net.log_temperature) == "true gradient"
+    for name in ("aux.weight", "out.weight"):
+        assert got[name] == engine.role_of(net.get_parameter(name)) == "true gradient"
+    shared = engine.role_of(net.shared.weight)
+    assert shared == ("none" if mode == "shallow" else "feedback")
+    assert (got["shared.weight"] == "none") == (mode == "shallow")
+    engine.detach()
+
+
 @pytest.mark.parametrize("order", [("student", "teacher"), ("teacher", "student")])
 def test_a_frozen_teacher_beside_the_student_is_neither_blocks_nor_the_output(order: tuple[str, str]) -> None:
     """Distillation: a frozen teacher network (larger than the student, registered before or after it) is left
