@@ -36,6 +36,7 @@ character and ``[...]`` a character class (``"layers.[0-3]"``).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 from torch import nn
@@ -271,7 +272,7 @@ def _discover(root: nn.Module, blocks: BlockSpec, output: str | None, placement:
                 f"DFA: blocks={blocks!r} matched no module of {type(root).__name__}. Module names look like "
                 f"{names} ...; use qualified names, glob patterns ('transformer.h.*') or module classes."
             )
-        found_blocks = _blocks_from_modules(found)
+        found_blocks = _grown_to_their_layers(root, _blocks_from_modules(found))
         if output is None:
             inferred = _hf_target(root, "macro") or _sequential_target(root) or _module_list_target(root)
             if inferred is not None and not any(inferred.output_name == b.name for b in found_blocks):
@@ -326,6 +327,42 @@ def _discover(root: nn.Module, blocks: BlockSpec, output: str | None, placement:
                 target.head_input_point,
             )
     return target
+
+
+def _grown_to_their_layers(root: nn.Module, blocks: list[Block]) -> list[Block]:
+    """Named blocks without parameters of their own (an activation, as the summary lists an ``nn.Sequential``'s
+    Linear+Tanh group) take in the layer before them in their ``nn.Sequential`` and what lies between, as discovery's
+    groups do: the feedback then lands on the activation's output, through its derivative, and the layer's input is
+    cut. Otherwise the block's own input would be cut, and its output carry no gradient to the layer.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+        >>> [(b.name, type(b.entry).__name__) for b in _grown_to_their_layers(net, _blocks_from_modules(
+        ...     [("1", net[1]), ("3", net[3])]))]
+        [('1', 'Linear'), ('3', 'Linear')]
+    """
+    named = {id(b.exit) for b in blocks}
+    out = []
+    for block in blocks:
+        parent_name, _, child = block.name.rpartition(".")
+        parent = root.get_submodule(parent_name) if parent_name or block.name else None
+        if _has_params(block.exit) or not isinstance(parent, nn.Sequential):
+            out.append(block)
+            continue
+        children = list(parent.named_children())
+        at = next((i for i, (n, _) in enumerate(children) if n == child), None)
+        group = [block.exit]
+        for _, module in reversed(children[:at] if at is not None else []):
+            if id(module) in named:
+                break
+            group.insert(0, module)
+            if _has_params(module):
+                break
+        if len(group) == 1 or not _has_params(group[0]):
+            out.append(block)
+            continue
+        out.append(dataclasses.replace(block, entry=group[0], members=tuple(group)))
+    return out
 
 
 def _blocks_before(root: nn.Module, blocks: list[Block], output: str) -> list[Block]:

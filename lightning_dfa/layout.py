@@ -66,6 +66,12 @@ class Layouts:
         if point.state is not None:
             return state_fit(error, shape, point, output)
         kind = fit(error, shape, point.flatten)
+        if kind is None and not point.flatten and len(error) == len(shape) == 3:
+            if error[1] == shape[1] and error[0] != shape[1]:
+                # a sequence-first point and a sequence-first error of other lengths (the encoder of an nn.LSTM or
+                # nn.Transformer seq2seq run [positions, batch, d]): the items along the second dimension, so the
+                # error's mean over its positions, broadcast over the point's
+                return "mean_first", error[-1], shape[-1]
         if kind is None and len(error) == 2 and len(shape) == 2 and error[0] < shape[0] and not point.flatten:
             raise RuntimeError(
                 f"DFA: the error at the output module {output!r} has one row per item ({list(error)}), and feedback "
@@ -308,7 +314,9 @@ def laid_on(fb: torch.Tensor, point: PointMeta, kind: str, error: torch.Size) ->
         assert j is not None
         fb = fb.reshape(*shape[:j], *([1] * (len(shape) - 1 - j)), d).expand(shape)
     elif kind in STATE_KINDS:
-        fb = fb if len(shape) == 2 else fb.unsqueeze(1).expand(shape)
+        # (a state point is recorded batch first; a sequence-first encoder point has its items second)
+        across = kind == "mean_first" and point.state is None
+        fb = fb if len(shape) == 2 else (fb.unsqueeze(0) if across else fb.unsqueeze(1)).expand(shape)
     elif fb.shape != shape:  # "flatten", or "token" with the positions flattened on one side
         fb = fb.reshape(shape)
     if point.layout == "swapped":

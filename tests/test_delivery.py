@@ -996,3 +996,27 @@ def test_self_attention_reading_one_tensor_three_times_is_cut_at_all_three() -> 
         assert engine.target.source == "layer_inputs" and engine.blocks_crossed == []
         grads.append(net.inp.weight.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_an_encoders_input_of_other_length_is_fed_the_items_mean_error_either_layout(batch_first: bool) -> None:
+    """The source table's output, the encoder's input point (kept with ``cut_token_embedding=False``), has the
+    source's length, not the decoder's: it is fed each item's error averaged over the decoder's positions, at each of
+    its positions, batch first or sequence first ([positions, batch, d] against a [positions, batch, vocabulary]
+    error)."""
+    torch.manual_seed(0)
+    net = AttentionSeq2Seq(batch_first)
+    src, tgt = torch.randint(0, 12, (4, 7)), torch.randint(0, 12, (4, 5))
+
+    def loss(n: nn.Module, detach: bool = False) -> torch.Tensor:
+        return F.cross_entropy(n(src, tgt, detach).flatten(0, 1), tgt.flatten())
+
+    engine = _checked_step(net, loss, seed=3, cut_token_embedding=False)
+    assert "encoder:in" in [p.key for p in engine.last_points]
+    got = net.src.weight.grad.clone()
+    logits = net(src, tgt, detach=True)
+    rows = torch.autograd.grad(F.cross_entropy(logits.flatten(0, 1), tgt.flatten()), logits)[0].mean(dim=1)
+    feedback = rows @ engine.bank.matrix(12, 16, torch.device("cpu"), torch.float32).t() / 4.0  # [batch, 16]
+    table = net.src(src if batch_first else src.t())
+    at_input = (feedback.unsqueeze(1) if batch_first else feedback.unsqueeze(0)).expand_as(table)
+    torch.testing.assert_close(got, torch.autograd.grad(table, net.src.weight, at_input)[0])

@@ -378,3 +378,26 @@ def test_an_output_named_where_discovery_found_a_block_keeps_the_blocks_before_i
     assert engine.end_backward().deliveries == 1
     engine.detach()
     assert [b.name for b in FeedbackEngine(output="critic.2").attach(net).blocks] == found[:-1] + ["critic.1"]
+
+
+def test_blocks_named_as_the_summary_lists_them_give_the_discovered_feedback() -> None:
+    """The summary lists an ``nn.Sequential``'s Linear+Tanh groups by their activations (``'1'``, ``'3'``): naming
+    those as ``blocks=`` gives the discovered groups' gradients (feedback through the activation's derivative), not
+    feedback at the activations' inputs (which ``blocks=['0', '2']`` asks for)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+
+    def grads(**options: object) -> list[torch.Tensor]:
+        engine = FeedbackEngine(**options)
+        engine.attach(net)
+        net.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        assert engine.end_backward().deliveries == 1
+        engine.detach()
+        return [p.grad.clone() for p in net.parameters()]
+
+    found, named, layers = grads(), grads(blocks=["1", "3"], output="4"), grads(blocks=["0", "2"], output="4")
+    for a, b in zip(found, named):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.allclose(found[0], layers[0])
