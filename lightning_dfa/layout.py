@@ -69,8 +69,9 @@ class Layouts:
         if kind is None and not point.flatten and len(error) == len(shape) == 3:
             if error[1] == shape[1] and error[0] != shape[1]:
                 # a sequence-first point and a sequence-first error of other lengths (the encoder of an nn.LSTM or
-                # nn.Transformer seq2seq run [positions, batch, d]): the items along the second dimension, so the
-                # error's mean over its positions, broadcast over the point's
+                # nn.Transformer seq2seq run [positions, batch, d]; a batch-first error, its items first, is the
+                # swapped layout's): the items along the second dimension, so the error's mean over its positions,
+                # broadcast over the point's
                 return "mean_first", error[-1], shape[-1]
         if kind is None and len(error) == 2 and len(shape) == 2 and error[0] < shape[0] and not point.flatten:
             raise RuntimeError(

@@ -89,22 +89,14 @@ def params_after_blocks(root: nn.Module, target: Target) -> set[int]:
     return after
 
 
-def _output_width(module: nn.Module) -> int | None:
-    """Features an output module produces: a Linear's ``out_features``, else the rows of its last 2-D weight."""
+def _output_shape(module: nn.Module) -> tuple[int, int] | None:
+    """Features an output module produces and reads: a Linear's ``out_features`` and ``in_features``, else the rows
+    and columns of its last 2-D weight."""
     if isinstance(module, nn.Linear):
-        return module.out_features
+        return module.out_features, module.in_features
     weights = [m.weight for m in module.modules() if isinstance(getattr(m, "weight", None), torch.Tensor)]
     weights = [w for w in weights if w.dim() == 2]
-    return weights[-1].shape[0] if weights else None
-
-
-def _output_in_width(module: nn.Module) -> int | None:
-    """Features an output module reads: a Linear's ``in_features``, else the columns of its last 2-D weight."""
-    if isinstance(module, nn.Linear):
-        return module.in_features
-    weights = [m.weight for m in module.modules() if isinstance(getattr(m, "weight", None), torch.Tensor)]
-    weights = [w for w in weights if w.dim() == 2]
-    return weights[-1].shape[1] if weights else None
+    return (weights[-1].shape[0], weights[-1].shape[1]) if weights else None
 
 
 def token_embeddings(root: nn.Module, target: Target, tied: bool = True) -> list[tuple[str, nn.Module, bool]]:
@@ -136,9 +128,9 @@ def token_embeddings(root: nn.Module, target: Target, tied: bool = True) -> list
         [('emb', True), ('pos', False)]
     """
     outputs = {id(p) for _, m in target.outputs for p in m.parameters() if p.requires_grad}
-    widths = {_output_width(m) for _, m in target.outputs} - {None}
     # (vocabulary, width) of a table over what an output predicts: as wide as what the output reads
-    shapes = {(_output_width(m), _output_in_width(m)) for _, m in target.outputs}
+    shapes = {shape for _, m in target.outputs if (shape := _output_shape(m)) is not None}
+    widths = {rows for rows, _ in shapes}
     heads = {id(m) for _, m in target.outputs}
     inside = {id(m) for _, o in target.outputs for m in o.modules()}
     hf = _find_hf_model(root)
