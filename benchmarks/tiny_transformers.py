@@ -265,6 +265,11 @@ def train(name: str, mode: str, options: dict[str, Any] | None = None, seed: int
         return task.loss(model, test).item()
 
 
+def _share_text(share: float) -> str:
+    """A share of the gap as the table gives it; a loss that diverged to NaN as such."""
+    return "diverged (NaN)" if math.isnan(share) else f"{share:.0%}"
+
+
 def closed_share(bp: float, dfa: float, shallow: float) -> float:
     """The share of the shallow -> backprop gap that DFA closes."""
     return (shallow - dfa) / (shallow - bp)
@@ -339,6 +344,10 @@ MORE: dict[str, Task] = {
                                                                      **_NO_DROP)), "mlm", (8, 128, 3e-3)),
         ("deberta_v2", lambda s: hf.DebertaV2ForMaskedLM(hf.DebertaV2Config(**{**_common(s), **_MLM_VOCAB},
                                                                             **_NO_DROP)), "mlm", (8, 128, 3e-3)),
+        # its default NoNorm: an elementwise affine where a LayerNorm would be
+        ("mobilebert", lambda s: hf.MobileBertForMaskedLM(hf.MobileBertConfig(
+            **{**_common(s), **_MLM_VOCAB}, embedding_size=D // 2, intra_bottleneck_size=D // 2,
+            true_hidden_size=D // 2, **_NO_DROP)), "mlm", (8, 128, 3e-3)),
         ("bart", lambda s: hf.BartForConditionalGeneration(hf.BartConfig(**_reversal_config(s))), "reverse",
          (16, 32, 1e-3)),
         ("marian", lambda s: hf.MarianMTModel(hf.MarianConfig(**_reversal_config(s), decoder_vocab_size=VOCAB + 3)),
@@ -430,8 +439,8 @@ def render(records: list[dict[str, Any]], machine: dict[str, Any]) -> str:
         def mean(f: Callable[[dict[str, Any]], float], rs: list[dict[str, Any]] = rs) -> float:
             return sum(f(r) for r in rs) / len(rs)
 
-        share = " / ".join(f"{r['closed']:.0%}" for r in rs)
-        plain = " / ".join(f"{r['closed_paper']:.0%}" for r in rs)
+        share = " / ".join(_share_text(r["closed"]) for r in rs)
+        plain = " / ".join(_share_text(r["closed_paper"]) for r in rs)
         lines.append(
             f"| {name} (`{rs[0]['class']}`) | {_TASK_TEXT[rs[0]['task']]} | {'yes' if rs[0]['tied_head'] else 'no'} | "
             f"{', '.join(str(r['seed']) for r in rs)} | {mean(lambda r: r['test_loss']['bp']):.3f} | "

@@ -143,6 +143,14 @@ def explain_silence(engine: Any, report: Any) -> str:
         )
     if report.points_recorded == 0 and report.blocks_called == 0 and engine.target and engine.target.blocks:
         first = engine.target.blocks[0]
+        if isinstance(first.exit, (nn.ModuleList, nn.ModuleDict)):  # a container: only its elements are called
+            pattern = re.sub(r"\.\d+$", ".*", first.name) + ".*"
+            return (
+                f"DFA: no feedback reached the blocks in this backward: the blocks {names[:6]}... are containers "
+                f"({type(first.exit).__name__}), whose forward is never called: the code iterates over them and calls "
+                f"their elements. Pass blocks= naming the elements, e.g. blocks=[{pattern!r}], or use mode='shallow' "
+                "if only the layers after the blocks should learn."
+            )
         inner = [n for n, c in first.exit.named_children() if any(True for _ in c.parameters())]
         pattern = re.sub(r"\.\d+$", ".*", first.name) + (f".{inner[-1]}" if inner else ".<layer>")
         return (

@@ -244,7 +244,8 @@ def discover(
     if not all(isinstance(o, str) for o in outputs):
         raise TypeError(f"DFA: output must be a module name or a list of them, got {output!r}.")
     target = _discover(root, blocks, outputs[0] if outputs else None, placement)
-    target.extra_outputs = [(n, _get_output(root, n)) for n in outputs[1:]]
+    if outputs:  # the outputs named; else those discovery found beside the output (heads in a ModuleDict)
+        target.extra_outputs = [(n, _get_output(root, n)) for n in outputs[1:]]
     for name, _ in target.outputs:
         if any(b.name == name or b.name.startswith(name + ".") for b in target.blocks):
             raise ValueError(

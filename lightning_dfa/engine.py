@@ -54,6 +54,7 @@ from .delivery import (
     _parameters_reached,
     _reaches_feedback,
 )
+from .discovery import _find_hf_model
 from .hooks import ForwardHooks
 from .layout import Layouts, PointMeta, error_rows, laid_on, laid_out
 from .learned import LearnedFeedback
@@ -63,6 +64,7 @@ from .projectors.bank import FeedbackBank
 from .projectors.base import class_name, mix, project_rows
 from .projectors.random import default_distribution
 from .recipe import recipe_notes
+from .registry import UNNORMALISED
 from .roles import parameter_roles, role_of
 from .sharding import _WRAPPED
 
@@ -74,6 +76,15 @@ _LEARNABLE = ("token", "flatten")
 
 
 # ---------------------------------------------------------------------------------------------- engine
+
+
+def _unnormalised_model_type(root: nn.Module) -> str | None:
+    """``config.model_type`` of the Hugging Face model in ``root`` if its config says its blocks keep no
+    normalisation (:data:`lightning_dfa.registry.UNNORMALISED`), else ``None``."""
+    hf = _find_hf_model(root)
+    config = getattr(hf[1], "config", None) if hf is not None else None
+    rule = UNNORMALISED.get(getattr(config, "model_type", None) or "")
+    return config.model_type if rule is not None and getattr(config, rule[0], None) == rule[1] else None
 
 
 class FeedbackEngine(ForwardHooks):
@@ -119,6 +130,7 @@ class FeedbackEngine(ForwardHooks):
         self.last_points: list[PointMeta] = []
         self._capture: Capture | None = None
         self._inert = 0  # inside inert(): the hooks do nothing (evaluation loops)
+        self._unnormalised: str | None = None  # see the property
         self._loss_measured = False  # the roles completed from a loss (end_backward)
         #: instruments: called as ``fn(error, points, feedback)`` after each delivery (the error, the points'
         #: :class:`PointMeta` and the feedback each received), e.g. to log or check the signal
@@ -268,7 +280,16 @@ class FeedbackEngine(ForwardHooks):
         does: ``norm_jacobian=None`` with the ``"auto"`` recipe), ``"layernorm"`` (``norm_jacobian=True``: at every
         point) or ``"off"``."""
         chosen = self.config.chosen("norm_jacobian")
-        return "consumer" if chosen is None else ("layernorm" if chosen else "off")
+        if chosen is None:
+            return "layernorm" if self.unnormalised else "consumer"
+        return "layernorm" if chosen else "off"
+
+    @property
+    def unnormalised(self) -> str | None:
+        """The ``config.model_type`` of the attached Hugging Face model where its blocks keep no normalisation
+        (:data:`lightning_dfa.registry.UNNORMALISED`): the ``"auto"`` recipe then gives every point the LayerNorm
+        Jacobian. ``None`` otherwise."""
+        return self._unnormalised
 
     def recipe_notes(self) -> list[str]:
         """One line per choice of the recipe in force, and why (see :func:`lightning_dfa.recipe.recipe_notes`)."""
@@ -286,6 +307,7 @@ class FeedbackEngine(ForwardHooks):
             reconcile(self.config, saved)
         if (self.bank.seed, self.bank.distribution) != (self.config.seed, self.config.distribution):
             self.bank = FeedbackBank(self.config.seed, self.config.distribution)
+        self._unnormalised = _unnormalised_model_type(root)
         if root is not self.root:  # heads found on another model; a loaded checkpoint's apply to this one
             self._heads = self._saved_heads or []
         self._saved_heads = None

@@ -54,7 +54,12 @@ def recipe_notes(engine: Any) -> list[str]:
     if engine.mode != "dfa":
         return lines + [f"mode {engine.mode!r}: no feedback is delivered"]
     norm = engine.norm_feedback
-    if norm == "layernorm":
+    if norm == "layernorm" and cfg.chosen("norm_jacobian") is None:
+        lines.append(
+            f"norm-aware feedback: a parameter-free LayerNorm Jacobian at every point ({engine.unnormalised}'s blocks "
+            "keep no normalisation here; fed raw, the feedback lets its activations grow until they overflow)"
+        )
+    elif norm == "layernorm":
         lines.append("norm-aware feedback: a parameter-free LayerNorm Jacobian at every point (norm_jacobian=True)")
     elif norm == "off":
         lines.append("norm-aware feedback: off")

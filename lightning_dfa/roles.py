@@ -70,23 +70,35 @@ def _kept_tables(engine: Any) -> set[int]:
 
 
 def params_after_blocks(root: nn.Module, target: Target) -> set[int]:
-    """``id`` of the parameters registered after the last block and outside every block (the tail). Blocks are
-    found in ``root`` by identity, not by name, so a wrapped model (FSDP, activation checkpointing: other names,
-    the same modules) has the same tail."""
+    """``id`` of the parameters registered after the last block and outside every block (the tail), and those of
+    the module holding an output module where it holds no block (a head registered before the blocks, as
+    XLM-RoBERTa's ``lm_head``: its transform lies after the blocks in the data flow). Blocks are found in ``root``
+    by identity, not by name, so a wrapped model (FSDP, activation checkpointing: other names, the same modules)
+    has the same tail."""
     if not target.blocks:
         return set()
     position = {id(m): i for i, m in enumerate(root.modules())}
     last = max(position.get(id(m), -1) for b in target.blocks for m in (b.exit, b.entry))
     inside = {id(m) for b in target.blocks for m in b.exit.modules()}
     block_ids = target.block_param_ids()
+    heads = [m for m in (_holder(root, out) for _, out in target.outputs) if m is not None]
+    in_heads = {id(m) for h in heads if not any(id(m) in inside for m in h.modules()) for m in h.modules()}
     after: set[int] = set()
     for module in root.modules():
-        if position[id(module)] <= last or id(module) in inside:
+        if (position[id(module)] <= last and id(module) not in in_heads) or id(module) in inside:
             continue
         for p in module.parameters(recurse=False):
             if id(p) not in block_ids:
                 after.add(id(p))
     return after
+
+
+def _holder(root: nn.Module, module: nn.Module) -> nn.Module | None:
+    """The module that holds ``module`` as a child (``None``: the root holds it, or it is not in ``root``)."""
+    for parent in root.modules():
+        if parent is not root and any(child is module for child in parent.children()):
+            return parent
+    return None
 
 
 def _output_shape(module: nn.Module) -> tuple[int, int] | None:

@@ -201,6 +201,12 @@ def _sequential_target(root: nn.Module, exclude: Sequence[str] = ()) -> Target |
         if after is not None:
             whole = sequential_groups(seq, name, whole=True)
             blocks = whole[0] if whole else []
+            # a recurrent layer after the features (a convolutional front-end before an LSTM) is a block when a
+            # layer follows it, which is then the output
+            following = _module_after(root, after[0], order, skip=aside)
+            while isinstance(after[1], nn.RNNBase) and following is not None:
+                blocks.append(Block(after[0], after[1], after[1]))
+                after, following = following, _module_after(root, following[0], order, skip=aside)
             out_name = after[0]
             if isinstance(after[1], nn.Sequential):  # its last layer is the output (a Sigmoid after it is the loss's)
                 tail = sequential_groups(after[1], after[0])
@@ -341,7 +347,7 @@ def _module_list_target(root: nn.Module, min_len: int = 2, composite: bool = Fal
     if best is None:
         return None
     name, mlist, _ = best
-    lists = [(name, mlist)]
+    lists = _sibling_lists(root, name, mlist)
     if composite and _is_transformer_stack(mlist):
         # an encoder-decoder (``nn.Transformer``): every stack of Transformer layers holds blocks, not only the
         # largest (the encoder would otherwise learn only through the decoder's cross-attention)
@@ -350,7 +356,7 @@ def _module_list_target(root: nn.Module, min_len: int = 2, composite: bool = Fal
                 _is_layer_list(olist, min_len)
                 and other != name
                 and _is_transformer_stack(olist)
-                and not any(other.startswith(n + ".") or n.startswith(other + ".") for n, _ in lists)
+                and not any(other == n or other.startswith(n + ".") or n.startswith(other + ".") for n, _ in lists)
             ):
                 lists.append((other, olist))
         order = _module_order(root)
@@ -360,6 +366,28 @@ def _module_list_target(root: nn.Module, min_len: int = 2, composite: bool = Fal
     if leaf is None:
         return None
     return Target(blocks, leaf[0], leaf[1], "module_list")
+
+
+def _sibling_lists(root: nn.Module, name: str, mlist: nn.ModuleList) -> list[tuple[str, nn.ModuleList]]:
+    """The layer list ``name`` and, where it is one element of a list of such lists (``layers = ModuleList([
+    ModuleList([attention, feed_forward]) for _ in range(depth)])``, iterated as ``for attn, ff in self.layers``),
+    every element of the outer list: each layer of the network, not only the first one's sublayers.
+
+    Example:
+        >>> net = nn.Module()
+        >>> net.layers = nn.ModuleList([nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)]) for _ in range(3)])
+        >>> [n for n, _ in _sibling_lists(net, "layers.0", net.layers[0])]
+        ['layers.0', 'layers.1', 'layers.2']
+    """
+    parent_name, _, _ = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    shape = [type(m) for m in mlist]
+    if not isinstance(parent, nn.ModuleList) or not all(
+        isinstance(m, nn.ModuleList) and [type(c) for c in m] == shape for m in parent
+    ):
+        return [(name, mlist)]
+    join = f"{parent_name}." if parent_name else ""
+    return [(f"{join}{i}", m) for i, m in enumerate(parent)]
 
 
 def _is_layer_list(mlist: nn.Module, min_len: int) -> bool:
@@ -455,5 +483,22 @@ def _layer_inputs_target(root: nn.Module) -> Target | None:
     if len(layers) < 2:
         return None
     *hidden, (out_name, out) = layers
-    blocks = [Block(n, m, m, output_point=False) for n, m in hidden]
-    return Target(blocks, out_name, out, "layer_inputs", head_input_point=True)
+    heads = _sibling_heads(root, hidden, out_name, out)
+    blocks = [Block(n, m, m, output_point=False) for n, m in hidden if (n, m) not in heads]
+    return Target(blocks, out_name, out, "layer_inputs", head_input_point=True, extra_outputs=heads)
+
+
+def _sibling_heads(
+    root: nn.Module, layers: list[tuple[str, nn.Module]], out_name: str, out: nn.Module
+) -> list[tuple[str, nn.Module]]:
+    """The layers beside the output in an ``nn.ModuleDict`` of heads (a multi-task model that picks its head by the
+    batch's task), of its class and reading its width: outputs too, each an error source, not blocks."""
+    parent_name, _, _ = out_name.rpartition(".")
+    if not parent_name or not isinstance(root.get_submodule(parent_name), nn.ModuleDict):
+        return []
+    width = getattr(out, "in_features", None)
+    return [
+        (n, m)
+        for n, m in layers
+        if n.rpartition(".")[0] == parent_name and type(m) is type(out) and getattr(m, "in_features", None) == width
+    ]

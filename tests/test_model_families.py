@@ -1030,3 +1030,124 @@ def test_lightnings_demo_lstm_gets_feedback_at_its_recurrent_layers() -> None:
     engine = check_true_dfa(net, lambda n: F.nll_loss(n(ids[:, :-1], state)[0], ids[:, 1:].flatten()))
     assert "rnn" in [b.name for b in engine.target.blocks]
     assert [n for n, _ in engine.output_modules()] == ["decoder"]
+
+
+class PreNorm(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.norm, self.fn = nn.LayerNorm(d), nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(self.norm(x))
+
+
+class ListOfLists(nn.Module):
+    """A Transformer written as vit-pytorch writes it: a list of ``[attention, feed-forward]`` lists, the residual
+    adds in the parent's loop."""
+
+    def __init__(self, d: int = 16, depth: int = 3) -> None:
+        super().__init__()
+        self.inp = nn.Linear(8, d)
+        self.layers = nn.ModuleList([nn.ModuleList([PreNorm(d), PreNorm(d)]) for _ in range(depth)])
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inp(x)
+        for attn, ff in self.layers:
+            x = attn(x) + x
+            x = ff(x) + x
+        return self.head(x)
+
+
+def test_a_list_of_layer_lists_makes_every_sublayer_a_block_and_naming_the_lists_says_why_not() -> None:
+    """Every layer's sublayers are blocks (not only the first layer's, which left the others to backprop), each
+    learning by feedback; ``blocks=['layers.*']`` names containers that are never called, and the error says to
+    name their elements."""
+    torch.manual_seed(0)
+    net, x, y = ListOfLists(), torch.randn(16, 8), torch.randint(0, 3, (16,))
+    F.cross_entropy(net(x), y).backward()
+    bp = {n: p.grad.clone() for n, p in net.named_parameters()}
+    net.zero_grad()
+    engine = FeedbackEngine()
+    target = engine.attach(net)
+    assert [b.name for b in target.blocks] == [f"layers.{i}.{j}" for i in range(3) for j in range(2)]
+    loss = F.cross_entropy(net(x), y)
+    loss.backward()
+    assert engine.end_backward(loss).deliveries == 1
+    engine.detach()
+    for name, p in net.named_parameters():
+        if name.startswith("layers.") and name.endswith("weight") and ".norm." not in name:
+            assert not torch.allclose(p.grad, bp[name]), name
+    torch.testing.assert_close(net.head.weight.grad, bp["head.weight"])
+    engine = FeedbackEngine(blocks=["layers.*"], output="head")
+    engine.attach(net)
+    loss = F.cross_entropy(net(x), y)
+    loss.backward()
+    with pytest.raises(RuntimeError, match=r"containers \(ModuleList\).*'layers\.\*\.\*'"):
+        engine.end_backward(loss)
+    engine.detach()
+
+
+class TaskHeads(nn.Module):
+    """A multi-task net whose step picks its head by the batch's task (``nn.ModuleDict`` of heads)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(10, 16), nn.Linear(16, 16)
+        self.heads = nn.ModuleDict({"cls": nn.Linear(16, 4), "reg": nn.Linear(16, 2)})
+
+    def forward(self, x: torch.Tensor, task: str) -> torch.Tensor:
+        return self.heads[task](torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
+
+
+def test_heads_in_a_module_dict_picked_per_batch_are_all_outputs() -> None:
+    """Every head of the dict is an output (an error source), not the last one alone with the others taken for
+    blocks: a step of either task delivers its head's error to the blocks."""
+    torch.manual_seed(0)
+    net = TaskHeads()
+    engine = FeedbackEngine()
+    target = engine.attach(net)
+    assert [b.name for b in target.blocks] == ["fc1", "fc2"]
+    assert {n for n, _ in target.outputs} == {"heads.cls", "heads.reg"}
+    x = torch.randn(8, 10)
+    for task, loss_of in (("cls", lambda o: F.cross_entropy(o, torch.randint(0, 4, (8,)))),
+                          ("reg", lambda o: F.mse_loss(o, torch.randn(8, 2)))):  # fmt: skip
+        net.zero_grad()
+        loss = loss_of(net(x, task))
+        loss.backward()
+        assert engine.end_backward(loss).deliveries == 1, task
+        assert net.fc1.weight.grad.abs().sum() > 0
+    engine.detach()
+
+
+class ConvThenLSTM(nn.Module):
+    """A speech-style tagger: a convolutional front-end (an ``nn.Sequential`` ending in an activation), an LSTM and a
+    Linear, registered as attributes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv1d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv1d(16, 16, 3, padding=1), nn.ReLU())
+        self.lstm = nn.LSTM(16, 32, batch_first=True)
+        self.out = nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.lstm(self.conv(x.transpose(1, 2)).transpose(1, 2))[0])
+
+
+def test_a_recurrent_layer_after_a_convolutional_front_end_is_a_block() -> None:
+    """The LSTM between the front-end and the output is a block (before: taken for the output, so that it learned by
+    backprop, most of the model): every layer before ``out`` learns by feedback."""
+    torch.manual_seed(0)
+    net, x, y = ConvThenLSTM(), torch.randn(4, 20, 8), torch.randint(0, 5, (4, 20))
+    F.cross_entropy(net(x).reshape(-1, 5), y.reshape(-1)).backward()
+    bp = {n: p.grad.clone() for n, p in net.named_parameters()}
+    net.zero_grad()
+    engine = FeedbackEngine()
+    target = engine.attach(net)
+    assert [b.name for b in target.blocks] == ["conv.1", "conv.3", "lstm"] and target.output_name == "out"
+    loss = F.cross_entropy(net(x).reshape(-1, 5), y.reshape(-1))
+    loss.backward()
+    assert engine.end_backward(loss).deliveries == 1
+    engine.detach()
+    same = {n for n, p in net.named_parameters() if torch.allclose(p.grad, bp[n])}
+    assert same == {"out.weight", "out.bias"}

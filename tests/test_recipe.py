@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import transformers as hf
@@ -242,6 +244,58 @@ def test_the_summary_says_why_the_head_input_is_not_cut(head: type, why: str) ->
     engine.attach(head(cfg))
     assert not engine.cut_head_input
     assert f"cut_head_input: off ({why})" in engine.recipe_notes()
+
+
+@pytest.mark.parametrize("cls", ["RobertaForMaskedLM", "XLMRobertaForMaskedLM"])
+def test_a_head_transform_registered_before_the_blocks_is_found_as_after_them(cls: str) -> None:
+    """XLM-RoBERTa registers its masked-LM head before the encoder (RoBERTa after it): the same head transform, so
+    the same recipe (the tied table is not cut, the head transform learns by its true gradient)."""
+    torch.manual_seed(0)
+    config = getattr(hf, cls.replace("ForMaskedLM", "Config"))
+    model = getattr(hf, cls)(config(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                    intermediate_size=32, max_position_embeddings=16, pad_token_id=0))  # fmt: skip
+    engine = FeedbackEngine()
+    engine.attach(model)
+    assert "cut_token_embedding: on: not applied" in "\n".join(engine.recipe_notes())
+    assert engine.role_of(model.lm_head.dense.weight) == "true gradient"
+    assert all(p.requires_grad for p in model.parameters())
+    engine.detach()
+
+
+def test_an_architecture_without_normalisation_gets_the_layernorm_jacobian_at_every_point() -> None:
+    """MobileBERT's default NoNorm keeps no normalisation in its blocks: the recipe gives every point the LayerNorm
+    Jacobian (fed raw, the feedback let its activations grow until the masked-LM loss was NaN after 129 steps), and
+    says why; with its LayerNorm option the norm-consumer rule applies, as elsewhere. 150 steps stay finite."""
+    from benchmarks.tiny_transformers import ALL, batches
+
+    task = ALL["mobilebert"]
+    torch.manual_seed(0)
+    model = task.build(task.seq)
+    engine = FeedbackEngine()
+    engine.attach(model)
+    assert engine.norm_feedback == "layernorm" and engine.unnormalised == "mobilebert"
+    assert "LayerNorm Jacobian at every point (mobilebert's blocks keep no normalisation" in "\n".join(
+        engine.recipe_notes()
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=task.lr)
+    for batch in batches(task, 100, task.batch, 150):
+        optimizer.zero_grad(set_to_none=True)
+        loss = task.loss(model, batch)
+        loss.backward()
+        engine.end_backward()
+        optimizer.step()
+    assert math.isfinite(loss.item()) and loss.item() < 3.0, loss.item()  # (chance: 3.47 nats)
+    engine.detach()
+    layer_norm = hf.MobileBertForMaskedLM(hf.MobileBertConfig(**{**model.config.to_dict(),
+                                                                 "normalization_type": "layer_norm"}))  # fmt: skip
+    engine = FeedbackEngine()
+    engine.attach(layer_norm)
+    assert engine.norm_feedback == "consumer" and engine.unnormalised is None
+    engine.detach()
+    engine = FeedbackEngine(norm_jacobian=False)  # the option set overrides the recipe's choice
+    engine.attach(model)
+    assert engine.norm_feedback == "off"
+    engine.detach()
 
 
 def test_a_tied_table_behind_a_head_transform_is_not_cut() -> None:
