@@ -344,6 +344,10 @@ MORE: dict[str, Task] = {
                                                                      **_NO_DROP)), "mlm", (8, 128, 3e-3)),
         ("deberta_v2", lambda s: hf.DebertaV2ForMaskedLM(hf.DebertaV2Config(**{**_common(s), **_MLM_VOCAB},
                                                                             **_NO_DROP)), "mlm", (8, 128, 3e-3)),
+        # RoBERTa's, with its masked-LM head registered before the encoder
+        ("xlm_roberta", lambda s: hf.XLMRobertaForMaskedLM(hf.XLMRobertaConfig(
+            **{**_common(s), **_MLM_VOCAB, "max_position_embeddings": VOCAB + s + 4}, **_NO_DROP)), "mlm",
+         (8, 128, 3e-3)),
         # its default NoNorm: an elementwise affine where a LayerNorm would be
         ("mobilebert", lambda s: hf.MobileBertForMaskedLM(hf.MobileBertConfig(
             **{**_common(s), **_MLM_VOCAB}, embedding_size=D // 2, intra_bottleneck_size=D // 2,

@@ -623,6 +623,25 @@ class ForwardHooks:
             self._capture = previous
             self._group = None
 
+    def new_step(self) -> None:
+        """Start the next training step afresh: forget the points of a forward that no output tied since the last
+        backward (the backbone run alone with gradients, for a metric or a probe). The next output would otherwise
+        feed them too, into a graph whose weights the optimizer has changed since. The Lightning adapters call it
+        before each training step; a plain loop may call it before each step's forward.
+
+        Example:
+            >>> from lightning_dfa import FeedbackEngine
+            >>> net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))
+            >>> engine = FeedbackEngine()
+            >>> _ = engine.attach(net)
+            >>> features = net[:2](torch.randn(4, 3))  # the blocks alone: points no output ties
+            >>> engine.new_step()
+            >>> net(torch.randn(4, 3)).sum().backward()
+            >>> engine.end_backward().deliveries, [p.key for p in engine.last_points]
+            (1, ['1'])
+        """
+        self._group = None
+
     @contextlib.contextmanager
     def inert(self) -> Iterator[None]:
         """Run forwards as the plain model, with gradients: no point, cut or delivery, so that gradients taken inside

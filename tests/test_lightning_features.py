@@ -1029,3 +1029,22 @@ def test_torch_checkpointing_of_plain_blocks_gives_the_same_dfa_gradients(region
         torch.testing.assert_close(checkpointed, plain)
     with pytest.raises(RuntimeError, match="use_reentrant=True"):
         grads("reentrant")
+
+
+class ProbeTheBlocks(pl.Callback):
+    """After each step, runs the blocks alone with gradients on (a probe of the features, never backpropagated)."""
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        pl_module.net[:4](torch.randn(8, 6))
+
+
+@pytest.mark.parametrize("form", ["strategy", "callback"])
+def test_a_forward_of_the_blocks_alone_between_steps_changes_nothing(form: str) -> None:
+    """Its points are tied to no output: the next step starts afresh instead of feeding them too (into a graph whose
+    weights the optimizer has changed since, which stopped the backward), and training equals the plain engine's."""
+    model = Net()
+    kw: dict[str, Any] = (
+        {"callbacks": [ProbeTheBlocks(), DFA(verbose=False)], "strategy": "auto"} if form == "callback" else {}
+    )
+    fit(model, loader(3), **{"callbacks": [ProbeTheBlocks()], "max_steps": 3, **kw})
+    assert_weights_equal(model, engine_reference(3, loader(3)))

@@ -175,6 +175,11 @@ class DFAFit:
         if self.engine is not None:
             self.engine.detach()
 
+    def new_step(self) -> None:
+        """A training step starts (see :meth:`FeedbackEngine.new_step`)."""
+        if self.engine is not None:
+            self.engine.new_step()
+
     @contextlib.contextmanager
     def evaluating(self) -> Iterator[None]:
         """Validation, test and predict steps: the model runs as the plain model, also where the step takes gradients
@@ -353,6 +358,11 @@ class DFAStrategyMixin:
         return out
 
     @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        self.dfa.new_step()
+        return super().training_step(*args, **kwargs)  # type: ignore[misc]
+
+    @override
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
         with self.dfa.evaluating():
             return super().validation_step(*args, **kwargs)  # type: ignore[misc]
@@ -467,6 +477,10 @@ class DFACallbackMixin:
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         engine = self.dfa.ensure_attached(pl_module, trainer)  # (under DDP: attached in setup already)
         check_ddp_mode(engine, trainer.strategy, callback=True)
+
+    @override
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self.dfa.new_step()
 
     @override
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
