@@ -54,7 +54,7 @@ from .blocks import (
     infer_micro_points,
     match_modules,
 )
-from .registry import BLOCK_CLASSES, MICRO_POINTS, micro_points
+from .registry import BLOCK_CLASSES, BLOCK_SPANS, MICRO_POINTS, micro_points
 from .structure import (
     _composite,
     _is_layer_list,
@@ -177,7 +177,11 @@ def _hf_target(root: nn.Module, placement: str) -> Target | None:
             out_name = leaf[0] if leaf else None
     if out_name is None:
         return None
-    blocks = [Block(n, m, m) for n, m in blocks_found]
+    span = BLOCK_SPANS.get(getattr(getattr(hf, "config", None), "model_type", None) or "")
+    if span is not None:  # blocks whose own forward runs no hooks: from their first called child to their last
+        blocks = [Block(n, m.get_submodule(span[0]), m.get_submodule(span[1]), members=(m,)) for n, m in blocks_found]
+    else:
+        blocks = [Block(n, m, m) for n, m in blocks_found]
     if placement == "micro":
         model_type = getattr(getattr(hf, "config", None), "model_type", type(hf).__name__)
         registered = MICRO_POINTS.get(model_type)

@@ -94,6 +94,8 @@ class Layouts:
             kind = "mean"  # an encoder's position i is not the decoder's position i, whatever the lengths
         if kind in ("token", "broadcast", "mean"):
             return kind, error[-1], shape[-1]
+        if kind == "token_channels":
+            return kind, error[-1], shape[1]
         return kind, math.prod(error[1:]), math.prod(shape[1:])
 
     def lay_out(self, error: torch.Size, points: list[PointMeta], delivery: Any | None) -> list[PointMeta | None]:
@@ -215,6 +217,10 @@ def laid_out(point: PointMeta) -> torch.Size:
 
 def fit(error: torch.Size, shape: torch.Size, flatten: bool) -> str | None:
     """How a point of ``shape`` lines up with an error of shape ``error`` (``None``: it does not)."""
+    if flatten and len(shape) == len(error) == 3 and error[0] == shape[0] and error[1] == shape[2] > 1:
+        # a convolutional block's channels-first sequence [batch, channels, positions] and a position-wise error
+        # [batch, positions, outputs] (a temporal convolution's tagger, SqueezeBERT): position by position
+        return "token_channels"
     if not flatten and len(error) >= 1 and error[:-1] == shape[:-1]:
         return "token"
     if not flatten and min(len(error), len(shape)) >= 2 and merged(error[:-1], shape[:-1]):
@@ -295,7 +301,7 @@ def error_rows(error: torch.Tensor, kind: str, k: int, items: int = 0) -> torch.
         return error.reshape(items, -1, k).mean(dim=1)
     if kind == "mean_rows_first":
         return error.reshape(-1, items, k).mean(dim=0)
-    if kind == "token":
+    if kind in ("token", "token_channels"):
         return error
     if kind == "broadcast":
         return error.reshape(-1, k)
@@ -314,6 +320,8 @@ def laid_on(fb: torch.Tensor, point: PointMeta, kind: str, error: torch.Size) ->
         j = prefix(error, shape)
         assert j is not None
         fb = fb.reshape(*shape[:j], *([1] * (len(shape) - 1 - j)), d).expand(shape)
+    elif kind == "token_channels":
+        fb = fb.transpose(1, 2)  # [batch, positions, channels] -> the point's [batch, channels, positions]
     elif kind in STATE_KINDS:
         # (a state point is recorded batch first; a sequence-first encoder point has its items second)
         across = kind == "mean_first" and point.state is None

@@ -27,6 +27,13 @@ BLOCK_CLASSES: dict[str, tuple[str, ...]] = {
     "bit": ("BitPreActivationBottleneckLayer", "BitBottleneckLayer"),
 }
 
+#: Architectures whose code calls each block's ``forward`` directly (``layer.forward(...)``), which runs no module
+#: hooks: Hugging Face ``config.model_type`` -> the first and the last child of a block that are called as modules.
+#: The block then starts at the first (its input is cut there) and ends at the last (its output is the point).
+BLOCK_SPANS: dict[str, tuple[str, str]] = {
+    "squeezebert": ("attention", "output"),
+}
+
 #: Architectures whose blocks may keep no normalisation: Hugging Face ``config.model_type`` -> the config attribute
 #: and the value that says so. There the ``"auto"`` recipe gives every point the LayerNorm Jacobian
 #: (``norm_jacobian=True``): fed raw into an unnormalised residual stack, the feedback let the activations grow until

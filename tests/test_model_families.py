@@ -1151,3 +1151,55 @@ def test_a_recurrent_layer_after_a_convolutional_front_end_is_a_block() -> None:
     engine.detach()
     same = {n for n, p in net.named_parameters() if torch.allclose(p.grad, bp[n])}
     assert same == {"out.weight", "out.bias"}
+
+
+def test_squeezebert_whose_encoder_calls_layer_forward_trains_by_feedback() -> None:
+    """SqueezeBERT's encoder calls ``layer.forward(...)``, which runs no hooks: each layer's block spans from its
+    attention to its output module (registry ``BLOCK_SPANS``), and its channels-first ``[batch, channels,
+    positions]`` points are fed position by position."""
+    import transformers as hf
+
+    _quiet()
+    torch.manual_seed(0)
+    cfg = hf.SqueezeBertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=64, embedding_size=32, max_position_embeddings=16)  # fmt: skip
+    net = hf.SqueezeBertForMaskedLM(cfg)
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    engine = check_true_dfa(net, lambda n: n(input_ids=ids, labels=ids).loss, tied_output=True)
+    assert [b.name for b in engine.target.blocks] == ["transformer.encoder.layers.0", "transformer.encoder.layers.1"]
+    assert {p.key: list(p.shape) for p in engine.last_points}["transformer.encoder.layers.0"] == [2, 32, 8]
+
+
+class ConvTagger(nn.Module):
+    """A temporal convolution tagging each position: Conv1d+ReLU groups on ``[batch, channels, positions]``, then a
+    Linear per position."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.convs = nn.Sequential(nn.Conv1d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv1d(8, 8, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.convs(x).transpose(1, 2))
+
+
+def test_a_channels_first_sequence_is_fed_position_by_position() -> None:
+    """A convolutional block's ``[batch, channels, positions]`` point under a ``[batch, positions, outputs]`` error
+    gets ``B e`` of each position at that position (not one projection of each item's whole flattened error)."""
+    torch.manual_seed(0)
+    net, x, y = ConvTagger(), torch.randn(3, 4, 6), torch.randint(0, 5, (3, 6))
+    engine = FeedbackEngine(seed=0)
+    engine.attach(net)
+
+    def loss_of(n: nn.Module) -> torch.Tensor:
+        return F.cross_entropy(n(x).reshape(-1, 5), y.reshape(-1))
+
+    loss_of(net).backward()
+    assert engine.end_backward().deliveries == 1
+    got = net.convs[0].weight.grad.clone()
+    engine.detach()
+    logits = net(x)
+    error = torch.autograd.grad(F.cross_entropy(logits.reshape(-1, 5), y.reshape(-1)), logits)[0]  # [3, 6, 5]
+    feedback = (error @ engine.bank.matrix(5, 8, torch.device("cpu"), torch.float32).t() / 8**0.5).transpose(1, 2)
+    h = net.convs[1](net.convs[0](x))
+    torch.testing.assert_close(got, torch.autograd.grad(h, net.convs[0].weight, feedback)[0])
