@@ -363,6 +363,13 @@ def _module_list_target(root: nn.Module, min_len: int = 2, composite: bool = Fal
         lists.sort(key=lambda x: order[x[0]])
     blocks = [Block(f"{n}.{i}", m, m) for n, ml in lists for i, m in enumerate(ml)]
     leaf = _last_param_leaf(root, [n for n, _ in lists])
+    ends = _ends(lists[-1][1][-1])
+    if (leaf is None or isinstance(leaf[1], _NORM_TYPES)) and len(blocks) >= 2 and ends and ends[0] != ends[1]:
+        # nothing but norms registered after a list whose last layer changes the width (OGB's and PyG's
+        # ``lins``/``convs`` ending in the classifier, their ``bns`` registered after them): a norm is never the
+        # output, that last layer is
+        *blocks, last = blocks
+        leaf = (last.name, last.exit)
     if leaf is None:
         return None
     return Target(blocks, leaf[0], leaf[1], "module_list")

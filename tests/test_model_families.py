@@ -1203,3 +1203,26 @@ def test_a_channels_first_sequence_is_fed_position_by_position() -> None:
     feedback = (error @ engine.bank.matrix(5, 8, torch.device("cpu"), torch.float32).t() / 8**0.5).transpose(1, 2)
     h = net.convs[1](net.convs[0](x))
     torch.testing.assert_close(got, torch.autograd.grad(h, net.convs[0].weight, feedback)[0])
+
+
+class OgbMLP(nn.Module):
+    """OGB's and PyG's layout: ``lins`` ends in the classifier, the norms of the hidden layers registered after it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lins = nn.ModuleList([nn.Linear(8, 32), nn.Linear(32, 32), nn.Linear(32, 4)])
+        self.bns = nn.ModuleList([nn.BatchNorm1d(32) for _ in range(2)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for lin, bn in zip(self.lins[:-1], self.bns):
+            x = F.relu(bn(lin(x)))
+        return self.lins[-1](x).log_softmax(-1)
+
+
+def test_a_layer_list_ending_in_the_classifier_before_its_norms_has_that_classifier_as_output() -> None:
+    """The classifier at the end of ``lins`` is the output, not the last norm registered after the list (before:
+    the loss did not require grad, "downstream of block 'lins.2'")."""
+    torch.manual_seed(0)
+    net, x, y = OgbMLP(), torch.randn(16, 8), torch.randint(0, 4, (16,))
+    engine = check_true_dfa(net, lambda n: F.nll_loss(n(x), y))
+    assert [b.name for b in engine.target.blocks] == ["lins.0", "lins.1"] and engine.target.output_name == "lins.2"
