@@ -90,7 +90,11 @@ def format_summary(engine: Any, shapes: Mapping[str, Sequence[int]] | None = Non
             before = _trainable_before(engine.root, block.entry)
             input_is_point = (name_in in seen or name_in in shapes) if known else before
         if not block.output_point:
-            if not first or input_is_point:
+            # a layer's input is a point where it carries gradient: never a lookup table's indices, and once
+            # measured, only where it was recorded
+            measured = name_in in seen or name_in in shapes
+            shown = input_is_point if first else (measured if known else not isinstance(block.entry, nn.Embedding))
+            if shown:
                 rows.append((name_in, f"input of {type(block.entry).__name__}", seen.get(name_in)))
         else:
             if block.top_level and first and input_is_point:

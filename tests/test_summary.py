@@ -87,3 +87,32 @@ def test_lightning_classes_are_an_attribute_of_the_package() -> None:
     assert lightning_dfa.lightning.DFAStrategy.__module__ == "lightning_dfa.adapters.lightning"
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         lightning_dfa.nope  # noqa: B018
+
+
+class TwoTables(nn.Module):
+    """Layers as attributes, a second lookup table among them (a decoder's token table)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 8)
+        self.tgt = nn.Embedding(5, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))) + self.tgt(ids))
+
+
+def test_summary_lists_no_point_at_a_lookup_tables_indices() -> None:
+    """A table's input (integer indices) is never a point: not listed before the first step, and after it only the
+    recorded layer inputs are."""
+    torch.manual_seed(0)
+    net, engine = TwoTables(), FeedbackEngine()
+    target = engine.attach(net)
+    assert "tgt" in [b.name for b in target.blocks]
+    assert "tgt:in" not in engine.summary()
+    net(torch.randn(2, 4), torch.tensor([1, 2])).sum().backward()
+    engine.end_backward()
+    listed = [line.split("|")[1].strip() for line in engine.summary().splitlines() if line[:1].isdigit()]
+    assert set(listed) == {p.key for p in engine.last_points}
+    assert "tgt:in" not in listed
+    engine.detach()
