@@ -142,7 +142,8 @@ def _hf_target(root: nn.Module, placement: str) -> Target | None:
     if found is None:
         return None
     prefix, hf = found
-    classes = set(BLOCK_CLASSES.get(getattr(getattr(hf, "config", None), "model_type", None), ()))
+    model_type = getattr(getattr(hf, "config", None), "model_type", None)
+    classes = set(BLOCK_CLASSES.get(model_type, ()))
     if not classes:
         for module in hf.modules():
             classes.update(getattr(module, "_no_split_modules", None) or [])
@@ -177,13 +178,13 @@ def _hf_target(root: nn.Module, placement: str) -> Target | None:
             out_name = leaf[0] if leaf else None
     if out_name is None:
         return None
-    span = BLOCK_SPANS.get(getattr(getattr(hf, "config", None), "model_type", None) or "")
+    span = BLOCK_SPANS.get(model_type or "")
     if span is not None:  # blocks whose own forward runs no hooks: from their first called child to their last
         blocks = [Block(n, m.get_submodule(span[0]), m.get_submodule(span[1]), members=(m,)) for n, m in blocks_found]
     else:
         blocks = [Block(n, m, m) for n, m in blocks_found]
     if placement == "micro":
-        model_type = getattr(getattr(hf, "config", None), "model_type", type(hf).__name__)
+        model_type = model_type or type(hf).__name__
         registered = MICRO_POINTS.get(model_type)
         extra = []
         for n, m in blocks_found:  # blocks without them (embeddings listed in _no_split_modules) keep one point
@@ -350,7 +351,7 @@ def _grown_to_their_layers(root: nn.Module, blocks: list[Block]) -> list[Block]:
     out = []
     for block in blocks:
         parent_name, _, child = block.name.rpartition(".")
-        parent = root.get_submodule(parent_name) if parent_name or block.name else None
+        parent = root.get_submodule(parent_name)
         if _has_params(block.exit) or not isinstance(parent, nn.Sequential):
             out.append(block)
             continue

@@ -512,7 +512,7 @@ class ForwardHooks:
         consumer (the point's feedback will pass through its Jacobian). Checked until the first delivery."""
         if self._consumers_complete and self._capture is None:
             return None
-        if not torch.is_grad_enabled() or _in_backward() or self._inert:
+        if not self._active():
             return None
         tensor, _ = _split_input(args, kwargs)
         if tensor is None or not tensor.is_floating_point():

@@ -66,13 +66,6 @@ class Layouts:
         if point.state is not None:
             return state_fit(error, shape, point, output)
         kind = fit(error, shape, point.flatten)
-        if kind is None and not point.flatten and len(error) == len(shape) == 3:
-            if error[1] == shape[1] and error[0] != shape[1]:
-                # a sequence-first point and a sequence-first error of other lengths (the encoder of an nn.LSTM or
-                # nn.Transformer seq2seq run [positions, batch, d]; a batch-first error, its items first, is the
-                # swapped layout's): the items along the second dimension, so the error's mean over its positions,
-                # broadcast over the point's
-                return "mean_first", error[-1], shape[-1]
         if kind is None and len(error) == 2 and len(shape) == 2 and error[0] < shape[0] and not point.flatten:
             raise RuntimeError(
                 f"DFA: the error at the output module {output!r} has one row per item ({list(error)}), and feedback "
@@ -92,7 +85,7 @@ class Layouts:
             )
         if kind == "token" and point.encoder and len(error) == 3 and len(shape) == 3:
             kind = "mean"  # an encoder's position i is not the decoder's position i, whatever the lengths
-        if kind in ("token", "broadcast", "mean"):
+        if kind in ("token", "broadcast", "mean", "mean_first"):
             return kind, error[-1], shape[-1]
         if kind == "token_channels":
             return kind, error[-1], shape[1]
@@ -232,6 +225,13 @@ def fit(error: torch.Size, shape: torch.Size, flatten: bool) -> str | None:
         # one error row per item (or per ``[batch, choices]`` pair folded into the point's first dimension):
         # broadcast over the point's positions
         return "broadcast"
+    seq_first = len(shape) == len(error) == 3 and error[1] == shape[1] and error[0] not in (shape[0], shape[1])
+    if not flatten and seq_first:
+        # a sequence-first point and a sequence-first error of other lengths (the encoder of an nn.LSTM or
+        # nn.Transformer seq2seq run [positions, batch, d]; a batch-first error, its items first, is the swapped
+        # layout's): the items along the second dimension, so the error's mean over its positions, broadcast over the
+        # point's
+        return "mean_first"
     if len(error) == 0 or len(shape) == 0 or error[0] != shape[0]:
         return None
     if not flatten and len(shape) == 3 and len(error) == 3:

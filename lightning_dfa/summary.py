@@ -86,13 +86,12 @@ def format_summary(engine: Any, shapes: Mapping[str, Sequence[int]] | None = Non
     first = True
     for block in engine.target.blocks:
         name_in = f"{block.name}:in"
+        measured = name_in in seen or name_in in shapes
         if first:
-            before = _trainable_before(engine.root, block.entry)
-            input_is_point = (name_in in seen or name_in in shapes) if known else before
+            input_is_point = measured if known else _trainable_before(engine.root, block.entry)
         if not block.output_point:
             # a layer's input is a point where it carries gradient: never a lookup table's indices, and once
             # measured, only where it was recorded
-            measured = name_in in seen or name_in in shapes
             shown = input_is_point if first else (measured if known else not isinstance(block.entry, nn.Embedding))
             if shown:
                 rows.append((name_in, f"input of {type(block.entry).__name__}", seen.get(name_in)))
