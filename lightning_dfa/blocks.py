@@ -134,6 +134,24 @@ class Target:
     head_input_point: bool = False
     #: further output modules (several heads or losses), each an error source of its own
     extra_outputs: list[tuple[str, nn.Module]] = field(default_factory=list)
+    #: networks of their own (a two-tower model's towers): output name -> the blocks its error reaches; the other
+    #: outputs reach the blocks no tower holds
+    towers: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def blocks_fed_by(self, output: str) -> set[str] | None:
+        """The names of the blocks whose points the error of ``output`` reaches (``None``: every block).
+
+        Example:
+            >>> t = Target([], "text_head", nn.Identity(), "sequential", towers={"image_head": ("image.1",)})
+            >>> t.blocks_fed_by("image_head"), t.blocks_fed_by("text_head")
+            ({'image.1'}, set())
+        """
+        if not self.towers:
+            return None
+        if output in self.towers:
+            return set(self.towers[output])
+        held = {b for blocks in self.towers.values() for b in blocks}
+        return {b.name for b in self.blocks if b.name not in held}
 
     @property
     def outputs(self) -> list[tuple[str, nn.Module]]:

@@ -148,8 +148,9 @@ def explain_silence(engine: Any, report: Any) -> str:
             return (
                 f"DFA: no feedback reached the blocks in this backward: the blocks {names[:6]}... are containers "
                 f"({type(first.exit).__name__}), whose forward is never called: the code iterates over them and calls "
-                f"their elements. Pass blocks= naming the elements, e.g. blocks=[{pattern!r}], or use mode='shallow' "
-                "if only the layers after the blocks should learn."
+                f"their elements. Pass blocks= naming the elements, e.g. blocks=[{pattern!r}], or leave blocks= out "
+                "(a list of such lists, each called in order, is found by itself: each list is one block), or use "
+                "mode='shallow' if only the layers after the blocks should learn."
             )
         inner = [n for n, c in first.exit.named_children() if any(True for _ in c.parameters())]
         pattern = re.sub(r"\.\d+$", ".*", first.name) + (f".{inner[-1]}" if inner else ".<layer>")
@@ -177,6 +178,14 @@ def explain_silence(engine: Any, report: Any) -> str:
         )
     elif report.outputs_tied == 0:
         why = f"the output module {out} was not called after the blocks in this step's forward."
+    elif report.tuple_outputs:
+        name = report.tuple_outputs[-1]
+        why = (
+            f"the output module {name!r} returned a tuple, and DFA reads the error at its first item, which the loss "
+            f"does not depend on (it may read another item: a forecast beside a backcast, as N-BEATS' blocks "
+            f"return). Pass output= naming the layer inside {name!r} that computes what the loss reads, or make it "
+            "return that tensor first."
+        )
     elif engine._candidates:
         why = f"the loss does not depend on the output module {out} nor on another layer after the blocks."
     else:
@@ -207,4 +216,27 @@ def check_loss(engine: Any, loss: torch.Tensor) -> None:
             f"DFA: the loss does not require grad, so it does not depend on the output module {out} "
             f"(mode={engine.mode!r} detaches everything else). Compute the loss from that module's output "
             "(logits, predictions), or pass output= naming the module it is computed from."
+        )
+
+
+def lazy_modules(root: nn.Module) -> list[str]:
+    """The modules of ``root`` holding parameters whose shape the first forward sets (``nn.LazyLinear``...)."""
+    return [
+        name or type(root).__name__
+        for name, module in root.named_modules()
+        if any(isinstance(p, nn.parameter.UninitializedParameter) for p in module.parameters(recurse=False))
+    ]
+
+
+def refuse_lazy_modules(root: nn.Module) -> None:
+    """Say what to do where lazy modules are not materialised yet: discovery reads the layers' widths before training,
+    and a lazy layer has none until its first forward."""
+    lazy = lazy_modules(root)
+    if lazy:
+        raise ValueError(
+            f"DFA: {', '.join(map(repr, lazy[:4]))}{' ...' if len(lazy) > 4 else ''} are lazy modules (nn.LazyLinear, "
+            "nn.LazyConv2d...) whose shapes the first forward sets, and DFA finds its blocks and the widths of its "
+            "feedback before training. Run one forward before fit (model(example_batch)), or set the "
+            "LightningModule's example_input_array: the DFA strategy and callback then run it once, without "
+            "gradients, before they attach."
         )

@@ -120,6 +120,11 @@ class _DeliverFeedback(torch.autograd.Function):
     def backward(ctx: Any, error: torch.Tensor) -> tuple:
         delivery: _Delivery = ctx.delivery
         needs = ctx.needs_input_grad[3:]
+        if delivery.engine.layouts.probing:
+            # a layout probe's vector-Jacobian product from a later output crosses this tie (an output whose output
+            # the later one reads, such as a decoder's final norm before the heads): the probe measures the
+            # network's data flow, so the tie is the identity on the output and delivers, records and closes nothing
+            return (None, None, error, *[None for _ in needs])
         if delivery.forward is not None and not delivery.forward.closed:
             delivery.forward.closed = True  # a later call of an output starts from new points
             delivery.engine._release(delivery.forward)
@@ -193,7 +198,14 @@ class _PointEdge(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, _: torch.Tensor | None) -> tuple:
+    def backward(ctx: Any, signal: torch.Tensor | None) -> tuple:
+        if signal is None:
+            # no delivery (nor reattached value) of this backward filled the slot: it hands nothing on, and leaves
+            # the slot alone. A layout probe's vector-Jacobian product crossing another output's tie runs this
+            # node in the middle of the training backward: handing it the feedback delivered so far would add that
+            # feedback to the probe's measured dependence (every item's, so the probe cannot tell the layout) and
+            # take it from the training backward.
+            return None, None
         feedback, ctx.slot.value = ctx.slot.value, None
         return None, feedback
 
@@ -203,15 +215,19 @@ class _Reattach(torch.autograd.Function):
     last block's output directly: that block gets the true error at the output's input)."""
 
     @staticmethod
-    def forward(ctx: Any, slot: _Slot, edge: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        ctx.slot = slot
+    def forward(ctx: Any, slot: _Slot, layouts: Layouts, edge: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        ctx.slot, ctx.layouts = slot, layouts
         return value.detach()
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        if ctx.layouts.probing:
+            # a layout probe: straight to the point (in a probe forward the value is the point itself), not into the
+            # slot the training backward's feedback goes through
+            return None, None, None, grad
         ctx.slot.add(grad)
-        return None, grad.new_empty(0), None
+        return None, None, grad.new_empty(0), None
 
 
 class _Point:
@@ -254,6 +270,10 @@ class _Group:
     ties: list[_Delivery] = field(default_factory=list)
     state: _ForwardState = field(default_factory=_ForwardState)
     after_ties: bool = False  # the forward before this one tied outputs (that may feed this one's points)
+    #: the graph nodes (and output indices) of the top-level blocks' inputs in this forward, and of the norm or
+    #: dropout in front of each: a later tensor computed from one of them bypasses that block (a residual add
+    #: written in the parent, ``x = x + block(x)``), and that path is cut (:func:`_bypasses`)
+    stream: dict[Any, dict[int, frozenset[int]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -269,6 +289,8 @@ class BackwardReport:
     deliveries: int = 0
     #: types of the values the output module returned after the blocks that held no floating-point tensor to tie
     untied_outputs: list[str] = field(default_factory=list)
+    #: output modules tied that returned a tuple holding other tensors than the first (read as the output)
+    tuple_outputs: list[str] = field(default_factory=list)
 
 
 def _walk(tensor: torch.Tensor, expand: Callable[[Any], tuple], limit: int | None = None) -> Iterator[Any]:
@@ -295,8 +317,95 @@ def _walk_nodes(nodes: list[Any], expand: Callable[[Any], tuple], limit: int | N
         stack.extend(n for n, _ in expand(node))
 
 
+#: key of a graph node's ``metadata`` holding the indices of its inputs whose gradient DFA drops (a skip path)
+_BYPASS = "lightning_dfa.bypass"
+_bypasses_cut = False  # set once a skip path was cut: until then the walks need not read the nodes' metadata
+
+
 def _next_functions(node: Any) -> tuple:
-    return () if isinstance(node, _SoftCut._backward_cls) else node.next_functions
+    """A node's inputs as the backward uses them: none past a probe's soft cut, none through a cut skip path."""
+    if isinstance(node, _SoftCut._backward_cls):
+        return ()
+    nexts = node.next_functions
+    cut = _bypasses_cut and nexts and node.metadata.get(_BYPASS)
+    return tuple(e for i, e in enumerate(nexts) if i not in cut) if cut else nexts
+
+
+#: graph nodes that join a skip path to a branch (``x + block(x)``, a dense concatenation)
+_JOINS = ("AddBackward", "SubBackward", "CatBackward", "StackBackward")
+
+
+def _bypasses(
+    tensor: torch.Tensor, stream: dict[Any, dict[int, frozenset[int]]], limit: int = 256
+) -> tuple[list[tuple[Any, int]], bool]:
+    """The skip paths around blocks that ``tensor`` (a later block's input, an output) was computed through.
+
+    A top-level block reads its input cut, so a later tensor computed from that input (a node of ``stream``, which
+    maps it to the ``id`` of the block's parameters) went around the block. It is a skip path where it is joined to
+    the block's own branch: an addition or concatenation whose other operand is the block's output (cut, so it
+    carries no gradient here, or computed from the block's parameters): the residual add of ``x = x + block(x)``
+    written in the parent, a dense concatenation. (A tensor that reads a block's input while the block's output goes
+    elsewhere, the last hidden state read beside a pooling head, is no skip path.) Returns each skip path's edge as
+    ``(joining node, input index)``, and whether ``tensor`` also reaches something trainable otherwise (a
+    parameter, an earlier output; ``True`` where the walk stops at ``limit`` nodes)."""
+    found: list[tuple[Any, int]] = []
+    trainable = False
+    stack, seen = [tensor.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        if len(seen) >= limit:
+            return found, True
+        seen.add(node)
+        if isinstance(node, _SoftCut._backward_cls):
+            continue  # a probe's cut point: nothing crosses it in the backward
+        if isinstance(node, (_DeliverFeedback._backward_cls, _PointEdge._backward_cls, _Reattach._backward_cls)):
+            trainable = True
+            continue
+        if not node.next_functions:
+            trainable = trainable or getattr(node, "variable", None) is not None
+            continue
+        cut = node.metadata.get(_BYPASS, ()) if _bypasses_cut else ()
+        for i, (parent, index) in enumerate(node.next_functions):
+            if parent is None or i in cut:
+                continue
+            params = stream.get(parent, {}).get(index)
+            if params is None:
+                stack.append(parent)
+            elif _joins_branch(node, i, params):
+                found.append((node, i))
+            else:
+                trainable = True  # the block's input read on its own: it carries the gradient on
+    return found, trainable
+
+
+def _joins_branch(node: Any, index: int, params: frozenset[int], limit: int = 64) -> bool:
+    """``node`` adds or concatenates its input ``index`` to a block's branch: another input carries no gradient (the
+    block's cut output) or was computed from the block's parameters ``params``."""
+    if not type(node).__name__.startswith(_JOINS):
+        return False
+    for i, (other, _) in enumerate(node.next_functions):
+        if i == index:
+            continue
+        if other is None:
+            return True
+        for visited in _walk_nodes([other], _next_functions, limit):
+            variable = getattr(visited, "variable", None)
+            if variable is not None and id(variable) in params:
+                return True
+    return False
+
+
+def _cut_bypass(node: Any, index: int) -> None:
+    """Drop the gradient ``node`` passes to its input ``index`` (a skip path around a block)."""
+    global _bypasses_cut
+    cut = node.metadata.get(_BYPASS)
+    if cut is None:
+        cut = node.metadata[_BYPASS] = set()
+        node.register_hook(lambda grads, _, cut=cut: tuple(None if i in cut else g for i, g in enumerate(grads)))
+    cut.add(index)
+    _bypasses_cut = True
 
 
 def _grad_beyond_soft_cuts(tensor: torch.Tensor) -> bool:

@@ -13,7 +13,11 @@ Discovery order (the first that applies wins):
    Transformer stacks of an encoder-decoder), stages of residual blocks (ResNet's ``layer1``, one-block stages
    too), or composite attributes of one module sharing a class (a UNet's ``down1``, ``up1``...); the output is the
    last parametric layer registered outside them. A Sequential inside one of these blocks is part of the block.
-   They win over rule 5 unless a Sequential chain outside them holds more parameters;
+   A list of layers that are lists of sublayers of the same classes (``layers = ModuleList([ModuleList([attn,
+   ff])])``, lucidrains' layout) gives one block per layer, fed at its input. They win over rule 5 unless a
+   Sequential chain outside them holds more parameters; a chain ending in its own last layer registered before
+   them (a two-tower model's image tower) adds its groups as blocks and its last layer as an output, which feeds
+   that tower's blocks only;
 5. an ``nn.Sequential``: groups of Linear/Conv + optional norm + activation + optional pooling/dropout are
    blocks, the final parametric layer is the output; a Sequential followed by a layer (it ends in an activation
    or pooling, or a layer that is no embedding is registered after it) is a feature extractor (``encoder``
@@ -25,6 +29,9 @@ Discovery order (the first that applies wins):
    activations in ``forward``): the *input* of every layer after the first is a feedback point, so it
    lies after whatever activation, pooling or reshaping ``forward`` applied; the output is the layer
    registered last.
+
+Where every block found lies in a frozen network in evaluation mode (a distillation's teacher) while other
+parameters train, discovery runs again without the frozen networks.
 
 The output found here is where the engine starts: the layers outside the blocks are tied too, and the backward
 keeps as error sources those the loss reads (see :meth:`lightning_dfa.FeedbackEngine.output_modules`).
@@ -306,6 +313,12 @@ def _discover(root: nn.Module, blocks: BlockSpec, output: str | None, placement:
         if target is None and placement == "micro":
             return _micro_from_structure(root, output)
         target = target or _structure_target(root) or _layer_inputs_target(root)
+        if target is not None and _teacher_blocks(root, target):
+            # every block lies in a frozen network in evaluation mode, and something else trains: a distillation's
+            # teacher (a frozen backbone being fine-tuned stays in training mode: its blocks are kept)
+            trained = _without_frozen_networks(root)
+            if trained is not root:
+                target = _hf_target(trained, placement) or _structure_target(trained) or _layer_inputs_target(trained)
         if target is None and _bare_parameters_only(root):
             bare = [n for n, _ in root.named_parameters()][:4]
             raise ValueError(
@@ -333,6 +346,53 @@ def _discover(root: nn.Module, blocks: BlockSpec, output: str | None, placement:
                 target.head_input_point,
             )
     return target
+
+
+def _frozen_network(module: nn.Module) -> bool:
+    """A network (two or more layers holding parameters) none of whose parameters trains, in evaluation mode."""
+    layers = [m for m in module.modules() if any(True for _ in m.parameters(recurse=False))]
+    return not module.training and len(layers) >= 2 and not any(p.requires_grad for p in module.parameters())
+
+
+def _teacher_blocks(root: nn.Module, target: Target) -> bool:
+    """Every block of ``target`` lies in a frozen network in evaluation mode (:func:`_frozen_network`) among
+    ``root``'s attributes, and ``root`` has parameters that train."""
+    if not target.blocks or not any(p.requires_grad for p in root.parameters()):
+        return False
+    frozen = [n for n, m in root.named_modules() if n and _frozen_network(m)]
+    return all(any(b.name == n or b.name.startswith(n + ".") for n in frozen) for b in target.blocks)
+
+
+def _without_frozen_networks(root: nn.Module) -> nn.Module:
+    """A stand-in for ``root`` for discovery: the same modules under the same names, less the frozen networks in
+    evaluation mode (:func:`_frozen_network`) among its attributes and those of its plain containers
+    (``nn.ModuleDict`` and modules that are neither lists nor chains, whose names do not shift). ``root`` itself
+    where there is none.
+
+    Example:
+        >>> class Distill(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         teacher = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        ...         self.teacher = teacher.requires_grad_(False).eval()
+        ...         self.student = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+        >>> [n for n, _ in _without_frozen_networks(Distill()).named_children()]
+        ['student']
+    """
+
+    def pruned(module: nn.Module) -> nn.Module:
+        if isinstance(module, (nn.ModuleList, nn.Sequential)) or not any(True for _ in module.children()):
+            return module
+        kids = [(n, c) for n, c in module.named_children() if not _frozen_network(c)]
+        changed = [(n, pruned(c)) for n, c in kids]
+        if len(kids) == len(list(module.children())) and all(a is c for (_, a), (_, c) in zip(changed, kids)):
+            return module
+        stand_in = nn.ModuleDict() if isinstance(module, nn.ModuleDict) else nn.Module()
+        for name, child in changed:
+            stand_in.add_module(name, child)
+        return stand_in
+
+    return pruned(root)
 
 
 def _grown_to_their_layers(root: nn.Module, blocks: list[Block]) -> list[Block]:

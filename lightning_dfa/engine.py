@@ -40,7 +40,14 @@ import torch
 from torch import nn
 
 from .blocks import Target
-from .checks import check_loss, check_state, checked_transform, explain_silence, only_layers_after_frozen_blocks
+from .checks import (
+    check_loss,
+    check_state,
+    checked_transform,
+    explain_silence,
+    only_layers_after_frozen_blocks,
+    refuse_lazy_modules,
+)
 from .config import _SAVED_OPTIONS, DFAConfig, reconcile
 from .delivery import (
     BackwardReport,
@@ -164,6 +171,7 @@ class FeedbackEngine(ForwardHooks):
         self._saved_heads: list[str] | None = None  # those of a loaded checkpoint
         self._tied_kept: list[str] = []  # cut_token_embedding: tables tied to the output behind a head transform
         self._frozen: list[nn.Parameter] = []  # cut_token_embedding: set to requires_grad=False while attached
+        self._compiled = False  # the model attached holds compiled modules (their graphs are dropped on detach)
         self._kept: set[int] = set()  # their ids, kept after detach (they were not trained)
         self._cut = bool(self.config.chosen("cut_head_input"))
         # the projectors in force, per output ("" the primary one), built from the options at first use
@@ -299,6 +307,7 @@ class FeedbackEngine(ForwardHooks):
         """Discover blocks and output of ``root`` (unless ``target`` is given) and install the hooks."""
         if self.attached:
             self.detach()
+        refuse_lazy_modules(root)
         hook = getattr(root, "configure_dfa", None)
         if callable(hook):
             self.config = self.config.merged_with(hook() or {}, origin=f"{type(root).__name__}.configure_dfa()")
@@ -317,6 +326,9 @@ class FeedbackEngine(ForwardHooks):
             self.detach()  # a failure half-way leaves no hook behind
             raise
         self._compare_blocks()
+        self._compiled = _compiled(root)
+        if self._compiled:
+            _forget_compiled_graphs()
         return found
 
     def _compare_blocks(self) -> None:
@@ -361,6 +373,9 @@ class FeedbackEngine(ForwardHooks):
         for p in self._frozen:
             p.requires_grad_(True)
         self._frozen = []
+        if self._compiled:
+            self._compiled = False
+            _forget_compiled_graphs()  # graphs compiled with the hooks would go on running them
 
     # ------------------------------------------------------------------ backward
 
@@ -686,6 +701,25 @@ class FeedbackEngine(ForwardHooks):
         from .summary import format_summary
 
         return format_summary(self, shapes)
+
+
+def _compiled(root: nn.Module) -> bool:
+    """``root`` or a module in it was compiled by ``torch.compile`` (a wrapper, ``module.compile()``, or Lightning's
+    record of a compiled LightningModule)."""
+    return getattr(root, "_compiler_ctx", None) is not None or any(
+        type(m).__name__ == "OptimizedModule" or getattr(m, "_compiled_call_impl", None) is not None
+        for m in root.modules()
+    )
+
+
+def _forget_compiled_graphs() -> None:
+    """Drop the graphs ``torch.compile`` made so far. They do not guard on module hooks (torch's
+    ``skip_nnmodule_hook_guards``): a graph compiled for a module of the same code before the engine's hooks were
+    installed (another run of the model in this process, a backprop arm) would run without them, and one compiled
+    with them would go on running them after :meth:`FeedbackEngine.detach`. The next call compiles afresh."""
+    dynamo = getattr(torch, "_dynamo", None)
+    if dynamo is not None:
+        dynamo.reset()
 
 
 #: name parts a wrapper adds around the module it wraps (torch.compile, FSDP1, activation checkpointing)

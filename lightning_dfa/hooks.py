@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import re
 import warnings
 import weakref
 from collections.abc import Iterator, Sequence
@@ -21,6 +22,8 @@ from .checks import refuse_reentrant_checkpointing, refuse_torchscript, scripted
 from .delivery import (
     Capture,
     CapturedPoint,
+    _bypasses,
+    _cut_bypass,
     _DeliverFeedback,
     _deliveries_upstream_of,
     _Delivery,
@@ -44,6 +47,8 @@ from .points import split_input as _split_input
 from .points import split_main as _split_main
 from .recipe import chooses_cut, last_top_level_block, only_norms_before
 from .roles import encoder_modules, faint_token_tables, token_embeddings
+
+_NORM_OR_DROPOUT = re.compile(r"Norm|Dropout")
 
 
 class ForwardHooks:
@@ -221,7 +226,7 @@ class ForwardHooks:
         engine lets go of their tensors (autograd frees each one once its block's backward has run)."""
         g = self._group
         if g is not None and g.state is state:
-            g.points, g.cuts, g.copies, g.ties, g.untied = [], {}, [], [], 0
+            g.points, g.cuts, g.copies, g.ties, g.untied, g.stream = [], {}, [], [], 0, {}
 
     @property
     def _pending(self) -> list[_Point]:
@@ -337,11 +342,55 @@ class ForwardHooks:
     def _on_block_input(self, block: Block, args: tuple, kwargs: dict) -> Any:
         self._count_call()
         tensor, rebuild = _split_input(args, kwargs)
-        value = self._at_point(block.name + ":in", tensor, rebuild, block)
+        if self._cut_bypasses(tensor) and not _frozen(block):
+            # computed from the stream only through skip paths now cut: a point there would feed nothing
+            value = rebuild(tensor.detach())
+        else:
+            value = self._at_point(block.name + ":in", tensor, rebuild, block)
+        if value is not None:
+            self._note_stream(tensor, block)
         if self.mode != "dfa" or self._capture is not None or not self._active() or _frozen(block):
             return value
         side = self._cut_side_inputs(block, *(value if value is not None else (args, kwargs)), main=tensor)
         return side if side is not None else value
+
+    def _bypassing(self) -> bool:
+        """Skip paths around the blocks are looked for in this forward (a training forward of DFA or shallow)."""
+        g = self._group
+        return bool(g is not None and g.stream and self.mode != "bp" and self._capture is None and self._active())
+
+    def _cut_bypasses(self, tensor: torch.Tensor | None) -> bool:
+        """Cut the skip paths around this forward's blocks that ``tensor`` was computed through (the residual add
+        of ``x = x + block(x)`` written in the parent, see :func:`_bypasses`): the feedback point at a block's input
+        cuts the residual stream, as a block holding its own add does, so that nothing before a block (the
+        embeddings) learns from the loss's true gradient through the identity path, in DFA or in the shallow
+        baseline. ``True`` where ``tensor`` reaches nothing trainable but through those paths."""
+        if tensor is None or tensor.grad_fn is None or not self._bypassing():
+            return False
+        stream = self._group.stream
+        if tensor.output_nr in stream.get(tensor.grad_fn, {}):
+            return False  # the same input read again (blocks in parallel)
+        found, trainable = _bypasses(tensor, stream)
+        for node, index in found:
+            _cut_bypass(node, index)
+        return bool(found) and not trainable
+
+    def _note_stream(self, tensor: torch.Tensor | None, block: Block) -> None:
+        """A top-level block's input was cut: later tensors computed from it (or from the norm or dropout's input in
+        front of it) go around the block."""
+        g = self._group
+        if tensor is None or tensor.grad_fn is None or g is None or self.mode == "bp" or self._capture is not None:
+            return
+        node, index = tensor.grad_fn, tensor.output_nr
+        params = frozenset(id(p) for p in block.parameters())
+        for _ in range(3):
+            g.stream.setdefault(node, {})[index] = params
+            if not _NORM_OR_DROPOUT.search(type(node).__name__):
+                break
+            inputs = [e for e in node.next_functions if e[0] is not None and e[0].next_functions]
+            if len(inputs) != 1:
+                break
+            node, index = inputs[0]
 
     def _cut_side_inputs(self, block: Block, args: tuple, kwargs: dict, main: torch.Tensor | None) -> Any:
         """The call's other inputs cut where they would carry the backward into another block, or ``None`` (none
@@ -431,7 +480,27 @@ class ForwardHooks:
         cut = self._at_point(block.name, tensor, rebuild, block)
         if cut is not None and isinstance(output, tuple) and not isinstance(block.exit, nn.RNNBase):
             self._note_second_outputs(block, output, tensor)
+            cut = self._cut_second_outputs(block, cut, tensor)
         return cut
+
+    def _cut_second_outputs(self, block: Block, value: Any, main: torch.Tensor) -> Any:
+        """A block's other outputs that are activations of its batch (``tensor`` of ``main``'s rank and batch, with
+        gradient: WaveNet's skip outputs, which the parent sums into the head) are feedback points too, each
+        ``"<block>:out<i>"``, handed on cut: a block's outputs carry no backprop into it. (Its attention weights,
+        of another rank, and a cache or position bias of another batch, pass as they are.)"""
+        if type(value) is not tuple or self._capture is not None or self.mode == "bp" or not self._active():
+            return value
+        items = list(value)
+        for i, tensor in enumerate(items[1:], start=1):
+            if (
+                isinstance(tensor, torch.Tensor)
+                and tensor.is_floating_point()
+                and tensor.dim() == main.dim() >= 2
+                and tensor.shape[0] == main.shape[0]
+                and self._carries(tensor)
+            ):
+                items[i] = self._record(f"{block.name}:out{i}", tensor)
+        return tuple(items)
 
     def _note_second_outputs(self, block: Block, output: tuple, main: torch.Tensor) -> None:
         """Note a block's other outputs that are activations like its main one (the same batch and width: a second
@@ -456,6 +525,7 @@ class ForwardHooks:
     def _on_head_input(self, name: str, args: tuple, kwargs: dict) -> Any:
         """``cut_head_input``: the output module's input becomes the point ``"<output>:in"`` (detached downstream)."""
         tensor, rebuild = _split_input(args, kwargs)
+        self._cut_bypasses(tensor)
         return self._at_point(name + ":in", tensor, rebuild)
 
     def _on_output(self, name: str, output: Any, auto: bool = False) -> Any:
@@ -467,10 +537,12 @@ class ForwardHooks:
                 self._capture.outputs.append(tensor)
             self._group = None
             return None
+        tensor, rebuild = _split_main(output)
+        if not auto or (tensor is not None and tensor.requires_grad):
+            self._cut_bypasses(tensor)
         if not self._active() or self.mode != "dfa":
             self._group = None
             return None
-        tensor, rebuild = _split_main(output)
         g = self._group
         # A frozen output module (a fixed readout) still gets tied: the points carry the gradient, and the
         # error reaches the delivery even though the output itself needs none.
@@ -482,10 +554,13 @@ class ForwardHooks:
             return None
         if auto and not tensor.requires_grad:
             return None  # a candidate whose output carries no gradient cannot be where the loss reads the error
+        fed = self.target.blocks_fed_by(name) if self.target is not None else None
+        points = list(g.points) if fed is None else [p for p in g.points if _of_blocks(p.key, fed)]
+        if not points:
+            return None
         calls = g.outputs.get(name, 0)
         g.outputs[name] = calls + 1
         source = name if calls == 0 else f"{name}#{calls}"
-        points = list(g.points)
         metas = [self._point_meta(p.key, p, p.flatten) for p in points]
         delivery = _Delivery(self, metas, source, [p.slot for p in points])
         learned = self.learned is not None
@@ -505,6 +580,8 @@ class ForwardHooks:
         # norm, which the decoder reads) does not end the search: the blocks after it have consumers too
         self._consumers_complete = self._consumers_complete or not auto
         self.report.outputs_tied += 1
+        if isinstance(output, (tuple, list)) and sum(isinstance(v, torch.Tensor) for v in output) > 1:
+            self.report.tuple_outputs.append(name)
         return rebuild(_DeliverFeedback.apply(delivery, activations, tensor, *[p.edge for p in points]))
 
     def _on_norm_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -591,7 +668,7 @@ class ForwardHooks:
                 if point.reads(tensor):
                     del g.points[i]
                     g.untied = min(g.untied, len(g.points))
-                    tensor = _Reattach.apply(point.slot, point.edge, tensor)
+                    tensor = _Reattach.apply(point.slot, self.layouts, point.edge, tensor)
                     break
         tied = self._on_output(name, tensor)
         return None if tied is None else rebuild(tied)
@@ -710,6 +787,13 @@ class _Produced(NamedTuple):
     what: str
     shape: torch.Size
     batch_first: bool
+
+
+def _of_blocks(key: str, blocks: set[str]) -> bool:
+    """Point ``key`` (``"<block>"``, ``"<block>:in"``, a norm inside the block, ``#<call>``) belongs to one of
+    ``blocks``."""
+    name = key.split("#")[0].split(":")[0]
+    return any(name == b or name.startswith(b + ".") for b in blocks)
 
 
 def _uncut(g: _Group | None, tensor: torch.Tensor) -> torch.Tensor:

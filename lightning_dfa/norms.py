@@ -59,10 +59,13 @@ _NOT_PER_TOKEN = ("batch", "group", "instance", "localresponse")
 
 def _may_normalise(module: nn.Module) -> bool:
     """A module that may normalise each position over its features: ``nn.LayerNorm``, ``nn.RMSNorm`` or a class
-    named like a norm (Hugging Face's ``LlamaRMSNorm``, ``T5LayerNorm``...), except batch/group/instance norms."""
+    named like a norm (Hugging Face's ``LlamaRMSNorm``, ``T5LayerNorm``...), except batch/group/instance norms and
+    wrappers holding layers (lucidrains' ``PreNorm(dim, fn)``, whose output is ``fn``'s)."""
     if isinstance(module, nn.LayerNorm) or (hasattr(nn, "RMSNorm") and isinstance(module, nn.RMSNorm)):
         return True
     name = type(module).__name__.lower()
+    if any(any(True for _ in child.parameters()) for child in module.children()):
+        return False
     return "norm" in name and not any(word in name for word in _NOT_PER_TOKEN)
 
 

@@ -78,7 +78,13 @@ def _is_feature_extractor(seq: nn.Sequential) -> bool:
 def _callable(module: nn.Module) -> bool:
     """A module with a ``forward`` of its own (not a container such as ``nn.ModuleList``, which is never called, so
     forward hooks on it never fire)."""
-    return type(module).forward is not nn.Module.forward
+    return _kind(module).forward is not nn.Module.forward
+
+
+def _kind(module: nn.Module) -> type:
+    """The class of a module, or of the module a ``torch.compile`` wrapper holds (a list whose blocks were compiled
+    one by one is still a list of one class)."""
+    return type(getattr(module, "_orig_mod", module)) if type(module).__name__ == "OptimizedModule" else type(module)
 
 
 def _composite(module: nn.Module) -> bool:
@@ -93,7 +99,7 @@ def _is_stage(seq: nn.Module) -> bool:
     return (
         isinstance(seq, nn.Sequential)
         and len(children) >= 2
-        and len({type(c) for c in children}) == 1
+        and len({_kind(c) for c in children}) == 1
         and all(_composite(c) for c in children)
     )
 
@@ -103,8 +109,8 @@ def _one_block_stages(root: nn.Module) -> list[tuple[str, nn.Module]]:
     ``layer1`` ... ``layer4`` each ``Sequential(BasicBlock)``)."""
     single = [(n, m) for n, m in owned_modules(root) if isinstance(m, nn.Sequential) and len(m) == 1]
     single = [(n, m) for n, m in single if _composite(m[0])]
-    kinds = [type(m[0]) for _, m in single]
-    return [(n, m) for n, m in single if kinds.count(type(m[0])) >= 2]
+    kinds = [_kind(m[0]) for _, m in single]
+    return [(n, m) for n, m in single if kinds.count(_kind(m[0])) >= 2]
 
 
 def repeated_blocks(root: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -126,7 +132,7 @@ def repeated_blocks(root: nn.Module) -> list[tuple[str, nn.Module]]:
     for name, module in owned_modules(root):
         if isinstance(module, (nn.ModuleList, nn.Sequential)):
             children = list(module.children())
-            if len(children) >= 2 and len({type(c) for c in children}) == 1 and all(_composite(c) for c in children):
+            if len(children) >= 2 and len({_kind(c) for c in children}) == 1 and all(_composite(c) for c in children):
                 found.append((name, module))
     return found
 
@@ -145,7 +151,7 @@ def _stages_target(root: nn.Module) -> Target | None:
     if not stages:
         return None
     size = sum(p.numel() for _, m in stages for p in m.parameters())
-    lists = [m for m in root.modules() if isinstance(m, nn.ModuleList) and len({type(c) for c in m}) == 1]
+    lists = [m for m in root.modules() if isinstance(m, nn.ModuleList) and len({_kind(c) for c in m}) == 1]
     if any(sum(p.numel() for p in m.parameters()) > size for m in lists):
         return None  # a larger ModuleList of repeated layers is the backbone (rule 5)
     names = [n for n, _ in stages]
@@ -375,6 +381,45 @@ def _module_list_target(root: nn.Module, min_len: int = 2, composite: bool = Fal
     return Target(blocks, leaf[0], leaf[1], "module_list")
 
 
+def _layer_lists_target(root: nn.Module) -> Target | None:
+    """A list of layers, each a list of sublayers of the same classes, called in order (``layers =
+    ModuleList([ModuleList([attention, feed_forward]) for _ in range(depth)])``, iterated as ``for attn, ff in
+    self.layers: x = attn(x) + x; x = ff(x) + x``, as in lucidrains' models and vit-pytorch): each layer is one
+    block from its first sublayer to its last. Its feedback point is its input (the next layer's input, which holds
+    the parent's residual adds), and the output module's input for the last one: the sublayers of a layer learn
+    together from it, as in a block holding its own adds, and the stream around each layer is cut. (A point after
+    each sublayer would feed the attention apart from the MLP after it, which was measured to cost learning.)
+
+    Example:
+        >>> net = nn.Module()
+        >>> net.layers = nn.ModuleList([nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)]) for _ in range(3)])
+        >>> net.head = nn.Linear(4, 2)
+        >>> t = _layer_lists_target(net)
+        >>> [b.name for b in t.blocks], t.output_name, t.head_input_point
+        (['layers.0', 'layers.1', 'layers.2'], 'head', True)
+    """
+    best = None
+    for name, outer in owned_modules(root):
+        layers = list(outer.children()) if isinstance(outer, nn.ModuleList) else []
+        if len(layers) < 2 or not all(isinstance(m, nn.ModuleList) and len(m) >= 2 for m in layers):
+            continue
+        shape = [_kind(c) for c in layers[0]]
+        if not all([_kind(c) for c in m] == shape and all(_callable(c) for c in m) for m in layers):
+            continue
+        size = sum(p.numel() for p in outer.parameters())
+        if size and (best is None or size > best[2]):
+            best = (name, layers, size)
+    if best is None:
+        return None
+    name, layers, _ = best
+    join = f"{name}." if name else ""
+    blocks = [Block(f"{join}{i}", m[0], m[-1], members=tuple(m), output_point=False) for i, m in enumerate(layers)]
+    leaf = _last_param_leaf(root, [name])
+    if leaf is None:
+        return None
+    return Target(blocks, leaf[0], leaf[1], "layer_lists", head_input_point=True)
+
+
 def _sibling_lists(root: nn.Module, name: str, mlist: nn.ModuleList) -> list[tuple[str, nn.ModuleList]]:
     """The layer list ``name`` and, where it is one element of a list of such lists (``layers = ModuleList([
     ModuleList([attention, feed_forward]) for _ in range(depth)])``, iterated as ``for attn, ff in self.layers``),
@@ -388,9 +433,9 @@ def _sibling_lists(root: nn.Module, name: str, mlist: nn.ModuleList) -> list[tup
     """
     parent_name, _, _ = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
-    shape = [type(m) for m in mlist]
+    shape = [_kind(m) for m in mlist]
     if not isinstance(parent, nn.ModuleList) or not all(
-        isinstance(m, nn.ModuleList) and [type(c) for c in m] == shape for m in parent
+        isinstance(m, nn.ModuleList) and [_kind(c) for c in m] == shape for m in parent
     ):
         return [(name, mlist)]
     join = f"{parent_name}." if parent_name else ""
@@ -403,7 +448,7 @@ def _is_layer_list(mlist: nn.Module, min_len: int) -> bool:
     return (
         isinstance(mlist, nn.ModuleList)
         and len(mlist) >= min_len
-        and len({type(m) for m in mlist}) == 1
+        and len({_kind(m) for m in mlist}) == 1
         and all(_callable(m) for m in mlist)
     )
 
@@ -424,7 +469,7 @@ def _attribute_blocks_target(root: nn.Module) -> Target | None:
         if isinstance(parent, (nn.ModuleList, nn.Sequential, nn.ModuleDict)):
             continue
         kids = [(n, c) for n, c in parent.named_children() if _composite(c)]
-        kinds = [type(c) for _, c in kids if type(c) not in (nn.Sequential, nn.ModuleList, nn.ModuleDict)]
+        kinds = [_kind(c) for _, c in kids if type(c) not in (nn.Sequential, nn.ModuleList, nn.ModuleDict)]
         if not any(kinds.count(k) >= 2 for k in kinds):  # a class of the model's own, repeated
             continue
         leaf = _last_param_leaf(parent, [])
@@ -459,10 +504,38 @@ def _structure_target(root: nn.Module) -> Target | None:
     repeated = [t for t in (_stages_target(root), _module_list_target(root, composite=True)) if t is not None]
     repeated += [t for t in (_attribute_blocks_target(root),) if t is not None]
     best = max(repeated, key=_block_params) if repeated else None
+    units = _layer_lists_target(root)
+    if units is not None and (best is None or _block_params(units) >= _block_params(best)):
+        best = units
     chain = _sequential_target(root, [b.name for b in best.blocks] if best is not None else [])
     if best is not None and _block_params(best) >= _block_params(chain):
-        return best
+        return _with_tower(root, best, chain)
     return chain or _module_list_target(root)
+
+
+def _with_tower(root: nn.Module, best: Target, chain: Target | None) -> Target:
+    """``best`` and, where a chain of Sequential groups ending in its own last layer is registered before its
+    blocks (a two-tower model's image tower beside its text Transformer, CLIP's layout), that chain's groups as
+    blocks and its last layer as an output too: each tower's error reaches its own blocks. (Had the chain fed the
+    blocks, a stem, its last layer would be no error source: an output a block's input is computed from delivers
+    nothing.) Each tower's points are tied to its own output only: the other tower's error is not theirs."""
+    if chain is None or not chain.blocks:
+        return best
+    order = _module_order(root)
+    first = min(order[b.name] for b in best.blocks)
+    names = [b.name for b in best.blocks] + [n for n, _ in best.outputs]
+    tower = chain.output_name.rpartition(".")[0]
+    if (
+        not tower
+        or order[chain.output_name] > first
+        or any(n == tower or n.startswith(tower + ".") or tower.startswith(n + ".") for n in names)
+        or not all(b.name.startswith(tower + ".") for b in chain.blocks)
+    ):
+        return best
+    blocks = sorted(chain.blocks + best.blocks, key=lambda b: order[b.name])
+    extra = [*best.extra_outputs, (chain.output_name, chain.output)]
+    towers = {chain.output_name: tuple(b.name for b in chain.blocks)}
+    return Target(blocks, best.output_name, best.output, best.source, best.head_input_point, extra, towers)
 
 
 # --------------------------------------------------------------------------- layers as attributes

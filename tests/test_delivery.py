@@ -183,6 +183,41 @@ def test_a_point_whose_layout_the_data_flow_cannot_tell_is_refused() -> None:
         net(torch.randn(4, 4, 8)).sum().backward()
 
 
+def test_a_probe_through_another_outputs_tie_measures_the_data_flow_alone() -> None:
+    """Two heads read a neck outside the blocks (a decoder's final norm before DETR's class and box heads), so the
+    first step probes the layout of ``[B, T, d]`` points with ``B == T`` once per head, and the second head's probe
+    runs through the neck's tie after the first head delivered. The probe must not pick up the feedback delivered
+    so far (every item's: it was refused as depending on both dimensions), nor take it from the training backward:
+    the probing step's gradients are those of the same step once the layouts are known."""
+
+    class Heads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(2)])
+            self.neck, self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 3), nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            for layer in self.layers:
+                x = layer(x)
+            h = torch.tanh(self.neck(x))
+            return self.a(h), self.b(h)
+
+    torch.manual_seed(0)
+    net, x = Heads(), torch.randn(4, 4, 8)
+    engine = FeedbackEngine(seed=1)
+    engine.attach(net)
+    grads = []
+    for _ in range(2):  # the probing step, then the same step with the layouts known
+        net.zero_grad()
+        a, b = net(x)
+        (a.square().sum() + b.square().sum()).backward()
+        assert engine.end_backward().deliveries == 2
+        grads.append({n: p.grad.clone() for n, p in net.named_parameters()})
+    assert {engine.layouts.relations[(f"layers.{i}", h)] for i in (0, 1) for h in "ab"} == {"same"}
+    for name in grads[1]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=0, atol=0, msg=name)
+
+
 # ---------------------------------------------------------------------------------------------- several outputs
 class MultiTask(nn.Module):
     """A shared backbone, a classification head and a regression head, each with its own loss."""
@@ -654,7 +689,8 @@ class BilinearSkip(nn.Module):
 
 class GlobalTokens(nn.Module):
     """Layers that pass a second state beside the hidden one, read by the next layer as a keyword: a stream of the
-    hidden width (PegasusX's global tokens), or (``side=4``) a narrower slice of the layer's output."""
+    hidden width (PegasusX's global tokens), or (``side=4``) a narrower summary of the layer's output over the batch
+    (no batch dimension: not an activation, so no point of its own)."""
 
     class Layer(nn.Module):
         def __init__(self, width: int, side: int) -> None:
@@ -664,7 +700,7 @@ class GlobalTokens(nn.Module):
         def forward(self, h: torch.Tensor, g: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
             g = torch.tanh(self.glob(h) if g is None else self.glob(h) + g)
             out = torch.tanh(self.local(h) + self.read(g))
-            return out, g if g.shape == out.shape else out[..., : g.shape[-1]]
+            return out, g if g.shape == out.shape else out[..., : g.shape[-1]].mean(0)
 
     def __init__(self, side: int = 16) -> None:
         super().__init__()
@@ -680,8 +716,8 @@ class GlobalTokens(nn.Module):
 
 
 def test_gradient_that_crosses_from_block_to_block_through_an_uncut_input_is_found() -> None:
-    """A layer's narrower summary read by the next layer beside its hidden state carries that layer's backward into
-    the one before: found. What DFA cuts crosses nothing: a second stream of hidden states (a point of its own), a
+    """A layer's summary over the batch read by the next layer beside its hidden state carries that layer's backward
+    into the one before: found. What DFA cuts crosses nothing: a second stream of hidden states (a point of its own), a
     skip into a second input of a layer-input net (the skip is a point already, and the reader gets its cut), a
     recurrent encoder's state handed to its decoder (a point of its own), a plain chain, heads on middle layers."""
     torch.manual_seed(0)

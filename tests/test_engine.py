@@ -401,3 +401,154 @@ def test_blocks_named_as_the_summary_lists_them_give_the_discovered_feedback() -
     for a, b in zip(found, named):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not torch.allclose(found[0], layers[0])
+
+
+class _ParentAdds(nn.Module):
+    """A stem, three blocks whose residual adds the parent writes (``h = h + block(h)``, as in lucidrains' models),
+    a norm and a head; ``inside=True`` holds each add in its block instead."""
+
+    def __init__(self, inside: bool) -> None:
+        super().__init__()
+        self.inside = inside
+        self.stem = nn.Linear(20, 16)
+        self.blocks = nn.ModuleList(
+            [_Residual(nn.Linear(16, 16)) if inside else nn.Sequential(nn.Linear(16, 16), nn.Tanh()) for _ in range(3)]
+        )
+        self.norm = nn.LayerNorm(16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.stem(x))
+        for block in self.blocks:
+            h = block(h) if self.inside else h + block(h)
+        return self.head(self.norm(h))
+
+
+class _Residual(nn.Module):
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.f = nn.Sequential(layer, nn.Tanh())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.f(x)
+
+
+@pytest.mark.parametrize("mode", ["dfa", "shallow"])
+def test_a_residual_add_written_in_the_parent_is_cut_like_one_inside_the_block(mode: str) -> None:
+    """The feedback point at a block's input cuts the residual stream. With the add in the parent, the identity path
+    around the blocks would hand the stem the loss's true gradient (and the shallow baseline would train it). Cut,
+    every parameter gets what the same network with its adds inside the blocks gets: the stem only its point's
+    feedback, nothing in the shallow baseline; the final norm and the head their true gradient."""
+    x, y = torch.randn(32, 20), torch.randint(0, 4, (32,))
+    grads, roles = [], []
+    for inside in (False, True):
+        torch.manual_seed(0)
+        net = _ParentAdds(inside)
+        engine = FeedbackEngine(mode=mode, seed=0, norm_jacobian=False)
+        engine.attach(net)
+        for _ in range(2):  # the second step runs without the first forwards' probes
+            net.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(net(x), y)
+            loss.backward()
+            engine.end_backward(loss)
+        grads.append({n.replace(".f.", "."): p.grad for n, p in net.named_parameters()})
+        roles.append(engine.parameter_roles(net))
+        engine.detach()
+    parent, inside = grads
+    assert parent.keys() == inside.keys()
+    for name in parent:
+        assert (parent[name] is None) == (inside[name] is None), name
+        if parent[name] is not None:
+            torch.testing.assert_close(parent[name], inside[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert (parent["stem.weight"] is None) == (mode == "shallow")
+    assert roles[0] == roles[1]
+    assert roles[0]["true gradient"] == 16 * 2 + 16 * 4 + 4  # the final norm and the head
+
+
+class _SkipLayer(nn.Module):
+    """WaveNet's layer: a gated unit whose residual output goes on to the next layer and whose skip output the
+    parent sums into the head."""
+
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.filt, self.res, self.skip = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, 12)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = torch.tanh(self.filt(x))
+        return self.res(z) + x, self.skip(z)
+
+
+class _SkipNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.layers, self.head = (
+            nn.Linear(4, 8),
+            nn.ModuleList([_SkipLayer() for _ in range(3)]),
+            nn.Linear(12, 3),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, skips = self.inp(x), 0
+        for layer in self.layers:
+            x, skip = layer(x)
+            skips = skips + skip
+        return self.head(torch.relu(skips))
+
+
+@pytest.mark.parametrize("mode", ["dfa", "shallow"])
+def test_a_blocks_second_output_summed_into_the_head_is_a_point_too(mode: str) -> None:
+    """A block's other outputs of its batch are feedback points (``"<block>:out1"``), cut like its main output: no
+    parameter of a block learns by backprop through them (before: every skip layer got exactly its backprop
+    gradient, and the shallow baseline trained the blocks)."""
+    torch.manual_seed(0)
+    net, x, y = _SkipNet(), torch.randn(16, 4), torch.randint(0, 3, (16,))
+    reference = copy.deepcopy(net)
+    nn.functional.cross_entropy(reference(x), y).backward()
+    engine = FeedbackEngine(mode=mode)
+    assert [b.name for b in engine.attach(net).blocks] == ["layers.0", "layers.1", "layers.2"]
+    loss = nn.functional.cross_entropy(net(x), y)
+    loss.backward()
+    engine.end_backward(loss)
+    if mode == "dfa":
+        assert [p.key for p in engine.last_points][1:3] == ["layers.0", "layers.0:out1"]
+    for name, p in net.named_parameters():
+        if name.startswith("layers."):
+            if mode == "shallow":
+                assert p.grad is None, name
+            else:  # (the last layer's residual output feeds nothing: backprop gives its layer no gradient)
+                true = dict(reference.named_parameters())[name].grad
+                assert p.grad is not None and (true is None or not torch.allclose(p.grad, true)), name
+    torch.testing.assert_close(net.head.weight.grad, reference.head.weight.grad)
+    engine.detach()
+
+
+class _Backcast(nn.Module):
+    """N-BEATS' block: a backcast (first) and a forecast (second), the parent summing the forecasts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.back, self.fore = nn.Linear(8, 16), nn.Linear(16, 8), nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.relu(self.fc(x))
+        return self.back(h), self.fore(h)
+
+
+def test_an_output_whose_tuple_the_loss_reads_past_its_first_item_is_named_with_what_to_pass() -> None:
+    """The last block of a list taken for the output returns ``(backcast, forecast)`` and the loss reads the
+    forecasts: the refusal says the output returned a tuple whose first item the loss does not read, and to pass
+    ``output=`` (before: "the loss does not depend on the output module", which it did)."""
+    torch.manual_seed(0)
+    net = nn.Module()
+    net.blocks = nn.ModuleList([_Backcast() for _ in range(3)])
+    engine = FeedbackEngine()
+    engine.attach(net)
+    x, forecast = torch.randn(4, 8), 0
+    for block in net.blocks:
+        back, fore = block(x)
+        x, forecast = x - back, forecast + fore
+    loss = forecast.square().mean()
+    loss.backward()
+    with pytest.raises(RuntimeError, match=r"'blocks\.2' returned a tuple.*output="):
+        engine.end_backward(loss)
+    engine.detach()

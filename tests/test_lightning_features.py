@@ -18,6 +18,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_dfa
@@ -703,6 +704,90 @@ def test_torch_compiled_modules_train_as_eager() -> None:
         warnings.simplefilter("ignore")
         fit(torch.compile(whole, backend="aot_eager"), loader(2), max_steps=2)  # the whole LightningModule
     assert_weights_equal(eager, whole)
+
+
+def test_a_compiled_model_trains_as_eager_after_and_before_a_backprop_run_of_it() -> None:
+    """``torch.compile``'s graphs do not guard on module hooks: a graph compiled by an earlier backprop run of the
+    same model (a comparison's first arm) would run a later DFA fit without DFA's hooks, and one compiled under
+    DFA would go on running them after it. Each arm equals its run in a fresh process."""
+    pytest.importorskip("torch._dynamo")
+    torch._dynamo.reset()
+    eager_dfa, eager_bp = Net(), Net()
+    fit(eager_dfa, loader(2), max_steps=2)
+    fit(eager_bp, loader(2), strategy="auto", max_steps=2)
+    for strategies in (("auto", None), (None, "auto")):
+        models = []
+        for strategy in strategies:
+            model = CompiledNet()
+            fit(model, loader(2), strategy=strategy, max_steps=2)
+            models.append(model)
+        for model, strategy in zip(models, strategies):
+            assert_weights_equal((eager_bp if strategy == "auto" else eager_dfa).net, model.net._orig_mod)
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.tanh(self.fc(x))
+
+
+class _BlockList(nn.Module):
+    def __init__(self, compiled: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.blocks, self.head = (
+            nn.Linear(6, 16),
+            nn.ModuleList([_Block() for _ in range(3)]),
+            nn.Linear(16, 3),
+        )
+        if compiled:  # the usual pattern: each block compiled in place
+            for i in (0, 1):
+                self.blocks[i] = torch.compile(self.blocks[i], backend="aot_eager")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h)
+
+
+def test_blocks_compiled_one_by_one_are_the_blocks_of_the_eager_list() -> None:
+    pytest.importorskip("torch._dynamo")
+    x, y = batches(1, 8, 1)
+    grads = []
+    for compiled in (False, True):
+        net = _BlockList(compiled)
+        engine = FeedbackEngine(seed=0)
+        assert [b.name for b in engine.attach(net).blocks] == ["blocks.0", "blocks.1", "blocks.2"]
+        loss = F.cross_entropy(net(x), y)
+        loss.backward()
+        engine.end_backward(loss)
+        grads.append({n.replace("_orig_mod.", ""): p.grad for n, p in net.named_parameters()})
+        engine.detach()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, msg=name)
+
+
+class LazyNet(Net):
+    def __init__(self, example: bool) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.LazyLinear(16), nn.Tanh(), nn.LazyLinear(16), nn.Tanh(), nn.LazyLinear(3))
+        if example:
+            self.example_input_array = torch.zeros(2, 6)
+
+
+def test_lazy_modules_take_their_shapes_from_the_example_input_or_are_refused_with_what_to_do() -> None:
+    model = LazyNet(example=True)
+    trainer = fit(model, loader(2), max_steps=2)
+    assert trainer.global_step == 2 and [b.name for b in trainer.strategy.dfa_engine.target.blocks] == [
+        "net.1",
+        "net.3",
+    ]
+    with pytest.raises(ValueError, match="lazy modules.*example_input_array"):
+        fit(LazyNet(example=False), loader(2), max_steps=2)
 
 
 class WithBackbone(Net):

@@ -8,6 +8,7 @@ gradient, and most parameters learn from feedback (the share trained by their tr
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import pytest
@@ -833,6 +834,52 @@ def test_a_frozen_teacher_beside_the_student_is_neither_blocks_nor_the_output(or
     engine.detach()
 
 
+@pytest.mark.parametrize("mode", ["dfa", "shallow"])
+def test_a_frozen_teacher_in_eval_mode_is_left_out_of_another_layout_of_student(mode: str) -> None:
+    """A frozen teacher in evaluation mode (an ``nn.Sequential``) registered before a student written with layers as
+    attributes: discovery would take the teacher's groups for the blocks (and the whole student would learn by
+    backprop, unnoticed). The student is the model; the teacher gets nothing and is not called with gradients."""
+
+    class Student(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2, self.fc3 = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+    torch.manual_seed(0)
+    net = nn.Module()
+    net.teacher = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
+    net.teacher.requires_grad_(False).eval()
+    net.student = Student()
+    reference = copy.deepcopy(net)
+    engine = FeedbackEngine(mode=mode)
+    target = engine.attach(net)
+    assert [b.name for b in target.blocks] == ["student.fc1", "student.fc2"] and target.output_name == "student.fc3"
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+
+    def loss_of(model: nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            soft = F.softmax(model.teacher(x) / 4, -1)
+        out = model.student(x)
+        return F.cross_entropy(out, y) + F.kl_div(F.log_softmax(out / 4, -1), soft, reduction="batchmean")
+
+    loss = loss_of(net)
+    loss.backward()
+    engine.end_backward(loss)
+    loss_of(reference).backward()
+    assert torch.equal(net.student.fc3.weight.grad, reference.student.fc3.weight.grad)  # the output: true gradient
+    first = net.student.fc1.weight.grad
+    if mode == "shallow":
+        assert first is None
+    else:  # feedback, not backprop
+        assert first is not None and not torch.allclose(first, reference.student.fc1.weight.grad)
+    engine.detach()
+    net.teacher.train()  # a frozen network in training mode may be a backbone that is unfrozen later: kept
+    assert [b.name for b in FeedbackEngine().attach(net).blocks][:2] == ["teacher.1", "teacher.3"]
+
+
 def test_a_frozen_backbone_that_feeds_the_head_stays_blocks() -> None:
     """Frozen at set-up (``BackboneFinetuning`` freezes in its ``setup``) and unfrozen later: the backbone's groups are
     blocks, so that it learns by feedback once unfrozen, as the teacher above does not."""
@@ -1059,8 +1106,8 @@ class ListOfLists(nn.Module):
         return self.head(x)
 
 
-def test_a_list_of_layer_lists_makes_every_sublayer_a_block_and_naming_the_lists_says_why_not() -> None:
-    """Every layer's sublayers are blocks (not only the first layer's, which left the others to backprop), each
+def test_a_list_of_layer_lists_makes_every_layer_a_block_and_naming_the_lists_says_why_not() -> None:
+    """Every layer is a block (not only the first layer's sublayers, which left the others to backprop), each
     learning by feedback; ``blocks=['layers.*']`` names containers that are never called, and the error says to
     name their elements."""
     torch.manual_seed(0)
@@ -1070,7 +1117,7 @@ def test_a_list_of_layer_lists_makes_every_sublayer_a_block_and_naming_the_lists
     net.zero_grad()
     engine = FeedbackEngine()
     target = engine.attach(net)
-    assert [b.name for b in target.blocks] == [f"layers.{i}.{j}" for i in range(3) for j in range(2)]
+    assert [b.name for b in target.blocks] == [f"layers.{i}" for i in range(3)]
     loss = F.cross_entropy(net(x), y)
     loss.backward()
     assert engine.end_backward(loss).deliveries == 1
@@ -1226,3 +1273,109 @@ def test_a_layer_list_ending_in_the_classifier_before_its_norms_has_that_classif
     net, x, y = OgbMLP(), torch.randn(16, 8), torch.randint(0, 4, (16,))
     engine = check_true_dfa(net, lambda n: F.nll_loss(n(x), y))
     assert [b.name for b in engine.target.blocks] == ["lins.0", "lins.1"] and engine.target.output_name == "lins.2"
+
+
+class _PreNorm(nn.Module):
+    def __init__(self, d: int, residual: bool) -> None:
+        super().__init__()
+        self.residual = residual
+        self.norm, self.fn = nn.LayerNorm(d), nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fn(self.norm(x)) if self.residual else self.fn(self.norm(x))
+
+
+class _LayerLists(nn.Module):
+    """lucidrains' layout: ``layers = ModuleList([ModuleList([mix, ff])])``, the residual adds written in the
+    parent's loop (``adds="parent"``) or held by the sublayers (``adds="sublayers"``)."""
+
+    def __init__(self, adds: str, d: int = 16) -> None:
+        super().__init__()
+        self.adds = adds
+        self.embed = nn.Linear(6, d)
+        inside = adds == "sublayers"
+        self.layers = nn.ModuleList([nn.ModuleList([_PreNorm(d, inside), _PreNorm(d, inside)]) for _ in range(3)])
+        self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        for mix, ff in self.layers:
+            if self.adds == "parent":
+                x = mix(x) + x
+                x = ff(x) + x
+            else:
+                x = ff(mix(x))
+        return self.head(self.norm(x.mean(1)))
+
+
+@pytest.mark.parametrize("mode", ["dfa", "shallow"])
+def test_a_list_of_layer_lists_is_one_block_per_layer_wherever_the_adds_are(mode: str) -> None:
+    """Each inner list is one block, fed at its input (the next layer's input, which holds the parent's adds) and
+    at the head's input for the last: its sublayers learn together from it, as a block holding its adds. With the
+    adds in the parent, the stream around each layer is cut: every gradient equals that of the same network with
+    the adds in its sublayers, and in the shallow baseline only the head learns (its input is the last point)."""
+    x, y = torch.randn(8, 5, 6), torch.randint(0, 3, (8,))
+    grads = []
+    for adds in ("parent", "sublayers"):
+        torch.manual_seed(0)
+        net = _LayerLists(adds)
+        engine = FeedbackEngine(mode=mode, seed=0)
+        target = engine.attach(net)
+        assert [b.name for b in target.blocks] == ["layers.0", "layers.1", "layers.2"]
+        assert target.output_name == "head" and target.source == "layer_lists"
+        for _ in range(2):
+            net.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(net(x), y)
+            loss.backward()
+            engine.end_backward(loss)
+        grads.append({n: p.grad for n, p in net.named_parameters()})
+        engine.detach()
+    for name, grad in grads[1].items():
+        other = grads[0][name]
+        assert (grad is None) == (other is None), name
+        if grad is not None:
+            torch.testing.assert_close(other, grad, rtol=1e-5, atol=1e-7, msg=name)
+    learned = {n.split(".")[0] for n, g in grads[0].items() if g is not None}
+    assert learned == ({"head"} if mode == "shallow" else {"embed", "layers", "norm", "head"})
+
+
+class _TwoTowers(nn.Module):
+    """CLIP's layout: an image tower (an ``nn.Sequential`` ending in its projection) registered before a text
+    Transformer (a list of layers, a final norm)."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.visual = nn.Sequential(nn.Linear(12, 32), nn.GELU(), nn.Linear(32, 32), nn.GELU(), nn.Linear(32, d))
+        self.tok = nn.Embedding(20, d)
+        layer = nn.TransformerEncoderLayer(d, 2, 32, 0.0, batch_first=True, norm_first=True)
+        self.transformer = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.ln_final = nn.LayerNorm(d)
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.visual(image), self.ln_final(self.transformer(self.tok(text))).mean(1)
+
+
+def test_two_towers_each_get_feedback_from_their_own_output_only() -> None:
+    """Both towers are blocks, each tower's last layer an output (before: the image tower learned by backprop,
+    unnoticed); each tower's points get its own output's error: with a loss on each tower, the image tower's
+    gradients are those of its loss alone."""
+    torch.manual_seed(0)
+    net = _TwoTowers()
+    image, text = torch.randn(8, 12), torch.randint(0, 20, (8, 5))
+    engine = FeedbackEngine(seed=0)
+    target = engine.attach(net)
+    assert [b.name for b in target.blocks] == ["visual.1", "visual.3", "transformer.layers.0", "transformer.layers.1"]
+    assert [n for n, _ in target.outputs] == ["ln_final", "visual.4"]
+    grads = []
+    for with_text in (True, False):
+        net.zero_grad(set_to_none=True)
+        v, t = net(image, text)
+        loss = v.square().mean() + (t.square().mean() if with_text else 0)
+        loss.backward()
+        engine.end_backward(loss)
+        grads.append({n: p.grad for n, p in net.named_parameters()})
+    for name in ("visual.0.weight", "visual.2.weight", "visual.4.weight"):
+        torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
+    assert grads[0]["transformer.layers.0.linear1.weight"] is not None
+    assert grads[1]["transformer.layers.0.linear1.weight"] is None
+    engine.detach()

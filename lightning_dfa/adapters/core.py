@@ -13,11 +13,42 @@ from torch import nn
 from typing_extensions import override
 
 from ..blocks import Target
-from ..checks import check_state, only_layers_after_frozen_blocks, refuse_reentrant_checkpointing
+from ..checks import check_state, lazy_modules, only_layers_after_frozen_blocks, refuse_reentrant_checkpointing
 from ..config import DFAConfig
 from ..engine import FeedbackEngine
 from ..projectors.bank import uses_sketch
 from ..summary import mostly_backprop
+
+
+def materialize_lazy_modules(module: nn.Module) -> None:
+    """Give lazy modules (``nn.LazyLinear``...) their shapes before DFA attaches: one forward of the
+    LightningModule's ``example_input_array``, without gradients and in evaluation mode (no running statistics
+    change), as Lightning's model summary runs it. Nothing where no module is lazy or no example is set (the engine
+    then says what to do)."""
+    example = getattr(module, "example_input_array", None)
+    if example is None or not lazy_modules(module):
+        return
+    device = next((t.device for t in [*module.parameters(), *module.buffers()] if not _uninitialized(t)), None)
+    if device is not None:
+        example = torch.utils._pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, example)
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        with torch.no_grad():
+            if isinstance(example, (tuple, list)):
+                module(*example)
+            elif isinstance(example, dict):
+                module(**example)
+            else:
+                module(example)
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+def _uninitialized(tensor: torch.Tensor) -> bool:
+    return isinstance(tensor, (nn.parameter.UninitializedParameter, nn.parameter.UninitializedBuffer))
+
 
 #: where the DFA strategy and the DFA callback both store the feedback state in a Lightning checkpoint
 CHECKPOINT_KEY = "dfa"
@@ -132,6 +163,7 @@ class DFAFit:
             )
         self._resumed_without_state = False
         self.engine = engine
+        materialize_lazy_modules(module)
         engine.attach(module, target)
         self._summary_shown = False
         self._checked = False
