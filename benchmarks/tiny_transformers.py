@@ -189,6 +189,47 @@ def vit(seq: int = 0) -> nn.Module:
     return hf.ViTForImageClassification(cfg)
 
 
+class LucidGPT(nn.Module):
+    """A GPT written as lucidrains writes Transformers (x-transformers, vit-pytorch), not from a library:
+    ``layers`` is a list of ``[attention, feed-forward]`` lists, each sublayer behind its own pre-norm, and the
+    residual adds are the parent's (``x = attn(x) + x; x = ff(x) + x``)."""
+
+    class PreNorm(nn.Module):
+        def __init__(self, fn: nn.Module) -> None:
+            super().__init__()
+            self.norm, self.fn = nn.LayerNorm(D), fn
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fn(self.norm(x))
+
+    class Attention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.to_qkv, self.to_out = nn.Linear(D, 3 * D, bias=False), nn.Linear(D, D)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, t, _ = x.shape
+            q, k, v = self.to_qkv(x).view(b, t, 3, HEADS, D // HEADS).permute(2, 0, 3, 1, 4)
+            out = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.to_out(out.transpose(1, 2).reshape(b, t, D))
+
+    def __init__(self, seq: int) -> None:
+        super().__init__()
+        self.token_emb, self.pos_emb = nn.Embedding(VOCAB, D), nn.Embedding(seq, D)
+        feed_forward = lambda: nn.Sequential(nn.Linear(D, FFN), nn.GELU(), nn.Linear(FFN, D))  # noqa: E731
+        self.layers = nn.ModuleList(
+            nn.ModuleList([self.PreNorm(self.Attention()), self.PreNorm(feed_forward())]) for _ in range(LAYERS)
+        )
+        self.norm, self.to_logits = nn.LayerNorm(D), nn.Linear(D, VOCAB)
+
+    def forward(self, input_ids: torch.Tensor) -> hf.modeling_outputs.CausalLMOutput:
+        x = self.token_emb(input_ids) + self.pos_emb(torch.arange(input_ids.shape[1], device=input_ids.device))
+        for attn, ff in self.layers:
+            x = attn(x) + x
+            x = ff(x) + x
+        return hf.modeling_outputs.CausalLMOutput(logits=self.to_logits(self.norm(x)))
+
+
 def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     ids = batch["input_ids"]
     logits = model(input_ids=ids).logits
@@ -378,6 +419,8 @@ MORE: dict[str, Task] = {
                                                                              hidden_size=D, mlp_ratio=FFN // D,
                                                                              num_attention_heads=HEADS, num_labels=2,
                                                                              **_NO_DROP)), "marks", (0, 64, 1e-3)),
+        # written by hand, lucidrains' layout: lists of [attention, feed-forward], the residual adds in the parent
+        ("lucid_gpt", LucidGPT, "lm", (32, 32, 3e-3)),
         # a convolutional network: 2 stages of 2 residual layers, widths 32 and 64
         ("resnet", lambda s: hf.ResNetForImageClassification(hf.ResNetConfig(num_channels=1, num_labels=2,
                                                                              embedding_size=32, hidden_sizes=[32, 64],
@@ -419,7 +462,8 @@ def measure(names: list[str], seeds: list[int], **kw: Any) -> list[dict[str, Any
             )  # fmt: skip
             records.append({
                 "model": name, "class": type(model).__name__, "task": task.data, "seed": seed,
-                "tied_head": bool(getattr(model.config, "tie_word_embeddings", False)) and task.data != "marks",
+                "tied_head": bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+                and task.data != "marks",
                 "test_loss": loss, "closed": share, "closed_paper": plain, "wall_s": wall, "cpu_s": cpu,
             })  # fmt: skip
     return records

@@ -68,7 +68,7 @@ class _Delivery:
     backward needs to know about the other outputs (no tensors are kept, except during a layout probe)."""
 
     __slots__ = ("engine", "points", "source", "upstream", "downstream_ran", "probe", "feeds_point", "frozen")
-    __slots__ += ("reached", "forward", "slots")
+    __slots__ += ("reached", "forward", "slots", "named")
 
     def __init__(self, engine: Any, points: list[PointMeta], source: str, slots: list[_Slot]) -> None:
         self.engine = engine
@@ -78,6 +78,9 @@ class _Delivery:
         self.source = source
         #: a block's input was computed from this output: it lies before a block, so it is no error source
         self.feeds_point = False
+        #: named in ``output=``: an error source even where a block's input is computed from it (a VAE's mean and
+        #: variance layers, whose KL term the encoder should learn from)
+        self.named = False
         #: the output module has no trainable parameter (a fixed readout, or a network frozen for this step)
         self.frozen = False
         #: ``id`` of the parameters this output's value was computed from after the cuts (measured once)
@@ -134,7 +137,7 @@ class _DeliverFeedback(torch.autograd.Function):
         if not defer:
             for up in delivery.upstream:
                 up.downstream_ran = True
-        if delivery.downstream_ran or delivery.feeds_point or defer:
+        if delivery.downstream_ran or (delivery.feeds_point and not delivery.named) or defer:
             # not an error source: this output's error came through a later output, or it lies before a block
             delivery.probe = None
             return (None, None, error, *[None for _ in needs])

@@ -258,6 +258,8 @@ def discover(
     target = _discover(root, blocks, outputs[0] if outputs else None, placement)
     if outputs:  # the outputs named; else those discovery found beside the output (heads in a ModuleDict)
         target.extra_outputs = [(n, _get_output(root, n)) for n in outputs[1:]]
+        if blocks is None:  # discovery took a named output for a block (a VAE's mean and variance layers)
+            target.blocks = [b for b in target.blocks if b.name not in outputs[1:]]
     for name, _ in target.outputs:
         if any(b.name == name or b.name.startswith(name + ".") for b in target.blocks):
             raise ValueError(

@@ -567,6 +567,8 @@ class ForwardHooks:
         activations = [_activation(p) if m.norm is not None or learned else None for p, m in zip(points, metas)]
         module = self._modules.get(name)
         delivery.frozen = module is not None and not any(p.requires_grad for p in module.parameters())
+        named = self.config.output
+        delivery.named = name in ([named] if isinstance(named, str) else list(named or ()))
         if len(g.outputs) > 1 or calls:  # another output was tied in this forward: was it computed from it?
             delivery.upstream = _deliveries_upstream_of(tensor)
         if g.soft:

@@ -1,5 +1,6 @@
 """Tensors in module inputs and outputs: the main tensor of a value (a tensor, a tuple's first item, a
-``ModelOutput``'s first field) and how to rebuild the value around a replacement."""
+``ModelOutput``'s first field) and how to rebuild the value around a replacement; a module called on an example
+input, moved to a device."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
 
 
 def split_main(value: Any) -> tuple[torch.Tensor | None, Callable[[torch.Tensor], Any] | None]:
@@ -61,3 +63,29 @@ def split_input(args: tuple, kwargs: dict) -> tuple[torch.Tensor | None, Callabl
 
 def carries_grad(t: torch.Tensor | None) -> bool:
     return t is not None and t.requires_grad and t.is_floating_point()
+
+
+def call_with_example(module: nn.Module, example: Any) -> Any:
+    """``module`` called on an example input as Lightning's ``example_input_array`` holds it: a tuple or list of
+    positional arguments, a dict of keyword arguments, or one argument.
+
+    Example:
+        >>> call_with_example(nn.Linear(3, 2), torch.zeros(4, 3)).shape
+        torch.Size([4, 2])
+    """
+    if isinstance(example, (tuple, list)):
+        return module(*example)
+    if isinstance(example, dict):
+        return module(**example)
+    return module(example)
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    """The tensors of ``value`` (nested in tuples, lists and dicts) moved to ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    return value

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .points import call_with_example
+
 
 def _count(n: int) -> str:
     for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
@@ -150,7 +152,8 @@ def format_summary(engine: Any, shapes: Mapping[str, Sequence[int]] | None = Non
 
 def mostly_backprop(engine: Any) -> str | None:
     """A warning when, in ``mode="dfa"`` with blocks found, more than half of the trainable parameters are trained
-    by backprop between the last feedback point and the output modules; ``None`` otherwise. The output modules'
+    by backprop after the last feedback point (or reached by the loss outside the output modules); ``None``
+    otherwise. The output modules'
     own parameters (always trained by their true gradient: a language model's vocabulary head may hold most of
     the model) do not count towards the half."""
     if engine.mode != "dfa" or engine.target is None or not engine.target.blocks:
@@ -163,9 +166,10 @@ def mostly_backprop(engine: Any) -> str | None:
         return None
     names = ", ".join(n for n, _ in engine.output_modules())
     return (
-        f"WARNING: {100 * between / trained:.0f}% of the trainable parameters are trained by backprop between the "
-        f"last feedback point and the output {names} (their true gradient), not by feedback. "
-        "Name the blocks and the output: DFAStrategy(blocks=[...], output=...) or configure_dfa()."
+        f"WARNING: {100 * between / trained:.0f}% of the trainable parameters are trained by backprop (their true "
+        f"gradient), not by feedback: they lie after the last feedback point, or the loss reaches them without "
+        f"passing the output {names}. Name the blocks and the output: DFAStrategy(blocks=[...], output=...) or "
+        "configure_dfa()."
     )
 
 
@@ -180,12 +184,7 @@ def probe_shapes(engine: Any, root: nn.Module, example: Any) -> dict[str, list[i
     root.eval()
     try:
         with torch.enable_grad(), engine.capture() as cap:
-            if isinstance(example, (tuple, list)):
-                root(*example)
-            elif isinstance(example, dict):
-                root(**example)
-            else:
-                root(example)
+            call_with_example(root, example)
     finally:
         root.train(was_training)
         torch.set_rng_state(cpu_state)

@@ -1056,3 +1056,42 @@ def test_an_encoders_input_of_other_length_is_fed_the_items_mean_error_either_la
     table = net.src(src if batch_first else src.t())
     at_input = (feedback.unsqueeze(1) if batch_first else feedback.unsqueeze(0)).expand_as(table)
     torch.testing.assert_close(got, torch.autograd.grad(table, net.src.weight, at_input)[0])
+
+
+class _VAE(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc21, self.fc22 = nn.Linear(16, 16), nn.Linear(16, 4), nn.Linear(16, 4)
+        self.fc3, self.fc4 = nn.Linear(4, 16), nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        h = F.relu(self.fc1(x))
+        mu, logvar = self.fc21(h), self.fc22(h)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        return torch.sigmoid(self.fc4(F.relu(self.fc3(z)))), mu, logvar
+
+
+@pytest.mark.parametrize("blocks", [None, ["fc1", "fc3"]])
+def test_a_vaes_mean_and_variance_layers_named_as_outputs_feed_their_kl_term_back(blocks: list[str] | None) -> None:
+    """The hidden-term warning's advice: ``output=`` naming the decoder's last layer and the mean and variance
+    layers (with or without ``blocks=``). Each named output is an error source although the decoder's input is
+    computed from it, so the KL term reaches the encoder ``fc1`` (before: the named layers were dropped as error
+    sources, silently, or refused as blocks)."""
+
+    def gradients(beta: float) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        net, x = _VAE(), (torch.rand(8, 16) > 0.5).float()
+        engine = FeedbackEngine(output=["fc4", "fc21", "fc22"], blocks=blocks)
+        engine.attach(net)
+        torch.manual_seed(1)
+        recon, mu, logvar = net(x)
+        kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+        loss = F.binary_cross_entropy(recon, x, reduction="sum") + beta * kl
+        loss.backward()
+        assert engine.end_backward(loss).deliveries == 3
+        engine.detach()
+        return {n: p.grad for n, p in net.named_parameters()}
+
+    without, with_kl = gradients(0.0), gradients(1.0)
+    assert not torch.allclose(without["fc1.weight"], with_kl["fc1.weight"])
+    torch.testing.assert_close(without["fc4.weight"], with_kl["fc4.weight"])

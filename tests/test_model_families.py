@@ -406,7 +406,7 @@ def test_the_warning_is_raised_in_fit_and_the_bp_arm_never_refuses() -> None:
 
     net = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 64), nn.ReLU(),
                         nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3))  # fmt: skip
-    with pytest.warns(UserWarning, match="trained by backprop between the last feedback point"):
+    with pytest.warns(UserWarning, match=r"by backprop \(their true gradient\), not by feedback: they lie after"):
         trainer(strategy=DFAStrategy(blocks=["net.1", "net.3"], output="net.8"), max_steps=1).fit(
             Classifier(net), loader()
         )

@@ -16,6 +16,7 @@ from ..blocks import Target
 from ..checks import check_state, lazy_modules, only_layers_after_frozen_blocks, refuse_reentrant_checkpointing
 from ..config import DFAConfig
 from ..engine import FeedbackEngine
+from ..points import call_with_example, to_device
 from ..projectors.bank import uses_sketch
 from ..summary import mostly_backprop
 
@@ -30,17 +31,12 @@ def materialize_lazy_modules(module: nn.Module) -> None:
         return
     device = next((t.device for t in [*module.parameters(), *module.buffers()] if not _uninitialized(t)), None)
     if device is not None:
-        example = torch.utils._pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, example)
+        example = to_device(example, device)
     modes = {m: m.training for m in module.modules()}
     module.eval()
     try:
         with torch.no_grad():
-            if isinstance(example, (tuple, list)):
-                module(*example)
-            elif isinstance(example, dict):
-                module(**example)
-            else:
-                module(example)
+            call_with_example(module, example)
     finally:
         for m, training in modes.items():
             m.training = training
