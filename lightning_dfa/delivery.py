@@ -376,16 +376,17 @@ def _bypasses(
             params = stream.get(parent, {}).get(index)
             if params is None:
                 stack.append(parent)
-            elif _joins_branch(node, i, params):
+            elif _joins_branch(node, i, params, stream):
                 found.append((node, i))
             else:
                 trainable = True  # the block's input read on its own: it carries the gradient on
     return found, trainable
 
 
-def _joins_branch(node: Any, index: int, params: frozenset[int], limit: int = 64) -> bool:
+def _joins_branch(node: Any, index: int, params: frozenset[int], stream: dict[Any, Any], limit: int = 64) -> bool:
     """``node`` adds or concatenates its input ``index`` to a block's branch: another input carries no gradient (the
-    block's cut output) or was computed from the block's parameters ``params``."""
+    block's cut output), was computed from the block's parameters ``params``, or reads no node of ``stream`` (the
+    block's cut output through layers the parent applies, ``x + relu(norm(block(x)))``)."""
     if not type(node).__name__.startswith(_JOINS):
         return False
     for i, (other, _) in enumerate(node.next_functions):
@@ -393,10 +394,11 @@ def _joins_branch(node: Any, index: int, params: frozenset[int], limit: int = 64
             continue
         if other is None:
             return True
-        for visited in _walk_nodes([other], _next_functions, limit):
-            variable = getattr(visited, "variable", None)
-            if variable is not None and id(variable) in params:
-                return True
+        visited = list(_walk_nodes([other], _next_functions, limit))
+        if any(id(getattr(n, "variable", None)) in params for n in visited):
+            return True
+        if len(visited) < limit and not any(n in stream for n in visited):
+            return True
     return False
 
 

@@ -205,8 +205,8 @@ class ForwardHooks:
         called after points; in the backward only those whose error did not come through another output deliver.
         Not with explicit ``output=``, ``error_at="head_input"`` or ``cut_head_input`` (those name the output)."""
         cfg = self.config
-        if cfg.output is not None or cfg.error_at != "output" or cfg.cut_head_input or self.mode != "dfa":
-            return []
+        if cfg.output is not None or cfg.error_at != "output" or cfg.cut_head_input or self.mode == "bp":
+            return []  # (in shallow mode, only for the skip paths around the blocks that they read)
         taken = {id(p) for b in target.blocks for p in b.parameters()}
         taken |= {id(p) for _, m in target.outputs for p in m.parameters()}
         outputs = {id(m) for _, m in target.outputs}
@@ -487,10 +487,12 @@ class ForwardHooks:
         """A block's other outputs that are activations of its batch (``tensor`` of ``main``'s rank and batch, with
         gradient: WaveNet's skip outputs, which the parent sums into the head) are feedback points too, each
         ``"<block>:out<i>"``, handed on cut: a block's outputs carry no backprop into it. (Its attention weights,
-        of another rank, and a cache or position bias of another batch, pass as they are.)"""
+        of another rank, a cache or position bias of another batch, and a state the main output was computed from,
+        as Swin's before its downsampling, pass as they are.)"""
         if type(value) is not tuple or self._capture is not None or self.mode == "bp" or not self._active():
             return value
         items = list(value)
+        upstream: set[Any] | None = None
         for i, tensor in enumerate(items[1:], start=1):
             if (
                 isinstance(tensor, torch.Tensor)
@@ -499,6 +501,10 @@ class ForwardHooks:
                 and tensor.shape[0] == main.shape[0]
                 and self._carries(tensor)
             ):
+                if upstream is None:
+                    upstream = set(_walk(main, _next_functions, limit=64))
+                if tensor.grad_fn in upstream:
+                    continue  # the main output was computed from it (Swin's states before downsampling)
                 items[i] = self._record(f"{block.name}:out{i}", tensor)
         return tuple(items)
 
@@ -541,7 +547,15 @@ class ForwardHooks:
         if not auto or (tensor is not None and tensor.requires_grad):
             self._cut_bypasses(tensor)
         if not self._active() or self.mode != "dfa":
-            self._group = None
+            g = self._group
+            if auto:
+                return None
+            if self.mode == "shallow" and g is not None and self._active():
+                # the forward's output: a block called again starts the next forward; until then the layers
+                # after the output (a head registered before the norms it follows) may still read a skip path
+                g.outputs[name] = g.outputs.get(name, 0) + 1
+            else:
+                self._group = None
             return None
         g = self._group
         # A frozen output module (a fixed readout) still gets tied: the points carry the gradient, and the

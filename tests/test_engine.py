@@ -552,3 +552,33 @@ def test_an_output_whose_tuple_the_loss_reads_past_its_first_item_is_named_with_
     with pytest.raises(RuntimeError, match=r"'blocks\.2' returned a tuple.*output="):
         engine.end_backward(loss)
     engine.detach()
+
+
+def test_a_parent_residual_around_a_block_and_its_parent_side_norm_is_cut_too() -> None:
+    """PyG's loop ``x = x + relu(norm(conv(x)))``, the norm the parent's: the skip around the block and its norm is
+    cut as well. In the shallow baseline the stem and the norms between blocks get no gradient; the norm after the
+    last block learns by its true gradient, as any layer after the blocks."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem, self.head = nn.Linear(8, 16), nn.Linear(16, 3)
+            self.blocks = nn.ModuleList([nn.Linear(16, 16) for _ in range(3)])
+            self.norms = nn.ModuleList([nn.LayerNorm(16) for _ in range(3)])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.stem(x)
+            for block, norm in zip(self.blocks, self.norms):
+                x = x + torch.relu(norm(block(x)))
+            return self.head(x)
+
+    torch.manual_seed(0)
+    net, x, y = Net(), torch.randn(16, 8), torch.randint(0, 3, (16,))
+    engine = FeedbackEngine(mode="shallow")
+    engine.attach(net)
+    loss = nn.functional.cross_entropy(net(x), y)
+    loss.backward()
+    engine.end_backward(loss)
+    learned = sorted({n.rsplit(".", 1)[0] for n, p in net.named_parameters() if p.grad is not None})
+    assert learned == ["head", "norms.2"]
+    engine.detach()
