@@ -219,12 +219,17 @@ def check_loss(engine: Any, loss: torch.Tensor) -> None:
         )
 
 
+def uninitialized(tensor: torch.Tensor) -> bool:
+    """A lazy module's parameter or buffer, whose shape its first forward sets."""
+    return isinstance(tensor, (nn.parameter.UninitializedParameter, nn.parameter.UninitializedBuffer))
+
+
 def lazy_modules(root: nn.Module) -> list[str]:
     """The modules of ``root`` holding parameters whose shape the first forward sets (``nn.LazyLinear``...)."""
     return [
         name or type(root).__name__
         for name, module in root.named_modules()
-        if any(isinstance(p, nn.parameter.UninitializedParameter) for p in module.parameters(recurse=False))
+        if any(uninitialized(p) for p in module.parameters(recurse=False))
     ]
 
 

@@ -208,6 +208,16 @@ class DFAConfig:
             return value
         return False if self.recipe == "paper" else None
 
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        """The outputs named in ``output=`` (``()`` where discovery finds them).
+
+        Example:
+            >>> DFAConfig(output="head").output_names, DFAConfig().output_names
+            (('head',), ())
+        """
+        return (self.output,) if isinstance(self.output, str) else tuple(self.output or ())
+
     def __post_init__(self) -> None:
         self.mode = normalize_mode(self.mode)
         self.blocks = _checked_blocks(self.blocks)

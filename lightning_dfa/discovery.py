@@ -70,6 +70,7 @@ from .structure import (
     _sequential_target,
     _stages_target,
     _structure_target,
+    _trainable,
 )
 
 __all__ = ["Block", "BlockSpec", "Target", "discover", "infer_micro_points", "match_modules"]
@@ -350,24 +351,25 @@ def _discover(root: nn.Module, blocks: BlockSpec, output: str | None, placement:
     return target
 
 
-def _frozen_network(module: nn.Module) -> bool:
-    """A network (two or more layers holding parameters) none of whose parameters trains, in evaluation mode."""
+def _frozen_teacher(module: nn.Module) -> bool:
+    """A network (two or more layers holding parameters, at any depth) none of whose parameters trains, in
+    evaluation mode."""
     layers = [m for m in module.modules() if any(True for _ in m.parameters(recurse=False))]
-    return not module.training and len(layers) >= 2 and not any(p.requires_grad for p in module.parameters())
+    return not module.training and len(layers) >= 2 and not _trainable(module)
 
 
 def _teacher_blocks(root: nn.Module, target: Target) -> bool:
-    """Every block of ``target`` lies in a frozen network in evaluation mode (:func:`_frozen_network`) among
+    """Every block of ``target`` lies in a frozen network in evaluation mode (:func:`_frozen_teacher`) among
     ``root``'s attributes, and ``root`` has parameters that train."""
-    if not target.blocks or not any(p.requires_grad for p in root.parameters()):
+    if not target.blocks or not _trainable(root):
         return False
-    frozen = [n for n, m in root.named_modules() if n and _frozen_network(m)]
+    frozen = [n for n, m in root.named_modules() if n and _frozen_teacher(m)]
     return all(any(b.name == n or b.name.startswith(n + ".") for n in frozen) for b in target.blocks)
 
 
 def _without_frozen_networks(root: nn.Module) -> nn.Module:
     """A stand-in for ``root`` for discovery: the same modules under the same names, less the frozen networks in
-    evaluation mode (:func:`_frozen_network`) among its attributes and those of its plain containers
+    evaluation mode (:func:`_frozen_teacher`) among its attributes and those of its plain containers
     (``nn.ModuleDict`` and modules that are neither lists nor chains, whose names do not shift). ``root`` itself
     where there is none.
 
@@ -385,7 +387,7 @@ def _without_frozen_networks(root: nn.Module) -> nn.Module:
     def pruned(module: nn.Module) -> nn.Module:
         if isinstance(module, (nn.ModuleList, nn.Sequential)) or not any(True for _ in module.children()):
             return module
-        kids = [(n, c) for n, c in module.named_children() if not _frozen_network(c)]
+        kids = [(n, c) for n, c in module.named_children() if not _frozen_teacher(c)]
         changed = [(n, pruned(c)) for n, c in kids]
         if len(kids) == len(list(module.children())) and all(a is c for (_, a), (_, c) in zip(changed, kids)):
             return module

@@ -725,7 +725,9 @@ def test_a_compiled_model_trains_as_eager_after_and_before_a_backprop_run_of_it(
             assert_weights_equal((eager_bp if strategy == "auto" else eager_dfa).net, model.net._orig_mod)
 
 
-class _Block(nn.Module):
+class ResidualTanh(nn.Module):
+    """A residual block ``x + tanh(fc(x))`` of width 16."""
+
     def __init__(self) -> None:
         super().__init__()
         self.fc = nn.Linear(16, 16)
@@ -740,7 +742,7 @@ class _BlockList(nn.Module):
         torch.manual_seed(0)
         self.inp, self.blocks, self.head = (
             nn.Linear(6, 16),
-            nn.ModuleList([_Block() for _ in range(3)]),
+            nn.ModuleList([ResidualTanh() for _ in range(3)]),
             nn.Linear(16, 3),
         )
         if compiled:  # the usual pattern: each block compiled in place
@@ -1067,20 +1069,12 @@ def test_torch_checkpointing_of_plain_blocks_gives_the_same_dfa_gradients(region
     checkpointing runs the forward without gradients: refused with what to use instead."""
     from torch.utils.checkpoint import checkpoint
 
-    class Block(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc = nn.Linear(16, 16)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x + torch.tanh(self.fc(x))
-
     class Net(nn.Module):
         def __init__(self, mode: str | None) -> None:
             super().__init__()
             self.mode = mode
             self.inp, self.out = nn.Linear(6, 16), nn.Linear(16, 3)
-            self.blocks = nn.ModuleList([Block() for _ in range(4)])
+            self.blocks = nn.ModuleList([ResidualTanh() for _ in range(4)])
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             h = self.inp(x)

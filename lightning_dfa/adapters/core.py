@@ -13,7 +13,13 @@ from torch import nn
 from typing_extensions import override
 
 from ..blocks import Target
-from ..checks import check_state, lazy_modules, only_layers_after_frozen_blocks, refuse_reentrant_checkpointing
+from ..checks import (
+    check_state,
+    lazy_modules,
+    only_layers_after_frozen_blocks,
+    refuse_reentrant_checkpointing,
+    uninitialized,
+)
 from ..config import DFAConfig
 from ..engine import FeedbackEngine
 from ..points import call_with_example, to_device
@@ -29,7 +35,7 @@ def materialize_lazy_modules(module: nn.Module) -> None:
     example = getattr(module, "example_input_array", None)
     if example is None or not lazy_modules(module):
         return
-    device = next((t.device for t in [*module.parameters(), *module.buffers()] if not _uninitialized(t)), None)
+    device = next((t.device for t in [*module.parameters(), *module.buffers()] if not uninitialized(t)), None)
     if device is not None:
         example = to_device(example, device)
     modes = {m: m.training for m in module.modules()}
@@ -40,10 +46,6 @@ def materialize_lazy_modules(module: nn.Module) -> None:
     finally:
         for m, training in modes.items():
             m.training = training
-
-
-def _uninitialized(tensor: torch.Tensor) -> bool:
-    return isinstance(tensor, (nn.parameter.UninitializedParameter, nn.parameter.UninitializedBuffer))
 
 
 #: where the DFA strategy and the DFA callback both store the feedback state in a Lightning checkpoint
