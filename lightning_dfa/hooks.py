@@ -568,7 +568,7 @@ class ForwardHooks:
             return None
         if auto and not tensor.requires_grad:
             return None  # a candidate whose output carries no gradient cannot be where the loss reads the error
-        fed = self.target.blocks_fed_by(name) if self.target is not None else None
+        fed = self._blocks_fed_by(name, g)
         points = list(g.points) if fed is None else [p for p in g.points if _of_blocks(p.key, fed)]
         if not points:
             return None
@@ -581,8 +581,7 @@ class ForwardHooks:
         activations = [_activation(p) if m.norm is not None or learned else None for p, m in zip(points, metas)]
         module = self._modules.get(name)
         delivery.frozen = module is not None and not any(p.requires_grad for p in module.parameters())
-        named = self.config.output
-        delivery.named = name in ([named] if isinstance(named, str) else list(named or ()))
+        delivery.named = name in self.config.output_names
         if len(g.outputs) > 1 or calls:  # another output was tied in this forward: was it computed from it?
             delivery.upstream = _deliveries_upstream_of(tensor)
         if g.soft:
@@ -599,6 +598,19 @@ class ForwardHooks:
         if isinstance(output, (tuple, list)) and sum(isinstance(v, torch.Tensor) for v in output) > 1:
             self.report.tuple_outputs.append(name)
         return rebuild(_DeliverFeedback.apply(delivery, activations, tensor, *[p.edge for p in points]))
+
+    def _blocks_fed_by(self, name: str, g: _Group) -> set[str] | None:
+        """The blocks whose points output ``name``'s error reaches in forward ``g`` (``None``: all): its own where it
+        ends a tower (:meth:`Target.blocks_fed_by`); for another output, also those of a tower whose output a block's
+        input was computed from in this forward (a stem, no error source: its points take this output's error)."""
+        target = self.target
+        fed = target.blocks_fed_by(name) if target is not None else None
+        if fed is not None and name not in target.towers:
+            for tie in g.ties:
+                tower = target.towers.get(tie.source.split("#")[0])
+                if tower is not None and tie.feeds_point:
+                    fed |= set(tower)
+        return fed
 
     def _on_norm_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Norm-aware feedback: a normalisation reading a point recorded in this forward makes it that point's

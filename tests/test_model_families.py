@@ -1379,3 +1379,42 @@ def test_two_towers_each_get_feedback_from_their_own_output_only() -> None:
     assert grads[0]["transformer.layers.0.linear1.weight"] is not None
     assert grads[1]["transformer.layers.0.linear1.weight"] is None
     engine.detach()
+
+
+def test_a_chain_found_as_a_tower_that_feeds_the_blocks_takes_their_output_error() -> None:
+    """A Sequential stem ending in its own last layer, registered before the blocks with a position table between
+    them, is found as a tower; its output feeds the first block, so it is no error source, and its blocks take the
+    head's error instead (checked by review: they got no gradient at all)."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.b(torch.tanh(self.a(x)))
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+            self.pos = nn.Embedding(4, 16)
+            self.layers = nn.ModuleList([Block() for _ in range(3)])
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.stem(x) + self.pos.weight[0]
+            for layer in self.layers:
+                h = layer(h)
+            return self.head(h)
+
+    torch.manual_seed(0)
+    net, x, y = Net(), torch.randn(8, 6), torch.randint(0, 3, (8,))
+    engine = FeedbackEngine()
+    target = engine.attach(net)
+    assert target.towers == {"stem.4": ("stem.1", "stem.3")}
+    loss = F.cross_entropy(net(x), y)
+    loss.backward()
+    assert engine.end_backward(loss).deliveries == 1
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.stem.parameters())
+    engine.detach()
