@@ -1384,7 +1384,7 @@ def test_two_towers_each_get_feedback_from_their_own_output_only() -> None:
 def test_a_chain_found_as_a_tower_that_feeds_the_blocks_takes_their_output_error() -> None:
     """A Sequential stem ending in its own last layer, registered before the blocks with a position table between
     them, is found as a tower; its output feeds the first block, so it is no error source, and its blocks take the
-    head's error instead (checked by review: they got no gradient at all)."""
+    head's error instead (before: they got no gradient at all)."""
 
     class Block(nn.Module):
         def __init__(self) -> None:
