@@ -277,6 +277,9 @@ class _Group:
     #: dropout in front of each: a later tensor computed from one of them bypasses that block (a residual add
     #: written in the parent, ``x = x + block(x)``), and that path is cut (:func:`_bypasses`)
     stream: dict[Any, dict[int, frozenset[int]]] = field(default_factory=dict)
+    #: while the norms that consume each point are searched for: top-level block name -> the point its current call
+    #: reads, until the first norm inside it runs on a tensor of the point's shape
+    reads: dict[str, _Point] = field(default_factory=dict)
 
 
 @dataclass

@@ -151,6 +151,11 @@ class FeedbackEngine(ForwardHooks):
         self._consumers_complete = False
         self._inside_blocks: set[int] = set()  # id() of every module inside a top-level block
         self._point_norms: set[int] = set()  # norm_points: id() of the norms inside blocks that read a point
+        self._norm_blocks: dict[int, str] = {}  # id() of a norm inside a top-level block -> that block's name
+        self._residual_consumers: set[str] = set()  # points whose consumer reads them through a residual add
+        #: while the consumers are searched for: the graph nodes of the norms' outputs in the forwards since the last
+        #: backward started (a point that is a norm's output needs no consumer's Jacobian)
+        self._norm_outputs: set[Any] = set()
         self._token_embeddings: list[tuple[str, nn.Module, bool]] = []  # cut_token_embedding: (name, module, tied)
         self._encoder_names: set[str] = set()  # modules inside an encoder-decoder's encoder (fed the mean error)
         #: graph node of a block output that another block may read beside its main input, in this step's forward

@@ -95,6 +95,7 @@ class ForwardHooks:
         if not same:
             self.layouts = Layouts()
             self._consumers, self._norm_kinds, self._point_norms = {}, {}, set()
+            self._residual_consumers = set()
             self._consumers_complete = False
             self._sources, self._true_ids, self._loss_measured = {}, None, False
         self.root, self.target = root, target
@@ -184,6 +185,9 @@ class ForwardHooks:
             p.requires_grad_(False)
         if self.mode == "dfa" and (self.norm_feedback == "consumer" or self.norm_points):
             self._inside_blocks = {id(m) for b in target.blocks if b.top_level for m in b.entry.modules()}
+            self._norm_blocks = {
+                id(m): b.name for b in target.blocks if b.top_level for m in b.entry.modules() if _may_normalise(m)
+            }
             for name, module in root.named_modules():
                 if not _may_normalise(module) or scripted(module):
                     continue
@@ -192,10 +196,9 @@ class ForwardHooks:
                         _Hook(lambda m, a, k: self._on_norm_input(m, a, k)), with_kwargs=True
                     )
                 )
-                if self.norm_points and id(module) in self._inside_blocks:
-                    self._handles.append(
-                        module.register_forward_hook(_Hook(lambda m, a, o, n=name: self._on_norm_output(n, m, o)))
-                    )
+                self._handles.append(
+                    module.register_forward_hook(_Hook(lambda m, a, o, n=name: self._on_norm_output(n, m, o)))
+                )
         self.layouts.pending = not same
         return target
 
@@ -227,6 +230,7 @@ class ForwardHooks:
         g = self._group
         if g is not None and g.state is state:
             g.points, g.cuts, g.copies, g.ties, g.untied, g.stream = [], {}, [], [], 0, {}
+        self._norm_outputs = set()
 
     @property
     def _pending(self) -> list[_Point]:
@@ -351,6 +355,7 @@ class ForwardHooks:
             self._note_stream(tensor, block)
         if self.mode != "dfa" or self._capture is not None or not self._active() or _frozen(block):
             return value
+        self._note_reader(block, tensor)
         side = self._cut_side_inputs(block, *(value if value is not None else (args, kwargs)), main=tensor)
         return side if side is not None else value
 
@@ -612,6 +617,39 @@ class ForwardHooks:
                     fed |= set(tower)
         return fed
 
+    def _note_reader(self, block: Block, tensor: torch.Tensor | None) -> None:
+        """While the norms that consume each point are searched for: the point this call of top-level ``block`` reads
+        (its input point, or an earlier point's cut), whose consumer may be a norm inside the block that reads it
+        through a residual add (:meth:`_residual_consumer`)."""
+        g = self._group
+        if self._consumers_complete or g is None or tensor is None or self.norm_feedback != "consumer":
+            return
+        tensor = _uncut(g, tensor)
+        point = next((p for p in reversed(self._pending) if p.reads(tensor)), None)
+        if point is None:
+            g.reads.pop(block.name, None)
+        else:
+            g.reads[block.name] = point
+
+    def _residual_consumer(self, module: nn.Module, tensor: torch.Tensor) -> _Point | None:
+        """The point whose consumer is norm ``module`` through a residual add, or ``None``: a post-norm block
+        (PyTorch's ``nn.TransformerEncoderLayer`` by default, BERT's layers) reads its input point ``x`` through
+        ``norm(x + f(x))``. Fed raw, that point's feedback would push what lies before it (the embeddings) along
+        directions the norm then removes; it passes instead through the Jacobian of the first norm that runs inside
+        the block on a tensor of the point's shape, where that tensor is a sum, at the point's own activation. A
+        point that is itself a norm's output (through dropout) is left as it is: the producing norm's Jacobian lies
+        in its backward already."""
+        g = self._group
+        block = self._norm_blocks.get(id(module))
+        point = g.reads.get(block) if g is not None and block is not None else None
+        if point is None or tuple(tensor.shape) != tuple(point.shape):
+            return None
+        del g.reads[block]  # only the first norm of the point's shape in the block
+        node = tensor.grad_fn
+        if point.flatten or point.tensor is None or node is None or not type(node).__name__.startswith(("Add", "Sub")):
+            return None
+        return None if _norm_output(point.tensor, self._norm_outputs) else point
+
     def _on_norm_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Norm-aware feedback: a normalisation reading a point recorded in this forward makes it that point's
         consumer (the point's feedback will pass through its Jacobian). Checked until the first delivery."""
@@ -643,12 +681,31 @@ class ForwardHooks:
                 self._consumers.setdefault(key.split("#")[0], spec)
                 if id(module) in self._inside_blocks:
                     self._point_norms.add(id(module))
-            break
+            if g is not None:
+                g.reads.pop(self._norm_blocks.get(id(module)), None)
+            return None
+        point = self._residual_consumer(module, tensor) if self._capture is None else None
+        if point is None or point.key.split("#")[0] in self._consumers:
+            return None
+        if id(module) not in self._norm_kinds:
+            self._norm_kinds[id(module)] = probe_normalisation(module, tensor)
+        spec = self._norm_kinds[id(module)]
+        if spec is not None:
+            key = point.key.split("#")[0]
+            self._consumers[key] = spec
+            self._residual_consumers.add(key)
+            if point.activation is None:
+                point.activation = point.tensor.detach()
         return None
 
     def _on_norm_output(self, name: str, module: nn.Module, output: Any) -> Any:
-        """``norm_points``: the output of a norm inside a block that reads a point is a point too."""
-        if id(module) not in self._point_norms:
+        """``norm_points``: the output of a norm inside a block that reads a point is a point too. While the norms
+        that consume each point are searched for, the output's graph node is noted (see :meth:`_residual_consumer`)."""
+        if not self._consumers_complete and self._active():
+            tensor, _ = _split_main(output)
+            if isinstance(tensor, torch.Tensor) and tensor.grad_fn is not None:
+                self._norm_outputs.add(tensor.grad_fn)  # (dropped when a backward starts)
+        if not self.norm_points or id(module) not in self._point_norms:
             return None
         tensor, rebuild = _split_main(output)
         return self._at_point(name, tensor, rebuild)
@@ -842,6 +899,21 @@ def _activation(point: _Point) -> torch.Tensor:
         f"DFA: the activation of point {point.key!r} was not kept for its norm-aware feedback (the norm reading it "
         "was found after the point was recorded). Please report this with the model; norm_jacobian=False avoids it."
     )
+
+
+def _norm_output(tensor: torch.Tensor, outputs: set[Any]) -> bool:
+    """``tensor`` was computed by one of the graph nodes ``outputs`` (a norm's output), directly or through dropout
+    (a ``Dropout`` node, or a product with a constant mask, as ``nn.Dropout`` records it in training)."""
+    node = tensor.grad_fn
+    for _ in range(3):
+        if node is None or node in outputs:
+            return node is not None
+        inputs = [n for n, _ in node.next_functions if n is not None]
+        name = type(node).__name__
+        if len(inputs) != 1 or not ("Dropout" in name or name.startswith(("MulBackward", "DivBackward"))):
+            return False
+        node = inputs[0]
+    return False
 
 
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -66,9 +66,11 @@ def recipe_notes(engine: Any) -> list[str]:
     elif engine._consumers:
         kinds = {"layer": "LayerNorm", "rms": "RMSNorm"}
         found = sorted({kinds[s.kind] for s in engine._consumers.values()})
+        residual = len(engine._residual_consumers)
+        through = f", {residual} of them through a residual add (post-norm)" if residual else ""
         lines.append(
-            f"norm-aware feedback: {len(engine._consumers)} points feed a norm ({', '.join(found)}): their feedback "
-            "passes through that norm's parameter-free Jacobian; the others get B e as it is"
+            f"norm-aware feedback: {len(engine._consumers)} points feed a norm ({', '.join(found)}){through}: their "
+            "feedback passes through that norm's parameter-free Jacobian; the others get B e as it is"
         )
     else:
         lines.append(

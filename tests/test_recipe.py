@@ -459,6 +459,76 @@ def test_norm_aware_feedback_is_the_consumers_jacobian_of_the_plain_feedback() -
         torch.testing.assert_close(s, ref, rtol=1e-4, atol=1e-6)
 
 
+class _Encoder(nn.Module):
+    """PyTorch's ``nn.TransformerEncoder`` classifier, post-norm (its default) or pre-norm, with or without a LayerNorm
+    and dropout on its input (as BERT's embeddings have)."""
+
+    def __init__(self, norm_first: bool, input_norm: bool) -> None:
+        super().__init__()
+        self.embed, self.pos = nn.Embedding(16, 32), nn.Parameter(torch.randn(1, 6, 32) * 0.1)
+        self.norm = nn.Sequential(nn.LayerNorm(32), nn.Dropout(0.1)) if input_norm else nn.Identity()
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True, norm_first=norm_first)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.norm(self.embed(x) + self.pos)).mean(1))
+
+
+@pytest.mark.parametrize("input_norm", [False, True], ids=["raw_input", "normed_input"])
+def test_a_post_norm_block_s_input_takes_the_jacobian_of_the_norm_it_reaches_through_the_residual_add(
+    input_norm: bool,
+) -> None:
+    torch.manual_seed(0)
+    model, x, y = _Encoder(False, input_norm), torch.randint(0, 16, (4, 6)), torch.randint(0, 3, (4,))
+    auto = FeedbackEngine(seed=0)
+    auto.attach(model)
+    nn.functional.cross_entropy(model(x), y).backward()  # the first forward finds each point's consumer
+    auto.end_backward()
+    with auto.capture() as cap:
+        out = model(x)
+    error = torch.autograd.grad(nn.functional.cross_entropy(out, y), cap.outputs[0])[0]
+    shaped = auto.feedback_for(error, cap.points)
+    notes = "\n".join(auto.recipe_notes())
+    auto.detach()
+    plain = FeedbackEngine(seed=0, norm_jacobian=False)
+    plain.attach(model)
+    nn.functional.cross_entropy(model(x), y).backward()  # (the points' layout, found in the first forward)
+    plain.end_backward()
+    raw = plain.feedback_for(error, cap.points)
+    plain.detach()
+    keys = [p.key for p in cap.points]
+    assert {"encoder.layers.0:in", "encoder.layers.0", "encoder.layers.1"} <= set(keys)
+    for point, s, r in zip(cap.points, shaped, raw):
+        if point.key == "encoder.layers.0:in" and not input_norm:
+            # norm1(x + attention(x)) reads it: that norm's Jacobian at the point's own activation
+            h = point.tensor.detach().clone().requires_grad_()
+            ref = torch.autograd.grad(nn.functional.layer_norm(h, (32,)), h, r)[0]
+            torch.testing.assert_close(s, ref)
+            assert s.sum(-1).abs().max() < 1e-5 < r.sum(-1).abs().max()
+        else:
+            # a norm's output (a block's norm2, the input's LayerNorm through dropout; the capture also records
+            # the second block's input, the first block's output): fed as it is
+            torch.testing.assert_close(s, r)
+    if input_norm:
+        assert "norm-aware feedback: at points whose consumer is a LayerNorm/RMSNorm (none here)" in notes
+    else:
+        assert "1 points feed a norm (LayerNorm), 1 of them through a residual add (post-norm)" in notes
+
+
+def test_a_pre_norm_block_s_input_keeps_the_norm_that_reads_it() -> None:
+    torch.manual_seed(0)
+    model, x, y = _Encoder(True, False), torch.randint(0, 16, (4, 6)), torch.randint(0, 3, (4,))
+    engine = FeedbackEngine(seed=0)
+    engine.attach(model)
+    nn.functional.cross_entropy(model(x), y).backward()
+    engine.end_backward()
+    # each block's input is read by its norm1; the last block's output by the mean and the head, no norm
+    assert set(engine._consumers) == {"encoder.layers.0:in", "encoder.layers.0"}
+    assert not engine._residual_consumers
+    engine.detach()
+
+
 def test_models_without_norms_or_wide_outputs_keep_the_plain_rule() -> None:
     torch.manual_seed(0)
     net, x, y = mlp(width=16, n_in=6, n_out=3, depth=2), torch.randn(5, 6), torch.randint(0, 3, (5,))
