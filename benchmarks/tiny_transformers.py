@@ -393,6 +393,13 @@ MORE: dict[str, Task] = {
         ("mobilebert", lambda s: hf.MobileBertForMaskedLM(hf.MobileBertConfig(
             **{**_common(s), **_MLM_VOCAB}, embedding_size=D // 2, intra_bottleneck_size=D // 2,
             true_hidden_size=D // 2, **_NO_DROP)), "mlm", (8, 128, 3e-3)),
+        # post-norm layers behind a projection of narrower embeddings: the first layer's input is no norm's output
+        ("convbert", lambda s: hf.ConvBertForMaskedLM(hf.ConvBertConfig(**{**_common(s), **_MLM_VOCAB},
+                                                                        embedding_size=D // 2, **_NO_DROP)), "mlm",
+         (8, 128, 3e-3)),
+        ("roformer", lambda s: hf.RoFormerForMaskedLM(hf.RoFormerConfig(**{**_common(s), **_MLM_VOCAB},
+                                                                        embedding_size=D // 2, **_NO_DROP)), "mlm",
+         (8, 128, 3e-3)),
         ("bart", lambda s: hf.BartForConditionalGeneration(hf.BartConfig(**_reversal_config(s))), "reverse",
          (16, 32, 1e-3)),
         ("marian", lambda s: hf.MarianMTModel(hf.MarianConfig(**_reversal_config(s), decoder_vocab_size=VOCAB + 3)),

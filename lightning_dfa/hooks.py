@@ -637,8 +637,9 @@ class ForwardHooks:
         ``norm(x + f(x))``. Fed raw, that point's feedback would push what lies before it (the embeddings) along
         directions the norm then removes; it passes instead through the Jacobian of the first norm that runs inside
         the block on a tensor of the point's shape, where that tensor is a sum, at the point's own activation. A
-        point that is itself a norm's output (through dropout) is left as it is: the producing norm's Jacobian lies
-        in its backward already."""
+        point that is itself a norm's output (through dropout, a slice or a reshape) is left as it is: the producing
+        norm's Jacobian lies in its backward already. A flattened point (of a block with a convolution, as ConvBERT's)
+        takes it too, at its own shape, position by position as the norm runs."""
         g = self._group
         block = self._norm_blocks.get(id(module))
         point = g.reads.get(block) if g is not None and block is not None else None
@@ -646,7 +647,7 @@ class ForwardHooks:
             return None
         del g.reads[block]  # only the first norm of the point's shape in the block
         node = tensor.grad_fn
-        if point.flatten or point.tensor is None or node is None or not type(node).__name__.startswith(("Add", "Sub")):
+        if point.tensor is None or node is None or not type(node).__name__.startswith(("Add", "Sub")):
             return None
         return None if _norm_output(point.tensor, self._norm_outputs) else point
 
@@ -903,17 +904,39 @@ def _activation(point: _Point) -> torch.Tensor:
 
 def _norm_output(tensor: torch.Tensor, outputs: set[Any]) -> bool:
     """``tensor`` was computed by one of the graph nodes ``outputs`` (a norm's output), directly or through dropout
-    (a ``Dropout`` node, or a product with a constant mask, as ``nn.Dropout`` records it in training)."""
+    (a ``Dropout`` node, or a product with a constant mask, as ``nn.Dropout`` records it in training) and through
+    ops that only reshape, slice or cast it (LUKE's layers return ``layer_output[:, :word_size]``)."""
     node = tensor.grad_fn
-    for _ in range(3):
+    for _ in range(8):
         if node is None or node in outputs:
             return node is not None
         inputs = [n for n, _ in node.next_functions if n is not None]
         name = type(node).__name__
-        if len(inputs) != 1 or not ("Dropout" in name or name.startswith(("MulBackward", "DivBackward"))):
+        if len(inputs) != 1 or not ("Dropout" in name or name.startswith(_NORM_OUTPUT_PASSES)):
             return False
         node = inputs[0]
     return False
+
+
+#: graph nodes between a norm and a point that leave it the norm's output: dropout's mask, scaling, and ops that
+#: only reshape, slice or cast
+_NORM_OUTPUT_PASSES = (
+    "MulBackward",
+    "DivBackward",
+    "SliceBackward",
+    "SelectBackward",
+    "ViewBackward",
+    "UnsafeViewBackward",
+    "ReshapeAliasBackward",
+    "AliasBackward",
+    "AsStridedBackward",
+    "SqueezeBackward",
+    "UnsqueezeBackward",
+    "TransposeBackward",
+    "PermuteBackward",
+    "CloneBackward",
+    "ToCopyBackward",
+)
 
 
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:

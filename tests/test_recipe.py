@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -459,28 +460,56 @@ def test_norm_aware_feedback_is_the_consumers_jacobian_of_the_plain_feedback() -
         torch.testing.assert_close(s, ref, rtol=1e-4, atol=1e-6)
 
 
+class _SlicingLayer(nn.TransformerEncoderLayer):
+    """Returns its output through a slice that keeps it whole (as LUKE's layers return ``output[:, :word_size]``)."""
+
+    def forward(self, src: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return super().forward(src, *args, **kwargs)[:, : src.size(1)]
+
+
+class _ConvLayer(nn.TransformerEncoderLayer):
+    """Mixes its input with a depthwise convolution over positions first (as ConvBERT's layers do): a block with a
+    convolution, whose points the engine flattens."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.conv = nn.Conv1d(32, 32, 3, padding=1, groups=32)
+
+    def forward(self, src: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return super().forward(src + self.conv(src.transpose(1, 2)).transpose(1, 2), *args, **kwargs)
+
+
 class _Encoder(nn.Module):
     """PyTorch's ``nn.TransformerEncoder`` classifier, post-norm (its default) or pre-norm, with or without a LayerNorm
-    and dropout on its input (as BERT's embeddings have)."""
+    and dropout on its input (as BERT's embeddings have); ``layer`` may subclass ``nn.TransformerEncoderLayer``."""
 
-    def __init__(self, norm_first: bool, input_norm: bool) -> None:
+    def __init__(self, norm_first: bool, input_norm: bool, layer: type[nn.Module] = nn.TransformerEncoderLayer) -> None:
         super().__init__()
         self.embed, self.pos = nn.Embedding(16, 32), nn.Parameter(torch.randn(1, 6, 32) * 0.1)
         self.norm = nn.Sequential(nn.LayerNorm(32), nn.Dropout(0.1)) if input_norm else nn.Identity()
-        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True, norm_first=norm_first)
-        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        block = layer(32, 4, 64, dropout=0.0, batch_first=True, norm_first=norm_first)
+        self.encoder = nn.TransformerEncoder(block, 2, enable_nested_tensor=False)
         self.head = nn.Linear(32, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(self.norm(self.embed(x) + self.pos)).mean(1))
 
 
-@pytest.mark.parametrize("input_norm", [False, True], ids=["raw_input", "normed_input"])
+@pytest.mark.parametrize(
+    ("input_norm", "layer"),
+    [
+        (False, nn.TransformerEncoderLayer),
+        (True, nn.TransformerEncoderLayer),
+        (True, _SlicingLayer),
+        (False, _ConvLayer),
+    ],
+    ids=["raw_input", "normed_input", "normed_input_sliced_outputs", "raw_input_conv_blocks"],
+)
 def test_a_post_norm_block_s_input_takes_the_jacobian_of_the_norm_it_reaches_through_the_residual_add(
-    input_norm: bool,
+    input_norm: bool, layer: type[nn.Module]
 ) -> None:
     torch.manual_seed(0)
-    model, x, y = _Encoder(False, input_norm), torch.randint(0, 16, (4, 6)), torch.randint(0, 3, (4,))
+    model, x, y = _Encoder(False, input_norm, layer), torch.randint(0, 16, (4, 6)), torch.randint(0, 3, (4,))
     auto = FeedbackEngine(seed=0)
     auto.attach(model)
     nn.functional.cross_entropy(model(x), y).backward()  # the first forward finds each point's consumer
