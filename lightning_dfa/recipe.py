@@ -78,7 +78,7 @@ def recipe_notes(engine: Any) -> list[str]:
             + (" (none here)" if engine._consumers_complete else " (found in the first training forward)")
         )
     if engine.norm_points:
-        found = f" ({len(engine._point_norms)} found)" if engine._consumers_complete else ""
+        found = f" ({len(engine._point_norms) or 'none'} found)" if engine._consumers_complete else ""
         lines.append(f"norm_points: on: norms inside blocks that read a point are points too{found}")
     if engine.cut_token_embedding:
         parts = [f"{n} ({'tied: learns from the output only' if tied else 'kept at its initial values'})"
@@ -96,7 +96,7 @@ def recipe_notes(engine: Any) -> list[str]:
                 "head transform separates from the blocks (the cut was measured to cost learning there)"
             )
         else:
-            what = "no token embedding found"
+            what = "nothing to cut (no embedding over the output's vocabulary found)"
         lines.append(f"cut_token_embedding: on: {what}")
     if engine._cut:
         why = "as set" if cfg.cut_head_input else "the output module widens (more outputs than inputs)"
