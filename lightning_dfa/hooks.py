@@ -902,22 +902,6 @@ def _activation(point: _Point) -> torch.Tensor:
     )
 
 
-def _norm_output(tensor: torch.Tensor, outputs: set[Any]) -> bool:
-    """``tensor`` was computed by one of the graph nodes ``outputs`` (a norm's output), directly or through dropout
-    (a ``Dropout`` node, or a product with a constant mask, as ``nn.Dropout`` records it in training) and through
-    ops that only reshape, slice or cast it (LUKE's layers return ``layer_output[:, :word_size]``)."""
-    node = tensor.grad_fn
-    for _ in range(8):
-        if node is None or node in outputs:
-            return node is not None
-        inputs = [n for n, _ in node.next_functions if n is not None]
-        name = type(node).__name__
-        if len(inputs) != 1 or not ("Dropout" in name or name.startswith(_NORM_OUTPUT_PASSES)):
-            return False
-        node = inputs[0]
-    return False
-
-
 #: graph nodes between a norm and a point that leave it the norm's output: dropout's mask, scaling, and ops that
 #: only reshape, slice or cast
 _NORM_OUTPUT_PASSES = (
@@ -937,6 +921,22 @@ _NORM_OUTPUT_PASSES = (
     "CloneBackward",
     "ToCopyBackward",
 )
+
+
+def _norm_output(tensor: torch.Tensor, outputs: set[Any]) -> bool:
+    """``tensor`` was computed by one of the graph nodes ``outputs`` (a norm's output), directly or through dropout
+    (a ``Dropout`` node, or a product with a constant mask, as ``nn.Dropout`` records it in training) and through
+    ops that only reshape, slice or cast it (LUKE's layers return ``layer_output[:, :word_size]``)."""
+    node = tensor.grad_fn
+    for _ in range(8):
+        if node is None or node in outputs:
+            return node is not None
+        inputs = [n for n, _ in node.next_functions if n is not None]
+        name = type(node).__name__
+        if len(inputs) != 1 or not ("Dropout" in name or name.startswith(_NORM_OUTPUT_PASSES)):
+            return False
+        node = inputs[0]
+    return False
 
 
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
