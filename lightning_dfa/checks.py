@@ -1,8 +1,10 @@
 """Checks with errors that say what is wrong and what to do: a damaged feedback state, a feedback transform
-that changes shapes, reentrant gradient checkpointing, and a backward in which no feedback reached the blocks."""
+that changes shapes, reentrant gradient checkpointing, a backward in which no feedback reached the blocks, and a
+training loss that diverges."""
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from typing import Any
@@ -244,4 +246,46 @@ def refuse_lazy_modules(root: nn.Module) -> None:
             "feedback before training. Run one forward before fit (model(example_batch)), or set the "
             "LightningModule's example_input_array: the DFA strategy and callback then run it once, without "
             "gradients, before they attach."
+        )
+
+
+class DivergenceWatch:
+    """Says once when a fit's training loss stops being finite, or grows a thousandfold from its first value (and
+    past 1000): DFA's feedback depends on the output's error alone, not on the layers between a block and the
+    output, so steps that backprop takes safely can make the activations grow without bound (BatchNorm ResNets
+    trained by SGD at lr 0.1 with momentum 0.9). Reads the loss at the first call and every ``every``-th (one
+    host sync each).
+
+    Example:
+        >>> watch = DivergenceWatch(every=2)
+        >>> [watch.observe(torch.tensor(v)) is None for v in (2.0, 1.5, 9.0, 3e4)]
+        [True, True, True, False]
+    """
+
+    def __init__(self, every: int = 25, factor: float = 1e3) -> None:
+        self.every, self.factor = every, factor
+        self.calls, self.first, self.said = 0, None, False
+
+    def observe(self, loss: torch.Tensor, scale: float = 1.0) -> str | None:
+        """The warning's text when ``loss / scale`` (``scale``: a mixed-precision loss scale already applied)
+        shows the training diverging, once per watch; else ``None``."""
+        if self.said or loss.numel() != 1:
+            return None
+        self.calls += 1
+        if self.first is not None and self.calls % self.every:
+            return None
+        value = float(loss.detach().float()) / scale
+        if self.first is None:
+            self.first = value if math.isfinite(value) else None
+            return None
+        if math.isfinite(value) and value <= max(self.factor * abs(self.first), 1e3):
+            return None
+        self.said = True
+        return (
+            f"DFA: the training loss went from {self.first:.4g} at the first step to {value:.4g} after "
+            f"{self.calls - 1} steps: the training is diverging. DFA's feedback depends on the output's error "
+            "alone, not on the layers between a block and the output, so steps that backprop takes safely can make "
+            "the activations grow without bound (BatchNorm ResNets trained by SGD at lr 0.1 with momentum 0.9 do). "
+            "A lower learning rate, Adam or AdamW, or a smaller scale= usually trains; the same model under "
+            "strategy='auto' tells whether backprop diverges too."
         )

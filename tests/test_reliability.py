@@ -764,6 +764,50 @@ def test_soak_2000_steps_with_the_alignment_monitor() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the page
+@pytest.mark.parametrize("form", ["strategy", "callback"])
+def test_a_diverging_training_loss_is_said_once_and_a_learning_one_is_not(form: str) -> None:
+    """A ReLU network under plain SGD at lr 3 diverges under DFA (its loss passes 1e6 within 25 steps): one warning
+    with the first and the latest loss; at lr 0.1 it learns and nothing is said."""
+    torch.manual_seed(0)
+    model = Classifier(mlp(width=32, act=nn.ReLU), lr=3.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_epochs=10, **dfa_args(form)).fit(model, loader(n=256))
+    said = [str(w.message) for w in caught if "the training is diverging" in str(w.message)]
+    assert len(said) == 1 and said[0].startswith("DFA: the training loss went from 1.1")
+    assert max(model.losses) > 1e6
+    torch.manual_seed(0)
+    model = Classifier(mlp(width=32, act=nn.ReLU), lr=0.1)
+    with no_dfa_warning():
+        trainer(max_epochs=10, **dfa_args(form)).fit(model, loader(n=256))
+    assert model.losses[-1] < model.losses[0]
+
+
+def test_divergence_is_read_from_the_loss_without_its_mixed_precision_scale() -> None:
+    """The callbacks' ``on_before_backward`` sees ``16-mixed``'s scaled loss: a loss scale that doubles is no growth."""
+    from lightning_dfa.adapters.core import _loss_scale
+    from lightning_dfa.checks import DivergenceWatch
+
+    class Scaler:
+        def __init__(self) -> None:
+            self.scale = 2.0**16
+
+        def get_scale(self) -> float:
+            return self.scale
+
+        def is_enabled(self) -> bool:
+            return True
+
+    scaler = Scaler()
+    fake = type("Trainer", (), {"precision_plugin": type("Plugin", (), {"scaler": scaler})()})()
+    watch = DivergenceWatch(every=1)
+    for _ in range(30):
+        assert watch.observe(torch.tensor(2.0 * scaler.scale), _loss_scale(fake)) is None
+        scaler.scale *= 2
+    assert _loss_scale(object()) == 1.0
+    assert "diverging" in (watch.observe(torch.tensor(float("nan"))) or "")
+
+
 def test_reliability_page_cites_existing_tests_and_every_test_here() -> None:
     """``docs/reliability.md``: every cited test exists (file, function, parametrization ids), every row cites one,
     and every test of this file is on the page."""

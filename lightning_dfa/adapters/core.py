@@ -14,6 +14,7 @@ from typing_extensions import override
 
 from ..blocks import Target
 from ..checks import (
+    DivergenceWatch,
     check_state,
     lazy_modules,
     only_layers_after_frozen_blocks,
@@ -119,6 +120,15 @@ def check_ddp_mode(engine: FeedbackEngine, strategy: Any, callback: bool) -> Non
     )
 
 
+def _loss_scale(trainer: Any) -> float:
+    """The loss scale of ``trainer``'s mixed-precision plugin (``16-mixed``'s gradient scaler), else 1."""
+    scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+    if scaler is None or not hasattr(scaler, "get_scale") or not getattr(scaler, "is_enabled", lambda: True)():
+        return 1.0
+    scale = float(scaler.get_scale())
+    return scale if scale > 0 else 1.0
+
+
 class DFAFit:
     """One engine on one LightningModule for one ``fit``: attach, check each backward, save/restore, detach."""
 
@@ -136,6 +146,7 @@ class DFAFit:
         self._backprop_checked = False
         self._frozen_said = False
         self._heads: list[str] = []  # found at this step's loss, made outputs after its backward
+        self._divergence = DivergenceWatch()
         self._loss: torch.Tensor | None = None  # the loss of the backward under way
         self._evaluation: contextlib.ExitStack | None = None  # the callback form's evaluation loop under way
         self._attached_with: tuple[nn.Module, Any, Target | None] | None = None
@@ -166,6 +177,7 @@ class DFAFit:
         self._summary_shown = False
         self._checked = False
         self._backprop_checked = False
+        self._divergence = DivergenceWatch()
         if self.verbose and fitting and summary:
             self._summary_shown = self._show_summary(module, trainer)
         return self.engine
@@ -231,7 +243,9 @@ class DFAFit:
         if evaluation is not None:
             evaluation.close()
 
-    def before_backward(self, loss: Any, trainer: Any = None) -> None:
+    def before_backward(self, loss: Any, trainer: Any = None, scaled: bool = False) -> None:
+        """Checks on a backward's ``loss`` (``scaled``: multiplied by a mixed-precision loss scale already, as the
+        callbacks' ``on_before_backward`` sees it)."""
         self._loss = loss if isinstance(loss, torch.Tensor) else None  # for end_backward, until after_backward
         if self.engine is not None and self.engine.attached and isinstance(loss, torch.Tensor):
             if not self._checked and self.engine.root is not None:
@@ -254,6 +268,10 @@ class DFAFit:
                     "keeps them apart.",
                     stacklevel=2,
                 )
+            if self.engine.mode == "dfa":
+                said = self._divergence.observe(loss, _loss_scale(trainer) if scaled else 1.0)
+                if said and loud:
+                    warnings.warn(said, stacklevel=2)
             hidden = [name for name in readers if name not in self._heads]
             if hidden and loud:
                 outputs = [n for n, _ in self.engine.output_modules()]
@@ -538,7 +556,7 @@ class DFACallbackMixin:
 
     @override
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
-        self.dfa.before_backward(loss, trainer)
+        self.dfa.before_backward(loss, trainer, scaled=True)
 
     @override
     def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
