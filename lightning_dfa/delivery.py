@@ -297,6 +297,8 @@ class BackwardReport:
     untied_outputs: list[str] = field(default_factory=list)
     #: output modules tied that returned a tuple holding other tensors than the first (read as the output)
     tuple_outputs: list[str] = field(default_factory=list)
+    #: the points fed in this backward, each once, over all its deliveries (one per output called after points)
+    points_fed: list[Any] = field(default_factory=list)
 
 
 def _walk(tensor: torch.Tensor, expand: Callable[[Any], tuple], limit: int | None = None) -> Iterator[Any]:

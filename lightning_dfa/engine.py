@@ -404,6 +404,8 @@ class FeedbackEngine(ForwardHooks):
         kept = [laid[i] for i in keep]
         acts = None if activations is None else [activations[i] for i in keep]
         self.last_points = kept
+        fed = {m.key for m in self.report.points_fed}
+        self.report.points_fed.extend(m for m in kept if m.key not in fed)
         fbs = self.feedback_for(error, kept, acts, source=source) if kept else []
         for observer in self.feedback_observers:
             observer(error, kept, fbs)

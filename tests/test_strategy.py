@@ -410,3 +410,37 @@ def test_a_single_layer_model_trains_as_with_backprop_and_says_why() -> None:
     torch.testing.assert_close(dfa, fit("auto"), rtol=0, atol=0)
     torch.manual_seed(0)
     assert not torch.equal(dfa, BoringModel().layer.weight.detach())  # it trained
+
+
+class _VAE(pl.LightningModule):
+    """An encoder and a decoder with the mean and variance layers between them, read by the KL term."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.ModuleList([nn.Linear(6, 16), nn.Linear(16, 16)])
+        self.fc_mu, self.fc_var = nn.Linear(16, 4), nn.Linear(16, 4)
+        self.dec = nn.ModuleList([nn.Linear(4, 16), nn.Linear(16, 16)])
+        self.out = nn.Linear(16, 6)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x = h = batch[0]
+        for layer in self.enc:
+            h = torch.tanh(layer(h))
+        mu, log_var = self.fc_mu(h), self.fc_var(h)
+        z = mu + torch.randn_like(mu) * torch.exp(log_var / 2)
+        for layer in self.dec:
+            z = torch.tanh(layer(z))
+        kl = -0.5 * (1 + log_var - mu**2 - log_var.exp()).sum(1).mean()
+        return nn.functional.mse_loss(self.out(z), x) + 0.1 * kl
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+def test_the_first_step_line_lists_the_points_of_every_output_s_delivery(said: Said) -> None:
+    """The decoder's points take the reconstruction's error and the encoder's also the mean and variance layers':
+    the line lists both (it listed the last delivery's points, the encoder's, as if the decoder had none)."""
+    strategy = DFAStrategy(blocks=["enc.*", "dec.*"], output=["out", "fc_mu", "fc_var"])
+    trainer(strategy=strategy, max_steps=1).fit(_VAE(), loader())
+    line = next(s for s in said.lines if s.startswith("DFA feedback points at the first step"))
+    assert "enc.1" in line and "dec.1" in line

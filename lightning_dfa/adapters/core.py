@@ -318,9 +318,9 @@ class DFAFit:
             warning = mostly_backprop(self.engine)
             if warning and getattr(trainer, "is_global_zero", True):
                 warnings.warn(warning, stacklevel=2)
-        if self.verbose and not self._summary_shown and self.engine.last_points:
+        if self.verbose and not self._summary_shown and report.points_fed:
             self._summary_shown = True
-            points = ", ".join(f"{m.key} {list(m.shape)}" for m in self.engine.last_points)
+            points = ", ".join(f"{m.key} {list(m.shape)}" for m in report.points_fed)
             self.info(f"DFA feedback points at the first step: {points}")
             self.info("DFA recipe at the first step: " + "; ".join(self.engine.recipe_notes()[1:]))
             hint = speed_hint(self.engine)
