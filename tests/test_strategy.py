@@ -437,6 +437,26 @@ class _VAE(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=1e-3)
 
 
+class _LateMeanAndVariance(_VAE):
+    """The mean and variance layers registered after the decoder's last layer (as Lightning-Bolts' VAE does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name in ("fc_mu", "fc_var"):
+            self._modules[name] = self._modules.pop(name)
+
+
+def test_the_first_step_names_the_output_the_loss_reads_where_registration_order_misleads(said: Said) -> None:
+    """Discovery guesses the last layer registered (the variance layer) for the output; the forward and the loss
+    show the reconstruction's layer, whose error is fed back, and the first step says so."""
+    model = _LateMeanAndVariance()
+    assert list(model._modules)[-2:] == ["fc_mu", "fc_var"]
+    trainer(strategy=DFAStrategy(blocks=["enc.*", "dec.*"]), max_steps=1).fit(model, loader())
+    assert "Output (error read here, true gradient): fc_var (Linear)" in said.text()
+    line = next(s for s in said.lines if s.startswith("DFA error read at the first step"))
+    assert line.endswith(": out (Linear)")
+
+
 def test_the_first_step_line_lists_the_points_of_every_output_s_delivery(said: Said) -> None:
     """The decoder's points take the reconstruction's error and the encoder's also the mean and variance layers':
     the line lists both (it listed the last delivery's points, the encoder's, as if the decoder had none)."""

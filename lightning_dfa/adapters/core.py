@@ -322,6 +322,8 @@ class DFAFit:
             self._summary_shown = True
             points = ", ".join(f"{m.key} {list(m.shape)}" for m in report.points_fed)
             self.info(f"DFA feedback points at the first step: {points}")
+            sources = ", ".join(f"{n} ({type(m).__name__})" for n, m in self.engine.output_modules())
+            self.info(f"DFA error read at the first step (the loss decides): {sources}")
             self.info("DFA recipe at the first step: " + "; ".join(self.engine.recipe_notes()[1:]))
             hint = speed_hint(self.engine)
             if hint:
