@@ -266,15 +266,15 @@ class DivergenceWatch:
         self.every, self.factor = every, factor
         self.calls, self.first, self.said = 0, None, False
 
-    def observe(self, loss: torch.Tensor, scale: float = 1.0) -> str | None:
-        """The warning's text when ``loss / scale`` (``scale``: a mixed-precision loss scale already applied)
-        shows the training diverging, once per watch; else ``None``."""
+    def observe(self, loss: torch.Tensor, scale: Callable[[], float] | None = None) -> str | None:
+        """The warning's text when ``loss / scale()`` (``scale``: the mixed-precision loss scale already applied,
+        asked for only when the loss is read) shows the training diverging, once per watch; else ``None``."""
         if self.said or loss.numel() != 1:
             return None
         self.calls += 1
         if self.first is not None and self.calls % self.every:
             return None
-        value = float(loss.detach().float()) / scale
+        value = float(loss.detach().float()) / (scale() if scale is not None else 1.0)
         if self.first is None:
             self.first = value if math.isfinite(value) else None
             return None

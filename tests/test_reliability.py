@@ -802,7 +802,7 @@ def test_divergence_is_read_from_the_loss_without_its_mixed_precision_scale() ->
     fake = type("Trainer", (), {"precision_plugin": type("Plugin", (), {"scaler": scaler})()})()
     watch = DivergenceWatch(every=1)
     for _ in range(30):
-        assert watch.observe(torch.tensor(2.0 * scaler.scale), _loss_scale(fake)) is None
+        assert watch.observe(torch.tensor(2.0 * scaler.scale), lambda: _loss_scale(fake)) is None
         scaler.scale *= 2
     assert _loss_scale(object()) == 1.0
     assert "diverging" in (watch.observe(torch.tensor(float("nan"))) or "")

@@ -269,7 +269,8 @@ class DFAFit:
                     stacklevel=2,
                 )
             if self.engine.mode == "dfa":
-                said = self._divergence.observe(loss, _loss_scale(trainer) if scaled else 1.0)
+                # (the scaler's scale is a host sync: asked for only at the steps the loss is read)
+                said = self._divergence.observe(loss, (lambda: _loss_scale(trainer)) if scaled else None)
                 if said and loud:
                     warnings.warn(said, stacklevel=2)
             hidden = [name for name in readers if name not in self._heads]
