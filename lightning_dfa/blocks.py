@@ -162,13 +162,22 @@ class Target:
         """``id`` of every parameter inside a block."""
         return {id(p) for b in self.blocks for p in b.parameters()}
 
-    def with_blocks_as_outputs(self, names: Sequence[str]) -> Target:
+    def with_blocks_as_outputs(self, names: Sequence[str], root: nn.Module | None = None) -> Target:
         """This target with the blocks named in ``names`` moved to the outputs (after those it has): heads on middle
-        layers (:meth:`FeedbackEngine.add_outputs`). Names that are no block are left alone."""
+        layers (:meth:`FeedbackEngine.add_outputs`). Names of ``root``'s modules that are no block are added as
+        outputs too (a head outside the blocks); others are left alone."""
         known = {name for name, _ in self.outputs}
-        added = [(b.name, b.exit) for b in self.blocks if b.name in names and b.name not in known]
-        blocks = [b for b in self.blocks if b.name not in names]
-        return replace(self, blocks=blocks, extra_outputs=[*self.extra_outputs, *added])
+        blocks = {b.name: b for b in self.blocks}
+        added = []
+        for name in dict.fromkeys(names):
+            if name in known:
+                continue
+            if name in blocks:
+                added.append((name, blocks[name].exit))
+            elif root is not None and name in dict(root.named_modules()):
+                added.append((name, root.get_submodule(name)))
+        kept = [b for b in self.blocks if b.name not in names]
+        return replace(self, blocks=kept, extra_outputs=[*self.extra_outputs, *added])
 
 
 def _compile_pattern(pattern: str) -> re.Pattern[str]:

@@ -14,7 +14,7 @@ no activation alive that the network itself would have freed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -453,6 +453,35 @@ def _nodes_before_outputs(tensor: torch.Tensor, limit: int = 100_000) -> set[Any
     """The graph nodes ``tensor`` (a loss) reaches without crossing an output's delivery: what the loss reads
     directly, not through an output module's error."""
     return set(_walk(tensor, _up_to_outputs, limit))
+
+
+def _deliveries_in(nodes: Iterable[Any]) -> dict[_Delivery, Any]:
+    """The deliveries among graph ``nodes``, each with its node."""
+    found = {}
+    for node in nodes:
+        delivery = getattr(node, "delivery", None) if isinstance(node, _DeliverFeedback._backward_cls) else None
+        if delivery is not None:
+            found[delivery] = node
+    return found
+
+
+def _outputs_read_before_points(
+    tensor: torch.Tensor, reached: set[Any], limit: int = 1_000_000
+) -> list[tuple[str, Any]]:
+    """Among the graph nodes ``reached`` (those the loss ``tensor`` reaches before any output), the deliveries of
+    outputs that a later output was computed from (a VAE's mean and variance layers, tied as outputs, read by the
+    decoder) or that lie before a block: not error sources, so what the loss reads there trains them by their true
+    gradient and feeds nothing back. ``(source, node)``, in no order."""
+    ties = {d: node for d, node in _deliveries_in(reached).items() if not d.frozen}
+    if not ties:
+        return []
+    # as in the backward: each delivery that runs (any in the graph, not one deferring to a trainable output
+    # upstream) marks the outputs upstream of it, which then deliver nothing of their own
+    later = set()
+    for d in _deliveries_in(_walk(tensor, _next_functions, limit)):
+        if not (d.frozen and any(not u.frozen for u in d.upstream)):
+            later.update(d.upstream)
+    return [(d.source, node) for d, node in ties.items() if d in later or (d.feeds_point and not d.named)]
 
 
 def _nodes_behind_outputs(tensor: torch.Tensor, limit: int = 1_000_000) -> set[Any]:

@@ -54,15 +54,17 @@ from .delivery import (
     Capture,
     CapturedPoint,
     _blocks_crossed,
+    _deliveries_in,
     _Delivery,
     _Group,
     _nodes_before_outputs,
     _nodes_behind_outputs,
+    _outputs_read_before_points,
     _parameters_reached,
     _reaches_feedback,
 )
 from .discovery import _find_hf_model
-from .hooks import ForwardHooks
+from .hooks import ForwardHooks, _loose_layers
 from .layout import Layouts, PointMeta, error_rows, laid_on, laid_out
 from .learned import LearnedFeedback
 from .norms import NormSpec, norm_vjp
@@ -129,6 +131,8 @@ class FeedbackEngine(ForwardHooks):
         # the graph nodes of the blocks' outputs in the latest training forward (dropped at each end_backward), until
         # the first loss is checked for terms that read one directly (loss_readers)
         self._block_outputs: collections.deque[tuple[str, Any]] | None = None
+        # and those of the layers outside blocks and outputs that read a point's cut (a VAE's mean and variance)
+        self._cut_readers: collections.deque[tuple[str, Any]] | None = None
         self._reader_handles: list[Any] = []
         self._readers_checked = False
         self._sources: dict[str, nn.Module] = {}
@@ -170,6 +174,8 @@ class FeedbackEngine(ForwardHooks):
         self._saved_blocks: list[str] | None = None  # the blocks a loaded checkpoint was trained with
         #: the blocks the latest loss read directly and nothing else read (heads on middle layers; loss_readers)
         self.loss_heads: list[str] = []
+        #: the outputs the latest checked loss reads as error sources, where the forward showed them (loss_readers)
+        self.loss_outputs: list[str] = []
         #: ``(reader, block)``: the backward of ``reader`` reaches ``block`` through an uncut input (loss_readers)
         self.blocks_crossed: list[tuple[str, str]] = []
         self._heads: list[str] = []  # blocks made outputs (add_outputs), while attached to this model
@@ -518,6 +524,8 @@ class FeedbackEngine(ForwardHooks):
         self._side_outputs.clear()
         if self._block_outputs:
             self._block_outputs.clear()
+        if self._cut_readers:
+            self._cut_readers.clear()
         if self.learned is not None:
             self.learned.step()
         if self.mode == "dfa" and self.attached and report.deliveries == 0 and self.target and self.target.blocks:
@@ -551,9 +559,10 @@ class FeedbackEngine(ForwardHooks):
 
     def loss_readers(self, loss: torch.Tensor) -> list[str]:
         """The blocks whose output ``loss`` reads directly, not only through an output module (a head on a middle
-        layer, a VAE's KL term on its mean and variance layers): such a term trains those layers by their true
-        gradient but feeds nothing back to the layers before them. Checked once per model, at the first loss of a
-        training forward (``[]`` at later calls).
+        layer, a VAE's KL term on its mean and variance layers), and the layers outside blocks and outputs that read
+        a point's cut and whose output ``loss`` reads so (mean and variance layers after a backbone, a value head):
+        such a term trains those layers by their true gradient but feeds nothing back to the layers before them.
+        Checked once per model, at the first loss of a training forward (``[]`` at later calls).
 
         Those that nothing but the loss reads (no output and no feedback point was computed from them: an auxiliary
         classifier) are heads, listed in :attr:`loss_heads`; :meth:`add_outputs` makes them outputs, as the
@@ -579,25 +588,32 @@ class FeedbackEngine(ForwardHooks):
             >>> engine.loss_readers(out.sum() + aux.sum()), engine.loss_heads
             (['aux'], ['aux'])
         """
-        self.loss_heads, self.blocks_crossed = [], []
-        outputs = self._block_outputs
+        self.loss_heads, self.blocks_crossed, self.loss_outputs = [], [], []
+        outputs, loose = self._block_outputs, list(self._cut_readers or ())
         if outputs is None or self.mode != "dfa" or not isinstance(loss, torch.Tensor) or loss.grad_fn is None:
             return []
-        self._block_outputs, self._readers_checked = None, True
+        self._block_outputs, self._cut_readers, self._readers_checked = None, None, True
         for handle in self._reader_handles:
             handle.remove()
         reached = _nodes_before_outputs(loss)
-        readers = list(dict.fromkeys(name for name, node in outputs if node in reached))
+        read = [(name, node) for name, node in [*outputs, *loose] if node in reached]
+        silent = sorted(_outputs_read_before_points(loss, reached), key=lambda x: x[0])
+        read += silent
+        quiet = {node for _, node in silent}
+        sources = (d.source.split("#")[0] for d, node in _deliveries_in(reached).items() if node not in quiet)
+        self.loss_outputs = sorted(set(sources))
+        readers = list(dict.fromkeys(name for name, _ in read))
         params = {b.name: [p for p in b.parameters() if p.requires_grad] for b in self.target.blocks}
         self.blocks_crossed = _blocks_crossed(loss, list(outputs), params)
         if readers:
             fed = _nodes_behind_outputs(loss)
-            self.loss_heads = list(dict.fromkeys(n for n, node in outputs if n in readers and node not in fed))
+            self.loss_heads = list(dict.fromkeys(n for n, node in read if node not in fed))
         return readers
 
     def add_outputs(self, names: Sequence[str]) -> Target:
         """Make the blocks ``names`` output modules too: heads on middle layers that the loss reads directly (an
-        auxiliary classifier, deep supervision; :attr:`loss_heads`). Attached again with those blocks left out of
+        auxiliary classifier, deep supervision; :attr:`loss_heads`), or layers outside the blocks that hold trainable
+        parameters (a value head beside a policy). Attached again with those blocks left out of
         the blocks and added to the outputs, each an error source with its own feedback matrices, from the next
         forward on; kept when attached again to this model, and saved in :meth:`state_dict`. Call between steps.
 
@@ -613,12 +629,16 @@ class FeedbackEngine(ForwardHooks):
         if self.target is None or self.root is None:
             raise RuntimeError("DFA: attach() the engine first.")
         blocks = {b.name: b for b in self.target.blocks}
-        unknown = [n for n in names if n not in blocks]
+        loose = {name for name, _ in _loose_layers(self.root, self.target)}
+        unknown = [n for n in names if n not in blocks and n not in loose]
         if unknown:
-            raise ValueError(f"DFA: add_outputs({list(names)}): {unknown} are not blocks ({list(blocks)}).")
+            raise ValueError(
+                f"DFA: add_outputs({list(names)}): {unknown} are neither blocks ({list(blocks)}) nor layers with "
+                "trainable parameters outside the blocks and outputs."
+            )
         self._heads = list(dict.fromkeys([*self._heads, *names]))
         checked = self._readers_checked
-        target = self.attach(self.root, self.target.with_blocks_as_outputs(self._heads))
+        target = self.attach(self.root, self.target.with_blocks_as_outputs(self._heads, self.root))
         self._readers_checked = checked
         return target
 

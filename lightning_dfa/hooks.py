@@ -78,8 +78,9 @@ class ForwardHooks:
                     raise
             if configured and target.source == "explicit":
                 target.source = "configure_dfa"
-        if any(b.name in self._heads for b in target.blocks):  # heads on middle layers, made outputs (add_outputs)
-            target = target.with_blocks_as_outputs(self._heads)
+        outputs = {name for name, _ in target.outputs}
+        if any(name not in outputs for name in self._heads):  # heads on middle layers, made outputs (add_outputs)
+            target = target.with_blocks_as_outputs(self._heads, root)
         refuse_reentrant_checkpointing(root)
         if self.mode != "bp":
             refuse_torchscript(root, target)
@@ -120,13 +121,18 @@ class ForwardHooks:
                 )
         if not same:
             self._readers_checked = False
-        self._block_outputs, self._reader_handles = None, []
+        self._block_outputs, self._cut_readers, self._reader_handles = None, None, []
         if self.mode == "dfa" and not self._readers_checked:  # until the first loss is checked (loss_readers)
             self._block_outputs = collections.deque(maxlen=4 * len(target.blocks))
             for block in target.blocks:
                 if block.output_point and block.name != uncut:
                     continue  # its output is cut: the loss cannot read it
                 handle = block.exit.register_forward_hook(_Hook(lambda m, a, o, b=block: self._on_block_exit(b, o)))
+                self._reader_handles.append(handle)
+                self._handles.append(handle)
+            self._cut_readers = collections.deque(maxlen=64)
+            for name, module in _loose_layers(root, target):
+                handle = module.register_forward_hook(_Hook(lambda m, a, o, n=name: self._on_loose_layer(n, a, o)))
                 self._reader_handles.append(handle)
                 self._handles.append(handle)
         self._encoder_names = encoder_modules(root, target)
@@ -533,6 +539,20 @@ class ForwardHooks:
             outputs.append((block.name, tensor.grad_fn))
         return None
 
+    def _on_loose_layer(self, name: str, args: tuple, output: Any) -> None:
+        """Keep the graph node of a layer outside the blocks and outputs that reads a point's cut (its floating-point
+        input carries no gradient after this forward's first point), for :meth:`FeedbackEngine.loss_readers`."""
+        readers, g = self._cut_readers, self._group
+        if readers is None or g is None or not g.points or self._capture is not None or not self._active():
+            return None
+        tensor, _ = _split_input(args, {})
+        out, _ = _split_main(output)
+        if tensor is None or not tensor.is_floating_point() or tensor.requires_grad:
+            return None
+        if _carries_grad(out) and out.grad_fn is not None:
+            readers.append((name, out.grad_fn))
+        return None
+
     def _on_head_input(self, name: str, args: tuple, kwargs: dict) -> Any:
         """``cut_head_input``: the output module's input becomes the point ``"<output>:in"`` (detached downstream)."""
         tensor, rebuild = _split_input(args, kwargs)
@@ -873,6 +893,19 @@ class _Produced(NamedTuple):
     what: str
     shape: torch.Size
     batch_first: bool
+
+
+def _loose_layers(root: nn.Module, target: Target) -> list[tuple[str, nn.Module]]:
+    """The modules holding trainable parameters of their own outside every block and output module (a VAE's mean and
+    variance layers after a backbone, a value head beside a policy): a loss term reading them directly trains them
+    by their true gradient, which stops at the point they read."""
+    inside = target.block_param_ids() | {id(p) for _, m in target.outputs for p in m.parameters()}
+    found = []
+    for name, module in root.named_modules():
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        if name and own and not any(id(p) in inside for p in own) and not scripted(module):
+            found.append((name, module))
+    return found
 
 
 def _of_blocks(key: str, blocks: set[str]) -> bool:

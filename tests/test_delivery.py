@@ -339,7 +339,7 @@ def test_heads_found_by_the_loss_become_outputs_and_resume_from_the_state() -> N
     assert [n for n, _ in resumed.attach(net).outputs] == ["fc", "aux"]
     for name, grad in step(resumed).items():
         torch.testing.assert_close(grad, grads[name], rtol=0, atol=0)
-    with pytest.raises(ValueError, match=r"\['nope'\] are not blocks"):
+    with pytest.raises(ValueError, match=r"\['nope'\] are neither blocks"):
         resumed.add_outputs(["nope"])
 
 
@@ -420,6 +420,145 @@ def test_a_head_on_a_middle_layer_becomes_an_output_after_the_first_step_and_a_h
     assert len(said) == 1 and "['net.mean'] directly" in said[0] and "output=['net.fc', 'net.mean']" in said[0]
     _, _, said = fit(HiddenTerm, 0.3, blocks=["net.a", "net.b"], output=["net.fc", "net.mean"])
     assert not said
+
+
+class _Residual(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x + self.bn(self.conv(x)))
+
+
+class _ResidualEncoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.layers = nn.Conv2d(3, 4, 3, padding=1), nn.Sequential(_Residual(4), _Residual(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(self.conv(x)).mean(dim=(2, 3))
+
+
+class _ResidualDecoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear, self.layers = nn.Linear(2, 4 * 4 * 4), nn.Sequential(_Residual(4), _Residual(4))
+        self.conv = nn.Conv2d(4, 3, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.layers(self.linear(z).view(-1, 4, 4, 4)))
+
+
+class ResidualVAE(nn.Module):
+    """Lightning-Bolts' VAE layout, smaller: residual encoder and decoder, with the mean and variance layers
+    outside them (no blocks), registered last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder, self.decoder = _ResidualEncoder(), _ResidualDecoder()
+        self.fc_mu, self.fc_var = nn.Linear(4, 2), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        h = self.encoder(x)
+        mu, log_var = self.fc_mu(h), self.fc_var(h)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * log_var)
+        return self.decoder(z), mu, log_var
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"output": "decoder.conv"}, {"output": ["decoder.conv", "fc_mu", "fc_var"]}],
+    ids=["found", "named", "named_with_mean_and_variance"],
+)
+def test_a_kl_term_on_mean_and_variance_layers_outside_the_blocks_is_found(options: dict) -> None:
+    """A VAE's KL term on mean and variance layers that are no blocks (behind a residual encoder): whether they are
+    tied as outputs found from the forward, which then deliver nothing of their own (the decoder is computed from
+    them), or are plain layers (``output=`` names the decoder's), the term trains them alone; ``loss_readers``
+    names them (before, only blocks were checked, and nothing was said). Named as outputs, they feed it back."""
+    torch.manual_seed(0)
+    net, engine = ResidualVAE(), FeedbackEngine(**options)
+    engine.attach(net)
+    x = torch.randn(4, 3, 4, 4)
+    recon, mu, log_var = net(x)
+    loss = F.mse_loss(recon, x) - 0.5 * (1 + log_var - mu.pow(2) - log_var.exp()).sum(1).mean()
+    readers = engine.loss_readers(loss)
+    loss.backward()
+    report = engine.end_backward(loss)
+    if "fc_mu" in options.get("output", ()):
+        assert readers == [] and report.deliveries == 3
+    else:
+        assert readers == ["fc_mu", "fc_var"] and engine.loss_heads == [] and report.deliveries == 1
+
+
+def test_the_kl_term_warning_names_the_outputs_the_loss_reads() -> None:
+    """Under the strategy, the warning for a VAE's KL term on mean and variance layers outside the blocks names them
+    and the ``output=`` that feeds it back, from the error source the loss reads (the decoder's last layer), not
+    from the discovered output (``fc_var``, the last layer registered)."""
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_dfa import DFAStrategy
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = ResidualVAE()
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            recon, mu, log_var = self.net(batch[0])
+            kl = -0.5 * (1 + log_var - mu.pow(2) - log_var.exp()).sum(1).mean()
+            return F.mse_loss(recon, batch[0]) + kl
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    torch.manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(16, 3, 4, 4)), batch_size=8)
+    trainer = pl.Trainer(strategy=DFAStrategy(verbose=False), **dict(TRAINER_FLAGS, max_steps=2))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        trainer.fit(Module(), data)
+    said = [str(w.message) for w in seen if "reads the output of" in str(w.message)]
+    assert len(said) == 1
+    assert "['net.fc_mu', 'net.fc_var'] directly" in said[0]
+    assert "output=['net.decoder.conv', 'net.fc_mu', 'net.fc_var']" in said[0]
+
+
+class PolicyValue(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh())
+        self.policy, self.value = nn.Linear(16, 3), nn.Linear(16, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.trunk(x)
+        return self.policy(h), self.value(h)
+
+
+def test_a_head_outside_the_blocks_read_by_the_loss_becomes_an_output() -> None:
+    """With ``output=`` naming one head, a second head outside the blocks (a value head beside a policy) that the
+    loss reads is found at the first step (before, nothing was said and its term never reached the trunk);
+    ``add_outputs`` makes it an output, so its error reaches the trunk from the next step, and it is saved."""
+    torch.manual_seed(0)
+    net, engine = PolicyValue(), FeedbackEngine(output="policy")
+    engine.attach(net)
+    deliveries = []
+    for _ in range(2):
+        logits, value = net(torch.randn(8, 6))
+        loss = F.cross_entropy(logits, torch.randint(0, 3, (8,))) + F.mse_loss(value.squeeze(1), torch.randn(8))
+        engine.loss_readers(loss)
+        heads = list(engine.loss_heads)
+        loss.backward()
+        deliveries.append(engine.end_backward(loss).deliveries)
+        if heads:
+            assert heads == ["value"]
+            engine.add_outputs(heads)
+    assert deliveries == [1, 2]
+    assert [n for n, _ in engine.target.outputs] == ["policy", "value"]
+    assert engine.state_dict()["heads"] == ["value"]
+    with pytest.raises(ValueError, match="neither blocks"):
+        engine.add_outputs(["trunk.0.weight"])
 
 
 def test_heads_of_equal_width_have_their_own_feedback() -> None:

@@ -275,7 +275,7 @@ class DFAFit:
                     warnings.warn(said, stacklevel=2)
             hidden = [name for name in readers if name not in self._heads]
             if hidden and loud:
-                outputs = [n for n, _ in self.engine.output_modules()]
+                outputs = self.engine.loss_outputs or [n for n, _ in self.engine.output_modules()]
                 warnings.warn(
                     f"DFA: the loss reads the output of {hidden} directly, not only through the output module "
                     f"{outputs}, and later layers read it too: that term trains them by their true gradient but "
