@@ -68,6 +68,20 @@ def sequential_groups(seq: nn.Sequential, prefix: str = "", whole: bool = False)
     return blocks, "" if whole else join + children[last][0]
 
 
+def _chain_list(module: nn.Module) -> bool:
+    """An ``nn.ModuleList`` used as a Sequential: parametric layers with activations between them, called in order
+    in a loop (``ModuleList([GCNConv, ReLU, Dropout, GCNConv])``, dispatching on each layer's kind).
+
+    Example:
+        >>> _chain_list(nn.ModuleList([nn.Linear(4, 8), nn.ReLU(), nn.Dropout(), nn.Linear(8, 2)]))
+        True
+        >>> _chain_list(nn.ModuleList([nn.Linear(4, 2), nn.Linear(4, 3)]))  # two heads, no chain
+        False
+    """
+    children = list(module.children()) if isinstance(module, nn.ModuleList) else []
+    return any(_has_params(c) for c in children) and any(_is_activation(c) for c in children)
+
+
 def _is_feature_extractor(seq: nn.Sequential) -> bool:
     """A Sequential of two or more layers that ends in an activation, pooling, dropout or flatten: its last layer
     is hidden (a single ``Sequential(Linear, ReLU)`` is one block of something larger, as in a ModuleList)."""
@@ -173,7 +187,9 @@ def _sequential_target(root: nn.Module, exclude: Sequence[str] = ()) -> Target |
     sequentials = [
         (n, m)
         for n, m in owned_modules(root)
-        if isinstance(m, nn.Sequential) and not _inside(n, repeated) and not _inside(n + ".", exclude)
+        if (isinstance(m, nn.Sequential) or _chain_list(m))
+        and not _inside(n, repeated)
+        and not _inside(n + ".", exclude)
     ]
     sequentials = [(n, m) for n, m in sequentials if n not in repeated]
     chains = []
@@ -260,11 +276,28 @@ def _layer_weights(m: nn.Module) -> list[nn.Parameter]:
     return [w for w in weights if w.dim() >= 2]
 
 
+def _layer_widths(layer: nn.Module) -> tuple[int, int] | None:
+    """A layer's input and output width: a convolution's channels (a transposed one stores its weight as ``[in,
+    out, ...]``), a Linear's features, else its weight's ``[out, in, ...]``; ``None`` without a weight of two or more
+    dimensions."""
+    if isinstance(layer, nn.modules.conv._ConvNd):
+        return layer.in_channels, layer.out_channels
+    weight = getattr(layer, "weight", None)
+    if not isinstance(weight, nn.Parameter) or weight.dim() < 2:
+        return None
+    return int(weight.shape[1]), int(weight.shape[0])
+
+
 def _ends(m: nn.Module) -> tuple[int, int] | None:
     """A chain's input and output widths: its first layer's input and its last layer's output width, from the
-    weights of the layers that hold one (``None`` without such a layer)."""
-    weights = _layer_weights(m)
-    return (weights[0].shape[1], weights[-1].shape[0]) if weights else None
+    layers that hold a weight of two or more dimensions (``None`` without such a layer).
+
+    Example:
+        >>> _ends(nn.Sequential(nn.ConvTranspose2d(16, 8, 3), nn.ReLU(), nn.ConvTranspose2d(8, 3, 3)))
+        (16, 3)
+    """
+    widths = [w for w in map(_layer_widths, m.modules()) if w is not None]
+    return (widths[0][0], widths[-1][1]) if widths else None
 
 
 def _twins(a: nn.Module, b: nn.Module) -> bool:
@@ -501,7 +534,8 @@ def _block_params(target: Target | None) -> int:
 def _structure_target(root: nn.Module) -> Target | None:
     """Rules 4, 4a and 5: the model's repeated blocks (stages, a ModuleList of composite blocks, or blocks as
     attributes of one module), unless a chain of Sequential groups outside them holds more parameters."""
-    repeated = [t for t in (_stages_target(root), _module_list_target(root, composite=True)) if t is not None]
+    layers = _module_list_target(root, composite=True) or _single_transformer_layer_target(root)
+    repeated = [t for t in (_stages_target(root), layers) if t is not None]
     repeated += [t for t in (_attribute_blocks_target(root),) if t is not None]
     best = max(repeated, key=_block_params) if repeated else None
     units = _layer_lists_target(root)
@@ -511,6 +545,25 @@ def _structure_target(root: nn.Module) -> Target | None:
     if best is not None and _block_params(best) >= _block_params(chain):
         return _with_tower(root, best, chain)
     return chain or _module_list_target(root)
+
+
+def _single_transformer_layer_target(root: nn.Module) -> Target | None:
+    """A Transformer of one layer (``layers = ModuleList([EncoderBlock])``, ``nn.TransformerEncoder(...,
+    num_layers=1)``): that layer is the block, not the Sequentials inside it (its MLP).
+
+    Example:
+        >>> net = nn.Module()
+        >>> net.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16), 1, enable_nested_tensor=False)
+        >>> net.head = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> target = _single_transformer_layer_target(net)
+        >>> [b.name for b in target.blocks], target.output_name
+        (['encoder.layers.0'], 'head.2')
+    """
+    target = _module_list_target(root, min_len=1, composite=True)
+    if target is None or len(target.blocks) != 1:
+        return None
+    listed = root.get_submodule(target.blocks[0].name.rpartition(".")[0])
+    return target if _is_transformer_stack(listed) else None
 
 
 def _with_tower(root: nn.Module, best: Target, chain: Target | None) -> Target:

@@ -229,3 +229,42 @@ def test_a_graph_level_head_after_pooling_names_the_head_first_form_which_trains
         if mode == "dfa":
             assert report.deliveries == 1 and [b.name for b in engine.target.blocks] == ["convs.0", "convs.1"]
     assert losses["dfa"] < 0.5 * losses["shallow"], losses
+
+
+class _LayerLoopGNN(torch.nn.Module):
+    """The UvA deep-learning course's GNNModel: a ModuleList of GCNConv, ReLU and Dropout, called in a loop that
+    passes ``edge_index`` to the message-passing layers only."""
+
+    def __init__(self, layers: int) -> None:
+        super().__init__()
+        from torch_geometric.nn import GCNConv
+
+        modules: list[torch.nn.Module] = []
+        width = 12
+        for _ in range(layers - 1):
+            modules += [GCNConv(width, 16), torch.nn.ReLU(inplace=True), torch.nn.Dropout(0.1)]
+            width = 16
+        self.layers = torch.nn.ModuleList([*modules, GCNConv(width, 3)])
+
+    def forward(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
+        from torch_geometric.nn import MessagePassing
+
+        for layer in self.layers:
+            x = layer(x, edge_index) if isinstance(layer, MessagePassing) else layer(x)
+        return x
+
+
+@pytest.mark.parametrize("layers", [2, 3])
+def test_a_module_list_of_layers_and_activations_is_a_chain(layers: int) -> None:
+    """A ModuleList of convolutions with activations between them, looped over in order, is split as a Sequential
+    would be: each convolution's group is a block and the last convolution the output (before: "found no
+    blocks")."""
+    torch.manual_seed(0)
+    net, engine = _LayerLoopGNN(layers), FeedbackEngine()
+    target = engine.attach(net)
+    assert [b.name for b in target.blocks] == [f"layers.{3 * i + 2}" for i in range(layers - 1)]
+    assert target.output_name == f"layers.{3 * (layers - 1)}"
+    x, edges = torch.randn(10, 12), torch.randint(0, 10, (2, 30))
+    torch.nn.functional.cross_entropy(net(x, edges), torch.randint(0, 3, (10,))).backward()
+    assert engine.end_backward().deliveries == 1
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())

@@ -1418,3 +1418,105 @@ def test_a_chain_found_as_a_tower_that_feeds_the_blocks_takes_their_output_error
     assert engine.end_backward(loss).deliveries == 1
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.stem.parameters())
     engine.detach()
+
+
+class _ConvEncoder(nn.Module):  # the layout of the UvA deep-learning course's convolutional autoencoder, smaller
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1, stride=2),
+            nn.GELU(),
+            nn.Conv2d(8, 8, 3, padding=1),
+            nn.GELU(),
+            nn.Flatten(),
+            nn.Linear(8 * 4 * 4, 16),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class _ConvDecoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Sequential(nn.Linear(16, 8 * 4 * 4), nn.GELU())
+        self.net = nn.Sequential(
+            nn.ConvTranspose2d(8, 8, 3, output_padding=1, padding=1, stride=2),
+            nn.GELU(),
+            nn.Conv2d(8, 8, 3, padding=1),
+            nn.GELU(),
+            nn.ConvTranspose2d(8, 3, 3, padding=1),
+            nn.Tanh(),
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(self.linear(z).reshape(z.shape[0], 8, 4, 4))
+
+
+def test_a_transposed_convolution_decoder_reads_its_error_at_its_last_layer() -> None:
+    """A decoder of transposed convolutions ending in a Tanh, behind its own Linear: a transposed convolution's
+    weight is ``[in, out, ...]``, so its widths are read from its channels (read from the weight, the decoder's
+    Linear passed for the head of its convolutions, the Tanh's group became a block, and the first step found no
+    gradient left to the loss)."""
+    torch.manual_seed(0)
+    net = nn.Module()
+    net.encoder, net.decoder = _ConvEncoder(), _ConvDecoder()
+    engine = FeedbackEngine()
+    target = engine.attach(net)
+    assert "decoder.net.5" not in [b.name for b in target.blocks]
+    x = torch.rand(4, 3, 8, 8) * 2 - 1
+    loss = F.mse_loss(net.decoder(net.encoder(x)), x)
+    engine.check_loss(loss)
+    loss.backward()
+    report = engine.end_backward(loss)
+    assert report.deliveries == 1
+    assert [name for name, _ in engine.output_modules()] == ["decoder.net.4"]
+    fed = [p.key for p in report.points_fed]
+    assert "encoder.net.1" in fed and "decoder.net.3" in fed
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+
+
+class _EncoderBlock(nn.Module):  # the UvA deep-learning course's Transformer encoder block, smaller
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.linear_net = nn.Sequential(nn.Linear(dim, 2 * dim), nn.Dropout(0.0), nn.ReLU(), nn.Linear(2 * dim, dim))
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm1(x + self.self_attn(x, x, x, need_weights=False)[0])
+        return self.norm2(x + self.linear_net(x))
+
+
+class _ReversePredictor(nn.Module):
+    def __init__(self, layers: int, dim: int = 16, classes: int = 10) -> None:
+        super().__init__()
+        self.input_net = nn.Sequential(nn.Dropout(0.0), nn.Linear(classes, dim))
+        self.transformer = nn.Module()
+        self.transformer.layers = nn.ModuleList([_EncoderBlock(dim) for _ in range(layers)])
+        self.output_net = nn.Sequential(
+            nn.Linear(dim, dim), nn.LayerNorm(dim), nn.ReLU(), nn.Dropout(0.0), nn.Linear(dim, classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.input_net(F.one_hot(x, 10).float())
+        for layer in self.transformer.layers:
+            x = layer(x)
+        return self.output_net(x)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_a_transformer_of_one_layer_has_that_layer_as_its_block(layers: int) -> None:
+    """A Transformer with a single layer in its ``ModuleList`` (the course's setting) is discovered as one with two:
+    its layers are the blocks and the output head's last layer is the output (before, with one layer, the largest
+    Sequential, the layer's own MLP, was taken for the model: its parts became blocks and the layer's first norm
+    the output)."""
+    torch.manual_seed(0)
+    net, engine = _ReversePredictor(layers), FeedbackEngine()
+    target = engine.attach(net)
+    assert [b.name for b in target.blocks] == [f"transformer.layers.{i}" for i in range(layers)]
+    assert target.output_name == "output_net.4"
+    x = torch.randint(0, 10, (4, 6))
+    F.cross_entropy(net(x).flatten(0, 1), x.flip(1).flatten()).backward()
+    assert engine.end_backward().deliveries == 1
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.transformer.parameters())
