@@ -213,7 +213,16 @@ def _sequential_target(root: nn.Module, exclude: Sequence[str] = ()) -> Target |
     if after is None and _is_feature_extractor(seq):
         after = _head_before(root, name, seq, order, aside)
     network, other = _network_of(root, name), _network_of(root, after[0]) if after is not None else None
-    if grouped is not None and network is not None and other is not None and network != other:
+    towers: dict[str, tuple[str, ...]] = {}
+    if grouped is not None and after is not None and _beside(after[1], seq):
+        # a second network registered after the chain that reads the chain's input, not its output (a critic
+        # beside an actor): its groups are blocks that its own last layer's error reaches, as a tower's
+        tower = _tower_of(after[1], after[0])
+        if tower is not None:
+            towers[tower[1]] = tuple(b.name for b in tower[0])
+            blocks = list(grouped[0]) + tower[0]
+        after = None
+    elif grouped is not None and network is not None and other is not None and network != other:
         # two networks of their own (a GAN's generator and discriminator): each chain ends in its own output (the
         # other network's last layer is found as an output from the forward); the other's groups are blocks too
         extra = _sequential_target(root.get_submodule(other))
@@ -253,11 +262,42 @@ def _sequential_target(root: nn.Module, exclude: Sequence[str] = ()) -> Target |
             continue  # the head, registered before the chain
         if any(other.startswith(o + ".") for o, m in sequentials if o != other and _has_params(m)):
             continue
+        tower = _tower_of(mod, other) if _beside(mod, seq) else None
+        if tower is not None:  # a network of its own registered before the chain (a critic before its actor)
+            towers[tower[1]] = tuple(b.name for b in tower[0])
+            blocks = tower[0] + blocks
+            continue
         extra = sequential_groups(mod, other, whole=True)
         if extra is not None:
             blocks = extra[0] + blocks
     blocks.sort(key=lambda b: order[b.name])
-    return Target(blocks, out_name, root.get_submodule(out_name), "sequential")
+    extra_outputs = [(n, root.get_submodule(n)) for n in towers]
+    return Target(blocks, out_name, root.get_submodule(out_name), "sequential", False, extra_outputs, towers)
+
+
+def _beside(module: nn.Module, chain: nn.Module) -> bool:
+    """``module`` is a network beside ``chain`` rather than a stem feeding it or a head reading it: a chain of two or
+    more layers that ends in a layer (no activation after it: its own output), reads ``chain``'s input width and
+    neither reads ``chain``'s output nor produces ``chain``'s input (an actor and a critic on the same states).
+
+    Example:
+        >>> mlp = lambda i, o: nn.Sequential(nn.Linear(i, 8), nn.ReLU(), nn.Linear(8, o))
+        >>> _beside(mlp(4, 1), mlp(4, 2)), _beside(mlp(2, 3), mlp(4, 2)), _beside(mlp(4, 4), mlp(4, 2))
+        (True, False, False)
+    """
+    ends, own = _ends(chain), _ends(module)
+    if ends is None or own is None or _is_feature_extractor(module) or not isinstance(module, nn.Sequential):
+        return False
+    if sum(_has_params(c) for c in module.children()) < 2:
+        return False
+    spatial = _layer_weights(chain)[-1].dim() > 2
+    reads = own[0] == ends[1] or (spatial and own[0] % ends[1] == 0)
+    return own[0] == ends[0] and not reads and own[1] != ends[0]
+
+
+def _tower_of(seq: nn.Module, name: str) -> tuple[list[Block], str] | None:
+    """A network of its own: its groups (the blocks) and its last layer (its output)."""
+    return sequential_groups(seq, name) if isinstance(seq, nn.Sequential) else None
 
 
 def _trainable(module: nn.Module) -> bool:

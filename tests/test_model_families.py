@@ -1520,3 +1520,48 @@ def test_a_transformer_of_one_layer_has_that_layer_as_its_block(layers: int) -> 
     F.cross_entropy(net(x).flatten(0, 1), x.flip(1).flatten()).backward()
     assert engine.end_backward().deliveries == 1
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.transformer.parameters())
+
+
+def _mlp(inputs: int, outputs: int) -> nn.Sequential:  # Lightning's PPO example's create_mlp
+    return nn.Sequential(nn.Linear(inputs, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, outputs))
+
+
+class _Actor(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.actor_net = _mlp(4, 2)
+
+    def forward(self, states: torch.Tensor) -> torch.distributions.Categorical:
+        return torch.distributions.Categorical(logits=self.actor_net(states))
+
+
+@pytest.mark.parametrize("critic_first", [True, False], ids=["critic_first", "actor_first"])
+def test_an_actor_and_a_critic_beside_it_each_read_their_own_error(critic_first: bool) -> None:
+    """Lightning's PPO example: an actor and a critic, two MLPs on the same states, each ending in its own layer. Each
+    is a tower: its groups are blocks that only its own last layer's error reaches (before, one network's last layer
+    was taken for a block of the other's chain: its loss term was cut off and it learned nothing, silently)."""
+    torch.manual_seed(0)
+    net = nn.Module()
+    if critic_first:
+        net.critic, net.actor = _mlp(4, 1), _Actor()
+    else:
+        net.actor, net.critic = _Actor(), _mlp(4, 1)
+    engine = FeedbackEngine()
+    target = engine.attach(net)
+    assert sorted(b.name for b in target.blocks) == ["actor.actor_net.1", "actor.actor_net.3", "critic.1", "critic.3"]
+    assert sorted(n for n, _ in target.outputs) == ["actor.actor_net.4", "critic.4"]
+    states, actions, advantages, returns = (
+        torch.randn(16, 4),
+        torch.randint(0, 2, (16,)),
+        torch.randn(16),
+        torch.randn(16),
+    )
+    actor_loss = -(net.actor(states).log_prob(actions) * advantages).mean()
+    critic_loss = F.mse_loss(net.critic(states).squeeze(-1), returns)
+    critic_loss.backward()  # its own optimizer's step: only the critic's blocks are fed
+    report = engine.end_backward(critic_loss)
+    assert sorted(p.key for p in report.points_fed) == ["critic.1", "critic.3"]
+    actor_loss.backward()
+    report = engine.end_backward(actor_loss)
+    assert sorted(p.key for p in report.points_fed) == ["actor.actor_net.1", "actor.actor_net.3"]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
