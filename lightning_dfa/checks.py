@@ -117,6 +117,50 @@ def output_names(engine: Any) -> str:
     return repr(names[0]) if len(names) == 1 else f"(any of {names})"
 
 
+class UnfedBlocks:
+    """The blocks whose feedback points a training step recorded but whose feedback no backward of that step
+    delivered: they ran with gradient and learn nothing (a loss term reads them only through a cut, a network whose
+    last layer was taken for a block). Collected over the backwards of a step (an optimizer each, accumulation);
+    :meth:`observe` says it once, after the first step in which no head was made an output.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> from lightning_dfa.delivery import BackwardReport
+        >>> report = BackwardReport(points_named={"a", "b", "b:in", "head:in"}, points_fed=[SimpleNamespace(key="a")])
+        >>> watch = UnfedBlocks()
+        >>> watch.add(report, blocks={"a", "b"})
+        >>> watch.observe(outputs=["head"]).split(" in the first")[0]
+        "DFA: no output's error reached the feedback points of ['b']"
+    """
+
+    def __init__(self) -> None:
+        self.recorded: set[str] = set()
+        self.fed: set[str] = set()
+        self.done = False
+
+    def add(self, report: Any, blocks: set[str]) -> None:
+        """One backward's points: those recorded and those fed, by block name."""
+        if self.done:
+            return
+        self.recorded |= {n.split(":")[0] for n in report.points_named} & blocks
+        self.fed |= {m.key.split("#")[0].split(":")[0] for m in report.points_fed}
+
+    def observe(self, outputs: list[str]) -> str | None:
+        """At a step's end: the warning, once (``None`` while the blocks fed, or before any point was recorded)."""
+        if self.done or not self.recorded:
+            return None
+        self.done = True
+        unfed = sorted(self.recorded - self.fed)
+        if not unfed:
+            return None
+        return (
+            f"DFA: no output's error reached the feedback points of {unfed} in the first training step: those blocks "
+            f"ran with gradient but learn nothing. The error is read at {outputs}; a loss term that reads these blocks "
+            "only through a cut block output (a second network whose last layer was taken for a block) is not fed "
+            "back. Name each network's last layer as an output (output=[...]) and blocks= without those layers."
+        )
+
+
 def only_layers_after_frozen_blocks(engine: Any, report: Any) -> bool:
     """Every block was called frozen and no gradient entered one: only the layers after the blocks train in this
     step, by their own gradient (as with backprop), and DFA has nothing to do."""

@@ -299,6 +299,8 @@ class BackwardReport:
     tuple_outputs: list[str] = field(default_factory=list)
     #: the points fed in this backward, each once, over all its deliveries (one per output called after points)
     points_fed: list[Any] = field(default_factory=list)
+    #: the names of the points recorded in the forward(s), without a second call's ``#n``
+    points_named: set[str] = field(default_factory=set)
 
 
 def _walk(tensor: torch.Tensor, expand: Callable[[Any], tuple], limit: int | None = None) -> Iterator[Any]:

@@ -287,6 +287,7 @@ class ForwardHooks:
             g.points.append(point)
             g.untied += 1
             self.report.points_recorded += 1
+            self.report.points_named.add(name)
             if g.soft:
                 cut = _SoftCut.apply(self.layouts, tensor)
                 g.cuts[id(cut)] = tensor

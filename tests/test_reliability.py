@@ -834,3 +834,47 @@ def test_reliability_page_cites_existing_tests_and_every_test_here() -> None:
     assert defined - {"test_reliability_page_cites_existing_tests_and_every_test_here"} <= cited_here, (
         defined - cited_here
     )
+
+
+class _ActorCritic(pl.LightningModule):
+    """An actor and a critic on the same states, trained by one loss (Lightning's PPO example, smaller)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.critic = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1))
+        self.actor = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        states, actions, returns = batch
+        policy = torch.distributions.Categorical(logits=self.actor(states))
+        value = self.critic(states).squeeze(-1)
+        advantages = (returns - value).detach()
+        return -(policy.log_prob(actions) * advantages).mean() + (returns - value).pow(2).mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+@pytest.mark.parametrize("form", ["strategy", "callback"])
+def test_blocks_that_no_error_reaches_are_said_once(form: str) -> None:
+    """Blocks whose points a step recorded but no backward fed learn nothing: said once, after the first step. Here
+    the critic's last layer is named as a block, so its loss term reads only a cut (as discovery did before it knew
+    an actor and a critic side by side); discovered, both networks are fed and nothing is said."""
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(
+        torch.randn(32, 4, generator=g), torch.randint(0, 2, (32,), generator=g), torch.randn(32, generator=g)
+    )
+    blocks = ["critic.1", "critic.3", "critic.4", "actor.1", "actor.3"]
+    torch.manual_seed(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_steps=3, **dfa_args(form, blocks=blocks, output="actor.4")).fit(_ActorCritic(), loader_of(data))
+    said = [str(w.message) for w in caught if "no output's error reached" in str(w.message)]
+    assert len(said) == 1 and "['critic.1', 'critic.3', 'critic.4']" in said[0] and "['actor.4']" in said[0]
+    torch.manual_seed(0)
+    with no_dfa_warning():
+        trainer(max_steps=3, **dfa_args(form)).fit(_ActorCritic(), loader_of(data))
+
+
+def loader_of(data: torch.utils.data.Dataset) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(data, batch_size=8)

@@ -15,6 +15,7 @@ from typing_extensions import override
 from ..blocks import Target
 from ..checks import (
     DivergenceWatch,
+    UnfedBlocks,
     check_state,
     lazy_modules,
     only_layers_after_frozen_blocks,
@@ -147,6 +148,8 @@ class DFAFit:
         self._frozen_said = False
         self._heads: list[str] = []  # found at this step's loss, made outputs after its backward
         self._divergence = DivergenceWatch()
+        self._unfed = UnfedBlocks()
+        self._heads_added = False  # in the step under way (its unfed blocks are checked at the next one)
         self._loss: torch.Tensor | None = None  # the loss of the backward under way
         self._evaluation: contextlib.ExitStack | None = None  # the callback form's evaluation loop under way
         self._attached_with: tuple[nn.Module, Any, Target | None] | None = None
@@ -178,6 +181,7 @@ class DFAFit:
         self._checked = False
         self._backprop_checked = False
         self._divergence = DivergenceWatch()
+        self._unfed, self._heads_added = UnfedBlocks(), False
         if self.verbose and fitting and summary:
             self._summary_shown = self._show_summary(module, trainer)
         return self.engine
@@ -217,9 +221,15 @@ class DFAFit:
         if self.engine is not None:
             self.engine.detach()
 
-    def new_step(self) -> None:
-        """A training step starts (see :meth:`FeedbackEngine.new_step`)."""
+    def new_step(self, trainer: Any = None) -> None:
+        """A training step starts (see :meth:`FeedbackEngine.new_step`); the previous one's unfed blocks are said."""
         if self.engine is not None:
+            if self._heads_added:  # heads made outputs in that step: their blocks are fed from this one on
+                self._heads_added, self._unfed = False, UnfedBlocks()
+            elif self.engine.mode == "dfa" and self.engine.target is not None:
+                said = self._unfed.observe([n for n, _ in self.engine.output_modules()])
+                if said and getattr(trainer, "is_global_zero", True):
+                    warnings.warn(said, stacklevel=2)
             self.engine.new_step()
 
     @contextlib.contextmanager
@@ -290,8 +300,11 @@ class DFAFit:
             return
         loss, self._loss = self._loss, None
         report = self.engine.end_backward(loss)
+        if self.engine.mode == "dfa":
+            self._unfed.add(report, {b.name for b in self.engine.target.blocks})
         heads, self._heads = self._heads, []
         if heads:
+            self._heads_added = True
             # heads on middle layers (an auxiliary classifier): their loss term trained them alone in this step;
             # from the next forward their error is fed back too, as the output's
             self.engine.add_outputs(heads)
@@ -410,7 +423,7 @@ class DFAStrategyMixin:
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        self.dfa.new_step()
+        self.dfa.new_step(getattr(self.lightning_module, "_trainer", None))  # type: ignore[attr-defined]
         return super().training_step(*args, **kwargs)  # type: ignore[misc]
 
     @override
@@ -531,7 +544,7 @@ class DFACallbackMixin:
 
     @override
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        self.dfa.new_step()
+        self.dfa.new_step(trainer)
 
     @override
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
