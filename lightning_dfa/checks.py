@@ -118,24 +118,30 @@ def output_names(engine: Any) -> str:
 
 
 class UnfedBlocks:
-    """The blocks whose feedback points a training step recorded but whose feedback no backward of that step
-    delivered: they ran with gradient and learn nothing (a loss term reads them only through a cut, a network whose
-    last layer was taken for a block). Collected over the backwards of a step (an optimizer each, accumulation);
-    :meth:`observe` says it once, after the first step in which no head was made an output.
+    """The blocks whose feedback points training steps recorded but whose feedback no backward delivered, over the
+    first ``steps`` steps: they ran with gradient and learn nothing (a loss term reads them only through a cut, a
+    network whose last layer was taken for a block). Collected over every backward (an optimizer each,
+    accumulation, a critic stepped several times per generator step); :meth:`observe`, called as each step ends,
+    says it once. Done as soon as every recorded block was fed.
 
     Example:
         >>> from types import SimpleNamespace
         >>> from lightning_dfa.delivery import BackwardReport
         >>> report = BackwardReport(points_named={"a", "b", "b:in", "head:in"}, points_fed=[SimpleNamespace(key="a")])
-        >>> watch = UnfedBlocks()
+        >>> watch = UnfedBlocks(steps=2)
+        >>> watch.add(report, blocks={"a", "b"})
+        >>> watch.observe(outputs=["head"]) is None  # one step: b may still be fed
+        True
         >>> watch.add(report, blocks={"a", "b"})
         >>> watch.observe(outputs=["head"]).split(" in the first")[0]
         "DFA: no output's error reached the feedback points of ['b']"
     """
 
-    def __init__(self) -> None:
+    def __init__(self, steps: int = 10) -> None:
+        self.steps = steps
         self.recorded: set[str] = set()
         self.fed: set[str] = set()
+        self.seen = 0
         self.done = False
 
     def add(self, report: Any, blocks: set[str]) -> None:
@@ -146,18 +152,22 @@ class UnfedBlocks:
         self.fed |= {m.key.split("#")[0].split(":")[0] for m in report.points_fed}
 
     def observe(self, outputs: list[str]) -> str | None:
-        """At a step's end: the warning, once (``None`` while the blocks fed, or before any point was recorded)."""
+        """As a step ends: the warning, once (``None`` while blocks may still be fed)."""
         if self.done or not self.recorded:
             return None
-        self.done = True
+        self.seen += 1
         unfed = sorted(self.recorded - self.fed)
+        if unfed and self.seen < self.steps:
+            return None
+        self.done = True
         if not unfed:
             return None
         return (
-            f"DFA: no output's error reached the feedback points of {unfed} in the first training step: those blocks "
-            f"ran with gradient but learn nothing. The error is read at {outputs}; a loss term that reads these blocks "
-            "only through a cut block output (a second network whose last layer was taken for a block) is not fed "
-            "back. Name each network's last layer as an output (output=[...]) and blocks= without those layers."
+            f"DFA: no output's error reached the feedback points of {unfed} in the first {self.seen} training steps: "
+            f"those blocks ran with gradient but learn nothing. The error is read at {outputs}; a loss term that "
+            "reads these blocks only through a cut block output (a second network whose last layer was taken for a "
+            "block) is not fed back. Name each network's last layer as an output (output=[...]) and blocks= without "
+            "those layers."
         )
 
 

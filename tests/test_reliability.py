@@ -857,7 +857,8 @@ class _ActorCritic(pl.LightningModule):
 
 @pytest.mark.parametrize("form", ["strategy", "callback"])
 def test_blocks_that_no_error_reaches_are_said_once(form: str) -> None:
-    """Blocks whose points a step recorded but no backward fed learn nothing: said once, after the first step. Here
+    """Blocks whose points the first steps recorded but no backward fed learn nothing: said once, after the tenth
+    step (a generator's blocks run in a critic's steps before the generator's own). Here
     the critic's last layer is named as a block, so its loss term reads only a cut (as discovery did before it knew
     an actor and a critic side by side); discovered, both networks are fed and nothing is said."""
     g = torch.Generator().manual_seed(0)
@@ -868,12 +869,53 @@ def test_blocks_that_no_error_reaches_are_said_once(form: str) -> None:
     torch.manual_seed(0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer(max_steps=3, **dfa_args(form, blocks=blocks, output="actor.4")).fit(_ActorCritic(), loader_of(data))
+        trainer(max_steps=12, max_epochs=5, **dfa_args(form, blocks=blocks, output="actor.4")).fit(
+            _ActorCritic(), loader_of(data)
+        )
     said = [str(w.message) for w in caught if "no output's error reached" in str(w.message)]
     assert len(said) == 1 and "['critic.1', 'critic.3', 'critic.4']" in said[0] and "['actor.4']" in said[0]
     torch.manual_seed(0)
     with no_dfa_warning():
-        trainer(max_steps=3, **dfa_args(form)).fit(_ActorCritic(), loader_of(data))
+        trainer(max_steps=12, max_epochs=5, **dfa_args(form)).fit(_ActorCritic(), loader_of(data))
+
+
+class _CriticFirstGAN(pl.LightningModule):
+    """A GAN under manual optimization that steps its critic on two batches of three and its generator on the third,
+    without ``toggle_optimizer`` (the generator runs with gradient in the critic's steps too)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.generator = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 6))
+        self.critic = nn.Sequential(nn.Linear(6, 16), nn.LeakyReLU(0.2), nn.Linear(16, 16), nn.LeakyReLU(0.2),
+                                    nn.Linear(16, 1))  # fmt: skip
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        opt_g, opt_c = self.optimizers()
+        fake = self.generator(torch.randn(batch[0].shape[0], 4))
+        if batch_idx % 3 < 2:
+            loss = self.critic(fake.detach()).mean() - self.critic(batch[0]).mean()
+            opt_c.zero_grad()
+            self.manual_backward(loss)
+            opt_c.step()
+        else:
+            loss = -self.critic(fake).mean()
+            opt_g.zero_grad()
+            self.manual_backward(loss)
+            opt_g.step()
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [torch.optim.Adam(self.generator.parameters(), 1e-3), torch.optim.Adam(self.critic.parameters(), 1e-3)]
+
+
+def test_a_generator_stepped_after_its_critic_is_not_said_to_be_unfed() -> None:
+    """Steps that update only the critic, then one that updates the generator: every block's points are fed (the
+    critic's error reaches the generator's points, computed before it, in the critic's steps too): nothing is
+    said."""
+    data = torch.utils.data.TensorDataset(torch.randn(48, 6, generator=torch.Generator().manual_seed(0)))
+    torch.manual_seed(0)
+    with no_dfa_warning():
+        trainer(max_steps=12, max_epochs=5, **dfa_args("strategy")).fit(_CriticFirstGAN(), loader_of(data))
 
 
 def loader_of(data: torch.utils.data.Dataset) -> torch.utils.data.DataLoader:
