@@ -879,6 +879,12 @@ class ForwardHooks:
         return list(self.target.outputs) if self.target is not None else []
 
     @property
+    def outputs_guessed(self) -> bool:
+        """Whether :meth:`output_modules` is still discovery's guess (no backward yet) while layers outside the
+        blocks may turn out to be outputs (the loss decides, see :meth:`_output_candidates`)."""
+        return not self._sources and bool(self._candidates)
+
+    @property
     def roles_measured(self) -> bool:
         """Whether :meth:`parameter_roles` comes from the forward's data flow (after a first delivery) rather than
         from the order in which the modules are registered."""

@@ -125,6 +125,7 @@ def format_summary(engine: Any, shapes: Mapping[str, Sequence[int]] | None = Non
         f"{'distinct per point (sign flips)' if cfg.distinct else 'shared projection'}"
     )
     outputs = ", ".join(f"{n} ({type(m).__name__})" for n, m in engine.output_modules())
+    guessed = engine.outputs_guessed
     trained = roles["feedback"] + roles["true gradient"]
     share = roles["true gradient"] / trained if trained else 0.0
     how = "measured in the first backward" if engine.roles_measured else "estimated from the module order"
@@ -137,7 +138,8 @@ def format_summary(engine: Any, shapes: Mapping[str, Sequence[int]] | None = Non
             if not known
             else []
         ),
-        f"Output (error read here, true gradient): {outputs}",
+        f"Output (error read here, true gradient): {outputs}"
+        + (" (guessed from the module order: the first step names the outputs the loss reads)" if guessed else ""),
         f"Feedback: {feedback}",
         f"Trainable params by feedback: {_count(roles['feedback'])} | by true gradient: "
         f"{_count(roles['true gradient'])} | not trained: {_count(roles['none'])}",

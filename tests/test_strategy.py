@@ -258,6 +258,7 @@ def test_summary_table_is_shown(said: Said) -> None:
     for text in ("Feedback point", "net.1", "net.5", "[16, 16]", "Output (error read here", "net.6", "seed 0"):
         assert text in out
     assert "Trainable params by feedback: 656 | by true gradient: 51 | not trained: 0" in out
+    assert "guessed from the module order" not in out  # nothing outside the blocks could be an output
 
 
 def test_strategy_takes_its_device_from_the_trainer() -> None:
@@ -452,7 +453,7 @@ def test_the_first_step_names_the_output_the_loss_reads_where_registration_order
     model = _LateMeanAndVariance()
     assert list(model._modules)[-2:] == ["fc_mu", "fc_var"]
     trainer(strategy=DFAStrategy(blocks=["enc.*", "dec.*"]), max_steps=1).fit(model, loader())
-    assert "Output (error read here, true gradient): fc_var (Linear)" in said.text()
+    assert "Output (error read here, true gradient): fc_var (Linear) (guessed from the module order" in said.text()
     line = next(s for s in said.lines if s.startswith("DFA error read at the first step"))
     assert line.endswith(": out (Linear)")
 
