@@ -432,7 +432,7 @@ def _module_list_target(root: nn.Module, min_len: int = 2, composite: bool = Fal
         # largest (the encoder would otherwise learn only through the decoder's cross-attention)
         for other, olist in owned_modules(root):
             if (
-                _is_layer_list(olist, min_len)
+                _is_layer_list(olist, 1)  # (an encoder of one layer beside a decoder of several)
                 and other != name
                 and _is_transformer_stack(olist)
                 and not any(other == n or other.startswith(n + ".") or n.startswith(other + ".") for n, _ in lists)
@@ -589,7 +589,8 @@ def _structure_target(root: nn.Module) -> Target | None:
 
 def _single_transformer_layer_target(root: nn.Module) -> Target | None:
     """A Transformer of one layer (``layers = ModuleList([EncoderBlock])``, ``nn.TransformerEncoder(...,
-    num_layers=1)``): that layer is the block, not the Sequentials inside it (its MLP).
+    num_layers=1)``, ``nn.Transformer`` with one layer a stack): its layers are the blocks, not the Sequentials or
+    the attention modules inside them.
 
     Example:
         >>> net = nn.Module()
@@ -600,10 +601,10 @@ def _single_transformer_layer_target(root: nn.Module) -> Target | None:
         (['encoder.layers.0'], 'head.2')
     """
     target = _module_list_target(root, min_len=1, composite=True)
-    if target is None or len(target.blocks) != 1:
+    if target is None:
         return None
-    listed = root.get_submodule(target.blocks[0].name.rpartition(".")[0])
-    return target if _is_transformer_stack(listed) else None
+    lists = {b.name.rpartition(".")[0] for b in target.blocks}
+    return target if all(_is_transformer_stack(root.get_submodule(n)) for n in lists) else None
 
 
 def _with_tower(root: nn.Module, best: Target, chain: Target | None) -> Target:

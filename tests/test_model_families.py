@@ -1565,3 +1565,27 @@ def test_an_actor_and_a_critic_beside_it_each_read_their_own_error(critic_first:
     report = engine.end_backward(actor_loss)
     assert sorted(p.key for p in report.points_fed) == ["actor.actor_net.1", "actor.actor_net.3"]
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+
+
+@pytest.mark.parametrize("layers", [(1, 1), (1, 2)], ids=["one_and_one", "one_and_two"])
+def test_an_encoder_decoder_transformer_with_a_one_layer_stack_has_every_layer_as_a_block(
+    layers: tuple[int, int],
+) -> None:
+    """``nn.Transformer`` with a stack of one layer: every layer of both stacks is a block (before: with one layer
+    each, the decoder's attention modules were the blocks and its last norm the output; with an encoder of one
+    layer, the encoder's layer was no block)."""
+    torch.manual_seed(0)
+    net = nn.Module()
+    net.embed = nn.Embedding(10, 16)
+    net.transformer = nn.Transformer(16, 2, *layers, dim_feedforward=32, dropout=0.0, batch_first=True)
+    net.head = nn.Linear(16, 10)
+    engine = FeedbackEngine()
+    target = engine.attach(net)
+    encoder = [f"transformer.encoder.layers.{i}" for i in range(layers[0])]
+    decoder = [f"transformer.decoder.layers.{i}" for i in range(layers[1])]
+    assert [b.name for b in target.blocks] == encoder + decoder and target.output_name == "head"
+    src, tgt = torch.randint(0, 10, (4, 5)), torch.randint(0, 10, (4, 6))
+    out = net.head(net.transformer(net.embed(src), net.embed(tgt)))
+    F.cross_entropy(out.flatten(0, 1), tgt.flatten()).backward()
+    report = engine.end_backward()
+    assert {p.key.split(":")[0] for p in report.points_fed} >= set(encoder + decoder)
