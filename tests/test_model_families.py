@@ -1052,17 +1052,19 @@ def test_nanogpt_gets_the_default_recipe_with_its_own_layer_norm(bias: bool) -> 
     assert "cut_head_input: on" in notes
 
 
-def test_lightnings_demo_transformer_gets_feedback_in_both_stacks() -> None:
+@pytest.mark.parametrize("layers", [2, 1])
+def test_lightnings_demo_transformer_gets_feedback_in_both_stacks(layers: int) -> None:
     """``pytorch_lightning.demos.Transformer`` (an ``nn.Transformer`` encoder-decoder language model): every encoder
-    and decoder layer is a block and learns by feedback; the output layer by its true gradient."""
+    and decoder layer is a block and learns by feedback; the output layer by its true gradient. Also with one layer
+    a stack (before: the decoder layer's attention modules were the blocks and its last norm the output)."""
     from pytorch_lightning.demos.transformer import Transformer
 
     torch.manual_seed(0)
-    net = Transformer(vocab_size=24, ninp=16, nhead=2, nhid=32, nlayers=2, dropout=0.0)
+    net = Transformer(vocab_size=24, ninp=16, nhead=2, nhid=32, nlayers=layers, dropout=0.0)
     ids = torch.randint(0, 24, (4, 9))
     engine = check_true_dfa(net, lambda n: F.nll_loss(n(ids[:, :-1], ids[:, 1:]), ids[:, 1:].flatten()))
     blocks = [b.name for b in engine.target.blocks]
-    assert blocks == [f"transformer.{s}.layers.{i}" for s in ("encoder", "decoder") for i in (0, 1)]
+    assert blocks == [f"transformer.{s}.layers.{i}" for s in ("encoder", "decoder") for i in range(layers)]
     assert [n for n, _ in engine.output_modules()] == ["decoder"]
 
 
