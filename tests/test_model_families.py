@@ -1591,3 +1591,20 @@ def test_an_encoder_decoder_transformer_with_a_one_layer_stack_has_every_layer_a
     F.cross_entropy(out.flatten(0, 1), tgt.flatten()).backward()
     report = engine.end_backward()
     assert {p.key.split(":")[0] for p in report.points_fed} >= set(encoder + decoder)
+
+
+def test_a_two_tower_retrieval_model_of_two_mlps_feeds_both_towers() -> None:
+    """A user tower and an item tower (two MLPs of one shape, scored by a contrastive loss on their dot products):
+    each is a tower with its own output (before: the user tower's last layer was taken for a block, its output cut,
+    and the user tower got no gradient at all, silently)."""
+    torch.manual_seed(0)
+    net = nn.Module()
+    net.user, net.item = _mlp(8, 16), _mlp(8, 16)
+    engine = FeedbackEngine()
+    target = engine.attach(net)
+    assert sorted(n for n, _ in target.outputs) == ["item.4", "user.4"]
+    users, items = F.normalize(net.user(torch.randn(6, 8)), dim=-1), F.normalize(net.item(torch.randn(6, 8)), dim=-1)
+    loss = F.cross_entropy(users @ items.T / 0.1, torch.arange(6))
+    loss.backward()
+    engine.end_backward(loss)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
