@@ -560,7 +560,8 @@ class FeedbackEngine(ForwardHooks):
     def loss_readers(self, loss: torch.Tensor) -> list[str]:
         """The blocks whose output ``loss`` reads directly, not only through an output module (a head on a middle
         layer, a VAE's KL term on its mean and variance layers), and the layers outside blocks and outputs that read
-        a point's cut and whose output ``loss`` reads so (mean and variance layers after a backbone, a value head):
+        a point's cut (itself, a view of it, or what a parameter-free layer such as a pooling made of it) and whose
+        output ``loss`` reads so (mean and variance layers after a backbone, a value head):
         such a term trains those layers by their true gradient but feeds nothing back to the layers before them.
         Checked once per model, at the first loss of a training forward (``[]`` at later calls).
 

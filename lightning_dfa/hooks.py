@@ -122,6 +122,8 @@ class ForwardHooks:
         if not same:
             self._readers_checked = False
         self._block_outputs, self._cut_readers, self._reader_handles = None, None, []
+        # the memory of this forward's point cuts and of what parameter-free layers made of them (until the check)
+        self._cut_memory: set[int] | None = None
         if self.mode == "dfa" and not self._readers_checked:  # until the first loss is checked (loss_readers)
             self._block_outputs = collections.deque(maxlen=4 * len(target.blocks))
             for block in target.blocks:
@@ -130,9 +132,13 @@ class ForwardHooks:
                 handle = block.exit.register_forward_hook(_Hook(lambda m, a, o, b=block: self._on_block_exit(b, o)))
                 self._reader_handles.append(handle)
                 self._handles.append(handle)
-            self._cut_readers = collections.deque(maxlen=64)
+            self._cut_readers, self._cut_memory = collections.deque(maxlen=64), set()
             for name, module in _loose_layers(root, target):
                 handle = module.register_forward_hook(_Hook(lambda m, a, o, n=name: self._on_loose_layer(n, a, o)))
+                self._reader_handles.append(handle)
+                self._handles.append(handle)
+            for module in _passing_layers(root, target):
+                handle = module.register_forward_hook(_Hook(lambda m, a, o: self._on_passing_layer(a, o)))
                 self._reader_handles.append(handle)
                 self._handles.append(handle)
         self._encoder_names = encoder_modules(root, target)
@@ -548,10 +554,30 @@ class ForwardHooks:
             return None
         tensor, _ = _split_input(args, {})
         out, _ = _split_main(output)
-        if tensor is None or not tensor.is_floating_point() or tensor.requires_grad:
-            return None
+        if tensor is None or tensor.requires_grad or _memory(tensor) not in self._cut_memory_of(g):
+            return None  # (a layer reading the batch, such as a first-order term on the inputs, reads no cut)
         if _carries_grad(out) and out.grad_fn is not None:
             readers.append((name, out.grad_fn))
+        return None
+
+    def _cut_memory_of(self, g: _Group) -> set[int]:
+        """The memory of this forward's point cuts (a cut shares its point's) and of what parameter-free layers
+        outside the blocks made of them (a pooling, a flatten)."""
+        memory = self._cut_memory if self._cut_memory is not None else set()
+        memory.update(_memory(p.tensor) for p in g.points if p.tensor is not None)
+        memory.update(_memory(c) for c in g.copies)
+        return memory
+
+    def _on_passing_layer(self, args: tuple, output: Any) -> None:
+        """A parameter-free layer outside the blocks (a pooling before the mean and variance layers): what it makes
+        of a point's cut counts as the cut (see :meth:`_on_loose_layer`)."""
+        g = self._group
+        if self._cut_memory is None or g is None or not g.points or self._capture is not None or not self._active():
+            return None
+        tensor, _ = _split_input(args, {})
+        out, _ = _split_main(output)
+        if tensor is not None and out is not None and _memory(tensor) in self._cut_memory_of(g):
+            self._cut_memory.add(_memory(out))
         return None
 
     def _on_head_input(self, name: str, args: tuple, kwargs: dict) -> Any:
@@ -900,6 +926,22 @@ class _Produced(NamedTuple):
     what: str
     shape: torch.Size
     batch_first: bool
+
+
+def _memory(tensor: torch.Tensor) -> int:
+    """The address of a tensor's storage (a view, a detach and the tensor share it); ``0`` where there is none."""
+    try:
+        return tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # a tensor subclass without storage
+        return 0
+
+
+def _passing_layers(root: nn.Module, target: Target) -> list[nn.Module]:
+    """The modules without parameters outside every block and output module (a pooling, a flatten, an activation
+    between the backbone and the layers after it)."""
+    held = [m for b in target.blocks for m in (*(b.members or (b.entry,)), b.exit)] + [o for _, o in target.outputs]
+    inside = {id(m) for h in held for m in h.modules()}
+    return [m for m in root.modules() if m is not root and id(m) not in inside and not (_has_params(m) or scripted(m))]
 
 
 def _loose_layers(root: nn.Module, target: Target) -> list[tuple[str, nn.Module]]:

@@ -435,9 +435,10 @@ class _ResidualEncoder(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.conv, self.layers = nn.Conv2d(3, 4, 3, padding=1), nn.Sequential(_Residual(4), _Residual(4))
+        self.pool = nn.AdaptiveAvgPool2d(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(self.conv(x)).mean(dim=(2, 3))
+        return torch.flatten(self.pool(self.layers(self.conv(x))), 1)
 
 
 class _ResidualDecoder(nn.Module):
@@ -474,8 +475,9 @@ class ResidualVAE(nn.Module):
 def test_a_kl_term_on_mean_and_variance_layers_outside_the_blocks_is_found(options: dict) -> None:
     """A VAE's KL term on mean and variance layers that are no blocks (behind a residual encoder): whether they are
     tied as outputs found from the forward, which then deliver nothing of their own (the decoder is computed from
-    them), or are plain layers (``output=`` names the decoder's), the term trains them alone; ``loss_readers``
-    names them (before, only blocks were checked, and nothing was said). Named as outputs, they feed it back."""
+    them), or are plain layers (``output=`` names the decoder's; they read the point through a pooling module and
+    a flatten), the term trains them alone; ``loss_readers`` names them (before, only blocks were checked, and
+    nothing was said). Named as outputs, they feed it back."""
     torch.manual_seed(0)
     net, engine = ResidualVAE(), FeedbackEngine(**options)
     engine.attach(net)
@@ -523,6 +525,26 @@ def test_the_kl_term_warning_names_the_outputs_the_loss_reads() -> None:
     assert len(said) == 1
     assert "['net.fc_mu', 'net.fc_var'] directly" in said[0]
     assert "output=['net.decoder.conv', 'net.fc_mu', 'net.fc_var']" in said[0]
+
+
+class WideAndDeep(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.deep = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1))
+        self.wide = nn.Linear(6, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.deep(x) + self.wide(x)  # the wide layer reads the batch, after the deep layers' points
+
+
+def test_a_layer_reading_the_batch_after_the_points_is_no_reader_of_a_cut() -> None:
+    """A layer outside the blocks called after the points on the batch itself (a wide part, a first-order term on
+    the inputs), read directly by the loss: it reads no point, so nothing is said and it is not made an output."""
+    torch.manual_seed(0)
+    net, engine = WideAndDeep(), FeedbackEngine(output="deep.4")
+    engine.attach(net)
+    loss = F.binary_cross_entropy_with_logits(net(torch.randn(8, 6)).squeeze(1), torch.rand(8).round())
+    assert engine.loss_readers(loss) == [] and engine.loss_heads == []
 
 
 class PolicyValue(nn.Module):
