@@ -133,6 +133,7 @@ class FeedbackEngine(ForwardHooks):
         self._block_outputs: collections.deque[tuple[str, Any]] | None = None
         # and those of the layers outside blocks and outputs that read a point's cut (a VAE's mean and variance)
         self._cut_readers: collections.deque[tuple[str, Any]] | None = None
+        self._cut_memory: set[int] | None = None  # the storage of what they may read (points' cuts)
         self._reader_handles: list[Any] = []
         self._readers_checked = False
         self._sources: dict[str, nn.Module] = {}
@@ -526,6 +527,8 @@ class FeedbackEngine(ForwardHooks):
             self._block_outputs.clear()
         if self._cut_readers:
             self._cut_readers.clear()
+        if self._cut_memory:
+            self._cut_memory.clear()
         if self.learned is not None:
             self.learned.step()
         if self.mode == "dfa" and self.attached and report.deliveries == 0 and self.target and self.target.blocks:
@@ -593,7 +596,7 @@ class FeedbackEngine(ForwardHooks):
         outputs, loose = self._block_outputs, list(self._cut_readers or ())
         if outputs is None or self.mode != "dfa" or not isinstance(loss, torch.Tensor) or loss.grad_fn is None:
             return []
-        self._block_outputs, self._cut_readers, self._readers_checked = None, None, True
+        self._block_outputs, self._cut_readers, self._cut_memory, self._readers_checked = None, None, None, True
         for handle in self._reader_handles:
             handle.remove()
         reached = _nodes_before_outputs(loss)
