@@ -620,6 +620,8 @@ class ForwardHooks:
             return None
         if auto and not tensor.requires_grad:
             return None  # a candidate whose output carries no gradient cannot be where the loss reads the error
+        if auto and tensor.dim() == 0:
+            return None  # a candidate that computes the loss itself (a CRF's negative log-likelihood) is the loss's
         fed = self._blocks_fed_by(name, g)
         points = list(g.points) if fed is None else [p for p in g.points if _of_blocks(p.key, fed)]
         if not points:

@@ -1608,3 +1608,44 @@ def test_a_two_tower_retrieval_model_of_two_mlps_feeds_both_towers() -> None:
     loss.backward()
     engine.end_backward(loss)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+
+
+class _CRF(nn.Module):
+    """A linear-chain CRF's negative log-likelihood, computed by the module itself (a scalar)."""
+
+    def __init__(self, tags: int) -> None:
+        super().__init__()
+        self.transitions = nn.Parameter(torch.zeros(tags, tags))
+
+    def forward(self, emissions: torch.Tensor, tags: torch.Tensor) -> torch.Tensor:
+        alpha = emissions[:, 0]
+        for t in range(1, emissions.shape[1]):
+            alpha = torch.logsumexp(alpha.unsqueeze(2) + self.transitions + emissions[:, t].unsqueeze(1), 1)
+        gold = emissions.gather(2, tags.unsqueeze(-1)).squeeze(-1).sum(1)
+        gold = gold + self.transitions[tags[:, :-1], tags[:, 1:]].sum(1)
+        return (torch.logsumexp(alpha, -1) - gold).mean()
+
+
+class _BiLSTMCRF(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.lstm = nn.Embedding(20, 8), nn.LSTM(8, 8, batch_first=True, bidirectional=True)
+        self.proj, self.emit, self.crf = nn.Linear(16, 16), nn.Linear(16, 5), _CRF(5)
+
+    def forward(self, tokens: torch.Tensor, tags: torch.Tensor) -> torch.Tensor:
+        return self.crf(self.emit(torch.relu(self.proj(self.lstm(self.embed(tokens))[0]))), tags)
+
+
+def test_a_module_that_computes_the_loss_itself_is_not_taken_for_the_output() -> None:
+    """A BiLSTM-CRF tagger: the CRF module (a parameter of its own, the transitions) returns the loss, a scalar. It
+    is part of the loss, not an output: the emissions' layer reads the error and the CRF learns by its true gradient
+    (before: the CRF was tied as an output found from the forward, and the first step failed, its scalar error
+    lined up with no point)."""
+    torch.manual_seed(0)
+    net, engine = _BiLSTMCRF(), FeedbackEngine()
+    engine.attach(net)
+    loss = net(torch.randint(0, 20, (4, 6)), torch.randint(0, 5, (4, 6)))
+    loss.backward()
+    assert engine.end_backward(loss).deliveries == 1
+    assert [n for n, _ in engine.output_modules()] == ["emit"]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
