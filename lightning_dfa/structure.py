@@ -290,9 +290,7 @@ def _beside(module: nn.Module, chain: nn.Module) -> bool:
         return False
     if sum(_has_params(c) for c in module.children()) < 2:
         return False
-    spatial = _layer_weights(chain)[-1].dim() > 2
-    reads = own[0] == ends[1] or (spatial and own[0] % ends[1] == 0)
-    return own[0] == ends[0] and not reads and own[1] != ends[0]
+    return own[0] == ends[0] and not _reads_output(own[0], chain) and own[1] != ends[0]
 
 
 def _tower_of(seq: nn.Module, name: str) -> tuple[list[Block], str] | None:
@@ -355,14 +353,19 @@ def _head_before(
     ends = _ends(seq)
     if ends is None:
         return None
-    spatial = _layer_weights(seq)[-1].dim() > 2  # a convolution: flattened after it, a multiple of its channels
     found = []
     for other, module in _outer_modules(root, name, order, skip, before=True):
         widths = _ends(module)
-        reads = widths is not None and (widths[0] == ends[1] or (spatial and widths[0] % ends[1] == 0))
-        if reads and widths is not None and widths[1] != ends[0]:
+        if widths is not None and _reads_output(widths[0], seq) and widths[1] != ends[0]:
             found.append((other, module))
     return found[0] if len(found) == 1 else None
+
+
+def _reads_output(width: int, chain: nn.Module) -> bool:
+    """An input of ``width`` reads ``chain``'s output: the chain's output width, or a multiple of it after a
+    convolution (flattened, a multiple of its channels)."""
+    ends = _ends(chain)
+    return ends is not None and (width == ends[1] or (_layer_weights(chain)[-1].dim() > 2 and width % ends[1] == 0))
 
 
 def _network_of(root: nn.Module, name: str) -> str | None:
