@@ -226,7 +226,7 @@ class DFAFit:
         if self.engine is not None:
             if self._heads_added:  # heads made outputs in that step: their blocks are fed from this one on
                 self._heads_added, self._unfed = False, UnfedBlocks()
-            elif self.engine.mode == "dfa" and self.engine.target is not None:
+            elif self.engine.mode == "dfa" and self.engine.target is not None and not self._unfed.done:
                 said = self._unfed.observe([n for n, _ in self.engine.output_modules()])
                 if said and getattr(trainer, "is_global_zero", True):
                     warnings.warn(said, stacklevel=2)
@@ -300,7 +300,7 @@ class DFAFit:
             return
         loss, self._loss = self._loss, None
         report = self.engine.end_backward(loss)
-        if self.engine.mode == "dfa":
+        if self.engine.mode == "dfa" and not self._unfed.done:  # (the first steps only)
             self._unfed.add(report, {b.name for b in self.engine.target.blocks})
         heads, self._heads = self._heads, []
         if heads:
