@@ -122,7 +122,8 @@ class ForwardHooks:
         if not same:
             self._readers_checked = False
         self._block_outputs, self._cut_readers, self._reader_handles = None, None, []
-        # the memory of this forward's point cuts and of what parameter-free layers made of them (until the check)
+        # the memory of the points' cuts recorded since the last backward and of what parameter-free layers outside
+        # the blocks made of them (a pooling, a flatten), until the first loss is checked
         self._cut_memory: set[int] | None = None
         if self.mode == "dfa" and not self._readers_checked:  # until the first loss is checked (loss_readers)
             self._block_outputs = collections.deque(maxlen=4 * len(target.blocks))
@@ -302,6 +303,8 @@ class ForwardHooks:
                 cut = tensor.detach()
                 point.alias = weakref.ref(cut)
             g.readers[id(tensor)] = (weakref.ref(tensor), tensor._version, weakref.ref(cut))
+            if self._cut_memory is not None:  # until the first loss is checked (_on_loose_layer)
+                self._cut_memory.update((_memory(tensor), _memory(cut)))
             return cut
         return tensor.detach()
 
@@ -547,26 +550,20 @@ class ForwardHooks:
         return None
 
     def _on_loose_layer(self, name: str, args: tuple, output: Any) -> None:
-        """Keep the graph node of a layer outside the blocks and outputs that reads a point's cut (its floating-point
-        input carries no gradient after this forward's first point), for :meth:`FeedbackEngine.loss_readers`."""
-        readers, g = self._cut_readers, self._group
-        if readers is None or g is None or not g.points or self._capture is not None or not self._active():
+        """Keep the graph node of a layer outside the blocks and outputs that reads a point's cut (its input is the
+        memory of a cut, or of what a parameter-free layer made of one), for :meth:`FeedbackEngine.loss_readers`."""
+        readers, memory, g = self._cut_readers, self._cut_memory, self._group
+        if readers is None or memory is None or g is None or not g.points or self._capture is not None:
+            return None
+        if not self._active():
             return None
         tensor, _ = _split_input(args, {})
         out, _ = _split_main(output)
-        if tensor is None or tensor.requires_grad or _memory(tensor) not in self._cut_memory_of(g):
+        if tensor is None or tensor.requires_grad or _memory(tensor) not in memory:
             return None  # (a layer reading the batch, such as a first-order term on the inputs, reads no cut)
         if _carries_grad(out) and out.grad_fn is not None:
             readers.append((name, out.grad_fn))
         return None
-
-    def _cut_memory_of(self, g: _Group) -> set[int]:
-        """The memory of this forward's point cuts (a cut shares its point's) and of what parameter-free layers
-        outside the blocks made of them (a pooling, a flatten)."""
-        memory = self._cut_memory if self._cut_memory is not None else set()
-        memory.update(_memory(p.tensor) for p in g.points if p.tensor is not None)
-        memory.update(_memory(c) for c in g.copies)
-        return memory
 
     def _on_passing_layer(self, args: tuple, output: Any) -> None:
         """A parameter-free layer outside the blocks (a pooling before the mean and variance layers): what it makes
@@ -576,7 +573,7 @@ class ForwardHooks:
             return None
         tensor, _ = _split_input(args, {})
         out, _ = _split_main(output)
-        if tensor is not None and out is not None and _memory(tensor) in self._cut_memory_of(g):
+        if tensor is not None and out is not None and _memory(tensor) in self._cut_memory:
             self._cut_memory.add(_memory(out))
         return None
 
