@@ -255,7 +255,8 @@ def explain_silence(engine: Any, report: Any) -> str:
 
 def check_loss(engine: Any, loss: torch.Tensor) -> None:
     """Refuse a loss that cannot carry the error back to the output module."""
-    if engine.mode != "bp" and isinstance(loss, torch.Tensor) and not loss.requires_grad:
+    # (in the first forward the points' cuts stay in the graph: what the loss carries must come from beyond them)
+    if engine.mode != "bp" and isinstance(loss, torch.Tensor) and not engine._carries(loss):
         out = output_names(engine)
         if engine._pending:
             # points recorded (and detached) after the last call of the output module: the loss was computed

@@ -153,19 +153,22 @@ class _DeliverFeedback(torch.autograd.Function):
 
 
 class _SoftCut(torch.autograd.Function):
-    """The cut of a feedback point during a layout-probe forward: the rest of the network gets a copy that stays
-    connected to the point, so a probe can follow the data flow from an output back to the points; in the training
-    backward nothing crosses it (as with the ordinary cut, ``detach``)."""
+    """The cut of a feedback point during a layout-probe forward, or the first training forward (for
+    ``loss_readers``): the rest of the network gets a value that stays connected to the point, so a probe can follow
+    the data flow from an output back to the points, and the first loss shows which points it reads directly; in
+    the training backward nothing crosses it (as with the ordinary cut, ``detach``)."""
 
     @staticmethod
-    def forward(ctx: Any, layouts: Layouts, tensor: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, layouts: Layouts, tensor: torch.Tensor, copy: bool) -> torch.Tensor:
         ctx.layouts = layouts
-        return tensor.clone()  # its own memory: downstream code may modify it in place
+        # a probe's copy has its own memory (downstream code may modify it in place); otherwise the value shares
+        # the point's memory, as the ordinary cut does
+        return tensor.clone() if copy else tensor.detach()
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
-        return None, (grad if ctx.layouts.probing else None)
+        return None, (grad if ctx.layouts.probing else None), None
 
 
 class _ForwardState:
@@ -264,7 +267,8 @@ class _Group:
     calls: dict[str, int] = field(default_factory=dict)
     outputs: dict[str, int] = field(default_factory=dict)
     untied: int = 0  # points recorded since the last tie
-    soft: bool = False  # a layout-probe forward: points are cut by _SoftCut
+    soft: bool = False  # a layout-probe forward, or the first training forward: points are cut by _SoftCut
+    copies_cuts: bool = False  # a layout-probe forward: the soft cuts are copies
     cuts: dict[int, torch.Tensor] = field(default_factory=dict)  # id(soft cut's copy) -> the point
     copies: list[torch.Tensor] = field(default_factory=list)  # the copies themselves: their ids stay theirs
     #: id(recorded tensor) -> (the tensor, its version, its cut), weakly: a second layer reading the same tensor
@@ -455,6 +459,27 @@ def _nodes_before_outputs(tensor: torch.Tensor, limit: int = 100_000) -> set[Any
     """The graph nodes ``tensor`` (a loss) reaches without crossing an output's delivery: what the loss reads
     directly, not through an output module's error."""
     return set(_walk(tensor, _up_to_outputs, limit))
+
+
+def _nodes_read_directly(tensor: torch.Tensor, limit: int = 100_000) -> set[Any]:
+    """The graph nodes ``tensor`` (a loss) reaches through parameter-free operations only: without crossing an
+    output's delivery or a layer with a weight (a Linear's product, a convolution; a scalar such as a learned
+    temperature does not stop the walk)."""
+    return set(_walk(tensor, lambda node: () if _reads_weight(node) else _up_to_outputs(node), limit))
+
+
+def _reads_weight(node: Any) -> bool:
+    """A graph node that computes with a trainable weight of two or more dimensions (directly, or through one
+    transpose or view of it, as a Linear's ``addmm`` reads ``weight.t()``)."""
+    for edge, _ in node.next_functions:
+        if edge is None:
+            continue
+        variable = getattr(edge, "variable", None)
+        if variable is None and len(edge.next_functions) == 1 and edge.next_functions[0][0] is not None:
+            variable = getattr(edge.next_functions[0][0], "variable", None)
+        if isinstance(variable, torch.Tensor) and variable.dim() >= 2:
+            return True
+    return False
 
 
 def _deliveries_in(nodes: Iterable[Any]) -> dict[_Delivery, Any]:

@@ -44,7 +44,7 @@ character and ``[...]`` a character class (``"layers.[0-3]"``).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from torch import nn
 
@@ -315,7 +315,8 @@ def _discover(root: nn.Module, blocks: BlockSpec, output: str | None, placement:
         target = _hf_target(root, placement)
         if target is None and placement == "micro":
             return _micro_from_structure(root, output)
-        target = target or _structure_target(root) or _layer_inputs_target(root)
+        target = target or _adaptive_softmax_target(root, placement) or _structure_target(root)
+        target = target or _layer_inputs_target(root)
         if target is not None and _teacher_blocks(root, target):
             # every block lies in a frozen network in evaluation mode, and something else trains: a distillation's
             # teacher (a frozen backbone being fine-tuned stays in training mode: its blocks are kept)
@@ -351,6 +352,38 @@ def _discover(root: nn.Module, blocks: BlockSpec, output: str | None, placement:
     return target
 
 
+def _adaptive_softmax_target(root: nn.Module, placement: str) -> Target | None:
+    """A model whose output is an ``nn.AdaptiveLogSoftmaxWithLoss`` (a word language model's adaptive softmax): the
+    blocks found without it, the layer it reads (the stand-in's output) the last of them, and its shortlist head the
+    output (the error is read there; its tail clusters, which see only the rows of their rare words, learn by their
+    true gradient). ``None`` without exactly one such module.
+
+    Example:
+        >>> class LM(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.embedding, self.rnn = nn.Embedding(300, 16), nn.LSTM(16, 32, batch_first=True)
+        ...         self.out = nn.AdaptiveLogSoftmaxWithLoss(32, 300, cutoffs=[20, 100])
+        >>> target = _adaptive_softmax_target(LM(), "macro")
+        >>> [b.name for b in target.blocks], target.output_name
+        (['embedding', 'rnn'], 'out.head')
+    """
+    found = [name for name, m in root.named_modules() if isinstance(m, nn.AdaptiveLogSoftmaxWithLoss)]
+    if len(found) != 1 or not found[0]:
+        return None
+    stand_in = _without(root, lambda m: isinstance(m, nn.AdaptiveLogSoftmaxWithLoss))
+    if stand_in is root:
+        return None
+    inner = _hf_target(stand_in, placement) or _structure_target(stand_in) or _layer_inputs_target(stand_in)
+    if inner is None:
+        return None
+    blocks = list(inner.blocks)
+    if not any(b.name == inner.output_name for b in blocks):
+        blocks += _blocks_from_modules([(inner.output_name, inner.output)])
+    head = f"{found[0]}.head"
+    return Target(blocks, head, root.get_submodule(head), "adaptive softmax")
+
+
 def _frozen_teacher(module: nn.Module) -> bool:
     """A network (two or more layers holding parameters, at any depth) none of whose parameters trains, in
     evaluation mode."""
@@ -384,10 +417,17 @@ def _without_frozen_networks(root: nn.Module) -> nn.Module:
         ['student']
     """
 
+    return _without(root, _frozen_teacher)
+
+
+def _without(root: nn.Module, drop: Callable[[nn.Module], bool]) -> nn.Module:
+    """A stand-in for ``root`` for discovery: the same modules under the same names, less those for which ``drop``
+    holds among its attributes and those of its plain containers (see :func:`_without_frozen_networks`)."""
+
     def pruned(module: nn.Module) -> nn.Module:
         if isinstance(module, (nn.ModuleList, nn.Sequential)) or not any(True for _ in module.children()):
             return module
-        kids = [(n, c) for n, c in module.named_children() if not _frozen_teacher(c)]
+        kids = [(n, c) for n, c in module.named_children() if not drop(c)]
         changed = [(n, pruned(c)) for n, c in kids]
         if len(kids) == len(list(module.children())) and all(a is c for (_, a), (_, c) in zip(changed, kids)):
             return module

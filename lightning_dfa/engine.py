@@ -59,9 +59,11 @@ from .delivery import (
     _Group,
     _nodes_before_outputs,
     _nodes_behind_outputs,
+    _nodes_read_directly,
     _outputs_read_before_points,
     _parameters_reached,
     _reaches_feedback,
+    _SoftCut,
 )
 from .discovery import _find_hf_model
 from .hooks import ForwardHooks, _loose_layers
@@ -177,6 +179,9 @@ class FeedbackEngine(ForwardHooks):
         self.loss_heads: list[str] = []
         #: the outputs the latest checked loss reads as error sources, where the forward showed them (loss_readers)
         self.loss_outputs: list[str] = []
+        #: among the blocks the latest checked loss reads directly, those whose output is a feedback point: the cut
+        #: there drops that term (a loss on hidden features; loss_readers)
+        self.loss_cut_readers: list[str] = []
         #: ``(reader, block)``: the backward of ``reader`` reaches ``block`` through an uncut input (loss_readers)
         self.blocks_crossed: list[tuple[str, str]] = []
         self._heads: list[str] = []  # blocks made outputs (add_outputs), while attached to this model
@@ -523,6 +528,10 @@ class FeedbackEngine(ForwardHooks):
         report, self.report = self.report, BackwardReport()
         self._group = None
         self._side_outputs.clear()
+        if self._block_outputs is not None and report.points_recorded:
+            # the first training backward ran without loss_readers (the engine used on its own): its notes and
+            # the first forward's connected cuts are for that loss only
+            self._stop_reading()
         if self._block_outputs:
             self._block_outputs.clear()
         if self._cut_readers:
@@ -592,15 +601,18 @@ class FeedbackEngine(ForwardHooks):
             >>> engine.loss_readers(out.sum() + aux.sum()), engine.loss_heads
             (['aux'], ['aux'])
         """
-        self.loss_heads, self.blocks_crossed, self.loss_outputs = [], [], []
+        self.loss_heads, self.blocks_crossed, self.loss_outputs, self.loss_cut_readers = [], [], [], []
         outputs, loose = self._block_outputs, list(self._cut_readers or ())
         if outputs is None or self.mode != "dfa" or not isinstance(loss, torch.Tensor) or loss.grad_fn is None:
             return []
-        self._block_outputs, self._cut_readers, self._cut_memory, self._readers_checked = None, None, None, True
-        for handle in self._reader_handles:
-            handle.remove()
+        self._stop_reading()
         reached = _nodes_before_outputs(loss)
-        read = [(name, node) for name, node in [*outputs, *loose] if node in reached]
+        cuts = [(name, node) for name, node in outputs if isinstance(node, _SoftCut._backward_cls)]
+        read = [(name, node) for name, node in [*outputs, *loose] if node in reached and (name, node) not in cuts]
+        if cuts:  # blocks whose output point's cut the loss reads through parameter-free operations
+            direct = _nodes_read_directly(loss)
+            self.loss_cut_readers = list(dict.fromkeys(name for name, node in cuts if node in direct))
+            read += [(name, node) for name, node in cuts if name in self.loss_cut_readers]
         silent = sorted(_outputs_read_before_points(loss, reached), key=lambda x: x[0])
         read += silent
         quiet = {node for _, node in silent}
@@ -608,11 +620,19 @@ class FeedbackEngine(ForwardHooks):
         self.loss_outputs = sorted(set(sources))
         readers = list(dict.fromkeys(name for name, _ in read))
         params = {b.name: [p for p in b.parameters() if p.requires_grad] for b in self.target.blocks}
-        self.blocks_crossed = _blocks_crossed(loss, list(outputs), params)
+        self.blocks_crossed = _blocks_crossed(loss, [o for o in outputs if o not in cuts], params)
         if readers:
             fed = _nodes_behind_outputs(loss)
             self.loss_heads = list(dict.fromkeys(n for n, node in read if node not in fed))
         return readers
+
+    def _stop_reading(self) -> None:
+        """The first loss is checked (or its backward ran unchecked): no more notes for :meth:`loss_readers`."""
+        self._block_outputs, self._cut_readers, self._cut_memory, self._readers_checked = None, None, None, True
+        self._watched = set()
+        for handle in self._reader_handles:
+            handle.remove()
+        self._reader_handles = []
 
     def add_outputs(self, names: Sequence[str]) -> Target:
         """Make the blocks ``names`` output modules too: heads on middle layers that the loss reads directly (an

@@ -125,11 +125,13 @@ class ForwardHooks:
         # the memory of the points' cuts recorded since the last backward and of what parameter-free layers outside
         # the blocks made of them (a pooling, a flatten), until the first loss is checked
         self._cut_memory: set[int] | None = None
+        self._watched: set[str] = set()  # blocks whose output point's cut stays in the graph (see _record)
         if self.mode == "dfa" and not self._readers_checked:  # until the first loss is checked (loss_readers)
             self._block_outputs = collections.deque(maxlen=4 * len(target.blocks))
             for block in target.blocks:
                 if block.output_point and block.name != uncut:
-                    continue  # its output is cut: the loss cannot read it
+                    self._watched.add(block.name)  # its output is cut: the cut's graph node stands for it
+                    continue
                 handle = block.exit.register_forward_hook(_Hook(lambda m, a, o, b=block: self._on_block_exit(b, o)))
                 self._reader_handles.append(handle)
                 self._handles.append(handle)
@@ -226,9 +228,11 @@ class ForwardHooks:
         taken = {id(p) for b in target.blocks for p in b.parameters()}
         taken |= {id(p) for _, m in target.outputs for p in m.parameters()}
         outputs = {id(m) for _, m in target.outputs}
+        # an adaptive softmax's tail clusters see only the rows of their own words: no error source of the points
+        clusters = tuple(n + "." for n, m in root.named_modules() if n and isinstance(m, nn.AdaptiveLogSoftmaxWithLoss))
         found = []
         for name, module in root.named_modules():
-            if not name or id(module) in outputs or scripted(module):
+            if not name or id(module) in outputs or scripted(module) or (clusters and name.startswith(clusters)):
                 continue
             if not any(True for _ in module.parameters(recurse=False)):
                 continue
@@ -285,8 +289,12 @@ class ForwardHooks:
             if g.ties or g.after_ties:  # an output was tied before this point: was the point computed from it?
                 for delivery in _deliveries_upstream_of(tensor):
                     delivery.feeds_point = True
-            if not g.soft and self.layouts.pending and sequence_shaped(tensor.shape, flatten):
-                g.soft = True  # from here on, this forward's points stay connected for a layout probe
+            if not g.copies_cuts and self.layouts.pending and sequence_shaped(tensor.shape, flatten):
+                g.soft = g.copies_cuts = True  # from here on, this forward's points stay connected for a layout probe
+            if not g.soft and self._watched and not _in_backward():
+                # until the first backward, the cuts stay in the graph (without a copy of their own), so that the
+                # first loss shows whether it reads a block's output point directly (loss_readers)
+                g.soft = True
             # the values are kept where the backward reads them (norm-aware or learned feedback), and the tensor
             # while the norms that read each point are still searched for, or for a layout probe
             keep = self.learned is not None or self._norm_of(key, flatten) is not None
@@ -296,9 +304,11 @@ class ForwardHooks:
             self.report.points_recorded += 1
             self.report.points_named.add(name)
             if g.soft:
-                cut = _SoftCut.apply(self.layouts, tensor)
+                cut = _SoftCut.apply(self.layouts, tensor, g.copies_cuts)
                 g.cuts[id(cut)] = tensor
                 g.copies.append(cut)  # kept alive, so that no other tensor takes its id in this forward
+                if name in self._watched and self._block_outputs is not None:
+                    self._block_outputs.append((name, cut.grad_fn))
             else:
                 cut = tensor.detach()
                 point.alias = weakref.ref(cut)
@@ -337,7 +347,7 @@ class ForwardHooks:
         g = self._group
         if g is None or key not in g.calls:
             return None
-        return _SoftCut.apply(self.layouts, tensor) if g.soft else tensor.detach()
+        return _SoftCut.apply(self.layouts, tensor, g.copies_cuts) if g.soft else tensor.detach()
 
     def _count_call(self) -> None:
         # with or without gradients (said when none reached a block), but not in an evaluation loop
@@ -559,7 +569,7 @@ class ForwardHooks:
             return None
         tensor, _ = _split_input(args, {})
         out, _ = _split_main(output)
-        if tensor is None or tensor.requires_grad or _memory(tensor) not in memory:
+        if tensor is None or self._carries(tensor) or _memory(tensor) not in memory:
             return None  # (a layer reading the batch, such as a first-order term on the inputs, reads no cut)
         if _carries_grad(out) and out.grad_fn is not None:
             readers.append((name, out.grad_fn))
@@ -635,7 +645,7 @@ class ForwardHooks:
         delivery.named = name in self.config.output_names
         if len(g.outputs) > 1 or calls:  # another output was tied in this forward: was it computed from it?
             delivery.upstream = _deliveries_upstream_of(tensor)
-        if g.soft:
+        if g.copies_cuts:
             delivery.probe = (tensor, [p.tensor for p in points])
         if self._true_ids is None:  # until a backward delivered: which parameters lie between cuts and output
             delivery.reached = _parameters_reached(tensor)
@@ -946,13 +956,16 @@ def _passing_layers(root: nn.Module, target: Target) -> list[nn.Module]:
 def _loose_layers(root: nn.Module, target: Target) -> list[tuple[str, nn.Module]]:
     """The modules holding trainable parameters of their own outside every block and output module (a VAE's mean and
     variance layers after a backbone, a value head beside a policy): a loss term reading them directly trains them
-    by their true gradient, which stops at the point they read."""
+    by their true gradient, which stops at the point they read. Not a module holding an output module (BERT's
+    ``cls.predictions`` with a bias of its own around its decoder): what it returns carries the output's error."""
     inside = target.block_param_ids() | {id(p) for _, m in target.outputs for p in m.parameters()}
+    outputs = [name for name, _ in target.outputs]
     found = []
     for name, module in root.named_modules():
         own = [p for p in module.parameters(recurse=False) if p.requires_grad]
         if name and own and not any(id(p) in inside for p in own) and not scripted(module):
-            found.append((name, module))
+            if not any(out.startswith(name + ".") for out in outputs):
+                found.append((name, module))
     return found
 
 

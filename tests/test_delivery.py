@@ -697,7 +697,7 @@ def test_graph_walks_do_not_rely_on_the_ids_of_nodes_let_go(monkeypatch: pytest.
     _node_ids_collide(monkeypatch)
     torch.manual_seed(0)
     lin = nn.Linear(4, 4)
-    cut = _SoftCut.apply(Layouts(), torch.randn(2, 4, requires_grad=True))
+    cut = _SoftCut.apply(Layouts(), torch.randn(2, 4, requires_grad=True), True)
     out = cut + lin(cut).view(2, 4)  # a residual block after a soft cut, as in a layout-probe forward
     assert _grad_beyond_soft_cuts(out)
     assert _parameters_reached(out) == {id(lin.weight), id(lin.bias)}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -1608,6 +1609,144 @@ def test_a_two_tower_retrieval_model_of_two_mlps_feeds_both_towers() -> None:
     loss.backward()
     engine.end_backward(loss)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+
+
+def _equal_width_tower() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16))
+
+
+def _adapter_steps(net: nn.Module, engine: FeedbackEngine, loss_of: Any, batches: list[Any]) -> dict[str, Any]:
+    """Steps as the Lightning adapters take them (the first loss checked, the heads found made outputs after its
+    backward); the gradients of the last step."""
+    for i, batch in enumerate(batches):
+        net.zero_grad(set_to_none=True)
+        loss = loss_of(net, batch)
+        heads = engine.loss_readers(loss) and engine.loss_heads if i == 0 else []
+        loss.backward()
+        engine.end_backward(loss)
+        if heads:
+            engine.add_outputs(heads)
+    return {n: p.grad for n, p in net.named_parameters()}
+
+
+def test_a_first_tower_as_wide_as_its_input_is_made_an_output_from_the_data_flow() -> None:
+    """Two towers of one shape whose input and output widths are equal (16 -> 16) cannot be told by their shapes
+    from one chain run after the other: the first tower's last layer is taken for a block. The first loss shows the
+    data flow (it reads that block's output point directly, and nothing else does): from the second step that
+    layer is an output, and the gradients are those of the towers named by hand (before: the first tower was fed
+    the second tower's error and its own score term was dropped by the cut, silently)."""
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(6, 16, generator=g), torch.randn(6, 16, generator=g)) for _ in range(2)]
+
+    def loss_of(net: nn.Module, batch: Any) -> torch.Tensor:
+        return F.cross_entropy(net.user(batch[0]) @ net.item(batch[1]).T, torch.arange(6))
+
+    grads = []
+    for options in ({}, {"blocks": ["user.1", "user.3", "item.1", "item.3"], "output": ["item.4", "user.4"]}):
+        torch.manual_seed(0)
+        net = nn.Module()
+        net.user, net.item = _equal_width_tower(), _equal_width_tower()
+        engine = FeedbackEngine(seed=0, **options)
+        engine.attach(net)
+        grads.append(_adapter_steps(net, engine, loss_of, batches))
+        if not options:
+            assert sorted(n for n, _ in engine.target.outputs) == ["item.4", "user.4"]
+    for name, grad in grads[1].items():
+        torch.testing.assert_close(grads[0][name], grad, msg=name)
+
+
+class _AuxClassifier(nn.Module):
+    """GoogLeNet's auxiliary classifier, smaller: a pooling, a 1x1 convolution and two Linear layers."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv, self.fc1, self.fc2 = nn.Conv2d(channels, 8, 1), nn.Linear(8 * 2 * 2, 16), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv(F.adaptive_avg_pool2d(x, 2)))
+        return self.fc2(F.relu(self.fc1(torch.flatten(x, 1))))
+
+
+class _DeeplySupervised(nn.Module):
+    """A CNN with auxiliary classifiers on two middle feature maps, registered between its stages."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block1 = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.block2 = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.aux1 = _AuxClassifier(8)
+        self.block3 = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU())
+        self.aux2 = _AuxClassifier(16)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x1 = self.block1(x)
+        x2 = self.block2(x1)
+        out = self.fc(torch.flatten(F.adaptive_avg_pool2d(self.block3(x2), 1), 1))
+        return out, self.aux1(x1), self.aux2(x2)
+
+
+def test_auxiliary_classifiers_taken_for_blocks_are_made_outputs_from_the_data_flow() -> None:
+    """Auxiliary classifiers registered between the stages are taken for blocks (modules with layers of their
+    own); the first loss reads their output points directly and nothing else does, so they are made outputs and
+    their terms are fed back (before: their loss terms were dropped by the cuts, and they got only the main
+    output's error)."""
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(4, 1, 8, 8, generator=g), torch.randint(0, 4, (4,), generator=g)) for _ in range(2)]
+
+    def loss_of(net: nn.Module, batch: Any) -> torch.Tensor:
+        out, aux1, aux2 = net(batch[0])
+        aux = F.cross_entropy(aux1, batch[1]) + F.cross_entropy(aux2, batch[1])
+        return F.cross_entropy(out, batch[1]) + 0.3 * aux
+
+    torch.manual_seed(0)
+    net, engine = _DeeplySupervised(), FeedbackEngine(seed=0)
+    assert {"aux1", "aux2"} <= {b.name for b in engine.attach(net).blocks}
+    grads = _adapter_steps(net, engine, loss_of, batches)
+    assert sorted(n for n, _ in engine.target.outputs) == ["aux1", "aux2", "fc"]
+    # the auxiliary classifiers learn their own terms by their true gradient
+    net.zero_grad(set_to_none=True)
+    with engine.inert():
+        _, aux1, _ = net(batches[1][0])
+        F.cross_entropy(aux1, batches[1][1]).mul(0.3).backward()
+    torch.testing.assert_close(grads["aux1.fc2.weight"], net.aux1.fc2.weight.grad)
+
+
+class _AdaptiveSoftmaxLM(nn.Module):
+    """A word language model whose output is ``nn.AdaptiveLogSoftmaxWithLoss`` (it returns the log-probabilities of
+    the targets and the loss)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding, self.rnn = nn.Embedding(300, 16), nn.LSTM(16, 32, num_layers=2, batch_first=True)
+        self.out = nn.AdaptiveLogSoftmaxWithLoss(32, 300, cutoffs=[20, 100], div_value=2.0)
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> Any:
+        h, _ = self.rnn(self.embedding(tokens))
+        return self.out(h.reshape(-1, h.shape[-1]), targets.reshape(-1))
+
+
+def test_an_adaptive_softmax_output_reads_the_error_at_its_shortlist_head() -> None:
+    """An adaptive softmax is one output: discovery finds the blocks without it (the embedding and the LSTM) and reads
+    the error at its shortlist head; its tail clusters, which see only the rows of their rare words, are no error
+    sources and learn by their true gradient (before: they were taken for blocks, and the first step was refused,
+    "cannot line up the error")."""
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randint(0, 300, (4, 10), generator=g), torch.randint(0, 300, (4, 10), generator=g))] * 2
+    torch.manual_seed(0)
+    net, engine = _AdaptiveSoftmaxLM(), FeedbackEngine(seed=0)
+    target = engine.attach(net)
+    assert [b.name for b in target.blocks] == ["embedding", "rnn"] and target.output_name == "out.head"
+    grads = _adapter_steps(net, engine, lambda n, b: n(*b).loss, batches)
+    assert engine.loss_heads == [] and engine.loss_cut_readers == []
+    assert [n for n, _ in engine.target.outputs] == ["out.head"]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
+    # the LSTM learns by feedback: its gradient is not backprop's
+    net.zero_grad(set_to_none=True)
+    with engine.inert():
+        net(*batches[1]).loss.backward()
+    assert not torch.allclose(grads["rnn.weight_hh_l1"], net.rnn.weight_hh_l1.grad)
+    torch.testing.assert_close(grads["out.tail.0.1.weight"], net.out.tail[0][1].weight.grad)
 
 
 class _CRF(nn.Module):

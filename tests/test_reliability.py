@@ -837,19 +837,22 @@ def test_reliability_page_cites_existing_tests_and_every_test_here() -> None:
 
 
 class _ActorCritic(pl.LightningModule):
-    """An actor and a critic on the same states, trained by one loss (Lightning's PPO example, smaller)."""
+    """An actor and a critic on the same states, trained by one loss (Lightning's PPO example, smaller); the
+    critic's own term from step ``value_from`` on."""
 
-    def __init__(self) -> None:
+    def __init__(self, value_from: int = 0) -> None:
         super().__init__()
         self.critic = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1))
         self.actor = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))
+        self.value_from = value_from
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         states, actions, returns = batch
         policy = torch.distributions.Categorical(logits=self.actor(states))
         value = self.critic(states).squeeze(-1)
         advantages = (returns - value).detach()
-        return -(policy.log_prob(actions) * advantages).mean() + (returns - value).pow(2).mean()
+        loss = -(policy.log_prob(actions) * advantages).mean()
+        return loss + (returns - value).pow(2).mean() if self.global_step >= self.value_from else loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=1e-3)
@@ -860,7 +863,8 @@ def test_blocks_that_no_error_reaches_are_said_once(form: str) -> None:
     """Blocks whose points the first steps recorded but no backward fed learn nothing: said once, after the tenth
     step (a generator's blocks run in a critic's steps before the generator's own). Here
     the critic's last layer is named as a block, so its loss term reads only a cut (as discovery did before it knew
-    an actor and a critic side by side); discovered, both networks are fed and nothing is said."""
+    an actor and a critic side by side), and that term starts at the second step, after the first loss was checked
+    for terms on a block's output; discovered, both networks are fed and nothing is said."""
     g = torch.Generator().manual_seed(0)
     data = torch.utils.data.TensorDataset(
         torch.randn(32, 4, generator=g), torch.randint(0, 2, (32,), generator=g), torch.randn(32, generator=g)
@@ -870,13 +874,52 @@ def test_blocks_that_no_error_reaches_are_said_once(form: str) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer(max_steps=12, max_epochs=5, **dfa_args(form, blocks=blocks, output="actor.4")).fit(
-            _ActorCritic(), loader_of(data)
+            _ActorCritic(value_from=1), loader_of(data)
         )
     said = [str(w.message) for w in caught if "no output's error reached" in str(w.message)]
     assert len(said) == 1 and "['critic.1', 'critic.3', 'critic.4']" in said[0] and "['actor.4']" in said[0]
     torch.manual_seed(0)
     with no_dfa_warning():
         trainer(max_steps=12, max_epochs=5, **dfa_args(form)).fit(_ActorCritic(), loader_of(data))
+
+
+@pytest.mark.parametrize("form", ["strategy", "callback"])
+def test_a_loss_term_on_a_block_s_cut_output_is_found_at_the_first_step(form: str) -> None:
+    """The loss reading a block's output point (its cut) directly: where nothing else reads it (the critic's last
+    layer named as a block, its value term from the first step), that block is made an output after the first step
+    and its error is fed back, so no block stays unfed; where later layers read it too (a regulariser on a middle
+    layer's features), the term is said once, naming the block (before, both were silent: the cut dropped the
+    term)."""
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(
+        torch.randn(32, 4, generator=g), torch.randint(0, 2, (32,), generator=g), torch.randn(32, generator=g)
+    )
+    blocks = ["critic.1", "critic.3", "critic.4", "actor.1", "actor.3"]
+    torch.manual_seed(0)
+    args = dfa_args(form, blocks=blocks, output="actor.4")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_steps=12, max_epochs=5, **args).fit(_ActorCritic(), loader_of(data))
+    engine = (args["strategy"] if form == "strategy" else args["callbacks"][0]).dfa.engine
+    assert sorted(n for n, _ in engine.target.outputs) == ["actor.4", "critic.4"]
+    assert not [w for w in caught if str(w.message).startswith("DFA:")], [str(w.message) for w in caught]
+
+    class FeatureRegularised(Classifier):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            features = self.net[:2](x)  # the first block's output (a point, cut)
+            loss = nn.functional.cross_entropy(self.net[2:](features), y)
+            return loss + 0.1 * features.pow(2).mean() if self.regularise else loss
+
+    for regularise in (True, False):
+        torch.manual_seed(0)
+        model = FeatureRegularised()
+        model.regularise = regularise
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer(max_steps=3, **dfa_args(form)).fit(model, loader())
+        said = [str(w.message) for w in caught if "whose cut keeps this term" in str(w.message)]
+        assert len(said) == int(regularise) and (not said or "['net.1']" in said[0]), said
 
 
 class _CriticFirstGAN(pl.LightningModule):

@@ -284,8 +284,20 @@ class DFAFit:
                 if said and loud:
                     warnings.warn(said, stacklevel=2)
             hidden = [name for name in readers if name not in self._heads]
+            dropped = [name for name in hidden if name in self.engine.loss_cut_readers]
+            hidden = [name for name in hidden if name not in dropped]
+            outputs = self.engine.loss_outputs or [n for n, _ in self.engine.output_modules()]
+            if dropped and loud:
+                warnings.warn(
+                    f"DFA: the loss reads the output of {dropped} directly, not only through the output module "
+                    f"{outputs}, and later layers read it too. That output is a feedback point, whose cut keeps "
+                    "this term from the layers before it (it trains at most layers between that point and the "
+                    "loss): DFA feeds back the error of output modules only, not a loss on hidden features (a "
+                    "feature regulariser, a center loss). Compute such a term from an output module's output, or "
+                    "train this model with backprop if the term matters.",
+                    stacklevel=2,
+                )
             if hidden and loud:
-                outputs = self.engine.loss_outputs or [n for n, _ in self.engine.output_modules()]
                 warnings.warn(
                     f"DFA: the loss reads the output of {hidden} directly, not only through the output module "
                     f"{outputs}, and later layers read it too: that term trains them by their true gradient but "
