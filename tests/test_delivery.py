@@ -527,6 +527,45 @@ def test_the_kl_term_warning_names_the_outputs_the_loss_reads() -> None:
     assert "output=['net.decoder.conv', 'net.fc_mu', 'net.fc_var']" in said[0]
 
 
+def test_a_term_on_a_named_output_that_another_output_reads_is_said_without_advising_to_name_it() -> None:
+    """A center loss on the features a classifier reads, with both named as outputs: the features' layer is no
+    error source of its own (the classifier is computed from it), so its term feeds nothing back; the warning says
+    so once, without advising ``output=`` naming what is named already (before, it advised exactly the options in
+    force)."""
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_dfa import DFAStrategy
+
+    class CenterLoss(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2, self.features, self.classifier = (
+                nn.Linear(6, 16), nn.Linear(16, 16), nn.Linear(16, 4), nn.Linear(4, 3)
+            )  # fmt: skip
+            self.centers = nn.Parameter(torch.randn(3, 4))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            f = self.features(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+            center = (f - self.centers[y]).pow(2).sum(1).mean()
+            return F.cross_entropy(self.classifier(torch.relu(f)), y) + 0.5 * center
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    torch.manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(16, 6), torch.randint(0, 3, (16,))), batch_size=8)
+    strategy = DFAStrategy(verbose=False, blocks=["fc1", "fc2"], output=["classifier", "features"])
+    trainer = pl.Trainer(strategy=strategy, **dict(TRAINER_FLAGS, max_steps=2))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        trainer.fit(CenterLoss(), data)
+    said = [str(w.message) for w in seen if "reads the output of" in str(w.message)]
+    assert len(said) == 1 and "['features'] directly" in said[0] and "is no error source" in said[0], said
+    assert "output=" not in said[0]
+
+
 class WideAndDeep(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -297,6 +297,18 @@ class DFAFit:
                     "train this model with backprop if the term matters.",
                     stacklevel=2,
                 )
+            # named outputs that a later output reads: naming them again would not help
+            deferred = [name for name in hidden if name in self.engine.config.output_names]
+            hidden = [name for name in hidden if name not in deferred]
+            if deferred and loud:
+                warnings.warn(
+                    f"DFA: the loss reads the output of {deferred} directly, and the output module {outputs} is "
+                    "computed from it: an output that a later output reads is no error source of its own (its "
+                    "error is that output's), so this term trains it by its true gradient but feeds nothing back "
+                    "to the layers before it. DFA feeds back the error of output modules only, not a loss on hidden "
+                    "features (a center loss); train this model with backprop if the term matters.",
+                    stacklevel=2,
+                )
             if hidden and loud:
                 warnings.warn(
                     f"DFA: the loss reads the output of {hidden} directly, not only through the output module "
