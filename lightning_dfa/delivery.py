@@ -277,6 +277,8 @@ class _Group:
     ties: list[_Delivery] = field(default_factory=list)
     state: _ForwardState = field(default_factory=_ForwardState)
     after_ties: bool = False  # the forward before this one tied outputs (that may feed this one's points)
+    #: that forward, until this one records its first point
+    before: _Group | None = None
     #: the graph nodes (and output indices) of the top-level blocks' inputs in this forward, and of the norm or
     #: dropout in front of each: a later tensor computed from one of them bypasses that block (a residual add
     #: written in the parent, ``x = x + block(x)``), and that path is cut (:func:`_bypasses`)

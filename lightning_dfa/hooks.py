@@ -267,7 +267,8 @@ class ForwardHooks:
         """The current forward's group; a block recorded again after an output was tied starts a new forward."""
         g = self._group
         if g is None or g.state.closed or (g.outputs and name in g.calls):
-            g = self._group = _Group(after_ties=g is not None and bool(g.ties))
+            tied = g is not None and bool(g.ties) and not g.state.closed
+            g = self._group = _Group(after_ties=tied, before=self._group if tied else None)
         return g
 
     def _record(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -287,8 +288,14 @@ class ForwardHooks:
             return tensor
         if self.mode == "dfa":
             if g.ties or g.after_ties:  # an output was tied before this point: was the point computed from it?
-                for delivery in _deliveries_upstream_of(tensor):
+                upstream = _deliveries_upstream_of(tensor)
+                for delivery in upstream:
                     delivery.feeds_point = True
+                if g.before is not None and not g.points and any(d in g.before.ties for d in upstream):
+                    # a forward computed from the last one's outputs (a layer looped over its own output): those
+                    # outputs feed a point, so they are no error source; the last forward's points take this one's
+                    g.points.extend(g.before.points)
+                g.before = None
             if not g.copies_cuts and self.layouts.pending and sequence_shaped(tensor.shape, flatten):
                 g.soft = g.copies_cuts = True  # from here on, this forward's points stay connected for a layout probe
             if not g.soft and self._watched and not _in_backward():

@@ -1749,6 +1749,41 @@ def test_an_adaptive_softmax_output_reads_the_error_at_its_shortlist_head() -> N
     torch.testing.assert_close(grads["out.tail.0.1.weight"], net.out.tail[0][1].weight.grad)
 
 
+class _LoopedLayer(nn.Module):
+    """A universal Transformer: one encoder layer applied ``loops`` times to its own output (shared weights)."""
+
+    def __init__(self, loops: int) -> None:
+        super().__init__()
+        self.embedding, self.pos = nn.Embedding(20, 16), nn.Parameter(torch.randn(1, 8, 16) * 0.02)
+        self.layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.norm, self.classifier, self.loops = nn.LayerNorm(16), nn.Linear(16, 3), loops
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embedding(tokens) + self.pos
+        for _ in range(self.loops):
+            h = self.layer(h)
+        return self.classifier(self.norm(h).mean(1))
+
+
+@pytest.mark.parametrize("loops", [1, 3])
+def test_a_layer_looped_over_its_own_output_feeds_every_call(loops: int) -> None:
+    """A layer applied again to its own output starts a new forward; the norms inside it are output candidates tied
+    on the way, which feed the next call's points and so are no error sources. The points of the earlier calls take
+    the later output's error (before: from the second call on, they got none, and the embeddings and positions
+    before the first call got no gradient at all, silently)."""
+    torch.manual_seed(0)
+    net, engine = _LoopedLayer(loops), FeedbackEngine(seed=0)
+    engine.attach(net)
+    tokens, labels = torch.randint(0, 20, (4, 8)), torch.randint(0, 3, (4,))
+    loss = F.cross_entropy(net(tokens), labels)
+    loss.backward()
+    report = engine.end_backward(loss)
+    assert report.deliveries == 1
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+    points = [p.key for p in engine.last_points]
+    assert len(points) == 3 * loops + 1 and points.count("layer.self_attn:in") == loops
+
+
 class _CRF(nn.Module):
     """A linear-chain CRF's negative log-likelihood, computed by the module itself (a scalar)."""
 
