@@ -429,6 +429,9 @@ def _module_list_target(root: nn.Module, min_len: int = 2, composite: bool = Fal
     if best is None:
         return None
     name, mlist, _ = best
+    side_by_side = _side_by_side(root, name, mlist) if composite else None
+    if side_by_side is not None:
+        return side_by_side
     lists = _sibling_lists(root, name, mlist)
     if composite and _is_transformer_stack(mlist):
         # an encoder-decoder (``nn.Transformer``): every stack of Transformer layers holds blocks, not only the
@@ -455,6 +458,34 @@ def _module_list_target(root: nn.Module, min_len: int = 2, composite: bool = Fal
     if leaf is None:
         return None
     return Target(blocks, leaf[0], leaf[1], "module_list")
+
+
+def _side_by_side(root: nn.Module, name: str, mlist: nn.ModuleList) -> Target | None:
+    """A list of networks side by side, each ending in its own last layer: a mixture of experts' MLPs, each reading
+    the same input, whose outputs a gate weighs. Their widths cannot chain (each maps the same input width to
+    another), so they are no stack: each is a tower whose groups are blocks and whose last layer is an output
+    feeding that tower only (a gate outside them learns by its true gradient).
+
+    Example:
+        >>> net = nn.Module()
+        >>> net.experts = nn.ModuleList(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)) for _ in "ab")
+        >>> net.gate = nn.Linear(8, 2)
+        >>> target = _side_by_side(net, "experts", net.experts)
+        >>> [b.name for b in target.blocks], [n for n, _ in target.outputs]
+        (['experts.0.1', 'experts.1.1'], ['experts.0.2', 'experts.1.2'])
+    """
+    ends = [_ends(m) for m in mlist]
+    if not all(isinstance(m, nn.Sequential) for m in mlist) or any(e is None for e in ends):
+        return None
+    if len({e[0] for e in ends}) != 1 or any(e[1] == e[0] for e in ends):
+        return None  # not one input width, or a width an item could pass on to the next: a stack
+    towers = [sequential_groups(m, f"{name}.{i}") for i, m in enumerate(mlist)]
+    if any(t is None or not t[0] for t in towers):
+        return None
+    outputs = [(out, root.get_submodule(out)) for _, out in towers]
+    blocks = [b for tower, _ in towers for b in tower]
+    fed = {out: tuple(b.name for b in tower) for tower, out in towers}
+    return Target(blocks, outputs[0][0], outputs[0][1], "module_list", False, outputs[1:], fed)
 
 
 def _layer_lists_target(root: nn.Module) -> Target | None:

@@ -1784,6 +1784,44 @@ def test_a_layer_looped_over_its_own_output_feeds_every_call(loops: int) -> None
     assert len(points) == 3 * loops + 1 and points.count("layer.self_attn:in") == loops
 
 
+class _MixtureOfExperts(nn.Module):
+    """A gate weighing the logits of expert MLPs that all read the input (the tutorials' mixture of experts)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)) for _ in range(3))
+        self.gate = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gates = F.softmax(self.gate(x), dim=-1)
+        return (gates.unsqueeze(-1) * torch.stack([expert(x) for expert in self.experts], dim=1)).sum(1)
+
+
+def test_experts_side_by_side_are_towers_each_fed_its_own_error() -> None:
+    """A list of expert MLPs that all read the input cannot be a stack (each maps the input width to another): each
+    expert is a tower, its hidden group a block, its last layer an output whose error reaches that expert only; the
+    gate learns by its true gradient (before: the experts were taken for a stack of blocks and the gate, called
+    before them, for the output, and the first step was refused)."""
+    torch.manual_seed(0)
+    net, engine = _MixtureOfExperts(), FeedbackEngine(seed=0)
+    target = engine.attach(net)
+    assert [b.name for b in target.blocks] == ["experts.0.1", "experts.1.1", "experts.2.1"]
+    assert sorted(n for n, _ in target.outputs) == ["experts.0.2", "experts.1.2", "experts.2.2"]
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    loss = F.cross_entropy(net(x), y)
+    loss.backward()
+    assert engine.end_backward(loss).deliveries == 3
+    grads = {n: p.grad.clone() for n, p in net.named_parameters()}
+    net.zero_grad(set_to_none=True)
+    with engine.inert():
+        F.cross_entropy(net(x), y).backward()
+    for name, p in net.named_parameters():
+        if name.startswith("gate") or name.split(".")[2] == "2":  # the gate and each expert's last layer: true
+            torch.testing.assert_close(grads[name], p.grad, msg=name)
+        else:  # each expert's hidden layer: its own output's error, projected
+            assert grads[name].abs().sum() > 0 and not torch.allclose(grads[name], p.grad), name
+
+
 class _CRF(nn.Module):
     """A linear-chain CRF's negative log-likelihood, computed by the module itself (a scalar)."""
 
