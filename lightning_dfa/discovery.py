@@ -322,7 +322,7 @@ def _discover(root: nn.Module, blocks: BlockSpec, output: str | None, placement:
             # teacher (a frozen backbone being fine-tuned stays in training mode: its blocks are kept)
             trained = _without_frozen_networks(root)
             if trained is not root:
-                target = _hf_target(trained, placement) or _structure_target(trained) or _layer_inputs_target(trained)
+                target = _found_in(trained, placement)
         if target is None and _bare_parameters_only(root):
             bare = [n for n, _ in root.named_parameters()][:4]
             raise ValueError(
@@ -352,6 +352,11 @@ def _discover(root: nn.Module, blocks: BlockSpec, output: str | None, placement:
     return target
 
 
+def _found_in(stand_in: nn.Module, placement: str) -> Target | None:
+    """Discovery's searches on a stand-in for the model (a Hugging Face model, the structure, the layers' inputs)."""
+    return _hf_target(stand_in, placement) or _structure_target(stand_in) or _layer_inputs_target(stand_in)
+
+
 def _adaptive_softmax_target(root: nn.Module, placement: str) -> Target | None:
     """A model whose output is an ``nn.AdaptiveLogSoftmaxWithLoss`` (a word language model's adaptive softmax): the
     blocks found without it, the layer it reads (the stand-in's output) the last of them, and its shortlist head the
@@ -374,7 +379,7 @@ def _adaptive_softmax_target(root: nn.Module, placement: str) -> Target | None:
     stand_in = _without(root, lambda m: isinstance(m, nn.AdaptiveLogSoftmaxWithLoss))
     if stand_in is root:
         return None
-    inner = _hf_target(stand_in, placement) or _structure_target(stand_in) or _layer_inputs_target(stand_in)
+    inner = _found_in(stand_in, placement)
     if inner is None:
         return None
     blocks = list(inner.blocks)

@@ -607,8 +607,10 @@ class FeedbackEngine(ForwardHooks):
             return []
         self._stop_reading()
         reached = _nodes_before_outputs(loss)
+        # the blocks whose output point is cut (their cut's node stands for it) apart from those whose output is not
         cuts = [(name, node) for name, node in outputs if isinstance(node, _SoftCut._backward_cls)]
-        read = [(name, node) for name, node in [*outputs, *loose] if node in reached and (name, node) not in cuts]
+        uncut = [(name, node) for name, node in outputs if not isinstance(node, _SoftCut._backward_cls)]
+        read = [(name, node) for name, node in [*uncut, *loose] if node in reached]
         if cuts:  # blocks whose output point's cut the loss reads through parameter-free operations
             direct = _nodes_read_directly(loss)
             self.loss_cut_readers = list(dict.fromkeys(name for name, node in cuts if node in direct))
@@ -620,7 +622,7 @@ class FeedbackEngine(ForwardHooks):
         self.loss_outputs = sorted(set(sources))
         readers = list(dict.fromkeys(name for name, _ in read))
         params = {b.name: [p for p in b.parameters() if p.requires_grad] for b in self.target.blocks}
-        self.blocks_crossed = _blocks_crossed(loss, [o for o in outputs if o not in cuts], params)
+        self.blocks_crossed = _blocks_crossed(loss, uncut, params)
         if readers:
             fed = _nodes_behind_outputs(loss)
             self.loss_heads = list(dict.fromkeys(n for n, node in read if node not in fed))

@@ -268,7 +268,7 @@ class ForwardHooks:
         g = self._group
         if g is None or g.state.closed or (g.outputs and name in g.calls):
             tied = g is not None and bool(g.ties) and not g.state.closed
-            g = self._group = _Group(after_ties=tied, before=self._group if tied else None)
+            g = self._group = _Group(after_ties=tied, before=g if tied else None)
         return g
 
     def _record(self, name: str, tensor: torch.Tensor) -> torch.Tensor:

@@ -475,11 +475,11 @@ def _side_by_side(root: nn.Module, name: str, mlist: nn.ModuleList) -> Target | 
         (['experts.0.1', 'experts.1.1'], ['experts.0.2', 'experts.1.2'])
     """
     ends = [_ends(m) for m in mlist]
-    if not all(isinstance(m, nn.Sequential) for m in mlist) or any(e is None for e in ends):
+    if any(e is None for e in ends):
         return None
     if len({e[0] for e in ends}) != 1 or any(e[1] == e[0] for e in ends):
         return None  # not one input width, or a width an item could pass on to the next: a stack
-    towers = [sequential_groups(m, f"{name}.{i}") for i, m in enumerate(mlist)]
+    towers = [_tower_of(m, f"{name}.{i}") for i, m in enumerate(mlist)]
     if any(t is None or not t[0] for t in towers):
         return None
     outputs = [(out, root.get_submodule(out)) for _, out in towers]
