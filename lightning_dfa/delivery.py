@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-from .layout import Layouts, PointMeta
+from .layout import Layouts, PackedRows, PointMeta
 
 
 class _Hook:
@@ -241,10 +241,12 @@ class _Point:
     values are kept only where needed: the activation where norm-aware (or learned) feedback reads it, the tensor
     itself while the first forwards still search for the norms that read each point and in a layout probe."""
 
-    __slots__ = ("key", "flatten", "shape", "dtype", "ptr", "slot", "edge", "activation", "tensor", "alias")
+    __slots__ = ("key", "flatten", "shape", "dtype", "ptr", "slot", "edge", "activation", "tensor", "alias", "rows")
 
-    def __init__(self, key: str, tensor: torch.Tensor, flatten: bool, keep: bool, hold: bool) -> None:
-        self.key, self.flatten = key, flatten
+    def __init__(
+        self, key: str, tensor: torch.Tensor, flatten: bool, keep: bool, hold: bool, rows: PackedRows | None = None
+    ) -> None:
+        self.key, self.flatten, self.rows = key, flatten, rows
         self.shape, self.dtype, self.ptr = tensor.shape, tensor.dtype, tensor.data_ptr()
         self.slot = _Slot()
         self.edge = _PointEdge.apply(self.slot, tensor)

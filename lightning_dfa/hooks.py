@@ -40,9 +40,10 @@ from .delivery import (
     _walk,
 )
 from .discovery import discover, single_trainable_layer
-from .layout import Layouts, PointMeta, sequence_shaped
+from .layout import Layouts, PackedRows, PointMeta, sequence_shaped
 from .norms import NormSpec, _may_normalise, probe_normalisation
 from .points import carries_grad as _carries_grad
+from .points import detached
 from .points import split_input as _split_input
 from .points import split_main as _split_main
 from .recipe import chooses_cut, last_top_level_block, only_norms_before
@@ -271,7 +272,7 @@ class ForwardHooks:
             g = self._group = _Group(after_ties=tied, before=g if tied else None)
         return g
 
-    def _record(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    def _record(self, name: str, tensor: torch.Tensor, rows: PackedRows | None = None) -> torch.Tensor:
         g = self._group_for(name)
         count = g.calls.get(name, 0)
         g.calls[name] = count + 1
@@ -305,7 +306,7 @@ class ForwardHooks:
             # the values are kept where the backward reads them (norm-aware or learned feedback), and the tensor
             # while the norms that read each point are still searched for, or for a layout probe
             keep = self.learned is not None or self._norm_of(key, flatten) is not None
-            point = _Point(key, tensor, flatten, keep, hold=g.soft or not self._consumers_complete)
+            point = _Point(key, tensor, flatten, keep, hold=g.soft or not self._consumers_complete, rows=rows)
             g.points.append(point)
             g.untied += 1
             self.report.points_recorded += 1
@@ -361,10 +362,13 @@ class ForwardHooks:
         if self.mode == "dfa" and not _in_backward() and not self._inert:
             self.report.blocks_called += 1
 
-    def _at_point(self, key: str, tensor: torch.Tensor | None, rebuild: Any, block: Block | None = None) -> Any:
+    def _at_point(
+        self, key: str, tensor: torch.Tensor | None, rebuild: Any, block: Block | None = None, packed: Any = None
+    ) -> Any:
         """The value a module hook hands on at point ``key``: in a training forward the point's cut (recorded), in an
         activation checkpoint's recomputation the same cut again, else nothing (``None``: the value unchanged).
-        A frozen ``block`` records no point (so its recomputation is not cut either)."""
+        A frozen ``block`` records no point (so its recomputation is not cut either). ``packed``: the
+        ``PackedSequence`` whose data ``tensor`` is."""
         if not self._active():
             cut = self._recomputed(tensor, key)
             return None if cut is None else rebuild(cut)
@@ -374,16 +378,22 @@ class ForwardHooks:
             return None
         if not self._carries(tensor):
             return None
-        return rebuild(self._record(key, tensor))
+        rows = None
+        if packed is not None and self.mode == "dfa" and self._capture is None:
+            rows = PackedRows.of(packed, bool(getattr(block.exit if block else None, "batch_first", False)))
+        return rebuild(self._record(key, tensor, rows))
 
     def _on_block_input(self, block: Block, args: tuple, kwargs: dict) -> Any:
         self._count_call()
         tensor, rebuild = _split_input(args, kwargs)
+        packed = _packed(args[0] if args else None)
+        if tensor is None and packed is not None:  # a recurrent block fed packed sequences: a point at their data
+            tensor, rebuild = packed.data, lambda t: ((packed._replace(data=t), *args[1:]), kwargs)
         if self._cut_bypasses(tensor) and not _frozen(block):
             # computed from the stream only through skip paths now cut: a point there would feed nothing
             value = rebuild(tensor.detach())
         else:
-            value = self._at_point(block.name + ":in", tensor, rebuild, block)
+            value = self._at_point(block.name + ":in", tensor, rebuild, block, packed)
         if value is not None:
             self._note_stream(tensor, block)
         if self.mode != "dfa" or self._capture is not None or not self._active() or _frozen(block):
@@ -515,7 +525,12 @@ class ForwardHooks:
     def _on_block_output(self, block: Block, output: Any) -> Any:
         self._count_call()
         tensor, rebuild = _split_main(output)
-        cut = self._at_point(block.name, tensor, rebuild, block)
+        packed = _packed(output[0] if type(output) is tuple and output else output)
+        cut = self._at_point(block.name, tensor, rebuild, block, packed)
+        if cut is not None and self.mode == "shallow" and self._capture is None and isinstance(output, tuple):
+            # the shallow baseline trains nothing up to the blocks' outputs: none of them carries gradient (an
+            # LSTM's final state read by the head, a second output that a loss term reads)
+            return detached(cut)
         if cut is not None and isinstance(output, tuple) and not isinstance(block.exit, nn.RNNBase):
             self._note_second_outputs(block, output, tensor)
             cut = self._cut_second_outputs(block, cut, tensor)
@@ -790,8 +805,16 @@ class ForwardHooks:
         it lies in an encoder-decoder's encoder (its positions are not the output's)."""
         encoder = key.split("#")[0].split(":")[0] in self._encoder_names
         state = self._state_keys.get(key.split("#")[0])
+        rows = getattr(tensor, "rows", None)  # a _Point's packed rows
         return PointMeta(
-            key, tensor.shape, tensor.dtype, flatten, self._norm_of(key, flatten), encoder=encoder, state=state
+            key,
+            tensor.shape,
+            tensor.dtype,
+            flatten,
+            self._norm_of(key, flatten),
+            encoder=encoder,
+            state=state,
+            rows=rows,
         )
 
     def _norm_of(self, key: str, flatten: bool) -> NormSpec | None:
@@ -1038,6 +1061,10 @@ def _norm_output(tensor: torch.Tensor, outputs: set[Any]) -> bool:
             return False
         node = inputs[0]
     return False
+
+
+def _packed(value: Any) -> nn.utils.rnn.PackedSequence | None:
+    return value if isinstance(value, nn.utils.rnn.PackedSequence) else None
 
 
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:

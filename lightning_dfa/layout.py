@@ -23,6 +23,39 @@ import torch
 from .norms import NormSpec
 
 
+@dataclass(frozen=True)
+class PackedRows:
+    """Which sequence and which step each row of a ``PackedSequence``'s data is (a recurrent block fed or returning
+    packed sequences): ``items`` and ``steps`` (one entry per row, on the data's device), ``count`` sequences of at
+    most ``length`` steps, and the recurrent layer's ``batch_first`` (which way round a padded error most likely is).
+
+    Example:
+        >>> from torch.nn.utils.rnn import pack_sequence
+        >>> rows = PackedRows.of(pack_sequence([torch.ones(2, 1), torch.ones(3, 1)], enforce_sorted=False), True)
+        >>> rows.items.tolist(), rows.steps.tolist(), rows.count, rows.length
+        ([1, 0, 1, 0, 1], [0, 0, 1, 1, 2], 2, 3)
+    """
+
+    items: torch.Tensor
+    steps: torch.Tensor
+    count: int
+    length: int
+    batch_first: bool
+
+    @staticmethod
+    def of(packed: Any, batch_first: bool) -> PackedRows:
+        sizes = packed.batch_sizes  # sequences still running at each step (on the CPU), longest first
+        count, length = int(sizes[0]), len(sizes)
+        position = torch.arange(count).expand(length, count)
+        running = position < sizes.unsqueeze(1)
+        items = position[running]  # the data's rows run step by step, each step over the sorted sequences
+        if packed.sorted_indices is not None:
+            items = packed.sorted_indices.cpu()[items]
+        steps = torch.arange(length).unsqueeze(1).expand(length, count)[running]
+        device = packed.data.device
+        return PackedRows(items.to(device), steps.to(device), count, length, batch_first)
+
+
 @dataclass
 class PointMeta:
     """What the engine keeps of a feedback point between forward and backward: its key, shape, dtype, whether its
@@ -44,6 +77,8 @@ class PointMeta:
     #: first: ONE row per item, fed the error's mean over that item's positions (:func:`state_fit`). ``"first"`` or
     #: ``"second"``: the error dimension of the items where both could be (the recurrent layer's ``batch_first``)
     state: str | None = None
+    #: the point is a ``PackedSequence``'s data: which sequence and step each of its rows is
+    rows: PackedRows | None = None
 
 
 class Layouts:
@@ -65,6 +100,8 @@ class Layouts:
         shape = laid_out(point)
         if point.state is not None:
             return state_fit(error, shape, point, output)
+        if point.rows is not None:
+            return packed_fit(error, point, output)
         kind = fit(error, shape, point.flatten)
         if kind is None and len(error) == 2 and len(shape) == 2 and error[0] < shape[0] and not point.flatten:
             raise RuntimeError(
@@ -199,6 +236,31 @@ def state_fit(error: torch.Size, shape: torch.Size, point: PointMeta, output: st
     )
 
 
+def packed_fit(error: torch.Size, point: PointMeta, output: str) -> tuple[str, int, int]:
+    """How a ``PackedSequence``'s data (:attr:`PointMeta.rows`) lines up with the error: row by row where the output
+    reads the packed data (``"token"``), per sequence where the error has one row per sequence (``"rows"``), or
+    step by step from a padded error (``pad_packed_sequence``'s ``[sequences, steps, k]``: ``"rows_bt"``, or
+    ``[steps, sequences, k]``: ``"rows_tb"``)."""
+    rows, shape = point.rows, point.shape
+    assert rows is not None
+    if error[:-1] == shape[:-1]:
+        return "token", error[-1], shape[-1]
+    if len(error) == 2 and error[0] == rows.count:
+        return "rows", error[-1], shape[-1]
+    if len(error) == 3:
+        along = [i for i in (0, 1) if error[i] == rows.count and error[1 - i] >= rows.length]
+        if len(along) == 2:
+            along = [0 if rows.batch_first else 1]
+        if along:
+            return ("rows_bt" if along[0] == 0 else "rows_tb"), error[-1], shape[-1]
+    raise RuntimeError(
+        f"DFA: feedback point {point.key!r} is a PackedSequence's data ({shape[0]} rows: {rows.count} sequences of "
+        f"at most {rows.length} steps), and the error at the output module {output!r} has shape {list(error)}: it has "
+        "neither one row per packed row, nor one per sequence, nor one per sequence and step. Choose an output= "
+        "whose output has the sequences' batch dimension."
+    )
+
+
 def swapped(shape: torch.Size) -> torch.Size:
     return torch.Size((shape[1], shape[0], *shape[2:]))
 
@@ -301,7 +363,7 @@ def error_rows(error: torch.Tensor, kind: str, k: int, items: int = 0) -> torch.
         return error.reshape(items, -1, k).mean(dim=1)
     if kind == "mean_rows_first":
         return error.reshape(-1, items, k).mean(dim=0)
-    if kind in ("token", "token_channels"):
+    if kind in ("token", "token_channels", "rows_bt", "rows_tb"):
         return error
     if kind == "broadcast":
         return error.reshape(-1, k)
@@ -322,6 +384,13 @@ def laid_on(fb: torch.Tensor, point: PointMeta, kind: str, error: torch.Size) ->
         fb = fb.reshape(*shape[:j], *([1] * (len(shape) - 1 - j)), d).expand(shape)
     elif kind == "token_channels":
         fb = fb.transpose(1, 2)  # [batch, positions, channels] -> the point's [batch, channels, positions]
+    elif kind in ("rows", "rows_bt", "rows_tb"):  # a PackedSequence's rows: each its sequence's (and step's) feedback
+        rows = point.rows
+        assert rows is not None
+        if kind == "rows":
+            fb = fb.index_select(0, rows.items)
+        else:
+            fb = fb[rows.items, rows.steps] if kind == "rows_bt" else fb[rows.steps, rows.items]
     elif kind in STATE_KINDS:
         # (a state point is recorded batch first; a sequence-first encoder point has its items second)
         across = kind == "mean_first" and point.state is None

@@ -61,6 +61,26 @@ def split_input(args: tuple, kwargs: dict) -> tuple[torch.Tensor | None, Callabl
     return main, rebuild
 
 
+def detached(value: Any, depth: int = 0) -> Any:
+    """``value`` with every tensor that carries gradient detached, in tuples and lists two levels deep (an LSTM's
+    ``(output, (h, c))``).
+
+    Example:
+        >>> h = torch.ones(2, requires_grad=True) * 2
+        >>> out = detached((h, (h, 3)))
+        >>> out[0].requires_grad, out[1][0].requires_grad, out[1][1]
+        (False, False, 3)
+    """
+    if isinstance(value, torch.Tensor):
+        return value.detach() if value.requires_grad else value
+    if depth <= 2 and isinstance(value, (tuple, list)):
+        items = [detached(v, depth + 1) for v in value]
+        if isinstance(value, tuple) and hasattr(value, "_fields"):  # namedtuple (a PackedSequence)
+            return type(value)(*items)
+        return type(value)(items)
+    return value
+
+
 def carries_grad(t: torch.Tensor | None) -> bool:
     return t is not None and t.requires_grad and t.is_floating_point()
 

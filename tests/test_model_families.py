@@ -1861,3 +1861,92 @@ def test_a_module_that_computes_the_loss_itself_is_not_taken_for_the_output() ->
     assert engine.end_backward(loss).deliveries == 1
     assert [n for n, _ in engine.output_modules()] == ["emit"]
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+
+
+class _PackedLSTM(nn.Module):
+    """A recurrent classifier or tagger as the tutorials write it for batches of padded sequences: an embedding, an
+    LSTM run on ``pack_padded_sequence`` (or on the padded batch), and a linear layer reading the final state
+    ``h_n[-1]`` (``read="state"``) or each step of the output padded back (``read="steps"``)."""
+
+    def __init__(self, read: str, batch_first: bool = True) -> None:
+        super().__init__()
+        self.read, self.batch_first = read, batch_first
+        self.emb, self.rnn = nn.Embedding(20, 8), nn.LSTM(8, 12, batch_first=batch_first)
+        self.fc = nn.Linear(12, 3)
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+        x = self.emb(tokens if self.batch_first else tokens.t())
+        if lengths is not None:
+            x = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=self.batch_first, enforce_sorted=False)
+        out, (h, _) = self.rnn(x)
+        if self.read == "state":
+            return self.fc(h[-1])
+        if lengths is not None:
+            out = nn.utils.rnn.pad_packed_sequence(out, batch_first=self.batch_first)[0]
+        return self.fc(out if self.batch_first else out.transpose(0, 1))
+
+
+@pytest.mark.parametrize("blocks", [None, ["rnn"]])
+@pytest.mark.parametrize("read,batch_first", [("state", True), ("steps", True), ("steps", False)])
+def test_packed_sequences_get_the_feedback_of_the_same_batch_unpacked(
+    read: str, batch_first: bool, blocks: list[str] | None
+) -> None:
+    """A recurrent block fed or returning a ``PackedSequence``: its data's rows are points, each fed the error of
+    its sequence (one row per sequence) or of its sequence and step (the output padded back). With every sequence
+    at full length, every gradient equals that of the same batch run unpacked (before: with the packed input no
+    point, the embedding learned through the LSTM by backprop; with ``blocks=["rnn"]``, the first step was refused
+    with advice about a graph pooling)."""
+    tokens, lengths = torch.randint(0, 20, (5, 7)), torch.full((5,), 7)
+    y = torch.randint(0, 3, (5,) if read == "state" else (5, 7))
+    grads = []
+    for packed in (False, True):
+        torch.manual_seed(0)
+        net = _PackedLSTM(read, batch_first)
+        engine = FeedbackEngine(seed=0, blocks=blocks)
+        engine.attach(net)
+        for _ in range(2):
+            net.zero_grad(set_to_none=True)
+            logits = net(tokens, lengths if packed else None)
+            loss = F.cross_entropy(logits.reshape(-1, 3), y.reshape(-1))
+            loss.backward()
+            engine.end_backward(loss)
+        grads.append({n: p.grad for n, p in net.named_parameters()})
+        engine.detach()
+    assert grads[0]["emb.weight"] is not None
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_packed_sequences_of_ragged_lengths_feed_each_row_its_own_sequence_and_step() -> None:
+    """Ragged lengths: the embedding's gradient at each token (a point at the LSTM's packed input) is the feedback of
+    that token's sequence and step; padded steps, which the LSTM never reads, get none."""
+    torch.manual_seed(0)
+    net = _PackedLSTM("steps")
+    tokens, lengths = torch.arange(15).reshape(3, 5), torch.tensor([5, 2, 4])
+    engine = FeedbackEngine(seed=0, blocks=["rnn"])
+    engine.attach(net)
+    y = torch.randint(0, 3, (3, 5))
+    for _ in range(2):
+        net.zero_grad(set_to_none=True)
+        F.cross_entropy(net(tokens, lengths).reshape(-1, 3), y.reshape(-1)).backward()
+        engine.end_backward()
+    rows = net.emb.weight.grad[:15].norm(dim=1).reshape(3, 5)  # token i*5+t is sequence i's step t
+    running = torch.arange(5) < lengths.unsqueeze(1)
+    assert bool((rows[running] > 0).all()) and bool((rows[~running] == 0).all())
+
+
+def test_the_shallow_baseline_trains_nothing_through_a_recurrent_block_s_final_state() -> None:
+    """``blocks=["rnn"]`` and a head reading the LSTM's final state ``h_n[-1]``, not its output sequence: in the
+    shallow baseline only the head learns (before: the LSTM learned by backprop through its state, while the
+    summary said it was not trained)."""
+    torch.manual_seed(0)
+    net = _PackedLSTM("state")
+    engine = FeedbackEngine(mode="shallow", blocks=["rnn"])
+    engine.attach(net)
+    tokens, y = torch.randint(0, 20, (4, 6)), torch.randint(0, 3, (4,))
+    for _ in range(2):
+        net.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(net(tokens, None), y)
+        loss.backward()
+        engine.end_backward(loss)
+    assert {n for n, p in net.named_parameters() if p.grad is not None} == {"fc.weight", "fc.bias"}
