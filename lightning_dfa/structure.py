@@ -246,6 +246,10 @@ def _sequential_target(root: nn.Module, exclude: Sequence[str] = ()) -> Target |
                 else:  # a one-layer Sequential: that layer is the output
                     layer = next(n for n, m in after[1].named_children() if _has_params(m))
                     out_name = f"{after[0]}.{layer}"
+            else:
+                decoder = _extractors_after(root, after[0], order, aside)
+                if decoder is not None:  # a U-Net's decoder: its groups are blocks too, its last layer the output
+                    blocks, out_name = blocks + decoder[0], decoder[1]
     if out_name is None:
         return None
     if not blocks:
@@ -273,6 +277,38 @@ def _sequential_target(root: nn.Module, exclude: Sequence[str] = ()) -> Target |
     blocks.sort(key=lambda b: order[b.name])
     extra_outputs = [(n, root.get_submodule(n)) for n in towers]
     return Target(blocks, out_name, root.get_submodule(out_name), "sequential", False, extra_outputs, towers)
+
+
+def _extractors_after(
+    root: nn.Module, name: str, order: dict[str, int], skip: Collection[str]
+) -> tuple[list[Block], str] | None:
+    """Feature-extractor Sequentials registered after the layer ``name``, with single layers between them, and a
+    last layer after them: a U-Net's decoder written as Sequentials (each up-convolution, then the convolution
+    groups that read it beside the encoder's skip, then the output convolution). Their groups (blocks) and the last
+    layer (the output), or ``None`` where no such Sequential follows.
+
+    Example:
+        >>> conv = lambda i, o: nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.ReLU(), nn.Conv2d(o, o, 3), nn.ReLU())
+        >>> net = nn.Module()
+        >>> net.enc, net.up = conv(1, 4), nn.ConvTranspose2d(4, 4, 2, 2)
+        >>> net.dec, net.out = conv(8, 4), nn.Conv2d(4, 1, 1)
+        >>> blocks, out = _extractors_after(net, "up", _module_order(net), ())
+        >>> [b.name for b in blocks], out
+        (['dec.1', 'dec.3'], 'out')
+    """
+    blocks: list[Block] = []
+    last = None
+    for other, module in _outer_modules(root, name, order, skip, before=False):
+        if isinstance(module, nn.Sequential):
+            groups = sequential_groups(module, other, whole=True) if _is_feature_extractor(module) else None
+            if groups is None:
+                break
+            blocks, last = blocks + groups[0], None
+        elif isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+            last = other
+        else:
+            break
+    return (blocks, last) if blocks and last is not None else None
 
 
 def _beside(module: nn.Module, chain: nn.Module) -> bool:

@@ -8,6 +8,7 @@ gradient, and most parameters learn from feedback (the share trained by their tr
 
 from __future__ import annotations
 
+import collections
 import copy
 from collections.abc import Callable
 from typing import Any
@@ -313,6 +314,37 @@ class UNetLike(nn.Module):  # milesial/Pytorch-UNet's layout: the parts are attr
         return self.outc(self.up2(self.up1(x3, x2), x1))
 
 
+def _conv_block(cin: int, cout: int, name: str) -> nn.Sequential:  # mateuszbuda/brain-segmentation-pytorch's
+    return nn.Sequential(collections.OrderedDict([
+        (name + "conv1", nn.Conv2d(cin, cout, 3, padding=1, bias=False)), (name + "norm1", nn.BatchNorm2d(cout)),
+        (name + "relu1", nn.ReLU()), (name + "conv2", nn.Conv2d(cout, cout, 3, padding=1, bias=False)),
+        (name + "norm2", nn.BatchNorm2d(cout)), (name + "relu2", nn.ReLU()),
+    ]))  # fmt: skip
+
+
+class UNetOfSequentials(nn.Module):
+    """The brain-segmentation U-Net's layout: encoder, bottleneck and decoder ``Sequential``s as attributes, an
+    up-convolution (``ConvTranspose2d``) before each decoder, skips joined in forward, a 1x1 output convolution."""
+
+    def __init__(self, classes: int = 3) -> None:
+        super().__init__()
+        self.encoder1, self.pool1 = _conv_block(3, 4, "enc1"), nn.MaxPool2d(2)
+        self.encoder2, self.pool2 = _conv_block(4, 8, "enc2"), nn.MaxPool2d(2)
+        self.bottleneck = _conv_block(8, 16, "bottleneck")
+        self.upconv2, self.decoder2 = nn.ConvTranspose2d(16, 8, 2, stride=2), _conv_block(16, 8, "dec2")
+        self.upconv1, self.decoder1 = nn.ConvTranspose2d(8, 4, 2, stride=2), _conv_block(8, 4, "dec1")
+        self.conv = nn.Conv2d(4, classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        enc1 = self.encoder1(x)
+        enc2 = self.encoder2(self.pool1(enc1))
+        bottleneck = self.bottleneck(self.pool2(enc2))
+        dec2 = self.decoder2(torch.cat((self.upconv2(bottleneck), enc2), dim=1))
+        return self.conv(self.decoder1(torch.cat((self.upconv1(dec2), enc1), dim=1)))
+
+
+_UNET_PARTS = [("encoder1", "enc1"), ("encoder2", "enc2"), ("bottleneck", "bottleneck"), ("decoder2", "dec2"),
+               ("decoder1", "dec1")]  # fmt: skip
 CNNS = {
     "mobilenet": (MobileNetLike, ["features.0", "features.1", "features.2", "features.3", "classifier.2"],
                   "classifier.3"),
@@ -321,6 +353,8 @@ CNNS = {
                  "classifier"),
     "squeezenet": (SqueezeNetLike, ["features.2", "features.3", "features.5", "features.6"], "classifier.1"),
     "unet": (UNetLike, ["inc", "down1", "down2", "up1", "up2"], "outc.conv"),
+    # (before: the decoder, after the up-convolution, learned by its true gradient from the output)
+    "unet_sequentials": (UNetOfSequentials, [f"{s}.{p}relu{i}" for s, p in _UNET_PARTS for i in (1, 2)], "conv"),
 }  # fmt: skip
 
 
@@ -329,7 +363,7 @@ def test_cnns_whose_head_is_reached_through_functional_code(name: str) -> None:
     build, blocks, output = CNNS[name]
     torch.manual_seed(0)
     net, x = build(), torch.randn(4, 3, 16, 16)
-    if name == "unet":  # per-pixel classes
+    if name.startswith("unet"):  # per-pixel classes
         y = torch.randint(0, 3, (4, 16, 16))
     else:
         y = torch.randint(0, 10, (4,))
@@ -1950,3 +1984,40 @@ def test_the_shallow_baseline_trains_nothing_through_a_recurrent_block_s_final_s
         loss.backward()
         engine.end_backward(loss)
     assert {n for n, p in net.named_parameters() if p.grad is not None} == {"fc.weight", "fc.bias"}
+
+
+class _BottleneckAutoencoder(nn.Module):
+    """An MLP autoencoder as the tutorials write it: an encoder and a decoder ``Sequential`` ending in activations,
+    the code layer between them, and the reconstruction layer after the decoder."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU())
+        self.code = nn.Linear(16, 4)
+        self.decoder = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 32), nn.ReLU())
+        self.out = nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.decoder(self.code(self.encoder(x))))
+
+
+@pytest.mark.parametrize("mode", ["dfa", "shallow"])
+def test_a_decoder_after_the_code_layer_learns_by_feedback(mode: str) -> None:
+    """The decoder's groups after the code layer are blocks and the reconstruction layer is the output: the
+    decoder learns by feedback, and in the shallow baseline only the output learns (before: the decoder, half the
+    parameters, learned by its true gradient, with a warning)."""
+    torch.manual_seed(0)
+    net, x = _BottleneckAutoencoder(), torch.randn(8, 16)
+    if mode == "dfa":
+        engine = check_true_dfa(net, lambda n: F.mse_loss(n(x), x))
+        assert [b.name for b in engine.target.blocks] == ["encoder.1", "encoder.3", "decoder.1", "decoder.3"]
+        assert [n for n, _ in engine.output_modules()] == ["out"]
+        return
+    engine = FeedbackEngine(mode="shallow")
+    engine.attach(net)
+    for _ in range(2):
+        net.zero_grad(set_to_none=True)
+        loss = F.mse_loss(net(x), x)
+        loss.backward()
+        engine.end_backward(loss)
+    assert {n for n, p in net.named_parameters() if p.grad is not None} == {"out.weight", "out.bias"}
