@@ -190,6 +190,9 @@ class FeedbackEngine(ForwardHooks):
         self._frozen: list[nn.Parameter] = []  # cut_token_embedding: set to requires_grad=False while attached
         self._compiled = False  # the model attached holds compiled modules (their graphs are dropped on detach)
         self._kept: set[int] = set()  # their ids, kept after detach (they were not trained)
+        #: ``id`` of the parameters an optimizer updates, where the trainer says (``None``: every parameter that
+        #: requires grad); the others, as a BYOL target network updated by a moving average, are not trained
+        self.optimized_ids: set[int] | None = None
         self._cut = bool(self.config.chosen("cut_head_input"))
         # the projectors in force, per output ("" the primary one), built from the options at first use
         self._projectors: dict[str, Projector] = {}

@@ -27,7 +27,7 @@ def parameter_roles(engine: Any, root: nn.Module | None = None) -> dict[str, int
         if id(p) in seen:
             continue
         seen.add(id(p))
-        if not p.requires_grad or id(p) in kept:
+        if not _updated(engine, p) or id(p) in kept:
             roles["none"] += p.numel()
         elif engine.mode == "bp" or id(p) in out_ids or (id(p) in after and not cut):
             roles["true gradient"] += p.numel()
@@ -52,7 +52,7 @@ def role_of(engine: Any, parameter: nn.Parameter) -> str:
     """
     if engine.root is None or engine.target is None:
         raise RuntimeError("DFA: attach() the engine first.")
-    if not parameter.requires_grad or id(parameter) in _kept_tables(engine):
+    if not _updated(engine, parameter) or id(parameter) in _kept_tables(engine):
         return "none"
     if engine.mode == "bp" or any(parameter is p for _, m in engine.output_modules() for p in m.parameters()):
         return "true gradient"
@@ -61,6 +61,12 @@ def role_of(engine: Any, parameter: nn.Parameter) -> str:
     if id(parameter) in after and (measured or not engine._cut):
         return "true gradient"
     return "none" if engine.mode == "shallow" else "feedback"
+
+
+def _updated(engine: Any, parameter: nn.Parameter) -> bool:
+    """The parameter requires grad and an optimizer holds it (where the engine was told which do)."""
+    optimized = engine.optimized_ids
+    return parameter.requires_grad and (optimized is None or id(parameter) in optimized)
 
 
 def _kept_tables(engine: Any) -> set[int]:

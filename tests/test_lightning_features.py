@@ -1127,3 +1127,46 @@ def test_a_forward_of_the_blocks_alone_between_steps_changes_nothing(form: str) 
     )
     fit(model, loader(3), **{"callbacks": [ProbeTheBlocks()], "max_steps": 3, **kw})
     assert_weights_equal(model, engine_reference(3, loader(3)))
+
+
+class MovingAverageTarget(Net):
+    """A BYOL-style target network: a copy of the online network, wider than it, updated by a moving average after
+    each step, computed under ``torch.no_grad()``, its parameters left with ``requires_grad=True`` but in no
+    optimizer."""
+
+    def __init__(self) -> None:
+        super().__init__(lr=0.1)
+        self.target = nn.Sequential(nn.Linear(6, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 3))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        with torch.no_grad():
+            teacher = self.target(x).softmax(-1)
+        loss = F.cross_entropy(self(x), y) + F.kl_div(self(x).log_softmax(-1), teacher, reduction="batchmean")
+        self.losses.append(float(loss))
+        return loss
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        for p in self.target.parameters():
+            p.data.mul_(0.99)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.net.parameters(), lr=self.lr)
+
+
+@pytest.mark.parametrize("form", ["strategy", "callback"])
+def test_parameters_no_optimizer_holds_count_as_not_trained(form: str) -> None:
+    """A target network that no optimizer holds is not trained: the summary counts it so, and no warning says that
+    most parameters learn by backprop (before: its parameters, which require grad, counted as trained by their
+    true gradient, and the warning said so)."""
+    model = MovingAverageTarget()
+    adapter = DFAStrategy(verbose=True) if form == "strategy" else DFA(verbose=True)
+    kwargs: dict[str, Any] = {"strategy": adapter} if form == "strategy" else {"callbacks": [adapter]}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pl.Trainer(**{**QUIET, "max_steps": 3, **kwargs}).fit(model, loader(4))
+    assert not [w for w in caught if "trained by backprop" in str(w.message)]
+    target = sum(p.numel() for p in model.target.parameters())
+    engine = adapter.dfa.engine
+    assert engine.parameter_roles()["none"] == target
+    assert all(engine.role_of(p) == "none" for p in model.target.parameters())

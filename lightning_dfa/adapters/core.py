@@ -177,6 +177,7 @@ class DFAFit:
         self.engine = engine
         materialize_lazy_modules(module)
         engine.attach(module, target)
+        _note_optimizers(engine, trainer)
         self._summary_shown = False
         self._checked = False
         self._backprop_checked = False
@@ -258,6 +259,8 @@ class DFAFit:
         callbacks' ``on_before_backward`` sees it)."""
         self._loss = loss if isinstance(loss, torch.Tensor) else None  # for end_backward, until after_backward
         if self.engine is not None and self.engine.attached and isinstance(loss, torch.Tensor):
+            if self.engine.optimized_ids is None:  # (a callback or a DDP flavour attached before the optimizers)
+                _note_optimizers(self.engine, trainer)
             if not self._checked and self.engine.root is not None:
                 # checkpointing switched on after set-up (on_fit_start, on_train_start) is caught here
                 refuse_reentrant_checkpointing(self.engine.root)
@@ -405,6 +408,16 @@ def speed_hint(engine: FeedbackEngine) -> str | None:
         f"{k}x{d} product per step, so this DFA step can be slower than backprop's. {' and '.join(missing)} "
         "replace the head's input gradient by a cheap structured projection (docs/performance.md)."
     )
+
+
+def _note_optimizers(engine: FeedbackEngine, trainer: Any) -> None:
+    """Tell the engine which parameters the trainer's optimizers update, once they exist: the others (a target
+    network updated by a moving average, with ``requires_grad`` left on) are not trained, and the summary and the
+    backprop-share warning count them so."""
+    optimizers = getattr(getattr(trainer, "strategy", None), "optimizers", None) or []
+    held = {id(p) for opt in optimizers for group in getattr(opt, "param_groups", []) for p in group["params"]}
+    if held:
+        engine.optimized_ids = held
 
 
 def make_config(arguments: dict[str, Any]) -> DFAConfig:
