@@ -242,7 +242,8 @@ def _sequential_target(root: nn.Module, exclude: Sequence[str] = ()) -> Target |
             if isinstance(after[1], nn.Sequential):  # its last layer is the output (a Sigmoid after it is the loss's)
                 tail = sequential_groups(after[1], after[0])
                 if tail is not None:
-                    blocks, out_name = blocks + tail[0], tail[1]
+                    more, out_name = _chain_continued(root, after, order, aside, [seq])
+                    blocks = blocks + more
                 else:  # a one-layer Sequential: that layer is the output
                     layer = next(n for n, m in after[1].named_children() if _has_params(m))
                     out_name = f"{after[0]}.{layer}"
@@ -277,6 +278,44 @@ def _sequential_target(root: nn.Module, exclude: Sequence[str] = ()) -> Target |
     blocks.sort(key=lambda b: order[b.name])
     extra_outputs = [(n, root.get_submodule(n)) for n in towers]
     return Target(blocks, out_name, root.get_submodule(out_name), "sequential", False, extra_outputs, towers)
+
+
+def _chain_continued(
+    root: nn.Module, part: tuple[str, nn.Module], order: dict[str, int], skip: Collection[str], before: list[nn.Module]
+) -> tuple[list[Block], str]:
+    """The groups (blocks) and the output of the Sequential ``part`` and of the trainable Sequentials registered
+    after it that read its output width, each ending in a layer (a BYOL online network's encoder, projector and
+    predictor; a backbone, neck and head): each part's last layer is hidden where another part follows, and the last
+    part's last layer is the output. A part with the input and output widths of an earlier one (a target network's
+    copy whose gradients were left on) ends the chain.
+
+    Example:
+        >>> mlp = lambda i, o: nn.Sequential(nn.Linear(i, 8), nn.ReLU(), nn.Linear(8, o))
+        >>> net = nn.Module()
+        >>> net.encoder, net.projector, net.predictor, net.target = mlp(4, 6), mlp(6, 3), mlp(3, 3), mlp(4, 6)
+        >>> blocks, out = _chain_continued(net, ("projector", net.projector), _module_order(net), (), [net.encoder])
+        >>> [b.name for b in blocks], out
+        (['projector.1', 'projector.2', 'predictor.1'], 'predictor.2')
+    """
+    parts = [*before, part[1]]
+    found = sequential_groups(part[1], part[0])
+    if found is None:
+        return [], ""
+    blocks, out = found
+    done = []  # the blocks of the parts before the last, whose last layers are hidden
+    while True:
+        nxt = _module_after(root, part[0], order, skip)
+        if nxt is None or not isinstance(nxt[1], nn.Sequential) or _is_feature_extractor(nxt[1]):
+            break
+        widths, own = _ends(part[1]), _ends(nxt[1])
+        groups, whole = sequential_groups(nxt[1], nxt[0]), sequential_groups(part[1], part[0], whole=True)
+        if widths is None or own is None or own[0] != widths[1] or not _trainable(nxt[1]):
+            break
+        if groups is None or whole is None or any(_twins(nxt[1], p) for p in parts):
+            break
+        done, (blocks, out), part = done + whole[0], groups, nxt
+        parts.append(nxt[1])
+    return done + blocks, out
 
 
 def _extractors_after(

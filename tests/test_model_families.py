@@ -2021,3 +2021,42 @@ def test_a_decoder_after_the_code_layer_learns_by_feedback(mode: str) -> None:
         loss.backward()
         engine.end_backward(loss)
     assert {n for n, p in net.named_parameters() if p.grad is not None} == {"out.weight", "out.bias"}
+
+
+class _OnlineAndTarget(nn.Module):
+    """BYOL's networks: the online encoder, projector and predictor, three Sequentials each ending in a Linear, and
+    copies of the encoder and projector as the target network (``frozen``: ``requires_grad=False``; else left on,
+    outside the optimizer), run without gradients."""
+
+    def __init__(self, frozen: bool) -> None:
+        super().__init__()
+        mlp = lambda i, o: nn.Sequential(nn.Linear(i, 24), nn.ReLU(), nn.Linear(24, o))  # noqa: E731
+        self.online_encoder, self.online_projector, self.predictor = mlp(8, 16), mlp(16, 6), mlp(6, 6)
+        self.target_encoder = copy.deepcopy(self.online_encoder)
+        self.target_projector = copy.deepcopy(self.online_projector)
+        for p in [*self.target_encoder.parameters(), *self.target_projector.parameters()]:
+            p.requires_grad_(not frozen)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.predictor(self.online_projector(self.online_encoder(x)))
+
+    def target(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.target_projector(self.target_encoder(x))
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_sequentials_that_read_the_last_ones_output_continue_the_chain(frozen: bool) -> None:
+    """An encoder, a projector and a predictor, each a Sequential reading the last one's output: every hidden
+    group and the last layers of the encoder and projector are blocks, the predictor's last layer the output (before:
+    the predictor's hidden layers learned by their true gradient). The target copies end the chain."""
+    torch.manual_seed(0)
+    net, x = _OnlineAndTarget(frozen), torch.randn(8, 8)
+
+    def loss(n: nn.Module) -> torch.Tensor:
+        return 2 - 2 * F.cosine_similarity(n(x + 0.1), n.target(x - 0.1), dim=-1).mean()
+
+    engine = check_true_dfa(net, loss)
+    names = [b.name for b in engine.target.blocks]
+    assert names == ["online_encoder.1", "online_encoder.2", "online_projector.1", "online_projector.2", "predictor.1"]
+    assert [n for n, _ in engine.output_modules()] == ["predictor.2"]
