@@ -171,6 +171,7 @@ class FeedbackEngine(ForwardHooks):
         #: points that are side outputs read by another block beside its main input -> where the error's items lie
         #: ("first" or "second" dimension, where both could be; :attr:`PointMeta.state`)
         self._state_keys: dict[str, str] = {}
+        self._pooled: set[str] = set()  # points the output reads through a pooling over groups of rows
         #: cut_token_embedding="auto": why the token table is not cut (faint beside fixed positions), once decided
         self._faint: list[str] | None = None
         self._saved_faint: list[str] | None = None  # that decision, from a checkpoint

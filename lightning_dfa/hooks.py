@@ -317,6 +317,12 @@ class ForwardHooks:
                 g.copies.append(cut)  # kept alive, so that no other tensor takes its id in this forward
                 if name in self._watched and self._block_outputs is not None:
                     self._block_outputs.append((name, cut.grad_fn))
+            elif name in self._pooled:
+                # a point the output reaches through a pooling over groups of rows (a graph's nodes): the cut stays
+                # in the graph (no copy; its backward passes nothing), so that each forward finds the pooling's groups
+                cut = _SoftCut.apply(self.layouts, tensor, False)
+                g.cuts[id(cut)] = tensor
+                g.copies.append(cut)
             else:
                 cut = tensor.detach()
                 point.alias = weakref.ref(cut)
@@ -655,6 +661,9 @@ class ForwardHooks:
         points = list(g.points) if fed is None else [p for p in g.points if _of_blocks(p.key, fed)]
         if not points:
             return None
+        pooled = _note_pooling(tensor, points)
+        if pooled is not None:
+            self._pooled.add(pooled.split("#")[0])
         calls = g.outputs.get(name, 0)
         g.outputs[name] = calls + 1
         source = name if calls == 0 else f"{name}#{calls}"
@@ -1061,6 +1070,39 @@ def _norm_output(tensor: torch.Tensor, outputs: set[Any]) -> bool:
             return False
         node = inputs[0]
     return False
+
+
+#: graph nodes of a sum, mean or max over groups of rows (torch_geometric's ``global_mean_pool(x, batch)``), which
+#: save the group of each row as ``_saved_index``
+_POOLINGS = ("ScatterAddBackward0", "ScatterReduceBackward0", "IndexAddBackward0", "IndexReduceBackward0")
+
+
+def _note_pooling(tensor: torch.Tensor, points: list[_Point]) -> str | None:
+    """Points with more rows than the output's items (a graph's nodes, before a pooling over each graph): where the
+    output was computed from a pooling of rows over groups (a scatter or index-add along the rows, whose saved index
+    gives each row's group, as torch_geometric's global pooling), each such point's rows are those groups' rows
+    (:class:`PackedRows`), so that each row (node) is fed its group's (graph's) error. Returns the key of the last
+    such point (its cut then stays in the graph, so that the next forwards find the groups too), or ``None``."""
+    ragged = {p.shape[0] for p in points if p.rows is None and len(p.shape) == 2 and not p.flatten}
+    items = tensor.shape[0] if tensor.dim() == 2 else None
+    ragged = {n for n in ragged if items is not None and n > items}
+    if not ragged or not tensor.requires_grad or tensor.grad_fn is None:
+        return None
+    groups: dict[int, torch.Tensor] = {}
+    for node in _walk(tensor, _next_functions, limit=64):
+        if type(node).__name__ not in _POOLINGS or getattr(node, "_saved_dim", None) != 0:
+            continue
+        index = getattr(node, "_saved_index", None)
+        if isinstance(index, torch.Tensor) and index.dim() in (1, 2) and index.shape[0] in ragged:
+            rows = index if index.dim() == 1 else index[:, 0]
+            if rows.numel() and int(rows.max()) < items:
+                groups.setdefault(rows.shape[0], rows.long())
+    last = None
+    for p in points:
+        found = groups.get(p.shape[0]) if p.rows is None and len(p.shape) == 2 and not p.flatten else None
+        if found is not None:
+            p.rows, last = PackedRows(found, torch.zeros_like(found), items, 1, True), p.key
+    return last
 
 
 def _packed(value: Any) -> nn.utils.rnn.PackedSequence | None:

@@ -107,8 +107,10 @@ class Layouts:
             raise RuntimeError(
                 f"DFA: the error at the output module {output!r} has one row per item ({list(error)}), and feedback "
                 f"point {point.key!r} one row per element of the items ({list(shape)}): a pooling over a ragged "
-                "batch lies between them (a graph's nodes pooled by torch_geometric's global_mean_pool), so the "
-                "feedback cannot tell which rows belong to which item. Apply the output module to the rows before "
+                "batch lies between them whose groups the engine cannot see (it follows torch_geometric's global "
+                "pooling and other scatters over an index, not a product with an assignment matrix or a reduction "
+                "written by hand), so the feedback cannot tell which rows belong to which item. Pool with "
+                "torch_geometric's global_*_pool(x, batch), or apply the output module to the rows before "
                 "the pooling, so that its error has their rows: a Linear head commutes with mean and sum pooling "
                 "(global_mean_pool(head(x), batch) computes what head(global_mean_pool(x, batch)) does)."
             )

@@ -167,7 +167,7 @@ class _GIN(torch.nn.Module):
     """A graph classifier: GIN layers over the nodes, a mean over each graph's nodes, a Linear head (before the
     pooling with ``head_first``: the same function)."""
 
-    def __init__(self, head_first: bool) -> None:
+    def __init__(self, head_first: bool, pool: str = "mean") -> None:
         from torch import nn
         from torch_geometric.nn import GINConv
 
@@ -175,14 +175,18 @@ class _GIN(torch.nn.Module):
         self.convs = nn.ModuleList(
             GINConv(nn.Sequential(nn.Linear(8 if i == 0 else 16, 16), nn.ReLU(), nn.Linear(16, 16))) for i in range(2)
         )
-        self.head, self.head_first = nn.Linear(16, 2), head_first
+        self.head, self.head_first, self.pool = nn.Linear(16, 2), head_first, pool
 
     def forward(self, x: torch.Tensor, edge_index: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
-        from torch_geometric.nn import global_mean_pool
+        from torch_geometric.nn import global_add_pool, global_max_pool, global_mean_pool
 
         for conv in self.convs:
             x = torch.relu(conv(x, edge_index))
-        return global_mean_pool(self.head(x), batch) if self.head_first else self.head(global_mean_pool(x, batch))
+        if self.pool == "dense":  # a mean by a [graphs, nodes] assignment matrix, computed by hand
+            assign = torch.nn.functional.one_hot(batch).t().float()
+            return self.head((assign @ x) / assign.sum(1, keepdim=True))
+        pool = {"mean": global_mean_pool, "add": global_add_pool, "max": global_max_pool}[self.pool]
+        return pool(self.head(x), batch) if self.head_first else self.head(pool(x, batch))
 
 
 def _graphs(n: int = 32, size: int = 8) -> tuple[torch.Tensor, ...]:
@@ -195,27 +199,38 @@ def _graphs(n: int = 32, size: int = 8) -> tuple[torch.Tensor, ...]:
     return x, edges, batch, y
 
 
-def test_a_graph_level_head_after_pooling_names_the_head_first_form_which_trains() -> None:
-    """Graph classification: the error has one row per graph, the node points one row per node. Read after the
-    pooling, the error cannot be lined up with the nodes, and the message says to apply the head before the pooling
-    (the same function for a Linear head and mean pooling); in that form each node gets its graph's error, and DFA
-    learns what shallow cannot."""
+@pytest.mark.parametrize("pool", ["mean", "add", "max"])
+def test_a_graph_level_head_after_pooling_feeds_each_node_its_graphs_error(pool: str) -> None:
+    """Graph classification: the error has one row per graph, the node points one row per node, and the pooling
+    between them (torch_geometric's global pooling, a scatter over the ``batch`` vector) says which graph each node
+    is in, so each node is fed its graph's error. With mean pooling over graphs of 8 nodes, every block gradient is
+    8 times that of the head applied before the pooling (the same function, whose error per node is its graph's
+    divided by 8), at every step; and DFA learns what shallow cannot (before: refused at the first backward)."""
     x, edges, batch, y = _graphs()
-    torch.manual_seed(0)
-    after = _GIN(head_first=False)
-    engine = FeedbackEngine()
-    engine.attach(after)
-    with pytest.raises(RuntimeError, match=r"one row per item.*Apply the output module to the rows before the pooling"):
-        torch.nn.functional.cross_entropy(after(x, edges, batch), y).backward()
-    engine.detach()
-
-    first = _GIN(head_first=True)
-    first.load_state_dict(after.state_dict())
-    torch.testing.assert_close(first(x, edges, batch), after(x, edges, batch))  # the same function
+    grads = []
+    for head_first in (False, True):
+        torch.manual_seed(0)
+        net = _GIN(head_first=head_first, pool=pool)
+        engine = FeedbackEngine(seed=0)
+        engine.attach(net)
+        steps = []
+        for _ in range(3):
+            net.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(net(x, edges, batch), y).backward()
+            assert engine.end_backward().deliveries == 1
+            steps.append({n: p.grad.clone() for n, p in net.named_parameters()})
+        grads.append(steps)
+        if pool != "mean":
+            break
+    if pool == "mean":
+        for after, first in zip(*grads):
+            for name, grad in after.items():
+                scale = 1.0 if name.startswith("head") else 8.0  # the head learns by its true gradient in both
+                torch.testing.assert_close(grad, scale * first[name], rtol=1e-4, atol=1e-6, msg=name)
     losses = {}
     for mode in ("dfa", "shallow"):
         torch.manual_seed(0)
-        net = _GIN(head_first=True)
+        net = _GIN(head_first=False, pool=pool)
         engine = FeedbackEngine(mode=mode)
         engine.attach(net)
         opt = torch.optim.Adam(net.parameters(), lr=1e-2)
@@ -223,12 +238,24 @@ def test_a_graph_level_head_after_pooling_names_the_head_first_form_which_trains
             opt.zero_grad()
             loss = torch.nn.functional.cross_entropy(net(x, edges, batch), y)
             loss.backward()
-            report = engine.end_backward()
+            engine.end_backward()
             opt.step()
         losses[mode] = float(loss)
-        if mode == "dfa":
-            assert report.deliveries == 1 and [b.name for b in engine.target.blocks] == ["convs.0", "convs.1"]
     assert losses["dfa"] < 0.5 * losses["shallow"], losses
+
+
+def test_rows_pooled_without_a_group_index_are_refused_with_the_head_first_form() -> None:
+    """A pooling the engine cannot see the groups of (here a mean over rows the model computes by hand from a
+    dense ``[graphs, nodes]`` assignment) is refused at the first backward, saying to apply the head before it."""
+    x, edges, batch, y = _graphs()
+    torch.manual_seed(0)
+    net = _GIN(head_first=False, pool="dense")
+    engine = FeedbackEngine()
+    engine.attach(net)
+    said = r"one row per item.*global_\*_pool\(x, batch\), or apply the output module to the rows before the pooling"
+    with pytest.raises(RuntimeError, match=said):
+        torch.nn.functional.cross_entropy(net(x, edges, batch), y).backward()
+    engine.detach()
 
 
 class _LayerLoopGNN(torch.nn.Module):
