@@ -1075,33 +1075,47 @@ def _norm_output(tensor: torch.Tensor, outputs: set[Any]) -> bool:
 #: graph nodes of a sum, mean or max over groups of rows (torch_geometric's ``global_mean_pool(x, batch)``), which
 #: save the group of each row as ``_saved_index``
 _POOLINGS = ("ScatterAddBackward0", "ScatterReduceBackward0", "IndexAddBackward0", "IndexReduceBackward0")
+#: the reductions among them followed: a sum (``None``: ``scatter_add`` and ``index_add`` name none) and a mean; a
+#: maximum (its gradient reaches the largest row of each group alone) is not
+_REDUCTIONS = (None, "sum", "mean")
 
 
 def _note_pooling(tensor: torch.Tensor, points: list[_Point]) -> str | None:
     """Points with more rows than the output's items (a graph's nodes, before a pooling over each graph): where the
-    output was computed from a pooling of rows over groups (a scatter or index-add along the rows, whose saved index
-    gives each row's group, as torch_geometric's global pooling), each such point's rows are those groups' rows
-    (:class:`PackedRows`), so that each row (node) is fed its group's (graph's) error. Returns the key of the last
-    such point (its cut then stays in the graph, so that the next forwards find the groups too), or ``None``."""
+    output was computed from a sum or mean of rows over groups (a scatter or index-add along the rows, whose saved
+    index gives each row's group, as torch_geometric's ``global_add_pool`` and ``global_mean_pool``), each such
+    point's rows are those groups' rows (:class:`PackedRows`), so that each row (node) is fed its group's (graph's)
+    error, divided by the group's size in a mean: what the output applied to the rows before the pooling gives.
+    Returns the key of the last such point (its cut then stays in the graph, so that the next forwards find the
+    groups too), or ``None``."""
     ragged = {p.shape[0] for p in points if p.rows is None and len(p.shape) == 2 and not p.flatten}
     items = tensor.shape[0] if tensor.dim() == 2 else None
     ragged = {n for n in ragged if items is not None and n > items}
     if not ragged or not tensor.requires_grad or tensor.grad_fn is None:
         return None
-    groups: dict[int, torch.Tensor] = {}
+    groups: dict[int, PackedRows] = {}
+    means: set[Any] = set()  # scatters divided by the group sizes after (torch_geometric's mean pooling)
     for node in _walk(tensor, _next_functions, limit=64):
-        if type(node).__name__ not in _POOLINGS or getattr(node, "_saved_dim", None) != 0:
+        name = type(node).__name__
+        if name == "DivBackward0" and node.next_functions and node.next_functions[0][0] is not None:
+            means.add(node.next_functions[0][0])
+        if name not in _POOLINGS or getattr(node, "_saved_dim", None) != 0:
+            continue
+        if getattr(node, "_saved_reduce", None) not in _REDUCTIONS:
             continue
         index = getattr(node, "_saved_index", None)
         if isinstance(index, torch.Tensor) and index.dim() in (1, 2) and index.shape[0] in ragged:
-            rows = index if index.dim() == 1 else index[:, 0]
-            if rows.numel() and int(rows.max()) < items:
-                groups.setdefault(rows.shape[0], rows.long())
+            rows = (index if index.dim() == 1 else index[:, 0]).long()
+            if rows.numel() and int(rows.max()) < items and rows.shape[0] not in groups:
+                mean = node in means or getattr(node, "_saved_reduce", None) == "mean"
+                # a mean's rows each weigh one over their group's size, as the head applied before the pooling sees
+                weights = 1.0 / torch.bincount(rows, minlength=items).clamp(min=1)[rows] if mean else None
+                groups[rows.shape[0]] = PackedRows(rows, torch.zeros_like(rows), items, 1, True, weights)
     last = None
     for p in points:
         found = groups.get(p.shape[0]) if p.rows is None and len(p.shape) == 2 and not p.flatten else None
         if found is not None:
-            p.rows, last = PackedRows(found, torch.zeros_like(found), items, 1, True), p.key
+            p.rows, last = found, p.key
     return last
 
 

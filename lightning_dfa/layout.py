@@ -26,8 +26,9 @@ from .norms import NormSpec
 @dataclass(frozen=True)
 class PackedRows:
     """Which sequence and which step each row of a ``PackedSequence``'s data is (a recurrent block fed or returning
-    packed sequences): ``items`` and ``steps`` (one entry per row, on the data's device), ``count`` sequences of at
-    most ``length`` steps, and the recurrent layer's ``batch_first`` (which way round a padded error most likely is).
+    packed sequences), or which group each row is pooled into (a graph's nodes): ``items`` and ``steps`` (one entry
+    per row, on the data's device), ``count`` sequences of at most ``length`` steps, the recurrent layer's
+    ``batch_first`` (which way round a padded error most likely is), and each row's weight in a mean pooling.
 
     Example:
         >>> from torch.nn.utils.rnn import pack_sequence
@@ -41,6 +42,8 @@ class PackedRows:
     count: int
     length: int
     batch_first: bool
+    #: each row's weight (a mean over groups of rows: one over its group's size), or ``None``
+    weights: torch.Tensor | None = None
 
     @staticmethod
     def of(packed: Any, batch_first: bool) -> PackedRows:
@@ -107,11 +110,12 @@ class Layouts:
             raise RuntimeError(
                 f"DFA: the error at the output module {output!r} has one row per item ({list(error)}), and feedback "
                 f"point {point.key!r} one row per element of the items ({list(shape)}): a pooling over a ragged "
-                "batch lies between them whose groups the engine cannot see (it follows torch_geometric's global "
-                "pooling and other scatters over an index, not a product with an assignment matrix or a reduction "
-                "written by hand), so the feedback cannot tell which rows belong to which item. Pool with "
-                "torch_geometric's global_*_pool(x, batch), or apply the output module to the rows before "
-                "the pooling, so that its error has their rows: a Linear head commutes with mean and sum pooling "
+                "batch lies between them whose groups the engine does not follow (it follows sums and means over "
+                "an index, as torch_geometric's global_add_pool and global_mean_pool; not a maximum, a product with "
+                "an assignment matrix or a reduction written by hand), so the feedback cannot tell which rows "
+                "belong to which item. Pool with global_mean_pool(x, batch), or apply the output module to the "
+                "rows before the pooling, so that its error has their rows: a Linear head commutes with mean and sum "
+                "pooling "
                 "(global_mean_pool(head(x), batch) computes what head(global_mean_pool(x, batch)) does)."
             )
         if kind is None:
@@ -391,6 +395,7 @@ def laid_on(fb: torch.Tensor, point: PointMeta, kind: str, error: torch.Size) ->
         assert rows is not None
         if kind == "rows":
             fb = fb.index_select(0, rows.items)
+            fb = fb if rows.weights is None else fb * rows.weights.to(fb.dtype).unsqueeze(1)
         else:
             fb = fb[rows.items, rows.steps] if kind == "rows_bt" else fb[rows.steps, rows.items]
     elif kind in STATE_KINDS:
