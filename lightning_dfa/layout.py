@@ -80,7 +80,8 @@ class PointMeta:
     #: first: ONE row per item, fed the error's mean over that item's positions (:func:`state_fit`). ``"first"`` or
     #: ``"second"``: the error dimension of the items where both could be (the recurrent layer's ``batch_first``)
     state: str | None = None
-    #: the point is a ``PackedSequence``'s data: which sequence and step each of its rows is
+    #: the point is a ``PackedSequence``'s data, or rows pooled over groups (a graph's nodes): which sequence and
+    #: step (or group) each of its rows is
     rows: PackedRows | None = None
 
 
@@ -114,9 +115,8 @@ class Layouts:
                 "an index, as torch_geometric's global_add_pool and global_mean_pool; not a maximum, a product with "
                 "an assignment matrix or a reduction written by hand), so the feedback cannot tell which rows "
                 "belong to which item. Pool with global_mean_pool(x, batch), or apply the output module to the "
-                "rows before the pooling, so that its error has their rows: a Linear head commutes with mean and sum "
-                "pooling "
-                "(global_mean_pool(head(x), batch) computes what head(global_mean_pool(x, batch)) does)."
+                "rows before the pooling, so that its error has their rows: a Linear head commutes with mean "
+                "pooling (global_mean_pool(head(x), batch) computes what head(global_mean_pool(x, batch)) does)."
             )
         if kind is None:
             swapped = "" if point.layout == "swapped" else " (its first two dimensions swapped do not fit either)"
