@@ -240,10 +240,9 @@ def _sequential_target(root: nn.Module, exclude: Sequence[str] = ()) -> Target |
                 after, following = following, _module_after(root, following[0], order, skip=aside)
             out_name = after[0]
             if isinstance(after[1], nn.Sequential):  # its last layer is the output (a Sigmoid after it is the loss's)
-                tail = sequential_groups(after[1], after[0])
+                tail = _chain_continued(root, after, order, aside, [seq])
                 if tail is not None:
-                    more, out_name = _chain_continued(root, after, order, aside, [seq])
-                    blocks = blocks + more
+                    blocks, out_name = blocks + tail[0], tail[1]
                 else:  # a one-layer Sequential: that layer is the output
                     layer = next(n for n, m in after[1].named_children() if _has_params(m))
                     out_name = f"{after[0]}.{layer}"
@@ -282,12 +281,12 @@ def _sequential_target(root: nn.Module, exclude: Sequence[str] = ()) -> Target |
 
 def _chain_continued(
     root: nn.Module, part: tuple[str, nn.Module], order: dict[str, int], skip: Collection[str], before: list[nn.Module]
-) -> tuple[list[Block], str]:
+) -> tuple[list[Block], str] | None:
     """The groups (blocks) and the output of the Sequential ``part`` and of the trainable Sequentials registered
     after it that read its output width, each ending in a layer (a BYOL online network's encoder, projector and
     predictor; a backbone, neck and head): each part's last layer is hidden where another part follows, and the last
     part's last layer is the output. A part with the input and output widths of an earlier one (a target network's
-    copy whose gradients were left on) ends the chain.
+    copy whose gradients were left on) ends the chain. ``None`` where ``part`` has fewer than two layers.
 
     Example:
         >>> mlp = lambda i, o: nn.Sequential(nn.Linear(i, 8), nn.ReLU(), nn.Linear(8, o))
@@ -300,7 +299,7 @@ def _chain_continued(
     parts = [*before, part[1]]
     found = sequential_groups(part[1], part[0])
     if found is None:
-        return [], ""
+        return None
     blocks, out = found
     done = []  # the blocks of the parts before the last, whose last layers are hidden
     while True:
@@ -308,10 +307,12 @@ def _chain_continued(
         if nxt is None or not isinstance(nxt[1], nn.Sequential) or _is_feature_extractor(nxt[1]):
             break
         widths, own = _ends(part[1]), _ends(nxt[1])
-        groups, whole = sequential_groups(nxt[1], nxt[0]), sequential_groups(part[1], part[0], whole=True)
         if widths is None or own is None or own[0] != widths[1] or not _trainable(nxt[1]):
             break
-        if groups is None or whole is None or any(_twins(nxt[1], p) for p in parts):
+        if any(_twins(nxt[1], p) for p in parts):
+            break
+        groups, whole = sequential_groups(nxt[1], nxt[0]), sequential_groups(part[1], part[0], whole=True)
+        if groups is None or whole is None:
             break
         done, (blocks, out), part = done + whole[0], groups, nxt
         parts.append(nxt[1])
