@@ -3,7 +3,7 @@ normalisation (parameter-free) that shapes the point's feedback."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -16,12 +16,15 @@ class NormSpec:
     """The normalisation whose Jacobian shapes a point's feedback (norm-aware feedback).
 
     ``kind`` is ``"layer"`` (mean and variance) or ``"rms"`` (no mean subtraction); ``dims`` is the number of
-    trailing dimensions it normalises over, ``-1`` for all but the first (batch) dimension.
+    trailing dimensions it normalises over, ``-1`` for all but the first (batch) dimension. ``channels_first``: it
+    normalises over dimension 1 instead, at each position of the dimensions after it (ConvNeXt's
+    ``data_format="channels_first"`` LayerNorm, timm's ``LayerNorm2d``).
     """
 
     kind: str
     eps: float = 1e-5
     dims: int = 1
+    channels_first: bool = False
 
 
 def norm_vjp(h: torch.Tensor, v: torch.Tensor, norm: NormSpec) -> torch.Tensor:
@@ -36,6 +39,8 @@ def norm_vjp(h: torch.Tensor, v: torch.Tensor, norm: NormSpec) -> torch.Tensor:
         >>> bool(torch.allclose(norm_vjp(h, v, NormSpec("rms", 1e-6)), ref))
         True
     """
+    if norm.channels_first:
+        return norm_vjp(h.movedim(1, -1), v.movedim(1, -1), replace(norm, channels_first=False)).movedim(-1, 1)
     dims = h.dim() - 1 if norm.dims < 0 else norm.dims
     shape = list(h.shape[h.dim() - dims :])
     if norm.kind == "layer":
@@ -70,38 +75,68 @@ def _may_normalise(module: nn.Module) -> bool:
 
 
 def probe_normalisation(module: nn.Module, example: torch.Tensor) -> NormSpec | None:
-    """What normalisation ``module`` applies over its inputs' last dimension: ``nn.LayerNorm``/``nn.RMSNorm`` by
-    class; any other module by its behaviour on a small random input (no gradients): invariant to scaling and
-    shifting is a LayerNorm, to scaling only an RMSNorm, otherwise ``None``.
+    """What normalisation ``module`` applies to a tensor shaped like ``example``: a plain ``nn.LayerNorm`` or
+    ``nn.RMSNorm`` by class (over ``example``'s trailing dimensions, which must match its ``normalized_shape``);
+    any other module, subclasses that override ``forward`` included, by its behaviour on small random inputs (no
+    gradients). Invariant to scaling and shifting each position by its own factor and offset is a LayerNorm, to
+    scaling only an RMSNorm; first over the last dimension, then, for an ``example`` of 3 or more dimensions, over
+    dimension 1 (a channels-first norm of a convolutional network). Otherwise ``None``.
 
     Example:
         >>> probe_normalisation(nn.LayerNorm(8), torch.randn(2, 8))
-        NormSpec(kind='layer', eps=1e-05, dims=1)
+        NormSpec(kind='layer', eps=1e-05, dims=1, channels_first=False)
         >>> class T5Norm(nn.Module):  # an RMSNorm named like a LayerNorm
         ...     def forward(self, x):
         ...         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
         >>> probe_normalisation(T5Norm(), torch.randn(2, 8)).kind
         'rms'
+        >>> class LayerNorm2d(nn.LayerNorm):  # normalises the channels of [batch, channels, height, width]
+        ...     def forward(self, x):
+        ...         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        >>> probe_normalisation(LayerNorm2d(4), torch.randn(2, 4, 5, 5)).channels_first
+        True
     """
     eps = next(
         (float(v) for v in (getattr(module, a, None) for a in ("eps", "variance_epsilon", "epsilon")) if v is not None),
         None,
     )
-    if isinstance(module, nn.LayerNorm):
-        return NormSpec("layer", module.eps, len(module.normalized_shape))
-    if hasattr(nn, "RMSNorm") and isinstance(module, nn.RMSNorm):
-        return NormSpec("rms", eps if eps is not None else torch.finfo(example.dtype).eps, len(module.normalized_shape))
-    width = example.shape[-1]
-    z = torch.randn(4, width, generator=torch.Generator().manual_seed(0)).to(example.device, example.dtype)
+    for plain, kind in ((nn.LayerNorm, "layer"), (getattr(nn, "RMSNorm", None), "rms")):
+        if plain is not None and isinstance(module, plain) and type(module).forward is plain.forward:
+            shape = tuple(module.normalized_shape)
+            if tuple(example.shape[example.dim() - len(shape) :]) != shape:
+                return None
+            return NormSpec(kind, eps if eps is not None else torch.finfo(example.dtype).eps, len(shape))
+    shapes = [(4, example.shape[-1])]  # rows of features: the last dimension
+    if example.dim() >= 3:
+        shapes.append((2, example.shape[1]) + (3,) * (example.dim() - 2))  # channels first, three positions a side
+    g = torch.Generator().manual_seed(0)
+    for shape in shapes:
+        kind = _behaviour(module, shape, g, example)
+        if kind is not None:
+            return NormSpec(kind, eps if eps is not None else 1e-6, channels_first=len(shape) > 2)
+    return None
+
+
+def _behaviour(module: nn.Module, shape: tuple[int, ...], g: torch.Generator, like: torch.Tensor) -> str | None:
+    """``"layer"``, ``"rms"`` or ``None``: how ``module`` treats a random input of ``shape`` (features on
+    dimension 1) whose positions are scaled, or shifted, each by its own amount."""
+    per_position = (shape[0], 1, *shape[2:])
+    z, scale, shift = (
+        t.to(like.device, like.dtype)
+        for t in (
+            torch.randn(shape, generator=g),
+            1 + 4 * torch.rand(per_position, generator=g),
+            3 * torch.randn(per_position, generator=g),
+        )
+    )
     try:
         with torch.no_grad():
-            base, scaled, shifted = (split_main(module(x))[0] for x in (z, z * 4.0, z + 3.0))
-    except Exception:  # not callable on a plain [rows, features] tensor: not a per-position norm
+            base, scaled, shifted = (split_main(module(x))[0] for x in (z, z * scale, z + shift))
+    except Exception:  # not callable on this layout: not a norm over these features
         return None
     if base is None or scaled is None or shifted is None or base.shape != z.shape or not base.isfinite().all():
         return None
     tol = {"rtol": 2e-2, "atol": 2e-2 * float(base.abs().mean()) + 1e-6}
     if not torch.allclose(scaled.float(), base.float(), **tol):
         return None
-    kind = "layer" if torch.allclose(shifted.float(), base.float(), **tol) else "rms"
-    return NormSpec(kind, eps if eps is not None else 1e-6)
+    return "layer" if torch.allclose(shifted.float(), base.float(), **tol) else "rms"

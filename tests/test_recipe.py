@@ -621,6 +621,48 @@ def test_probe_tells_layernorm_from_rmsnorm_and_ignores_other_modules() -> None:
     assert probe_normalisation(nn.Tanh(), x) is None
 
 
+def test_a_channels_first_norm_is_told_by_its_axis() -> None:
+    """ConvNeXt's LayerNorm subclass normalises dimension 1 of ``[batch, channels, height, width]`` in its
+    ``channels_first`` form: its Jacobian applies over the channels, not over the width its class would suggest."""
+    norm = hf.models.convnext.modeling_convnext.ConvNextLayerNorm
+    first, last = norm(6, eps=1e-6, data_format="channels_first"), norm(6, eps=1e-6, data_format="channels_last")
+    images = torch.randn(2, 6, 5, 5)
+    assert probe_normalisation(first, images) == NormSpec("layer", 1e-6, 1, channels_first=True)
+    assert probe_normalisation(last, images.permute(0, 2, 3, 1)) == NormSpec("layer", 1e-6, 1)
+    assert probe_normalisation(nn.LayerNorm(6), images) is None  # a plain LayerNorm of other trailing dimensions
+    assert probe_normalisation(nn.BatchNorm2d(6), images) is None
+    h, v = torch.randn(2, 6, 5, 5, dtype=torch.double), torch.randn(2, 6, 5, 5, dtype=torch.double)
+    x = h.clone().requires_grad_()
+    ref = torch.autograd.grad(norm(6, eps=1e-6, data_format="channels_first").double()(x), x, v)[0]
+    torch.testing.assert_close(norm_vjp(h, v, NormSpec("layer", 1e-6, 1, channels_first=True)), ref)
+
+
+def test_feedback_into_a_convnext_stage_passes_the_channel_norm_of_the_next() -> None:
+    torch.manual_seed(0)
+    config = hf.ConvNextConfig(num_channels=1, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)
+    model = hf.ConvNextForImageClassification(config)
+    seen: dict[str, torch.Tensor] = {}
+    stage = model.convnext.encoder.stages[0]  # its output is read by the next stage's channels-first LayerNorm
+
+    def watch(module: nn.Module, args: Any, out: torch.Tensor) -> None:
+        out.register_hook(lambda g: seen.setdefault("feedback", g))
+
+    stage.register_forward_hook(watch)
+    engine = FeedbackEngine()
+    engine.attach(model)
+    logits = model(pixel_values=torch.randn(4, 1, 32, 32)).logits
+    nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2, 0])).backward()
+    engine.end_backward()
+    point = next(p for p in engine.last_points if p.key == "convnext.encoder.stages.0")
+    assert point.norm == NormSpec("layer", 1e-6, 1, channels_first=True)
+    feedback = seen["feedback"]
+    assert feedback.shape == (4, 8, 8, 8) and feedback.abs().sum() > 0
+    # a LayerNorm's Jacobian removes the mean over the axis it normalises: here the channels, at every position
+    torch.testing.assert_close(feedback.sum(1), torch.zeros(4, 8, 8), atol=1e-6, rtol=0)
+    assert feedback.sum(-1).abs().max() > 1e-3
+    engine.detach()
+
+
 @pytest.mark.parametrize("kind", ["layer", "rms"])
 def test_norm_vjp_matches_autograd_in_half_precision(kind: str) -> None:
     h, v = torch.randn(4, 5, 32, dtype=torch.bfloat16), torch.randn(4, 5, 32, dtype=torch.bfloat16)
