@@ -433,6 +433,32 @@ MORE: dict[str, Task] = {
                                                                              embedding_size=32, hidden_sizes=[32, 64],
                                                                              depths=[2, 2], layer_type="basic")),
          "marks", (0, 64, 1e-3)),
+        # no attention: a selective state-space model and a linear-attention recurrence
+        ("mamba", lambda s: hf.MambaForCausalLM(hf.MambaConfig(vocab_size=VOCAB, hidden_size=D,
+                                                               num_hidden_layers=LAYERS, state_size=16)), "lm",
+         (32, 32, 3e-3)),
+        ("rwkv", lambda s: hf.RwkvForCausalLM(hf.RwkvConfig(vocab_size=VOCAB, hidden_size=D, num_hidden_layers=LAYERS,
+                                                            attention_hidden_size=D, intermediate_size=FFN,
+                                                            context_length=s)), "lm", (32, 32, 3e-3)),
+        # a gated linear recurrence, then local attention
+        ("recurrent_gemma", lambda s: hf.RecurrentGemmaForCausalLM(hf.RecurrentGemmaConfig(
+            vocab_size=VOCAB, hidden_size=D, intermediate_size=FFN, num_hidden_layers=2, num_attention_heads=HEADS,
+            num_key_value_heads=1, lru_width=D, attention_window_size=s, head_dim=D // HEADS,
+            block_types=["recurrent", "attention"])), "lm", (32, 32, 3e-3)),
+        ("ctrl", lambda s: hf.CTRLLMHeadModel(hf.CTRLConfig(vocab_size=VOCAB, n_embd=D, n_layer=LAYERS, n_head=HEADS,
+                                                            dff=FFN, n_positions=s, resid_pdrop=0.0, embd_pdrop=0.0)),
+         "lm", (32, 32, 3e-3)),
+        ("granite", lambda s: hf.GraniteForCausalLM(hf.GraniteConfig(**_common(s), num_key_value_heads=HEADS)), "lm",
+         (32, 32, 3e-3)),
+        ("starcoder2", lambda s: hf.Starcoder2ForCausalLM(hf.Starcoder2Config(
+            **_common(s), num_key_value_heads=HEADS, residual_dropout=0.0, embedding_dropout=0.0)), "lm",
+         (32, 32, 3e-3)),
+        # a mixture of experts in every layer (4 experts, 2 per token)
+        ("olmoe", lambda s: hf.OlmoeForCausalLM(hf.OlmoeConfig(**_common(s), num_key_value_heads=HEADS, num_experts=4,
+                                                               num_experts_per_tok=2)), "lm", (32, 32, 3e-3)),
+        ("mt5", lambda s: hf.MT5ForConditionalGeneration(hf.MT5Config(
+            vocab_size=VOCAB, d_model=D, d_ff=FFN, d_kv=D // HEADS, num_layers=LAYERS, num_heads=HEADS,
+            decoder_start_token_id=0, pad_token_id=0, dropout_rate=0.0)), "reverse", (16, 32, 1e-3)),
     )
 }  # fmt: skip
 ALL: dict[str, Task] = {**TASKS, **MORE}

@@ -76,13 +76,48 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
         image_size=16, patch_size=2, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=2, num_labels=3)),
     "convnext": lambda: hf.ConvNextForImageClassification(hf.ConvNextConfig(
         image_size=16, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3, layer_scale_init_value=1.0)),
+    # state-space and recurrent language models, no attention (Mamba, RWKV) or some (Jamba, RecurrentGemma)
+    "mamba": lambda: hf.MambaForCausalLM(hf.MambaConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2,
+                                                        state_size=8)),
+    "rwkv": lambda: hf.RwkvForCausalLM(hf.RwkvConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2,
+                                                     attention_hidden_size=32, intermediate_size=64,
+                                                     context_length=64)),
+    "jamba": lambda: hf.JambaForCausalLM(c(hf.JambaConfig, num_key_value_heads=1, num_experts=2, num_experts_per_tok=1,
+                                           attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+                                           expert_layer_offset=1, mamba_d_state=8)),
+    "recurrent_gemma": lambda: hf.RecurrentGemmaForCausalLM(hf.RecurrentGemmaConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, lru_width=32, attention_window_size=8, head_dim=16,
+        block_types=["recurrent", "attention"])),
+    "ctrl": lambda: hf.CTRLLMHeadModel(hf.CTRLConfig(vocab_size=V, n_embd=32, n_layer=2, n_head=2, dff=64,
+                                                     n_positions=64)),
+    "granite": lambda: hf.GraniteForCausalLM(c(hf.GraniteConfig, num_key_value_heads=1)),
+    "qwen2_moe": lambda: hf.Qwen2MoeForCausalLM(c(hf.Qwen2MoeConfig, num_key_value_heads=1, num_experts=2,
+                                                  num_experts_per_tok=1, moe_intermediate_size=32,
+                                                  shared_expert_intermediate_size=32)),
+    "mt5": lambda: hf.MT5ForConditionalGeneration(hf.MT5Config(vocab_size=V, d_model=32, d_ff=64, num_layers=2,
+                                                               num_heads=2, d_kv=16, decoder_start_token_id=0)),
+    "vit": lambda: hf.ViTForImageClassification(hf.ViTConfig(hidden_size=32, num_hidden_layers=2,
+                                                             num_attention_heads=2, intermediate_size=64,
+                                                             image_size=16, patch_size=4, num_labels=3)),
+    "levit": lambda: hf.LevitForImageClassification(hf.LevitConfig(
+        image_size=16, hidden_sizes=[32, 48, 64], num_attention_heads=[2, 2, 2], depths=[1, 1, 1], key_dim=[8, 8, 8],
+        num_labels=3)),
+    "segformer": lambda: hf.SegformerForImageClassification(hf.SegformerConfig(
+        hidden_sizes=[16, 32, 32, 32], depths=[1, 1, 1, 1], num_attention_heads=[1, 2, 2, 2], decoder_hidden_size=32,
+        patch_sizes=[3, 3, 3, 3], strides=[2, 2, 2, 2], num_labels=3)),
+    "convnextv2": lambda: hf.ConvNextV2ForImageClassification(hf.ConvNextV2Config(
+        image_size=16, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)),
+    "regnet": lambda: hf.RegNetForImageClassification(hf.RegNetConfig(
+        hidden_sizes=[16, 32], depths=[1, 1], embedding_size=16, groups_width=8, num_labels=3)),
 }  # fmt: skip
+IMAGES = ("swin", "convnext", "vit", "levit", "segformer", "convnextv2", "regnet")
 
 
 def _inputs(name: str) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, V, (2, 9), generator=g)
-    if name in ("swin", "convnext"):
+    if name in IMAGES:
         return {"pixel_values": torch.randn(2, 3, 16, 16, generator=g), "labels": torch.tensor([0, 2])}
     if name == "whisper":
         return {"input_features": torch.randn(2, 8, 32, generator=g), "labels": ids}
