@@ -106,21 +106,26 @@ def probe_normalisation(module: nn.Module, example: torch.Tensor) -> NormSpec | 
             if tuple(example.shape[example.dim() - len(shape) :]) != shape:
                 return None
             return NormSpec(kind, eps if eps is not None else torch.finfo(example.dtype).eps, len(shape))
-    shapes = [(4, example.shape[-1])]  # rows of features: the last dimension
+    # random inputs of the example's rank (two rows, three positions a side): features last, then on dimension 1
+    sides = (2,) + (3,) * (example.dim() - 2)
+    layouts = [(sides + (example.shape[-1],), -1)]
     if example.dim() >= 3:
-        shapes.append((2, example.shape[1]) + (3,) * (example.dim() - 2))  # channels first, three positions a side
+        layouts.append(((2, example.shape[1]) + sides[1:], 1))
     g = torch.Generator().manual_seed(0)
-    for shape in shapes:
-        kind = _behaviour(module, shape, g, example)
+    for shape, axis in layouts:
+        kind = _behaviour(module, shape, axis, g, example)
         if kind is not None:
-            return NormSpec(kind, eps if eps is not None else 1e-6, channels_first=len(shape) > 2)
+            return NormSpec(kind, eps if eps is not None else 1e-6, channels_first=axis == 1)
     return None
 
 
-def _behaviour(module: nn.Module, shape: tuple[int, ...], g: torch.Generator, like: torch.Tensor) -> str | None:
-    """``"layer"``, ``"rms"`` or ``None``: how ``module`` treats a random input of ``shape`` (features on
-    dimension 1) whose positions are scaled, or shifted, each by its own amount."""
-    per_position = (shape[0], 1, *shape[2:])
+def _behaviour(
+    module: nn.Module, shape: tuple[int, ...], axis: int, g: torch.Generator, like: torch.Tensor
+) -> str | None:
+    """``"layer"``, ``"rms"`` or ``None``: how ``module`` treats a random input of ``shape`` whose positions (all
+    but dimension ``axis``, the features) are scaled, or shifted, each by its own amount."""
+    per_position = list(shape)
+    per_position[axis] = 1
     z, scale, shift = (
         t.to(like.device, like.dtype)
         for t in (

@@ -621,6 +621,18 @@ def test_probe_tells_layernorm_from_rmsnorm_and_ignores_other_modules() -> None:
     assert probe_normalisation(nn.Tanh(), x) is None
 
 
+class _MeanOverChannels(nn.Module):
+    """Segment Anything's ``LayerNorm2d``: no ``nn.LayerNorm``, the statistics over dimension 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.eps = 1e-6
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = x.mean(1, keepdim=True)
+        return (x - u) / ((x - u).pow(2).mean(1, keepdim=True) + self.eps).sqrt()
+
+
 def test_a_channels_first_norm_is_told_by_its_axis() -> None:
     """ConvNeXt's LayerNorm subclass normalises dimension 1 of ``[batch, channels, height, width]`` in its
     ``channels_first`` form: its Jacobian applies over the channels, not over the width its class would suggest."""
@@ -630,6 +642,8 @@ def test_a_channels_first_norm_is_told_by_its_axis() -> None:
     assert probe_normalisation(first, images) == NormSpec("layer", 1e-6, 1, channels_first=True)
     assert probe_normalisation(last, images.permute(0, 2, 3, 1)) == NormSpec("layer", 1e-6, 1)
     assert probe_normalisation(nn.LayerNorm(6), images) is None  # a plain LayerNorm of other trailing dimensions
+    assert probe_normalisation(_MeanOverChannels(), images) == NormSpec("layer", 1e-6, 1, channels_first=True)
+    assert probe_normalisation(_MeanOverChannels(), torch.randn(2, 7, 6)).channels_first  # also on sequences
     assert probe_normalisation(nn.BatchNorm2d(6), images) is None
     h, v = torch.randn(2, 6, 5, 5, dtype=torch.double), torch.randn(2, 6, 5, 5, dtype=torch.double)
     x = h.clone().requires_grad_()
