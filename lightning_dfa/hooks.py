@@ -12,6 +12,7 @@ import re
 import warnings
 import weakref
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from typing import Any, NamedTuple
 
 import torch
@@ -1075,9 +1076,9 @@ def _norm_output(tensor: torch.Tensor, outputs: set[Any]) -> bool:
 #: graph nodes of a sum, mean or max over groups of rows (torch_geometric's ``global_mean_pool(x, batch)``), which
 #: save the group of each row as ``_saved_index``
 _POOLINGS = ("ScatterAddBackward0", "ScatterReduceBackward0", "IndexAddBackward0", "IndexReduceBackward0")
-#: the reductions among them followed: a sum (``None``: ``scatter_add`` and ``index_add`` name none) and a mean; a
-#: maximum (its gradient reaches the largest row of each group alone) is not
-_REDUCTIONS = (None, "sum", "mean")
+#: the reductions among them followed: a sum (``None``: ``scatter_add`` and ``index_add`` name none), a mean, and a
+#: maximum or minimum (whose gradient reaches, in each channel, the rows that hold their group's extreme)
+_REDUCTIONS = (None, "sum", "mean", "amax", "amin")
 
 
 def _note_pooling(tensor: torch.Tensor, points: list[_Point]) -> str | None:
@@ -1107,16 +1108,41 @@ def _note_pooling(tensor: torch.Tensor, points: list[_Point]) -> str | None:
         if isinstance(index, torch.Tensor) and index.dim() in (1, 2) and index.shape[0] in ragged:
             rows = (index if index.dim() == 1 else index[:, 0]).long()
             if rows.numel() and int(rows.max()) < items and rows.shape[0] not in groups:
-                mean = node in means or getattr(node, "_saved_reduce", None) == "mean"
-                # a mean's rows each weigh one over their group's size, as the head applied before the pooling sees
-                weights = 1.0 / torch.bincount(rows, minlength=items).clamp(min=1)[rows] if mean else None
+                reduce = getattr(node, "_saved_reduce", None)
+                if reduce in ("amax", "amin"):
+                    weights = _extreme_shares(node, rows)
+                    if weights is None:
+                        continue
+                else:
+                    # a mean's rows each weigh one over their group's size, as the head applied before the pooling
+                    # sees
+                    mean = node in means or reduce == "mean"
+                    weights = 1.0 / torch.bincount(rows, minlength=items).clamp(min=1)[rows] if mean else None
                 groups[rows.shape[0]] = PackedRows(rows, torch.zeros_like(rows), items, 1, True, weights)
-    last = None
-    for p in points:
-        found = groups.get(p.shape[0]) if p.rows is None and len(p.shape) == 2 and not p.flatten else None
-        if found is not None:
-            p.rows, last = found, p.key
-    return last
+    pooled = [p for p in points if p.rows is None and len(p.shape) == 2 and not p.flatten and p.shape[0] in groups]
+    for p in pooled:
+        found = groups[p.shape[0]]
+        shares = found.weights
+        if shares is not None and shares.dim() == 2 and (p is not pooled[-1] or p.shape[1] != shares.shape[1]):
+            # a maximum's channels are the last point's: an earlier point's rows weigh their share of the channels
+            found = replace(found, weights=shares.mean(1))
+        p.rows = found
+    return pooled[-1].key if pooled else None
+
+
+def _extreme_shares(node: Any, rows: torch.Tensor) -> torch.Tensor | None:
+    """``[rows, channels]``: where each row holds its group's maximum (or minimum) of a channel, one over the number
+    of rows that do (ties share it, as the pooling's own gradient does), elsewhere 0; ``None`` if the node did not
+    save its input and result."""
+    src = getattr(node, "_saved_src", None)
+    if src is None:
+        src = getattr(node, "_saved_source", None)
+    result = getattr(node, "_saved_result", None)
+    if not isinstance(src, torch.Tensor) or not isinstance(result, torch.Tensor) or src.dim() != 2:
+        return None
+    wins = (src.detach() == result.detach().index_select(0, rows)).to(src.dtype)
+    ties = torch.zeros_like(result, dtype=src.dtype).index_add_(0, rows, wins).clamp(min=1)
+    return wins / ties.index_select(0, rows)
 
 
 def _packed(value: Any) -> nn.utils.rnn.PackedSequence | None:

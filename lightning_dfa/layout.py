@@ -42,7 +42,8 @@ class PackedRows:
     count: int
     length: int
     batch_first: bool
-    #: each row's weight (a mean over groups of rows: one over its group's size), or ``None``
+    #: each row's weight (a mean over groups of rows: one over its group's size), or each row's and channel's
+    #: (``[rows, channels]``, a maximum: its share of its group's largest value), or ``None``
     weights: torch.Tensor | None = None
 
     @staticmethod
@@ -111,12 +112,12 @@ class Layouts:
             raise RuntimeError(
                 f"DFA: the error at the output module {output!r} has one row per item ({list(error)}), and feedback "
                 f"point {point.key!r} one row per element of the items ({list(shape)}): a pooling over a ragged "
-                "batch lies between them whose groups the engine does not follow (it follows sums and means over "
-                "an index, as torch_geometric's global_add_pool and global_mean_pool; not a maximum, a product with "
-                "an assignment matrix or a reduction written by hand), so the feedback cannot tell which rows "
-                "belong to which item. Pool with global_mean_pool(x, batch), or apply the output module to the "
-                "rows before the pooling, so that its error has their rows: a Linear head commutes with mean "
-                "pooling (global_mean_pool(head(x), batch) computes what head(global_mean_pool(x, batch)) does)."
+                "batch lies between them whose groups the engine does not follow (it follows sums, means and maxima "
+                "over an index, as torch_geometric's global_add_pool, global_mean_pool and global_max_pool; not a "
+                "product with an assignment matrix or a reduction written by hand), so the feedback cannot tell which"
+                " rows belong to which item. Pool with global_mean_pool(x, batch), or apply the output module to the "
+                "rows before the pooling, so that its error has their rows: a Linear head commutes with mean pooling "
+                "(global_mean_pool(head(x), batch) computes what head(global_mean_pool(x, batch)) does)."
             )
         if kind is None:
             swapped = "" if point.layout == "swapped" else " (its first two dimensions swapped do not fit either)"
@@ -395,7 +396,9 @@ def laid_on(fb: torch.Tensor, point: PointMeta, kind: str, error: torch.Size) ->
         assert rows is not None
         if kind == "rows":
             fb = fb.index_select(0, rows.items)
-            fb = fb if rows.weights is None else fb * rows.weights.to(fb.dtype).unsqueeze(1)
+            weights = rows.weights
+            if weights is not None:  # a mean's per row, a maximum's per row and channel
+                fb = fb * (weights.unsqueeze(1) if weights.dim() == 1 else weights).to(fb.dtype)
         else:
             fb = fb[rows.items, rows.steps] if kind == "rows_bt" else fb[rows.steps, rows.items]
     elif kind in STATE_KINDS:

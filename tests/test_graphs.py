@@ -4,6 +4,7 @@ CLI (a tiny CSBM only: offline, CPU-cheap)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -202,7 +203,7 @@ def _graphs(n: int = 32, size: int = 8, sizes: list[int] | None = None) -> tuple
     return x, edges, batch, (products > 0).long()
 
 
-@pytest.mark.parametrize("pool", ["mean", "add"])
+@pytest.mark.parametrize("pool", ["mean", "add", "max"])
 def test_a_graph_level_head_after_pooling_feeds_each_node_its_graphs_error(pool: str) -> None:
     """Graph classification: the error has one row per graph, the node points one row per node, and the pooling
     between them (torch_geometric's global pooling, a scatter over the ``batch`` vector) says which graph each node
@@ -245,14 +246,44 @@ def test_a_graph_level_head_after_pooling_feeds_each_node_its_graphs_error(pool:
     assert losses["dfa"] < 0.5 * losses["shallow"], losses
 
 
-@pytest.mark.parametrize("pool", ["max", "dense"])
-def test_rows_pooled_without_a_group_index_are_refused_with_the_head_first_form(pool: str) -> None:
-    """A pooling whose groups the engine does not follow (a maximum, whose gradient reaches one node per graph and
-    channel; a mean the model computes by hand from a dense ``[graphs, nodes]`` assignment) is refused at the first
-    backward, saying to pool by a mean or to apply the head before the pooling."""
+def test_a_max_pooled_graph_feeds_each_node_where_it_holds_its_graphs_maximum() -> None:
+    """torch_geometric's ``global_max_pool`` before the head: the last node point is fed, in each channel, its
+    graph's feedback where the node holds the graph's maximum of that channel (the maximum's own gradient, applied
+    to the graph's ``B e``), and nothing elsewhere; before, refused at the first backward."""
+    x, edges, batch, y = _graphs(sizes=[5, 8, 11, 8])
+    torch.manual_seed(0)
+    net = _GIN(head_first=False, pool="max")
+    seen: dict[str, torch.Tensor] = {}
+
+    def watch(module: torch.nn.Module, args: Any, out: torch.Tensor) -> None:
+        seen["nodes"] = out.detach()
+        out.register_hook(lambda g: seen.setdefault("feedback", g))
+
+    net.convs[1].register_forward_hook(watch)  # the last point: the last layer's output, a ReLU before the pooling
+    engine = FeedbackEngine(seed=0)
+    engine.attach(net)
+    logits = net(x, edges, batch)
+    logits.register_hook(lambda g: seen.setdefault("error", g))
+    torch.nn.functional.cross_entropy(logits, y).backward()
+    assert engine.end_backward().deliveries == 1
+    nodes, feedback, error = torch.relu(seen["nodes"]), seen["feedback"], seen["error"]
+    top = torch.zeros(len(y), 16).index_reduce_(0, batch, nodes, "amax", include_self=False)
+    holds = nodes == top[batch]
+    assert feedback[~holds].abs().max() == 0 and feedback[holds].abs().min() > 0
+    # each graph's feedback, summed over its nodes, is one fixed linear map of that graph's error
+    per_graph = torch.zeros(len(y), 16).index_add_(0, batch, feedback)
+    fitted = torch.linalg.lstsq(error, per_graph).solution
+    torch.testing.assert_close(error @ fitted, per_graph, rtol=1e-4, atol=1e-6)
+    engine.detach()
+
+
+def test_rows_pooled_without_a_group_index_are_refused_with_the_head_first_form() -> None:
+    """A pooling whose groups the engine does not follow (a mean the model computes by hand from a dense
+    ``[graphs, nodes]`` assignment) is refused at the first backward, saying to pool by a mean or to apply the head
+    before the pooling."""
     x, edges, batch, y = _graphs()
     torch.manual_seed(0)
-    net = _GIN(head_first=False, pool=pool)
+    net = _GIN(head_first=False, pool="dense")
     engine = FeedbackEngine()
     engine.attach(net)
     said = r"one row per item.*global_mean_pool\(x, batch\), or apply the output module to the rows before the pooling"
