@@ -1100,6 +1100,11 @@ def _note_pooling(tensor: torch.Tensor, points: list[_Point]) -> str | None:
         name = type(node).__name__
         if name == "DivBackward0" and node.next_functions and node.next_functions[0][0] is not None:
             means.add(node.next_functions[0][0])
+        if items == 1 and name in _WHOLE:  # one graph's rows pooled without an index (``batch=None``)
+            whole = _whole_pooling(node, ragged, tensor.device)
+            if whole is not None and whole.items.shape[0] not in groups:
+                groups[whole.items.shape[0]] = whole
+            continue
         if name not in _POOLINGS or getattr(node, "_saved_dim", None) != 0:
             continue
         if getattr(node, "_saved_reduce", None) not in _REDUCTIONS:
@@ -1128,6 +1133,34 @@ def _note_pooling(tensor: torch.Tensor, points: list[_Point]) -> str | None:
             found = replace(found, weights=shares.mean(1))
         p.rows = found
     return pooled[-1].key if pooled else None
+
+
+#: graph nodes of a sum, mean or max over all rows at once (torch_geometric's pooling of one graph, ``batch=None``)
+_WHOLE = ("SumBackward1", "MeanBackward1", "MaxBackward0", "MinBackward0")
+
+
+def _whole_pooling(node: Any, ragged: set[int], device: torch.device) -> PackedRows | None:
+    """The rows of a ``[rows, channels]`` tensor reduced over its rows into one (``keepdim``), all in one group: in
+    a mean each weighs one over their number, in a maximum (or minimum) the row holding it in each channel;
+    ``None`` for any other reduction."""
+    sizes = getattr(node, "_saved_self_sym_sizes", None)
+    dims = getattr(node, "_saved_dim", None)
+    if sizes is None or len(sizes) != 2 or sizes[0] not in ragged or not getattr(node, "_saved_keepdim", False):
+        return None
+    dims = dims if isinstance(dims, tuple) else (dims,)
+    if len(dims) != 1 or dims[0] % (1 << 64) % 2 != 0:  # (saved unsigned: -2 is 2**64 - 2) not over the rows
+        return None
+    n, width = int(sizes[0]), int(sizes[1])
+    indices = getattr(node, "_saved_indices", None)
+    name = type(node).__name__
+    rows = torch.zeros(n, dtype=torch.long, device=device)
+    if name == "MeanBackward1":
+        weights = torch.full((n,), 1.0 / n, device=device)
+    elif indices is not None:  # a maximum or minimum: its row in each channel
+        weights = torch.zeros(n, width, device=device).scatter_(0, indices.reshape(1, width), 1.0)
+    else:
+        weights = None
+    return PackedRows(rows, torch.zeros_like(rows), 1, 1, True, weights)
 
 
 def _extreme_shares(node: Any, rows: torch.Tensor) -> torch.Tensor | None:

@@ -277,6 +277,48 @@ def test_a_max_pooled_graph_feeds_each_node_where_it_holds_its_graphs_maximum() 
     engine.detach()
 
 
+@pytest.mark.parametrize("pool", ["mean", "add"])
+def test_one_graph_pooled_without_a_batch_vector_is_fed_as_in_a_batch(pool: str) -> None:
+    """torch_geometric's pooling of a single graph (``batch=None``: a plain mean or sum over the rows) gives every
+    gradient that the same graph pooled with its ``batch`` vector gives (before: refused)."""
+    x, edges, batch, y = _graphs(n=1, size=9)
+    grads = []
+    for vector in (batch, None):
+        torch.manual_seed(0)
+        net = _GIN(head_first=False, pool=pool)
+        engine = FeedbackEngine(seed=0)
+        engine.attach(net)
+        torch.nn.functional.cross_entropy(net(x, edges, vector), y).backward()
+        assert engine.end_backward().deliveries == 1
+        grads.append({n: p.grad.clone() for n, p in net.named_parameters()})
+        engine.detach()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_one_graph_max_pooled_without_a_batch_vector_feeds_the_row_of_each_maximum() -> None:
+    """The maximum over a single graph's rows (``global_max_pool(x, None)``, ``torch.max`` over the rows): in each
+    channel, the row that ``torch.max`` picked is fed, as its gradient would be, and no other."""
+    x, edges, _, y = _graphs(n=1, size=9)
+    torch.manual_seed(0)
+    net = _GIN(head_first=False, pool="max")
+    seen: dict[str, torch.Tensor] = {}
+
+    def watch(module: torch.nn.Module, args: Any, out: torch.Tensor) -> None:
+        seen["nodes"] = out.detach()
+        out.register_hook(lambda g: seen.setdefault("feedback", g))
+
+    net.convs[1].register_forward_hook(watch)
+    engine = FeedbackEngine(seed=0)
+    engine.attach(net)
+    torch.nn.functional.cross_entropy(net(x, edges, None), y).backward()
+    assert engine.end_backward().deliveries == 1
+    picked = torch.relu(seen["nodes"]).max(0).indices
+    fed = seen["feedback"] != 0
+    assert (fed == torch.nn.functional.one_hot(picked, 9).t().bool()).all()  # one row per channel: torch.max's
+    engine.detach()
+
+
 def test_rows_pooled_without_a_group_index_are_refused_with_the_head_first_form() -> None:
     """A pooling whose groups the engine does not follow (a mean the model computes by hand from a dense
     ``[graphs, nodes]`` assignment) is refused at the first backward, saying to pool by a mean or to apply the head
