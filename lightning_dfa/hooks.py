@@ -1148,7 +1148,7 @@ def _whole_pooling(node: Any, ragged: set[int], device: torch.device) -> PackedR
     if sizes is None or len(sizes) != 2 or sizes[0] not in ragged or not getattr(node, "_saved_keepdim", False):
         return None
     dims = dims if isinstance(dims, tuple) else (dims,)
-    if len(dims) != 1 or dims[0] not in (0, (1 << 64) - 2):  # over the rows: dimension 0 or -2 (saved unsigned)
+    if len(dims) != 1 or dims[0] not in (0, -2, (1 << 64) - 2):  # over the rows (-2 may be saved unsigned)
         return None
     n, width = int(sizes[0]), int(sizes[1])
     indices = getattr(node, "_saved_indices", None)
