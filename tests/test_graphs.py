@@ -203,6 +203,31 @@ def _graphs(n: int = 32, size: int = 8, sizes: list[int] | None = None) -> tuple
     return x, edges, batch, (products > 0).long()
 
 
+def _gin_gradients(
+    x: torch.Tensor,
+    edges: torch.Tensor,
+    batch: torch.Tensor | None,
+    y: torch.Tensor,
+    pool: str,
+    head_first: bool = False,
+    steps: int = 1,
+) -> list[dict[str, torch.Tensor]]:
+    """A seeded GIN's gradients under the default flag, at each of ``steps`` backwards of the same batch (each
+    delivers feedback)."""
+    torch.manual_seed(0)
+    net = _GIN(head_first=head_first, pool=pool)
+    engine = FeedbackEngine(seed=0)
+    engine.attach(net)
+    grads = []
+    for _ in range(steps):
+        net.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(net(x, edges, batch), y).backward()
+        assert engine.end_backward().deliveries == 1
+        grads.append({n: p.grad.clone() for n, p in net.named_parameters()})
+    engine.detach()
+    return grads
+
+
 @pytest.mark.parametrize("pool", ["mean", "add", "max"])
 def test_a_graph_level_head_after_pooling_feeds_each_node_its_graphs_error(pool: str) -> None:
     """Graph classification: the error has one row per graph, the node points one row per node, and the pooling
@@ -212,19 +237,7 @@ def test_a_graph_level_head_after_pooling_feeds_each_node_its_graphs_error(pool:
     graph's divided by the graph's size), at every step, for graphs of several sizes; and DFA learns what shallow
     cannot (before: refused at the first backward)."""
     x, edges, batch, y = _graphs(sizes=[5, 8, 11, 8])
-    grads = []
-    for head_first in (False, True):
-        torch.manual_seed(0)
-        net = _GIN(head_first=head_first, pool=pool)
-        engine = FeedbackEngine(seed=0)
-        engine.attach(net)
-        steps = []
-        for _ in range(3):
-            net.zero_grad(set_to_none=True)
-            torch.nn.functional.cross_entropy(net(x, edges, batch), y).backward()
-            assert engine.end_backward().deliveries == 1
-            steps.append({n: p.grad.clone() for n, p in net.named_parameters()})
-        grads.append(steps)
+    grads = [_gin_gradients(x, edges, batch, y, pool, head_first, steps=3) for head_first in (False, True)]
     for after, first in zip(*grads) if pool == "mean" else ():  # (a head before a sum adds its bias once per node)
         for name, grad in after.items():
             torch.testing.assert_close(grad, first[name], rtol=1e-4, atol=1e-6, msg=name)
@@ -246,11 +259,9 @@ def test_a_graph_level_head_after_pooling_feeds_each_node_its_graphs_error(pool:
     assert losses["dfa"] < 0.5 * losses["shallow"], losses
 
 
-def test_a_max_pooled_graph_feeds_each_node_where_it_holds_its_graphs_maximum() -> None:
-    """torch_geometric's ``global_max_pool`` before the head: the last node point is fed, in each channel, its
-    graph's feedback where the node holds the graph's maximum of that channel (the maximum's own gradient, applied
-    to the graph's ``B e``), and nothing elsewhere; before, refused at the first backward."""
-    x, edges, batch, y = _graphs(sizes=[5, 8, 11, 8])
+def _max_pooled_gin_watched() -> tuple[_GIN, dict[str, torch.Tensor]]:
+    """A max-pooled GIN whose last point (the last layer's output, a ReLU before the pooling) is watched: its value
+    (``"nodes"``) and the feedback it receives (``"feedback"``)."""
     torch.manual_seed(0)
     net = _GIN(head_first=False, pool="max")
     seen: dict[str, torch.Tensor] = {}
@@ -259,7 +270,16 @@ def test_a_max_pooled_graph_feeds_each_node_where_it_holds_its_graphs_maximum() 
         seen["nodes"] = out.detach()
         out.register_hook(lambda g: seen.setdefault("feedback", g))
 
-    net.convs[1].register_forward_hook(watch)  # the last point: the last layer's output, a ReLU before the pooling
+    net.convs[1].register_forward_hook(watch)
+    return net, seen
+
+
+def test_a_max_pooled_graph_feeds_each_node_where_it_holds_its_graphs_maximum() -> None:
+    """torch_geometric's ``global_max_pool`` before the head: the last node point is fed, in each channel, its
+    graph's feedback where the node holds the graph's maximum of that channel (the maximum's own gradient, applied
+    to the graph's ``B e``), and nothing elsewhere; before, refused at the first backward."""
+    x, edges, batch, y = _graphs(sizes=[5, 8, 11, 8])
+    net, seen = _max_pooled_gin_watched()
     engine = FeedbackEngine(seed=0)
     engine.attach(net)
     logits = net(x, edges, batch)
@@ -282,33 +302,16 @@ def test_one_graph_pooled_without_a_batch_vector_is_fed_as_in_a_batch(pool: str)
     """torch_geometric's pooling of a single graph (``batch=None``: a plain mean or sum over the rows) gives every
     gradient that the same graph pooled with its ``batch`` vector gives (before: refused)."""
     x, edges, batch, y = _graphs(n=1, size=9)
-    grads = []
-    for vector in (batch, None):
-        torch.manual_seed(0)
-        net = _GIN(head_first=False, pool=pool)
-        engine = FeedbackEngine(seed=0)
-        engine.attach(net)
-        torch.nn.functional.cross_entropy(net(x, edges, vector), y).backward()
-        assert engine.end_backward().deliveries == 1
-        grads.append({n: p.grad.clone() for n, p in net.named_parameters()})
-        engine.detach()
-    for name, grad in grads[0].items():
-        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    (indexed,), (whole,) = (_gin_gradients(x, edges, vector, y, pool) for vector in (batch, None))
+    for name, grad in indexed.items():
+        torch.testing.assert_close(whole[name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_one_graph_max_pooled_without_a_batch_vector_feeds_the_row_of_each_maximum() -> None:
     """The maximum over a single graph's rows (``global_max_pool(x, None)``, ``torch.max`` over the rows): in each
     channel, the row that ``torch.max`` picked is fed, as its gradient would be, and no other."""
     x, edges, _, y = _graphs(n=1, size=9)
-    torch.manual_seed(0)
-    net = _GIN(head_first=False, pool="max")
-    seen: dict[str, torch.Tensor] = {}
-
-    def watch(module: torch.nn.Module, args: Any, out: torch.Tensor) -> None:
-        seen["nodes"] = out.detach()
-        out.register_hook(lambda g: seen.setdefault("feedback", g))
-
-    net.convs[1].register_forward_hook(watch)
+    net, seen = _max_pooled_gin_watched()
     engine = FeedbackEngine(seed=0)
     engine.attach(net)
     torch.nn.functional.cross_entropy(net(x, edges, None), y).backward()
