@@ -1083,12 +1083,14 @@ _REDUCTIONS = (None, "sum", "mean", "amax", "amin")
 
 def _note_pooling(tensor: torch.Tensor, points: list[_Point]) -> str | None:
     """Points with more rows than the output's items (a graph's nodes, before a pooling over each graph): where the
-    output was computed from a sum or mean of rows over groups (a scatter or index-add along the rows, whose saved
-    index gives each row's group, as torch_geometric's ``global_add_pool`` and ``global_mean_pool``), each such
-    point's rows are those groups' rows (:class:`PackedRows`), so that each row (node) is fed its group's (graph's)
-    error, divided by the group's size in a mean: what the output applied to the rows before the pooling gives.
-    Returns the key of the last such point (its cut then stays in the graph, so that the next forwards find the
-    groups too), or ``None``."""
+    output was computed from a sum, mean or maximum of rows over groups (a scatter or index-add along the rows, whose
+    saved index gives each row's group, as torch_geometric's ``global_add_pool``, ``global_mean_pool`` and
+    ``global_max_pool``; or, for one item, a reduction over all rows, as their ``batch=None``), each such point's
+    rows are those groups' rows (:class:`PackedRows`), so that each row (node) is fed its group's (graph's) error:
+    divided by the group's size in a mean (what the output applied to the rows before the pooling gives); in a
+    maximum, at the last point, only in the channels where the row holds its group's maximum, and at earlier points
+    weighed by the row's share of the channels. Returns the key of the last such point (its cut then stays in the
+    graph, so that the next forwards find the groups too), or ``None``."""
     ragged = {p.shape[0] for p in points if p.rows is None and len(p.shape) == 2 and not p.flatten}
     items = tensor.shape[0] if tensor.dim() == 2 else None
     ragged = {n for n in ragged if items is not None and n > items}
@@ -1105,15 +1107,13 @@ def _note_pooling(tensor: torch.Tensor, points: list[_Point]) -> str | None:
             if whole is not None and whole.items.shape[0] not in groups:
                 groups[whole.items.shape[0]] = whole
             continue
-        if name not in _POOLINGS or getattr(node, "_saved_dim", None) != 0:
-            continue
-        if getattr(node, "_saved_reduce", None) not in _REDUCTIONS:
+        reduce = getattr(node, "_saved_reduce", None)
+        if name not in _POOLINGS or getattr(node, "_saved_dim", None) != 0 or reduce not in _REDUCTIONS:
             continue
         index = getattr(node, "_saved_index", None)
         if isinstance(index, torch.Tensor) and index.dim() in (1, 2) and index.shape[0] in ragged:
             rows = (index if index.dim() == 1 else index[:, 0]).long()
             if rows.numel() and int(rows.max()) < items and rows.shape[0] not in groups:
-                reduce = getattr(node, "_saved_reduce", None)
                 if reduce in ("amax", "amin"):
                     weights = _extreme_shares(node, rows)
                     if weights is None:
@@ -1125,12 +1125,15 @@ def _note_pooling(tensor: torch.Tensor, points: list[_Point]) -> str | None:
                     weights = 1.0 / torch.bincount(rows, minlength=items).clamp(min=1)[rows] if mean else None
                 groups[rows.shape[0]] = PackedRows(rows, torch.zeros_like(rows), items, 1, True, weights)
     pooled = [p for p in points if p.rows is None and len(p.shape) == 2 and not p.flatten and p.shape[0] in groups]
+    per_row: dict[int, PackedRows] = {}  # a maximum's groups with each row's share of the channels, made once
     for p in pooled:
         found = groups[p.shape[0]]
         shares = found.weights
         if shares is not None and shares.dim() == 2 and (p is not pooled[-1] or p.shape[1] != shares.shape[1]):
             # a maximum's channels are the last point's: an earlier point's rows weigh their share of the channels
-            found = replace(found, weights=shares.mean(1))
+            if p.shape[0] not in per_row:
+                per_row[p.shape[0]] = replace(found, weights=shares.mean(1))
+            found = per_row[p.shape[0]]
         p.rows = found
     return pooled[-1].key if pooled else None
 
