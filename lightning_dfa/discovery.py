@@ -122,6 +122,18 @@ def _attention_to_layers(root: nn.Module, found: list[tuple[str, nn.Module]]) ->
     return list(out.items())
 
 
+def _outermost_layers(root: nn.Module, found: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """The found modules that lie inside no other, except that one holding the model's last layer (the output)
+    gives way to the found modules inside it: ViTMAE lists its whole decoder beside the layers in it, and the
+    decoder's last layer is the output, which must lie after the blocks."""
+    names = [n for n, _ in found]
+    last = _last_param_leaf(root, [])
+    holders = {o for o in names if last and last[0].startswith(o + ".") and any(n.startswith(o + ".") for n in names)}
+    kept = [(n, m) for n, m in found if n not in holders]
+    inner = _nested([n for n, _ in kept])
+    return [(n, m) for n, m in kept if n not in inner]
+
+
 def _with_unlisted_layers(
     root: nn.Module, prefix: str, hf: nn.Module, found: list[tuple[str, nn.Module]]
 ) -> list[tuple[str, nn.Module]]:
@@ -158,8 +170,7 @@ def _hf_target(root: nn.Module, placement: str) -> Target | None:
     blocks_found = [  # by the class or a base of it (FSDP2's fully_shard subclasses each sharded module)
         (n, m) for n, m in root.named_modules() if n.startswith(prefix) and _named_in(type(m), classes)
     ]
-    inner = _nested([n for n, _ in blocks_found])
-    blocks_found = _attention_to_layers(root, [(n, m) for n, m in blocks_found if n not in inner])
+    blocks_found = _attention_to_layers(root, _outermost_layers(root, blocks_found))
     if blocks_found:
         blocks_found = _with_unlisted_layers(root, prefix, hf, blocks_found)
     if not blocks_found:  # no _no_split_modules (e.g. ALBERT): its list of repeated layers, even a shared one;
@@ -179,8 +190,13 @@ def _hf_target(root: nn.Module, placement: str) -> Target | None:
     else:
         base = getattr(hf, "base_model", None)
         heads = [(n, m) for n, m in hf.named_children() if m is not base and _has_params(m)]
-        if heads:
-            out_name = join + heads[-1][0]
+        last = (join + heads[-1][0]) if heads else None
+        if last is not None and any(n.startswith(last + ".") for n, _ in blocks_found):
+            # a head child holding layers (ViTMAE's decoder): its last parametric layer after them
+            leaf = _last_param_leaf(root.get_submodule(last), [n[len(last) + 1 :] for n, _ in blocks_found])
+            out_name = f"{last}.{leaf[0]}" if leaf else None
+        elif last is not None:
+            out_name = last
         else:
             leaf = _last_param_leaf(root, [n for n, _ in blocks_found])
             out_name = leaf[0] if leaf else None

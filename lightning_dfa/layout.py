@@ -303,8 +303,11 @@ def fit(error: torch.Size, shape: torch.Size, flatten: bool) -> str | None:
         return "mean_first"
     if len(error) == 0 or len(shape) == 0 or error[0] != shape[0]:
         return None
-    if not flatten and len(shape) == 3 and len(error) == 3:
-        return "mean"  # per-item errors over other positions (a decoder's, for an encoder's points): their mean
+    if len(shape) == 3 and len(error) == 3 and (not flatten or error[1] != shape[1]):
+        # per-item errors over other positions (a decoder's, for an encoder's points): their mean, also for a
+        # flattened point (a patch embedding's tokens before an encoder that keeps a random subset of them, as
+        # ViTMAE's: a fixed map from the error's positions to the point's would tie unrelated positions)
+        return "mean"
     return "flatten"
 
 

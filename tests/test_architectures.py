@@ -110,6 +110,10 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
         image_size=16, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)),
     "regnet": lambda: hf.RegNetForImageClassification(hf.RegNetConfig(
         hidden_sizes=[16, 32], depths=[1, 1], embedding_size=16, groups_width=8, num_labels=3)),
+    "vitmae": lambda: hf.ViTMAEForPreTraining(hf.ViTMAEConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=16, patch_size=4,
+        decoder_hidden_size=32, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
+        decoder_intermediate_size=64, mask_ratio=0.5)),
 }  # fmt: skip
 IMAGES = ("swin", "convnext", "vit", "levit", "segformer", "convnextv2", "regnet")
 
@@ -119,6 +123,8 @@ def _inputs(name: str) -> dict[str, torch.Tensor]:
     ids = torch.randint(3, V, (2, 9), generator=g)
     if name in IMAGES:
         return {"pixel_values": torch.randn(2, 3, 16, 16, generator=g), "labels": torch.tensor([0, 2])}
+    if name == "vitmae":  # a masked autoencoder: the loss is the reconstruction of the masked patches
+        return {"pixel_values": torch.randn(2, 3, 16, 16, generator=g)}
     if name == "whisper":
         return {"input_features": torch.randn(2, 8, 32, generator=g), "labels": ids}
     if name.endswith("_cls"):
@@ -155,3 +161,29 @@ def test_the_default_flag_feeds_every_architecture(name: str) -> None:
         assert table in notes
         if not tied:
             assert not [n for n in dfa if n.startswith(table + ".")], table
+
+
+def test_a_masked_autoencoder_feeds_its_encoder_each_items_mean_error() -> None:
+    """ViTMAE lists its whole decoder as a block beside the layers inside it: those layers are the blocks and the
+    decoder's last layer the output. Its encoder keeps a random subset of the patches, so every encoder point, the
+    patch embedding's (a block with a convolution) too, is fed each item's error averaged over the decoder's
+    positions, the same at each of its positions: a fixed map from the decoder's positions to the encoder's would tie
+    unrelated patches (it learned less than the shallow baseline)."""
+    torch.manual_seed(0)
+    model = MODELS["vitmae"]()
+    seen: dict[str, torch.Tensor] = {}
+
+    def watch(module: nn.Module, args: Any, out: tuple[torch.Tensor, ...]) -> None:
+        out[0].register_hook(lambda g: seen.setdefault("feedback", g))  # (the patches, their mask, their order)
+
+    model.vit.embeddings.register_forward_hook(watch)
+    engine = FeedbackEngine(norm_jacobian=False)  # (norm-aware feedback would shape it position by position)
+    target = engine.attach(model)
+    model(**_inputs("vitmae")).loss.backward()
+    engine.end_backward()
+    assert [b.name for b in target.blocks] == ["vit.embeddings", "vit.layers.0", "vit.layers.1",
+                                               "decoder.decoder_layers.0"]  # fmt: skip
+    assert target.output_name == "decoder.decoder_pred"
+    fb = seen["feedback"]  # [items, kept patches + 1, width]
+    assert fb.shape[1] == 9 and fb.abs().sum() > 0
+    torch.testing.assert_close(fb, fb[:, :1].expand_as(fb))
