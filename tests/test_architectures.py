@@ -114,6 +114,10 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
         hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=16, patch_size=4,
         decoder_hidden_size=32, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
         decoder_intermediate_size=64, mask_ratio=0.5)),
+    "videomae": lambda: hf.VideoMAEForPreTraining(hf.VideoMAEConfig(
+        image_size=16, patch_size=4, num_frames=4, tubelet_size=2, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=64, decoder_hidden_size=32, decoder_num_hidden_layers=1,
+        decoder_num_attention_heads=2, decoder_intermediate_size=64)),
 }  # fmt: skip
 IMAGES = ("swin", "convnext", "vit", "levit", "segformer", "convnextv2", "regnet")
 
@@ -125,6 +129,9 @@ def _inputs(name: str) -> dict[str, torch.Tensor]:
         return {"pixel_values": torch.randn(2, 3, 16, 16, generator=g), "labels": torch.tensor([0, 2])}
     if name == "vitmae":  # a masked autoencoder: the loss is the reconstruction of the masked patches
         return {"pixel_values": torch.randn(2, 3, 16, 16, generator=g)}
+    if name == "videomae":  # two clips of 4 frames, 32 tubes; the first half of the tubes masked
+        masked = torch.arange(32).expand(2, 32) < 16
+        return {"pixel_values": torch.randn(2, 4, 3, 16, 16, generator=g), "bool_masked_pos": masked}
     if name == "whisper":
         return {"input_features": torch.randn(2, 8, 32, generator=g), "labels": ids}
     if name.endswith("_cls"):
