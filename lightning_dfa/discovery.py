@@ -122,13 +122,12 @@ def _attention_to_layers(root: nn.Module, found: list[tuple[str, nn.Module]]) ->
     return list(out.items())
 
 
-def _outermost_layers(root: nn.Module, found: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
-    """The found modules that lie inside no other, except that one holding the model's last layer (the output)
+def _outermost_layers(found: list[tuple[str, nn.Module]], output: str | None) -> list[tuple[str, nn.Module]]:
+    """The found modules that lie inside no other, except that one holding ``output`` (the model's last layer)
     gives way to the found modules inside it: ViTMAE lists its whole decoder beside the layers in it, and the
     decoder's last layer is the output, which must lie after the blocks."""
     names = [n for n, _ in found]
-    last = _last_param_leaf(root, [])
-    holders = {o for o in names if last and last[0].startswith(o + ".") and any(n.startswith(o + ".") for n in names)}
+    holders = {o for o in names if output and output.startswith(o + ".") and any(n.startswith(o + ".") for n in names)}
     kept = [(n, m) for n, m in found if n not in holders]
     inner = _nested([n for n, _ in kept])
     return [(n, m) for n, m in kept if n not in inner]
@@ -170,7 +169,9 @@ def _hf_target(root: nn.Module, placement: str) -> Target | None:
     blocks_found = [  # by the class or a base of it (FSDP2's fully_shard subclasses each sharded module)
         (n, m) for n, m in root.named_modules() if n.startswith(prefix) and _named_in(type(m), classes)
     ]
-    blocks_found = _attention_to_layers(root, _outermost_layers(root, blocks_found))
+    tail = _last_param_leaf(hf, [])
+    join = (prefix + ".") if prefix else ""
+    blocks_found = _attention_to_layers(root, _outermost_layers(blocks_found, join + tail[0] if tail else None))
     if blocks_found:
         blocks_found = _with_unlisted_layers(root, prefix, hf, blocks_found)
     if not blocks_found:  # no _no_split_modules (e.g. ALBERT): its list of repeated layers, even a shared one;
@@ -178,9 +179,7 @@ def _hf_target(root: nn.Module, placement: str) -> Target | None:
         layers = _module_list_target(hf, min_len=1, composite=True) or _module_list_target(hf, min_len=1)
         if layers is None:
             return None
-        join_ = (prefix + ".") if prefix else ""
-        blocks_found = [(join_ + b.name, b.entry) for b in layers.blocks]
-    join = (prefix + ".") if prefix else ""
+        blocks_found = [(join + b.name, b.entry) for b in layers.blocks]
     head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
     out_name = _head_after_backbone(root, prefix, hf) if head is None else None
     if out_name is not None:  # a backbone (AutoModel, a PEFT-wrapped one) with the user's own head after it
