@@ -67,7 +67,7 @@ from .delivery import (
 )
 from .discovery import _find_hf_model
 from .hooks import ForwardHooks, _loose_layers
-from .layout import Layouts, PointMeta, error_rows, laid_on, laid_out
+from .layout import Layouts, PointMeta, error_rows, laid_on, laid_out, like_the_tokens
 from .learned import LearnedFeedback
 from .norms import NormSpec, norm_vjp
 from .projectors import Dense, Projector, Sketch, TopK
@@ -452,7 +452,7 @@ class FeedbackEngine(ForwardHooks):
         if any(p.norm is not None and h is None for p, h in zip(points, activations)):
             raise ValueError("DFA: norm-aware feedback needs the points' activations (pass activations=).")
         output = source or (self.target.output_name if self.target else "?")
-        aligned = [self.layouts.align(error.shape, p, output) for p in points]
+        aligned = like_the_tokens(points, [self.layouts.align(error.shape, p, output) for p in points])
         widest: dict[tuple[str, int], int] = {}
         items = {(kind, k): laid_out(p)[0] for p, (kind, k, _) in zip(points, aligned) if p.state is not None}
         for p, (kind, k, d) in zip(points, aligned):

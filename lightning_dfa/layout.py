@@ -133,6 +133,8 @@ class Layouts:
             return kind, error[-1], shape[-1]
         if kind == "token_channels":
             return kind, error[-1], shape[1]
+        if kind == "mean_flatten":
+            return kind, error[-1], math.prod(shape[1:])
         return kind, math.prod(error[1:]), math.prod(shape[1:])
 
     def lay_out(self, error: torch.Size, points: list[PointMeta], delivery: Any | None) -> list[PointMeta | None]:
@@ -303,11 +305,13 @@ def fit(error: torch.Size, shape: torch.Size, flatten: bool) -> str | None:
         return "mean_first"
     if len(error) == 0 or len(shape) == 0 or error[0] != shape[0]:
         return None
-    if len(shape) == 3 and len(error) == 3 and (not flatten or error[1] != shape[1]):
-        # per-item errors over other positions (a decoder's, for an encoder's points): their mean, also for a
-        # flattened point (a patch embedding's tokens before an encoder that keeps a random subset of them, as
-        # ViTMAE's: a fixed map from the error's positions to the point's would tie unrelated positions)
-        return "mean"
+    if not flatten and len(shape) == 3 and len(error) == 3:
+        return "mean"  # per-item errors over other positions (a decoder's, for an encoder's points): their mean
+    if len(shape) == 3 and len(error) == 3 and error[1] != shape[1]:
+        # a flattened point (a convolution's [batch, channels, positions]) and errors over other positions: their
+        # mean, a vector per entry of the point (a fixed map from the error's positions to the point's would tie
+        # positions that need not correspond: a decoder's to an encoder's front-end)
+        return "mean_flatten"
     return "flatten"
 
 
@@ -377,11 +381,23 @@ def error_rows(error: torch.Tensor, kind: str, k: int, items: int = 0) -> torch.
         return error
     if kind == "broadcast":
         return error.reshape(-1, k)
-    if kind == "mean":
+    if kind in ("mean", "mean_flatten"):
         return error.mean(dim=1)
     if kind == "mean_first":
         return error.mean(dim=0)
     return error.reshape(error.shape[0], -1)
+
+
+def like_the_tokens(points: Sequence[PointMeta], aligned: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
+    """Alignments, with a flattened point fed the mean error as a token sequence (``"mean"``, one vector broadcast
+    over its positions) where a point of its shape that is not flattened is: a patch embedding's output before the
+    encoder layers of a masked autoencoder (ViTMAE), which keeps a random subset of the patches, so that a vector
+    per position would tie each position's feedback to whichever patch lands there."""
+    tokens = {tuple(p.shape) for p, (kind, _, _) in zip(points, aligned) if kind == "mean" and not p.flatten}
+    return [
+        (("mean", k, p.shape[-1]) if kind == "mean_flatten" and tuple(p.shape) in tokens else (kind, k, d))
+        for p, (kind, k, d) in zip(points, aligned)
+    ]
 
 
 def laid_on(fb: torch.Tensor, point: PointMeta, kind: str, error: torch.Size) -> torch.Tensor:
@@ -408,7 +424,7 @@ def laid_on(fb: torch.Tensor, point: PointMeta, kind: str, error: torch.Size) ->
         # (a state point is recorded batch first; a sequence-first encoder point has its items second)
         across = kind == "mean_first" and point.state is None
         fb = fb if len(shape) == 2 else (fb.unsqueeze(0) if across else fb.unsqueeze(1)).expand(shape)
-    elif fb.shape != shape:  # "flatten", or "token" with the positions flattened on one side
+    elif fb.shape != shape:  # "flatten", "mean_flatten", or "token" with the positions flattened on one side
         fb = fb.reshape(shape)
     if point.layout == "swapped":
         fb = fb.transpose(0, 1)

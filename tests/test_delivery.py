@@ -1258,6 +1258,44 @@ def test_an_encoders_input_of_other_length_is_fed_the_items_mean_error_either_la
     torch.testing.assert_close(got, torch.autograd.grad(table, net.src.weight, at_input)[0])
 
 
+class _ConvFrontSeq2Seq(nn.Module):
+    """A 1-d convolution's front-end (``[batch, channels, positions]``) and an encoder layer over its 6 positions,
+    summarised for a decoder of 5 target positions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.front = nn.Sequential(nn.Conv1d(4, 8, 3, padding=1), nn.ReLU())
+        self.enc = nn.Sequential(nn.Linear(8, 16), nn.Tanh())
+        self.tgt = nn.Embedding(12, 16)
+        self.head = nn.Linear(16, 12)
+
+    def forward(self, x: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        memory = self.enc(self.front(x).transpose(1, 2))  # [batch, 6, 16]
+        return self.head(self.tgt(tgt) + memory.mean(dim=1, keepdim=True))  # [batch, 5, 12]
+
+
+def test_a_convolutional_front_end_of_other_positions_gets_the_mean_error_per_entry() -> None:
+    """An encoder's convolutional front-end (a flattened point, ``[batch, channels, positions]``) before a decoder
+    over other positions: fed each item's error averaged over the decoder's positions, projected to a vector per
+    entry of the point (per channel and position, as a convolution's point is fed from a per-item error), not through
+    a fixed map from the decoder's positions to its own."""
+    torch.manual_seed(0)
+    net, x, tgt = _ConvFrontSeq2Seq(), torch.randn(3, 4, 6), torch.randint(0, 12, (3, 5))
+
+    def loss(n: nn.Module) -> torch.Tensor:
+        return F.cross_entropy(n(x, tgt).flatten(0, 1), tgt.flatten())
+
+    engine = _checked_step(net, loss, seed=2, blocks=["front", "enc"], output="head")
+    assert [p.key for p in engine.last_points] == ["front", "enc"]
+    got = net.front[0].weight.grad.clone()
+    logits = net(x, tgt)
+    rows = torch.autograd.grad(F.cross_entropy(logits.flatten(0, 1), tgt.flatten()), logits)[0].mean(dim=1)
+    feedback = (rows @ engine.bank.matrix(12, 48, torch.device("cpu"), torch.float32).t() / 48**0.5).view(3, 8, 6)
+    assert not torch.allclose(feedback[:, 0], feedback[:, 1])  # each channel its own feedback
+    front = net.front(x)
+    torch.testing.assert_close(got, torch.autograd.grad(front, net.front[0].weight, feedback)[0])
+
+
 class _VAE(nn.Module):
     def __init__(self) -> None:
         super().__init__()
