@@ -27,7 +27,9 @@ Tasks (synthetic, drawn from seeded generators, no downloads):
 * image classification (ViT; 16x16 images, 4x4 patches, batch 64): two 2x2 marks, each bright or dark, in two
   random patches, under Gaussian noise; the label says whether both marks have the same sign. This is an XOR
   across patches: no linear readout of the patches (nor of their sum) computes it, so the blocks must gather the
-  two patches and combine them nonlinearly (the shallow arm stays at chance, log 2 nats).
+  two patches and combine them nonlinearly (the shallow arm stays at chance, log 2 nats);
+* masked patches (ViTMAE; 16x16 images, each a level and a horizontal gradient of its own, batch 64): the masked
+  autoencoder's loss, the mean squared error on the half of the patches it masks, which the kept half predicts.
 
 Sizes: 2 blocks of width 64, 4 heads, MLP width 128; AdamW (lr 3e-3 for the language models, 1e-3 for the ViT),
 400 steps.
@@ -135,6 +137,16 @@ def marks(n: int, g: torch.Generator, noise: float = 0.5) -> dict[str, torch.Ten
             for dx in range(2):
                 images[idx, 0, top + dy, left + dx] += value
     return {"pixel_values": images, "labels": (sign[:, 0] == sign[:, 1]).long()}
+
+
+def gradients(n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """16x16 images, each a level plus a horizontal gradient of its own (``a + b x``, ``a`` and ``b`` Gaussian), under
+    Gaussian noise of 0.1, and the fixed random order in which a masked autoencoder keeps half of its 16 patches
+    (its ``noise``): the masked patches are predictable from the kept ones, through the encoder and decoder."""
+    level, slope = torch.randn(n, 1, 1, 1, generator=g), torch.randn(n, 1, 1, 1, generator=g)
+    x = (torch.arange(16) - 7.5) / 8
+    images = level + slope * x.view(1, 1, 1, 16) + 0.1 * torch.randn(n, 1, 16, 16, generator=g)
+    return {"pixel_values": images, "noise": torch.rand(n, 16, generator=g)}
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -247,6 +259,10 @@ def reverse_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tens
     return model(input_ids=ids, labels=ids.flip(1)).loss
 
 
+def mae_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(**batch).loss  # the mean squared error on the masked patches
+
+
 def cls_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return nn.functional.cross_entropy(model(pixel_values=batch["pixel_values"]).logits, batch["labels"])
 
@@ -276,6 +292,8 @@ def batches(task: Task, seed: int, n: int, count: int) -> list[dict[str, torch.T
     g = torch.Generator().manual_seed(seed)
     if task.data == "marks":
         return [marks(n, g) for _ in range(count)]
+    if task.data == "gradients":
+        return [gradients(n, g) for _ in range(count)]
     table = markov_table()
     out = []
     for _ in range(count):
@@ -341,9 +359,11 @@ def _reversal_config(seq: int) -> dict[str, Any]:
 _NO_DROP = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 _MLM_VOCAB = dict(vocab_size=VOCAB + 2, pad_token_id=VOCAB + 1)  # the mask symbol, and an unused padding id
 
+_LOSSES = {"lm": lm_loss, "mlm": mlm_loss, "reverse": reverse_loss, "marks": cls_loss, "gradients": mae_loss}
+
 #: Further architectures (library defaults, tied heads included; no dropout), beside :data:`TASKS`.
 MORE: dict[str, Task] = {
-    name: Task(build, {"lm": lm_loss, "mlm": mlm_loss, "reverse": reverse_loss, "marks": cls_loss}[data], data, *shape)
+    name: Task(build, _LOSSES[data], data, *shape)
     for name, build, data, shape in (
         ("gpt2_tied", lambda s: hf.GPT2LMHeadModel(hf.GPT2Config(n_layer=LAYERS, n_embd=D, n_head=HEADS, n_inner=FFN,
                                                                  n_positions=s, vocab_size=VOCAB, bos_token_id=0,
@@ -426,6 +446,12 @@ MORE: dict[str, Task] = {
                                                                              hidden_size=D, mlp_ratio=FFN // D,
                                                                              num_attention_heads=HEADS, num_labels=2,
                                                                              **_NO_DROP)), "marks", (0, 64, 1e-3)),
+        # a masked autoencoder: the decoder's layers are blocks, its last layer the output
+        ("vitmae", lambda s: hf.ViTMAEForPreTraining(hf.ViTMAEConfig(
+            image_size=16, patch_size=4, num_channels=1, num_hidden_layers=LAYERS, hidden_size=D,
+            intermediate_size=FFN, num_attention_heads=HEADS, decoder_hidden_size=D, decoder_num_hidden_layers=LAYERS,
+            decoder_num_attention_heads=HEADS, decoder_intermediate_size=FFN, mask_ratio=0.5, **_NO_DROP)),
+         "gradients", (0, 64, 1e-3)),
         # written by hand, lucidrains' layout: lists of [attention, feed-forward], the residual adds in the parent
         ("lucid_gpt", LucidGPT, "lm", (32, 32, 3e-3)),
         # a convolutional network: 2 stages of 2 residual layers, widths 32 and 64
@@ -496,13 +522,14 @@ def measure(names: list[str], seeds: list[int], **kw: Any) -> list[dict[str, Any
             records.append({
                 "model": name, "class": type(model).__name__, "task": task.data, "seed": seed,
                 "tied_head": bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
-                and task.data != "marks",
+                and task.data not in ("marks", "gradients"),
                 "test_loss": loss, "closed": share, "closed_paper": plain, "wall_s": wall, "cpu_s": cpu,
             })  # fmt: skip
     return records
 
 
-_TASK_TEXT = {"lm": "causal LM", "mlm": "masked LM", "reverse": "reversal", "marks": "image XOR"}
+_TASK_TEXT = {"lm": "causal LM", "mlm": "masked LM", "reverse": "reversal", "marks": "image XOR",
+              "gradients": "masked patches"}  # fmt: skip
 
 
 def render(records: list[dict[str, Any]], machine: dict[str, Any]) -> str:
