@@ -183,6 +183,8 @@ class FeedbackEngine(ForwardHooks):
         #: among the blocks the latest checked loss reads directly, those whose output is a feedback point: the cut
         #: there drops that term (a loss on hidden features; loss_readers)
         self.loss_cut_readers: list[str] = []
+        #: the blocks whose other outputs (not their output point) the first loss reads directly: see loss_readers
+        self.loss_side_readers: list[str] = []
         #: ``(reader, block)``: the backward of ``reader`` reaches ``block`` through an uncut input (loss_readers)
         self.blocks_crossed: list[tuple[str, str]] = []
         self._heads: list[str] = []  # blocks made outputs (add_outputs), while attached to this model
@@ -538,6 +540,8 @@ class FeedbackEngine(ForwardHooks):
             self._stop_reading()
         if self._block_outputs:
             self._block_outputs.clear()
+        if self._side_reads:
+            self._side_reads.clear()
         if self._cut_readers:
             self._cut_readers.clear()
         if self._cut_memory:
@@ -579,6 +583,8 @@ class FeedbackEngine(ForwardHooks):
         a point's cut (itself, a view of it, or what a parameter-free layer such as a pooling made of it) and whose
         output ``loss`` reads so (mean and variance layers after a backbone, a value head):
         such a term trains those layers by their true gradient but feeds nothing back to the layers before them.
+        :attr:`loss_side_readers` lists the blocks whose other outputs, handed on uncut, the loss reads directly (a
+        normalizing flow's log-determinant): such a term trains each of them inside the block only.
         Checked once per model, at the first loss of a training forward (``[]`` at later calls).
 
         Those that nothing but the loss reads (no output and no feedback point was computed from them: an auxiliary
@@ -606,11 +612,13 @@ class FeedbackEngine(ForwardHooks):
             (['aux'], ['aux'])
         """
         self.loss_heads, self.blocks_crossed, self.loss_outputs, self.loss_cut_readers = [], [], [], []
-        outputs, loose = self._block_outputs, list(self._cut_readers or ())
+        self.loss_side_readers = []
+        outputs, loose, side = self._block_outputs, list(self._cut_readers or ()), list(self._side_reads or ())
         if outputs is None or self.mode != "dfa" or not isinstance(loss, torch.Tensor) or loss.grad_fn is None:
             return []
         self._stop_reading()
         reached = _nodes_before_outputs(loss)
+        self.loss_side_readers = list(dict.fromkeys(name for name, node in side if node in reached))
         # the blocks whose output point is cut (their cut's node stands for it) apart from those whose output is not
         cuts = [(name, node) for name, node in outputs if isinstance(node, _SoftCut._backward_cls)]
         uncut = [(name, node) for name, node in outputs if not isinstance(node, _SoftCut._backward_cls)]
@@ -635,6 +643,7 @@ class FeedbackEngine(ForwardHooks):
     def _stop_reading(self) -> None:
         """The first loss is checked (or its backward ran unchecked): no more notes for :meth:`loss_readers`."""
         self._block_outputs, self._cut_readers, self._cut_memory, self._readers_checked = None, None, None, True
+        self._side_reads = None
         self._watched = set()
         for handle in self._reader_handles:
             handle.remove()

@@ -124,12 +124,16 @@ class ForwardHooks:
         if not same:
             self._readers_checked = False
         self._block_outputs, self._cut_readers, self._reader_handles = None, None, []
+        # the graph nodes of the blocks' other outputs that pass uncut (a flow's log-determinant), until the first
+        # loss is checked
+        self._side_reads: collections.deque[tuple[str, Any]] | None = None
         # the memory of the points' cuts recorded since the last backward and of what parameter-free layers outside
         # the blocks made of them (a pooling, a flatten), until the first loss is checked
         self._cut_memory: set[int] | None = None
         self._watched: set[str] = set()  # blocks whose output point's cut stays in the graph (see _record)
         if self.mode == "dfa" and not self._readers_checked:  # until the first loss is checked (loss_readers)
             self._block_outputs = collections.deque(maxlen=4 * len(target.blocks))
+            self._side_reads = collections.deque(maxlen=4 * len(target.blocks))
             for block in target.blocks:
                 if block.output_point and block.name != uncut:
                     self._watched.add(block.name)  # its output is cut: the cut's graph node stands for it
@@ -541,7 +545,19 @@ class ForwardHooks:
         if cut is not None and isinstance(output, tuple) and not isinstance(block.exit, nn.RNNBase):
             self._note_second_outputs(block, output, tensor)
             cut = self._cut_second_outputs(block, cut, tensor)
+            self._note_side_reads(block, output, cut)
         return cut
+
+    def _note_side_reads(self, block: Block, output: tuple, handed: Any) -> None:
+        """Keep the graph nodes of ``block``'s other outputs that it hands on as they are, with gradient (not cut as
+        points: a normalizing flow's log-determinant, of another shape than the hidden state), for
+        :meth:`FeedbackEngine.loss_readers`."""
+        reads = self._side_reads
+        if reads is None or type(handed) is not tuple or self._capture is not None or not self._active():
+            return
+        for before, after in zip(output[1:], handed[1:]):
+            if after is before and isinstance(before, torch.Tensor) and _carries_grad(before) and before.grad_fn:
+                reads.append((block.name, before.grad_fn))
 
     def _cut_second_outputs(self, block: Block, value: Any, main: torch.Tensor) -> Any:
         """A block's other outputs that are activations of its batch (``tensor`` of ``main``'s rank and batch, with

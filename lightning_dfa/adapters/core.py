@@ -322,6 +322,17 @@ class DFAFit:
                     stacklevel=2,
                 )
 
+            side = self.engine.loss_side_readers
+            if side and loud:
+                warnings.warn(
+                    f"DFA: the loss reads a second output of {side} directly, beside their output point (a "
+                    "normalizing flow's log-determinant): that term trains each of them by its true gradient inside "
+                    "the block only, and the output's error reaches them through fixed random feedback, which does "
+                    "not weigh against it as its true gradient would. An objective that trades the two (a flow's "
+                    "likelihood) can rise instead of fall; train such a model with backprop.",
+                    stacklevel=2,
+                )
+
     def after_backward(self, trainer: Any) -> None:
         if self.engine is None or self.engine.target is None:
             return
