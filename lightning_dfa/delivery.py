@@ -96,6 +96,18 @@ class _Delivery:
         self.probe: tuple[torch.Tensor, list[torch.Tensor]] | None = None
 
 
+def _noting_create_graph(backward: Callable[..., tuple]) -> Callable[..., tuple]:
+    """Tell the engine when a backward that builds a graph (``create_graph=True``: a gradient penalty) runs the
+    delivery (``once_differentiable`` below runs it without gradients, hiding that)."""
+
+    def wrapper(ctx: Any, *grads: torch.Tensor) -> tuple:
+        if torch.is_grad_enabled() and not ctx.delivery.engine.layouts.probing:
+            ctx.delivery.engine._differentiated(ctx.delivery.source.split("#")[0])
+        return backward(ctx, *grads)
+
+    return wrapper
+
+
 class _DeliverFeedback(torch.autograd.Function):
     """Identity on the output; its backward hands each feedback point its projected error.
 
@@ -119,6 +131,7 @@ class _DeliverFeedback(torch.autograd.Function):
         return output.detach()
 
     @staticmethod
+    @_noting_create_graph
     @once_differentiable
     def backward(ctx: Any, error: torch.Tensor) -> tuple:
         delivery: _Delivery = ctx.delivery

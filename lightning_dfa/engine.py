@@ -146,6 +146,7 @@ class FeedbackEngine(ForwardHooks):
         self._inert = 0  # inside inert(): the hooks do nothing (evaluation loops)
         self._unnormalised: str | None = None  # see the property
         self._loss_measured = False  # the roles completed from a loss (end_backward)
+        self._differentiated_said = False  # a create_graph backward through a delivery was warned about
         #: instruments: called as ``fn(error, points, feedback)`` after each delivery (the error, the points'
         #: :class:`PointMeta` and the feedback each received), e.g. to log or check the signal
         self.feedback_observers: list[Callable[[torch.Tensor, list[PointMeta], list[torch.Tensor]], None]] = []
@@ -554,6 +555,22 @@ class FeedbackEngine(ForwardHooks):
         if isinstance(loss, torch.Tensor) and not self._loss_measured and (report.deliveries or self.mode == "shallow"):
             self._measure_loss_terms(loss)
         return report
+
+    def _differentiated(self, source: str) -> None:
+        """A backward with ``create_graph=True`` reached output ``source``'s delivery in a training forward: warned
+        once (its derivatives there are the feedback's)."""
+        if self._differentiated_said:
+            return
+        self._differentiated_said = True
+        warnings.warn(
+            f"DFA: a derivative through the output module {source!r} is taken with create_graph=True in a training "
+            "forward (a gradient penalty, a physics-informed residual, an input-gradient regulariser). DFA replaces "
+            "the backward there, so that derivative is the feedback's, not the network's, and a term built on it "
+            "is not what it means. Run the forward of such a term inside engine.inert() (under the strategy, "
+            "trainer.strategy.dfa_engine.inert()): it gives the true derivatives, and the term then trains by "
+            "backprop. Or train this model with backprop.",
+            stacklevel=2,
+        )
 
     def _measure_loss_terms(self, loss: torch.Tensor) -> None:
         """Complete the measured roles (:meth:`parameter_roles`) from the first loss: the parameters it reaches

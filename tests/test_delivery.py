@@ -3,6 +3,7 @@ output (sequence-first), several outputs and losses."""
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -487,6 +488,40 @@ def test_a_loss_on_a_blocks_second_output_is_warned(read: bool) -> None:
         assert len(said) == 1 and "['flow.layers.0', 'flow.layers.1'] directly" in said[0], said
     else:
         assert not said
+
+
+def test_a_derivative_taken_with_create_graph_in_a_training_forward_is_warned_and_inert_gives_the_true_one() -> None:
+    """A gradient penalty (WGAN-GP) differentiates the critic's output with respect to its input with
+    ``create_graph=True`` inside the training step: through the delivery that derivative is the feedback's, so the
+    penalty is not what it means. Warned once; computed from a forward inside ``engine.inert()``, it is the true
+    derivative, no warning is given, and the critic's term still trains by feedback."""
+    torch.manual_seed(0)
+    critic = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1))
+    x = torch.randn(8, 4, requires_grad=True)
+    true = torch.autograd.grad(critic(x).sum(), x)[0]
+    engine = FeedbackEngine()
+    engine.attach(critic)
+
+    def penalised(inert: bool) -> tuple[torch.Tensor, list[str]]:
+        critic.zero_grad(set_to_none=True)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            score = critic(x).mean()
+            with engine.inert() if inert else contextlib.nullcontext():
+                grad = torch.autograd.grad(critic(x).sum(), x, create_graph=True)[0]
+            (score + ((grad.norm(dim=1) - 1) ** 2).mean()).backward()
+            report = engine.end_backward()
+        assert report.deliveries >= 1
+        return grad, [str(w.message) for w in seen if "create_graph=True" in str(w.message)]
+
+    grad, said = penalised(inert=True)  # (first: the warning is given once)
+    assert not said
+    torch.testing.assert_close(grad, true)
+    assert critic[0].weight.grad is not None and critic[0].weight.grad.abs().sum() > 0
+    grad, said = penalised(inert=False)
+    assert len(said) == 1 and "'4'" in said[0] and "inert()" in said[0]
+    assert not torch.allclose(grad, true)
+    engine.detach()
 
 
 class _Residual(nn.Module):
