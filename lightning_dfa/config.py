@@ -21,7 +21,14 @@ from .projectors.base import class_name
 MODES = ("dfa", "shallow", "bp")
 RECIPES = ("auto", "paper")
 #: the options that the recipe decides when they are left at ``None``
-RECIPE_OPTIONS = ("norm_jacobian", "cut_head_input", "norm_points", "cut_token_embedding", "sketch")
+RECIPE_OPTIONS = (
+    "norm_jacobian",
+    "cut_head_input",
+    "norm_points",
+    "cut_token_embedding",
+    "encoder_from_decoder",
+    "sketch",
+)
 
 #: options saved with the feedback whose new value on resume gives way to the checkpoint's (with a warning): they
 #: set the feedback's values, which the checkpoint holds
@@ -36,6 +43,7 @@ RESUME_REFUSES = (
     "cut_head_input",
     "norm_points",
     "cut_token_embedding",
+    "encoder_from_decoder",
 )
 _SAVED_OPTIONS = RESUME_REFUSES + RESUME_KEEPS
 #: options where ``None`` means "chosen from the model": on resume, ``None`` takes the saved choice
@@ -48,6 +56,7 @@ _DECIDES = {
     "cut_head_input": "whether the output module's input is a feedback point",
     "norm_points": "whether the outputs of norms that read a point are feedback points",
     "cut_token_embedding": "whether the token embedding receives feedback",
+    "encoder_from_decoder": "where an encoder-decoder's encoder reads its error",
 }
 
 
@@ -82,8 +91,8 @@ class DFAConfig:
             only, the DFA paper's language-model setting: the projected error is then ``d``-dimensional).
         recipe: ``"auto"`` (default: the best DFA measured, chosen from the model's structure) or ``"paper"``
             (the plain DFA of Launay et al. 2020: every option below off unless set). ``"auto"`` decides each of
-            ``norm_jacobian``, ``cut_head_input``, ``norm_points``, ``cut_token_embedding`` and ``sketch`` that is
-            left at ``None``; the fit-start summary and
+            ``norm_jacobian``, ``cut_head_input``, ``norm_points``, ``cut_token_embedding``,
+            ``encoder_from_decoder`` and ``sketch`` that is left at ``None``; the fit-start summary and
             :meth:`FeedbackEngine.recipe_notes` say what was chosen and why.
         norm_jacobian: norm-aware feedback. ``None`` (default, recipe ``"auto"``): at each point whose consumer is a
             LayerNorm or RMSNorm (a pre-LN Transformer's block outputs), the feedback passes through the Jacobian of
@@ -114,6 +123,14 @@ class DFAConfig:
             table drifts towards a code of what follows each token and loses the token's identity: on the demo
             language model the cut takes DFA from 3.31 to 2.67 bits/char at 1000 steps
             (``docs/results_language_model.md``). ``None`` (recipe ``"auto"``): on in ``mode="dfa"``.
+        encoder_from_decoder: in an encoder-decoder (both hold blocks: T5, BART, ``nn.Transformer``), the encoder's
+            error is what the decoder's blocks send back to the encoder's output through their own layers that read
+            it (their cross-attention's key and value projections, from their own feedback): every encoder point of
+            the output's shape receives it as it is, with no backprop through the encoder's blocks. ``False``: the
+            encoder's points get the output error's mean over the output's positions (an encoder's positions are
+            not the decoder's), which pushes every position the same way and was measured to learn less than
+            leaving the encoder untrained (tiny BART, sequence reversal: 0.51 nats with it, 1.62 with the mean).
+            ``None`` (recipe ``"auto"``): on in ``mode="dfa"``.
         topk: ``None`` (default: dense projection ``e @ B``) or ``k`` (the shortcut of
             ``projector=projectors.TopK(k)``): project only the ``k`` largest-magnitude
             entries of each row (token) of the error, a gather of ``k`` rows of ``B`` per token instead of a GEMM
@@ -163,6 +180,7 @@ class DFAConfig:
     cut_head_input: bool | None = None
     norm_points: bool | None = None
     cut_token_embedding: bool | None = None
+    encoder_from_decoder: bool | None = None
     topk: int | None = None
     sketch: bool | None = None
     projector: Projector | None = None

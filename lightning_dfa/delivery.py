@@ -249,6 +249,32 @@ class _Reattach(torch.autograd.Function):
         return None, None, grad.new_empty(0), None
 
 
+class _EncoderRead(torch.autograd.Function):
+    """The output of an encoder-decoder's encoder as the decoder's blocks read it beside their main input (their
+    cross-attention): the identity in the forward. Its backward takes what the decoder's blocks send back to it
+    (their own feedback, through their own layers that read it) as the error of the encoder, and hands it to each of
+    the encoder's points of its shape, as DFA hands the output's error to every block; the gradient also goes on to
+    what computed the value (an encoder's final norm)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, engine: Any, points: list[PointMeta], slots: list[_Slot], tensor: torch.Tensor, *edges: torch.Tensor
+    ) -> torch.Tensor:
+        ctx.engine, ctx.points, ctx.slots = engine, points, slots
+        return tensor.detach()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        if ctx.engine.layouts.probing:  # a layout probe follows the network's data flow: the identity
+            return (None, None, None, grad, *[None for _ in ctx.slots])
+        ctx.engine._handed(grad, ctx.points, [grad for _ in ctx.points])
+        for slot in ctx.slots:
+            slot.add(grad)
+        passed = grad if ctx.needs_input_grad[3] else None
+        return (None, None, None, passed, *[grad.new_empty(0) for _ in ctx.slots])
+
+
 class _Point:
     """A feedback point of one forward: its key, layout flag, shape and dtype, and its edge into the graph. Its
     values are kept only where needed: the activation where norm-aware (or learned) feedback reads it, the tensor
@@ -301,6 +327,11 @@ class _Group:
     #: while the norms that consume each point are searched for: top-level block name -> the point its current call
     #: reads, until the first norm inside it runs on a tensor of the point's shape
     reads: dict[str, _Point] = field(default_factory=dict)
+    #: the encoder's output in this forward (weakly) and its value as the decoder's blocks read it
+    encoder_output: Any = None
+    encoder_read: torch.Tensor | None = None
+    #: ``id`` of the points that read error arrives at: no output of this forward ties them
+    read_fed: set[int] = field(default_factory=set)
 
 
 @dataclass

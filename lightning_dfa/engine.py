@@ -307,6 +307,12 @@ class FeedbackEngine(ForwardHooks):
         return self.mode == "dfa" if chosen is None else chosen
 
     @property
+    def encoder_from_decoder(self) -> bool:
+        """``encoder_from_decoder`` in force: as set, or the recipe's choice (``"auto"``: on in ``mode="dfa"``)."""
+        chosen = self.config.chosen("encoder_from_decoder")
+        return self.mode == "dfa" if chosen is None else chosen
+
+    @property
     def norm_feedback(self) -> str:
         """Norm-aware feedback in force: ``"consumer"`` (the Jacobian of the norm that consumes each point, where one
         does: ``norm_jacobian=None`` with the ``"auto"`` recipe), ``"layernorm"`` (``norm_jacobian=True``: at every
@@ -423,15 +429,20 @@ class FeedbackEngine(ForwardHooks):
         kept = [laid[i] for i in keep]
         acts = None if activations is None else [activations[i] for i in keep]
         self.last_points = kept
-        fed = {m.key for m in self.report.points_fed}
-        self.report.points_fed.extend(m for m in kept if m.key not in fed)
         fbs = self.feedback_for(error, kept, acts, source=source) if kept else []
-        for observer in self.feedback_observers:
-            observer(error, kept, fbs)
+        self._handed(error, kept, fbs)
         out: list[torch.Tensor | None] = [None] * len(points)
         for i, fb in zip(keep, fbs):
             out[i] = fb
         return out
+
+    def _handed(self, error: torch.Tensor, points: list[PointMeta], feedback: list[torch.Tensor]) -> None:
+        """``points`` received ``feedback`` from ``error``: noted in this backward's report (each point once) and
+        shown to the :attr:`feedback_observers`."""
+        fed = {m.key for m in self.report.points_fed}
+        self.report.points_fed.extend(m for m in points if m.key not in fed)
+        for observer in self.feedback_observers:
+            observer(error, points, feedback)
 
     def feedback_for(
         self,

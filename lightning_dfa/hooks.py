@@ -28,6 +28,7 @@ from .delivery import (
     _DeliverFeedback,
     _deliveries_upstream_of,
     _Delivery,
+    _EncoderRead,
     _ForwardState,
     _grad_beyond_soft_cuts,
     _Group,
@@ -48,7 +49,7 @@ from .points import detached
 from .points import split_input as _split_input
 from .points import split_main as _split_main
 from .recipe import chooses_cut, last_top_level_block, only_norms_before
-from .roles import encoder_modules, faint_token_tables, token_embeddings
+from .roles import encoder_modules, encoder_of, faint_token_tables, token_embeddings
 
 _NORM_OR_DROPOUT = re.compile(r"Norm|Dropout")
 
@@ -151,6 +152,9 @@ class ForwardHooks:
                 self._reader_handles.append(handle)
                 self._handles.append(handle)
         self._encoder_names = encoder_modules(root, target)
+        encoder = encoder_of(root, target) if self.mode == "dfa" and self.encoder_from_decoder else None
+        if encoder is not None:
+            self._handles.append(encoder.register_forward_hook(_Hook(lambda m, a, o: self._on_encoder(o))))
         self._modules = {name: module for name, module in target.outputs}
         self._candidates = self._output_candidates(root, target)
         for name, module in target.outputs:
@@ -461,6 +465,10 @@ class ForwardHooks:
         def visit(value: Any, depth: int = 0) -> Any:
             nonlocal changed
             if isinstance(value, torch.Tensor):
+                read = self._encoder_read(block, value)
+                if read is not None:
+                    changed = True
+                    return read
                 if value is main or not _carries_grad(value) or (self._group and id(value) in self._group.cuts):
                     return value
                 cut = self._side_cut(block, value)
@@ -472,6 +480,38 @@ class ForwardHooks:
 
         args, kwargs = tuple(visit(a) for a in args), {k: visit(v) for k, v in kwargs.items()}
         return (args, kwargs) if changed else None
+
+    def _on_encoder(self, output: Any) -> None:
+        """An encoder-decoder's encoder returned: its output, read by the decoder's blocks (cross-attention), is where
+        the encoder's own error arrives (:meth:`_encoder_read`)."""
+        g = self._group
+        if g is None or not self._active() or self._capture is not None:
+            return
+        tensor = output if isinstance(output, torch.Tensor) else getattr(output, "last_hidden_state", None)
+        if tensor is None and isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+            tensor = output[0]
+        if isinstance(tensor, torch.Tensor):
+            g.encoder_output, g.encoder_read = (weakref.ref(tensor), tensor._version), None
+
+    def _encoder_read(self, block: Block, tensor: torch.Tensor) -> torch.Tensor | None:
+        """The encoder's output as a decoder block reads it beside its main input: tied to the encoder's points of
+        its shape, which receive as their error what the decoder's blocks send back to it (one value for every
+        reader, so autograd sums what they send). ``None`` where ``tensor`` is not that output."""
+        g = self._group
+        if g is None or g.encoder_output is None or block.name in self._encoder_names:
+            return None
+        ref, version = g.encoder_output
+        if ref() is not tensor or tensor._version != version:
+            return None
+        if g.encoder_read is None:
+            points = [p for p in g.points if _of_encoder(p.key, self._encoder_names) and p.shape == tensor.shape]
+            if not points:
+                return None
+            metas = [self._point_meta(p.key, p, p.flatten) for p in points]
+            slots, edges = [p.slot for p in points], [p.edge for p in points]
+            g.encoder_read = _EncoderRead.apply(self, metas, slots, tensor, *edges)
+            g.read_fed = {id(p) for p in points}
+        return g.encoder_read
 
     def _side_cut(self, block: Block, tensor: torch.Tensor) -> torch.Tensor:
         g = self._group
@@ -676,6 +716,7 @@ class ForwardHooks:
             return None  # a candidate that computes the loss itself (a CRF's negative log-likelihood) is the loss's
         fed = self._blocks_fed_by(name, g)
         points = list(g.points) if fed is None else [p for p in g.points if _of_blocks(p.key, fed)]
+        points = [p for p in points if id(p) not in g.read_fed]  # an encoder's points: the decoder's read feeds them
         if not points:
             return None
         pooled = _note_pooling(tensor, points)
@@ -1023,6 +1064,10 @@ def _loose_layers(root: nn.Module, target: Target) -> list[tuple[str, nn.Module]
             if not any(out.startswith(name + ".") for out in outputs):
                 found.append((name, module))
     return found
+
+
+def _of_encoder(key: str, encoder: set[str]) -> bool:
+    return key.split("#")[0].split(":")[0] in encoder
 
 
 def _of_blocks(key: str, blocks: set[str]) -> bool:

@@ -98,6 +98,14 @@ def recipe_notes(engine: Any) -> list[str]:
         else:
             what = "nothing to cut (no embedding over the output's vocabulary found)"
         lines.append(f"cut_token_embedding: on: {what}")
+    if engine._encoder_names:
+        if engine.encoder_from_decoder:
+            lines.append(
+                "encoder_from_decoder: on: the encoder's points receive what the decoder's blocks send back to the "
+                "encoder's output (through their cross-attention) as their error"
+            )
+        else:
+            lines.append("encoder_from_decoder: off: the encoder's points get the output error's mean over positions")
     if engine._cut:
         why = "as set" if cfg.cut_head_input else "the output module widens (more outputs than inputs)"
         lines.append(f"cut_head_input: on ({why}): its input gradient is never computed; its input is the last point")

@@ -254,18 +254,17 @@ def faint_token_tables(root: nn.Module, tables: list[tuple[str, nn.Module, bool]
     return reasons
 
 
-def encoder_modules(root: nn.Module, target: Target) -> set[str]:
-    """Names (in ``root``) of the modules inside the encoder of an encoder-decoder whose encoder and decoder both
-    hold blocks: a Hugging Face model's ``get_encoder()`` beside its ``get_decoder()``, or an
-    ``nn.TransformerEncoder`` beside an ``nn.TransformerDecoder``. Their positions are not the output's (the
-    decoder's), so their feedback is the error's mean over the output's positions, whatever the lengths.
+def encoder_of(root: nn.Module, target: Target) -> nn.Module | None:
+    """The encoder of an encoder-decoder whose encoder and decoder both hold blocks: a Hugging Face model's
+    ``get_encoder()`` beside its ``get_decoder()``, or an ``nn.TransformerEncoder`` beside an
+    ``nn.TransformerDecoder``; ``None`` for other models.
 
     Example:
         >>> net = nn.Transformer(d_model=8, nhead=2, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=16)
         >>> from lightning_dfa import FeedbackEngine
         >>> target = FeedbackEngine(blocks=["encoder.layers.*", "decoder.layers.*"], output="decoder.norm").attach(net)
-        >>> sorted(n for n in encoder_modules(net, target) if n.count(".") < 3)
-        ['encoder', 'encoder.layers', 'encoder.layers.0', 'encoder.norm']
+        >>> encoder_of(net, target) is net.encoder
+        True
     """
     pairs: list[tuple[nn.Module, nn.Module]] = []
     hf = _find_hf_model(root)
@@ -287,5 +286,23 @@ def encoder_modules(root: nn.Module, target: Target) -> set[str]:
         if id(enc) in inside_dec or id(dec) in inside_enc:  # one holds the other (an encoder-only model's fallbacks)
             continue
         if any(id(b) in inside_enc for b in blocks) and any(id(b) in inside_dec for b in blocks):
-            return {name for name, m in root.named_modules() if id(m) in inside_enc}
-    return set()
+            return enc
+    return None
+
+
+def encoder_modules(root: nn.Module, target: Target) -> set[str]:
+    """Names (in ``root``) of the modules inside the encoder of an encoder-decoder whose encoder and decoder both
+    hold blocks (:func:`encoder_of`). Their positions are not the output's (the decoder's).
+
+    Example:
+        >>> net = nn.Transformer(d_model=8, nhead=2, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=16)
+        >>> from lightning_dfa import FeedbackEngine
+        >>> target = FeedbackEngine(blocks=["encoder.layers.*", "decoder.layers.*"], output="decoder.norm").attach(net)
+        >>> sorted(n for n in encoder_modules(net, target) if n.count(".") < 3)
+        ['encoder', 'encoder.layers', 'encoder.layers.0', 'encoder.norm']
+    """
+    enc = encoder_of(root, target)
+    if enc is None:
+        return set()
+    inside = {id(m) for m in enc.modules()}
+    return {name for name, m in root.named_modules() if id(m) in inside}

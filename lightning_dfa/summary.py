@@ -25,6 +25,7 @@ _OPTIONS = (
     "cut_head_input",
     "norm_points",
     "cut_token_embedding",
+    "encoder_from_decoder",
     "sketch",
     "topk",
 )

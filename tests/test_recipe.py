@@ -342,12 +342,13 @@ def test_a_tied_table_behind_a_head_transform_is_not_cut() -> None:
 
 def test_the_decoder_points_of_an_encoder_decoder_find_their_norms() -> None:
     """T5: the encoder's final norm is a candidate output, tied on the way to the decoder; the decoder's blocks read
-    their inputs through norms too, and their points must get norm-aware feedback as the encoder's do."""
+    their inputs through norms too, and their points must get norm-aware feedback as the encoder's do (where the
+    encoder's points take the output's error: ``encoder_from_decoder=False``)."""
     torch.manual_seed(0)
     cfg = hf.T5Config(vocab_size=VOCAB, d_model=16, d_ff=32, d_kv=8, num_layers=2, num_heads=2,
                       decoder_start_token_id=0, dropout_rate=0.0)  # fmt: skip
     model = hf.T5ForConditionalGeneration(cfg)
-    engine = FeedbackEngine()
+    engine = FeedbackEngine(encoder_from_decoder=False)
     engine.attach(model)
     ids = torch.randint(1, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
     model(input_ids=ids, labels=ids).loss.backward()
@@ -360,14 +361,12 @@ def test_the_decoder_points_of_an_encoder_decoder_find_their_norms() -> None:
 
 @pytest.mark.parametrize("target_length", [6, 4])
 def test_an_encoders_points_get_the_mean_error_whatever_the_lengths(target_length: int) -> None:
-    """An encoder's position i is not the decoder's position i: its points are fed the error's mean over the
-    decoder's positions, also where the source and the target happen to be equally long."""
+    """With ``encoder_from_decoder=False``: an encoder's position i is not the decoder's position i, so its points
+    are fed the error's mean over the decoder's positions, also where the source and the target happen to be
+    equally long."""
     torch.manual_seed(0)
-    cfg = hf.BartConfig(vocab_size=VOCAB, d_model=16, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2,
-                        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
-                        dropout=0.0)  # fmt: skip
-    model = hf.BartForConditionalGeneration(cfg)
-    engine = FeedbackEngine()
+    model = hf.BartForConditionalGeneration(_tiny_bart_config())
+    engine = FeedbackEngine(encoder_from_decoder=False)
     seen: dict[str, torch.Tensor] = {}
     engine.feedback_observers.append(lambda e, points, fbs: seen.update({p.key: f for p, f in zip(points, fbs)}))
     engine.attach(model)
@@ -382,6 +381,60 @@ def test_an_encoders_points_get_the_mean_error_whatever_the_lengths(target_lengt
     for k in encoder:  # the same feedback at every position of an item
         torch.testing.assert_close(seen[k], seen[k][:, :1].expand_as(seen[k]))
     assert not torch.allclose(seen[decoder[0]][:, 0], seen[decoder[0]][:, 1])  # the decoder's: position by position
+
+
+def _tiny_bart_config() -> hf.BartConfig:
+    return hf.BartConfig(vocab_size=VOCAB, d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+                         decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+                         max_position_embeddings=32, dropout=0.0)  # fmt: skip
+
+
+@pytest.mark.parametrize("target_length", [6, 4])
+def test_an_encoders_points_get_what_the_decoders_blocks_send_back_to_its_output(target_length: int) -> None:
+    """By default every point of an encoder-decoder's encoder receives, as it is, the gradient that the decoder's
+    blocks send back to the encoder's output through their cross-attention (from their own feedback): one signal,
+    position by position, with no backprop through the encoder's blocks; the output's error reaches the encoder
+    only that way."""
+    torch.manual_seed(0)
+    model = hf.BartForConditionalGeneration(_tiny_bart_config())
+    engine = FeedbackEngine()
+    engine.attach(model)
+    received: dict[str, torch.Tensor] = {}
+
+    def watch(key: str, tensor: torch.Tensor) -> None:
+        if key.startswith("model.encoder.") and tensor.requires_grad:
+            tensor.register_hook(lambda grad, key=key: received.update({key: grad}))
+
+    engine.point_observers.append(watch)
+    reads: dict[int, torch.Tensor] = {}
+    sent: list[torch.Tensor] = []
+
+    def read(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        memory = kwargs.get("encoder_hidden_states")
+        if memory is None:
+            memory = next(a for a in args[1:] if isinstance(a, torch.Tensor) and a.dim() == 3)
+        if id(memory) not in reads:  # one value for every decoder layer: its hook sees the sum they send back
+            reads[id(memory)] = memory
+            memory.register_hook(sent.append)
+
+    handles = [layer.register_forward_pre_hook(read, with_kwargs=True) for layer in model.model.decoder.layers]
+    g = torch.Generator().manual_seed(0)
+    ids, labels = torch.randint(3, VOCAB, (2, 6), generator=g), torch.randint(3, VOCAB, (2, target_length), generator=g)
+    model(input_ids=ids, labels=labels).loss.backward()
+    report = engine.end_backward()
+    for h in handles:
+        h.remove()
+    notes = " ".join(engine.recipe_notes())
+    engine.detach()
+    assert len(reads) == 1 and len(sent) == 1
+    expected = ["model.encoder.layers.0:in", "model.encoder.layers.0", "model.encoder.layers.1"]
+    assert sorted(received) == sorted(expected)
+    assert {"model.encoder.layers.0", "model.encoder.layers.1"} <= {p.key.split("#")[0] for p in report.points_fed}
+    for key in expected:
+        torch.testing.assert_close(received[key], sent[0])
+    assert sent[0].abs().sum() > 0
+    assert not torch.allclose(sent[0][:, 0], sent[0][:, 1])  # position by position, not the mean
+    assert "encoder_from_decoder: on" in notes
 
 
 def test_encoder_only_models_have_no_encoder_points() -> None:
