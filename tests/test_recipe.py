@@ -437,6 +437,34 @@ def test_an_encoders_points_get_what_the_decoders_blocks_send_back_to_its_output
     assert "encoder_from_decoder: on" in notes
 
 
+def test_an_encoders_error_from_the_decoder_is_the_same_with_activation_checkpointing() -> None:
+    """The decoder's blocks recomputed in the backward (Hugging Face's gradient checkpointing, non-reentrant) read
+    the encoder's output as the forward handed it: every gradient equals the one without checkpointing."""
+    import copy
+
+    torch.manual_seed(0)
+    base = hf.BartForConditionalGeneration(_tiny_bart_config())
+    g = torch.Generator().manual_seed(0)
+    ids, labels = torch.randint(3, VOCAB, (2, 6), generator=g), torch.randint(3, VOCAB, (2, 4), generator=g)
+    grads = []
+    for checkpointing in (False, True):
+        model = copy.deepcopy(base).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        engine = FeedbackEngine()
+        engine.attach(model)
+        for _ in range(2):  # the first training forward keeps its cuts in the graph; the second does not
+            model.zero_grad()
+            model(input_ids=ids, labels=labels).loss.backward()
+            engine.end_backward()
+        engine.detach()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    assert any(n.startswith("model.encoder.layers.") for n in grads[0])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
+
+
 def test_encoder_only_models_have_no_encoder_points() -> None:
     """BERT's generic ``get_decoder()`` returns the model that holds its encoder: no encoder-decoder, so its points
     keep the error position by position."""
