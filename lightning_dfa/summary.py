@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .config import RECIPE_OPTIONS
 from .points import call_with_example
 
 
@@ -18,17 +19,7 @@ def _count(n: int) -> str:
     return str(n)
 
 
-_OPTIONS = (
-    "recipe",
-    "error_at",
-    "norm_jacobian",
-    "cut_head_input",
-    "norm_points",
-    "cut_token_embedding",
-    "encoder_from_decoder",
-    "sketch",
-    "topk",
-)
+_OPTIONS = ("recipe", "error_at", *RECIPE_OPTIONS, "topk")
 
 
 def _options_in_force(engine: Any) -> str:
