@@ -459,6 +459,15 @@ MORE: dict[str, Task] = {
                                                                              embedding_size=32, hidden_sizes=[32, 64],
                                                                              depths=[2, 2], layer_type="basic")),
          "marks", (0, 64, 1e-3)),
+        # the same widths: RegNet's grouped bottlenecks with squeeze-and-excitation, ConvNeXt's depthwise blocks
+        ("regnet", lambda s: hf.RegNetForImageClassification(hf.RegNetConfig(num_channels=1, num_labels=2,
+                                                                             embedding_size=32, hidden_sizes=[32, 64],
+                                                                             depths=[2, 2], groups_width=16)),
+         "marks", (0, 64, 1e-3)),
+        ("convnext", lambda s: hf.ConvNextForImageClassification(hf.ConvNextConfig(num_channels=1, num_labels=2,
+                                                                                   num_stages=2, hidden_sizes=[32, 64],
+                                                                                   depths=[2, 2])),
+         "marks", (0, 64, 1e-3)),
         # no attention: a selective state-space model and a linear-attention recurrence
         ("mamba", lambda s: hf.MambaForCausalLM(hf.MambaConfig(vocab_size=VOCAB, hidden_size=D,
                                                                num_hidden_layers=LAYERS, state_size=16)), "lm",

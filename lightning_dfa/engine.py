@@ -31,6 +31,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -67,7 +68,7 @@ from .delivery import (
 )
 from .discovery import _find_hf_model
 from .hooks import ForwardHooks, _loose_layers
-from .layout import Layouts, PointMeta, error_rows, laid_on, laid_out, like_the_tokens
+from .layout import Layouts, PointMeta, error_rows, is_map, laid_on, laid_out, like_the_tokens
 from .learned import LearnedFeedback
 from .norms import NormSpec, norm_vjp
 from .projectors import Dense, Projector, Sketch, TopK
@@ -83,7 +84,7 @@ __all__ = ["BackwardReport", "Capture", "CapturedPoint", "FeedbackEngine", "Poin
 
 
 #: the alignments whose points get learned feedback matrices (``feedback_learning``); the others keep the fixed one
-_LEARNABLE = ("token", "flatten")
+_LEARNABLE = ("token", "flatten", "channels")
 
 
 # ---------------------------------------------------------------------------------------------- engine
@@ -173,6 +174,9 @@ class FeedbackEngine(ForwardHooks):
         #: ("first" or "second" dimension, where both could be; :attr:`PointMeta.state`)
         self._state_keys: dict[str, str] = {}
         self._pooled: set[str] = set()  # points the output reads through a pooling over groups of rows
+        #: output name -> whether it reads the last feature map through a global average over its positions
+        #: (checked once per output): if one does, the convolutional points are fed per channel (``pooled_channels``)
+        self._pooled_maps: dict[str, bool] = {}
         #: cut_token_embedding="auto": why the token table is not cut (faint beside fixed positions), once decided
         self._faint: list[str] | None = None
         self._saved_faint: list[str] | None = None  # that decision, from a checkpoint
@@ -310,6 +314,12 @@ class FeedbackEngine(ForwardHooks):
     def encoder_from_decoder(self) -> bool:
         """``encoder_from_decoder`` in force: as set, or the recipe's choice (``"auto"``: on in ``mode="dfa"``)."""
         chosen = self.config.chosen("encoder_from_decoder")
+        return self.mode == "dfa" if chosen is None else chosen
+
+    @property
+    def pooled_channels(self) -> bool:
+        """``pooled_channels`` in force: as set, or the recipe's choice (``"auto"``: on in ``mode="dfa"``)."""
+        chosen = self.config.chosen("pooled_channels")
         return self.mode == "dfa" if chosen is None else chosen
 
     @property
@@ -466,6 +476,8 @@ class FeedbackEngine(ForwardHooks):
         if any(p.norm is not None and h is None for p, h in zip(points, activations)):
             raise ValueError("DFA: norm-aware feedback needs the points' activations (pass activations=).")
         output = source or (self.target.output_name if self.target else "?")
+        if any(self._pooled_maps.values()):  # pooled_channels (an output after the pooling: the head, a norm before it)
+            points = [dataclasses.replace(p, pooled=True) if p.flatten and is_map(p.shape) else p for p in points]
         aligned = like_the_tokens(points, [self.layouts.align(error.shape, p, output) for p in points])
         widest: dict[tuple[str, int], int] = {}
         items = {(kind, k): laid_out(p)[0] for p, (kind, k, _) in zip(points, aligned) if p.state is not None}
@@ -506,7 +518,12 @@ class FeedbackEngine(ForwardHooks):
         """The ``feedback_learning`` option's feedback of one point (see :mod:`lightning_dfa.learned`)."""
         assert self.learned is not None and h is not None
         h = h.transpose(0, 1) if p.layout == "swapped" else h
-        rows, hs = (error.reshape(-1, k), h.reshape(-1, d)) if kind == "token" else (error.flatten(1), h.flatten(1))
+        if kind == "token":
+            rows, hs = error.reshape(-1, k), h.reshape(-1, d)
+        elif kind == "channels":  # one vector per channel: the matrix learns from each channel's mean activation
+            rows, hs = error, h.flatten(2).mean(-1)
+        else:
+            rows, hs = error.flatten(1), h.flatten(1)
 
         def initial() -> torch.Tensor:  # the dense fixed matrix, whatever projector the other points use
             return self.bank.matrix(k, d, torch.device("cpu"), torch.float32, source=source)

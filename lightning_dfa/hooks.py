@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import math
 import re
 import warnings
 import weakref
@@ -42,7 +43,7 @@ from .delivery import (
     _walk,
 )
 from .discovery import discover, single_trainable_layer
-from .layout import Layouts, PackedRows, PointMeta, sequence_shaped
+from .layout import Layouts, PackedRows, PointMeta, is_map, sequence_shaped
 from .norms import NormSpec, _may_normalise, probe_normalisation
 from .points import carries_grad as _carries_grad
 from .points import detached
@@ -99,7 +100,7 @@ class ForwardHooks:
         if not same:
             self.layouts = Layouts()
             self._consumers, self._norm_kinds, self._point_norms = {}, {}, set()
-            self._residual_consumers = set()
+            self._residual_consumers, self._pooled_maps = set(), {}
             self._consumers_complete = False
             self._sources, self._true_ids, self._loss_measured = {}, None, False
         self.root, self.target = root, target
@@ -722,6 +723,9 @@ class ForwardHooks:
         pooled = _note_pooling(tensor, points)
         if pooled is not None:
             self._pooled.add(pooled.split("#")[0])
+        if name not in self._pooled_maps and self.pooled_channels and tensor.dim() == 2:
+            if any(is_map(p.shape) for p in points if p.flatten):  # checked once per output
+                self._pooled_maps[name] = _reads_pooled_map(tensor, points[-1])
         calls = g.outputs.get(name, 0)
         g.outputs[name] = calls + 1
         source = name if calls == 0 else f"{name}#{calls}"
@@ -1197,6 +1201,38 @@ def _note_pooling(tensor: torch.Tensor, points: list[_Point]) -> str | None:
             found = per_row[p.shape[0]]
         p.rows = found
     return pooled[-1].key if pooled else None
+
+
+def _reads_pooled_map(tensor: torch.Tensor, last: _Point) -> bool:
+    """``tensor`` (an output) reads a feature map through a global average (or sum) over all its positions: a
+    ``[batch, channels, *positions]`` map reduced over every position lies between the output and the last point
+    (ResNet's pooler, ``x.mean((-2, -1))`` in the head), or the last point is itself that pooling's result (a
+    ``Sequential`` CNN's ``AdaptiveAvgPool2d(1)``, the head's input taken after the pooling)."""
+    if tensor.grad_fn is None:
+        return False
+    batch = tensor.shape[0]
+    if any(_global_mean(node, batch) for node in _walk(tensor, _next_functions, limit=64)):
+        return True
+    node = last.edge.grad_fn.next_functions[0][0] if last.edge.grad_fn is not None else None
+    while node is not None and type(node).__name__ in _VIEWS:  # the pooling's result, reshaped
+        node = node.next_functions[0][0]
+    return node is not None and _global_mean(node, batch)
+
+
+#: graph nodes that only reshape a tensor (``Flatten``, ``squeeze``, ``view``)
+_VIEWS = ("ViewBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0", "SqueezeBackward1", "SqueezeBackward2",
+          "SqueezeBackward0", "UnsqueezeBackward0")  # fmt: skip
+
+
+def _global_mean(node: Any, batch: int) -> bool:
+    """The graph node is a mean or a sum of a ``[batch, channels, *positions]`` tensor over all its positions."""
+    if type(node).__name__ not in ("MeanBackward1", "SumBackward1"):
+        return False
+    sizes = tuple(getattr(node, "_saved_self_sym_sizes", ()))
+    if len(sizes) < 3 or sizes[0] != batch or math.prod(sizes[2:]) <= 1:
+        return False
+    dims = {(d - 2**64 if d >= 2**63 else d) % len(sizes) for d in getattr(node, "_saved_dim", ())}
+    return dims == set(range(2, len(sizes)))  # (the saved dimensions are unsigned: -1 is 2**64 - 1)
 
 
 #: graph nodes of a sum, mean or max over all rows at once (torch_geometric's pooling of one graph, ``batch=None``)

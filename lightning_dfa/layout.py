@@ -84,6 +84,15 @@ class PointMeta:
     #: the point is a ``PackedSequence``'s data, or rows pooled over groups (a graph's nodes): which sequence and
     #: step (or group) each of its rows is
     rows: PackedRows | None = None
+    #: a convolutional point ``[batch, channels, *positions]`` of an output that reads the last feature map through
+    #: a global average over its positions (``pooled_channels``): a per-item error feeds it one vector per channel,
+    #: the same at every position
+    pooled: bool = False
+
+
+def is_map(shape: torch.Size) -> bool:
+    """``[batch, channels, *positions]`` with more than one position: a convolutional feature map."""
+    return len(shape) >= 3 and math.prod(shape[2:]) > 1
 
 
 class Layouts:
@@ -107,6 +116,8 @@ class Layouts:
             return state_fit(error, shape, point, output)
         if point.rows is not None:
             return packed_fit(error, point, output)
+        if point.pooled and len(error) == 2 and error[0] == shape[0] and len(shape) >= 3:
+            return "channels", error[-1], shape[1]
         kind = fit(error, shape, point.flatten)
         if kind is None and len(error) == 2 and len(shape) == 2 and error[0] < shape[0] and not point.flatten:
             raise RuntimeError(
@@ -377,7 +388,7 @@ def error_rows(error: torch.Tensor, kind: str, k: int, items: int = 0) -> torch.
         return error.reshape(items, -1, k).mean(dim=1)
     if kind == "mean_rows_first":
         return error.reshape(-1, items, k).mean(dim=0)
-    if kind in ("token", "token_channels", "rows_bt", "rows_tb"):
+    if kind in ("token", "token_channels", "rows_bt", "rows_tb", "channels"):
         return error
     if kind == "broadcast":
         return error.reshape(-1, k)
@@ -408,6 +419,8 @@ def laid_on(fb: torch.Tensor, point: PointMeta, kind: str, error: torch.Size) ->
         j = prefix(error, shape)
         assert j is not None
         fb = fb.reshape(*shape[:j], *([1] * (len(shape) - 1 - j)), d).expand(shape)
+    elif kind == "channels":  # one vector per item and channel, the same at every position
+        fb = fb.reshape(*shape[:2], *([1] * (len(shape) - 2))).expand(shape)
     elif kind == "token_channels":
         fb = fb.transpose(1, 2)  # [batch, positions, channels] -> the point's [batch, channels, positions]
     elif kind in ("rows", "rows_bt", "rows_tb"):  # a PackedSequence's rows: each its sequence's (and step's) feedback

@@ -9,7 +9,8 @@ one, that follows the update a direct linear readout from the point to the outpu
     B_p <- (1 - decay) * B_p  -  decay * ||B_p(0)|| * G_p / ||G_p||
 
 where ``h`` is the point's activation in the forward, ``n_p(h)`` the same with every token (row) scaled to unit
-root-mean-square, and ``e`` the error the point already receives (``dL/d output``). The step is normalised, so
+root-mean-square, and ``e`` the error the point already receives (``dL/d output``); a feature map fed one vector
+per channel (``pooled_channels``) reads ``h`` as each channel's mean over the positions. The step is normalised, so
 ``B_p`` is an exponential moving average (time constant ``1 / decay`` steps) of the direction of ``-G_p``, starting
 from the fixed random matrix; the feedback then uses ``B_p`` rescaled to the norm of ``B_p(0)``, so its size is the
 fixed feedback's. Nothing else is read: no forward weight (no weight transport), no extra forward pass. The cost is

@@ -106,6 +106,18 @@ def recipe_notes(engine: Any) -> list[str]:
             )
         else:
             lines.append("encoder_from_decoder: off: the encoder's points get the output error's mean over positions")
+    if engine.pooled_channels and engine._flatten:
+        pooled = [name for name, found in engine._pooled_maps.items() if found]
+        if pooled:
+            what = (
+                f"{', '.join(pooled)} reads the last feature map through a global average, so the convolutional "
+                "points get B e per channel, the same at every position (as the pooling's gradient is)"
+            )
+        elif engine._pooled_maps:
+            what = "no output reads a feature map through a global average: a vector per position, as by the paper"
+        else:
+            what = "a feature map read through a global average gets B e per channel (checked in the first forward)"
+        lines.append(f"pooled_channels: on: {what}")
     if engine._cut:
         why = "as set" if cfg.cut_head_input else "the output module widens (more outputs than inputs)"
         lines.append(f"cut_head_input: on ({why}): its input gradient is never computed; its input is the last point")

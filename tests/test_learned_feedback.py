@@ -117,3 +117,29 @@ def test_state_round_trip_and_off_by_default() -> None:
 def test_bad_options_are_refused(options: dict, words: str) -> None:
     with pytest.raises(ValueError, match=words):
         DFAConfig(**options)
+
+
+def test_a_pooled_maps_matrix_learns_from_each_channels_mean_activation() -> None:
+    """Under ``pooled_channels`` a feature map is fed one vector per channel; its learned matrix is as wide as the
+    channels and follows the rule with each channel's activation averaged over the positions."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))  # fmt: skip
+    decay = 0.3
+    engine = FeedbackEngine(seed=1, feedback_learning="kolen_pollack", feedback_decay=decay)
+    engine.attach(net)
+    acts = _recorder(net, ["1"])
+    fed: dict[str, torch.Tensor] = {}
+    engine.point_observers.append(lambda key, t: t.register_hook(lambda g, key=key: fed.update({key: g})))
+    x, y = torch.randn(4, 1, 6, 6), torch.tensor([0, 1, 2, 0])
+    logits = net(x)
+    e = torch.autograd.grad(nn.functional.cross_entropy(logits, y), logits, retain_graph=True)[0]
+    nn.functional.cross_entropy(logits, y).backward()
+    engine.end_backward()
+    b0 = engine.bank.matrix(3, 8, torch.device("cpu"), torch.float32)
+    assert engine.learned.matrices["1"].shape == (8, 3)
+    torch.testing.assert_close(engine.learned.matrices["1"], _rule(b0, b0, acts["1"].mean((-2, -1)), e, decay))
+    feedback = fed["1"]
+    assert feedback.shape == (4, 8, 6, 6) and feedback.abs().sum() > 0
+    torch.testing.assert_close(feedback, feedback[..., :1, :1].expand_as(feedback))  # the same at every position
+    engine.detach()

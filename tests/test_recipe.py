@@ -975,3 +975,97 @@ def test_scaled_or_learned_token_signals_keep_the_cut() -> None:
         engine = FeedbackEngine()
         _token_table_gradient(model, engine)
         assert engine._faint == [] and any("embed_tokens (tied" in line for line in engine.recipe_notes())
+
+
+class _MeanReadout(nn.Module):
+    """A CNN whose head averages the last feature map in its forward: ``fc(x.mean((-2, -1)))``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU())
+        self.c2 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.c2(self.c1(x)).mean((-2, -1)))
+
+
+def _conv_stack(*head: nn.Module) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), *head)
+
+
+_POOLED_CNNS = {
+    "adaptive_avg_pool": lambda: _conv_stack(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)),
+    "mean_in_forward": _MeanReadout,
+    "hf_resnet": lambda: hf.ResNetForImageClassification(hf.ResNetConfig(
+        num_channels=1, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=3)),
+}  # fmt: skip
+
+
+def _map_feedback(net: nn.Module, **options: Any) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The feedback each 4-D point receives in one step, and the recipe notes."""
+    engine = FeedbackEngine(seed=0, **options)
+    engine.attach(net)
+    seen: dict[str, torch.Tensor] = {}
+
+    def watch(key: str, tensor: torch.Tensor) -> None:
+        if tensor.requires_grad and tensor.dim() == 4 and tensor.shape[-1] > 1:
+            tensor.register_hook(lambda grad, key=key: seen.update({key: grad}))
+
+    engine.point_observers.append(watch)
+    x = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    out = net(x)
+    out = getattr(out, "logits", out)
+    nn.functional.cross_entropy(out, torch.tensor([0, 1, 2, 0])).backward()
+    engine.end_backward()
+    notes = engine.recipe_notes()
+    engine.detach()
+    assert seen, "no convolutional point was fed"
+    return seen, notes
+
+
+def _spread(feedback: torch.Tensor) -> float:
+    """How much the feedback varies over the positions of each item and channel."""
+    return float((feedback - feedback.mean((-2, -1), keepdim=True)).abs().max())
+
+
+@pytest.mark.parametrize("name", list(_POOLED_CNNS))
+def test_maps_read_through_a_global_average_get_one_feedback_per_channel(name: str) -> None:
+    torch.manual_seed(0)
+    net = _POOLED_CNNS[name]()
+    seen, notes = _map_feedback(net)
+    for key, feedback in seen.items():
+        assert _spread(feedback) < 1e-6 * float(feedback.abs().max()), key  # the same at every position
+        assert feedback.abs().amax((-2, -1)).min() > 0, key  # every item and channel is fed
+        assert not torch.allclose(feedback[:, 0], feedback[:, 1]), key  # a vector over the channels
+    said = [n for n in notes if n.startswith("pooled_channels: on:")]
+    assert said and "reads the last feature map through a global average" in said[0]
+    for options in ({"pooled_channels": False}, {"recipe": "paper"}):  # the paper's rule: a vector per position
+        seen, notes = _map_feedback(net, **options)
+        assert all(_spread(f) > 1e-3 * float(f.abs().max()) for f in seen.values()), options
+        assert not any(n.startswith("pooled_channels") for n in notes)
+
+
+def test_a_pooled_maps_channel_feedback_is_what_the_pooled_vector_gets() -> None:
+    """The feedback of a channel of the map is the projection a point as wide as the channels receives (here, the
+    head's input after the pooling): ``B e`` per channel, broadcast over the positions."""
+    torch.manual_seed(0)
+    net = _MeanReadout()
+    engine = FeedbackEngine(seed=0)
+    engine.attach(net)
+    seen: dict[str, torch.Tensor] = {}
+    engine.point_observers.append(lambda key, t: t.register_hook(lambda g, key=key: seen.update({key: g})))
+    x = torch.randn(4, 1, 6, 6)
+    nn.functional.cross_entropy(net(x), torch.tensor([0, 1, 2, 0])).backward()
+    engine.end_backward()
+    engine.detach()
+    assert sorted(seen) == ["c2.0:in", "fc:in"]
+    torch.testing.assert_close(seen["c2.0:in"], seen["fc:in"][:, :, None, None].expand(4, 8, 6, 6))
+
+
+def test_maps_read_through_flatten_keep_a_vector_per_position() -> None:
+    torch.manual_seed(0)
+    seen, notes = _map_feedback(_conv_stack(nn.Flatten(), nn.Linear(8 * 256, 3)))
+    assert all(_spread(f) > 1e-3 * float(f.abs().max()) for f in seen.values())
+    said = [n for n in notes if n.startswith("pooled_channels: on:")]
+    assert said and "no output reads a feature map through a global average" in said[0]
