@@ -135,10 +135,10 @@ class DFAConfig:
             leaving the encoder untrained (tiny BART, sequence reversal: 0.51 nats with it, 1.62 with the mean).
             ``None`` (recipe ``"auto"``): on in ``mode="dfa"``.
         pooled_channels: where the output reads the last convolutional feature map through a global average (or
-            sum) over its positions (ResNet's, ConvNeXt's or a CNN's ``AdaptiveAvgPool2d(1)``, ``x.mean((-2, -1))``),
-            every convolutional point fed by a per-item error gets ``B e`` per channel, the same at each position,
-            as the pooling's own gradient is: ``[batch, channels, height, width]`` points take a ``channels``-wide
-            projection, broadcast over the positions. A position-specific random pattern, which the paper's rule
+            sum) over its positions (ResNet's, ConvNeXt's or a CNN's ``AdaptiveAvgPool2d(1)``, ``x.mean((-2, -1))``,
+            ``F.avg_pool2d`` over the whole map), every convolutional point fed by a per-item error gets ``B e`` per
+            channel, the same at each position, as the pooling's own gradient is: ``[batch, channels, height,
+            width]`` points take a ``channels``-wide projection, broadcast over the positions. A position-specific random pattern, which the paper's rule
             gives, is one that position-shared convolution weights follow poorly under a pooled readout (tiny
             Hugging Face models on an image XOR, share of the shallow -> backprop gap closed, seeds 0 / 1: ConvNeXt
             14 % / 8 % with it, -1 % / 1 % with the paper's rule; RegNet 98 % / 100 % against 95 % / 86 %; ResNet on

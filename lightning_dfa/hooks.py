@@ -1225,8 +1225,19 @@ _VIEWS = ("ViewBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0", "Sque
 
 
 def _global_mean(node: Any, batch: int) -> bool:
-    """The graph node is a mean or a sum of a ``[batch, channels, *positions]`` tensor over all its positions."""
-    if type(node).__name__ not in ("MeanBackward1", "SumBackward1"):
+    """The graph node is a mean or a sum of a ``[batch, channels, *positions]`` tensor over all its positions (or an
+    average pooling whose window is the whole map, as ``F.avg_pool2d(x, 4)`` on a 4x4 map)."""
+    name = type(node).__name__
+    if name in ("AvgPool2DBackward0", "AvgPool3DBackward0"):
+        try:
+            sizes = tuple(node._saved_self.shape)
+        except RuntimeError:  # (its saved input already freed)
+            return False
+        kernel = tuple(node._saved_kernel_size)
+        kernel = kernel * (len(sizes) - 2) if len(kernel) == 1 else kernel
+        whole = kernel == sizes[2:] and not any(node._saved_padding) and node._saved_divisor_override is None
+        return whole and sizes[0] == batch and math.prod(sizes[2:]) > 1
+    if name not in ("MeanBackward1", "SumBackward1"):
         return False
     sizes = tuple(getattr(node, "_saved_self_sym_sizes", ()))
     if len(sizes) < 3 or sizes[0] != batch or math.prod(sizes[2:]) <= 1:

@@ -990,6 +990,14 @@ class _MeanReadout(nn.Module):
         return self.fc(self.c2(self.c1(x)).mean((-2, -1)))
 
 
+class _AvgPoolReadout(_MeanReadout):
+    """As a CIFAR ResNet written by hand: ``F.avg_pool2d`` over the whole last map, ``view``, ``linear``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = nn.functional.avg_pool2d(self.c2(self.c1(x)), x.shape[-1])
+        return self.fc(out.view(out.size(0), -1))
+
+
 def _conv_stack(*head: nn.Module) -> nn.Module:
     return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), *head)
 
@@ -997,6 +1005,7 @@ def _conv_stack(*head: nn.Module) -> nn.Module:
 _POOLED_CNNS = {
     "adaptive_avg_pool": lambda: _conv_stack(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)),
     "mean_in_forward": _MeanReadout,
+    "avg_pool_over_the_map": _AvgPoolReadout,
     "hf_resnet": lambda: hf.ResNetForImageClassification(hf.ResNetConfig(
         num_channels=1, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=3)),
 }  # fmt: skip
