@@ -1011,9 +1011,13 @@ _POOLED_CNNS = {
 }  # fmt: skip
 
 
-def _map_feedback(net: nn.Module, **options: Any) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """The feedback each 4-D point receives in one step, and the recipe notes."""
+def _map_feedback(
+    net: nn.Module, state: dict[str, Any] | None = None, **options: Any
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The feedback each 4-D point receives in one step (resumed from ``state``, if given), and the recipe notes."""
     engine = FeedbackEngine(seed=0, **options)
+    if state is not None:
+        engine.load_state_dict(state)
     engine.attach(net)
     seen: dict[str, torch.Tensor] = {}
 
@@ -1078,3 +1082,22 @@ def test_maps_read_through_flatten_keep_a_vector_per_position() -> None:
     assert all(_spread(f) > 1e-3 * float(f.abs().max()) for f in seen.values())
     said = [n for n in notes if n.startswith("pooled_channels: on:")]
     assert said and "no output reads a feature map through a global average" in said[0]
+
+
+def test_a_checkpoint_written_before_feedback_per_channel_keeps_a_vector_per_position() -> None:
+    torch.manual_seed(0)
+    net = _POOLED_CNNS["adaptive_avg_pool"]()
+    states = []
+    for pooled in (None, False):
+        written = FeedbackEngine(seed=0, pooled_channels=pooled)
+        written.attach(net)
+        nn.functional.cross_entropy(net(torch.randn(4, 1, 16, 16)), torch.tensor([0, 1, 2, 0])).backward()
+        written.end_backward()
+        states.append(written.state_dict())
+        written.detach()
+    seen, _ = _map_feedback(net, states[0])  # the default's choice continues
+    assert all(_spread(f) < 1e-6 * float(f.abs().max()) for f in seen.values())
+    older = {k: v for k, v in states[1].items() if k != "pooled_channels"}  # written before the option existed
+    seen, notes = _map_feedback(net, older)
+    assert all(_spread(f) > 1e-3 * float(f.abs().max()) for f in seen.values())
+    assert not any(n.startswith("pooled_channels") for n in notes)
