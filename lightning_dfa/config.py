@@ -138,12 +138,12 @@ class DFAConfig:
             sum) over its positions (ResNet's, ConvNeXt's or a CNN's ``AdaptiveAvgPool2d(1)``, ``x.mean((-2, -1))``,
             ``F.avg_pool2d`` over the whole map), every convolutional point fed by a per-item error gets ``B e`` per
             channel, the same at each position, as the pooling's own gradient is: ``[batch, channels, height,
-            width]`` points take a ``channels``-wide projection, broadcast over the positions. A position-specific random pattern, which the paper's rule
-            gives, is one that position-shared convolution weights follow poorly under a pooled readout (tiny
-            Hugging Face models on an image XOR, share of the shallow -> backprop gap closed, seeds 0 / 1: ConvNeXt
-            14 % / 8 % with it, -1 % / 1 % with the paper's rule; RegNet 98 % / 100 % against 95 % / 86 %; ResNet on
-            a par, 68 % against 66 % over six seeds). A CNN read through ``Flatten`` keeps a vector per position.
-            ``None`` (recipe ``"auto"``): on in ``mode="dfa"``.
+            width]`` points take a ``channels``-wide projection, broadcast over the positions. A position-specific
+            random pattern, which the paper's rule gives, is one that position-shared convolution weights follow
+            poorly under a pooled readout (tiny Hugging Face models on an image XOR, share of the shallow ->
+            backprop gap closed, seeds 0 / 1: ConvNeXt 14 % / 8 % with it, -1 % / 1 % with the paper's rule; RegNet
+            98 % / 100 % against 95 % / 86 %; ResNet on a par, 68 % against 66 % over six seeds). A CNN read through
+            ``Flatten`` keeps a vector per position. ``None`` (recipe ``"auto"``): on in ``mode="dfa"``.
         topk: ``None`` (default: dense projection ``e @ B``) or ``k`` (the shortcut of
             ``projector=projectors.TopK(k)``): project only the ``k`` largest-magnitude
             entries of each row (token) of the error, a gather of ``k`` rows of ``B`` per token instead of a GEMM

@@ -43,7 +43,7 @@ from .delivery import (
     _walk,
 )
 from .discovery import discover, single_trainable_layer
-from .layout import Layouts, PackedRows, PointMeta, is_map, sequence_shaped
+from .layout import Layouts, PackedRows, PointMeta, is_map, per_item, sequence_shaped
 from .norms import NormSpec, _may_normalise, probe_normalisation
 from .points import carries_grad as _carries_grad
 from .points import detached
@@ -723,7 +723,7 @@ class ForwardHooks:
         pooled = _note_pooling(tensor, points)
         if pooled is not None:
             self._pooled.add(pooled.split("#")[0])
-        if name not in self._pooled_maps and self.pooled_channels and tensor.dim() == 2:
+        if name not in self._pooled_maps and self.pooled_channels and per_item(tensor.shape):
             if any(is_map(p.shape) for p in points if p.flatten):  # checked once per output
                 self._pooled_maps[name] = _reads_pooled_map(tensor, points[-1])
         calls = g.outputs.get(name, 0)
@@ -1214,14 +1214,23 @@ def _reads_pooled_map(tensor: torch.Tensor, last: _Point) -> bool:
     if any(_global_mean(node, batch) for node in _walk(tensor, _next_functions, limit=64)):
         return True
     node = last.edge.grad_fn.next_functions[0][0] if last.edge.grad_fn is not None else None
-    while node is not None and type(node).__name__ in _VIEWS:  # the pooling's result, reshaped
+    while node is not None and _reshapes_or_scales(node):  # the pooling's result, reshaped or divided
         node = node.next_functions[0][0]
     return node is not None and _global_mean(node, batch)
+
+
+def _reshapes_or_scales(node: Any) -> bool:
+    """The graph node only reshapes its input, or multiplies or divides it by a constant (``x.sum((2, 3)) / n``)."""
+    name = type(node).__name__
+    if name in _VIEWS:
+        return True
+    return name in _SCALES and all(n is None for n, _ in node.next_functions[1:])
 
 
 #: graph nodes that only reshape a tensor (``Flatten``, ``squeeze``, ``view``)
 _VIEWS = ("ViewBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0", "SqueezeBackward1", "SqueezeBackward2",
           "SqueezeBackward0", "UnsqueezeBackward0")  # fmt: skip
+_SCALES = ("MulBackward0", "MulBackward1", "DivBackward0", "DivBackward1")
 
 
 def _global_mean(node: Any, batch: int) -> bool:

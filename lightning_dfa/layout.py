@@ -90,6 +90,11 @@ class PointMeta:
     pooled: bool = False
 
 
+def per_item(shape: torch.Size) -> bool:
+    """``[batch, k]``, or ``[batch, k, 1, ...]``: one vector per item (a class map pooled with ``keepdim``)."""
+    return len(shape) == 2 or (len(shape) > 2 and math.prod(shape[2:]) == 1)
+
+
 def is_map(shape: torch.Size) -> bool:
     """``[batch, channels, *positions]`` with more than one position: a convolutional feature map."""
     return len(shape) >= 3 and math.prod(shape[2:]) > 1
@@ -116,8 +121,8 @@ class Layouts:
             return state_fit(error, shape, point, output)
         if point.rows is not None:
             return packed_fit(error, point, output)
-        if point.pooled and len(error) == 2 and error[0] == shape[0] and len(shape) >= 3:
-            return "channels", error[-1], shape[1]
+        if point.pooled and per_item(error) and error[0] == shape[0] and len(shape) >= 3:
+            return "channels", error[1], shape[1]
         kind = fit(error, shape, point.flatten)
         if kind is None and len(error) == 2 and len(shape) == 2 and error[0] < shape[0] and not point.flatten:
             raise RuntimeError(
@@ -388,7 +393,9 @@ def error_rows(error: torch.Tensor, kind: str, k: int, items: int = 0) -> torch.
         return error.reshape(items, -1, k).mean(dim=1)
     if kind == "mean_rows_first":
         return error.reshape(-1, items, k).mean(dim=0)
-    if kind in ("token", "token_channels", "rows_bt", "rows_tb", "channels"):
+    if kind == "channels":  # (a [batch, classes, 1, 1] error too: a SqueezeNet's pooled class map)
+        return error.reshape(error.shape[0], k)
+    if kind in ("token", "token_channels", "rows_bt", "rows_tb"):
         return error
     if kind == "broadcast":
         return error.reshape(-1, k)

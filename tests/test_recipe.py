@@ -998,6 +998,14 @@ class _AvgPoolReadout(_MeanReadout):
         return self.fc(out.view(out.size(0), -1))
 
 
+class _SumReadout(_MeanReadout):
+    """The average written as a sum over the positions divided by their number."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c2(self.c1(x))
+        return self.fc(h.sum((2, 3)) / (h.shape[2] * h.shape[3]))
+
+
 def _conv_stack(*head: nn.Module) -> nn.Module:
     return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), *head)
 
@@ -1006,6 +1014,9 @@ _POOLED_CNNS = {
     "adaptive_avg_pool": lambda: _conv_stack(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)),
     "mean_in_forward": _MeanReadout,
     "avg_pool_over_the_map": _AvgPoolReadout,
+    "sum_over_the_positions": _SumReadout,
+    # the output a 1x1 convolution of the pooled map: a [batch, classes, 1, 1] error
+    "conv_classifier": lambda: _conv_stack(nn.AdaptiveAvgPool2d(1), nn.Conv2d(8, 3, 1), nn.Flatten()),
     "hf_resnet": lambda: hf.ResNetForImageClassification(hf.ResNetConfig(
         num_channels=1, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=3)),
 }  # fmt: skip
