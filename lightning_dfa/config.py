@@ -28,6 +28,7 @@ RECIPE_OPTIONS = (
     "cut_token_embedding",
     "encoder_from_decoder",
     "pooled_channels",
+    "positionwise_maps",
     "sketch",
 )
 
@@ -46,6 +47,7 @@ RESUME_REFUSES = (
     "cut_token_embedding",
     "encoder_from_decoder",
     "pooled_channels",
+    "positionwise_maps",
 )
 _SAVED_OPTIONS = RESUME_REFUSES + RESUME_KEEPS
 #: options where ``None`` means "chosen from the model": on resume, ``None`` takes the saved choice
@@ -60,6 +62,7 @@ _DECIDES = {
     "cut_token_embedding": "whether the token embedding receives feedback",
     "encoder_from_decoder": "where an encoder-decoder's encoder reads its error",
     "pooled_channels": "whether a pooled feature map's feedback is one vector per channel (the matrices' width)",
+    "positionwise_maps": "whether a feature map's feedback from an error map is projected position by position",
 }
 
 
@@ -95,8 +98,8 @@ class DFAConfig:
         recipe: ``"auto"`` (default: the best DFA measured, chosen from the model's structure) or ``"paper"``
             (the plain DFA of Launay et al. 2020: every option below off unless set). ``"auto"`` decides each of
             ``norm_jacobian``, ``cut_head_input``, ``norm_points``, ``cut_token_embedding``,
-            ``encoder_from_decoder``, ``pooled_channels`` and ``sketch`` that is left at ``None``; the fit-start
-            summary and :meth:`FeedbackEngine.recipe_notes` say what was chosen and why.
+            ``encoder_from_decoder``, ``pooled_channels``, ``positionwise_maps`` and ``sketch`` that is left at
+            ``None``; the fit-start summary and :meth:`FeedbackEngine.recipe_notes` say what was chosen and why.
         norm_jacobian: norm-aware feedback. ``None`` (default, recipe ``"auto"``): at each point whose consumer is a
             LayerNorm or RMSNorm (a pre-LN Transformer's block outputs), the feedback passes through the Jacobian of
             that normalisation, parameter-free, at the point's own activation ``h`` (LayerNorm:
@@ -144,6 +147,14 @@ class DFAConfig:
             backprop gap closed, seeds 0 / 1: ConvNeXt 14 % / 8 % with it, -1 % / 1 % with the paper's rule; RegNet
             98 % / 100 % against 95 % / 86 %; ResNet on a par, 68 % against 66 % over six seeds). A CNN read through
             ``Flatten`` keeps a vector per position. ``None`` (recipe ``"auto"``): on in ``mode="dfa"``.
+        positionwise_maps: where the error is itself a map (``[batch, classes, height, width]``: a segmentation
+            network's per-pixel logits), every convolutional point ``[batch, channels, height', width']`` gets it
+            projected position by position (``B e`` at each position, one ``channels x classes`` matrix), resampled
+            to the point's positions by area averaging where they differ (the coarse maps of a U-Net's encoder),
+            instead of one matrix from the whole error map to the whole feature map, whose size grows with the
+            square of the image's (335 MB at 32x32 pixels for 16 channels and 5 classes, 86 GB at 128x128) and
+            whose feedback made the networks of ``benchmarks/segmentation.py`` diverge where the default closes
+            most of the shallow -> backprop gap. ``None`` (recipe ``"auto"``): on in ``mode="dfa"``.
         topk: ``None`` (default: dense projection ``e @ B``) or ``k`` (the shortcut of
             ``projector=projectors.TopK(k)``): project only the ``k`` largest-magnitude
             entries of each row (token) of the error, a gather of ``k`` rows of ``B`` per token instead of a GEMM
@@ -195,6 +206,7 @@ class DFAConfig:
     cut_token_embedding: bool | None = None
     encoder_from_decoder: bool | None = None
     pooled_channels: bool | None = None
+    positionwise_maps: bool | None = None
     topk: int | None = None
     sketch: bool | None = None
     projector: Projector | None = None

@@ -323,6 +323,12 @@ class FeedbackEngine(ForwardHooks):
         return self.mode == "dfa" if chosen is None else chosen
 
     @property
+    def positionwise_maps(self) -> bool:
+        """``positionwise_maps`` in force: as set, or the recipe's choice (``"auto"``: on in ``mode="dfa"``)."""
+        chosen = self.config.chosen("positionwise_maps")
+        return self.mode == "dfa" if chosen is None else chosen
+
+    @property
     def norm_feedback(self) -> str:
         """Norm-aware feedback in force: ``"consumer"`` (the Jacobian of the norm that consumes each point, where one
         does: ``norm_jacobian=None`` with the ``"auto"`` recipe), ``"layernorm"`` (``norm_jacobian=True``: at every
@@ -476,8 +482,13 @@ class FeedbackEngine(ForwardHooks):
         if any(p.norm is not None and h is None for p, h in zip(points, activations)):
             raise ValueError("DFA: norm-aware feedback needs the points' activations (pass activations=).")
         output = source or (self.target.output_name if self.target else "?")
-        if any(self._pooled_maps.values()):  # pooled_channels (an output after the pooling: the head, a norm before it)
-            points = [dataclasses.replace(p, pooled=True) if p.flatten and is_map(p.shape) else p for p in points]
+        pooled = any(self._pooled_maps.values())  # (an output after the pooling: the head, or a norm before it)
+        positionwise = self.positionwise_maps
+        if pooled or positionwise:  # pooled_channels, positionwise_maps: feature maps fed by their structure
+            points = [
+                dataclasses.replace(p, pooled=pooled, positionwise=positionwise) if p.flatten and is_map(p.shape) else p
+                for p in points
+            ]
         aligned = like_the_tokens(points, [self.layouts.align(error.shape, p, output) for p in points])
         widest: dict[tuple[str, int], int] = {}
         items = {(kind, k): laid_out(p)[0] for p, (kind, k, _) in zip(points, aligned) if p.state is not None}

@@ -105,6 +105,8 @@ class ForwardHooks:
             self._sources, self._true_ids, self._loss_measured = {}, None, False
         self.root, self.target = root, target
         self._flatten = {b.name for b in target.blocks if _has_conv(b)}
+        # (and a convolutional output module: its input, the last point of a net written by hand, is a feature map)
+        self._flatten |= {name for name, out in target.outputs if isinstance(out, nn.modules.conv._ConvNd)}
         self._cut = chooses_cut(self, root, target)
         uncut = last_top_level_block(root, target) if self._cut else None
         for block in target.blocks:

@@ -88,11 +88,22 @@ class PointMeta:
     #: a global average over its positions (``pooled_channels``): a per-item error feeds it one vector per channel,
     #: the same at every position
     pooled: bool = False
+    #: a convolutional point fed by an error that is itself a map (``positionwise_maps``): position by position
+    positionwise: bool = False
 
 
 def per_item(shape: torch.Size) -> bool:
     """``[batch, k]``, or ``[batch, k, 1, ...]``: one vector per item (a class map pooled with ``keepdim``)."""
     return len(shape) == 2 or (len(shape) > 2 and math.prod(shape[2:]) == 1)
+
+
+def both_maps(error: torch.Size, shape: torch.Size) -> bool:
+    """An error ``[batch, k, *positions]`` and a point ``[batch, channels, *positions']``, both 2-D or 3-D maps (the
+    positions may differ: the error is resampled), or 1-D maps of the same length (and not a ``[batch, positions,
+    k]`` error that ``"token_channels"`` reads)."""
+    if len(error) != len(shape) or error[0] != shape[0] or not (is_map(error) and is_map(shape)):
+        return False
+    return len(shape) in (4, 5) or (len(shape) == 3 and error[2] == shape[2] and error[1] != shape[2])
 
 
 def is_map(shape: torch.Size) -> bool:
@@ -123,6 +134,8 @@ class Layouts:
             return packed_fit(error, point, output)
         if point.pooled and per_item(error) and error[0] == shape[0] and len(shape) >= 3:
             return "channels", error[1], shape[1]
+        if point.positionwise and both_maps(error, shape):
+            return "positions", error[1], shape[1]
         kind = fit(error, shape, point.flatten)
         if kind is None and len(error) == 2 and len(shape) == 2 and error[0] < shape[0] and not point.flatten:
             raise RuntimeError(
@@ -395,6 +408,8 @@ def error_rows(error: torch.Tensor, kind: str, k: int, items: int = 0) -> torch.
         return error.reshape(-1, items, k).mean(dim=0)
     if kind == "channels":  # (a [batch, classes, 1, 1] error too: a SqueezeNet's pooled class map)
         return error.reshape(error.shape[0], k)
+    if kind == "positions":  # [batch, k, *positions] -> a row per position
+        return error.movedim(1, -1)
     if kind in ("token", "token_channels", "rows_bt", "rows_tb"):
         return error
     if kind == "broadcast":
@@ -428,6 +443,10 @@ def laid_on(fb: torch.Tensor, point: PointMeta, kind: str, error: torch.Size) ->
         fb = fb.reshape(*shape[:j], *([1] * (len(shape) - 1 - j)), d).expand(shape)
     elif kind == "channels":  # one vector per item and channel, the same at every position
         fb = fb.reshape(*shape[:2], *([1] * (len(shape) - 2))).expand(shape)
+    elif kind == "positions":  # [batch, *the error's positions, d] -> [batch, d, *the point's positions]
+        fb = fb.movedim(-1, 1)
+        if fb.shape[2:] != shape[2:]:
+            fb = torch.nn.functional.interpolate(fb, size=tuple(shape[2:]), mode="area")
     elif kind == "token_channels":
         fb = fb.transpose(1, 2)  # [batch, positions, channels] -> the point's [batch, channels, positions]
     elif kind in ("rows", "rows_bt", "rows_tb"):  # a PackedSequence's rows: each its sequence's (and step's) feedback

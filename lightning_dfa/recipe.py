@@ -118,6 +118,11 @@ def recipe_notes(engine: Any) -> list[str]:
         else:
             what = "a feature map read through a global average gets B e per channel (checked in the first forward)"
         lines.append(f"pooled_channels: on: {what}")
+    if engine.positionwise_maps and engine._flatten:
+        lines.append(
+            "positionwise_maps: on: an error over positions (a segmentation's logits) feeds the feature maps "
+            "position by position, resampled to their resolution"
+        )
     if engine._cut:
         why = "as set" if cfg.cut_head_input else "the output module widens (more outputs than inputs)"
         lines.append(f"cut_head_input: on ({why}): its input gradient is never computed; its input is the last point")

@@ -1,0 +1,173 @@
+"""Convolutional networks whose output is itself a map (segmentation): the error feeds the feature maps position by
+position (``positionwise_maps``), resampled to each map's resolution."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lightning_dfa import FeedbackEngine
+
+CLASSES = 3
+
+
+class _FCN(nn.Sequential):
+    """Three 3x3 convolutions and a 1x1 classifier: per-pixel logits at the input's resolution."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__(
+            nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, CLASSES, 1),
+        )  # fmt: skip
+
+
+class _Hourglass(nn.Module):
+    """Down to half the resolution and back up (a U-Net without its skips): points at two resolutions."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, width, 3, padding=1)
+        self.c2 = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1)
+        self.c3 = nn.Conv2d(2 * width, 2 * width, 3, padding=1)
+        self.up = nn.ConvTranspose2d(2 * width, width, 2, stride=2)
+        self.out = nn.Conv2d(width, CLASSES, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.c3(F.relu(self.c2(F.relu(self.c1(x))))))
+        return self.out(F.relu(self.up(h)))
+
+
+def _step(
+    net: nn.Module, size: int = 8, **options: Any
+) -> tuple[FeedbackEngine, torch.Tensor, dict[str, torch.Tensor]]:
+    """One step: the engine (detached), the error at the output and the feedback of every 4-D point."""
+    engine = FeedbackEngine(seed=0, **options)
+    engine.attach(net)
+    fed: dict[str, torch.Tensor] = {}
+    engine.point_observers.append(
+        lambda key, t: t.register_hook(lambda g, key=key: fed.update({key: g})) if t.dim() == 4 else None
+    )
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 1, size, size, generator=g), torch.randint(0, CLASSES, (2, size, size), generator=g)
+    out = net(x)
+    error = torch.autograd.grad(F.cross_entropy(out, y), out, retain_graph=True)[0]
+    F.cross_entropy(out, y).backward()
+    engine.end_backward()
+    engine.detach()
+    return engine, error, fed
+
+
+def _fit_per_position(error: torch.Tensor, feedback: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The ``[classes, channels]`` matrix that best maps the error at each position to the feedback there, and the
+    relative residual of that fit (0: the feedback is one linear map of the error, position by position)."""
+    e = error.movedim(1, -1).reshape(-1, error.shape[1]).double()
+    f = feedback.movedim(1, -1).reshape(-1, feedback.shape[1]).double()
+    m = torch.linalg.lstsq(e, f).solution
+    return m, float((e @ m - f).norm() / f.norm())
+
+
+def test_a_segmentation_error_feeds_each_position_from_the_error_there() -> None:
+    torch.manual_seed(0)
+    net = _FCN()
+    engine, error, fed = _step(net)
+    assert sorted(fed) == ["1", "3", "5"]
+    maps = []
+    for key, feedback in fed.items():
+        assert feedback.shape == (2, 8, 8, 8) and feedback.abs().sum() > 0
+        m, residual = _fit_per_position(error, feedback)
+        assert residual < 1e-6, key
+        maps.append(m)
+    torch.testing.assert_close(maps[0], maps[1])  # the one shared projection, as for tokens
+    assert engine.bank.nbytes <= CLASSES * 8 * 4  # a [classes, channels] matrix, whatever the image size
+    assert any(n.startswith("positionwise_maps: on") for n in engine.recipe_notes())
+    for options in ({"positionwise_maps": False}, {"recipe": "paper"}):  # one matrix over all positions
+        engine, error, fed = _step(net, **options)
+        assert all(_fit_per_position(error, f)[1] > 0.1 for f in fed.values()), options
+        assert engine.bank.nbytes >= (CLASSES * 64) * (8 * 64) * 4
+        assert not any(n.startswith("positionwise_maps") for n in engine.recipe_notes())
+
+
+def test_a_coarser_map_gets_the_error_averaged_over_the_positions_it_covers() -> None:
+    torch.manual_seed(0)
+    net = _Hourglass()
+    _, error, fed = _step(net)
+    assert {k: tuple(v.shape) for k, v in fed.items()} == {
+        "c2:in": (2, 8, 8, 8), "c3:in": (2, 16, 4, 4), "up:in": (2, 16, 4, 4), "out:in": (2, 8, 8, 8),
+    }  # fmt: skip
+    m, residual = _fit_per_position(error, fed["c2:in"])  # at the error's resolution
+    assert residual < 1e-6
+    assert _fit_per_position(error, fed["out:in"])[1] < 1e-6  # the head's input (a 1x1 convolution's) too
+    coarse = F.avg_pool2d(error, 2)  # each coarse position: the error's mean over the 2x2 positions it covers
+    m16, residual = _fit_per_position(coarse, fed["c3:in"])
+    assert residual < 1e-6
+    # the same projection, scaled for the wider map (seen only on errors that sum to zero over the classes)
+    torch.testing.assert_close(m16[:, :8] - m16[:, :8].mean(0), (m - m.mean(0)) / 2**0.5)
+
+
+def test_the_feedback_matrix_stays_small_at_any_image_size() -> None:
+    torch.manual_seed(0)
+    small, _, _ = _step(_FCN(), size=8)
+    large, _, fed = _step(_FCN(), size=64)
+    assert large.bank.nbytes == small.bank.nbytes and fed["1"].shape == (2, 8, 64, 64)
+
+
+def test_a_checkpoint_written_before_positionwise_feedback_keeps_its_matrix() -> None:
+    torch.manual_seed(0)
+    net = _FCN()
+    written, _, _ = _step(net, positionwise_maps=False)
+    state = {k: v for k, v in written.state_dict().items() if k != "positionwise_maps"}  # before the option
+    engine = FeedbackEngine(seed=0)
+    engine.load_state_dict(state)
+    engine.attach(net)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 1, 8, 8, generator=g), torch.randint(0, CLASSES, (2, 8, 8), generator=g)
+    F.cross_entropy(net(x), y).backward()
+    engine.end_backward()
+    assert engine.config.positionwise_maps is False
+    engine.detach()
+
+
+PLUS = torch.tensor([[0.0, 1, 0], [1, 1, 1], [0, 1, 0]])
+CROSS = torch.tensor([[1.0, 0, 1], [0, 1, 0], [1, 0, 1]])
+
+
+def _glyphs(n: int, size: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise with 3x3 plus and cross glyphs; each pixel labelled background, plus or cross (its glyph's box)."""
+    x, y = 0.3 * torch.randn(n, 1, size, size, generator=g), torch.zeros(n, size, size, dtype=torch.long)
+    for i in range(n):
+        for _ in range(size * size // 40):
+            r, c = (int(v) for v in torch.randint(0, size - 2, (2,), generator=g))
+            k = int(torch.randint(0, 2, (1,), generator=g))
+            x[i, 0, r : r + 3, c : c + 3] += (PLUS, CROSS)[k]
+            y[i, r : r + 3, c : c + 3] = k + 1
+    return x, y
+
+
+def _train(mode: str, steps: int = 150) -> float:
+    torch.manual_seed(0)
+    net = _FCN(width=16)
+    engine = FeedbackEngine(mode=mode, seed=0)
+    engine.attach(net)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(100)
+    for _ in range(steps):
+        x, y = _glyphs(16, 16, g)
+        loss = F.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        engine.end_backward()
+        opt.step()
+    engine.detach()
+    with torch.no_grad():
+        x, y = _glyphs(64, 16, torch.Generator().manual_seed(999))
+        return float(F.cross_entropy(net(x), y))
+
+
+def test_the_default_learns_a_segmentation_the_shallow_baseline_cannot() -> None:
+    """Per-pixel plus/cross glyphs: the default closes most of the shallow -> backprop gap."""
+    bp, shallow, dfa = (_train(mode) for mode in ("bp", "shallow", "dfa"))
+    assert bp < shallow - 0.3
+    assert (shallow - dfa) / (shallow - bp) > 0.6, (bp, shallow, dfa)
