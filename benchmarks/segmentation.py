@@ -4,15 +4,16 @@ feedback of the paper's rule: the error is itself a map, and the default feeds t
 
 ::
 
-    python -m benchmarks.segmentation             # about 3 minutes on one CPU thread -> results/segmentation.json
+    python -m benchmarks.segmentation             # about 8 minutes on one CPU thread -> results/segmentation.json
     python -m benchmarks.segmentation --sizes 16  # the 16x16 runs only
 
 Task: grey images of Gaussian noise (std 0.3) with 3x3 glyphs added at random places (one per 40 pixels), a plus
 or a cross; every pixel is labelled background, plus or cross (the glyph's box it lies in), so the class of a pixel
-depends on the pattern around it. Two networks, width 16: ``fcn``, three 3x3 convolutions and a 1x1 classifier at
-the input's resolution; ``hourglass``, down to half the resolution by a strided convolution and back up by a
-transposed one (the feature maps at two resolutions, so the coarse ones get the error averaged over the pixels they
-cover). Adam, lr 3e-3, batch 16, 300 steps on fresh images; test loss (nats per pixel) on 128 held-out images.
+depends on the pattern around it. Three networks: ``fcn`` (width 16), three 3x3 convolutions and a 1x1 classifier
+at the input's resolution; ``hourglass`` (width 16), down to half the resolution by a strided convolution and back
+up by a transposed one (the feature maps at two resolutions, so the coarse ones get the error averaged over the
+pixels they cover); ``unet`` (width 8), a two-level U-Net with batch norm, the encoder's maps concatenated into the
+decoder. Adam, lr 3e-3, batch 16, 300 steps on fresh images; test loss (nats per pixel) on 128 held-out images.
 Arms: ``bp``; ``dfa`` (the default flag); ``shallow`` (the classifier alone); ``dfa_flat`` (the default with
 ``positionwise_maps=False``: one random matrix from the whole error map to each whole feature map, the paper's rule).
 """
@@ -82,7 +83,30 @@ class Hourglass(nn.Module):
         return self.out(F.relu(self.up(h)))
 
 
-MODELS = {"fcn": FCN, "hourglass": Hourglass}
+def _double_conv(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(),
+        nn.Conv2d(c_out, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(),
+    )  # fmt: skip
+
+
+class UNet(nn.Module):
+    """A two-level U-Net (Ronneberger et al. 2015, as usually written): double 3x3 convolutions with batch norm, max
+    pooling down, a transposed convolution up, the encoder's full-resolution maps concatenated into the decoder."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.enc1, self.pool, self.enc2 = _double_conv(1, width), nn.MaxPool2d(2), _double_conv(width, 2 * width)
+        self.up = nn.ConvTranspose2d(2 * width, width, 2, stride=2)
+        self.dec1, self.out = _double_conv(2 * width, width), nn.Conv2d(width, CLASSES, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e1 = self.enc1(x)
+        e2 = self.enc2(self.pool(e1))
+        return self.out(self.dec1(torch.cat([self.up(e2), e1], 1)))
+
+
+MODELS = {"fcn": FCN, "hourglass": Hourglass, "unet": UNet}
 
 
 def train(model: str, size: int, arm: str, seed: int, steps: int = 300) -> dict[str, Any]:
@@ -103,6 +127,7 @@ def train(model: str, size: int, arm: str, seed: int, steps: int = 300) -> dict[
         opt.step()
     feedback_bytes = engine.bank.nbytes
     engine.detach()
+    net.eval()
     with torch.no_grad():
         x, y = glyphs(128, size, torch.Generator().manual_seed(999))
         logits = net(x)
@@ -115,7 +140,7 @@ def train(model: str, size: int, arm: str, seed: int, steps: int = 300) -> dict[
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="python -m benchmarks.segmentation", description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default="fcn,hourglass", help="comma-separated: fcn, hourglass")
+    p.add_argument("--models", default="fcn,hourglass,unet", help="comma-separated: fcn, hourglass, unet")
     p.add_argument("--sizes", default="16,32", help="image sizes, comma-separated (default: 16,32)")
     p.add_argument("--seeds", default="0,1", help="comma-separated (default: 0,1)")
     p.add_argument("--out", type=Path, default=RESULTS, help=f"results JSON (default: {RESULTS})")

@@ -725,9 +725,9 @@ class ForwardHooks:
         pooled = _note_pooling(tensor, points)
         if pooled is not None:
             self._pooled.add(pooled.split("#")[0])
-        if name not in self._pooled_maps and self.pooled_channels and per_item(tensor.shape):
+        if name not in self._pooled_maps and self.pooled_channels:
             if any(is_map(p.shape) for p in points if p.flatten):  # checked once per output
-                self._pooled_maps[name] = _reads_pooled_map(tensor, points[-1])
+                self._pooled_maps[name] = per_item(tensor.shape) and _reads_pooled_map(tensor, points[-1])
         calls = g.outputs.get(name, 0)
         g.outputs[name] = calls + 1
         source = name if calls == 0 else f"{name}#{calls}"

@@ -82,7 +82,9 @@ def test_a_segmentation_error_feeds_each_position_from_the_error_there() -> None
         maps.append(m)
     torch.testing.assert_close(maps[0], maps[1])  # the one shared projection, as for tokens
     assert engine.bank.nbytes <= CLASSES * 8 * 4  # a [classes, channels] matrix, whatever the image size
-    assert any(n.startswith("positionwise_maps: on") for n in engine.recipe_notes())
+    notes = engine.recipe_notes()
+    assert any(n.startswith("positionwise_maps: on") for n in notes)
+    assert any(n.startswith("pooled_channels: on: no output reads a feature map through a global") for n in notes)
     for options in ({"positionwise_maps": False}, {"recipe": "paper"}):  # one matrix over all positions
         engine, error, fed = _step(net, **options)
         assert all(_fit_per_position(error, f)[1] > 0.1 for f in fed.values()), options

@@ -51,7 +51,7 @@ Where the error is itself a map (a segmentation's per-pixel logits), the default
 by position, resampled to its resolution (`positionwise_maps`). The paper's rule projects the whole error map to
 each whole feature map through one random matrix. `python -m benchmarks.segmentation` (noise images with 3x3 plus
 and cross glyphs, each pixel labelled background, plus or cross; Adam, 300 steps of 16 images; test loss in nats
-per pixel, share of the shallow -> backprop gap closed; a 2-core AMD EPYC CPU, 1 thread, about 5 minutes;
+per pixel, share of the shallow -> backprop gap closed; a 2-core AMD EPYC CPU, 1 thread, about 8 minutes;
 [json](../benchmarks/results/segmentation.json)):
 
 | network | image | seed | backprop | default flag | shallow baseline | flattened (paper's rule) | closed |
@@ -64,11 +64,16 @@ per pixel, share of the shallow -> backprop gap closed; a 2-core AMD EPYC CPU, 1
 | hourglass | 16x16 | 1 | 0.154 | **0.302** | 0.633 | 59.962 | 69% |
 | hourglass | 32x32 | 0 | 0.078 | **0.357** | 0.634 | 10.747 | 50% |
 | hourglass | 32x32 | 1 | 0.125 | **0.285** | 0.643 | 10.226 | 69% |
+| unet | 16x16 | 0 | 0.058 | **0.142** | 0.598 | 0.662 | 84% |
+| unet | 16x16 | 1 | 0.064 | **0.165** | 0.602 | 0.639 | 81% |
+| unet | 32x32 | 0 | 0.049 | **0.132** | 0.607 | 0.672 | 85% |
+| unet | 32x32 | 1 | 0.038 | **0.131** | 0.609 | 0.656 | 84% |
 
 `fcn` is three 3x3 convolutions and a 1x1 classifier; `hourglass` goes down to half the resolution and back up, so
-its coarse maps get the error averaged over the pixels they cover. The flattened feedback made every run diverge,
-and its matrix grows with the square of the image (200 MB for the hourglass at 32x32; 86 GB would be needed for 16
-channels and 5 classes at 128x128); the default's is `channels x classes`.
+its coarse maps get the error averaged over the pixels they cover; `unet` is a two-level U-Net with batch norm and
+the encoder's maps concatenated into the decoder. The flattened feedback made the first two diverge and left the
+U-Net below the shallow baseline; its matrix grows with the square of the image (200 MB for the hourglass at 32x32;
+86 GB would be needed for 16 channels and 5 classes at 128x128), where the default's is `channels x classes`.
 """
 
 
