@@ -177,6 +177,8 @@ class FeedbackEngine(ForwardHooks):
         #: output name -> whether it reads the last feature map through a global average over its positions
         #: (checked once per output): if one does, the convolutional points are fed per channel (``pooled_channels``)
         self._pooled_maps: dict[str, bool] = {}
+        #: outputs whose error is itself a map, fed to the feature maps position by position (``positionwise_maps``)
+        self._map_errors: set[str] = set()
         #: cut_token_embedding="auto": why the token table is not cut (faint beside fixed positions), once decided
         self._faint: list[str] | None = None
         self._saved_faint: list[str] | None = None  # that decision, from a checkpoint
@@ -490,6 +492,8 @@ class FeedbackEngine(ForwardHooks):
                 for p in points
             ]
         aligned = like_the_tokens(points, [self.layouts.align(error.shape, p, output) for p in points])
+        if positionwise and any(kind == "positions" for kind, _, _ in aligned):
+            self._map_errors.add(output.split("#")[0])
         widest: dict[tuple[str, int], int] = {}
         items = {(kind, k): laid_out(p)[0] for p, (kind, k, _) in zip(points, aligned) if p.state is not None}
         for p, (kind, k, d) in zip(points, aligned):

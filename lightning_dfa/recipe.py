@@ -119,10 +119,16 @@ def recipe_notes(engine: Any) -> list[str]:
             what = "a feature map read through a global average gets B e per channel (checked in the first forward)"
         lines.append(f"pooled_channels: on: {what}")
     if engine.positionwise_maps and engine._flatten:
-        lines.append(
-            "positionwise_maps: on: an error over positions (a segmentation's logits) feeds the feature maps "
-            "position by position, resampled to their resolution"
-        )
+        if engine._map_errors:
+            what = (
+                f"the error of {', '.join(sorted(engine._map_errors))} is a map (per-position outputs), so it feeds "
+                "the feature maps position by position, resampled to their resolution"
+            )
+        elif engine._pooled_maps:
+            what = "no output's error is a map: each is projected as a whole, as by the paper"
+        else:
+            what = "an error that is itself a map (a segmentation's logits) feeds the feature maps position by position"
+        lines.append(f"positionwise_maps: on: {what}")
     if engine._cut:
         why = "as set" if cfg.cut_head_input else "the output module widens (more outputs than inputs)"
         lines.append(f"cut_head_input: on ({why}): its input gradient is never computed; its input is the last point")

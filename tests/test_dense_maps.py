@@ -83,7 +83,7 @@ def test_a_segmentation_error_feeds_each_position_from_the_error_there() -> None
     torch.testing.assert_close(maps[0], maps[1])  # the one shared projection, as for tokens
     assert engine.bank.nbytes <= CLASSES * 8 * 4  # a [classes, channels] matrix, whatever the image size
     notes = engine.recipe_notes()
-    assert any(n.startswith("positionwise_maps: on") for n in notes)
+    assert any(n.startswith("positionwise_maps: on: the error of 6 is a map") for n in notes)
     assert any(n.startswith("pooled_channels: on: no output reads a feature map through a global") for n in notes)
     for options in ({"positionwise_maps": False}, {"recipe": "paper"}):  # one matrix over all positions
         engine, error, fed = _step(net, **options)

@@ -1093,6 +1093,7 @@ def test_maps_read_through_flatten_keep_a_vector_per_position() -> None:
     assert all(_spread(f) > 1e-3 * float(f.abs().max()) for f in seen.values())
     said = [n for n in notes if n.startswith("pooled_channels: on:")]
     assert said and "no output reads a feature map through a global average" in said[0]
+    assert any(n.startswith("positionwise_maps: on: no output's error is a map") for n in notes)
 
 
 def test_a_checkpoint_written_before_feedback_per_channel_keeps_a_vector_per_position() -> None:
