@@ -492,7 +492,7 @@ class FeedbackEngine(ForwardHooks):
                 for p in points
             ]
         aligned = like_the_tokens(points, [self.layouts.align(error.shape, p, output) for p in points])
-        if positionwise and any(kind == "positions" for kind, _, _ in aligned):
+        if positionwise and any(kind in ("positions", "pixels") for kind, _, _ in aligned):
             self._map_errors.add(output.split("#")[0])
         widest: dict[tuple[str, int], int] = {}
         items = {(kind, k): laid_out(p)[0] for p, (kind, k, _) in zip(points, aligned) if p.state is not None}

@@ -859,6 +859,9 @@ class ForwardHooks:
                 self._norm_outputs.add(tensor.grad_fn)  # (dropped when a backward starts)
         if not self.norm_points or id(module) not in self._point_norms:
             return None
+        spec = self._norm_kinds.get(id(module))
+        if spec is not None and spec.channels_first:  # a feature map [batch, channels, *positions], as a conv's
+            self._flatten.add(name)
         tensor, rebuild = _split_main(output)
         return self._at_point(name, tensor, rebuild)
 

@@ -106,6 +106,14 @@ def both_maps(error: torch.Size, shape: torch.Size) -> bool:
     return len(shape) in (4, 5) or (len(shape) == 3 and error[2] == shape[2] and error[1] != shape[2])
 
 
+def a_channel_map(error: torch.Size, shape: torch.Size) -> bool:
+    """An error ``[batch, *positions]`` (one value per pixel: a depth map, a binary mask's logits) and a 2-D or 3-D
+    feature map ``[batch, channels, *positions']`` whose positions have the same proportions."""
+    if len(error) != len(shape) - 1 or len(shape) not in (4, 5) or error[0] != shape[0] or not is_map(shape):
+        return False
+    return math.prod(error[1:]) > 1 and all(e * shape[2] == error[1] * s for e, s in zip(error[1:], shape[2:]))
+
+
 def is_map(shape: torch.Size) -> bool:
     """``[batch, channels, *positions]`` with more than one position: a convolutional feature map."""
     return len(shape) >= 3 and math.prod(shape[2:]) > 1
@@ -136,6 +144,8 @@ class Layouts:
             return "channels", error[1], shape[1]
         if point.positionwise and both_maps(error, shape):
             return "positions", error[1], shape[1]
+        if point.positionwise and a_channel_map(error, shape):
+            return "pixels", 1, shape[1]
         kind = fit(error, shape, point.flatten)
         if kind is None and len(error) == 2 and len(shape) == 2 and error[0] < shape[0] and not point.flatten:
             raise RuntimeError(
@@ -410,6 +420,8 @@ def error_rows(error: torch.Tensor, kind: str, k: int, items: int = 0) -> torch.
         return error.reshape(error.shape[0], k)
     if kind == "positions":  # [batch, k, *positions] -> a row per position
         return error.movedim(1, -1)
+    if kind == "pixels":  # [batch, *positions]: one value per position
+        return error.unsqueeze(-1)
     if kind in ("token", "token_channels", "rows_bt", "rows_tb"):
         return error
     if kind == "broadcast":
@@ -443,7 +455,7 @@ def laid_on(fb: torch.Tensor, point: PointMeta, kind: str, error: torch.Size) ->
         fb = fb.reshape(*shape[:j], *([1] * (len(shape) - 1 - j)), d).expand(shape)
     elif kind == "channels":  # one vector per item and channel, the same at every position
         fb = fb.reshape(*shape[:2], *([1] * (len(shape) - 2))).expand(shape)
-    elif kind == "positions":  # [batch, *the error's positions, d] -> [batch, d, *the point's positions]
+    elif kind in ("positions", "pixels"):  # [batch, *the error's positions, d] -> [batch, d, *the point's positions]
         fb = fb.movedim(-1, 1)
         if fb.shape[2:] != shape[2:]:
             fb = torch.nn.functional.interpolate(fb, size=tuple(shape[2:]), mode="area")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import transformers as hf
 from torch import nn
 from torch.nn import functional as F
 
@@ -173,3 +174,65 @@ def test_the_default_learns_a_segmentation_the_shallow_baseline_cannot() -> None
     bp, shallow, dfa = (_train(mode) for mode in ("bp", "shallow", "dfa"))
     assert bp < shallow - 0.3
     assert (shallow - dfa) / (shallow - bp) > 0.6, (bp, shallow, dfa)
+
+
+class _DepthHead(nn.Module):
+    """A 1x1 convolution to one channel, squeezed: a depth map ``[batch, height, width]``."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(width, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0)).squeeze(1)
+
+
+def test_a_one_value_per_pixel_error_feeds_each_position_too() -> None:
+    """An output of one value per pixel (``[batch, height, width]``: depth, a mask's logits), here at twice the
+    feature maps' resolution, feeds them position by position: the error averaged over the pixels each covers."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), _DepthHead(8)
+    )
+    engine = FeedbackEngine(seed=0, blocks=["0", "2"], output="4")
+    engine.attach(net)
+    fed: dict[str, torch.Tensor] = {}
+    engine.point_observers.append(lambda key, t: t.register_hook(lambda g, key=key: fed.update({key: g})))
+    x = torch.randn(2, 1, 8, 8)
+    out = net(x)
+    target = torch.rand_like(out)
+    error = torch.autograd.grad(F.mse_loss(out, target), out, retain_graph=True)[0]
+    F.mse_loss(out, target).backward()
+    engine.end_backward()
+    engine.detach()
+    assert out.shape == (2, 16, 16) and engine.bank.nbytes <= 8 * 4
+    coarse = F.avg_pool2d(error.unsqueeze(1), 2)  # [2, 1, 8, 8]
+    for key, feedback in fed.items():
+        assert feedback.shape == (2, 8, 8, 8)
+        assert _fit_per_position(coarse, feedback)[1] < 1e-6, key
+
+
+def test_a_channels_first_norm_point_of_a_segmenters_backbone_is_a_feature_map() -> None:
+    """UperNet on ConvNeXt: the channels-first LayerNorm before a downsampling is a point (``norm_points``) that is a
+    feature map like the stages' outputs, so it is fed position by position, with no matrix over all positions."""
+    torch.manual_seed(0)
+    backbone = hf.ConvNextConfig(
+        num_channels=1, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], out_features=["stage1", "stage2"]
+    )
+    model = hf.UperNetForSemanticSegmentation(
+        hf.UperNetConfig(backbone_config=backbone, hidden_size=16, num_labels=CLASSES, use_auxiliary_head=False)
+    )
+    engine = FeedbackEngine(seed=0)
+    engine.attach(model)
+    fed: dict[str, torch.Tensor] = {}
+    engine.point_observers.append(lambda key, t: t.register_hook(lambda g, key=key: fed.update({key: g})))
+    errors: list[torch.Tensor] = []  # at the decode head's output, [2, classes, 8, 8], before the upsampling to 32x32
+    model.decode_head.register_forward_hook(lambda m, a, out: [out.register_hook(errors.append), None][1])
+    logits = model(pixel_values=torch.randn(2, 1, 32, 32)).logits
+    F.cross_entropy(logits, torch.zeros(2, 32, 32, dtype=torch.long)).backward()
+    engine.end_backward()
+    engine.detach()
+    norm = "backbone.encoder.stages.1.downsampling_layer.0"
+    assert norm in fed and engine.bank.nbytes <= CLASSES * 16 * 4
+    assert fed[norm].shape == (2, 8, 8, 8) and _fit_per_position(errors[0], fed[norm])[1] < 1e-6
+    assert _fit_per_position(errors[0], fed["backbone.encoder.stages.0:in"])[1] < 1e-6  # the stem's output too
