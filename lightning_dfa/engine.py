@@ -300,35 +300,36 @@ class FeedbackEngine(ForwardHooks):
         self._projectors[source] = projector
         return projector
 
+    def _in_force(self, option: str) -> bool:
+        """A recipe option (``norm_points``, ``pooled_channels``...) in force: as set, or the recipe's choice
+        (``"auto"``: on in ``mode="dfa"``)."""
+        chosen = self.config.chosen(option)
+        return self.mode == "dfa" if chosen is None else chosen
+
     @property
     def norm_points(self) -> bool:
-        """``norm_points`` in force: as set, or the recipe's choice (``"auto"``: on in ``mode="dfa"``)."""
-        chosen = self.config.chosen("norm_points")
-        return self.mode == "dfa" if chosen is None else chosen
+        """``norm_points`` in force (:meth:`_in_force`)."""
+        return self._in_force("norm_points")
 
     @property
     def cut_token_embedding(self) -> bool:
-        """``cut_token_embedding`` in force: as set, or the recipe's choice (``"auto"``: on in ``mode="dfa"``)."""
-        chosen = self.config.chosen("cut_token_embedding")
-        return self.mode == "dfa" if chosen is None else chosen
+        """``cut_token_embedding`` in force (:meth:`_in_force`)."""
+        return self._in_force("cut_token_embedding")
 
     @property
     def encoder_from_decoder(self) -> bool:
-        """``encoder_from_decoder`` in force: as set, or the recipe's choice (``"auto"``: on in ``mode="dfa"``)."""
-        chosen = self.config.chosen("encoder_from_decoder")
-        return self.mode == "dfa" if chosen is None else chosen
+        """``encoder_from_decoder`` in force (:meth:`_in_force`)."""
+        return self._in_force("encoder_from_decoder")
 
     @property
     def pooled_channels(self) -> bool:
-        """``pooled_channels`` in force: as set, or the recipe's choice (``"auto"``: on in ``mode="dfa"``)."""
-        chosen = self.config.chosen("pooled_channels")
-        return self.mode == "dfa" if chosen is None else chosen
+        """``pooled_channels`` in force (:meth:`_in_force`)."""
+        return self._in_force("pooled_channels")
 
     @property
     def positionwise_maps(self) -> bool:
-        """``positionwise_maps`` in force: as set, or the recipe's choice (``"auto"``: on in ``mode="dfa"``)."""
-        chosen = self.config.chosen("positionwise_maps")
-        return self.mode == "dfa" if chosen is None else chosen
+        """``positionwise_maps`` in force (:meth:`_in_force`)."""
+        return self._in_force("positionwise_maps")
 
     @property
     def norm_feedback(self) -> str:

@@ -10,6 +10,7 @@ import transformers as hf
 from torch import nn
 from torch.nn import functional as F
 
+from benchmarks.segmentation import glyphs
 from lightning_dfa import FeedbackEngine
 
 CLASSES = 3
@@ -133,22 +134,6 @@ def test_a_checkpoint_written_before_positionwise_feedback_keeps_its_matrix() ->
     engine.detach()
 
 
-PLUS = torch.tensor([[0.0, 1, 0], [1, 1, 1], [0, 1, 0]])
-CROSS = torch.tensor([[1.0, 0, 1], [0, 1, 0], [1, 0, 1]])
-
-
-def _glyphs(n: int, size: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noise with 3x3 plus and cross glyphs; each pixel labelled background, plus or cross (its glyph's box)."""
-    x, y = 0.3 * torch.randn(n, 1, size, size, generator=g), torch.zeros(n, size, size, dtype=torch.long)
-    for i in range(n):
-        for _ in range(size * size // 40):
-            r, c = (int(v) for v in torch.randint(0, size - 2, (2,), generator=g))
-            k = int(torch.randint(0, 2, (1,), generator=g))
-            x[i, 0, r : r + 3, c : c + 3] += (PLUS, CROSS)[k]
-            y[i, r : r + 3, c : c + 3] = k + 1
-    return x, y
-
-
 def _train(mode: str, steps: int = 150) -> float:
     torch.manual_seed(0)
     net = _FCN(width=16)
@@ -157,7 +142,7 @@ def _train(mode: str, steps: int = 150) -> float:
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(100)
     for _ in range(steps):
-        x, y = _glyphs(16, 16, g)
+        x, y = glyphs(16, 16, g)
         loss = F.cross_entropy(net(x), y)
         opt.zero_grad()
         loss.backward()
@@ -165,7 +150,7 @@ def _train(mode: str, steps: int = 150) -> float:
         opt.step()
     engine.detach()
     with torch.no_grad():
-        x, y = _glyphs(64, 16, torch.Generator().manual_seed(999))
+        x, y = glyphs(64, 16, torch.Generator().manual_seed(999))
         return float(F.cross_entropy(net(x), y))
 
 
