@@ -1243,9 +1243,12 @@ def _global_mean(node: Any, batch: int) -> bool:
     average pooling whose window is the whole map, as ``F.avg_pool2d(x, 4)`` on a 4x4 map)."""
     name = type(node).__name__
     if name in ("AvgPool2DBackward0", "AvgPool3DBackward0"):
+        # the pooled map's shape, from the node that computed it (reading the pooling's saved input would unpack
+        # it: under activation checkpointing, a recomputation of the checkpointed region in the forward)
+        source, index = node.next_functions[0]
         try:
-            sizes = tuple(node._saved_self.shape)
-        except RuntimeError:  # (its saved input already freed)
+            sizes = tuple(source._input_metadata[index].shape)
+        except (AttributeError, IndexError, RuntimeError):
             return False
         kernel = tuple(node._saved_kernel_size)
         kernel = kernel * (len(sizes) - 2) if len(kernel) == 1 else kernel

@@ -1113,3 +1113,24 @@ def test_a_checkpoint_written_before_feedback_per_channel_keeps_a_vector_per_pos
     seen, notes = _map_feedback(net, older)
     assert all(_spread(f) > 1e-3 * float(f.abs().max()) for f in seen.values())
     assert not any(n.startswith("pooled_channels") for n in notes)
+
+
+class _CheckpointedReadout(_MeanReadout):
+    """The convolutions and the whole-map average pooling under activation checkpointing, counting their forwards."""
+
+    calls = 0
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        type(self).calls += 1
+        return nn.functional.avg_pool2d(self.c2(self.c1(x)), x.shape[-1]).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.utils.checkpoint.checkpoint(self.features, x, use_reentrant=False))
+
+
+def test_finding_the_pooled_readout_recomputes_nothing_under_activation_checkpointing() -> None:
+    torch.manual_seed(0)
+    net = _CheckpointedReadout()
+    seen, _ = _map_feedback(net)
+    assert all(_spread(f) < 1e-6 * float(f.abs().max()) for f in seen.values())
+    assert _CheckpointedReadout.calls == 2  # the forward and the backward's recomputation, no more
