@@ -10,36 +10,8 @@ import transformers as hf
 from torch import nn
 from torch.nn import functional as F
 
-from benchmarks.segmentation import glyphs
+from benchmarks.segmentation import CLASSES, FCN, Hourglass, glyphs
 from lightning_dfa import FeedbackEngine
-
-CLASSES = 3
-
-
-class _FCN(nn.Sequential):
-    """Three 3x3 convolutions and a 1x1 classifier: per-pixel logits at the input's resolution."""
-
-    def __init__(self, width: int = 8) -> None:
-        super().__init__(
-            nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, CLASSES, 1),
-        )  # fmt: skip
-
-
-class _Hourglass(nn.Module):
-    """Down to half the resolution and back up (a U-Net without its skips): points at two resolutions."""
-
-    def __init__(self, width: int = 8) -> None:
-        super().__init__()
-        self.c1 = nn.Conv2d(1, width, 3, padding=1)
-        self.c2 = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1)
-        self.c3 = nn.Conv2d(2 * width, 2 * width, 3, padding=1)
-        self.up = nn.ConvTranspose2d(2 * width, width, 2, stride=2)
-        self.out = nn.Conv2d(width, CLASSES, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.relu(self.c3(F.relu(self.c2(F.relu(self.c1(x))))))
-        return self.out(F.relu(self.up(h)))
 
 
 def _step(
@@ -73,7 +45,7 @@ def _fit_per_position(error: torch.Tensor, feedback: torch.Tensor) -> tuple[torc
 
 def test_a_segmentation_error_feeds_each_position_from_the_error_there() -> None:
     torch.manual_seed(0)
-    net = _FCN()
+    net = FCN(width=8)
     engine, error, fed = _step(net)
     assert sorted(fed) == ["1", "3", "5"]
     maps = []
@@ -96,7 +68,7 @@ def test_a_segmentation_error_feeds_each_position_from_the_error_there() -> None
 
 def test_a_coarser_map_gets_the_error_averaged_over_the_positions_it_covers() -> None:
     torch.manual_seed(0)
-    net = _Hourglass()
+    net = Hourglass(width=8)
     _, error, fed = _step(net)
     assert {k: tuple(v.shape) for k, v in fed.items()} == {
         "c2:in": (2, 8, 8, 8), "c3:in": (2, 16, 4, 4), "up:in": (2, 16, 4, 4), "out:in": (2, 8, 8, 8),
@@ -113,14 +85,14 @@ def test_a_coarser_map_gets_the_error_averaged_over_the_positions_it_covers() ->
 
 def test_the_feedback_matrix_stays_small_at_any_image_size() -> None:
     torch.manual_seed(0)
-    small, _, _ = _step(_FCN(), size=8)
-    large, _, fed = _step(_FCN(), size=64)
+    small, _, _ = _step(FCN(width=8), size=8)
+    large, _, fed = _step(FCN(width=8), size=64)
     assert large.bank.nbytes == small.bank.nbytes and fed["1"].shape == (2, 8, 64, 64)
 
 
 def test_a_checkpoint_written_before_positionwise_feedback_keeps_its_matrix() -> None:
     torch.manual_seed(0)
-    net = _FCN()
+    net = FCN(width=8)
     written, _, _ = _step(net, positionwise_maps=False)
     state = {k: v for k, v in written.state_dict().items() if k != "positionwise_maps"}  # before the option
     engine = FeedbackEngine(seed=0)
@@ -136,7 +108,7 @@ def test_a_checkpoint_written_before_positionwise_feedback_keeps_its_matrix() ->
 
 def _train(mode: str, steps: int = 150) -> float:
     torch.manual_seed(0)
-    net = _FCN(width=16)
+    net = FCN(width=16)
     engine = FeedbackEngine(mode=mode, seed=0)
     engine.attach(net)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
