@@ -1130,6 +1130,7 @@ class _CheckpointedReadout(_MeanReadout):
 
 def test_finding_the_pooled_readout_recomputes_nothing_under_activation_checkpointing() -> None:
     torch.manual_seed(0)
+    _CheckpointedReadout.calls = 0
     net = _CheckpointedReadout()
     seen, _ = _map_feedback(net)
     assert all(_spread(f) < 1e-6 * float(f.abs().max()) for f in seen.values())
