@@ -491,6 +491,50 @@ MORE: dict[str, Task] = {
         # a mixture of experts in every layer (4 experts, 2 per token)
         ("olmoe", lambda s: hf.OlmoeForCausalLM(hf.OlmoeConfig(**_common(s), num_key_value_heads=HEADS, num_experts=4,
                                                                num_experts_per_tok=2)), "lm", (32, 32, 3e-3)),
+        # more causal LMs, each with its library's defaults (grouped-query attention, parallel blocks, local windows)
+        ("mistral", lambda s: hf.MistralForCausalLM(hf.MistralConfig(**_common(s), num_key_value_heads=2)), "lm",
+         (32, 32, 3e-3)),
+        ("qwen3", lambda s: hf.Qwen3ForCausalLM(hf.Qwen3Config(**_common(s), num_key_value_heads=2,
+                                                               head_dim=D // HEADS)), "lm", (32, 32, 3e-3)),
+        ("phi3", lambda s: hf.Phi3ForCausalLM(hf.Phi3Config(**_common(s), num_key_value_heads=HEADS, pad_token_id=0,
+                                                            bos_token_id=0, eos_token_id=0)), "lm", (32, 32, 3e-3)),
+        ("stablelm", lambda s: hf.StableLmForCausalLM(hf.StableLmConfig(**_common(s), num_key_value_heads=HEADS)),
+         "lm", (32, 32, 3e-3)),
+        ("gptj", lambda s: hf.GPTJForCausalLM(hf.GPTJConfig(vocab_size=VOCAB, n_embd=D, n_layer=LAYERS, n_head=HEADS,
+                                                            n_positions=s, rotary_dim=8, bos_token_id=0,
+                                                            eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
+                                                            attn_pdrop=0.0)), "lm", (32, 32, 3e-3)),
+        ("gpt_neo", lambda s: hf.GPTNeoForCausalLM(hf.GPTNeoConfig(
+            vocab_size=VOCAB, hidden_size=D, num_layers=LAYERS, num_heads=HEADS, attention_types=[[["global", "local"],
+            1]], max_position_embeddings=s, window_size=8, bos_token_id=0, eos_token_id=0, resid_dropout=0.0,
+            embed_dropout=0.0, attention_dropout=0.0)), "lm", (32, 32, 3e-3)),
+        ("gpt_bigcode", lambda s: hf.GPTBigCodeForCausalLM(hf.GPTBigCodeConfig(
+            vocab_size=VOCAB, n_embd=D, n_layer=LAYERS, n_head=HEADS, n_positions=s, bos_token_id=0, eos_token_id=0,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)), "lm", (32, 32, 3e-3)),
+        ("gemma2", lambda s: hf.Gemma2ForCausalLM(hf.Gemma2Config(**_common(s), num_key_value_heads=HEADS,
+                                                                  head_dim=D // HEADS)), "lm", (32, 32, 3e-3)),
+        ("cohere", lambda s: hf.CohereForCausalLM(hf.CohereConfig(**_common(s), num_key_value_heads=HEADS,
+                                                                  bos_token_id=0, eos_token_id=0)), "lm",
+         (32, 32, 3e-3)),
+        ("biogpt", lambda s: hf.BioGptForCausalLM(hf.BioGptConfig(**_common(s), **_NO_DROP)), "lm", (32, 32, 3e-3)),
+        ("mpnet", lambda s: hf.MPNetForMaskedLM(hf.MPNetConfig(**{**_common(s), **_MLM_VOCAB,
+                                                                  "max_position_embeddings": s + 4}, **_NO_DROP)),
+         "mlm", (8, 128, 3e-3)),
+        # its masked-LM head starts with logits far from uniform (the shallow arm ends above chance)
+        ("funnel", lambda s: hf.FunnelForMaskedLM(hf.FunnelConfig(
+            vocab_size=VOCAB + 2, d_model=D, n_head=HEADS, d_head=D // HEADS, d_inner=FFN, block_sizes=[1, 1],
+            hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)), "mlm", (8, 128, 3e-3)),
+        # hierarchical vision models: spatial-reduction attention, and inverted residuals (whose last map is 1x1 at
+        # this size); ConvNeXt V2's layers have a global response norm where ConvNeXt's have a layer scale
+        ("pvt_v2", lambda s: hf.PvtV2ForImageClassification(hf.PvtV2Config(
+            num_channels=1, num_labels=2, image_size=16, depths=[1, 1], hidden_sizes=[32, 64],
+            num_attention_heads=[1, 2], sr_ratios=[2, 1], patch_sizes=[3, 3], strides=[2, 2], mlp_ratios=[2, 2],
+            num_encoder_blocks=2)), "marks", (0, 64, 1e-3)),
+        ("convnextv2", lambda s: hf.ConvNextV2ForImageClassification(hf.ConvNextV2Config(
+            num_channels=1, num_labels=2, num_stages=2, hidden_sizes=[32, 64], depths=[2, 2])), "marks",
+         (0, 64, 1e-3)),
+        ("mobilenet_v2", lambda s: hf.MobileNetV2ForImageClassification(hf.MobileNetV2Config(
+            num_channels=1, num_labels=2, image_size=16, depth_multiplier=0.35)), "marks", (0, 64, 1e-3)),
         ("mt5", lambda s: hf.MT5ForConditionalGeneration(hf.MT5Config(
             vocab_size=VOCAB, d_model=D, d_ff=FFN, d_kv=D // HEADS, num_layers=LAYERS, num_heads=HEADS,
             decoder_start_token_id=0, pad_token_id=0, dropout_rate=0.0)), "reverse", (16, 32, 1e-3)),

@@ -62,6 +62,11 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
     "llama_cls": lambda: hf.LlamaForSequenceClassification(
         c(hf.LlamaConfig, num_key_value_heads=1, num_labels=3, pad_token_id=0)
     ),
+    "mpnet": lambda: hf.MPNetForMaskedLM(c(hf.MPNetConfig)),
+    # the sequence pooled to half its length between its two blocks
+    "funnel": lambda: hf.FunnelForMaskedLM(hf.FunnelConfig(vocab_size=V, d_model=32, n_head=2, d_head=16, d_inner=64,
+                                                           block_sizes=[1, 1])),
+    "mistral": lambda: hf.MistralForCausalLM(c(hf.MistralConfig, num_key_value_heads=1)),
     "bart": lambda: hf.BartForConditionalGeneration(hf.BartConfig(
         vocab_size=V, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
         decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64)),
@@ -108,6 +113,11 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
         patch_sizes=[3, 3, 3, 3], strides=[2, 2, 2, 2], num_labels=3)),
     "convnextv2": lambda: hf.ConvNextV2ForImageClassification(hf.ConvNextV2Config(
         image_size=16, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)),
+    "pvt_v2": lambda: hf.PvtV2ForImageClassification(hf.PvtV2Config(
+        image_size=16, depths=[1, 1], hidden_sizes=[16, 32], num_attention_heads=[1, 2], sr_ratios=[2, 1],
+        patch_sizes=[3, 3], strides=[2, 2], mlp_ratios=[2, 2], num_encoder_blocks=2, num_labels=3)),
+    "mobilenet_v2": lambda: hf.MobileNetV2ForImageClassification(hf.MobileNetV2Config(
+        image_size=16, depth_multiplier=0.35, num_labels=3)),
     "regnet": lambda: hf.RegNetForImageClassification(hf.RegNetConfig(
         hidden_sizes=[16, 32], depths=[1, 1], embedding_size=16, groups_width=8, num_labels=3)),
     "vitmae": lambda: hf.ViTMAEForPreTraining(hf.ViTMAEConfig(
@@ -119,7 +129,7 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
         num_attention_heads=2, intermediate_size=64, decoder_hidden_size=32, decoder_num_hidden_layers=1,
         decoder_num_attention_heads=2, decoder_intermediate_size=64)),
 }  # fmt: skip
-IMAGES = ("swin", "convnext", "vit", "levit", "segformer", "convnextv2", "regnet")
+IMAGES = ("swin", "convnext", "vit", "levit", "segformer", "convnextv2", "pvt_v2", "mobilenet_v2", "regnet")
 
 
 def _inputs(name: str) -> dict[str, torch.Tensor]:
