@@ -40,7 +40,10 @@ def gpt2_macs(
     ``2 T d`` (scores and weighted sum over the full ``T x T``), the head ``V d``. DFA options counted:
     ``recipe`` (``"auto"``: ``cut_head_input``, ``norm_points`` and ``sketch`` unless set), ``cut_head_input`` (no
     head input gradient), ``norm_points`` or ``blocks`` naming ``*.ln_1`` / ``*.ln_2`` (no input gradient
-    of ``c_attn`` (3 d^2) / ``c_fc`` (4 d^2)), ``topk``, ``sketch``, ``error_at="head_input"``.
+    of ``c_attn`` (3 d^2) / ``c_fc`` (4 d^2)), ``topk``, ``sketch``, ``error_at="head_input"``, and
+    and ``cut_token_embedding`` (nothing before the first block carries gradient to cut, or with
+    ``tables_from_first_block`` and a tied head its input is not cut: either way its ``ln_1`` is no point, and its
+    ``c_attn`` computes its input gradient, for ``ln_1``'s parameters and the position table).
     """
     n = batch * ctx
     attn = 2 * n * ctx * d
@@ -62,7 +65,9 @@ def gpt2_macs(
         points = o.get("norm_points")
         ln1 = _blocks_have(o, ".ln_1") or (auto if points is None else points)  # ln_1 reads each block's input
         saved = 3 * ln1 + 4 * _blocks_have(o, ".ln_2")
-        out["input_grads"] -= layers * saved * n * d * d
+        cutting = o.get("cut_token_embedding")
+        first = auto if cutting is None else cutting  # the first block's ln_1 reads no point
+        out["input_grads"] -= (layers * saved - 3 * ln1 * first) * n * d * d
         if cut:
             out["head_input_grad"] = 0
         if o.get("error_at") == "head_input":

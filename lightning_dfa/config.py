@@ -26,6 +26,7 @@ RECIPE_OPTIONS = (
     "cut_head_input",
     "norm_points",
     "cut_token_embedding",
+    "tables_from_first_block",
     "encoder_from_decoder",
     "pooled_channels",
     "positionwise_maps",
@@ -45,6 +46,7 @@ RESUME_REFUSES = (
     "cut_head_input",
     "norm_points",
     "cut_token_embedding",
+    "tables_from_first_block",
     "encoder_from_decoder",
     "pooled_channels",
     "positionwise_maps",
@@ -60,6 +62,7 @@ _DECIDES = {
     "cut_head_input": "whether the output module's input is a feedback point",
     "norm_points": "whether the outputs of norms that read a point are feedback points",
     "cut_token_embedding": "whether the token embedding receives feedback",
+    "tables_from_first_block": "whether the tables beside a tied token table learn from the first block's backward",
     "encoder_from_decoder": "where an encoder-decoder's encoder reads its error",
     "pooled_channels": "whether a pooled feature map's feedback is one vector per channel (the matrices' width)",
     "positionwise_maps": "whether a feature map's feedback from an error map is projected position by position",
@@ -98,7 +101,8 @@ class DFAConfig:
         recipe: ``"auto"`` (default: the best DFA measured, chosen from the model's structure) or ``"paper"``
             (the plain DFA of Launay et al. 2020: every option below off unless set). ``"auto"`` decides each of
             ``norm_jacobian``, ``cut_head_input``, ``norm_points``, ``cut_token_embedding``,
-            ``encoder_from_decoder``, ``pooled_channels``, ``positionwise_maps`` and ``sketch`` that is left at
+            ``tables_from_first_block``, ``encoder_from_decoder``, ``pooled_channels``, ``positionwise_maps`` and
+            ``sketch`` that is left at
             ``None``; the fit-start summary and :meth:`FeedbackEngine.recipe_notes` say what was chosen and why.
         norm_jacobian: norm-aware feedback. ``None`` (default, recipe ``"auto"``): at each point whose consumer is a
             LayerNorm or RMSNorm (a pre-LN Transformer's block outputs), the feedback passes through the Jacobian of
@@ -129,6 +133,16 @@ class DFAConfig:
             table drifts towards a code of what follows each token and loses the token's identity: on the demo
             language model the cut takes DFA from 3.31 to 2.67 bits/char at 1000 steps
             (``docs/results_language_model.md``). ``None`` (recipe ``"auto"``): on in ``mode="dfa"``.
+        tables_from_first_block: with ``cut_token_embedding`` and the token table tied to the head (GPT-2's, OPT's
+            default), the lookup tables beside it (learned positions, token types) learn from what the first
+            block's backward sends to its input from the block's own feedback: the input of the block that reads
+            them (GPT-2's ``wte(ids) + wpe(positions)``, or a norm over that sum) is not cut, while the skip paths
+            around that block are. Kept at their initial values, the tables are outgrown by the tied token table,
+            which grows as the head learns, and the blocks lose the positions (tiny GPT-2 with its tied head: 92 %
+            of the shallow -> backprop gap closed with the option, 75 % without). Untied, the token table keeps its
+            initial scale and the tables beside it stay fixed. On GPT-2 it adds no matrix product: the first
+            block's ``ln_1`` reads no point either way, so its attention computes its input gradient anyway.
+            ``None`` (recipe ``"auto"``): on in ``mode="dfa"``.
         encoder_from_decoder: in an encoder-decoder (both hold blocks: T5, BART, ``nn.Transformer``), the encoder's
             error is what the decoder's blocks send back to the encoder's output through their own layers that read
             it (their cross-attention's key and value projections, from their own feedback): every encoder point of
@@ -205,6 +219,7 @@ class DFAConfig:
     cut_head_input: bool | None = None
     norm_points: bool | None = None
     cut_token_embedding: bool | None = None
+    tables_from_first_block: bool | None = None
     encoder_from_decoder: bool | None = None
     pooled_channels: bool | None = None
     positionwise_maps: bool | None = None

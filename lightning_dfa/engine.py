@@ -166,6 +166,8 @@ class FeedbackEngine(ForwardHooks):
         #: backward started (a point that is a norm's output needs no consumer's Jacobian)
         self._norm_outputs: set[Any] = set()
         self._token_embeddings: list[tuple[str, nn.Module, bool]] = []  # cut_token_embedding: (name, module, tied)
+        self._first_block_tables: list[str] = []  # tables_from_first_block: the tables beside them left trainable
+        self._released: set[int] = set()  # id() of those tables' parameters
         self._encoder_names: set[str] = set()  # modules inside an encoder-decoder's encoder (fed the mean error)
         #: graph node of a block output that another block may read beside its main input, in this step's forward
         #: (a recurrent block's output sequence and final state, a second stream of hidden states) -> what it is
@@ -315,6 +317,11 @@ class FeedbackEngine(ForwardHooks):
     def cut_token_embedding(self) -> bool:
         """``cut_token_embedding`` in force (:meth:`_in_force`)."""
         return self._in_force("cut_token_embedding")
+
+    @property
+    def tables_from_first_block(self) -> bool:
+        """``tables_from_first_block`` in force (:meth:`_in_force`)."""
+        return self._in_force("tables_from_first_block")
 
     @property
     def encoder_from_decoder(self) -> bool:

@@ -38,6 +38,7 @@ from .delivery import (
     _next_functions,
     _parameters_reached,
     _Point,
+    _PointEdge,
     _Reattach,
     _SoftCut,
     _walk,
@@ -198,6 +199,15 @@ class ForwardHooks:
             cutting = not self._faint
         self._token_embeddings = token_embeddings(root, target, tied=not transform) if cutting else []
         self._token_embeddings = [t for t in self._token_embeddings if not scripted(t[1])]  # no hooks run there
+        self._first_block_tables = []
+        if any(tied for _, _, tied in self._token_embeddings) and self.tables_from_first_block:
+            # beside a token table tied to the output, the other tables stay trainable: the input of the block that
+            # reads them is not cut (see _on_block_input)
+            main = {id(m) for _, m, _ in token_embeddings(root, target, tied=not transform, beside=False)}
+            self._first_block_tables = [n for n, m, _ in self._token_embeddings if id(m) not in main]
+            self._token_embeddings = [t for t in self._token_embeddings if id(t[1]) in main]
+        modules = dict(root.named_modules())
+        self._released = {id(p) for n in self._first_block_tables for p in modules[n].parameters() if p.requires_grad}
         self._tied_kept = [n for n, _, tied in tables if tied] if cutting and transform else []
         heads = {id(p) for _, m in target.outputs for p in m.parameters()}
         for _, module, _ in self._token_embeddings:
@@ -410,6 +420,13 @@ class ForwardHooks:
         if self._cut_bypasses(tensor) and not _frozen(block):
             # computed from the stream only through skip paths now cut: a point there would feed nothing
             value = rebuild(tensor.detach())
+        elif self._from_released_tables(tensor):
+            # tables_from_first_block: computed from the lookup tables beside a tied token table (GPT-2's
+            # ``wte(ids) + wpe(positions)``): no cut, they learn from this block's backward of its own feedback
+            # (and from no later block's: the skip paths around this one are cut as around a cut input)
+            self._group_for(block.name + ":in")
+            self._note_stream(tensor, block)
+            value = None
         else:
             value = self._at_point(block.name + ":in", tensor, rebuild, block, packed)
         if value is not None:
@@ -419,6 +436,17 @@ class ForwardHooks:
         self._note_reader(block, tensor)
         side = self._cut_side_inputs(block, *(value if value is not None else (args, kwargs)), main=tensor)
         return side if side is not None else value
+
+    def _from_released_tables(self, tensor: torch.Tensor | None) -> bool:
+        """``tensor`` (a block's input in a training forward of DFA) is computed from the lookup tables that
+        ``tables_from_first_block`` leaves trainable (the walk stops at the points' cuts: a later block's input is
+        not)."""
+        if not self._released or tensor is None or tensor.grad_fn is None or self._capture is not None:
+            return False
+        for node in _walk(tensor, _upstream_of_points, 64):
+            if id(getattr(node, "variable", None)) in self._released:
+                return True
+        return False
 
     def _bypassing(self) -> bool:
         """Skip paths around the blocks are looked for in this forward (a training forward of DFA or shallow)."""
@@ -1206,6 +1234,14 @@ def _note_pooling(tensor: torch.Tensor, points: list[_Point]) -> str | None:
             found = per_row[p.shape[0]]
         p.rows = found
     return pooled[-1].key if pooled else None
+
+
+def _upstream_of_points(node: Any) -> tuple:
+    """A node's inputs as the backward uses them (:func:`_next_functions`), none past a point's cut or delivery:
+    what lies before a later block's input point is that block's, not the first block's."""
+    if isinstance(node, (_DeliverFeedback._backward_cls, _PointEdge._backward_cls, _Reattach._backward_cls)):
+        return ()
+    return _next_functions(node)
 
 
 def _reads_pooled_map(tensor: torch.Tensor, last: _Point) -> bool:

@@ -98,6 +98,12 @@ def recipe_notes(engine: Any) -> list[str]:
         else:
             what = "nothing to cut (no embedding over the output's vocabulary found)"
         lines.append(f"cut_token_embedding: on: {what}")
+        if engine._first_block_tables:
+            lines.append(
+                f"tables_from_first_block: on: {', '.join(engine._first_block_tables)} (beside a token table tied "
+                "to the output, which grows as the output learns) learn from what the first block's backward sends "
+                "to its input (that input is not cut)"
+            )
     if engine._encoder_names:
         if engine.encoder_from_decoder:
             lines.append(

@@ -117,7 +117,9 @@ def _output_shape(module: nn.Module) -> tuple[int, int] | None:
     return (weights[-1].shape[0], weights[-1].shape[1]) if weights else None
 
 
-def token_embeddings(root: nn.Module, target: Target, tied: bool = True) -> list[tuple[str, nn.Module, bool]]:
+def token_embeddings(
+    root: nn.Module, target: Target, tied: bool = True, beside: bool = True
+) -> list[tuple[str, nn.Module, bool]]:
     """The token embeddings of a model (the ``cut_token_embedding`` option): ``(name, module, tied)`` for each
     module other than the output modules (and those holding them) that is a lookup table over the vocabulary an
     output predicts (an ``nn.Embedding`` with as many rows as the output has features and as many columns as it
@@ -127,7 +129,7 @@ def token_embeddings(root: nn.Module, target: Target, tied: bool = True) -> list
     types). In a Hugging Face model, the table is
     ``get_input_embeddings()`` and the modules sharing its weights, and only where ``get_output_embeddings()`` (a
     vocabulary head) is an output. ``tied=False`` leaves out the tables tied to an output (and the tables beside
-    them).
+    them); ``beside=False`` the tables beside the token tables.
 
     Example:
         >>> class Tiny(nn.Module):
@@ -182,6 +184,8 @@ def token_embeddings(root: nn.Module, target: Target, tied: bool = True) -> list
             else (module.num_embeddings, module.embedding_dim) in shapes
         ):
             found.append((name, module, False))
+    if not beside:
+        return found
     # the lookup tables beside a token embedding (learned positions, token types, added to it: of its width) go
     # with it
     parents = {name.rpartition(".")[0] for name, _, _ in found}

@@ -167,10 +167,12 @@ def _gcn_case(name: str, nodes: int, edges: int, n_in: int, hidden: int, n_out: 
 def gpt2_arms(topk: int | None = None, ln2: bool = False, paper: bool = True) -> dict[str, dict[str, Any]]:
     """The DFA arms of a GPT-2 model: the default flag (recipe ``"auto"``: on GPT-2, norm-aware feedback, the
     ``ln_1`` outputs as points, ``cut_head_input`` and ``sketch``), the same without the ``ln_1`` points, with the
-    ``ln_2`` outputs as points too, and the paper's plain DFA (with and without the cheaper head)."""
+    position table kept at its initial values (``tables_from_first_block=False``), with the ``ln_2`` outputs as
+    points too, and the paper's plain DFA (with and without the cheaper head)."""
     arms: dict[str, dict[str, Any]] = {
         "dfa": {},
         "dfa no ln1": {"norm_points": False},
+        "dfa fixed tables": {"tables_from_first_block": False},
     }
     if ln2:
         arms["dfa +ln2"] = {"blocks": ["transformer.h.*", "transformer.h.*.ln_2"]}
