@@ -41,7 +41,7 @@ def gpt2_macs(
     ``recipe`` (``"auto"``: ``cut_head_input``, ``norm_points`` and ``sketch`` unless set), ``cut_head_input`` (no
     head input gradient), ``norm_points`` or ``blocks`` naming ``*.ln_1`` / ``*.ln_2`` (no input gradient
     of ``c_attn`` (3 d^2) / ``c_fc`` (4 d^2)), ``topk``, ``sketch``, ``error_at="head_input"``, and
-    and ``cut_token_embedding`` (nothing before the first block carries gradient to cut, or with
+    ``cut_token_embedding`` (nothing before the first block carries gradient to cut, or with
     ``tables_from_first_block`` and a tied head its input is not cut: either way its ``ln_1`` is no point, and its
     ``c_attn`` computes its input gradient, for ``ln_1``'s parameters and the position table).
     """

@@ -384,6 +384,16 @@ _BYPASS = "lightning_dfa.bypass"
 _bypasses_cut = False  # set once a skip path was cut: until then the walks need not read the nodes' metadata
 
 
+#: graph nodes of a point's cut or delivery: the backward from a later block does not pass them
+_POINT_NODES = (_DeliverFeedback._backward_cls, _PointEdge._backward_cls, _Reattach._backward_cls)
+
+
+def _upstream_of_points(node: Any) -> tuple:
+    """A node's inputs as the backward uses them (:func:`_next_functions`), none past a point's cut or delivery:
+    what lies before a later block's input point is that block's, not the first block's."""
+    return () if isinstance(node, _POINT_NODES) else _next_functions(node)
+
+
 def _next_functions(node: Any) -> tuple:
     """A node's inputs as the backward uses them: none past a probe's soft cut, none through a cut skip path."""
     if isinstance(node, _SoftCut._backward_cls):
@@ -422,7 +432,7 @@ def _bypasses(
         seen.add(node)
         if isinstance(node, _SoftCut._backward_cls):
             continue  # a probe's cut point: nothing crosses it in the backward
-        if isinstance(node, (_DeliverFeedback._backward_cls, _PointEdge._backward_cls, _Reattach._backward_cls)):
+        if isinstance(node, _POINT_NODES):
             trainable = True
             continue
         if not node.next_functions:
@@ -570,7 +580,7 @@ def _reaches_feedback(tensor: torch.Tensor, params: set[int], limit: int = 100_0
     """``tensor`` (a loss) was computed through the engine's graph: one of its nodes is a delivery, a point's edge,
     a probe's cut or a reattached point, or a parameter of ``params`` (the blocks' and outputs'). ``False``: a
     backward of its own, such as a critic trained on detached outputs, in which DFA has nothing to deliver."""
-    ours = (_DeliverFeedback._backward_cls, _PointEdge._backward_cls, _SoftCut._backward_cls, _Reattach._backward_cls)
+    ours = (*_POINT_NODES, _SoftCut._backward_cls)
     for node in _walk(tensor, lambda n: n.next_functions, limit):
         if isinstance(node, ours):
             return True

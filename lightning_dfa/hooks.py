@@ -38,9 +38,9 @@ from .delivery import (
     _next_functions,
     _parameters_reached,
     _Point,
-    _PointEdge,
     _Reattach,
     _SoftCut,
+    _upstream_of_points,
     _walk,
 )
 from .discovery import discover, single_trainable_layer
@@ -199,15 +199,15 @@ class ForwardHooks:
             cutting = not self._faint
         self._token_embeddings = token_embeddings(root, target, tied=not transform) if cutting else []
         self._token_embeddings = [t for t in self._token_embeddings if not scripted(t[1])]  # no hooks run there
-        self._first_block_tables = []
+        self._first_block_tables, self._released = [], set()
         if any(tied for _, _, tied in self._token_embeddings) and self.tables_from_first_block:
             # beside a token table tied to the output, the other tables stay trainable: the input of the block that
             # reads them is not cut (see _on_block_input)
             main = {id(m) for _, m, _ in token_embeddings(root, target, tied=not transform, beside=False)}
-            self._first_block_tables = [n for n, m, _ in self._token_embeddings if id(m) not in main]
+            beside = [(n, m) for n, m, _ in self._token_embeddings if id(m) not in main]
             self._token_embeddings = [t for t in self._token_embeddings if id(t[1]) in main]
-        modules = dict(root.named_modules())
-        self._released = {id(p) for n in self._first_block_tables for p in modules[n].parameters() if p.requires_grad}
+            self._first_block_tables = [n for n, _ in beside]
+            self._released = {id(p) for _, m in beside for p in m.parameters() if p.requires_grad}
         self._tied_kept = [n for n, _, tied in tables if tied] if cutting and transform else []
         heads = {id(p) for _, m in target.outputs for p in m.parameters()}
         for _, module, _ in self._token_embeddings:
@@ -1234,14 +1234,6 @@ def _note_pooling(tensor: torch.Tensor, points: list[_Point]) -> str | None:
             found = per_row[p.shape[0]]
         p.rows = found
     return pooled[-1].key if pooled else None
-
-
-def _upstream_of_points(node: Any) -> tuple:
-    """A node's inputs as the backward uses them (:func:`_next_functions`), none past a point's cut or delivery:
-    what lies before a later block's input point is that block's, not the first block's."""
-    if isinstance(node, (_DeliverFeedback._backward_cls, _PointEdge._backward_cls, _Reattach._backward_cls)):
-        return ()
-    return _next_functions(node)
 
 
 def _reads_pooled_map(tensor: torch.Tensor, last: _Point) -> bool:
