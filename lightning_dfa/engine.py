@@ -623,6 +623,13 @@ class FeedbackEngine(ForwardHooks):
             stacklevel=2,
         )
 
+    @property
+    def roles_from_loss(self) -> bool:
+        """Whether :meth:`parameter_roles` was completed from a loss (``end_backward(loss)``, as the Lightning
+        adapters call it): the parameters that loss applies after an output module (a bias added to the logits)
+        are then counted as trained by their true gradient; before, they count as feedback."""
+        return self._loss_measured
+
     def _measure_loss_terms(self, loss: torch.Tensor) -> None:
         """Complete the measured roles (:meth:`parameter_roles`) from the first loss: the parameters it reaches
         without crossing an output's delivery (a learned temperature applied after the output module, a bias added

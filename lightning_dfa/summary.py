@@ -121,6 +121,9 @@ def format_summary(engine: Any, shapes: Mapping[str, Sequence[int]] | None = Non
     trained = roles["feedback"] + roles["true gradient"]
     share = roles["true gradient"] / trained if trained else 0.0
     how = "measured in the first backward" if engine.roles_measured else "estimated from the module order"
+    if engine.roles_measured and not engine.roles_from_loss and engine.mode != "bp":
+        # the layers a loss applies after the output module (a bias added to the logits) are known from the loss
+        how += " (layers applied after the output module are counted once the loss is passed: end_backward(loss))"
     out += [
         "-" * len(out[1]),
         f"DFA mode: {engine.mode} | placement: {cfg.placement} | blocks from: {engine.target.source}",

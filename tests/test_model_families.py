@@ -843,6 +843,25 @@ def test_the_roles_measured_at_the_first_backward_follow_the_loss(mode: str) -> 
     engine.detach()
 
 
+def test_the_summary_says_when_the_roles_wait_for_the_loss() -> None:
+    """The engine used on its own, ``end_backward()`` without the loss: a temperature applied after the output
+    module counts as feedback until a loss is passed, and the summary says so; passed, it counts as what it gets."""
+    torch.manual_seed(0)
+    net = SharedBetween()
+    engine = FeedbackEngine(output=["out", "aux"])
+    engine.attach(net)
+    x, y = torch.randn(6, 8), torch.randint(0, 3, (6,))
+    for passed in (False, True):
+        out, aux = net(x)
+        loss = F.cross_entropy(out, y) + F.cross_entropy(aux, y)
+        loss.backward()
+        engine.end_backward(loss if passed else None)
+        waits = "counted once the loss is passed: end_backward(loss)" in engine.summary()
+        assert engine.roles_measured and engine.roles_from_loss == passed and waits != passed
+        assert engine.role_of(net.log_temperature) == ("true gradient" if passed else "feedback")
+    engine.detach()
+
+
 @pytest.mark.parametrize("order", [("student", "teacher"), ("teacher", "student")])
 def test_a_frozen_teacher_beside_the_student_is_neither_blocks_nor_the_output(order: tuple[str, str]) -> None:
     """Distillation: a frozen teacher network (larger than the student, registered before or after it) is left
