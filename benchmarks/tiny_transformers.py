@@ -28,6 +28,10 @@ Tasks (synthetic, drawn from seeded generators, no downloads):
   random patches, under Gaussian noise; the label says whether both marks have the same sign. This is an XOR
   across patches: no linear readout of the patches (nor of their sum) computes it, so the blocks must gather the
   two patches and combine them nonlinearly (the shallow arm stays at chance, log 2 nats);
+* order of two marks (sequence classifiers: BERT, DistilBERT, GPT-2, Llama; sequences of 16 symbols, batch 64,
+  lr 1e-3): two marks at random positions among uniform symbols, the label whether the first comes before the
+  second (:func:`order`); the classifier reads one token (the first or the last), so the blocks must bring both
+  marks' positions to it (shallow stays at chance where the first token is read);
 * masked patches (ViTMAE; 16x16 images, each a level and a horizontal gradient of its own, batch 64): the masked
   autoencoder's loss, the mean squared error on the half of the patches it masks, which the kept half predicts.
 
@@ -137,6 +141,17 @@ def marks(n: int, g: torch.Generator, noise: float = 0.5) -> dict[str, torch.Ten
             for dx in range(2):
                 images[idx, 0, top + dy, left + dx] += value
     return {"pixel_values": images, "labels": (sign[:, 0] == sign[:, 1]).long()}
+
+
+def order(n: int, seq: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """Sequences of ``seq`` symbols: a start symbol (3, as a tokenizer's ``[CLS]`` or ``<s>``), then uniform symbols
+    from 4 to 31 with two marks, 1 and 2, at two random positions; the label says whether 1 comes before 2. No symbol
+    alone tells it and neither does their count: a classifier must compare the two marks' positions."""
+    ids = torch.randint(4, VOCAB, (n, seq), generator=g)
+    at = 1 + torch.rand(n, seq - 1, generator=g).argsort(-1)[:, :2]
+    rows = torch.arange(n)
+    ids[rows, at[:, 0]], ids[rows, at[:, 1]], ids[:, 0] = 1, 2, 3
+    return {"input_ids": ids, "labels": (at[:, 0] < at[:, 1]).long()}
 
 
 def gradients(n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
@@ -259,6 +274,11 @@ def reverse_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tens
     return model(input_ids=ids, labels=ids.flip(1)).loss
 
 
+def order_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A sequence classifier (its library's pooling: the first token's, or the last one's) on :func:`order`."""
+    return nn.functional.cross_entropy(model(input_ids=batch["input_ids"]).logits, batch["labels"])
+
+
 def mae_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(**batch).loss  # the mean squared error on the masked patches
 
@@ -271,7 +291,7 @@ def cls_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 class Task:
     build: Callable[[int], nn.Module]
     loss: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
-    data: str  # "lm", "mlm" or "marks"
+    data: str  # a key of _LOSSES: "lm", "mlm", "reverse", "marks", "gradients" or "order"
     seq: int  # symbols per sequence (unused for images)
     batch: int
     lr: float
@@ -294,6 +314,8 @@ def batches(task: Task, seed: int, n: int, count: int) -> list[dict[str, torch.T
         return [marks(n, g) for _ in range(count)]
     if task.data == "gradients":
         return [gradients(n, g) for _ in range(count)]
+    if task.data == "order":
+        return [order(n, task.seq, g) for _ in range(count)]
     table = markov_table()
     out = []
     for _ in range(count):
@@ -359,7 +381,9 @@ def _reversal_config(seq: int) -> dict[str, Any]:
 _NO_DROP = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 _MLM_VOCAB = dict(vocab_size=VOCAB + 2, pad_token_id=VOCAB + 1)  # the mask symbol, and an unused padding id
 
-_LOSSES = {"lm": lm_loss, "mlm": mlm_loss, "reverse": reverse_loss, "marks": cls_loss, "gradients": mae_loss}
+_LOSSES = {"lm": lm_loss, "mlm": mlm_loss, "reverse": reverse_loss, "marks": cls_loss, "gradients": mae_loss,
+           "order": order_loss}  # fmt: skip
+_CLS = dict(num_labels=2, pad_token_id=0)  # symbol 0 never occurs: the last-token pooling reads the last symbol
 
 #: Further architectures (library defaults, tied heads included; no dropout), beside :data:`TASKS`.
 MORE: dict[str, Task] = {
@@ -538,6 +562,19 @@ MORE: dict[str, Task] = {
         ("mt5", lambda s: hf.MT5ForConditionalGeneration(hf.MT5Config(
             vocab_size=VOCAB, d_model=D, d_ff=FFN, d_kv=D // HEADS, num_layers=LAYERS, num_heads=HEADS,
             decoder_start_token_id=0, pad_token_id=0, dropout_rate=0.0)), "reverse", (16, 32, 1e-3)),
+        # sequence classifiers: BERT's and DistilBERT's read the first token, GPT-2's and Llama's the last one
+        ("bert_cls", lambda s: hf.BertForSequenceClassification(hf.BertConfig(**_common(s), **_CLS, **_NO_DROP)),
+         "order", (16, 64, 1e-3)),
+        ("distilbert_cls", lambda s: hf.DistilBertForSequenceClassification(hf.DistilBertConfig(
+            vocab_size=VOCAB, dim=D, hidden_dim=FFN, n_layers=LAYERS, n_heads=HEADS, max_position_embeddings=s, **_CLS,
+            dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0)), "order", (16, 64, 1e-3)),
+        ("gpt2_cls", lambda s: hf.GPT2ForSequenceClassification(hf.GPT2Config(
+            vocab_size=VOCAB, n_embd=D, n_inner=FFN, n_layer=LAYERS, n_head=HEADS, n_positions=s, **_CLS,
+            bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)), "order",
+         (16, 64, 1e-3)),
+        ("llama_cls", lambda s: hf.LlamaForSequenceClassification(hf.LlamaConfig(**_common(s), **_CLS,
+                                                                                 num_key_value_heads=HEADS)),
+         "order", (16, 64, 1e-3)),
     )
 }  # fmt: skip
 ALL: dict[str, Task] = {**TASKS, **MORE}
@@ -575,14 +612,14 @@ def measure(names: list[str], seeds: list[int], **kw: Any) -> list[dict[str, Any
             records.append({
                 "model": name, "class": type(model).__name__, "task": task.data, "seed": seed,
                 "tied_head": bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
-                and task.data not in ("marks", "gradients"),
+                and task.data not in ("marks", "gradients", "order"),
                 "test_loss": loss, "closed": share, "closed_paper": plain, "wall_s": wall, "cpu_s": cpu,
             })  # fmt: skip
     return records
 
 
 _TASK_TEXT = {"lm": "causal LM", "mlm": "masked LM", "reverse": "reversal", "marks": "image XOR",
-              "gradients": "masked patches"}  # fmt: skip
+              "gradients": "masked patches", "order": "order of two marks"}  # fmt: skip
 
 
 def render(records: list[dict[str, Any]], machine: dict[str, Any]) -> str:
