@@ -58,6 +58,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from benchmarks.markers import replace_section
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "hf_sweep.json"
 DOC = ROOT / "docs" / "architectures.md"
@@ -768,12 +770,7 @@ def _md(text: str, n: int) -> str:
 
 def write_doc(results: Path = RESULTS, path: Path = DOC) -> None:
     """Replace the census section of ``path`` (between its markers) with the one rendered from ``results``."""
-    data = json.loads(results.read_text())
-    text = path.read_text()
-    start, end = "<!-- census: start -->\n", "<!-- census: end -->"
-    head, rest = text.split(start)
-    _, tail = rest.split(end)
-    path.write_text(head + start + render(data) + end + tail)
+    replace_section(path, "census", render(json.loads(results.read_text())))
 
 
 def main(argv: list[str] | None = None) -> None:

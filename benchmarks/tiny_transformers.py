@@ -62,6 +62,7 @@ import torch
 import transformers as hf
 from torch import nn
 
+from benchmarks.markers import replace_section
 from lightning_dfa import FeedbackEngine
 
 warnings.filterwarnings("ignore", module="transformers")
@@ -651,11 +652,7 @@ def render(records: list[dict[str, Any]], machine: dict[str, Any]) -> str:
 def write_doc(path: Path = DOC, results: Path = RESULTS) -> None:
     """Replace the table between the markers of ``path`` with the one rendered from ``results``."""
     data = json.loads(results.read_text())
-    text = path.read_text()
-    start, end = "<!-- table: start -->\n", "<!-- table: end -->"
-    head, rest = text.split(start)
-    _, tail = rest.split(end)
-    path.write_text(head + start + render(data["records"], data["machine"]) + end + tail)
+    replace_section(path, "table", render(data["records"], data["machine"]))
 
 
 def merged(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
