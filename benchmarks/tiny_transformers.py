@@ -32,6 +32,9 @@ Tasks (synthetic, drawn from seeded generators, no downloads):
   lr 1e-3): two marks at random positions among uniform symbols, the label whether the first comes before the
   second (:func:`order`); the classifier reads one token (the first or the last), so the blocks must bring both
   marks' positions to it (shallow stays at chance where the first token is read);
+* compare neighbours (token classifiers: BERT, DistilBERT; sequences of 16 symbols, batch 64, lr 1e-3):
+  each symbol but the ends labelled by whether the symbol before it is larger than the one after it
+  (:func:`neighbours`), which needs both neighbours' identities at each position;
 * masked patches (ViTMAE; 16x16 images, each a level and a horizontal gradient of its own, batch 64): the masked
   autoencoder's loss, the mean squared error on the half of the patches it masks, which the kept half predicts.
 
@@ -153,6 +156,16 @@ def order(n: int, seq: int, g: torch.Generator) -> dict[str, torch.Tensor]:
     rows = torch.arange(n)
     ids[rows, at[:, 0]], ids[rows, at[:, 1]], ids[:, 0] = 1, 2, 3
     return {"input_ids": ids, "labels": (at[:, 0] < at[:, 1]).long()}
+
+
+def neighbours(n: int, seq: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """Sequences of ``seq`` uniform symbols from 4 to 31; each symbol but the first and the last is labelled by
+    whether the symbol before it is larger than the symbol after it (the ends are not labelled: ``-100``). No symbol
+    tells its own label: a token classifier must read both neighbours."""
+    ids = torch.randint(4, VOCAB, (n, seq), generator=g)
+    labels = torch.full((n, seq), -100)
+    labels[:, 1:-1] = (ids[:, :-2] > ids[:, 2:]).long()
+    return {"input_ids": ids, "labels": labels}
 
 
 def gradients(n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
@@ -280,6 +293,12 @@ def order_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor
     return nn.functional.cross_entropy(model(input_ids=batch["input_ids"]).logits, batch["labels"])
 
 
+def neighbours_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A token classifier on :func:`neighbours` (the unlabelled ends ignored)."""
+    logits = model(input_ids=batch["input_ids"]).logits
+    return nn.functional.cross_entropy(logits.reshape(-1, 2), batch["labels"].reshape(-1), ignore_index=-100)
+
+
 def mae_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(**batch).loss  # the mean squared error on the masked patches
 
@@ -292,7 +311,7 @@ def cls_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 class Task:
     build: Callable[[int], nn.Module]
     loss: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
-    data: str  # a key of _LOSSES: "lm", "mlm", "reverse", "marks", "gradients" or "order"
+    data: str  # a key of _LOSSES: "lm", "mlm", "reverse", "marks", "gradients", "order" or "neighbours"
     seq: int  # symbols per sequence (unused for images)
     batch: int
     lr: float
@@ -317,6 +336,8 @@ def batches(task: Task, seed: int, n: int, count: int) -> list[dict[str, torch.T
         return [gradients(n, g) for _ in range(count)]
     if task.data == "order":
         return [order(n, task.seq, g) for _ in range(count)]
+    if task.data == "neighbours":
+        return [neighbours(n, task.seq, g) for _ in range(count)]
     table = markov_table()
     out = []
     for _ in range(count):
@@ -383,7 +404,7 @@ _NO_DROP = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 _MLM_VOCAB = dict(vocab_size=VOCAB + 2, pad_token_id=VOCAB + 1)  # the mask symbol, and an unused padding id
 
 _LOSSES = {"lm": lm_loss, "mlm": mlm_loss, "reverse": reverse_loss, "marks": cls_loss, "gradients": mae_loss,
-           "order": order_loss}  # fmt: skip
+           "order": order_loss, "neighbours": neighbours_loss}  # fmt: skip
 _CLS = dict(num_labels=2, pad_token_id=0)  # symbol 0 never occurs: the last-token pooling reads the last symbol
 
 #: Further architectures (library defaults, tied heads included; no dropout), beside :data:`TASKS`.
@@ -576,6 +597,12 @@ MORE: dict[str, Task] = {
         ("llama_cls", lambda s: hf.LlamaForSequenceClassification(hf.LlamaConfig(**_common(s), **_CLS,
                                                                                  num_key_value_heads=HEADS)),
          "order", (16, 64, 1e-3)),
+        # token classifiers (bidirectional encoders): each symbol labelled from its two neighbours
+        ("bert_tok", lambda s: hf.BertForTokenClassification(hf.BertConfig(**_common(s), **_CLS, **_NO_DROP)),
+         "neighbours", (16, 64, 1e-3)),
+        ("distilbert_tok", lambda s: hf.DistilBertForTokenClassification(hf.DistilBertConfig(
+            vocab_size=VOCAB, dim=D, hidden_dim=FFN, n_layers=LAYERS, n_heads=HEADS, max_position_embeddings=s, **_CLS,
+            dropout=0.0, attention_dropout=0.0)), "neighbours", (16, 64, 1e-3)),
     )
 }  # fmt: skip
 ALL: dict[str, Task] = {**TASKS, **MORE}
@@ -613,14 +640,15 @@ def measure(names: list[str], seeds: list[int], **kw: Any) -> list[dict[str, Any
             records.append({
                 "model": name, "class": type(model).__name__, "task": task.data, "seed": seed,
                 "tied_head": bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
-                and task.data not in ("marks", "gradients", "order"),
+                and task.data not in ("marks", "gradients", "order", "neighbours"),
                 "test_loss": loss, "closed": share, "closed_paper": plain, "wall_s": wall, "cpu_s": cpu,
             })  # fmt: skip
     return records
 
 
 _TASK_TEXT = {"lm": "causal LM", "mlm": "masked LM", "reverse": "reversal", "marks": "image XOR",
-              "gradients": "masked patches", "order": "order of two marks"}  # fmt: skip
+              "gradients": "masked patches", "order": "order of two marks",
+              "neighbours": "compare neighbours"}  # fmt: skip
 
 
 def render(records: list[dict[str, Any]], machine: dict[str, Any]) -> str:
