@@ -639,11 +639,18 @@ def measure(names: list[str], seeds: list[int], **kw: Any) -> list[dict[str, Any
             )  # fmt: skip
             records.append({
                 "model": name, "class": type(model).__name__, "task": task.data, "seed": seed,
-                "tied_head": bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
-                and task.data not in ("marks", "gradients", "order", "neighbours"),
+                "tied_head": _tied_head(model),
                 "test_loss": loss, "closed": share, "closed_paper": plain, "wall_s": wall, "cpu_s": cpu,
             })  # fmt: skip
     return records
+
+
+def _tied_head(model: nn.Module) -> bool:
+    """The model has an output embedding (a vocabulary head) and its config ties it to the input embedding (a
+    classifier's or an image model's ``tie_word_embeddings`` ties nothing)."""
+    heads = getattr(model, "get_output_embeddings", None)
+    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    return tied and heads is not None and heads() is not None
 
 
 _TASK_TEXT = {"lm": "causal LM", "mlm": "masked LM", "reverse": "reversal", "marks": "image XOR",
