@@ -1,8 +1,10 @@
 """A census of the installed Hugging Face Transformers under the default flag, ``FeedbackEngine(mode="dfa")``.
 
-Every architecture of six auto mappings of ``transformers`` (causal LM, masked LM, sequence-to-sequence LM, sequence
-classification, image classification, token classification) is built from a tiny config, given one seeded synthetic
-batch, and put through three arms from the same initialisation:
+Every architecture of eleven auto mappings of ``transformers`` (:data:`HEADS`: causal LM, masked LM,
+sequence-to-sequence LM, sequence classification, image classification, token classification, question answering,
+multiple choice, semantic segmentation, audio classification, CTC speech recognition) is built from a tiny config,
+given one seeded synthetic batch (tokens, images, raw audio or a spectrogram, with the head's labels: classes, spans,
+choices, a class per pixel, a transcript), and put through three arms from the same initialisation:
 
 * **plain backprop** (no engine): the control. If this step fails, the fault is in the census's inputs or config
   (``input problem``), not in the library;
@@ -11,12 +13,15 @@ batch, and put through three arms from the same initialisation:
   adapters close theirs.
 
 Config: the model's own config class at its defaults, then shrunk generically (:data:`SHRINK`: width 32, 2 heads,
-2 layers, FFN 64, vocabulary 97, 32x32 images, no dropout; per-layer lists keep one layer of each kind), with the
-few per-family corrections of :data:`OVERRIDES`. Fallbacks, in order, when a variant cannot be built or cannot take
+2 layers, FFN 64, vocabulary 97, 32x32 images, no dropout; per-layer lists keep one layer of each kind; for the audio
+heads also :data:`AUDIO`: a feature extractor of 2 conv layers of 32 channels, 16 mel bins, no SpecAugment), with
+the few per-family corrections of :data:`OVERRIDES`. Fallbacks, in order, when a variant cannot be built or cannot take
 a plain backprop step: the same with 2 key/value heads, a shrink of the core sizes only, then the library's
 defaults (at most 5 M parameters). A model over 30 M parameters is not built.
 
-Classes, from the first step of the default flag against the engine's backprop step:
+Classes, from the default flag's two steps against the engine's backprop step (no optimizer step between them, so
+all three start from the same weights): ``non-finite`` and ``silent backprop`` at either step, the others at the
+second, the steady state (the first loss shows the engine how it reads the outputs: ``spread_read_token``):
 
 * ``ok``: none of the below;
 * ``non-finite``: a trainable parameter's gradient holds a NaN or an infinity;
@@ -24,7 +29,9 @@ Classes, from the first step of the default flag against the engine's backprop s
   feedback (by their role) got exactly their backprop gradient;
 * ``no grad``: a parameter that backprop trains got no gradient, and the engine does not report it as not trained
   (``role_of(p) == "none"``: the token embedding under ``cut_token_embedding``, which is kept at its initial values);
-* ``crash``: the engine raised (in either mode), or the worker process died;
+* ``refused``: the default flag's engine declined the model with one of its own errors (raised by ``lightning_dfa``,
+  starting ``DFA:``), which says what it cannot train and why;
+* ``crash``: the engine raised otherwise (in either mode), or the worker process died;
 * ``timeout``: the model took longer than ``--timeout`` seconds;
 * ``input problem``: plain backprop fails on every variant;
 * ``skipped``: no variant could be built (too big, a config the library refuses, a package not installed, a class
@@ -34,7 +41,7 @@ Each model runs in a worker process (one at a time, torch on one thread); a mode
 recorded and the worker restarted, so one model cannot stop the census::
 
     python -m benchmarks.hf_sweep                              # everything, JSON + docs/architectures.md
-    python -m benchmarks.hf_sweep --heads causal,img           # some heads
+    python -m benchmarks.hf_sweep --heads causal,img           # some heads (--out: the JSON holds only these)
     python -m benchmarks.hf_sweep --only causal:gpt2,img:vit   # some models (id = head:model_type)
     python -m benchmarks.hf_sweep --render                     # only rewrite the docs section from the JSON
 """
@@ -77,6 +84,11 @@ HEADS = {
     "seqcls": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
     "img": "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",
     "tokcls": "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
+    "qa": "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES",
+    "mc": "MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES",
+    "semseg": "MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES",
+    "audio": "MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES",
+    "ctc": "MODEL_FOR_CTC_MAPPING_NAMES",
 }
 HEAD_NAMES = {
     "causal": "causal LM",
@@ -85,8 +97,20 @@ HEAD_NAMES = {
     "seqcls": "sequence classification",
     "img": "image classification",
     "tokcls": "token classification",
+    "qa": "question answering",
+    "mc": "multiple choice",
+    "semseg": "semantic segmentation",
+    "audio": "audio classification",
+    "ctc": "speech recognition (CTC)",
 }
-FAILURES = ("crash", "timeout", "silent backprop", "no grad", "non-finite")
+#: heads whose config gets ``num_labels`` (3 classes)
+LABELLED = ("seqcls", "img", "tokcls", "semseg", "audio")
+CHOICES = 2  # answers per question of a multiple-choice batch
+FRAMES = 32  # frames a raw-audio batch gives the transformer after the feature extractor
+FEATURE_FRAMES = 128  # frames of a spectrogram batch (before the encoder's own subsampling)
+CTC_LABELS = 4  # tokens per transcript of a CTC batch, well below the frames
+FAILURES = ("refused", "crash", "timeout", "silent backprop", "no grad", "non-finite")
+NUMBER_WORDS = dict(enumerate("zero one two three four five six seven eight nine ten eleven twelve".split()))
 
 # ----------------------------------------------------------------------------------------------------- configs
 #: the generic shrink: config key -> tiny value (applied where the config has the key)
@@ -132,6 +156,32 @@ CORE = {"hidden_size", "d_model", "n_embd", "dim", "num_attention_heads", "n_hea
         "intermediate_size", "vocab_size", "max_position_embeddings", "pad_token_id", "bos_token_id", "eos_token_id",
         "decoder_start_token_id", "image_size", "num_channels", "num_labels", "encoder_attention_heads",
         "decoder_attention_heads", "encoder_ffn_dim", "decoder_ffn_dim", "d_ff", "d_kv"}  # fmt: skip
+AUDIO_HEADS = ("audio", "ctc")
+#: the audio heads' further shrink: config key -> tiny value, set whatever its type where the config has the key
+AUDIO: dict[str, Any] = {
+    # the raw-audio feature extractor: two conv layers (kernels 10, 3; strides 5, 2) of 32 channels, not 7 of 512
+    "conv_dim": [32, 32], "conv_kernel": [10, 3], "conv_stride": [5, 2], "num_feat_extract_layers": 2,
+    # the convolutional position embedding: its kernel (128 taps) and its groups, which must divide the width (32)
+    "num_conv_pos_embeddings": 16, "num_conv_pos_embedding_groups": 2,
+    # spectrogram inputs: 16 mel bins (W2V-BERT stacks two frames of 80 into 160 features: 16 here)
+    "num_mel_bins": 16, "feature_projection_input_dim": 16,
+    # positions of the audio encoders (Whisper takes exactly twice these frames; 1500 by default)
+    "max_source_positions": 64, "max_target_positions": 64,
+    # heads and projections sized apart from the width (classifier, quantizer, adapter, subsampling)
+    "classifier_proj_size": 16, "codevector_dim": 16, "proj_codevector_dim": 16, "output_hidden_size": 32,
+    "subsampling_conv_channels": 16,
+    # Granite Speech attends within blocks of context_size frames (128), at most its positions (64)
+    "context_size": 16,
+    # SpecAugment masks frames by numpy's generator, which torch's seed does not fix: the arms would differ
+    # (Data2Vec-Audio has no switch: no frames masked)
+    "apply_spec_augment": False, "mask_time_prob": 0.0,
+}  # fmt: skip
+#: audio keys that only shrink (Data2Vec-Audio's num_conv_pos_embeddings counts 5 layers, not 128 taps)
+AUDIO_AT_MOST = {"num_conv_pos_embeddings", "max_source_positions", "max_target_positions", "context_size"}
+#: audio families taking raw audio as [batch, 1, samples], not [batch, samples]
+CHANNEL_AUDIO = {"omniasr_ctc"}
+#: spectrogram features per mel bin where a family stacks more than one (Granite Speech 5: 2 frames, with deltas)
+FEATURES_PER_BIN = {"granite_speech5_ctc": 4}
 LAYER_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers")
 DROPOUT_KEYS = ("drop_path_rate", "hidden_dropout_prob", "attention_probs_dropout_prob", "dropout_rate")
 
@@ -160,6 +210,28 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "hiera": {"image_size": [32, 32]},
     # the masked-LM decoder queries max_position_embeddings positions: it must be the batch's sequence length
     "perceiver": {"max_position_embeddings": SEQ},
+    # the patch strides (10) are sized for 1024 frames of 128 mel bins: 4-bin strides over 64 frames of 16 bins
+    "audio-spectrogram-transformer": {"max_length": 64, "frequency_stride": 4, "time_stride": 4},
+    # the encoder projects keys and values for every head, yet repeats them by heads // num_key_value_heads
+    "granite_speech5_ctc": {"encoder_config": {"num_key_value_heads": 2}},
+    # the segmentation neck takes the maps of 4 layers (out_indices, 1-based): 4 layers, each one
+    "beit": {"num_hidden_layers": 4, "out_indices": [1, 2, 3, 4]},
+    "data2vec-vision": {"num_hidden_layers": 4, "out_indices": [1, 2, 3, 4]},
+    # DPT's neck reassembles the maps of 4 layers (backbone_out_indices, 0-based) at 4 widths: 4 layers, narrow
+    "dpt": {"num_hidden_layers": 4, "backbone_out_indices": [0, 1, 2, 3], "neck_hidden_sizes": [16, 16, 32, 32],
+            "fusion_hidden_size": 16},
+    # the same neck on a backbone that must return token sequences (its composite's default), not maps
+    "tipsv2_dpt": {"backbone_config": {"num_hidden_layers": 4, "out_indices": [1, 2, 3, 4],
+                                       "reshape_hidden_states": False},
+                   "neck_hidden_sizes": [16, 16, 32, 32], "fusion_hidden_size": 16},
+    # the default head config leaves its layers unset (None): two upsampling layers and one conv, 16 channels
+    # and its per-layer key/value heads (16 and 8 at full size) must divide the 2 heads
+    "sapiens2": {"head_config": {"upsample_out_channels": [16, 16], "conv_out_channels": [16]},
+                 "num_key_value_heads_per_layer": [2, 1], "num_key_value_attention_heads": 1},
+    # the axial position embedding: its 2 factors' widths sum to the width, its shape multiplies to the sequence
+    "reformer": {"axial_pos_embds_dim": [16, 16], "axial_pos_shape": [4, SEQ // 4]},
+    # the language, cross-modal and vision stacks count their layers apart (9, 5, 5), and the regions are 2048-wide
+    "lxmert": {"l_layers": 1, "x_layers": 1, "r_layers": 1, "visual_feat_dim": 16, "num_qa_labels": 3},
 }  # fmt: skip
 
 
@@ -191,9 +263,9 @@ def _is_dropout(key: str) -> bool:
     return "dropout" in key or key.endswith(("_drop", "drop_rate", "drop_prob")) or key in DROPOUT_KEYS
 
 
-def shrunk_kwargs(default: Any, full: bool = True) -> dict[str, Any]:
+def shrunk_kwargs(default: Any, full: bool = True, audio: bool = False) -> dict[str, Any]:
     """Config kwargs shrinking ``default`` (the keys of its ``to_dict()``, sub-configs shrunk too); ``full=False``:
-    the :data:`CORE` sizes only."""
+    the :data:`CORE` sizes only; ``audio``: the :data:`AUDIO` keys too (for the audio heads)."""
     from transformers import PretrainedConfig
 
     d = default.to_dict()
@@ -201,7 +273,9 @@ def shrunk_kwargs(default: Any, full: bool = True) -> dict[str, Any]:
     for k, v in d.items():
         cur = getattr(default, k, v)
         if isinstance(cur, PretrainedConfig):  # composite: shrink the sub-config too
-            kw[k] = {**shrunk_kwargs(cur, full), "model_type": cur.model_type}
+            kw[k] = {**shrunk_kwargs(cur, full, audio), "model_type": cur.model_type}
+            if v.get("out_features") and not any(n in kw[k] for n in LAYER_KEYS):  # a backbone of stages keeps
+                kw[k]["out_features"] = v["out_features"]  # its stages: the ones its head takes, not the last
             continue
         if _is_dropout(k):
             if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -230,6 +304,10 @@ def shrunk_kwargs(default: Any, full: bool = True) -> dict[str, Any]:
                 kw[k] = [2] * len(v)
     if full:
         kw.update(_layer_lists(d, kw))
+    if full and audio:
+        for k, new in AUDIO.items():
+            if k in d and not (k in AUDIO_AT_MOST and isinstance(d[k], int) and d[k] <= new):
+                kw[k] = new
     if "qk_rope_head_dim" in kw:  # latent attention: the rope part is the rotary head dim
         if "head_dim" in d:
             kw["head_dim"] = kw["qk_rope_head_dim"]
@@ -277,7 +355,7 @@ def variants(task: dict[str, str]):
     own = getattr(getattr(transformers, task["cls"], None), "config_class", None)
     if own is not None and own is not transformers.PretrainedConfig and own is not cfg_cls:
         cfg_cls = own  # a text-only class of a multimodal family: its own text config
-    labels = {"num_labels": 3} if task["head"] in ("seqcls", "img", "tokcls") else {}
+    labels = {"num_labels": 3} if task["head"] in LABELLED else {}
     try:
         default = cfg_cls()
     except Exception as err:  # noqa: BLE001
@@ -285,13 +363,14 @@ def variants(task: dict[str, str]):
         return
     for name in ("shrink", "shrink-kv2", "core-shrink"):
         try:
-            kw = shrunk_kwargs(default, full=name != "core-shrink")
+            kw = shrunk_kwargs(default, full=name != "core-shrink", audio=task["head"] in AUDIO_HEADS)
             if name == "shrink-kv2":
                 if "num_key_value_heads" not in kw:
                     continue
                 kw["num_key_value_heads"] = 2
             if name != "core-shrink":
-                kw.update(OVERRIDES.get(task["model_type"], {}))
+                for k, v in OVERRIDES.get(task["model_type"], {}).items():  # into a shrunk sub-config, or set
+                    kw[k] = {**kw[k], **v} if isinstance(v, dict) and isinstance(kw.get(k), dict) else v
             if (getattr(default, "is_encoder_decoder", False) or task["head"] == "s2s") and (
                 "decoder_start_token_id" not in kw
             ):
@@ -326,12 +405,24 @@ def make_batch(head: str, cfg: Any, model: Any) -> dict[str, Any]:
     sig = inspect.signature(model.forward).parameters
     if head == "img" and "pixel_values" not in sig and "input_ids" in sig:  # ImageGPT: pixel clusters as tokens
         head = "seqcls"
-    if head == "img":
+    if head in ("img", "semseg"):
         ch = getattr(cfg, "num_channels", 3) or 3
         size = getattr(cfg, "image_size", 32)
         size = size[0] if isinstance(size, (list, tuple)) else size
         size = size if isinstance(size, int) and size <= 64 else 32
-        batch = {"pixel_values": torch.randn(BATCH, ch, size, size, generator=g), "labels": torch.tensor([0, 2])}
+        pixels = torch.randn(BATCH, ch, size, size, generator=g)
+        if head == "img":
+            labels = torch.tensor([0, 2])
+        else:  # a class per pixel
+            labels = torch.randint(0, 3, (BATCH, size, size), generator=g)
+        batch = {"pixel_values": pixels, "labels": labels}
+    elif head in AUDIO_HEADS:
+        batch = _audio_inputs(cfg, sig, g)
+        if head == "audio":
+            batch["labels"] = torch.tensor([0, 2])
+        else:  # a transcript per clip: tokens past the blank and the special ones, far fewer than the frames
+            hi = min(VOCAB, getattr(cfg, "vocab_size", None) or VOCAB)
+            batch["labels"] = torch.randint(3, hi, (BATCH, CTC_LABELS), generator=g)
     else:
         vocab = getattr(cfg, "vocab_size", None) or getattr(getattr(cfg, "text_config", None), "vocab_size", VOCAB)
         hi = min(VOCAB, vocab or VOCAB)
@@ -341,17 +432,60 @@ def make_batch(head: str, cfg: Any, model: Any) -> dict[str, Any]:
             eos = eos[0] if isinstance(eos, list) and eos else eos
             if isinstance(eos, int) and 0 <= eos < hi:  # encoder-decoder classifiers pool the last <eos>
                 ids[:, -1] = eos
-            labels = torch.tensor([0, 2])
+            targets = {"labels": torch.tensor([0, 2])}
         elif head == "tokcls":
-            labels = torch.randint(0, 3, (BATCH, SEQ), generator=g)
+            targets = {"labels": torch.randint(0, 3, (BATCH, SEQ), generator=g)}
+        elif head == "mc":  # each question with its choices ([batch, choices, seq]) and the right choice's index
+            ids = torch.randint(3, hi, (BATCH, CHOICES, SEQ), generator=g)
+            targets = {"labels": torch.tensor([0, 1])}
+        elif head == "qa" and "start_positions" in sig:  # an answer span per question
+            span = torch.randint(0, SEQ, (2, BATCH), generator=g).sort(dim=0).values
+            targets = {"start_positions": span[0], "end_positions": span[1]}
+        elif head == "qa":  # visual question answering (LXMERT): a class among the answers
+            targets = {"labels": torch.tensor([0, 2])}
         else:  # causal, masked, seq2seq (the model shifts the labels into its decoder inputs)
-            labels = ids.clone()
-        batch = {"input_ids": ids, "labels": labels}
+            targets = {"labels": ids.clone()}
+        batch = {"input_ids": ids, **targets}
+        if head in ("qa", "mc") and "global_attention_mask" in sig:  # Longformer: global attention on the first
+            batch["global_attention_mask"] = torch.zeros_like(ids)  # token (else it counts 3 separators in each)
+            batch["global_attention_mask"][..., 0] = 1
+        if "visual_feats" in sig:  # LXMERT: a few region features and their boxes
+            dim = getattr(cfg, "visual_feat_dim", 16)
+            batch["visual_feats"] = torch.randn(BATCH, 4, dim, generator=g)
+            batch["visual_pos"] = torch.rand(BATCH, 4, getattr(cfg, "visual_pos_dim", 4), generator=g)
     if "use_cache" in sig:  # hybrid linear-attention caches refuse a training forward
         batch["use_cache"] = False
     if "bbox" in sig and "input_ids" in batch:  # layout models: one box per token (BROS: 4 corners, 8 numbers)
         k = getattr(cfg, "dim_bbox", 4)
         batch["bbox"] = torch.tensor([10, 10, 20, 20, 20, 20, 10, 20][:k]).expand(BATCH, SEQ, k).clone()
+    return batch
+
+
+def _audio_inputs(cfg: Any, sig: Any, g: Any) -> dict[str, Any]:
+    """Raw audio (``input_values``) sized for :data:`FRAMES` frames out of the config's conv feature extractor,
+    or a spectrogram (``input_features``) shaped as the model's family takes it."""
+    import torch
+
+    sub = next((c for c in (getattr(cfg, k, None) for k in ("encoder_config", "audio_config")) if c is not None), cfg)
+    if "input_features" not in sig:
+        if getattr(sub, "max_length", None) and getattr(sub, "num_mel_bins", None):  # AST: a spectrogram [time, mel]
+            return {"input_values": torch.randn(BATCH, sub.max_length, sub.num_mel_bins, generator=g)}
+        n = FRAMES
+        for k, s in zip(reversed(sub.conv_kernel), reversed(sub.conv_stride)):  # the samples giving FRAMES frames
+            n = (n - 1) * s + k
+        shape = (BATCH, 1, n) if cfg.model_type in CHANNEL_AUDIO else (BATCH, n)
+        batch = {"input_values": torch.randn(*shape, generator=g)}
+        if "padding_mask" in sig:  # OmniASR: the CTC loss counts the frames from the mask
+            batch["padding_mask"] = torch.ones(BATCH, n, dtype=torch.long)
+        return batch
+    dim = getattr(sub, "feature_projection_input_dim", None) or getattr(sub, "num_mel_bins", None) or 16
+    dim *= FEATURES_PER_BIN.get(cfg.model_type, 1)
+    if getattr(cfg, "is_encoder_decoder", False) and getattr(cfg, "max_source_positions", None):
+        # Whisper: [mel, time], exactly twice the encoder's positions (its two convs halve the time once)
+        return {"input_features": torch.randn(BATCH, dim, 2 * cfg.max_source_positions, generator=g)}
+    batch = {"input_features": torch.randn(BATCH, FEATURE_FRAMES, dim, generator=g)}
+    if "attention_mask" in sig:  # Parakeet, LASR: the CTC loss counts the frames from the mask
+        batch["attention_mask"] = torch.ones(BATCH, FEATURE_FRAMES, dtype=torch.long)
     return batch
 
 
@@ -403,6 +537,14 @@ def _error() -> str:
     frames = [f for f in traceback.extract_tb(tb) if "lightning_dfa" in f.filename.replace(os.sep, "/")]
     where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno} {frames[-1].name})" if frames else ""
     return _one_line(f"{etype.__name__}: {err}{where}")
+
+
+def _refusal() -> bool:
+    """The current exception is one of the library's own refusals: raised inside ``lightning_dfa`` with a message
+    that starts with ``DFA:`` and says what it cannot train and why."""
+    _, err, tb = sys.exc_info()
+    frames = traceback.extract_tb(tb)
+    return bool(frames) and "lightning_dfa" in frames[-1].filename.replace(os.sep, "/") and str(err).startswith("DFA:")
 
 
 def run_arm(cls: Any, cfg: Any, batch: dict[str, Any], mode: str) -> dict[str, Any]:
@@ -495,7 +637,8 @@ def measure(task: dict[str, str] | str, mode: str = "dfa") -> dict[str, Any]:
     try:
         arm = run_arm(cls, cfg, batch, mode)
     except Exception:  # noqa: BLE001
-        return {**rec, "status": "crash", "reason": f"engine (mode={mode!r}): " + _error()}
+        status = "refused" if _refusal() else "crash"
+        return {**rec, "status": status, "reason": f"engine (mode={mode!r}): " + _error()}
     model, engine, target = arm["model"], arm["engine"], arm["target"]
     dg, report = arm["first"][0], arm["first"][2]
     roles_count = engine.parameter_roles()
@@ -504,7 +647,13 @@ def measure(task: dict[str, str] | str, mode: str = "dfa") -> dict[str, Any]:
     rec["n_points"] = len(re.findall(r"^\d+ +\| ", engine.summary(), flags=re.M))
     rec["deliveries"] = report.deliveries
     rec["dfa_bp_step_ratio"] = round(arm["second"][1] / t_bp, 3) if t_bp > 0 else None
-    rec.update(classify(model, engine, target, bpg, dg, report.deliveries))
+    # both steps start from the same weights (no optimizer step between them); the second is the steady state,
+    # after the first loss showed the engine how it reads the outputs (spread_read_token)
+    first = classify(model, engine, target, bpg, dg, report.deliveries)
+    second = classify(model, engine, target, bpg, arm["second"][0], arm["second"][2].deliveries)
+    rec.update(first if first["status"] in ("non-finite", "silent backprop") else second)
+    if first["status"] != second["status"]:
+        rec["first_step"] = f"{first['status']}: {first['reason']}" if first["reason"] else first["status"]
     engine.detach()
     return rec
 
@@ -534,8 +683,8 @@ def _skip_kind(errors: list[str]) -> str:
 
 
 def classify(model: Any, engine: Any, target: Any, bpg: dict[str, Any], dg: dict[str, Any], deliveries: int) -> dict:
-    """``status`` and ``reason`` from the first step's gradients under the engine (``dg``) and under backprop
-    (``bpg``), with the parameter names behind them."""
+    """``status`` and ``reason`` from one step's gradients under the engine (``dg``, with its ``deliveries``) and
+    under backprop (``bpg``, from the same weights), with the parameter names behind them."""
     import torch
 
     roles = {n: engine.role_of(p) for n, p in model.named_parameters()}
@@ -720,16 +869,21 @@ def render(data: dict[str, Any]) -> str:
         if r["status"] == "skipped":
             skip_kinds[r["reason"].split(":", 1)[0]] += 1
     total = Counter(r["status"] for r in recs)
+    heads = [h for h, c in by_head.items() if sum(c.values())]
+    count = NUMBER_WORDS.get(len(heads), str(len(heads)))
     intro = (
-        f"Every model type of six auto mappings of Transformers {ver['transformers']} (causal LM, masked LM, "
-        f"seq2seq LM, sequence, image and token classification; {len(recs)} models in all) was built from a tiny "
-        f"config (width 32, 2 layers, 2 heads, a vocabulary of {VOCAB}, 32x32 images; a few families need a "
-        "correction, listed in the benchmark), given one synthetic batch, and stepped by plain backprop and by the "
+        f"Every model type of {count} auto mappings of Transformers {ver['transformers']} "
+        f"({', '.join(HEAD_NAMES[h] for h in heads)}; {len(recs)} models in all) was built from a tiny config "
+        f"(width 32, 2 layers, 2 heads, a vocabulary of {VOCAB}, 32x32 images, a 2-layer audio feature extractor; "
+        "a few families need a correction, listed in the benchmark), given one synthetic batch, and stepped by "
+        "plain backprop and, twice from the same weights, by the "
         'default flag (`FeedbackEngine(mode="dfa")`, each backward closed by `end_backward(loss)`), with '
-        f"PyTorch {ver['torch']} on {paper_cpu(mach)}. **ok** means that the default flag's first step delivers "
-        "feedback to the blocks, that every trainable parameter backprop trains gets a finite, nonzero gradient "
-        "(except those the library reports as not trained, such as a token embedding kept at its initial values), "
-        "and that no block trains by its backprop gradient. **input problem**: plain backprop itself fails on the "
+        f"PyTorch {ver['torch']} on {paper_cpu(mach)}. **ok** means that each of the default flag's two steps "
+        "delivers feedback to the blocks with finite gradients and trains no block by its backprop gradient, and "
+        "that in the second (the first loss shows the engine how it reads the outputs) every trainable parameter "
+        "backprop trains gets a nonzero gradient (except those the library reports as not trained, such as a token "
+        "embedding kept at its initial values). **refused**: the library declined the model with its "
+        "own error, which says what it cannot train and why. **input problem**: plain backprop itself fails on the "
         "synthetic batch, so the model says nothing about the library. **skipped**: no config small enough "
         "could be built. Produced by [`benchmarks/hf_sweep.py`](../benchmarks/hf_sweep.py) "
         "(`python -m benchmarks.hf_sweep`; the JSON also holds each model's size, feedback points, share of "

@@ -28,8 +28,8 @@ Tasks (synthetic, drawn from seeded generators, no downloads):
   random patches, under Gaussian noise; the label says whether both marks have the same sign. This is an XOR
   across patches: no linear readout of the patches (nor of their sum) computes it, so the blocks must gather the
   two patches and combine them nonlinearly (the shallow arm stays at chance, log 2 nats);
-* order of two marks (sequence classifiers: BERT, DistilBERT, GPT-2, Llama; sequences of 16 symbols, batch 64,
-  lr 1e-3): two marks at random positions among uniform symbols, the label whether the first comes before the
+* order of two marks (sequence classifiers: BERT, DistilBERT, GPT-2, Llama, Qwen2, OPT; sequences of 16 symbols,
+  batch 64, lr 1e-3): two marks at random positions among uniform symbols, the label whether the first comes before the
   second (:func:`order`); the classifier reads one token (the first or the last), so the blocks must bring both
   marks' positions to it (shallow stays at chance where the first token is read);
 * compare neighbours (token classifiers: BERT, DistilBERT; sequences of 16 symbols, batch 64, lr 1e-3):
@@ -358,8 +358,9 @@ def train(name: str, mode: str, options: dict[str, Any] | None = None, seed: int
     model.train()
     for batch in batches(task, 2 * seed + 100, task.batch, steps):
         optimizer.zero_grad(set_to_none=True)
-        task.loss(model, batch).backward()
-        engine.end_backward()
+        loss = task.loss(model, batch)
+        loss.backward()
+        engine.end_backward(loss)  # as the Lightning adapters close a backward
         optimizer.step()
     engine.detach()
     model.eval()
@@ -597,6 +598,13 @@ MORE: dict[str, Task] = {
         ("llama_cls", lambda s: hf.LlamaForSequenceClassification(hf.LlamaConfig(**_common(s), **_CLS,
                                                                                  num_key_value_heads=HEADS)),
          "order", (16, 64, 1e-3)),
+        ("qwen2_cls", lambda s: hf.Qwen2ForSequenceClassification(hf.Qwen2Config(**_common(s), **_CLS,
+                                                                                 num_key_value_heads=HEADS)),
+         "order", (16, 64, 1e-3)),
+        ("opt_cls", lambda s: hf.OPTForSequenceClassification(hf.OPTConfig(
+            vocab_size=VOCAB, hidden_size=D, ffn_dim=FFN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+            max_position_embeddings=s, word_embed_proj_dim=D, bos_token_id=1, eos_token_id=1, **_CLS, dropout=0.0,
+            attention_dropout=0.0)), "order", (16, 64, 1e-3)),
         # token classifiers (bidirectional encoders): each symbol labelled from its two neighbours
         ("bert_tok", lambda s: hf.BertForTokenClassification(hf.BertConfig(**_common(s), **_CLS, **_NO_DROP)),
          "neighbours", (16, 64, 1e-3)),

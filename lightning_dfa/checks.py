@@ -36,7 +36,7 @@ def check_state(state: Any) -> None:
         isinstance(saved, dict) and isinstance(saved.get("class"), str) and isinstance(saved.get("outputs"), dict)
     ):
         raise _damaged("its projector entry is not {'class': name, 'outputs': {output: state}}")
-    for key in ("faint_token_tables", "blocks", "heads"):
+    for key in ("faint_token_tables", "blocks", "heads", "read_outputs"):
         names = state.get(key, [])
         if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
             raise _damaged(f"its {key} entry is not a list of strings")

@@ -519,6 +519,60 @@ def _nodes_before_outputs(tensor: torch.Tensor, limit: int = 100_000) -> set[Any
     return set(_walk(tensor, _up_to_outputs, limit))
 
 
+#: graph nodes that pick part of a tensor (an index, a select, a gather) and nodes that hand it on whole (a cast)
+_PICKS = ("IndexBackward0", "SelectBackward0", "GatherBackward0")
+_WHOLE_COPIES = ("ToCopyBackward0", "CloneBackward0", "AliasBackward0")
+
+
+def _picks_one_position(node: Any) -> bool:
+    """The graph node picks one position per item from a ``[batch, positions, ...]`` tensor: ``x[:, -1]``,
+    ``x[torch.arange(batch), last]`` (a Hugging Face decoder's sequence classifier), a gather of one index along the
+    positions. Read from what the node keeps after the backward (sizes and dimension, not the indices)."""
+    name = type(node).__name__
+    if name not in _PICKS:
+        return False
+    try:
+        out = tuple(node._input_metadata[0].shape)
+        if name == "GatherBackward0":
+            return node._saved_dim == 1 and len(out) >= 3 and out[1] == 1
+        sizes = tuple(node._saved_self_sym_sizes)
+        if len(sizes) < 3:
+            return False
+        if name == "SelectBackward0":
+            dim = node._saved_dim
+            return (dim - 2**64 if dim >= 2**63 else dim) % len(sizes) == 1  # (saved unsigned: -1 is 2**64 - 1)
+        return out == (sizes[0], *sizes[2:])
+    except (AttributeError, IndexError, RuntimeError):
+        return False
+
+
+def _outputs_read_at_one_position(tensor: torch.Tensor, limit: int = 100_000) -> set[str]:
+    """The outputs that the loss ``tensor`` reads only through one pick of one position per item
+    (:func:`_picks_one_position`, after casts or copies): a decoder's sequence classifier, which scores every
+    position and reads the last one that is not padding. Their error sits at that position alone."""
+    nodes = _nodes_before_outputs(tensor, limit)
+    readers: dict[Any, list[Any]] = {}
+    for node in nodes:
+        for child, _ in _up_to_outputs(node):
+            if child is not None:
+                readers.setdefault(child, []).append(node)
+    found = set()
+    for delivery, node in _deliveries_in(nodes).items():
+        ends, stack, seen = [], list(readers.get(node, [])), set()
+        while stack:
+            reader = stack.pop()
+            if reader in seen:
+                continue
+            seen.add(reader)
+            if type(reader).__name__ in _WHOLE_COPIES:
+                stack.extend(readers.get(reader, []))
+            else:
+                ends.append(reader)
+        if len(ends) == 1 and _picks_one_position(ends[0]):  # (two picks: an error at two positions)
+            found.add(delivery.source.split("#")[0])
+    return found
+
+
 def _nodes_read_directly(tensor: torch.Tensor, limit: int = 100_000) -> set[Any]:
     """The graph nodes ``tensor`` (a loss) reaches through parameter-free operations only: without crossing an
     output's delivery or a layer with a weight (a Linear's product, a convolution; a scalar such as a learned

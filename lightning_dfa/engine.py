@@ -61,6 +61,7 @@ from .delivery import (
     _nodes_before_outputs,
     _nodes_behind_outputs,
     _nodes_read_directly,
+    _outputs_read_at_one_position,
     _outputs_read_before_points,
     _parameters_reached,
     _reaches_feedback,
@@ -181,6 +182,11 @@ class FeedbackEngine(ForwardHooks):
         self._pooled_maps: dict[str, bool] = {}
         #: outputs whose error is itself a map, fed to the feature maps position by position (``positionwise_maps``)
         self._map_errors: set[str] = set()
+        #: outputs the loss reads at one position per item (a decoder's sequence classifier), found from the first
+        #: loss or taken from a checkpoint: their feedback is spread over the earlier points' positions
+        #: (``spread_read_token``)
+        self._read_outputs: set[str] = set()
+        self._saved_read_outputs: set[str] = set()  # those, from a checkpoint
         #: cut_token_embedding="auto": why the token table is not cut (faint beside fixed positions), once decided
         self._faint: list[str] | None = None
         self._saved_faint: list[str] | None = None  # that decision, from a checkpoint
@@ -337,6 +343,11 @@ class FeedbackEngine(ForwardHooks):
     def positionwise_maps(self) -> bool:
         """``positionwise_maps`` in force (:meth:`_in_force`)."""
         return self._in_force("positionwise_maps")
+
+    @property
+    def spread_read_token(self) -> bool:
+        """``spread_read_token`` in force (:meth:`_in_force`)."""
+        return self._in_force("spread_read_token")
 
     @property
     def norm_feedback(self) -> str:
@@ -516,12 +527,20 @@ class FeedbackEngine(ForwardHooks):
             # scaled once here when every point of this error width takes the whole projection
             shared = not distinct and all(d == width for (kd, kk, d) in aligned if (kd, kk) == (kind, k))
             projections[(kind, k)] = (projected * (scale / math.sqrt(width)) if shared else projected, shared)
+        # spread_read_token: an output the loss reads at one position per item (a classifier's read token) feeds
+        # every point but the last that position's feedback at all positions
+        spread: dict[tuple[str, int], tuple[torch.Tensor, bool]] = {}
+        if self.spread_read_token and output.split("#")[0] in self._read_outputs and error.dim() == 3:
+            spread = {key: (projected.sum(1, keepdim=True).expand_as(projected).contiguous(), shared)
+                      for key, (projected, shared) in projections.items()
+                      if key[0] == "token" and projected.dim() == 3}  # fmt: skip
+        last = max((i for i, (kind, _, _) in enumerate(aligned) if kind == "token"), default=-1)
         out = []
-        for p, (kind, k, d), h in zip(points, aligned, activations):
+        for i, (p, (kind, k, d), h) in enumerate(zip(points, aligned, activations)):
             if self.learned is not None and kind in _LEARNABLE:
                 out.append(self._learned_feedback(error, p, kind, k, d, h, source))
                 continue
-            projected, scaled = projections[(kind, k)]
+            projected, scaled = spread[(kind, k)] if (kind, k) in spread and i != last else projections[(kind, k)]
             fb = projected if projected.shape[-1] == d else projected[..., :d]
             if distinct:
                 fb = fb * (self.bank.signs(p.key, d, fb.device, fb.dtype) * (scale / math.sqrt(d)))
@@ -638,6 +657,8 @@ class FeedbackEngine(ForwardHooks):
         self._loss_measured = True
         if self.target is None:
             return
+        if self.mode == "dfa" and self.spread_read_token:
+            self._read_outputs |= _outputs_read_at_one_position(loss)
         if self.mode == "shallow":
             self._true_ids = _parameters_reached(loss)
             return
@@ -782,6 +803,8 @@ class FeedbackEngine(ForwardHooks):
         heads = self._heads or self._saved_heads
         if heads:
             state["heads"] = list(heads)
+        if self._read_outputs:
+            state["read_outputs"] = sorted(self._read_outputs)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -814,6 +837,8 @@ class FeedbackEngine(ForwardHooks):
         self._saved_faint = list(state["faint_token_tables"]) if "faint_token_tables" in state else None
         self._saved_blocks = list(state["blocks"]) if "blocks" in state else None
         self._saved_heads = list(state["heads"]) if "heads" in state else None
+        self._saved_read_outputs = set(state.get("read_outputs", ()))
+        self._read_outputs |= self._saved_read_outputs
         if self.attached:
             self._compare_blocks()
         self._projectors, self._projectors_for = {}, None

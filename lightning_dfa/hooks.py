@@ -102,6 +102,7 @@ class ForwardHooks:
             self.layouts = Layouts()
             self._consumers, self._norm_kinds, self._point_norms = {}, {}, set()
             self._residual_consumers, self._pooled_maps, self._map_errors = set(), {}, set()
+            self._read_outputs = set(self._saved_read_outputs)
             self._consumers_complete = False
             self._sources, self._true_ids, self._loss_measured = {}, None, False
         self.root, self.target = root, target

@@ -135,6 +135,12 @@ def recipe_notes(engine: Any) -> list[str]:
         else:
             what = "an error that is itself a map (a segmentation's logits) feeds the feature maps position by position"
         lines.append(f"positionwise_maps: on: {what}")
+    if engine.spread_read_token and engine._read_outputs:
+        lines.append(
+            f"spread_read_token: on: the loss reads {', '.join(sorted(engine._read_outputs))} at one position per "
+            "item (the token a classifier reads), so every point but the last gets that position's feedback at all "
+            "its positions"
+        )
     if engine._cut:
         why = "as set" if cfg.cut_head_input else "the output module widens (more outputs than inputs)"
         lines.append(f"cut_head_input: on ({why}): its input gradient is never computed; its input is the last point")

@@ -22,12 +22,29 @@ def test_default_flag_is_ok(task_id):
     assert rec["block_params"] > 0 and rec["dfa_bp_step_ratio"] > 0
 
 
+def test_question_answering_and_multiple_choice_are_ok():
+    """The spans of a question-answering batch and the [batch, choices, seq] ids of a multiple-choice one."""
+    for task_id in ("qa:bert", "mc:bert"):
+        rec = hf_sweep.measure(task_id)
+        assert rec["status"] == "ok", rec
+        assert rec["variant"] == "shrink" and rec["bp_engine_equals_plain"]
+        assert rec["deliveries"] >= 1 and rec["n_blocks"] >= 2 and rec["block_params"] > 0
+
+
 def test_blocks_trained_by_backprop_are_a_failure():
     """The engine in backprop mode delivers no feedback: the blocks train by their backprop gradient."""
     rec = hf_sweep.measure("causal:gpt2", mode="bp")
     assert rec["status"] == "silent backprop", rec
     assert rec["status"] in hf_sweep.FAILURES
     assert "no feedback" in rec["reason"]
+
+
+def test_a_refusal_of_the_library_is_told_from_a_crash():
+    """Reformer's reversible layers run without gradients in the forward: the engine refuses them with its own
+    error, which the census classes apart from a crash."""
+    rec = hf_sweep.measure("seqcls:reformer")
+    assert rec["status"] == "refused", rec
+    assert "DFA: no feedback reached the blocks" in rec["reason"]
 
 
 def test_render_counts_every_record():

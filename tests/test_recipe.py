@@ -6,9 +6,10 @@ import math
 from typing import Any
 
 import pytest
+import pytorch_lightning as pl
 import torch
 import transformers as hf
-from conftest import mlp
+from conftest import mlp, trainer
 from torch import nn
 
 import lightning_dfa
@@ -1264,3 +1265,132 @@ def test_a_tied_gpt2_learns_with_its_position_table_trained_by_the_first_block()
     assert closed_share(loss["bp"], loss["dfa"], loss["shallow"]) > 0.85, loss
     kept = train("gpt2_tied", "dfa", {"tables_from_first_block": False})
     assert closed_share(loss["bp"], kept, loss["shallow"]) < 0.8, kept
+
+
+def _llama_head_feedback(
+    cls: type, labels: torch.Tensor, state: dict[str, Any] | None = None, steps: int = 2, **options: Any
+) -> tuple[dict[str, torch.Tensor], Any]:
+    """The feedback each point of a tiny Llama with head ``cls`` gets in the last of ``steps`` steps, each closed by
+    ``end_backward(loss)`` (norm Jacobians off, so that a spread feedback is the same at every position), and the
+    engine (started from ``state`` if given). Item 2 is padded after its fourth token."""
+    torch.manual_seed(0)
+    cfg = hf.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16, pad_token_id=0,
+                         num_labels=3)  # fmt: skip
+    model = cls(cfg)
+    engine = FeedbackEngine(**{"norm_jacobian": False, **options})
+    if state is not None:
+        engine.load_state_dict(state)
+    engine.attach(model)
+    seen: dict[str, torch.Tensor] = {}
+    engine.feedback_observers.append(lambda e, points, fbs: seen.update({p.key: f for p, f in zip(points, fbs)}))
+    ids = torch.randint(1, VOCAB, (3, 6), generator=torch.Generator().manual_seed(1))
+    ids[2, 4:] = 0
+    for _ in range(steps):
+        model.zero_grad()
+        out = model(input_ids=ids, labels=labels)
+        out.loss.backward()
+        engine.end_backward(out.loss)
+    return seen, engine
+
+
+def test_a_classifier_reading_one_token_spreads_its_feedback_over_the_earlier_points_positions() -> None:
+    """A decoder's sequence classifier scores every position and reads one (the last that is not padding): the
+    first loss shows the read (an index of one position per item), and from then on each item's error feeds every
+    point but the last at all positions. The last block keeps it at the read position (its true gradient lies there
+    too). A checkpoint keeps what was found, so a resumed fit spreads from its first step."""
+    labels = torch.tensor([0, 2, 1])
+    spread, engine = _llama_head_feedback(hf.LlamaForSequenceClassification, labels)
+    plain, _ = _llama_head_feedback(hf.LlamaForSequenceClassification, labels, spread_read_token=False)
+    read = torch.tensor([5, 5, 3])
+    items = torch.arange(3)
+    assert list(spread) == list(plain) and "model.layers.1" == list(spread)[-1], list(spread)
+    for key in spread:
+        at_read = plain[key][items, read]
+        assert at_read.abs().amax(-1).min() > 0, key
+        others = plain[key].clone()
+        others[items, read] = 0
+        assert torch.equal(others, torch.zeros_like(others)), key  # the paper's rule: the read position alone
+        if key == "model.layers.1":
+            assert torch.equal(spread[key], plain[key])
+        else:
+            torch.testing.assert_close(spread[key], at_read.unsqueeze(1).expand_as(spread[key]))
+    notes = " ".join(engine.recipe_notes())
+    assert "spread_read_token: on: the loss reads score at one position per item" in notes, notes
+    state = engine.state_dict()
+    assert state["read_outputs"] == ["score"]
+    first, _ = _llama_head_feedback(hf.LlamaForSequenceClassification, labels, steps=1)
+    resumed, _ = _llama_head_feedback(hf.LlamaForSequenceClassification, labels, state=state, steps=1)
+    assert torch.equal(first["model.layers.0"], plain["model.layers.0"])  # found at the first loss: spread after it
+    assert torch.equal(resumed["model.layers.0"], spread["model.layers.0"])
+    paper, _ = _llama_head_feedback(hf.LlamaForSequenceClassification, labels, recipe="paper")
+    assert all(torch.equal(paper[k].ne(0), plain[k].ne(0)) for k in paper)
+
+
+def test_an_error_at_chosen_positions_of_each_item_is_not_spread() -> None:
+    """A token classifier's error (or a masked LM's) sits at the labelled positions, through the loss's ignored
+    labels rather than a pick of one position: it stays position by position, even where an item has one label."""
+    labels = torch.randint(0, 3, (3, 6), generator=torch.Generator().manual_seed(2))
+    labels[0, :5] = -100  # item 0: one labelled position
+    spread, engine = _llama_head_feedback(hf.LlamaForTokenClassification, labels)
+    plain, _ = _llama_head_feedback(hf.LlamaForTokenClassification, labels, spread_read_token=False)
+    assert all(torch.equal(spread[key], plain[key]) for key in spread)
+    assert not any("spread_read_token" in line for line in engine.recipe_notes())
+    assert "read_outputs" not in engine.state_dict()
+
+
+@pytest.mark.parametrize(
+    ("read", "found"),
+    [
+        (lambda logits, last: logits[:, -1], True),
+        (lambda logits, last: logits[torch.arange(len(last)), last], True),
+        (lambda logits, last: logits.gather(1, last.view(-1, 1, 1).expand(-1, 1, logits.shape[-1])).squeeze(1), True),
+        (lambda logits, last: logits.float()[:, -1], True),
+        (lambda logits, last: logits[:, -2:].mean(1), False),
+        (lambda logits, last: logits.mean(1), False),
+        (lambda logits, last: logits[:, -1] + logits[:, 0], False),
+    ],
+    ids=["select", "index", "gather", "cast_then_select", "slice", "mean", "two_positions"],
+)
+def test_the_pick_of_one_position_is_read_from_the_loss(read: Any, found: bool) -> None:
+    """A LightningModule's own loss on one position of a GPT-2's logits (a select, an index, a gather, after a
+    cast) makes the head an output read at one position; a slice, a mean or a sum of two positions does not."""
+    torch.manual_seed(0)
+    model = _gpt2()
+    engine = FeedbackEngine()
+    engine.attach(model)
+    ids = torch.randint(0, VOCAB, (3, 7), generator=torch.Generator().manual_seed(0))
+    loss = nn.functional.cross_entropy(read(model(input_ids=ids).logits, torch.tensor([6, 4, 5])), ids[:, 0])
+    loss.backward()
+    engine.end_backward(loss)
+    assert engine._read_outputs == ({"lm_head"} if found else set())
+
+
+def test_the_trainer_finds_a_classifiers_pick_and_spreads_its_feedback() -> None:
+    """Through ``Trainer(strategy="dfa")``: the strategy passes the loss, the engine finds the pick at the first
+    step, and the fit-start summary says so."""
+
+    class Classifier(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+            cfg = hf.LlamaConfig(vocab_size=VOCAB, **sizes, num_key_value_heads=2, pad_token_id=0, num_labels=2)
+            self.model = hf.LlamaForSequenceClassification(cfg)
+
+        def training_step(self, batch: Any, _: int) -> torch.Tensor:
+            return self.model(input_ids=batch[0], labels=batch[1]).loss
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(
+        torch.randint(1, VOCAB, (8, 6), generator=g), torch.randint(0, 2, (8,), generator=g)
+    )
+    torch.manual_seed(0)
+    module = Classifier()
+    fit = trainer(strategy="dfa", max_steps=2)
+    fit.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
+    engine = fit.strategy.dfa_engine
+    assert engine._read_outputs == {"model.score"}
+    assert any(line.startswith("spread_read_token: on: the loss reads model.score") for line in engine.recipe_notes())

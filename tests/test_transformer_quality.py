@@ -107,10 +107,13 @@ def test_dfa_learns_on_pytorch_s_post_norm_transformer_encoder() -> None:
     assert dfa < 0.4 < 0.6 < shallow, (dfa, shallow)
 
 
-def test_dfa_closes_the_gap_on_a_sequence_classifier_reading_its_last_token() -> None:
-    """GPT-2's sequence classifier (it reads the last token's state) on the order of two marks: the error reaches
-    each block at one position only. Measured at seeds 0 / 1: 100 % / 60 % of the gap (the paper's plain DFA 31 % /
-    26 %); Llama's 82 % / 54 % (45 % / 13 %)."""
-    loss = arms("gpt2_cls")
+@pytest.mark.parametrize("name", ["gpt2_cls", "llama_cls"])
+def test_dfa_closes_the_gap_on_a_sequence_classifier_reading_its_last_token(name: str) -> None:
+    """GPT-2's and Llama's sequence classifiers (they score every position and read the last token's) on the order
+    of two marks: each item's error sits at one position, whose feedback the points before the last block get at
+    every position (``spread_read_token``). Measured at seeds 0 / 1: GPT-2 90 % / 99 % of the gap, Llama 100 % /
+    100 % (at the read position alone: 100 % / 60 % and 82 % / 54 %; the paper's plain DFA 31 % / 26 % and 45 % /
+    13 %)."""
+    loss = arms(name)
     assert loss["shallow"] - loss["bp"] > 0.4, loss
-    assert closed_share(loss["bp"], loss["dfa"], loss["shallow"]) >= 0.5, loss
+    assert closed_share(loss["bp"], loss["dfa"], loss["shallow"]) >= 0.8, loss
