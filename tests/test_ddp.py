@@ -175,11 +175,13 @@ def test_strategy_and_attached_model_pickle_for_spawn() -> None:
         torch.testing.assert_close(out, model(x))
 
 
-@pytest.mark.parametrize("flavour", ["strategy", "callback"])
+@pytest.mark.parametrize("flavour", ["strategy", "callback", "pick"])
 def test_ddp_leaves_the_untrained_token_embedding_out(tmp_path: Path, flavour: str) -> None:
     """The default cuts the token embedding from the feedback (``requires_grad=False`` while attached): both
     Lightning flavours attach before DDP wraps the model, so DDP does not wait for its gradient; both processes end
-    with the weights of one process trained on the same batches, and the embeddings at their initial values."""
+    with the weights of one process trained on the same batches, and the embeddings at their initial values. With a
+    loss on the last position only (``pick``), every process finds that pick in its first loss, as one process
+    does, and spreads the same feedback."""
     import ddp_lm
 
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT", "NODE_RANK")}
@@ -190,10 +192,12 @@ def test_ddp_leaves_the_untrained_token_embedding_out(tmp_path: Path, flavour: s
         timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    single = ddp_lm.train(lightning_dfa.DFAStrategy(verbose=False), [], 1)
+    single, fit = ddp_lm.fit(lightning_dfa.DFAStrategy(verbose=False), [], 1, pick=flavour == "pick")
+    assert sorted(fit.strategy.dfa_engine._read_outputs) == (["model.lm_head"] if flavour == "pick" else [])
     for rank in (0, 1):
         saved = torch.load(tmp_path / f"{flavour}.rank{rank}.pt")
         final, initial = saved["final"], saved["initial"]
+        assert saved["read"] == (["model.lm_head"] if flavour == "pick" else []), saved["read"]
         for table in ("transformer.wte.weight", "transformer.wpe.weight"):  # the token and position embeddings
             assert torch.equal(final[table], initial[table]), table
         assert not torch.equal(final["transformer.h.0.mlp.c_fc.weight"], initial["transformer.h.0.mlp.c_fc.weight"])
