@@ -531,10 +531,14 @@ def _one_line(text: str, n: int = 240) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
+def _in_library(frame: traceback.FrameSummary) -> bool:
+    return "lightning_dfa" in frame.filename.replace(os.sep, "/")
+
+
 def _error() -> str:
     """The current exception in one line, with the innermost lightning_dfa frame if the library raised it."""
     etype, err, tb = sys.exc_info()
-    frames = [f for f in traceback.extract_tb(tb) if "lightning_dfa" in f.filename.replace(os.sep, "/")]
+    frames = [f for f in traceback.extract_tb(tb) if _in_library(f)]
     where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno} {frames[-1].name})" if frames else ""
     return _one_line(f"{etype.__name__}: {err}{where}")
 
@@ -544,7 +548,7 @@ def _refusal() -> bool:
     that starts with ``DFA:`` and says what it cannot train and why."""
     _, err, tb = sys.exc_info()
     frames = traceback.extract_tb(tb)
-    return bool(frames) and "lightning_dfa" in frames[-1].filename.replace(os.sep, "/") and str(err).startswith("DFA:")
+    return bool(frames) and _in_library(frames[-1]) and str(err).startswith("DFA:")
 
 
 def run_arm(cls: Any, cfg: Any, batch: dict[str, Any], mode: str) -> dict[str, Any]:

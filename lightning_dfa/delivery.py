@@ -556,18 +556,16 @@ def _outputs_read_at_one_position(tensor: torch.Tensor, limit: int = 100_000) ->
         for child, _ in _up_to_outputs(node):
             if child is not None:
                 readers.setdefault(child, []).append(node)
+
+    def copies(reader: Any) -> bool:
+        return type(reader).__name__ in _WHOLE_COPIES
+
+    def through_copies(reader: Any) -> tuple:  # a cast's or copy's readers, as (node, input) edges
+        return tuple((r, 0) for r in readers.get(reader, [])) if copies(reader) else ()
+
     found = set()
     for delivery, node in _deliveries_in(nodes).items():
-        ends, stack, seen = [], list(readers.get(node, [])), set()
-        while stack:
-            reader = stack.pop()
-            if reader in seen:
-                continue
-            seen.add(reader)
-            if type(reader).__name__ in _WHOLE_COPIES:
-                stack.extend(readers.get(reader, []))
-            else:
-                ends.append(reader)
+        ends = [r for r in _walk_nodes(readers.get(node, []), through_copies) if not copies(r)]
         if len(ends) == 1 and _picks_one_position(ends[0]):  # (two picks: an error at two positions)
             found.add(delivery.source.split("#")[0])
     return found

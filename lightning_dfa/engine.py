@@ -534,7 +534,7 @@ class FeedbackEngine(ForwardHooks):
             spread = {key: (projected.sum(1, keepdim=True).expand_as(projected).contiguous(), shared)
                       for key, (projected, shared) in projections.items()
                       if key[0] == "token" and projected.dim() == 3}  # fmt: skip
-        last = max((i for i, (kind, _, _) in enumerate(aligned) if kind == "token"), default=-1)
+        last = max((i for i, (kind, _, _) in enumerate(aligned) if kind == "token"), default=-1) if spread else -1
         out = []
         for i, (p, (kind, k, d), h) in enumerate(zip(points, aligned, activations)):
             if self.learned is not None and kind in _LEARNABLE:
@@ -653,7 +653,8 @@ class FeedbackEngine(ForwardHooks):
         """Complete the measured roles (:meth:`parameter_roles`) from the first loss: the parameters it reaches
         without crossing an output's delivery (a learned temperature applied after the output module, a bias added
         after it) learn by their true gradient; in ``mode="shallow"``, every parameter it reaches does (the layers
-        after the blocks, heads on middle layers, a block's weights shared with a layer called after the last cut)."""
+        after the blocks, heads on middle layers, a block's weights shared with a layer called after the last cut).
+        In ``mode="dfa"``, also the outputs it reads at one position per item (``spread_read_token``)."""
         self._loss_measured = True
         if self.target is None:
             return
