@@ -171,6 +171,7 @@ def _hf_target(root: nn.Module, placement: str) -> Target | None:
     ]
     tail = _last_param_leaf(hf, [])
     join = (prefix + ".") if prefix else ""
+    blocks_found = _without_task_heads(hf, join, blocks_found)
     blocks_found = _attention_to_layers(root, _outermost_layers(blocks_found, join + tail[0] if tail else None))
     if blocks_found:
         blocks_found = _with_unlisted_layers(root, prefix, hf, blocks_found)
@@ -227,6 +228,21 @@ def _hf_target(root: nn.Module, placement: str) -> Target | None:
         every = sorted(blocks_found + extra, key=lambda x: _module_order(root)[x[0]])
         blocks = _blocks_from_modules(every)
     return Target(blocks, out_name, root.get_submodule(out_name), "huggingface")
+
+
+def _without_task_heads(hf: nn.Module, join: str, found: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """The found modules without the task model's heads: a module listed in ``_no_split_modules`` that is a child
+    of the task model beside its backbone (``base_model``), where other found modules lie in the backbone, is a
+    head, not a block (BEiT's UPerNet and FCN heads, MobileNetV2's DeepLabV3+ head, listed since Transformers
+    5.25). The layers listed inside such a child (ViTMAE's decoder) stay blocks."""
+    base = getattr(hf, "base_model", hf)
+    base_name = next((n for n, m in hf.named_children() if m is base), None)
+    if base is hf or base_name is None:
+        return found
+    if not any(n.startswith(join + base_name + ".") for n, _ in found):
+        return found
+    heads = {join + n for n, m in hf.named_children() if m is not base}
+    return [(n, m) for n, m in found if n not in heads]
 
 
 def _head_after_backbone(root: nn.Module, prefix: str, hf: nn.Module) -> str | None:

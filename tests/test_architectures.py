@@ -204,3 +204,27 @@ def test_a_masked_autoencoder_feeds_its_encoder_each_items_mean_error() -> None:
     fb = seen["feedback"]  # [items, kept patches + 1, width]
     assert fb.shape[1] == 9 and fb.abs().sum() > 0
     torch.testing.assert_close(fb, fb[:, :1].expand_as(fb))
+
+
+class _SegmenterListingItsHead(hf.MobileNetV2ForSemanticSegmentation):
+    """MobileNetV2's segmenter with its head listed in ``_no_split_modules``, as Transformers lists it since 5.25."""
+
+    _no_split_modules = ["MobileNetV2InvertedResidual", "MobileNetV2DeepLabV3Plus"]
+
+
+@pytest.mark.parametrize("cls", [hf.MobileNetV2ForSemanticSegmentation, _SegmenterListingItsHead])
+def test_a_head_listed_beside_the_backbones_layers_is_no_block(cls: type) -> None:
+    """A task model may list its head in ``_no_split_modules`` beside the backbone's layers (for a device map): the
+    head is the output, not a block, and the blocks are the backbone's layers either way."""
+    torch.manual_seed(0)
+    model = cls(hf.MobileNetV2Config(image_size=32, depth_multiplier=0.35, num_labels=3))
+    engine = FeedbackEngine()
+    target = engine.attach(model)
+    names = [b.name for b in target.blocks]
+    assert names and all(n.startswith("mobilenet_v2.") for n in names), names
+    assert target.output_name.startswith("segmentation_head"), target.output_name
+    labels = torch.randint(0, 3, (2, 32, 32))
+    model(pixel_values=torch.randn(2, 3, 32, 32), labels=labels).loss.backward()
+    report = engine.end_backward()
+    engine.detach()
+    assert report.deliveries == 1 and report.points_recorded > len(names)  # (and the first layer's input)
