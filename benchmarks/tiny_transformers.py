@@ -32,7 +32,8 @@ Tasks (synthetic, drawn from seeded generators, no downloads):
   batch 64, lr 1e-3): two marks at random positions among uniform symbols, the label whether the first comes before the
   second (:func:`order`); the classifier reads one token (the first or the last), so the blocks must bring both
   marks' positions to it (shallow stays at chance where the first token is read);
-* compare neighbours (token classifiers: BERT, DistilBERT; sequences of 16 symbols, batch 64, lr 1e-3):
+* compare neighbours (token classifiers: BERT, DistilBERT, DeBERTa-v2, RoBERTa at lr 3e-4; sequences of 16 symbols,
+  batch 64, lr 1e-3):
   each symbol but the ends labelled by whether the symbol before it is larger than the one after it
   (:func:`neighbours`), which needs both neighbours' identities at each position;
 * masked patches (ViTMAE; 16x16 images, each a level and a horizontal gradient of its own, batch 64): the masked
@@ -42,8 +43,8 @@ Sizes: 2 blocks of width 64, 4 heads, MLP width 128; AdamW (lr 3e-3 for the lang
 400 steps.
 
 The test suite (``tests/test_transformer_quality.py``) requires a share on GPT-2, Llama, BERT, Gemma, RoBERTa and
-ViT. :data:`MORE` holds further architectures, each built from a small config with its library defaults (tied heads
-included), run by the command line::
+ViT, and on the GPT-2, Llama and BERT classifiers. :data:`MORE` holds further architectures, each built from a
+small config with its library defaults (tied heads included), run by the command line::
 
     python -m benchmarks.tiny_transformers --models all --seeds 0,1   # every arm, JSON in benchmarks/results
     python -m benchmarks.tiny_transformers --render                  # the table of docs/architectures.md
@@ -611,6 +612,36 @@ MORE: dict[str, Task] = {
         ("distilbert_tok", lambda s: hf.DistilBertForTokenClassification(hf.DistilBertConfig(
             vocab_size=VOCAB, dim=D, hidden_dim=FFN, n_layers=LAYERS, n_heads=HEADS, max_position_embeddings=s, **_CLS,
             dropout=0.0, attention_dropout=0.0)), "neighbours", (16, 64, 1e-3)),
+        # more families, each with its library's defaults: a mixture of experts, sliding windows, ModernBERT's
+        # alternating local and global attention, DeBERTa's disentangled attention, and token classifiers of more
+        # encoders
+        ("mixtral", lambda s: hf.MixtralForCausalLM(hf.MixtralConfig(**_common(s), num_key_value_heads=2,
+                                                                     num_local_experts=4, num_experts_per_tok=2)),
+         "lm", (32, 32, 3e-3)),
+        ("gemma3", lambda s: hf.Gemma3ForCausalLM(hf.Gemma3TextConfig(**_common(s), num_key_value_heads=2,
+                                                                      head_dim=D // HEADS)), "lm", (32, 32, 3e-3)),
+        ("qwen3_moe", lambda s: hf.Qwen3MoeForCausalLM(hf.Qwen3MoeConfig(**_common(s), num_key_value_heads=2,
+                                                                         head_dim=D // HEADS, num_experts=4,
+                                                                         num_experts_per_tok=2,
+                                                                         moe_intermediate_size=FFN // 2)), "lm",
+         (32, 32, 3e-3)),
+        ("nemotron", lambda s: hf.NemotronForCausalLM(hf.NemotronConfig(**_common(s), num_key_value_heads=2,
+                                                                        bos_token_id=0, eos_token_id=0)), "lm",
+         (32, 32, 3e-3)),
+        ("modernbert", lambda s: hf.ModernBertForMaskedLM(hf.ModernBertConfig(
+            **{**_common(s), **_MLM_VOCAB}, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2,
+            global_attn_every_n_layers=2, local_attention=8)), "mlm", (8, 128, 3e-3)),
+        ("deberta", lambda s: hf.DebertaForMaskedLM(hf.DebertaConfig(**{**_common(s), **_MLM_VOCAB}, **_NO_DROP)),
+         "mlm", (8, 128, 3e-3)),
+        ("megatron_bert", lambda s: hf.MegatronBertForMaskedLM(hf.MegatronBertConfig(**{**_common(s), **_MLM_VOCAB},
+                                                                                     **_NO_DROP)), "mlm",
+         (8, 128, 1e-3)),  # (at 3e-3 backprop did not learn: 3.40 / 3.29 nats, shallow 3.36)
+        ("roberta_tok", lambda s: hf.RobertaForTokenClassification(hf.RobertaConfig(
+            **{**_common(s), "max_position_embeddings": s + 2}, num_labels=2, pad_token_id=1, **_NO_DROP)),
+         "neighbours", (16, 64, 3e-4)),  # (at 1e-3 backprop did not learn on seed 0: 0.672 nats, chance 0.693)
+        ("deberta_v2_tok", lambda s: hf.DebertaV2ForTokenClassification(hf.DebertaV2Config(**_common(s), **_CLS,
+                                                                                           **_NO_DROP)),
+         "neighbours", (16, 64, 1e-3)),
     )
 }  # fmt: skip
 ALL: dict[str, Task] = {**TASKS, **MORE}

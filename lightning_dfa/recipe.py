@@ -96,7 +96,7 @@ def recipe_notes(engine: Any) -> list[str]:
                 "head transform separates from the blocks (the cut was measured to cost learning there)"
             )
         else:
-            what = "nothing to cut (no embedding over the output's vocabulary found)"
+            what = "nothing to cut (no embedding over the output's vocabulary, nor a classifier's token table, found)"
         lines.append(f"cut_token_embedding: on: {what}")
         if engine._first_block_tables:
             lines.append(

@@ -127,9 +127,11 @@ def token_embeddings(
     vocabulary), or whose trainable weights all belong to an output module (``tied``: an input embedding tied to the
     head), and the ``nn.Embedding`` lookup tables of the same width registered beside one (learned positions, token
     types). In a Hugging Face model, the table is
-    ``get_input_embeddings()`` and the modules sharing its weights, and only where ``get_output_embeddings()`` (a
-    vocabulary head) is an output. ``tied=False`` leaves out the tables tied to an output (and the tables beside
-    them); ``beside=False`` the tables beside the token tables.
+    ``get_input_embeddings()`` and the modules sharing its weights, where ``get_output_embeddings()`` (a
+    vocabulary head) is an output, or where the model has no vocabulary head (a sequence or token classifier, a bare
+    backbone under the user's head): there its token table is untied, whatever the output's width. ``tied=False``
+    leaves out the tables tied to an output (and the tables beside them); ``beside=False`` the tables beside the
+    token tables.
 
     Example:
         >>> class Tiny(nn.Module):
@@ -155,13 +157,15 @@ def token_embeddings(
     inside = {id(m) for _, o in target.outputs for m in o.modules()}
     hf = _find_hf_model(root)
     tables: set[int] | None = None
+    reader = False  # a Hugging Face model with no vocabulary head (a classifier) reading a token table
     if hf is not None:  # a Hugging Face model says which are its token embedding and its vocabulary head
         get_in, get_out = (getattr(hf[1], n, None) for n in ("get_input_embeddings", "get_output_embeddings"))
         try:
             vocab_head, table = get_out() if callable(get_out) else None, get_in() if callable(get_in) else None
         except (NotImplementedError, AttributeError):
             vocab_head, table = None, None
-        if vocab_head is None or table is None or id(vocab_head) not in inside:
+        reader = vocab_head is None and isinstance(table, nn.Embedding)
+        if table is None or (not reader and (vocab_head is None or id(vocab_head) not in inside)):
             return []
         # and the modules that share its weights (BART's encoder and decoder embed with their own modules around
         # the model's ``shared`` weight, which is never called itself)
@@ -179,9 +183,12 @@ def token_embeddings(
             if tied:
                 found.append((name, module, True))
         elif isinstance(module, nn.Embedding) and (
-            module.num_embeddings in widths
-            if tables is not None
-            else (module.num_embeddings, module.embedding_dim) in shapes
+            reader  # (only the classifier's table and the modules sharing it get here)
+            or (
+                module.num_embeddings in widths
+                if tables is not None
+                else (module.num_embeddings, module.embedding_dim) in shapes
+            )
         ):
             found.append((name, module, False))
     if not beside:

@@ -157,6 +157,52 @@ def test_an_untied_token_embedding_keeps_its_initial_values() -> None:
         assert grads["model.embed_tokens.weight"].abs().sum() > 0, options
 
 
+def _classifier(kind: str) -> nn.Module:
+    cfg = hf.BertConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=2, max_position_embeddings=16, num_labels=2)  # fmt: skip
+    if kind == "token":
+        return hf.BertForTokenClassification(cfg)
+    if kind == "sequence":
+        return hf.BertForSequenceClassification(cfg)
+    return hf.OPTForSequenceClassification(hf.OPTConfig(
+        vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=16, word_embed_proj_dim=32, num_labels=2, pad_token_id=0))  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["token", "sequence", "decoder"])
+def test_a_classifiers_token_tables_keep_their_initial_values(kind: str) -> None:
+    """A Hugging Face classifier has no vocabulary head; its input token table and the tables beside it (positions,
+    token types) get no feedback: trained by ``B e`` they drift towards a code of the labels."""
+    torch.manual_seed(0)
+    model = _classifier(kind)
+    tables = {n: m for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    assert len(tables) >= 2
+    ids = torch.randint(1, VOCAB, (4, 16))
+    labels = torch.randint(0, 2, (4, 16) if kind == "token" else (4,))
+    engine = FeedbackEngine()
+    engine.attach(model)
+    model(input_ids=ids, labels=labels).loss.backward()
+    engine.end_backward()
+    notes = "\n".join(engine.recipe_notes())
+    for name, table in tables.items():
+        assert table.weight.grad is None and not table.weight.requires_grad, name
+        assert f"{name} (kept at its initial values)" in notes, notes
+    blocks = [p for n, p in model.named_parameters() if ".layer" in n and p.requires_grad]
+    assert blocks and all(p.grad is not None for p in blocks)  # the blocks still learn
+    engine.detach()
+    assert all(t.weight.requires_grad for t in tables.values())  # given back when detached
+    model.zero_grad(set_to_none=True)
+    for options in ({"recipe": "paper"}, {"cut_token_embedding": False}):  # feedback reaches them again
+        engine = FeedbackEngine(**options)
+        engine.attach(model)
+        model(input_ids=ids, labels=labels).loss.backward()
+        engine.end_backward()
+        engine.detach()
+        word = model.get_input_embeddings().weight
+        assert word.grad is not None and word.grad.abs().sum() > 0, options
+        model.zero_grad(set_to_none=True)
+
+
 class CharLM(nn.Module):
     """A hand-written language model: token and position tables (no Hugging Face), two Linear+Tanh layers."""
 
@@ -203,7 +249,7 @@ def test_a_table_is_a_vocabulary_when_the_output_predicts_and_reads_its_shape() 
     engine.end_backward()
     notes = "\n".join(engine.recipe_notes())
     assert engine._token_embeddings == []
-    assert "nothing to cut (no embedding over the output's vocabulary found)" in notes
+    assert "nothing to cut (no embedding over the output's vocabulary, nor a classifier's token table, found)" in notes
     assert model.weekday.weight.grad.abs().sum() > 0 and model.store.weight.grad.abs().sum() > 0
     engine.detach()
 
@@ -1324,7 +1370,8 @@ def test_a_classifier_reading_one_token_spreads_its_feedback_over_the_earlier_po
     assert torch.equal(first["model.layers.0"], plain["model.layers.0"])  # found at the first loss: spread after it
     assert torch.equal(resumed["model.layers.0"], spread["model.layers.0"])
     paper, _ = _llama_head_feedback(hf.LlamaForSequenceClassification, labels, recipe="paper")
-    assert all(torch.equal(paper[k].ne(0), plain[k].ne(0)) for k in paper)
+    assert "model.layers.0:in" in paper and "model.layers.0:in" not in plain  # (the token table: trained, or cut)
+    assert all(torch.equal(paper[k].ne(0), plain[k].ne(0)) for k in paper.keys() & plain.keys())
 
 
 def test_an_error_at_chosen_positions_of_each_item_is_not_spread() -> None:

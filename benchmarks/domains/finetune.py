@@ -73,7 +73,11 @@ before, while the head trained on those features (by its true gradient) is at ch
 under the head at every step and stayed about as separable as before. Why DFA hurts a pretrained network this
 way: AdamW sizes each update by the learning rate, not by the gradient's norm. A signal with cosine 0.01 to the
 true gradient therefore moves every pretrained weight by about the learning rate, per step, in a nearly random
-direction. LOWLR
+direction. A ten times lower learning rate (1e-5 for the encoder) did not change that: the DFA arm ended at
+20.7 % (validation 27.1 % at step 25, 22.9 % at step 50), its probe at 72.3 %
+([json](../benchmarks/results/finetune_dfa_lr1e-5.json)). These runs predate the default's cut of a classifier's
+token table (`cut_token_embedding`): under the default flag a bare backbone with your own head now keeps its
+token, position and token-type tables at their pretrained values; that was not re-measured here.
 
 **Cost against backprop.** Peak memory of one training step is measured by allocation accounting, which the
 machine's load does not disturb. Full DFA needs what backprop needs: 559 against 560 MiB. DFA keeps every block's
