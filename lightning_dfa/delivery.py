@@ -546,11 +546,11 @@ def _picks_one_position(node: Any) -> bool:
         return False
 
 
-def _outputs_read_at_one_position(tensor: torch.Tensor, limit: int = 100_000) -> set[str]:
-    """The outputs that the loss ``tensor`` reads only through one pick of one position per item
-    (:func:`_picks_one_position`, after casts or copies): a decoder's sequence classifier, which scores every
-    position and reads the last one that is not padding. Their error sits at that position alone."""
-    nodes = _nodes_before_outputs(tensor, limit)
+def _outputs_read_at_one_position(nodes: set[Any]) -> set[str]:
+    """The outputs that a loss reads only through one pick of one position per item (:func:`_picks_one_position`,
+    after casts or copies), from ``nodes``, the loss's graph up to the outputs (:func:`_nodes_before_outputs`): a
+    decoder's sequence classifier, which scores every position and reads the last one that is not padding. Their
+    error sits at that position alone."""
     readers: dict[Any, list[Any]] = {}
     for node in nodes:
         for child, _ in _up_to_outputs(node):

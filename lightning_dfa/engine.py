@@ -658,12 +658,13 @@ class FeedbackEngine(ForwardHooks):
         self._loss_measured = True
         if self.target is None:
             return
-        if self.mode == "dfa" and self.spread_read_token:
-            self._read_outputs |= _outputs_read_at_one_position(loss)
         if self.mode == "shallow":
             self._true_ids = _parameters_reached(loss)
             return
-        variables = (getattr(node, "variable", None) for node in _nodes_before_outputs(loss))
+        nodes = _nodes_before_outputs(loss)  # (one walk of the loss's graph for both)
+        if self.mode == "dfa" and self.spread_read_token:
+            self._read_outputs |= _outputs_read_at_one_position(nodes)
+        variables = (getattr(node, "variable", None) for node in nodes)
         reached = {id(v) for v in variables if isinstance(v, torch.Tensor)} - self.target.block_param_ids()
         self._true_ids = (self._true_ids or set()) | reached
 
