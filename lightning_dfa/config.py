@@ -182,7 +182,9 @@ class DFAConfig:
             token that is not padding; a gather along the positions), every point but the last gets that position's
             feedback at all of its positions; the last point (the last block's output, whose true gradient lies at
             the read position too) keeps it there. The pick is found in the first loss passed to
-            ``end_backward(loss)`` (the Lightning adapters pass it) and kept in checkpoints. By the paper's rule the
+            ``end_backward(loss)`` (the Lightning adapters pass it) and kept in checkpoints; inside a graph
+            ``torch.compile`` made, whose backward shows no pick, from where the first error is nonzero (one
+            position of each item). By the paper's rule the
             blocks get feedback at the read position only (tiny Hugging Face classifiers on the order of two marks,
             mean held-out loss over six seeds: Llama 0.001 nats with it, 0.179 without; GPT-2 0.065 against
             0.160). An error at chosen positions through ignored labels (a token classifier's, a masked LM's) is

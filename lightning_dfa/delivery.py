@@ -31,7 +31,10 @@ class _Hook:
     def __init__(self, fn: Callable[..., Any]) -> None:
         self.fn = fn
 
+    @torch.compiler.disable
     def __call__(self, *args: Any) -> Any:
+        # under ``torch.compile`` the hook runs eagerly between the compiled graphs: traced, its bookkeeping (weak
+        # references, ids, versions) would break the graph inside it and recompile at each step's new tensors
         return self.fn(*args)
 
     def __deepcopy__(self, memo: dict) -> _PassThrough:
@@ -68,7 +71,7 @@ class _Delivery:
     backward needs to know about the other outputs (no tensors are kept, except during a layout probe)."""
 
     __slots__ = ("engine", "points", "source", "upstream", "downstream_ran", "probe", "feeds_point", "frozen")
-    __slots__ += ("reached", "forward", "slots", "named")
+    __slots__ += ("reached", "forward", "slots", "named", "one_position")
 
     def __init__(self, engine: Any, points: list[PointMeta], source: str, slots: list[_Slot]) -> None:
         self.engine = engine
@@ -94,6 +97,8 @@ class _Delivery:
         self.downstream_ran = False
         #: during a layout probe: ``(output tensor before the tie, point tensors)``
         self.probe: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+        #: seen in the first backward (:func:`_nonzero_at_one_position`), for a loss read through a compiled graph
+        self.one_position: bool | None = None
 
 
 def _noting_create_graph(backward: Callable[..., tuple]) -> Callable[..., tuple]:
@@ -155,6 +160,8 @@ class _DeliverFeedback(torch.autograd.Function):
             delivery.probe = None
             return (None, None, error, *[None for _ in needs])
         delivery.engine._delivered(delivery)
+        if not delivery.engine.roles_from_loss:  # the first backward: a compiled graph may hide how the loss reads it
+            delivery.one_position = _nonzero_at_one_position(error)
         activations: list[torch.Tensor | None] = [None] * len(delivery.points)
         for i, tensor in zip(ctx.norm_index, ctx.saved_tensors):
             activations[i] = tensor
@@ -566,9 +573,25 @@ def _outputs_read_at_one_position(nodes: set[Any]) -> set[str]:
     found = set()
     for delivery, node in _deliveries_in(nodes).items():
         ends = [r for r in _walk_nodes(readers.get(node, []), through_copies) if not copies(r)]
-        if len(ends) == 1 and _picks_one_position(ends[0]):  # (two picks: an error at two positions)
+        if len(ends) != 1:  # (two picks: an error at two positions)
+            continue
+        # read inside a graph torch.compile made, whose backward shows no pick: the first error tells
+        compiled = type(ends[0]).__name__ in _COMPILED_GRAPHS
+        if _picks_one_position(ends[0]) or (compiled and delivery.one_position):
             found.add(delivery.source.split("#")[0])
     return found
+
+
+#: the backward node of a graph ``torch.compile`` made (one node for all the operations it fused)
+_COMPILED_GRAPHS = ("CompiledFunctionBackward",)
+
+
+def _nonzero_at_one_position(error: torch.Tensor) -> bool:
+    """The ``[batch, positions, ...]`` error is nonzero at exactly one position of each item (what a loss reading
+    one position per item leaves; a loss at every position leaves none zero)."""
+    if error.dim() != 3 or error.shape[1] < 2:
+        return False
+    return bool(((error != 0).any(-1).sum(1) == 1).all())
 
 
 def _nodes_read_directly(tensor: torch.Tensor, limit: int = 100_000) -> set[Any]:

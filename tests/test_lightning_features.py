@@ -725,6 +725,49 @@ def test_a_compiled_model_trains_as_eager_after_and_before_a_backprop_run_of_it(
             assert_weights_equal((eager_bp if strategy == "auto" else eager_dfa).net, model.net._orig_mod)
 
 
+def test_a_whole_compiled_classifier_runs_the_hooks_between_its_graphs_and_trains_as_eager() -> None:
+    """``torch.compile`` of a whole Hugging Face decoder classifier: the engine's hooks run eagerly between the
+    compiled graphs (traced, their bookkeeping would recompile at each step's new tensors until dynamo gives up), and
+    the read token, picked inside a compiled graph whose backward shows no pick, is found from the first error."""
+    pytest.importorskip("torch._dynamo")
+    transformers = pytest.importorskip("transformers")
+    traced: list[int] = []
+
+    def backend(graph: Any, inputs: Any) -> Any:
+        traced.append(sum("lightning_dfa" in (n.meta.get("stack_trace") or "") for n in graph.graph.nodes))
+        return torch._dynamo.lookup_backend("aot_eager")(graph, inputs)
+
+    tokens, labels = TOKENS.clamp(min=1), torch.tensor([0, 2])
+    tokens[1, 5:] = 0  # padding: the classifier reads each item's last token that is not
+
+    def train(compiled: bool) -> tuple[nn.Module, set[str]]:
+        torch._dynamo.reset()
+        config = tiny_gpt2(num_labels=3, pad_token_id=0).config
+        torch.manual_seed(0)
+        model = transformers.GPT2ForSequenceClassification(config).train()
+        run = torch.compile(model, backend=backend) if compiled else model
+        engine = FeedbackEngine(seed=0)
+        engine.attach(run)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for _ in range(10):
+                loss = run(input_ids=tokens, labels=labels).loss
+                loss.backward()
+                engine.end_backward(loss)
+                opt.step()
+                opt.zero_grad()
+        read = set(engine._read_outputs)
+        engine.detach()
+        return model, read
+
+    eager, read = train(False)
+    compiled, read_compiled = train(True)
+    assert traced and not any(traced)  # no graph holds the engine's code
+    assert read == {"score"} and read_compiled == {"_orig_mod.score"}
+    assert_weights_equal(eager, compiled)
+
+
 class ResidualTanh(nn.Module):
     """A residual block ``x + tanh(fc(x))`` of width 16."""
 
