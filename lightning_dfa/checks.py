@@ -83,6 +83,45 @@ def scripted(module: nn.Module) -> bool:
     return isinstance(module, torch.jit.ScriptModule)
 
 
+def refuse_fullgraph_compile(root: nn.Module) -> None:
+    """Refuse a model compiled with ``torch.compile(..., fullgraph=True)`` (a compiled module in it, or a compiled
+    LightningModule as Lightning records it): the engine's hooks run eagerly between compiled graphs, a graph break
+    at each block and output, which ``fullgraph=True`` forbids.
+
+    Raises:
+        ValueError: naming the compiled module and what to do.
+    """
+    ctx = getattr(root, "_compiler_ctx", None)  # a compiled LightningModule, as Lightning unwraps it
+    whole = isinstance(ctx, dict) and _fullgraph(ctx.get("dynamo_ctx"))
+    names = [f"{type(root).__name__} (the model)"] if whole else []
+    names += [name or f"{type(m).__name__} (the model)" for name, m in root.named_modules() if _fullgraph(m)]
+    if names:
+        raise ValueError(
+            f"DFA: {', '.join(names)} {'was' if len(names) == 1 else 'were'} compiled with torch.compile(..., "
+            "fullgraph=True). DFA's hooks run eagerly between the compiled graphs, a graph break at each block and "
+            "output, which fullgraph=True forbids. Compile without fullgraph=True: the code between the hooks (each "
+            "block's own computation) still compiles."
+        )
+
+
+def _fullgraph(obj: Any) -> bool:
+    """``obj`` is a ``torch.compile`` wrapper (or its context) set to ``fullgraph=True``, or a module whose
+    ``module.compile(fullgraph=True)`` holds such a context in its compiled call."""
+    ctx = getattr(obj, "dynamo_ctx", obj)
+    if getattr(ctx, "fullgraph", False) is True:
+        return True
+    call = getattr(obj, "_compiled_call_impl", None) if isinstance(obj, nn.Module) else None
+    cells = getattr(call, "__closure__", None) or ()
+    return any(getattr(_contents(cell), "fullgraph", False) is True for cell in cells)
+
+
+def _contents(cell: Any) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # an empty cell
+        return None
+
+
 def refuse_torchscript(root: nn.Module, target: Any = None) -> None:
     """Refuse a model whose blocks or output DFA would have to hook inside TorchScript (``torch.jit.script`` or
     ``trace``): a scripted module runs no Python hooks. ``target=None``: before discovery (the root, and the

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .blocks import Block, Target, _frozen, _has_params
-from .checks import refuse_reentrant_checkpointing, refuse_torchscript, scripted
+from .checks import refuse_fullgraph_compile, refuse_reentrant_checkpointing, refuse_torchscript, scripted
 from .delivery import (
     Capture,
     CapturedPoint,
@@ -87,6 +87,7 @@ class ForwardHooks:
         if any(name not in outputs for name in self._heads):  # heads on middle layers, made outputs (add_outputs)
             target = target.with_blocks_as_outputs(self._heads, root)
         refuse_reentrant_checkpointing(root)
+        refuse_fullgraph_compile(root)
         if self.mode != "bp":
             refuse_torchscript(root, target)
         # attached again to the same model with the same blocks and outputs (a fit after a fit, a benchmark that

@@ -725,6 +725,23 @@ def test_a_compiled_model_trains_as_eager_after_and_before_a_backprop_run_of_it(
             assert_weights_equal((eager_bp if strategy == "auto" else eager_dfa).net, model.net._orig_mod)
 
 
+@pytest.mark.parametrize("how", ["wrapper", "method", "whole"])
+def test_a_model_compiled_with_fullgraph_is_refused_with_what_to_do(how: str) -> None:
+    """The hooks run between compiled graphs, a graph break at each point: ``fullgraph=True`` would fail inside
+    dynamo with a message about code the user did not write."""
+    pytest.importorskip("torch._dynamo")
+    torch._dynamo.reset()
+    model = Net()
+    if how == "whole":
+        model = torch.compile(model, backend="aot_eager", fullgraph=True)
+    elif how == "wrapper":
+        model.net = torch.compile(model.net, backend="aot_eager", fullgraph=True)
+    else:
+        model.net.compile(backend="aot_eager", fullgraph=True)
+    with pytest.raises(ValueError, match=r"(\(the model\)|net) was compiled with .*fullgraph=True.*Compile without"):
+        fit(model, loader(2), max_steps=1)
+
+
 def test_a_whole_compiled_classifier_runs_the_hooks_between_its_graphs_and_trains_as_eager() -> None:
     """``torch.compile`` of a whole Hugging Face decoder classifier: the engine's hooks run eagerly between the
     compiled graphs (traced, their bookkeeping would recompile at each step's new tensors until dynamo gives up), and
