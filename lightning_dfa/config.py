@@ -184,11 +184,11 @@ class DFAConfig:
             the read position too) keeps it there. The pick is found in the first loss passed to
             ``end_backward(loss)`` (the Lightning adapters pass it) and kept in checkpoints; inside a graph
             ``torch.compile`` made, whose backward shows no pick, from where the first error is nonzero (one
-            position of each item). By the paper's rule the
-            blocks get feedback at the read position only (tiny Hugging Face classifiers on the order of two marks,
-            mean held-out loss over six seeds: Llama 0.001 nats with it, 0.179 without; GPT-2 0.065 against
-            0.160). An error at chosen positions through ignored labels (a token classifier's, a masked LM's) is
-            not spread. ``None`` (recipe ``"auto"``): on in ``mode="dfa"``.
+            position of each item; a compiled masked LM with exactly one masked token per item looks the same and
+            gets the spread too). By the paper's rule the blocks get feedback at the read position only (tiny
+            Hugging Face classifiers on the order of two marks, mean held-out loss over six seeds: Llama 0.001 nats
+            with it, 0.179 without; GPT-2 0.065 against 0.160). An error at chosen positions through ignored labels
+            (a token classifier's, a masked LM's) is not spread. ``None`` (recipe ``"auto"``): on in ``mode="dfa"``.
         topk: ``None`` (default: dense projection ``e @ B``) or ``k`` (the shortcut of
             ``projector=projectors.TopK(k)``): project only the ``k`` largest-magnitude
             entries of each row (token) of the error, a gather of ``k`` rows of ``B`` per token instead of a GEMM
