@@ -5,7 +5,8 @@
 set -u
 OUT=${OUT:-benchmarks/results}
 TAG=${TAG:-}
-ARMS=${ARMS:-dfa,dfa +ln2,dfa paper cut sketch}
+ARMS=${ARMS:-dfa,dfa no ln1,dfa +ln2,dfa paper,dfa paper cut sketch}
+REPEATS=${REPEATS:-12}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 log="$OUT/gpu.log"
@@ -17,7 +18,7 @@ log="$OUT/gpu.log"
     -k "cuda or gpu or 16_mixed" 2>&1 | tail -3
   for prec in 32 bf16-mixed; do
     python3 -m benchmarks.speed --device cuda --models gpt2-small --arms "$ARMS" --precision "$prec" \
-      --repeats "${REPEATS:-10}" --out "$OUT" --tag "gpt2small_${prec}${TAG}" 2>&1 | grep -v USDT
+      --repeats "$REPEATS" --out "$OUT" --tag "gpt2small_${prec}${TAG}" 2>&1 | grep -v USDT
   done
   if [ -z "${SKIP_BREAKDOWN:-}" ]; then
     for prec in 32 bf16-mixed; do

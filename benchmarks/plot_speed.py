@@ -20,8 +20,8 @@ DEFAULT_FILES = (
     ("speed_cpu_v8k_default_system.json", "GPT-2 d 256, V 8192, 2-core AMD EPYC CPU, glibc default malloc"),
     ("speed_cpu_v50k_default_system.json", "GPT-2 d 256, V 50257, 2-core AMD EPYC CPU, glibc default malloc"),
     ("speed_cpu_v50k_default_keep.json", "GPT-2 d 256, V 50257, 2-core AMD EPYC CPU, --malloc keep"),
-    ("speed_cuda_gpt2small_32_v2.json", "GPT-2 small, V 50257, one H100 80GB, fp32"),
-    ("speed_cuda_gpt2small_bf16-mixed_v2.json", "GPT-2 small, V 50257, one H100 80GB, bf16-mixed"),
+    ("speed_cuda_gpt2small_32_h200.json", "GPT-2 small, V 50257, one H200, fp32"),
+    ("speed_cuda_gpt2small_bf16-mixed_h200.json", "GPT-2 small, V 50257, one H200, bf16-mixed"),
 )
 
 
@@ -36,8 +36,10 @@ def plot(files: Sequence[tuple[str, str]], out: Path) -> Path:
     for ax, (name, title) in zip(axes, files):
         record = json.loads((RESULTS / name).read_text())
         rows = [r for case in record["cases"] for r in case["rows"] if r.get("wall_ratio")]
-        # in the runs of the default flag, the arm "dfa" is Trainer(strategy="dfa") with no options
-        labels = [r["arm"] + (" (default flag)" if r["arm"] == "dfa" and "default" in name else "") for r in rows]
+        # in the runs of the default flag (the CPU's "default" runs, the H200's), the arm "dfa" is
+        # Trainer(strategy="dfa") with no options
+        default = "default" in name or "h200" in name
+        labels = [r["arm"] + (" (default flag)" if r["arm"] == "dfa" and default else "") for r in rows]
         low, mid, high = zip(*(r["wall_ratio"] for r in rows))
         y = range(len(rows))
         ax.barh(y, mid, xerr=[[m - lo for m, lo in zip(mid, low)], [hi - m for m, hi in zip(mid, high)]],

@@ -54,7 +54,7 @@ def _train_steps(
         opt.step()
         opt.zero_grad(set_to_none=True)
         if engine is not None:
-            engine.end_backward()
+            engine.end_backward(loss)
     return loss
 
 

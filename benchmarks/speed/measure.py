@@ -3,7 +3,8 @@
 * Every arm (``bp`` = plain backprop, and DFA variants) trains the SAME model instance with the same AdamW
   optimizer; a DFA arm attaches its own :class:`FeedbackEngine` (which keeps its feedback matrix between steps)
   before its step and detaches it after (outside the timed region). A *step* is forward + loss + backward +
-  ``optimizer.step()`` + ``zero_grad(set_to_none=True)`` + ``engine.end_backward()``.
+  ``optimizer.step()`` + ``zero_grad(set_to_none=True)`` + ``engine.end_backward(loss)`` (as the Lightning
+  adapters close a backward: the first one completes the engine's roles from the loss, later ones only count).
 * After ``warmup`` rounds, ``repeats`` rounds run every arm once, in an order rotated each round, so machine
   contention hits all arms alike. Per round, each DFA arm's time is divided by that round's ``bp`` time: the
   reported ratio is the median of these per-round ratios, with its 25-75 % range.
@@ -102,7 +103,7 @@ class Bench:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         if arm.engine is not None:
-            arm.engine.end_backward()
+            arm.engine.end_backward(loss)
 
     def timed_step(self, arm: Arm) -> tuple[float, float]:
         """Wall (CUDA: event) seconds and process CPU seconds of one step of ``arm``."""
@@ -175,7 +176,7 @@ class Bench:
                 loss = self.case.loss(self.model, self.batch)
             loss.backward()
             if arm.engine is not None:
-                arm.engine.end_backward()
+                arm.engine.end_backward(loss)
         self.model.zero_grad(set_to_none=True)
         return int(counter.get_total_flops())
 
