@@ -57,7 +57,7 @@ import json
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -649,21 +649,41 @@ RESULTS = Path(__file__).resolve().parent / "results" / "tiny_transformers.json"
 DOC = Path(__file__).resolve().parents[1] / "docs" / "architectures.md"
 
 
-def measure(names: list[str], seeds: list[int], **kw: Any) -> list[dict[str, Any]]:
+#: the arms of :func:`measure`: name, engine mode and options
+ARMS: dict[str, tuple[str, dict]] = {
+    "bp": ("bp", {}),
+    "dfa": ("dfa", DFA_OPTIONS),
+    "shallow": ("shallow", {}),
+    "paper": ("dfa", {"recipe": "paper"}),
+}
+
+
+def measure(
+    names: list[str],
+    seeds: list[int],
+    arms: Iterable[str] = tuple(ARMS),
+    recorded: dict[tuple[str, int], dict[str, Any]] | None = None,
+    **kw: Any,
+) -> list[dict[str, Any]]:
     """Train every arm (``bp``, ``dfa``, ``shallow`` and the paper's plain DFA) per model and seed; print and return
-    one record per run, with the test losses, the shares of the gap and the wall and CPU times."""
+    one record per run, with the test losses, the shares of the gap and the wall and CPU times.
+
+    Only the ``arms`` named are trained; the others are taken from ``recorded`` (earlier records by model and
+    seed), so that a change of the default flag re-runs only ``"dfa"``."""
+    arms = set(arms)
     records = []
     for name in names:
         task = ALL[name]
         model = task.build(task.seq)
         for seed in seeds:
             loss, wall, cpu = {}, {}, {}
-            for arm, mode, opts in (
-                ("bp", "bp", {}),
-                ("dfa", "dfa", DFA_OPTIONS),
-                ("shallow", "shallow", {}),
-                ("paper", "dfa", {"recipe": "paper"}),
-            ):
+            old = (recorded or {}).get((name, seed))
+            for arm, (mode, opts) in ARMS.items():
+                if arm not in arms:
+                    if old is None:
+                        raise SystemExit(f"{name} seed {seed}: no recorded {arm!r} arm to keep; train every arm")
+                    loss[arm], wall[arm], cpu[arm] = (old[k][arm] for k in ("test_loss", "wall_s", "cpu_s"))
+                    continue
                 t0, c0 = time.perf_counter(), time.process_time()
                 loss[arm] = train(name, mode, opts, seed=seed, **kw)
                 wall[arm], cpu[arm] = time.perf_counter() - t0, time.process_time() - c0
@@ -757,6 +777,7 @@ def main(argv: list[str] | None = None) -> None:
         epilog="examples:\n  python -m benchmarks.tiny_transformers --models gpt2,llama --seeds 0\n"
         "  python -m benchmarks.tiny_transformers --models all --seeds 0,1\n"
         "  python -m benchmarks.tiny_transformers --models marian,pegasus --seeds 0,1 --merge\n"
+        "  python -m benchmarks.tiny_transformers --models gpt2,t5 --seeds 0,1 --arms dfa --merge\n"
         "  python -m benchmarks.tiny_transformers --render",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -770,6 +791,12 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="keep the other models' records in --out (a run of these models replaces only their own)",
     )
+    parser.add_argument(
+        "--arms",
+        default=",".join(ARMS),
+        help="comma-separated arms to train (default: all); the others keep their records in --out (same model and "
+        "seed): --arms dfa after a change of the default flag",
+    )
     parser.add_argument("--render", action="store_true", help="only rewrite the table of docs/architectures.md")
     args = parser.parse_args(argv)
     if args.render:
@@ -781,10 +808,18 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [n for n in names if n not in ALL]
     if unknown:
         parser.error(f"unknown models {unknown}; choose from {list(ALL)}")
+    trained = args.arms.split(",")
+    if any(a not in ARMS for a in trained):
+        parser.error(f"unknown arms in {args.arms!r}; choose from {list(ARMS)}")
     from benchmarks.speed.machine import machine as describe
 
     machine = {**describe(torch.device("cpu")), "transformers": hf.__version__, "steps": args.steps}
-    records = measure(names, [int(s) for s in args.seeds.split(",")], steps=args.steps)
+    if set(trained) != set(ARMS):
+        machine["arms_trained"] = trained
+    recorded = None
+    if set(trained) != set(ARMS) and args.out.exists():
+        recorded = {(r["model"], r["seed"]): r for r in json.loads(args.out.read_text())["records"]}
+    records = measure(names, [int(s) for s in args.seeds.split(",")], trained, recorded, steps=args.steps)
     data = {"machine": machine, "records": records}
     if args.merge and args.out.exists():
         data = merged(json.loads(args.out.read_text()), data)

@@ -71,7 +71,7 @@ class _Delivery:
     backward needs to know about the other outputs (no tensors are kept, except during a layout probe)."""
 
     __slots__ = ("engine", "points", "source", "upstream", "downstream_ran", "probe", "feeds_point", "frozen")
-    __slots__ += ("reached", "forward", "slots", "named", "one_position")
+    __slots__ += ("reached", "forward", "slots", "named", "one_position", "candidate")
 
     def __init__(self, engine: Any, points: list[PointMeta], source: str, slots: list[_Slot]) -> None:
         self.engine = engine
@@ -86,6 +86,8 @@ class _Delivery:
         self.named = False
         #: the output module has no trainable parameter (a fixed readout, or a network frozen for this step)
         self.frozen = False
+        #: a layer that may be an output, tied because it was called after points (not the discovered output)
+        self.candidate = False
         #: ``id`` of the parameters this output's value was computed from after the cuts (measured once)
         self.reached: set[int] | None = None
         #: the state of the forward that recorded the points (closed once a backward ran through it)
@@ -160,7 +162,9 @@ class _DeliverFeedback(torch.autograd.Function):
             delivery.probe = None
             return (None, None, error, *[None for _ in needs])
         delivery.engine._delivered(delivery)
-        if not delivery.engine.roles_from_loss:  # the first backward: a compiled graph may hide how the loss reads it
+        if delivery.one_position is None and not delivery.engine.roles_from_loss:
+            # the first backward (once: the check reads the whole error and waits for the device): a compiled graph
+            # may hide how the loss reads it
             delivery.one_position = _nonzero_at_one_position(error)
         activations: list[torch.Tensor | None] = [None] * len(delivery.points)
         for i, tensor in zip(ctx.norm_index, ctx.saved_tensors):
@@ -399,6 +403,15 @@ def _upstream_of_points(node: Any) -> tuple:
     """A node's inputs as the backward uses them (:func:`_next_functions`), none past a point's cut or delivery:
     what lies before a later block's input point is that block's, not the first block's."""
     return () if isinstance(node, _POINT_NODES) else _next_functions(node)
+
+
+def _upstream_of_points_past_candidates(node: Any) -> tuple:
+    """As :func:`_upstream_of_points`, but on through a candidate output's tie (a layer outside the blocks called
+    after points, such as an encoder-decoder's decoder position table after the encoder's points), which cuts
+    nothing: only to the tied value, not to the points the tie holds."""
+    if isinstance(node, _DeliverFeedback._backward_cls) and getattr(node, "delivery", None) is not None:
+        return node.next_functions[:1] if node.delivery.candidate else ()
+    return _upstream_of_points(node)
 
 
 def _next_functions(node: Any) -> tuple:

@@ -40,7 +40,7 @@ from .delivery import (
     _Point,
     _Reattach,
     _SoftCut,
-    _upstream_of_points,
+    _upstream_of_points_past_candidates,
     _walk,
 )
 from .discovery import discover, single_trainable_layer
@@ -445,7 +445,7 @@ class ForwardHooks:
         not)."""
         if not self._released or tensor is None or tensor.grad_fn is None or self._capture is not None:
             return False
-        for node in _walk(tensor, _upstream_of_points, 64):
+        for node in _walk(tensor, _upstream_of_points_past_candidates, 64):
             if id(getattr(node, "variable", None)) in self._released:
                 return True
         return False
@@ -768,6 +768,7 @@ class ForwardHooks:
         module = self._modules.get(name)
         delivery.frozen = module is not None and not any(p.requires_grad for p in module.parameters())
         delivery.named = name in self.config.output_names
+        delivery.candidate = auto and name not in self.config.output_names
         if len(g.outputs) > 1 or calls:  # another output was tied in this forward: was it computed from it?
             delivery.upstream = _deliveries_upstream_of(tensor)
         if g.copies_cuts:

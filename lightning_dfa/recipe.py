@@ -12,13 +12,15 @@ from .blocks import Target
 from .config import RECIPE_OPTIONS
 from .norms import _may_normalise
 from .projectors.bank import uses_sketch
-from .roles import params_after_blocks
+from .roles import params_after_blocks, predicts_vocabulary
 
 
 def chooses_cut(engine: Any, root: nn.Module, target: Target) -> bool:
-    """``cut_head_input`` in force for ``target``: as set, or (recipe "auto") where the output module widens (a
-    language model's head) and only norms lie between the last block and it (GPT-2's ``ln_f``; not BERT's dense
-    head transform, where the cut was measured to cost learning)."""
+    """``cut_head_input`` in force for ``target``: as set, or (recipe "auto") where the output module widens or
+    predicts over a token vocabulary (a language model's head, whatever the vocabulary's size) and only norms lie
+    between the last block and it (GPT-2's ``ln_f``; not BERT's dense head transform, where the cut was measured to
+    cost learning). Under a small vocabulary the cut was measured to help encoder-decoders (BART, T5) and a
+    state-space model (Mamba), and to leave decoder-only Transformers about as they were."""
     cut = engine.config.chosen("cut_head_input")
     if cut is not None:
         return bool(cut)
@@ -26,7 +28,7 @@ def chooses_cut(engine: Any, root: nn.Module, target: Target) -> bool:
         engine.mode == "dfa"
         and engine.config.error_at == "output"
         and not target.head_input_point
-        and widens(target.output)
+        and (widens(target.output) or predicts_vocabulary(root, target))
         and only_norms_before(root, target)
     )
 
@@ -142,13 +144,18 @@ def recipe_notes(engine: Any) -> list[str]:
             "its positions"
         )
     if engine._cut:
-        why = "as set" if cfg.cut_head_input else "the output module widens (more outputs than inputs)"
+        if cfg.cut_head_input:
+            why = "as set"
+        elif engine.target is not None and widens(engine.target.output):
+            why = "the output module widens (more outputs than inputs)"
+        else:
+            why = "the output predicts over the token vocabulary: a language model's head"
         lines.append(f"cut_head_input: on ({why}): its input gradient is never computed; its input is the last point")
     elif engine.target is not None and not engine.target.head_input_point and cfg.error_at == "output":
         if cfg.cut_head_input is not None:
             why = "as set"
-        elif not widens(engine.target.output):
-            why = "the output module does not widen"
+        elif not widens(engine.target.output) and not (engine.root and predicts_vocabulary(engine.root, engine.target)):
+            why = "the output module neither widens nor predicts over a token vocabulary"
         else:  # BERT's head transform: measured to cost learning with the cut
             why = "layers other than norms lie between the last block and the output module"
         lines.append(f"cut_head_input: off ({why})")

@@ -117,6 +117,51 @@ def _output_shape(module: nn.Module) -> tuple[int, int] | None:
     return (weights[-1].shape[0], weights[-1].shape[1]) if weights else None
 
 
+def _hf_embeddings(model: nn.Module) -> tuple[Any, Any]:
+    """A Hugging Face model's vocabulary head and token table (``get_output_embeddings()``,
+    ``get_input_embeddings()``); ``None`` for what it does not have or cannot say."""
+    get_in, get_out = (getattr(model, n, None) for n in ("get_input_embeddings", "get_output_embeddings"))
+    try:
+        return get_out() if callable(get_out) else None, get_in() if callable(get_in) else None
+    except (NotImplementedError, AttributeError):
+        return None, None
+
+
+def predicts_vocabulary(root: nn.Module, target: Target) -> bool:
+    """Whether an output module is a language model's head: it predicts over a vocabulary of tokens the model also
+    reads. In a Hugging Face model, its vocabulary head (``get_output_embeddings()``) is an output; elsewhere an
+    ``nn.Embedding`` is tied to an output, or has as many rows as the output predicts and is as wide as it reads (the
+    rule of :func:`token_embeddings`). Unlike the output's width, this holds for a small vocabulary too.
+
+    Example:
+        >>> class TinyLM(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.emb, self.block, self.head = nn.Embedding(10, 16), nn.Linear(16, 16), nn.Linear(16, 10)
+        >>> from lightning_dfa import FeedbackEngine
+        >>> net = TinyLM()
+        >>> target = FeedbackEngine(blocks=["block"], output="head", recipe="paper").attach(net)
+        >>> predicts_vocabulary(net, target)
+        True
+        >>> net.emb = nn.Embedding(10, 4)  # a categorical feature with as many values as there are classes
+        >>> predicts_vocabulary(net, target)
+        False
+    """
+    inside = {id(m) for _, o in target.outputs for m in o.modules()}
+    hf = _find_hf_model(root)
+    if hf is not None and any(id(m) in inside for m in hf[1].modules()):  # the model's own head: it says
+        head = _hf_embeddings(hf[1])[0]
+        return head is not None and id(head) in inside
+    weights = {id(p) for _, o in target.outputs for p in o.parameters()}
+    shapes = {shape for _, o in target.outputs if (shape := _output_shape(o)) is not None}
+    return any(
+        isinstance(m, nn.Embedding)
+        and id(m) not in inside
+        and (id(m.weight) in weights or (m.num_embeddings, m.embedding_dim) in shapes)
+        for m in root.modules()
+    )
+
+
 def token_embeddings(
     root: nn.Module, target: Target, tied: bool = True, beside: bool = True
 ) -> list[tuple[str, nn.Module, bool]]:
@@ -159,11 +204,7 @@ def token_embeddings(
     tables: set[int] | None = None
     reader = False  # a Hugging Face model with no vocabulary head (a classifier) reading a token table
     if hf is not None:  # a Hugging Face model says which are its token embedding and its vocabulary head
-        get_in, get_out = (getattr(hf[1], n, None) for n in ("get_input_embeddings", "get_output_embeddings"))
-        try:
-            vocab_head, table = get_out() if callable(get_out) else None, get_in() if callable(get_in) else None
-        except (NotImplementedError, AttributeError):
-            vocab_head, table = None, None
+        vocab_head, table = _hf_embeddings(hf[1])
         reader = vocab_head is None and isinstance(table, nn.Embedding)
         if table is None or (not reader and (vocab_head is None or id(vocab_head) not in inside)):
             return []

@@ -282,11 +282,73 @@ def test_a_tied_token_embedding_learns_from_the_head_alone() -> None:
     assert not torch.allclose(plain["transformer.wte.weight"], head)  # the head's gradient + the feedback
 
 
+class _HandWrittenLM(nn.Module):
+    """A causal LM of no library: a token table, two residual MLP blocks behind LayerNorms, a final norm and a head
+    over the same vocabulary (12 tokens, narrower than the width of 32)."""
+
+    def __init__(self, vocab: int = 12, width: int = 32) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, width)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU()) for _ in range(2)
+        )
+        self.norm, self.head = nn.LayerNorm(width), nn.Linear(width, vocab)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.tok(ids)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.head(self.norm(h))
+
+
+def test_a_language_models_head_input_is_cut_under_a_vocabulary_narrower_than_its_width() -> None:
+    """The cut follows what the head predicts, not its width: a small vocabulary (as in a tiny test config) is cut as
+    a real one is, and a classifier's narrow head is not."""
+    small = {"vocab_size": 24, "decoder_start_token_id": 2}
+    cases = [
+        (hf.GPT2LMHeadModel(hf.GPT2Config(vocab_size=24, n_embd=32, n_layer=2, n_head=2, n_positions=16)), True),
+        (hf.BartForConditionalGeneration(hf.BartConfig(**small, d_model=32, encoder_layers=1, decoder_layers=1,
+                                                       encoder_attention_heads=2, decoder_attention_heads=2,
+                                                       encoder_ffn_dim=64, decoder_ffn_dim=64)), True),
+        (hf.T5ForConditionalGeneration(hf.T5Config(**small, d_model=32, d_kv=16, d_ff=64, num_layers=1,
+                                                   num_heads=2)), True),
+        (_HandWrittenLM(), True),
+        (hf.GPT2ForSequenceClassification(hf.GPT2Config(vocab_size=24, n_embd=32, n_layer=2, n_head=2,
+                                                        n_positions=16, num_labels=3, pad_token_id=0)), False),
+        (nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 4)), False),
+    ]  # fmt: skip
+    for model, cut in cases:
+        engine = FeedbackEngine()
+        engine.attach(model)
+        assert engine.cut_head_input is cut, type(model).__name__
+        notes = engine.recipe_notes()
+        if cut:
+            assert any("cut_head_input: on" in n and ("vocabulary" in n or "widens" in n) for n in notes), notes
+        engine.detach()
+    lm = _HandWrittenLM()
+    engine = FeedbackEngine()
+    engine.attach(lm)
+    assert "cut_head_input: on (the output predicts over the token vocabulary: a language model's head)" in "\n".join(
+        engine.recipe_notes()
+    )
+    ids = torch.randint(0, 12, (4, 6), generator=torch.Generator().manual_seed(0))
+    loss = nn.functional.cross_entropy(lm(ids[:, :-1]).reshape(-1, 12), ids[:, 1:].reshape(-1))
+    loss.backward()
+    engine.end_backward(loss)
+    assert [p.key for p in engine.last_points][-1] == "head:in"  # the head's input is the last point
+    assert lm.norm.weight.grad is not None and bool(lm.norm.weight.grad.abs().sum() > 0)  # the final norm: by feedback
+    assert engine.role_of(lm.norm.weight) == "feedback"
+    engine.detach()
+    paper = FeedbackEngine(recipe="paper")  # the paper's rule: the last block's output stays the last point
+    paper.attach(_HandWrittenLM())
+    assert not paper.cut_head_input
+
+
 @pytest.mark.parametrize(
     ("head", "why"),
     [
         (hf.BertForMaskedLM, "layers other than norms lie between the last block and the output module"),
-        (hf.BertForSequenceClassification, "the output module does not widen"),
+        (hf.BertForSequenceClassification, "the output module neither widens nor predicts over a token vocabulary"),
     ],
 )
 def test_the_summary_says_why_the_head_input_is_not_cut(head: type, why: str) -> None:
@@ -573,6 +635,33 @@ def test_the_cut_reaches_the_modules_that_share_the_token_table() -> None:
     torch.testing.assert_close(cut, model.lm_head.weight.grad)
     plain = table_gradient(FeedbackEngine(cut_token_embedding=False))
     assert not torch.allclose(plain, cut)
+
+
+def test_a_decoders_position_table_read_after_the_encoders_points_learns_from_its_first_layer() -> None:
+    """BART's decoder embeds after the encoder's points, so its position table and embedding norm are tied on the
+    way as layers that may be outputs. Its first layer still reads the tables released beside the tied token table
+    through those ties: its input is no feedback point, and the tables learn from that layer's backward of its own
+    feedback, exactly as with the output named (where no other layer is tied). Before, the ties hid the tables and
+    the decoder's input was fed ``B e`` of its own."""
+    torch.manual_seed(0)
+    model = hf.BartForConditionalGeneration(_tiny_bart_config())
+    ids = torch.randint(2, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for engine in (FeedbackEngine(seed=0), FeedbackEngine(seed=0, output="lm_head")):
+        engine.attach(model)
+        for _ in range(2):  # the second forward: the roles and consumers are known
+            model.zero_grad(set_to_none=True)
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            report = engine.end_backward(loss)
+        fed = {p.key for p in report.points_fed}
+        assert "model.decoder.layers.0" in fed and "model.decoder.layers.0:in" not in fed
+        embedding = {n: p for n, p in model.named_parameters() if "decoder.embed" in n or "embedding" in n}
+        grads.append({n: p.grad.clone() for n, p in embedding.items()})
+        engine.detach()
+    assert grads[0].keys() == grads[1].keys() and "model.decoder.embed_positions.weight" in grads[0]
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grad, grads[1][name], msg=name)
 
 
 def test_norm_aware_feedback_is_the_consumers_jacobian_of_the_plain_feedback() -> None:
