@@ -37,8 +37,8 @@ ARMS: dict[str, tuple[str, str, str]] = {
     "dfa-llama": (
         "arch=llama",
         "llama",
-        "the default flag: a fixed random B, norm-aware feedback at the points that feed a norm, no feedback into "
-        f"the token embedding; {_TRANSPORT_FREE}",
+        "the default flag: a fixed random B, norm-aware feedback at the points that feed a norm, the head's input as "
+        f"the last point, no feedback into the token embedding; {_TRANSPORT_FREE}",
     ),
     "dfa-llama-embeddings": (
         "arch=llama,cut_token_embedding=false",
@@ -59,7 +59,8 @@ ARMS: dict[str, tuple[str, str, str]] = {
     "dfa-gpt2": (
         "mode=dfa",
         "gpt2",
-        f"the default flag (fixed random B, norm-aware feedback, no feedback into the embeddings); {_TRANSPORT_FREE}",
+        "the default flag (fixed random B, norm-aware feedback, the head's input as the last point, no feedback into "
+        f"the embeddings); {_TRANSPORT_FREE}",
     ),
     "kp-gpt2": (
         "feedback_learning=kolen_pollack",
