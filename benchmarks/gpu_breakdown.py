@@ -1,6 +1,6 @@
 """Where a GPU training step's time goes, backprop against the default DFA flag (GPT-2 small, CUDA only).
 
-Three parts, each written to ``--out``:
+Four parts (``--parts``; the first three unless told), each written to ``--out``:
 
 * ``kernels``: one profiled step per arm (``torch.profiler``, after warm-up): GPU kernel time summed by kernel
   name, the step's GPU busy time against its wall time (the difference is time the GPU waited for the host),
@@ -8,11 +8,15 @@ Three parts, each written to ``--out``:
 * ``engine``: the engine's own work timed alone with CUDA events: the structured projection of a
   ``[tokens, 50257]`` error and its stages, and the norm-aware feedback of every point;
 * ``sketch_first_stage``: equivalent ways of computing the projection's first stage (the same matrix), timed
-  and checked against the engine's result.
+  and checked against the engine's result;
+* ``host``: where the host's time to issue a step goes, per arm (``cProfile`` over a few steps): the host time
+  per step, and the functions of the engine and of the model's code that take most of it. Where the host issues a
+  step more slowly than the GPU runs it (bf16-mixed), this is the step's time.
 
 Usage::
 
     python -m benchmarks.gpu_breakdown --precision bf16-mixed --out /tmp/out
+    python -m benchmarks.gpu_breakdown --precision bf16-mixed --parts host --out /tmp/out   # the host side only
 """
 
 from __future__ import annotations
@@ -239,6 +243,59 @@ def first_stage_variants(bench: Bench, dtype: torch.dtype) -> dict[str, Any]:
     return out
 
 
+def host(bench: Bench, arms: list[Arm], steps: int = 10, top: int = 25) -> dict[str, Any]:
+    """Per arm: the host milliseconds per step (median, until the last kernel is queued), and the functions that take
+    most of it over ``steps`` profiled steps (``cProfile``: own and cumulative milliseconds per step)."""
+    import cProfile
+    import pstats
+
+    out: dict[str, Any] = {}
+    for arm in arms:
+        for _ in range(3):
+            bench.timed_step(arm)
+        issue = []
+        with arm.attached(bench.model):
+            for _ in range(steps):
+                _sync_device(bench.dev)
+                t0 = time.perf_counter()
+                bench.step(arm)
+                issue.append((time.perf_counter() - t0) * 1e3)
+            _sync_device(bench.dev)
+            profiler = cProfile.Profile()
+            profiler.enable()
+            for _ in range(steps):
+                bench.step(arm)
+            profiler.disable()
+            _sync_device(bench.dev)
+        stats = pstats.Stats(profiler).stats  # {(file, line, name): (calls, primitive, own s, cumulative s, callers)}
+        rows = [
+            (f"{Path(f).name}:{line}({name})", calls, own * 1e3 / steps, cum * 1e3 / steps)
+            for (f, line, name), (_, calls, own, cum, _) in stats.items()
+        ]
+        out[arm.name] = {
+            "issue_ms": statistics.median(issue),
+            "by_own_time": [
+                {"function": f, "calls_per_step": c / steps, "own_ms": round(o, 3), "cumulative_ms": round(t, 3)}
+                for f, c, o, t in sorted(rows, key=lambda r: -r[2])[:top]
+            ],
+            "engine_by_cumulative_time": [
+                {"function": f, "calls_per_step": c / steps, "own_ms": round(o, 3), "cumulative_ms": round(t, 3)}
+                for f, c, o, t in sorted(rows, key=lambda r: -r[3])
+                if f.split(":")[0] in _ENGINE_FILES
+            ][:top],
+        }
+    return out
+
+
+#: the engine's modules, as :func:`host` names them (file name only)
+_ENGINE_FILES = {p.name for p in (Path(__file__).parent.parent / "lightning_dfa").rglob("*.py") if p.stem != "__init__"}
+
+
+def _sync_device(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--precision", default="bf16-mixed", choices=["32", "bf16-mixed"])
@@ -246,7 +303,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--arms", default="dfa", help="comma-separated arms of the model besides bp")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run (use a small --model)")
+    ap.add_argument(
+        "--parts",
+        default="kernels,engine,first_stage",
+        help="comma-separated parts to run: kernels, engine, first_stage, host (default: the first three)",
+    )
     args = ap.parse_args(argv)
+    parts = set(args.parts.split(","))
     dev = torch.device(args.device)
     case = next(c for c in ladder(quick=False) if c.name == args.model)
     torch.manual_seed(0)
@@ -257,20 +320,31 @@ def main(argv: list[str] | None = None) -> None:
     result: dict[str, Any] = {"model": case.description, "precision": args.precision}
     result["gpu"] = torch.cuda.get_device_name() if dev.type == "cuda" else "none"
     result["torch"] = torch.__version__
-    result["kernels"] = kernels(bench, arms)
     dtype = torch.bfloat16 if args.precision == "bf16-mixed" else torch.float32
-    result["engine"] = engine_parts(bench, arms[1], dtype)
-    result["sketch_first_stage"] = first_stage_variants(bench, dtype)
-    path = Path(args.out) / f"gpu_breakdown_{args.model}_{args.precision}.json"
+    if "kernels" in parts:
+        result["kernels"] = kernels(bench, arms)
+    if "engine" in parts:
+        result["engine"] = engine_parts(bench, arms[1], dtype)
+    if "first_stage" in parts:
+        result["sketch_first_stage"] = first_stage_variants(bench, dtype)
+    if "host" in parts:
+        result["host"] = host(bench, arms)
+    suffix = "" if parts == {"kernels", "engine", "first_stage"} else "_" + "_".join(sorted(parts))
+    path = Path(args.out) / f"gpu_breakdown_{args.model}_{args.precision}{suffix}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
-    for arm, r in result["kernels"].items():
+    for arm, r in result.get("kernels", {}).items():
         print(f"{arm}: wall {r['wall_ms']:.2f} ms, GPU busy {r['busy_ms']:.2f} ms, {r['kernels']} kernels")
         for name, ms in list(r.get("largest_differences_ms", {}).items())[:12]:
             print(f"   {ms:+8.3f} ms  {name}")
-    print("engine:", {k: round(v, 3) for k, v in result["engine"].items() if isinstance(v, float)})
-    for name, r in result["sketch_first_stage"].items():
+    if "engine" in result:
+        print("engine:", {k: round(v, 3) for k, v in result["engine"].items() if isinstance(v, float)})
+    for name, r in result.get("sketch_first_stage", {}).items():
         print("first stage:", name, r)
+    for arm, r in result.get("host", {}).items():
+        print(f"host, {arm}: {r['issue_ms']:.2f} ms per step")
+        for row in r["engine_by_cumulative_time"][:12]:
+            print(f"   {row['cumulative_ms']:8.3f} ms cumulative, {row['own_ms']:7.3f} own  {row['function']}")
     print("wrote", path)
 
 
