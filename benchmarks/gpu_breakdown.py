@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from benchmarks.speed.cases import ladder
-from benchmarks.speed.measure import Arm, Bench
+from benchmarks.speed.measure import Arm, Bench, _sync
 from lightning_dfa.projectors.random import sketch_first_stage
 
 
@@ -256,44 +256,37 @@ def host(bench: Bench, arms: list[Arm], steps: int = 10, top: int = 25) -> dict[
         issue = []
         with arm.attached(bench.model):
             for _ in range(steps):
-                _sync_device(bench.dev)
+                _sync(bench.dev)
                 t0 = time.perf_counter()
                 bench.step(arm)
                 issue.append((time.perf_counter() - t0) * 1e3)
-            _sync_device(bench.dev)
+            _sync(bench.dev)
             profiler = cProfile.Profile()
             profiler.enable()
             for _ in range(steps):
                 bench.step(arm)
             profiler.disable()
-            _sync_device(bench.dev)
+            _sync(bench.dev)
         stats = pstats.Stats(profiler).stats  # {(file, line, name): (calls, primitive, own s, cumulative s, callers)}
         rows = [
             (f"{Path(f).name}:{line}({name})", calls, own * 1e3 / steps, cum * 1e3 / steps)
             for (f, line, name), (_, calls, own, cum, _) in stats.items()
         ]
+        entries = [
+            {"function": f, "calls_per_step": c / steps, "own_ms": round(o, 3), "cumulative_ms": round(t, 3)}
+            for f, c, o, t in rows
+        ]
+        engine = [e for e in entries if e["function"].split(":")[0] in _ENGINE_FILES]
         out[arm.name] = {
             "issue_ms": statistics.median(issue),
-            "by_own_time": [
-                {"function": f, "calls_per_step": c / steps, "own_ms": round(o, 3), "cumulative_ms": round(t, 3)}
-                for f, c, o, t in sorted(rows, key=lambda r: -r[2])[:top]
-            ],
-            "engine_by_cumulative_time": [
-                {"function": f, "calls_per_step": c / steps, "own_ms": round(o, 3), "cumulative_ms": round(t, 3)}
-                for f, c, o, t in sorted(rows, key=lambda r: -r[3])
-                if f.split(":")[0] in _ENGINE_FILES
-            ][:top],
+            "by_own_time": sorted(entries, key=lambda e: -e["own_ms"])[:top],
+            "engine_by_cumulative_time": sorted(engine, key=lambda e: -e["cumulative_ms"])[:top],
         }
     return out
 
 
 #: the engine's modules, as :func:`host` names them (file name only)
 _ENGINE_FILES = {p.name for p in (Path(__file__).parent.parent / "lightning_dfa").rglob("*.py") if p.stem != "__init__"}
-
-
-def _sync_device(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -409,8 +409,8 @@ def _upstream_of_points_past_candidates(node: Any) -> tuple:
     """As :func:`_upstream_of_points`, but on through a candidate output's tie (a layer outside the blocks called
     after points, such as an encoder-decoder's decoder position table after the encoder's points), which cuts
     nothing: only to the tied value, not to the points the tie holds."""
-    if isinstance(node, _DeliverFeedback._backward_cls) and getattr(node, "delivery", None) is not None:
-        return node.next_functions[:1] if node.delivery.candidate else ()
+    if isinstance(node, _DeliverFeedback._backward_cls) and node.delivery.candidate:
+        return node.next_functions[:1]
     return _upstream_of_points(node)
 
 

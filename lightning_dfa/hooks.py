@@ -768,7 +768,7 @@ class ForwardHooks:
         module = self._modules.get(name)
         delivery.frozen = module is not None and not any(p.requires_grad for p in module.parameters())
         delivery.named = name in self.config.output_names
-        delivery.candidate = auto and name not in self.config.output_names
+        delivery.candidate = auto and not delivery.named
         if len(g.outputs) > 1 or calls:  # another output was tied in this forward: was it computed from it?
             delivery.upstream = _deliveries_upstream_of(tensor)
         if g.copies_cuts:

@@ -154,7 +154,7 @@ def recipe_notes(engine: Any) -> list[str]:
     elif engine.target is not None and not engine.target.head_input_point and cfg.error_at == "output":
         if cfg.cut_head_input is not None:
             why = "as set"
-        elif not widens(engine.target.output) and not (engine.root and predicts_vocabulary(engine.root, engine.target)):
+        elif not widens(engine.target.output) and not predicts_vocabulary(engine.root, engine.target):
             why = "the output module neither widens nor predicts over a token vocabulary"
         else:  # BERT's head transform: measured to cost learning with the cut
             why = "layers other than norms lie between the last block and the output module"
